@@ -1,0 +1,166 @@
+"""Per-process state of the functions: settings, clients, and the retry decision.
+
+``handle(function, event)`` is what ``main.py`` calls. It builds the
+``Context`` once per process, routes the event to the function's module and
+turns errors into the platform's retry semantics:
+
+- ``PermanentError``: logged and returned; retrying cannot help, so don't raise.
+- ``TransientError`` (and unexpected errors): raised, so the platform retries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cloudevents.http import CloudEvent
+from google.auth.credentials import AnonymousCredentials, Credentials
+from google.cloud import storage
+
+from dicomflow import log
+from dicomflow.config import Settings, load_settings
+from dicomflow.errors import PermanentError
+
+logger = logging.getLogger(__name__)
+
+# function name -> "module:callable"; each callable takes (Context, CloudEvent) -> dict.
+HANDLERS = {
+    "ingest": "dicomflow.ingest:handle_event",
+    "report": "dicomflow.report:handle_event",
+    "export": "dicomflow.export:handle_event",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class Context:
+    """Settings and clients of one process. Tests build one with their own clients."""
+
+    settings: Settings
+    storage: storage.Client
+    credentials: Credentials | None = None
+    clock: Callable[[], datetime] = utcnow
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def healthcare(self) -> Any:
+        """A Healthcare v1 client for this thread (googleapiclient is not thread-safe)."""
+        svc = getattr(self._local, "healthcare", None)
+        if svc is None:
+            svc = self._local.healthcare = _discovery(
+                "healthcare", self.settings.healthcare_endpoint, self.credentials
+            )
+        return svc
+
+    def pubsub(self) -> Any:
+        """A Pub/Sub v1 REST client for this thread."""
+        svc = getattr(self._local, "pubsub", None)
+        if svc is None:
+            svc = self._local.pubsub = _discovery(
+                "pubsub", self.settings.pubsub_endpoint, self.credentials
+            )
+        return svc
+
+    def dicomweb(self) -> Any:
+        """A dicomweb-client for the store, for this thread."""
+        client = getattr(self._local, "dicomweb", None)
+        if client is None:
+            from dicomweb_client.api import DICOMwebClient
+
+            url = f"{self.settings.healthcare_api_root}v1/{self.settings.dicom_store.dicomweb_path}"
+            if self.settings.healthcare_endpoint:
+                client = DICOMwebClient(url=url)
+            else:
+                from dicomweb_client.ext.gcp.session_utils import (
+                    create_session_from_gcp_credentials,
+                )
+
+                session = create_session_from_gcp_credentials(self.credentials)
+                client = DICOMwebClient(url=url, session=session)
+            self._local.dicomweb = client
+        return client
+
+
+def _discovery(api: str, endpoint: str | None, credentials: Credentials | None) -> Any:
+    from googleapiclient.discovery import build
+
+    options = {"api_endpoint": endpoint.rstrip("/") + "/"} if endpoint else None
+    if endpoint and credentials is None:
+        credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+    return build(
+        api,
+        "v1",
+        static_discovery=True,
+        cache_discovery=False,
+        client_options=options,
+        credentials=credentials,
+    )
+
+
+def make_context(settings: Settings) -> Context:
+    """Clients for ``settings``: emulator endpoints when set, default credentials otherwise."""
+    if settings.storage_emulator_host:
+        client = storage.Client(
+            project="local",
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options={"api_endpoint": settings.storage_emulator_host},
+        )
+    else:
+        client = storage.Client()
+    return Context(settings=settings, storage=client)
+
+
+_context: Context | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> Context:
+    """The process's Context, built on first use."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            log.configure()
+            _context = make_context(load_settings())
+        return _context
+
+
+def set_context(ctx: Context | None) -> None:
+    """Replace the process's Context (tests)."""
+    global _context
+    with _context_lock:
+        _context = ctx
+
+
+def handle(function: str, event: CloudEvent) -> dict[str, Any]:
+    """Route ``event`` to ``function`` and apply the retry rule."""
+    ctx = context()
+    module_name, _, attr = HANDLERS[function].partition(":")
+    handler = getattr(importlib.import_module(module_name), attr)
+    started = time.monotonic()
+    event_id = event["id"]
+    try:
+        result: dict[str, Any] = handler(ctx, event)
+    except PermanentError as exc:
+        # Retrying cannot fix this, so don't raise: log it and let the event go.
+        logger.error(
+            "permanent error: %s",
+            exc,
+            extra=log.fields(function=function, eventId=event_id, errorType=type(exc).__name__),
+        )
+        return {"status": "permanent_error", "error": str(exc)}
+    logger.debug(
+        "handled",
+        extra=log.fields(
+            function=function, eventId=event_id, ms=round((time.monotonic() - started) * 1000)
+        ),
+    )
+    return result

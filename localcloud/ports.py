@@ -1,0 +1,61 @@
+"""Loopback ports and readiness waits shared by the local services."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+
+from localcloud.errors import LocalCloudError
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port that was free on loopback a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_free(port: int, what: str, setting: str) -> None:
+    """Raise a one-line LocalCloudError when ``port`` is taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            raise LocalCloudError(
+                f"port {port} for {what} is taken; free it or set {setting} to another port "
+                "(0 picks a free one)"
+            ) from None
+
+
+def pick_port(requested: int, what: str, setting: str) -> int:
+    """``requested`` when free (0 means any free port)."""
+    if requested == 0:
+        return free_port()
+    ensure_free(requested, what, setting)
+    return requested
+
+
+def wait_http(url: str, timeout: float, what: str, alive: object = None) -> None:
+    """Poll ``url`` until it answers with any HTTP status, or raise after ``timeout`` s.
+
+    ``alive`` may be a callable returning False once the serving process died,
+    so a crash fails fast instead of waiting out the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError):
+            pass
+        if callable(alive) and not alive():
+            raise LocalCloudError(f"{what} exited during start-up (see its log)")
+        if time.monotonic() > deadline:
+            raise LocalCloudError(f"{what} did not answer at {url} within {timeout:.0f} s")
+        time.sleep(0.05)

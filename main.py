@@ -1,0 +1,34 @@
+"""Cloud Functions entry points. Thin: decode the event, call dicomflow, decide on retry.
+
+Clients and settings are created once per process, on first use, so that a
+bad setting fails the first invocation with the setting named.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The return values are for tests; functions-framework ignores them.
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from dicomflow import runtime
+
+
+@functions_framework.cloud_event  # type: ignore[arg-type]  # returns a result for tests
+def ingest(cloud_event: CloudEvent) -> dict[str, Any]:
+    """Storage finalize events and the minute tick."""
+    return runtime.handle("ingest", cloud_event)
+
+
+@functions_framework.cloud_event  # type: ignore[arg-type]  # returns a result for tests
+def report(cloud_event: CloudEvent) -> dict[str, Any]:
+    """The minute tick: track operations, verify batches, publish alerts."""
+    return runtime.handle("report", cloud_event)
+
+
+@functions_framework.cloud_event  # type: ignore[arg-type]  # returns a result for tests
+def export(cloud_event: CloudEvent) -> dict[str, Any]:
+    """The daily export tick."""
+    return runtime.handle("export", cloud_event)
