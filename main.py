@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 # The return values are for tests; functions-framework ignores them.
-
 import functions_framework
 from cloudevents.http import CloudEvent
 
