@@ -1,5 +1,7 @@
 """Cloud Functions entry points. Thin: decode the event, call dicomflow, decide on retry.
 
+The return values are for tests; functions-framework ignores them.
+
 Clients and settings are created once per process, on first use, so that a
 bad setting fails the first invocation with the setting named.
 """
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# The return values are for tests; functions-framework ignores them.
 import functions_framework
 from cloudevents.http import CloudEvent
 
