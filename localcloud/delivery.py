@@ -1,0 +1,223 @@
+"""At-least-once HTTP delivery of binary-mode CloudEvents, as Eventarc does.
+
+``Deliverer`` owns a small pool of worker threads. Each event is POSTed until
+the target answers 2xx; 5xx, 429, timeouts and connection errors are retried
+with capped exponential backoff. An event is only given up after ``max_age``
+seconds, and then it is written to a dead-letter file and logged as an error,
+never dropped silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from dicomflow import log
+
+logger = logging.getLogger(__name__)
+
+STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"
+PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+
+
+@dataclass
+class Event:
+    """One CloudEvent to deliver to one target URL."""
+
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    first_try: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+
+
+def rfc3339(moment: datetime) -> str:
+    """``2026-11-25T12:53:00.123456Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def storage_event(target: str, resource: dict[str, Any]) -> Event:
+    """A ``storage.object.v1.finalized`` event for an object resource (JSON API form).
+
+    The ce-id is stable per object generation, so a redelivery carries the same id.
+    """
+    data = dict(resource)
+    for key in ("generation", "metageneration", "size"):
+        if key in data:
+            data[key] = str(data[key])
+    bucket, name = data["bucket"], data["name"]
+    event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"gs://{bucket}/{name}#{data.get('generation')}")
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": STORAGE_FINALIZED,
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-subject": f"objects/{name}",
+        "ce-id": str(event_id.int % 10**16),
+        "ce-time": data.get("updated") or rfc3339(datetime.now(UTC)),
+        "Content-Type": "application/json",
+    }
+    return Event(target, headers, json.dumps(data).encode())
+
+
+def pubsub_event(
+    target: str, topic: str, subscription: str, payload: dict[str, Any], publish_time: datetime
+) -> Event:
+    """A ``pubsub.topic.v1.messagePublished`` event, as Cloud Scheduler -> Pub/Sub -> Eventarc."""
+    message_id = str(uuid.uuid4().int % 10**16)
+    published = rfc3339(publish_time)
+    data = {
+        "subscription": subscription,
+        "message": {
+            "data": base64.b64encode(json.dumps(payload).encode()).decode(),
+            "attributes": {"scheduledTime": published},
+            "messageId": message_id,
+            "publishTime": published,
+        },
+    }
+    project, _, topic_id = topic.removeprefix("projects/").partition("/topics/")
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": PUBSUB_PUBLISHED,
+        "ce-source": f"//pubsub.googleapis.com/projects/{project}/topics/{topic_id}",
+        "ce-id": message_id,
+        "ce-time": published,
+        "Content-Type": "application/json",
+    }
+    return Event(target, headers, json.dumps(data).encode())
+
+
+class Deliverer:
+    """Delivers events with retries from a pool of worker threads."""
+
+    def __init__(
+        self,
+        workers: int = 8,
+        timeout: float = 600.0,
+        max_age: float = 24 * 3600.0,
+        max_backoff: float = 30.0,
+        dead_letter: Path | None = None,
+    ) -> None:
+        self._queue: queue.Queue[Event | None] = queue.Queue()
+        self._timeout = timeout
+        self._max_age = max_age
+        self._max_backoff = max_backoff
+        self._dead_letter = dead_letter
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._retry_timers: set[threading.Timer] = set()
+        self.delivered = 0
+        self.failed_attempts = 0
+        self.dead = 0
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"deliver-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, event: Event) -> None:
+        """Queue ``event`` for delivery."""
+        with self._lock:
+            self._pending += 1
+        self._queue.put(event)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or in flight; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def stop(self) -> None:
+        """Stop the workers; events still queued are abandoned with a warning."""
+        self._stop.set()
+        with self._lock:
+            for timer in self._retry_timers:
+                timer.cancel()
+            pending = self._pending
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if pending:
+            logger.warning("stopped with events undelivered", extra=log.fields(pending=pending))
+
+    def _done(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.notify_all()
+
+    def _work(self) -> None:
+        session = requests.Session()
+        while True:
+            event = self._queue.get()
+            if event is None or self._stop.is_set():
+                session.close()
+                return
+            event.attempts += 1
+            try:
+                response = session.post(
+                    event.target, data=event.body, headers=event.headers, timeout=self._timeout
+                )
+                status: int | str = response.status_code
+                ok = 200 <= response.status_code < 300
+            except requests.RequestException as exc:
+                status, ok = type(exc).__name__, False
+            if ok:
+                with self._lock:
+                    self.delivered += 1
+                self._done()
+            else:
+                self._retry(event, status)
+
+    def _retry(self, event: Event, status: int | str) -> None:
+        with self._lock:
+            self.failed_attempts += 1
+        age = time.monotonic() - event.first_try
+        fields = log.fields(
+            ceId=event.headers.get("ce-id"),
+            target=event.target,
+            status=status,
+            attempt=event.attempts,
+        )
+        if age > self._max_age or self._stop.is_set():
+            with self._lock:
+                self.dead += 1
+            logger.error("event given up after retries", extra=fields)
+            if self._dead_letter is not None:
+                with self._dead_letter.open("a") as out:
+                    out.write(
+                        json.dumps({"headers": event.headers, "body": event.body.decode()}) + "\n"
+                    )
+            self._done()
+            return
+        delay = min(self._max_backoff, 0.2 * 2 ** (event.attempts - 1))
+        logger.warning("delivery failed; retrying in %.1f s", delay, extra=fields)
+        timer = threading.Timer(delay, self._requeue, args=(event,))
+        timer.daemon = True
+        with self._lock:
+            self._retry_timers.add(timer)
+        timer.start()
+
+    def _requeue(self, event: Event) -> None:
+        with self._lock:
+            self._retry_timers.discard(threading.current_thread())  # type: ignore[arg-type]
+        self._queue.put(event)
