@@ -151,3 +151,11 @@ def test_json_log_lines_carry_severity_message_and_fields() -> None:
     assert entry["message"] == "staged x"
     assert entry["eventId"] == "e1"
     assert "batch" not in entry
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for env_name, default, _ in SETTINGS_DOC:
+        assert f"| `{env_name}` | `{default}` |" in readme, env_name

@@ -1,0 +1,428 @@
+"""The whole local cloud in one supervisor process.
+
+``Stack.start()`` brings up, in order: Cloud Storage (fake-gcs-server), Pub/Sub
+(the SDK emulator or the built-in fallback), the Healthcare API emulator, the
+three functions (one functions-framework process each, as on Cloud Functions),
+the bucket watcher that stands in for Eventarc, and the scheduler. Once all of
+them answer, it writes ``state.json`` in the home folder; ``python -m
+localcloud env|status|tick|down`` read that file.
+
+Every name a user or a test needs is in ``Stack.env()`` (see ``ENV_NAMES``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+from google.auth.credentials import AnonymousCredentials
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+
+from localcloud.delivery import Deliverer
+from localcloud.errors import LocalCloudError
+from localcloud.eventarc import BucketWatcher
+from localcloud.ports import HOST, pick_port, wait_http
+from localcloud.scheduler import Schedule, Scheduler
+from localcloud.storage import StorageServer, start_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+FUNCTIONS = ("ingest", "report", "export")
+
+# The names `python -m localcloud env` prints; fixed, others rely on them.
+ENV_NAMES = (
+    "STORAGE_EMULATOR_HOST",
+    "DICOMFLOW_HEALTHCARE_ENDPOINT",
+    "DICOMFLOW_PUBSUB_ENDPOINT",
+    "DICOMFLOW_DICOM_STORE",
+    "DICOMFLOW_LANDING_BUCKET",
+    "DICOMFLOW_STAGING_BUCKET",
+    "DICOMFLOW_BACKUP_BUCKET",
+    "DICOMFLOW_ALERTS_TOPIC",
+    "DICOMFLOW_ALERTS_SUBSCRIPTION",
+)
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise LocalCloudError(
+            f"{name}={raw!r} is not a number; set it to seconds, e.g. {default:g}"
+        ) from None
+
+
+def _port(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name, "").strip() or "0"
+    if not raw.isdigit() or int(raw) > 65535:
+        raise LocalCloudError(
+            f"{name}={raw!r} is not a port; set it to 1-65535, or 0 for any free port"
+        )
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What to start and where. ``from_env`` reads the LOCALCLOUD_* settings."""
+
+    home: Path
+    project: str = "local"
+    location: str = "us-central1"
+    dataset: str = "dicomflow"
+    store: str = "store"
+    landing_bucket: str = "dicomflow-landing"
+    staging_bucket: str = "dicomflow-staging"
+    backup_bucket: str = "dicomflow-backups"
+    alerts_topic: str = "dicomflow-alerts"
+    pubsub_kind: str = "auto"
+    minute_interval: float = 60.0
+    export_interval: float = 86_400.0
+    poll_interval: float = 0.2
+    functions_source: Path = ROOT / "main.py"
+    ports: dict[str, int] = field(default_factory=dict)
+    function_env: dict[str, str] = field(default_factory=dict)
+    healthcare_args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
+        env = os.environ if env is None else env
+        home = Path(env.get("LOCALCLOUD_HOME") or ROOT / ".localcloud")
+        ports = {
+            name: _port(env, f"LOCALCLOUD_{name.upper()}_PORT")
+            for name in ("storage", "pubsub", "healthcare", *FUNCTIONS)
+        }
+        kind = env.get("LOCALCLOUD_PUBSUB_KIND", "auto")
+        if kind not in ("auto", "emulator", "fallback"):
+            raise LocalCloudError(
+                f"LOCALCLOUD_PUBSUB_KIND={kind!r}; use auto, emulator or fallback"
+            )
+        source = Path(env.get("LOCALCLOUD_FUNCTIONS_SOURCE") or ROOT / "main.py")
+        if not source.is_file():
+            raise LocalCloudError(
+                f"LOCALCLOUD_FUNCTIONS_SOURCE={source} does not exist; point it at a main.py"
+            )
+        return cls(
+            home=home,
+            pubsub_kind=kind,
+            minute_interval=_float(env, "LOCALCLOUD_MINUTE_SECONDS", 60.0),
+            export_interval=_float(env, "LOCALCLOUD_EXPORT_SECONDS", 86_400.0),
+            poll_interval=_float(env, "LOCALCLOUD_POLL_SECONDS", 0.2),
+            functions_source=source.resolve(),
+            ports=ports,
+        )
+
+    @property
+    def store_name(self) -> str:
+        return (
+            f"projects/{self.project}/locations/{self.location}/datasets/{self.dataset}"
+            f"/dicomStores/{self.store}"
+        )
+
+
+def _bin(name: str) -> str:
+    """An executable installed beside the running Python (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise LocalCloudError(f"{name} is not installed; run `make setup`")
+    return found
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class Stack:
+    """A running local cloud, owned by this process."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.urls: dict[str, str] = {}
+        self.pubsub_kind = ""
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+        self._storage: StorageServer | None = None
+        self._pubsub: Any = None
+        self.deliverer: Deliverer | None = None
+        self.watcher: BucketWatcher | None = None
+        self.scheduler: Scheduler | None = None
+        self.schedules: dict[str, Schedule] = {}
+
+    # -- start-up ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start everything, or stop what was started and raise LocalCloudError."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _log(self, name: str) -> IO[bytes]:
+        handle = (self.config.home / "logs" / f"{name}.log").open("ab")
+        self._logs.append(handle)
+        return handle
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self._processes[name] = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log(name),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,  # its own process group, so stop() reaches its children
+        )
+
+    def _start(self) -> None:
+        cfg = self.config
+        (cfg.home / "logs").mkdir(parents=True, exist_ok=True)
+        ports = cfg.ports
+
+        self._storage = start_storage(
+            ports.get("storage", 0),
+            data_dir=cfg.home / "storage",
+            buckets=(cfg.landing_bucket, cfg.staging_bucket, cfg.backup_bucket),
+            log=self._log("storage"),
+        )
+        self.urls["storage"] = self._storage.url
+
+        from localcloud.pubsub import start_pubsub
+
+        self._pubsub = start_pubsub(
+            pick_port(ports.get("pubsub", 0), "Pub/Sub", "LOCALCLOUD_PUBSUB_PORT"),
+            kind=cfg.pubsub_kind,
+            project=cfg.project,
+            log=self._log("pubsub"),
+        )
+        self.urls["pubsub"] = self._pubsub.url
+        self.pubsub_kind = self._pubsub.kind
+
+        port = pick_port(
+            ports.get("healthcare", 0), "the Healthcare API emulator", "LOCALCLOUD_HEALTHCARE_PORT"
+        )
+        self._spawn(
+            "healthcare",
+            [
+                sys.executable,
+                "-m",
+                "localcloud.healthcare",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(cfg.home / "healthcare"),
+                "--storage-endpoint",
+                self._storage.url,
+                *cfg.healthcare_args,
+            ],
+        )
+        self.urls["healthcare"] = f"http://{HOST}:{port}"
+        self._wait(
+            "healthcare",
+            f"{self.urls['healthcare']}/v1/projects/{cfg.project}/locations/{cfg.location}/datasets",
+        )
+        self._create_resources()
+
+        env = {**os.environ, **self.env(), **cfg.function_env}
+        env.pop("PUBSUB_EMULATOR_HOST", None)
+        for function in FUNCTIONS:
+            port = pick_port(
+                ports.get(function, 0),
+                f"the {function} function",
+                f"LOCALCLOUD_{function.upper()}_PORT",
+            )
+            self._spawn(
+                function,
+                [
+                    _bin("functions-framework"),
+                    "--target",
+                    function,
+                    "--source",
+                    str(cfg.functions_source),
+                    "--signature-type",
+                    "cloudevent",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+            )
+            self.urls[function] = f"http://{HOST}:{port}/"
+        for function in FUNCTIONS:
+            self._wait(function, self.urls[function])
+
+        self.deliverer = Deliverer(dead_letter=cfg.home / "dead-letter.ndjson")
+        self.watcher = BucketWatcher(
+            self._storage.client(),
+            cfg.landing_bucket,
+            self.urls["ingest"],
+            self.deliverer,
+            interval=cfg.poll_interval,
+            seen_file=cfg.home / "eventarc-seen.json",
+        )
+        self.watcher.start()
+        self.schedules = {
+            "minute": Schedule(
+                "minute",
+                f"projects/{cfg.project}/topics/dicomflow-tick",
+                cfg.minute_interval,
+                (("ingest", self.urls["ingest"]), ("report", self.urls["report"])),
+            ),
+            "export": Schedule(
+                "export",
+                f"projects/{cfg.project}/topics/dicomflow-export",
+                cfg.export_interval,
+                (("export", self.urls["export"]),),
+            ),
+        }
+        self.scheduler = Scheduler(self.deliverer, list(self.schedules.values()))
+        self.scheduler.start()
+
+    def _wait(self, name: str, url: str) -> None:
+        process = self._processes[name]
+        log_file = self.config.home / "logs" / f"{name}.log"
+        try:
+            wait_http(url, 60, name, lambda: process.poll() is None)
+        except LocalCloudError as exc:
+            tail = (
+                log_file.read_text(errors="replace").strip().splitlines()[-1:]
+                if log_file.exists()
+                else []
+            )
+            raise LocalCloudError(f"{exc}: {tail[0] if tail else 'no output'}") from None
+
+    def _create_resources(self) -> None:
+        """The dataset, DICOM store, alerts topic and subscription, when missing."""
+        cfg = self.config
+        healthcare = build(
+            "healthcare",
+            "v1",
+            static_discovery=True,
+            cache_discovery=False,
+            client_options={"api_endpoint": self.urls["healthcare"] + "/"},
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        )
+        datasets = healthcare.projects().locations().datasets()
+        parent = f"projects/{cfg.project}/locations/{cfg.location}"
+        for call in (
+            datasets.create(parent=parent, datasetId=cfg.dataset, body={}),
+            datasets.dicomStores().create(
+                parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
+            ),
+        ):
+            try:
+                call.execute()
+            except HttpError as exc:
+                if exc.status_code != 409:
+                    raise
+        pubsub = build(
+            "pubsub",
+            "v1",
+            static_discovery=True,
+            cache_discovery=False,
+            client_options={"api_endpoint": self.urls["pubsub"] + "/"},
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        )
+        topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
+        for call in (
+            pubsub.projects().topics().create(name=topic, body={}),
+            pubsub.projects()
+            .subscriptions()
+            .create(
+                name=f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail",
+                body={"topic": topic, "ackDeadlineSeconds": 30},
+            ),
+        ):
+            try:
+                call.execute()
+            except HttpError as exc:
+                if exc.status_code != 409:
+                    raise
+
+    # -- what others read ---------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """The settings that point dicomflow, tests and scripts at this stack."""
+        cfg = self.config
+        return {
+            "STORAGE_EMULATOR_HOST": self.urls.get("storage", ""),
+            "DICOMFLOW_HEALTHCARE_ENDPOINT": self.urls.get("healthcare", ""),
+            "DICOMFLOW_PUBSUB_ENDPOINT": self.urls.get("pubsub", ""),
+            "DICOMFLOW_DICOM_STORE": cfg.store_name,
+            "DICOMFLOW_LANDING_BUCKET": cfg.landing_bucket,
+            "DICOMFLOW_STAGING_BUCKET": cfg.staging_bucket,
+            "DICOMFLOW_BACKUP_BUCKET": cfg.backup_bucket,
+            "DICOMFLOW_ALERTS_TOPIC": f"projects/{cfg.project}/topics/{cfg.alerts_topic}",
+            "DICOMFLOW_ALERTS_SUBSCRIPTION": (
+                f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail"
+            ),
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started": time.time(),
+            "pubsubKind": self.pubsub_kind,
+            "urls": self.urls,
+            "env": self.env(),
+            "home": str(self.config.home),
+        }
+
+    def write_state(self) -> Path:
+        path = self.config.home / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        tmp.replace(path)
+        return path
+
+    # -- shut-down ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop everything this stack started; safe to call twice."""
+        for part in (self.scheduler, self.watcher):
+            if part is not None:
+                part.stop()
+        if self.deliverer is not None:
+            self.deliverer.stop()
+        for name in reversed(list(self._processes)):
+            _stop_process(self._processes.pop(name))
+        if self._pubsub is not None:
+            self._pubsub.stop()
+            self._pubsub = None
+        if self._storage is not None:
+            self._storage.stop()
+            self._storage = None
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+        (self.config.home / "state.json").unlink(missing_ok=True)
+
+
+def with_overrides(config: StackConfig, **changes: Any) -> StackConfig:
+    """A copy of ``config`` with fields replaced (tests and the demo)."""
+    return replace(config, **changes)
