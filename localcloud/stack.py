@@ -214,9 +214,10 @@ class Stack:
         from localcloud.pubsub import start_pubsub
 
         self._pubsub = start_pubsub(
-            pick_port(ports.get("pubsub", 0), "Pub/Sub", "LOCALCLOUD_PUBSUB_PORT"),
+            ports.get("pubsub", 0),
             kind=cfg.pubsub_kind,
             project=cfg.project,
+            data_dir=cfg.home / "pubsub",
             log=self._log("pubsub"),
         )
         self.urls["pubsub"] = self._pubsub.url
