@@ -1,0 +1,137 @@
+# Names, the per-function table that drives triggers and IAM, and the Healthcare dataset and store.
+# Other files: storage.tf (buckets), pubsub.tf (topics, Scheduler), functions.tf (source and
+# functions), iam.tf (service accounts and every binding).
+
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+locals {
+  healthcare_location = coalesce(var.healthcare_location, var.region)
+
+  bucket_names = {
+    for role in ["landing", "staging", "backups", "source"] :
+    role => coalesce(var.bucket_names[role], "${var.project_id}-${var.name_prefix}-${role}")
+  }
+
+  dataset_id       = "projects/${var.project_id}/locations/${local.healthcare_location}/datasets/${var.dataset_id}"
+  dicom_store_name = "${local.dataset_id}/dicomStores/${var.dicom_store_id}"
+
+  labels = merge({ app = "dicomflow" }, var.labels)
+
+  # Google-managed service agents. The Healthcare one exists once the API has been used
+  # (or after `gcloud beta services identity create`, see README).
+  healthcare_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-healthcare.iam.gserviceaccount.com"
+  pubsub_agent     = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+  # The environment of all three functions: they load the same Settings, so each needs the five
+  # required names. Endpoint settings (DICOMFLOW_HEALTHCARE_ENDPOINT, DICOMFLOW_PUBSUB_ENDPOINT,
+  # STORAGE_EMULATOR_HOST) are for localcloud only and stay unset here. Names are checked against
+  # dicomflow/config.py SETTINGS_DOC by tests/unit/test_infra.py.
+  function_env_fixed = {
+    DICOMFLOW_DICOM_STORE    = local.dicom_store_name
+    DICOMFLOW_LANDING_BUCKET = google_storage_bucket.landing.name
+    DICOMFLOW_STAGING_BUCKET = google_storage_bucket.staging.name
+    DICOMFLOW_BACKUP_BUCKET  = google_storage_bucket.backups.name
+    DICOMFLOW_ALERTS_TOPIC   = google_pubsub_topic.alerts.id
+    DICOMFLOW_BACKUP_PREFIX  = var.backup_prefix
+    # The design seals a batch only after a grace longer than the ingest timeout.
+    DICOMFLOW_SEAL_GRACE_SECONDS = tostring(var.ingest_timeout_seconds + 10)
+  }
+  function_env = merge(var.settings, local.function_env_fixed)
+
+  # One entry per function: its trigger, its identity and every permission it holds.
+  # iam.tf turns this table into bindings; infra/README.md shows it as a table.
+  # Roles on buckets and topics are granted on that bucket or topic only; Healthcare
+  # permissions are custom roles granted on the DICOM store or the dataset only.
+  functions = {
+    ingest = {
+      description = "Storage finalize events on the landing bucket, and the minute tick: claim, check, stage, seal, import."
+      trigger     = "Eventarc: storage object finalized on the landing bucket (retry on); tick topic (Eventarc Pub/Sub trigger)"
+      timeout     = var.ingest_timeout_seconds
+      memory      = "512Mi"
+      max_inst    = var.ingest_max_instances
+      bucket_roles = {
+        landing = ["roles/storage.objectViewer"] # ranged header reads and the copy source
+        staging = ["roles/storage.objectUser"]   # ledger, batches, quarantine, state: create, CAS update, delete
+      }
+      topic_roles = {
+        alerts = ["roles/pubsub.publisher"] # quarantine alerts
+      }
+      store_permissions = [
+        "healthcare.dicomStores.get",
+        "healthcare.dicomStores.import",
+      ]
+      dataset_permissions = [
+        "healthcare.operations.get",
+      ]
+      # Eventarc requires this of the service account of a Cloud Storage trigger; it holds
+      # only eventarc.events.receiveEvent and cannot be granted below the project.
+      project_roles = ["roles/eventarc.eventReceiver"]
+    }
+    report = {
+      description = "The minute tick: track operations, verify batches against the store, write manifests, publish alerts."
+      trigger     = "Eventarc Pub/Sub trigger on the tick topic (no retry: the next tick repeats the work)"
+      timeout     = 540
+      memory      = "1Gi"
+      max_inst    = 1
+      bucket_roles = {
+        staging = ["roles/storage.objectUser"] # batch files, results, state; deletes checked staging copies
+        # Lists dated backup prefixes and creates _MANIFEST.json (create-if-absent, never an overwrite or delete).
+        backups = ["roles/storage.objectViewer", "roles/storage.objectCreator"]
+      }
+      topic_roles = {
+        alerts = ["roles/pubsub.publisher"]
+      }
+      store_permissions = [
+        "healthcare.dicomStores.dicomWebRead", # QIDO search and WADO retrieve to verify each file
+      ]
+      dataset_permissions = [
+        "healthcare.operations.get",
+        "healthcare.operations.list",
+      ]
+      project_roles = []
+    }
+    export = {
+      description = "The daily export tick: start dicomStores.export into the dated backup prefix, once per date."
+      trigger     = "Eventarc Pub/Sub trigger on the export-schedule topic (retry on)"
+      timeout     = 300
+      memory      = "512Mi"
+      max_inst    = 1
+      bucket_roles = {
+        staging = ["roles/storage.objectUser"]    # per-date markers and the filter file
+        backups = ["roles/storage.objectCreator"] # markers in the backups bucket; never deletes
+      }
+      topic_roles = {}
+      store_permissions = [
+        "healthcare.dicomStores.export",
+      ]
+      dataset_permissions = []
+      project_roles       = []
+    }
+  }
+}
+
+resource "google_healthcare_dataset" "this" {
+  count     = var.create_dataset ? 1 : 0
+  name      = var.dataset_id
+  location  = local.healthcare_location
+  time_zone = "UTC"
+
+  lifecycle {
+    # Deleting the dataset deletes its stores; see README "Tear down".
+    prevent_destroy = true
+  }
+}
+
+resource "google_healthcare_dicom_store" "this" {
+  count   = var.create_dicom_store ? 1 : 0
+  name    = var.dicom_store_id
+  dataset = var.create_dataset ? google_healthcare_dataset.this[0].id : local.dataset_id
+  labels  = local.labels
+
+  lifecycle {
+    # The store holds the clinical data; deleting it must be a deliberate act outside Terraform.
+    prevent_destroy = true
+  }
+}
