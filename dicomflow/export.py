@@ -1,0 +1,897 @@
+"""Scheduled backups of the DICOM store to a dated folder (issue 6, DESIGN invariant 6).
+
+Flow::
+
+    export(tick) --> handle_event --> start_export
+        claim  state/exports/<YYYY-MM-DD>.json  (create-if-absent: one export per date)
+        count what the store should export (QIDO; incremental: the ledger)
+        dicomStores.export(gs://BACKUP/PREFIX/<date>/, mimeType[, filterConfig])
+        marker <- operation name (state "running")
+    report(tick) --> settle_exports
+        operation done? list the dated folder, compare with the expected counts,
+        write <folder>/_MANIFEST.json, alert export_failed unless complete,
+        marker <- "complete" | "failed"
+
+The date. A tick is Cloud Scheduler -> Pub/Sub -> Eventarc, a ``messagePublished``
+CloudEvent. Its date is taken from the message's ``scheduledTime`` attribute
+when present (localcloud sets it; a Scheduler job may be configured to), else
+from the message's ``publishTime``, else the CloudEvent ``time``. All three are
+fixed when the message is published, and a redelivery carries the same
+message, so a retry lands on the tick's date even after midnight. The wall
+clock is never used for the date of a tick.
+
+The marker (``state/exports/<date>.json`` in the staging bucket, keyed by the
+ISO date whatever the folder layout) is created with ``if_generation_match=0``:
+of two ticks for one date, concurrent or not, one creates it and starts the
+export, the other reports it. Each later change is a compare-and-swap. States::
+
+    starting --> running --> complete | failed
+        |   `--> empty        (incremental, nothing settled since the last export)
+        `------> failed       (the export call failed after retries)
+
+A crash between the claim and the export call leaves ``starting``; once its
+lease (``START_LEASE_SECONDS``) ran out, the next tick or ``settle_exports``
+takes it over. A crash between the export call and recording the operation
+can start a second export of the same date; it writes the same objects.
+``force`` starts a new attempt for a date whose marker is final.
+
+Expected counts. Full mode counts the store's instances by QIDO at start;
+incremental mode lists the ledger entries settled (``imported`` or
+``duplicate``) after the last complete export, up to this tick, and writes
+their ``/studies/S/series/R/instances/I`` paths to a ``filterConfig`` file.
+For ``application/dicom`` one object per instance is expected. For images
+(``image/png``, ``image/jpeg``, ``application/octet-stream``) only instances
+with pixel data (``Rows`` present) count, with one object per frame for
+multi-frame instances and one object otherwise. A backup is complete only
+when the operation succeeded, reported no failures, and the objects and
+distinct instances found under the folder match the expected counts (in full
+mode at least the expected counts, since ingest may add instances while
+the export runs). Anything else writes ``complete: false`` and raises one
+``export_failed`` alert per date and attempt.
+
+Retention is a lifecycle rule on the backup bucket (``infra/``); this module
+never deletes a backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import requests
+from cloudevents.http import CloudEvent
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+from googleapiclient.errors import HttpError
+
+from dicomflow import alerts, log, retry
+from dicomflow.config import EXPORT_MODES, STATE_PREFIX, Settings, parse_mime_type
+from dicomflow.errors import PermanentError, TransientError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+EXPORTS_PREFIX = f"{STATE_PREFIX}exports/"
+MANIFEST_NAME = "_MANIFEST.json"
+# Longer than a function's timeout (540 s), so a live start is never taken over.
+START_LEASE_SECONDS = 600
+# How long the export call itself is retried on 429/5xx before the start counts as failed.
+START_RETRY_SECONDS = 60.0
+QIDO_PAGE = 1000
+
+STARTING = "starting"
+RUNNING = "running"
+EMPTY = "empty"
+COMPLETE = "complete"
+FAILED = "failed"
+FINAL_STATES = frozenset({EMPTY, COMPLETE, FAILED})
+
+# Ledger statuses whose instance is in the store (set by report).
+SETTLED_STATUSES = ("imported", "duplicate")
+_EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def iso(moment: datetime) -> str:
+    """``2026-11-25T02:00:00Z`` (UTC)."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 timestamp (``Z`` or offset, any fraction) as an aware UTC datetime.
+
+    Raises:
+        ValueError: not a timestamp, or one without a zone.
+    """
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    # Python before 3.11 accepts only 3 or 6 fractional digits; Pub/Sub sends up to 9.
+    head, dot, rest = value.partition(".")
+    if dot:
+        digits = "".join(itertools.takewhile(str.isdigit, rest))
+        zone = rest[len(digits) :]
+        value = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no time zone")
+    return moment.astimezone(UTC)
+
+
+def tick_time(event: CloudEvent | Mapping[str, Any]) -> datetime:
+    """The scheduled time of a tick: ``scheduledTime`` attribute, else ``publishTime``.
+
+    Falls back to the CloudEvent's ``time`` attribute (Eventarc sets it to the
+    publish time). Never the wall clock.
+
+    Raises:
+        PermanentError: the event carries none of them (retrying will not add one).
+    """
+    data = event.data if isinstance(event, CloudEvent) else event.get("data")
+    message = data.get("message", {}) if isinstance(data, dict) else {}
+    attributes = message.get("attributes") or {}
+    candidates = [attributes.get("scheduledTime"), message.get("publishTime")]
+    with contextlib.suppress(KeyError):
+        candidates.append(event["time"])
+    for raw in candidates:
+        if raw:
+            try:
+                return parse_time(str(raw))
+            except ValueError:
+                continue
+    raise PermanentError("export tick has no scheduledTime, publishTime or time")
+
+
+def export_day(scheduled: datetime) -> date:
+    """The backup date of a tick: its scheduled time's UTC calendar date."""
+    if scheduled.tzinfo is None:
+        raise ValueError("the scheduled time must be timezone-aware")
+    return scheduled.astimezone(UTC).date()
+
+
+def parse_day(text: str) -> date:
+    """``YYYY-MM-DD`` as a date (the CLI's ``--date``)."""
+    try:
+        return date.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"invalid date {text!r}: use YYYY-MM-DD") from None
+
+
+def dated_folder(settings: Settings, day: date) -> str:
+    """The backup folder's object prefix, with a trailing slash: ``backups/2026-11-25/``."""
+    return f"{settings.backup_prefix}/{day.strftime(settings.export_date_layout)}/"
+
+
+def destination_uri(settings: Settings, day: date) -> str:
+    """``gs://BACKUP_BUCKET/PREFIX/<date>/``: the export's ``uriPrefix``."""
+    return f"gs://{settings.backup_bucket}/{dated_folder(settings, day)}"
+
+
+def marker_name(day: date) -> str:
+    """The date's marker in the staging bucket (ISO date, whatever the folder layout)."""
+    return f"{EXPORTS_PREFIX}{day.isoformat()}.json"
+
+
+def paths_file_name(day: date, attempt: int) -> str:
+    """The ``filterConfig.resourcePathsGcsUri`` file of an incremental export."""
+    return f"{EXPORTS_PREFIX}{day.isoformat()}.{attempt}.paths.txt"
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` when valid. Raises ValueError naming the valid modes."""
+    if mode not in EXPORT_MODES:
+        raise ValueError(f"unsupported export mode {mode!r}; valid: {', '.join(EXPORT_MODES)}")
+    return mode
+
+
+def is_image_mime(mime_type: str) -> bool:
+    """True when the export writes pixel data (one object per frame), not DICOM files."""
+    return parse_mime_type(mime_type)[0] != "application/dicom"
+
+
+def export_request(destination: str, mime_type: str, paths_uri: str | None) -> dict[str, Any]:
+    """The body of ``dicomStores.export``."""
+    body: dict[str, Any] = {
+        "gcsDestination": {"uriPrefix": destination.rstrip("/"), "mimeType": mime_type}
+    }
+    if paths_uri:
+        body["filterConfig"] = {"resourcePathsGcsUri": paths_uri}
+    return body
+
+
+def resource_path(study: str, series: str, sop: str) -> str:
+    """A ``filterConfig`` line for one instance."""
+    return f"/studies/{study}/series/{series}/instances/{sop}"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Instances and objects: what the export should write, or what was found."""
+
+    instances: int
+    objects: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"instances": self.instances, "objects": self.objects}
+
+
+def _tag_value(instance: Mapping[str, Any], tag: str) -> Any:
+    values = (instance.get(tag) or {}).get("Value") or []
+    return values[0] if values else None
+
+
+def expected_counts(qido_instances: Iterable[Mapping[str, Any]], mime_type: str) -> Counts:
+    """What an export of these instances (QIDO JSON) should write under ``mime_type``."""
+    items = list(qido_instances)
+    if not is_image_mime(mime_type):
+        return Counts(len(items), len(items))
+    # A server that honours includefield=Rows omits it only for instances without pixels.
+    rows_reported = any("00280010" in item for item in items)
+    instances = objects = 0
+    for item in items:
+        if rows_reported and _tag_value(item, "00280010") is None:
+            continue
+        try:
+            frames = int(_tag_value(item, "00280008") or 1)
+        except (TypeError, ValueError):
+            frames = 1
+        instances += 1
+        objects += frames if frames > 1 else 1
+    return Counts(instances, objects)
+
+
+def instance_key(relative_name: str) -> str | None:
+    """``study/series/instance`` of an exported object's name below the folder."""
+    parts = relative_name.split("/")
+    if len(parts) < 3 or not all(parts[:3]):
+        return None
+    leaf = parts[2]
+    for ext in _EXTENSIONS:
+        if len(parts) == 3 and leaf.lower().endswith(ext):
+            leaf = leaf[: -len(ext)]
+            break
+    return "/".join([parts[0], parts[1], leaf])
+
+
+def found_counts(names: Iterable[str], folder: str) -> Counts:
+    """Count exported objects (not the manifest) and distinct instances under ``folder``."""
+    objects = 0
+    keys: set[str] = set()
+    for name in names:
+        if not name.startswith(folder):
+            continue
+        relative = name[len(folder) :]
+        if relative == MANIFEST_NAME or relative.endswith("/"):
+            continue
+        objects += 1
+        key = instance_key(relative)
+        if key:
+            keys.add(key)
+    return Counts(len(keys), objects)
+
+
+def _counter(operation: Mapping[str, Any], name: str) -> int | None:
+    raw = ((operation.get("metadata") or {}).get("counter") or {}).get(name)
+    try:
+        return int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def build_manifest(
+    marker: Mapping[str, Any],
+    operation: Mapping[str, Any] | None,
+    found: Counts,
+    now: datetime,
+) -> dict[str, Any]:
+    """The ``_MANIFEST.json`` of a finished export attempt. Pure.
+
+    ``complete`` is True only when the operation finished without error or
+    failures and what was found matches what the store should have exported.
+    """
+    expected = marker.get("expected") or {}
+    problems: list[str] = []
+    op: dict[str, Any] | None = None
+    if marker.get("error"):
+        problems.append(f"export did not start: {marker['error']}")
+    if operation is None:
+        if not marker.get("error"):
+            problems.append("no export operation")
+    else:
+        meta = operation.get("metadata") or {}
+        error = operation.get("error")
+        op = {
+            "name": operation.get("name"),
+            "done": bool(operation.get("done")),
+            "createTime": meta.get("createTime"),
+            "endTime": meta.get("endTime"),
+            "counter": {
+                k: _counter(operation, k)
+                for k in ("success", "failure", "pending")
+                if _counter(operation, k) is not None
+            },
+            "error": {"code": error.get("code"), "message": str(error.get("message", ""))[:500]}
+            if isinstance(error, dict)
+            else None,
+        }
+        if not operation.get("done"):
+            problems.append("operation not done")
+        if error:
+            problems.append(f"operation failed: code {error.get('code')}")
+        failures = _counter(operation, "failure")
+        if failures:
+            problems.append(f"operation counted {failures} failures")
+    want_instances = expected.get("instances")
+    want_objects = expected.get("objects")
+    # A full export also writes instances stored after it was counted: at least, not exactly.
+    exact = marker.get("mode") != "full"
+    for what, want, got in (
+        ("instances", want_instances, found.instances),
+        ("objects", want_objects, found.objects),
+    ):
+        if want is None:
+            problems.append(f"expected {what} unknown")
+        elif got < want or (exact and got != want):
+            problems.append(f"expected {want} {what}, found {got}")
+    return {
+        "schemaVersion": SCHEMA_VERSION,
+        "state": "finished",
+        "complete": not problems,
+        "problems": problems,
+        "date": marker.get("date"),
+        "attempt": marker.get("attempt"),
+        "dicomStore": marker.get("store"),
+        "mode": marker.get("mode"),
+        "mimeType": marker.get("mimeType"),
+        "destination": marker.get("destination"),
+        "tickTime": marker.get("tickTime"),
+        "since": marker.get("since"),
+        "resourcePathsGcsUri": marker.get("resourcePathsGcsUri"),
+        "operation": op,
+        "expected": dict(expected),
+        "found": found.as_dict(),
+        "writtenAt": iso(now),
+    }
+
+
+def settled_paths(
+    entries: Iterable[Any], since: datetime | None, until: datetime
+) -> list[tuple[str, str, str]]:
+    """UIDs (study, series, sop) of ledger entries settled in ``(since, until]``, deduplicated.
+
+    An entry is settled when its status is ``imported`` or ``duplicate``; its
+    settle time is ``entry.times[status]`` (report marks it so), else the
+    latest time it carries.
+    """
+    found: dict[tuple[str, str, str], None] = {}
+    for entry in entries:
+        if entry.status not in SETTLED_STATUSES or entry.uids is None:
+            continue
+        raw = entry.times.get(entry.status) or max(entry.times.values(), default=None)
+        if not raw:
+            continue
+        try:
+            settled = parse_time(raw)
+        except ValueError:
+            continue
+        if settled > until or (since is not None and settled <= since):
+            continue
+        found[(entry.uids.study, entry.uids.series, entry.uids.sop)] = None
+    return sorted(found)
+
+
+# --- state in Cloud Storage -------------------------------------------------------------------
+
+
+def _read_json(blob: storage.Blob) -> tuple[dict[str, Any], int] | None:
+    try:
+        raw = retry.call(blob.download_as_bytes)
+    except gexc.NotFound:
+        return None
+    return json.loads(raw), int(blob.generation or 0)
+
+
+def _write_json(blob: storage.Blob, doc: Mapping[str, Any], generation: int) -> int:
+    """Write if the object is at ``generation`` (0: absent). Raises PreconditionFailed."""
+    text = json.dumps(doc, sort_keys=True, indent=1)
+    retry.call(
+        lambda: blob.upload_from_string(
+            text, content_type="application/json", if_generation_match=generation
+        )
+    )
+    return int(blob.generation or 0)
+
+
+def _marker_blob(ctx: Any, day: date) -> storage.Blob:
+    return ctx.storage.bucket(ctx.settings.staging_bucket).blob(marker_name(day))
+
+
+def read_marker(ctx: Any, day: date) -> tuple[dict[str, Any], int] | None:
+    """The date's marker and its generation, or None."""
+    return _read_json(_marker_blob(ctx, day))
+
+
+def _update(ctx: Any, day: date, doc: dict[str, Any], generation: int) -> int | None:
+    """CAS the marker; None when someone else changed it first."""
+    try:
+        return _write_json(_marker_blob(ctx, day), doc, generation)
+    except gexc.PreconditionFailed:
+        return None
+
+
+# --- the Healthcare API -----------------------------------------------------------------------
+
+
+def _http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return int(exc.response.status_code)
+    return retry.status_of(exc)
+
+
+def _transient(exc: BaseException) -> bool:
+    status = _http_status(exc)
+    if status is not None:
+        return status in (408, 429) or status >= 500
+    return retry.should_retry(exc)
+
+
+def qido_instances(ctx: Any, fields: list[str], study: str | None = None) -> list[dict[str, Any]]:
+    """Every instance of the store (or of ``study``) as QIDO JSON, paged."""
+    client = ctx.dicomweb()
+    found: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        page: list[dict[str, Any]] = retry.call(
+            lambda start=offset: client.search_for_instances(  # type: ignore[misc]
+                study_instance_uid=study, fields=fields, limit=QIDO_PAGE, offset=start
+            ),
+            predicate=_transient,
+        )
+        found.extend(page)
+        if len(page) < QIDO_PAGE:
+            return found
+        offset += len(page)
+
+
+def _qido_fields(mime_type: str) -> list[str]:
+    return ["00280008", "00280010"] if is_image_mime(mime_type) else []
+
+
+def _start_operation(ctx: Any, body: dict[str, Any]) -> str:
+    store = str(ctx.settings.dicom_store)
+
+    def call() -> Any:
+        return (
+            ctx.healthcare()
+            .projects()
+            .locations()
+            .datasets()
+            .dicomStores()
+            .export(name=store, body=body)
+            .execute()
+        )
+
+    operation = retry.call(call, deadline=START_RETRY_SECONDS, predicate=_transient)
+    return str(operation["name"])
+
+
+def get_operation(ctx: Any, name: str) -> dict[str, Any]:
+    """``operations.get``, retried on transient errors."""
+    result: dict[str, Any] = retry.call(
+        lambda: (
+            ctx.healthcare().projects().locations().datasets().operations().get(name=name).execute()
+        ),
+        predicate=_transient,
+    )
+    return result
+
+
+# --- start ------------------------------------------------------------------------------------
+
+
+def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
+    """The export function: start today's export unless the date already has one."""
+    scheduled = tick_time(event)
+    return start_export(
+        ctx,
+        export_day(scheduled),
+        mode=ctx.settings.export_mode,
+        mime_type=ctx.settings.export_mime_type,
+        tick=scheduled,
+        event_id=event["id"],
+    )
+
+
+def _new_marker(
+    settings: Settings, day: date, mode: str, mime_type: str, tick: datetime, now: datetime
+) -> dict[str, Any]:
+    return {
+        "schemaVersion": SCHEMA_VERSION,
+        "date": day.isoformat(),
+        "attempt": 1,
+        "state": STARTING,
+        "store": str(settings.dicom_store),
+        "mode": mode,
+        "mimeType": mime_type,
+        "destination": destination_uri(settings, day),
+        "folder": dated_folder(settings, day),
+        "tickTime": iso(tick),
+        "claimedAt": iso(now),
+        "leaseUntil": iso(now + timedelta(seconds=START_LEASE_SECONDS)),
+        "operation": None,
+        "previous": [],
+    }
+
+
+def _summary(doc: Mapping[str, Any], status: str) -> dict[str, Any]:
+    return {
+        "status": status,
+        "date": doc.get("date"),
+        "attempt": doc.get("attempt"),
+        "state": doc.get("state"),
+        "operation": doc.get("operation"),
+        "destination": doc.get("destination"),
+        "expected": doc.get("expected"),
+        "manifest": doc.get("manifest"),
+    }
+
+
+def start_export(
+    ctx: Any,
+    day: date,
+    *,
+    mode: str,
+    mime_type: str,
+    tick: datetime,
+    force: bool = False,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """Start the export of ``day`` once; report the existing one on a repeat.
+
+    Returns a summary whose ``status`` is ``started``, ``exists``, ``empty`` or ``failed``.
+
+    Raises:
+        PermanentError: a bad mode or mimeType, or ``force`` while an attempt is running.
+        TransientError: Cloud Storage or QIDO stayed unavailable; a retry may help.
+    """
+    try:
+        check_mode(mode)
+        parse_mime_type(mime_type)
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
+    now = ctx.clock()
+    claim = _new_marker(ctx.settings, day, mode, mime_type, tick, now)
+    blob = _marker_blob(ctx, day)
+    generation: int | None
+    try:
+        generation = _write_json(blob, claim, 0)
+    except gexc.PreconditionFailed:
+        generation = None
+    while generation is None:
+        found = read_marker(ctx, day)
+        if found is None:  # removed by hand between our two calls: claim again
+            try:
+                generation = _write_json(blob, claim, 0)
+            except gexc.PreconditionFailed:
+                continue
+            break
+        doc, current = found
+        lease_over = doc.get("state") == STARTING and parse_time(doc["leaseUntil"]) <= now
+        if force and doc.get("state") in FINAL_STATES:
+            claim["attempt"] = int(doc.get("attempt") or 1) + 1
+            claim["previous"] = [
+                *doc.get("previous", []),
+                {k: doc.get(k) for k in ("attempt", "state", "operation", "manifest", "mode")},
+            ]
+        elif force:
+            raise PermanentError(
+                f"the export of {day} is {doc.get('state')} (attempt {doc.get('attempt')}); "
+                "wait for it to finish before forcing a rerun"
+            )
+        elif lease_over:
+            # The claimer crashed before starting the export: take over its attempt.
+            claim["attempt"] = doc.get("attempt", 1)
+            claim["previous"] = doc.get("previous", [])
+            claim["tickTime"] = doc.get("tickTime", claim["tickTime"])
+        else:
+            logger.info(
+                "export exists for date",
+                extra=log.fields(
+                    date=day.isoformat(),
+                    state=doc.get("state"),
+                    operation=doc.get("operation"),
+                    eventId=event_id,
+                ),
+            )
+            return _summary(doc, "exists")
+        generation = _update(ctx, day, claim, current)
+    return _run_claimed(ctx, day, claim, generation, event_id)
+
+
+def _last_complete_until(ctx: Any, before: date) -> datetime | None:
+    """The tick time of the latest complete export dated before ``before``."""
+    best: datetime | None = None
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    for blob in ctx.storage.list_blobs(bucket, prefix=EXPORTS_PREFIX):
+        name = blob.name[len(EXPORTS_PREFIX) :]
+        if not name.endswith(".json") or "." in name[: -len(".json")]:
+            continue
+        try:
+            day = date.fromisoformat(name[: -len(".json")])
+        except ValueError:
+            continue
+        if day >= before:
+            continue
+        found = _read_json(blob)
+        if found is None or found[0].get("state") != COMPLETE:
+            continue
+        until = parse_time(found[0]["tickTime"])
+        best = until if best is None or until > best else best
+    return best
+
+
+def _prepare(ctx: Any, day: date, doc: dict[str, Any]) -> str | None:
+    """Fill ``doc["expected"]``; write the filter file of an incremental export.
+
+    Returns the filter file's URI (incremental), None (full), or ``EMPTY`` when an
+    incremental export has nothing to export.
+    """
+    settings: Settings = ctx.settings
+    mime_type = doc["mimeType"]
+    fields = _qido_fields(mime_type)
+    if doc["mode"] == "full":
+        doc["expected"] = expected_counts(qido_instances(ctx, fields), mime_type).as_dict()
+        return None
+    from dicomflow import ledger
+
+    since = _last_complete_until(ctx, day)
+    until = parse_time(doc["tickTime"])
+    doc["since"] = iso(since) if since else None
+    staging = ctx.storage.bucket(settings.staging_bucket)
+    uids = settled_paths(ledger.list_entries(staging), since, until)
+    if not uids:
+        doc["expected"] = {"instances": 0, "objects": 0}
+        return EMPTY
+    counts = Counts(len(uids), len(uids))
+    if is_image_mime(mime_type):
+        wanted = set(uids)
+        listed: list[dict[str, Any]] = []
+        for study in sorted({s for s, _, _ in uids}):
+            listed.extend(
+                i
+                for i in qido_instances(ctx, fields, study=study)
+                if (study, _tag_value(i, "0020000E"), _tag_value(i, "00080018")) in wanted
+            )
+        counts = expected_counts(listed, mime_type)
+    doc["expected"] = counts.as_dict()
+    paths_name = paths_file_name(day, int(doc["attempt"]))
+    text = "".join(resource_path(*u) + "\n" for u in uids)
+    paths_blob = staging.blob(paths_name)
+    retry.call(lambda: paths_blob.upload_from_string(text, content_type="text/plain"))
+    paths_uri = f"gs://{settings.staging_bucket}/{paths_name}"
+    doc["resourcePathsGcsUri"] = paths_uri
+    return paths_uri
+
+
+def _supersede_manifest(ctx: Any, doc: Mapping[str, Any]) -> None:
+    """A forced rerun: the folder's manifest stops saying complete while objects change."""
+    blob = ctx.storage.bucket(ctx.settings.backup_bucket).blob(doc["folder"] + MANIFEST_NAME)
+    placeholder = {
+        "schemaVersion": SCHEMA_VERSION,
+        "state": "running",
+        "complete": False,
+        "problems": [f"attempt {doc['attempt']} is running"],
+        "date": doc["date"],
+        "attempt": doc["attempt"],
+        "dicomStore": doc["store"],
+        "mode": doc["mode"],
+        "mimeType": doc["mimeType"],
+        "destination": doc["destination"],
+    }
+    retry.call(
+        lambda: blob.upload_from_string(
+            json.dumps(placeholder, sort_keys=True, indent=1), content_type="application/json"
+        )
+    )
+
+
+def _run_claimed(
+    ctx: Any, day: date, doc: dict[str, Any], generation: int, event_id: str | None
+) -> dict[str, Any]:
+    """Count, start the operation and record it. ``doc`` is our claimed marker."""
+    try:
+        paths_uri = _prepare(ctx, day, doc)
+    except BaseException:
+        # Counting failed (QIDO, ledger or Storage down): end our lease now so that the
+        # platform's retry of this event takes the date over at once.
+        doc["leaseUntil"] = doc["claimedAt"]
+        with contextlib.suppress(gexc.GoogleAPIError, TransientError):
+            _update(ctx, day, doc, generation)
+        raise
+    if paths_uri == EMPTY:
+        doc.update(state=EMPTY)
+        doc["note"] = "no instances settled since the last complete export; nothing exported"
+        _update(ctx, day, doc, generation)
+        logger.info(
+            "incremental export: nothing settled",
+            extra=log.fields(date=day.isoformat(), since=doc.get("since"), eventId=event_id),
+        )
+        return _summary(doc, EMPTY)
+    mime_type = doc["mimeType"]
+    if int(doc["attempt"]) > 1:
+        _supersede_manifest(ctx, doc)
+    body = export_request(doc["destination"], mime_type, paths_uri)
+    try:
+        operation = _start_operation(ctx, body)
+    except (HttpError, TransientError) as exc:
+        cause = exc.__cause__ if isinstance(exc, TransientError) else exc
+        status = _http_status(cause) if cause is not None else None
+        doc.update(state=FAILED, error=f"export call failed: HTTP {status or '?'}")
+        logger.error(
+            "export call failed",
+            extra=log.fields(date=day.isoformat(), status=status, eventId=event_id),
+        )
+        new_gen = _update(ctx, day, doc, generation)
+        if new_gen is not None:
+            _finish(ctx, day, doc, new_gen, None)
+        return _summary(doc, FAILED)
+    doc.update(state=RUNNING, operation=operation, startedAt=iso(ctx.clock()))
+    if _update(ctx, day, doc, generation) is None:
+        logger.warning(
+            "export marker changed while starting; another attempt took over",
+            extra=log.fields(date=day.isoformat(), operation=operation, eventId=event_id),
+        )
+    logger.info(
+        "export started",
+        extra=log.fields(
+            date=day.isoformat(),
+            operation=operation,
+            mode=doc["mode"],
+            mimeType=mime_type,
+            expected=doc["expected"],
+            eventId=event_id,
+        ),
+    )
+    return _summary(doc, "started")
+
+
+# --- settle (called by report's tick) ---------------------------------------------------------
+
+
+def list_markers(ctx: Any) -> list[date]:
+    """Dates that have an export marker."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    days: list[date] = []
+    for blob in ctx.storage.list_blobs(bucket, prefix=EXPORTS_PREFIX):
+        name = blob.name[len(EXPORTS_PREFIX) :]
+        stem = name.removesuffix(".json")
+        if stem == name or "." in stem:
+            continue
+        with contextlib.suppress(ValueError):
+            days.append(date.fromisoformat(stem))
+    return sorted(days)
+
+
+def settle_exports(
+    ctx: Any, now: datetime, days: Iterable[date] | None = None
+) -> list[dict[str, Any]]:
+    """Finish every unfinished export whose operation is done; one summary per marker looked at.
+
+    Writes ``_MANIFEST.json``, publishes ``export_failed`` unless complete, and
+    resumes starts whose claimer crashed. Markers already final are skipped.
+    """
+    results: list[dict[str, Any]] = []
+    for day in list(days) if days is not None else list_markers(ctx):
+        found = read_marker(ctx, day)
+        if found is None:
+            continue
+        doc, generation = found
+        state = doc.get("state")
+        if state == STARTING and parse_time(doc["leaseUntil"]) <= now:
+            results.append(
+                start_export(
+                    ctx,
+                    day,
+                    mode=doc["mode"],
+                    mime_type=doc["mimeType"],
+                    tick=parse_time(doc["tickTime"]),
+                )
+            )
+        elif state == RUNNING:
+            operation = get_operation(ctx, doc["operation"])
+            if not operation.get("done"):
+                results.append(_summary(doc, "running"))
+                continue
+            results.append(_finish(ctx, day, doc, generation, operation))
+        elif state == FAILED and not doc.get("manifest"):
+            results.append(_finish(ctx, day, doc, generation, None))
+    return results
+
+
+def _finish(
+    ctx: Any,
+    day: date,
+    doc: dict[str, Any],
+    generation: int,
+    operation: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Write the manifest, alert unless complete, and make the marker final. Idempotent."""
+    settings: Settings = ctx.settings
+    folder = doc["folder"]
+    backups = ctx.storage.bucket(settings.backup_bucket)
+    names = [b.name for b in ctx.storage.list_blobs(backups, prefix=folder)]
+    manifest = build_manifest(doc, operation, found_counts(names, folder), ctx.clock())
+    manifest = _put_manifest(backups.blob(folder + MANIFEST_NAME), manifest)
+    manifest_uri = f"gs://{settings.backup_bucket}/{folder}{MANIFEST_NAME}"
+    if not manifest["complete"]:
+        alert = alerts.build_alert(
+            "export_failed",
+            f"{doc['store']}/exports/{doc['date']}/attempt-{doc['attempt']}",
+            "ERROR",
+            doc["store"],
+            {
+                "date": doc["date"],
+                "attempt": doc["attempt"],
+                "mode": doc["mode"],
+                "mimeType": doc["mimeType"],
+                "destination": doc["destination"],
+                "operation": doc.get("operation"),
+                "problems": manifest["problems"],
+                "expected": manifest["expected"],
+                "found": manifest["found"],
+                "manifest": manifest_uri,
+            },
+            ctx.clock(),
+        )
+        alerts.publish_once(ctx, alert)
+    doc.update(
+        state=COMPLETE if manifest["complete"] else FAILED,
+        manifest=manifest_uri,
+        found=manifest["found"],
+        problems=manifest["problems"],
+        finishedAt=manifest["writtenAt"],
+    )
+    if _update(ctx, day, doc, generation) is None:
+        found = read_marker(ctx, day)
+        if found is not None:
+            return _summary(found[0], str(found[0].get("state")))
+    logger.log(
+        logging.INFO if manifest["complete"] else logging.ERROR,
+        "export complete" if manifest["complete"] else "export failed",
+        extra=log.fields(
+            date=doc["date"],
+            operation=doc.get("operation"),
+            found=manifest["found"],
+            expected=manifest["expected"],
+            problems=manifest["problems"],
+        ),
+    )
+    return _summary(doc, str(doc["state"]))
+
+
+def _put_manifest(blob: storage.Blob, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest once per attempt; a repeat keeps what the first writer wrote."""
+    while True:
+        existing = _read_json(blob)
+        if existing is None:
+            try:
+                _write_json(blob, manifest, 0)
+                return manifest
+            except gexc.PreconditionFailed:
+                continue
+        old, generation = existing
+        if old.get("attempt") == manifest["attempt"] and old.get("state") == "finished":
+            return old
+        try:
+            _write_json(blob, manifest, generation)
+            return manifest
+        except gexc.PreconditionFailed:
+            continue

@@ -1,0 +1,322 @@
+"""Export planning: dated folders, the date of a (retried) tick, counts and manifests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from cloudevents.http import CloudEvent
+
+from dicomflow import export
+from dicomflow.config import ConfigError, Settings, load_settings
+from dicomflow.errors import PermanentError
+
+STORE = "projects/p/locations/l/datasets/d/dicomStores/s"
+
+
+def _settings(**env: str) -> Settings:
+    base = {
+        "DICOMFLOW_DICOM_STORE": STORE,
+        "DICOMFLOW_LANDING_BUCKET": "landing",
+        "DICOMFLOW_STAGING_BUCKET": "staging",
+        "DICOMFLOW_BACKUP_BUCKET": "backups-bucket",
+        "DICOMFLOW_ALERTS_TOPIC": "projects/p/topics/alerts",
+    }
+    base.update(env)
+    return load_settings(base)
+
+
+def _tick(publish: str | None, scheduled: str | None = None, ce_time: str | None = None) -> Any:
+    message: dict[str, Any] = {"data": "e30=", "messageId": "1"}
+    if publish:
+        message["publishTime"] = publish
+    if scheduled:
+        message["attributes"] = {"scheduledTime": scheduled}
+    attrs = {"type": "google.cloud.pubsub.topic.v1.messagePublished", "source": "//pubsub"}
+    if ce_time:
+        attrs["time"] = ce_time
+    return CloudEvent(attrs, {"subscription": "s", "message": message})
+
+
+# --- destination ---
+
+
+def test_default_folder_is_prefix_and_iso_date() -> None:
+    settings = _settings()
+    day = date(2026, 11, 25)
+    assert export.dated_folder(settings, day) == "backups/2026-11-25/"
+    assert export.destination_uri(settings, day) == "gs://backups-bucket/backups/2026-11-25/"
+    assert export.marker_name(day) == "state/exports/2026-11-25.json"
+
+
+@pytest.mark.parametrize(
+    ("layout", "prefix", "expected"),
+    [
+        ("%Y/%m/%d", "backups", "gs://backups-bucket/backups/2026/03/07/"),
+        ("%Y%m%d", "nightly/dicom", "gs://backups-bucket/nightly/dicom/20260307/"),
+        ("year=%Y/month=%m/day=%d", "b", "gs://backups-bucket/b/year=2026/month=03/day=07/"),
+    ],
+)
+def test_configurable_layout(layout: str, prefix: str, expected: str) -> None:
+    settings = _settings(DICOMFLOW_EXPORT_DATE_LAYOUT=layout, DICOMFLOW_BACKUP_PREFIX=prefix)
+    assert export.destination_uri(settings, date(2026, 3, 7)) == expected
+    # The marker keys on the ISO date whatever the layout.
+    assert export.marker_name(date(2026, 3, 7)) == "state/exports/2026-03-07.json"
+
+
+def test_layout_without_day_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="DICOMFLOW_EXPORT_DATE_LAYOUT"):
+        _settings(DICOMFLOW_EXPORT_DATE_LAYOUT="%Y-%m")
+
+
+# --- the date of a tick ---
+
+
+def test_tick_date_comes_from_publish_time_in_utc() -> None:
+    event = _tick("2026-11-25T02:00:00.123456789Z")
+    assert export.tick_time(event) == datetime(2026, 11, 25, 2, 0, 0, 123456, tzinfo=UTC)
+    assert export.export_day(export.tick_time(event)) == date(2026, 11, 25)
+
+
+def test_scheduled_time_attribute_wins_over_publish_time() -> None:
+    event = _tick("2026-11-25T00:00:03Z", scheduled="2026-11-24T23:59:59Z")
+    assert export.export_day(export.tick_time(event)) == date(2026, 11, 24)
+
+
+def test_a_retry_delivered_after_midnight_lands_on_the_ticks_date() -> None:
+    # The tick was published at 23:59:30 UTC; the platform redelivers the same
+    # message 40 minutes later (after midnight). The wall clock plays no part.
+    event = _tick("2026-11-25T23:59:30Z", ce_time="2026-11-25T23:59:30Z")
+    retried_at = datetime(2026, 11, 26, 0, 40, tzinfo=UTC)
+    day = export.export_day(export.tick_time(event))
+    assert day == date(2026, 11, 25) != retried_at.date()
+    assert export.destination_uri(_settings(), day).endswith("/backups/2026-11-25/")
+
+
+def test_offsets_are_converted_to_utc() -> None:
+    event = _tick("2026-11-25T23:30:00-05:00")
+    assert export.export_day(export.tick_time(event)) == date(2026, 11, 26)
+    local = datetime(2026, 11, 25, 23, 30, tzinfo=timezone(timedelta(hours=-5)))
+    assert export.export_day(local) == date(2026, 11, 26)
+
+
+def test_cloudevent_time_is_the_last_fallback_and_no_time_is_permanent() -> None:
+    assert export.tick_time(_tick(None, ce_time="2026-01-02T03:04:05Z")).day == 2
+    with pytest.raises(PermanentError, match="publishTime"):
+        export.tick_time({"data": {"message": {}}})
+    with pytest.raises(ValueError, match="timezone-aware"):
+        export.export_day(datetime(2026, 1, 1))
+
+
+def test_parse_day() -> None:
+    assert export.parse_day("2026-02-28") == date(2026, 2, 28)
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        export.parse_day("28/02/2026")
+
+
+# --- modes and formats ---
+
+
+def test_modes() -> None:
+    assert export.check_mode("incremental") == "incremental"
+    with pytest.raises(ValueError, match="valid: full, incremental"):
+        export.check_mode("differential")
+
+
+@pytest.mark.parametrize(
+    ("mime", "image"),
+    [
+        ("application/dicom", False),
+        ("application/dicom; transfer-syntax=*", False),
+        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.1", False),
+        ("image/png", True),
+        ("image/jpeg", True),
+        ("application/octet-stream", True),
+    ],
+)
+def test_image_mime_types(mime: str, image: bool) -> None:
+    assert export.is_image_mime(mime) is image
+
+
+@pytest.mark.parametrize("bad", ["image/gif", "application/dicom; transfer-syntax=9.9"])
+def test_bad_mime_type_fails_start_up_listing_valid_ones(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _settings(DICOMFLOW_EXPORT_MIME_TYPE=bad)
+    assert "DICOMFLOW_EXPORT_MIME_TYPE" in str(info.value)
+    assert "valid:" in str(info.value)
+
+
+def test_export_request_body() -> None:
+    body = export.export_request("gs://b/backups/2026-11-25/", "image/png", None)
+    assert body == {
+        "gcsDestination": {"uriPrefix": "gs://b/backups/2026-11-25", "mimeType": "image/png"}
+    }
+    body = export.export_request("gs://b/x/", "application/dicom", "gs://s/p.txt")
+    assert body["filterConfig"] == {"resourcePathsGcsUri": "gs://s/p.txt"}
+
+
+# --- counts ---
+
+
+def _qido(sop: str, rows: int | None = None, frames: int | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"00080018": {"vr": "UI", "Value": [sop]}}
+    if rows is not None:
+        item["00280010"] = {"vr": "US", "Value": [rows]}
+    if frames is not None:
+        item["00280008"] = {"vr": "IS", "Value": [frames]}
+    return item
+
+
+def test_expected_counts_dicom_is_one_object_per_instance() -> None:
+    items = [_qido("1", 10, 5), _qido("2"), _qido("3", 4)]
+    assert export.expected_counts(items, "application/dicom; transfer-syntax=*") == export.Counts(
+        3, 3
+    )
+
+
+def test_expected_counts_images_are_per_frame_and_skip_instances_without_pixels() -> None:
+    items = [_qido("1", 10, 5), _qido("2"), _qido("3", 4), _qido("4", 4, 1)]
+    assert export.expected_counts(items, "image/png") == export.Counts(3, 5 + 1 + 1)
+
+
+def test_expected_counts_images_when_server_ignores_includefield() -> None:
+    assert export.expected_counts([_qido("1"), _qido("2")], "image/jpeg") == export.Counts(2, 2)
+
+
+def test_found_counts_group_frames_into_instances_and_skip_the_manifest() -> None:
+    folder = "backups/2026-11-25/"
+    names = [
+        folder + "1.2/1.2.3/1.2.3.4.dcm",
+        folder + "1.2/1.2.3/1.2.3.5.dcm",
+        folder + "1.2/1.2.3/1.2.3.6/1.png",
+        folder + "1.2/1.2.3/1.2.3.6/2.png",
+        folder + "1.2/1.2.3/1.2.3.7",  # octet-stream: no extension
+        folder + "_MANIFEST.json",
+        "backups/2026-11-250/9/9/9.dcm",  # another folder sharing the text prefix
+    ]
+    assert export.found_counts(names, folder) == export.Counts(instances=4, objects=5)
+
+
+def test_instance_key_keeps_dots_of_uids() -> None:
+    assert export.instance_key("1.2/1.2.3/1.2.3.4.dcm") == "1.2/1.2.3/1.2.3.4"
+    assert export.instance_key("1.2/1.2.3/1.2.3.4") == "1.2/1.2.3/1.2.3.4"
+    assert export.instance_key("1.2/1.2.3/1.2.3.4/7.jpg") == "1.2/1.2.3/1.2.3.4"
+    assert export.instance_key("stray.txt") is None
+
+
+# --- manifest ---
+
+NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+
+
+def _marker(mode: str = "full", instances: int = 3, objects: int = 3) -> dict[str, Any]:
+    return {
+        "date": "2026-11-25",
+        "attempt": 1,
+        "store": STORE,
+        "mode": mode,
+        "mimeType": "application/dicom; transfer-syntax=*",
+        "destination": "gs://b/backups/2026-11-25/",
+        "tickTime": "2026-11-25T02:00:00Z",
+        "operation": "projects/p/locations/l/datasets/d/operations/9",
+        "expected": {"instances": instances, "objects": objects},
+    }
+
+
+def _operation(error: bool = False, failure: str = "0") -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "name": "projects/p/locations/l/datasets/d/operations/9",
+        "done": True,
+        "metadata": {
+            "createTime": "2026-11-25T02:00:01Z",
+            "endTime": "2026-11-25T02:03:00Z",
+            "counter": {"success": "3", "failure": failure},
+        },
+    }
+    if error:
+        op["error"] = {"code": 13, "message": "internal"}
+    else:
+        op["response"] = {}
+    return op
+
+
+def test_manifest_complete_when_everything_matches() -> None:
+    manifest = export.build_manifest(_marker(), _operation(), export.Counts(3, 3), NOW)
+    assert manifest["complete"] is True and manifest["problems"] == []
+    assert manifest["dicomStore"] == STORE and manifest["mode"] == "full"
+    assert manifest["mimeType"] == "application/dicom; transfer-syntax=*"
+    assert manifest["operation"] == {
+        "name": "projects/p/locations/l/datasets/d/operations/9",
+        "done": True,
+        "createTime": "2026-11-25T02:00:01Z",
+        "endTime": "2026-11-25T02:03:00Z",
+        "counter": {"success": 3, "failure": 0},
+        "error": None,
+    }
+    assert manifest["expected"] == {"instances": 3, "objects": 3}
+    assert manifest["found"] == {"instances": 3, "objects": 3}
+    assert manifest["writtenAt"] == "2026-11-25T03:00:00Z"
+
+
+def test_full_export_may_find_more_than_counted_at_start() -> None:
+    assert export.build_manifest(_marker(), _operation(), export.Counts(4, 4), NOW)["complete"]
+
+
+def test_incremental_must_match_exactly() -> None:
+    manifest = export.build_manifest(_marker("incremental"), _operation(), export.Counts(4, 4), NOW)
+    assert manifest["complete"] is False
+    assert "expected 3 instances, found 4" in manifest["problems"]
+
+
+@pytest.mark.parametrize(
+    ("operation", "found", "problem"),
+    [
+        (_operation(error=True), export.Counts(3, 3), "operation failed: code 13"),
+        (_operation(failure="1"), export.Counts(3, 3), "operation counted 1 failures"),
+        (_operation(), export.Counts(2, 2), "expected 3 instances, found 2"),
+        (None, export.Counts(3, 3), "no export operation"),
+    ],
+)
+def test_partial_or_failed_backup_is_never_complete(
+    operation: dict[str, Any] | None, found: export.Counts, problem: str
+) -> None:
+    manifest = export.build_manifest(_marker(), operation, found, NOW)
+    assert manifest["complete"] is False
+    assert problem in manifest["problems"]
+
+
+# --- incremental selection ---
+
+
+@dataclass
+class _Uids:
+    study: str
+    series: str
+    sop: str
+
+
+@dataclass
+class _Entry:
+    status: str
+    uids: _Uids | None
+    times: dict[str, str] = field(default_factory=dict)
+
+
+def test_settled_paths_window_and_statuses() -> None:
+    since = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+    until = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
+    entries = [
+        _Entry("imported", _Uids("1", "1.1", "a"), {"imported": "2026-11-24T12:00:00Z"}),
+        _Entry("duplicate", _Uids("1", "1.1", "b"), {"duplicate": "2026-11-25T01:59:59Z"}),
+        _Entry("imported", _Uids("1", "1.1", "a"), {"imported": "2026-11-24T13:00:00Z"}),
+        _Entry("imported", _Uids("1", "1.1", "old"), {"imported": "2026-11-24T02:00:00Z"}),
+        _Entry("imported", _Uids("1", "1.1", "late"), {"imported": "2026-11-25T02:00:01Z"}),
+        _Entry("staged", _Uids("1", "1.1", "s"), {"staged": "2026-11-24T12:00:00Z"}),
+        _Entry("failed", _Uids("1", "1.1", "f"), {"failed": "2026-11-24T12:00:00Z"}),
+        _Entry("imported", None, {"imported": "2026-11-24T12:00:00Z"}),
+    ]
+    assert export.settled_paths(entries, since, until) == [("1", "1.1", "a"), ("1", "1.1", "b")]
+    assert len(export.settled_paths(entries, None, until)) == 3
+    assert export.resource_path("1", "1.1", "a") == "/studies/1/series/1.1/instances/a"
