@@ -1,0 +1,617 @@
+"""Offline consistency checks of infra/*.tf against the code (no terraform, no network).
+
+Each ``check_*`` function takes parsed Terraform (the merged output of python-hcl2) and returns a
+list of problems. The real configuration must give none; a synthetic bad configuration, parsed
+from HCL text in the same way, must give the problem it plants.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+from dicomflow.config import SETTINGS_DOC
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+
+REQUIRED = {name for name, default, _ in SETTINGS_DOC if default == "required"}
+ENDPOINTS = {"DICOMFLOW_HEALTHCARE_ENDPOINT", "DICOMFLOW_PUBSUB_ENDPOINT", "STORAGE_EMULATOR_HOST"}
+KNOWN = {name for name, _, _ in SETTINGS_DOC}
+FUNCTIONS = {"ingest", "report", "export"}
+PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
+SHIPPED = {"main.py", "requirements.txt", "dicomflow"}
+NEVER_SHIPPED = ("tests", "localcloud", "bench", "infra")
+
+Config = dict[str, Any]
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> Any:
+    """python-hcl2 keeps the quotes of literals and adds __is_block__ keys; drop both."""
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def _comments(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "__comments__":
+                yield from (c["value"] for c in item)
+            else:
+                yield from _comments(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _comments(item)
+
+
+def parse(texts: list[str]) -> Config:
+    """Merge several .tf texts into {"resource": {type: {name: body}}, "variable": ..., ...}."""
+    merged: Config = {
+        "resource": {},
+        "data": {},
+        "variable": {},
+        "locals": {},
+        "output": {},
+        "comments": [],
+    }
+    for text in texts:
+        raw = hcl2.loads(text)
+        merged["comments"].extend(_comments(raw))
+        doc = _clean(raw)
+        for kind in ("resource", "data"):
+            for block in doc.get(kind, []):
+                for rtype, named in block.items():
+                    merged[kind].setdefault(rtype, {}).update(named)
+        for kind in ("variable", "output"):
+            for block in doc.get(kind, []):
+                merged[kind].update(block)
+        for block in doc.get("locals", []):
+            merged["locals"].update(block)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    return parse([p.read_text() for p in sorted(INFRA.glob("*.tf"))])
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def _blocks(body: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    found = body.get(name, [])
+    return found if isinstance(found, list) else [found]
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def check_env(cfg: Config) -> list[str]:
+    """Env names set on the functions exist in SETTINGS_DOC, and each function gets the required."""
+    problems = []
+    fixed = cfg["locals"].get("function_env_fixed", {})
+    for name in sorted(set(fixed) - KNOWN):
+        problems.append(
+            f"{name} is set on the functions but not in dicomflow/config.py SETTINGS_DOC"
+        )
+    for name in sorted(set(fixed) & ENDPOINTS):
+        problems.append(f"{name} is an emulator endpoint and must stay unset on Google Cloud")
+    for name in sorted(REQUIRED - set(fixed)):
+        problems.append(f"required setting {name} is not set on the functions")
+    if cfg["locals"].get("function_env") != "${merge(var.settings, local.function_env_fixed)}":
+        problems.append("local.function_env must be merge(var.settings, local.function_env_fixed)")
+
+    # The tuning allow-list in var.settings names only optional, non-endpoint settings, and together
+    # with the fixed names covers every setting, so a new setting in config.py shows up here.
+    settings_var = cfg["variable"].get("settings", {})
+    allowed = set()
+    for validation in _blocks(settings_var, "validation"):
+        allowed |= set(re.findall(r"\b(DICOMFLOW_[A-Z0-9_]+)\b", str(validation.get("condition"))))
+    for name in sorted(allowed - KNOWN):
+        problems.append(f"var.settings allows {name}, which SETTINGS_DOC does not have")
+    for name in sorted(allowed & (REQUIRED | ENDPOINTS | set(fixed))):
+        problems.append(f"var.settings allows {name}, which the module sets or must leave unset")
+    for name in sorted(KNOWN - ENDPOINTS - set(fixed) - allowed):
+        problems.append(f"setting {name} can be neither set by the module nor through var.settings")
+
+    functions = cfg["resource"].get("google_cloudfunctions2_function", {})
+    if not functions:
+        problems.append("no google_cloudfunctions2_function")
+    for rname, body in functions.items():
+        for service in _blocks(body, "service_config"):
+            if service.get("environment_variables") != "${local.function_env}":
+                problems.append(f"function {rname} does not get local.function_env")
+    return problems
+
+
+def check_functions(cfg: Config, entry_points: set[str]) -> list[str]:
+    """The function table matches main.py, and each function runs as its own service account."""
+    problems = []
+    table = set(cfg["locals"].get("functions", {}))
+    if table != entry_points:
+        problems.append(
+            f"local.functions {sorted(table)} != main.py entry points {sorted(entry_points)}"
+        )
+    accounts = cfg["resource"].get("google_service_account", {})
+    functions = cfg["resource"].get("google_cloudfunctions2_function", {})
+    for rname, body in functions.items():
+        if body.get("for_each") != "${local.functions}":
+            problems.append(f"function {rname} is not one per entry of local.functions")
+        if _blocks(body, "build_config")[0].get("entry_point") != "${each.key}":
+            problems.append(f"function {rname} entry_point is not its key in local.functions")
+        per_function = f"${{google_service_account.{rname}[each.key].email}}"
+        sa_body = accounts.get(rname, {})
+        if sa_body.get("for_each") != "${local.functions}":
+            problems.append(
+                f"function {rname}: google_service_account.{rname} is not one per function"
+            )
+        for service in _blocks(body, "service_config"):
+            if service.get("service_account_email") != per_function:
+                problems.append(f"function {rname} does not run as its own service account")
+        for dynamic in _blocks(body, "dynamic"):
+            for trigger in _blocks(dynamic.get("event_trigger", {}), "content"):
+                if trigger.get("service_account_email") != per_function:
+                    problems.append(f"a trigger of function {rname} uses another service account")
+    for rname, body in cfg["resource"].get("google_eventarc_trigger", {}).items():
+        match = re.search(
+            r'google_service_account\.\w+\["(\w+)"\]', str(body.get("service_account"))
+        )
+        target = str(
+            _blocks(_blocks(body, "destination")[0], "cloud_run_service")[0].get("service")
+        )
+        if not match or f'["{match.group(1)}"]' not in target:
+            problems.append(f"eventarc trigger {rname} does not use its function's service account")
+    return problems
+
+
+def check_archive(cfg: Config) -> list[str]:
+    """The source archive holds main.py, requirements.txt and dicomflow/ only."""
+    problems = []
+    archives = cfg["data"].get("archive_file", {})
+    if not archives:
+        return ["no archive_file data source"]
+    for rname, body in archives.items():
+        if "source_dir" in body:
+            problems.append(f"archive {rname} uses source_dir; list the shipped files instead")
+        sources = list(_blocks(body, "source"))
+        for dynamic in _blocks(body, "dynamic"):
+            sources += _blocks(dynamic.get("source", {}), "content")
+        names = {str(s.get("filename")).split("/")[0] for s in sources}
+        contents = " ".join(str(s.get("content")) for s in sources)
+        for name in sorted(names - SHIPPED):
+            problems.append(f"archive {rname} ships {name}")
+        for name in sorted(SHIPPED - names):
+            problems.append(f"archive {rname} lacks {name}")
+        roots = {str(v) for k, v in cfg["locals"].items() if k in ("repo_root", "package_root")}
+        for part in NEVER_SHIPPED:
+            if re.search(rf"/{part}\b", contents + " ".join(roots)):
+                problems.append(f"archive {rname} reads from {part}/")
+    return problems
+
+
+def check_variables(cfg: Config) -> list[str]:
+    """Every variable has a type and a non-empty description."""
+    problems = []
+    for name, body in cfg["variable"].items():
+        if not body.get("type"):
+            problems.append(f"variable {name} has no type")
+        if not str(body.get("description", "")).strip():
+            problems.append(f"variable {name} has no description")
+    return problems
+
+
+def _project_roles(cfg: Config) -> list[str]:
+    roles = []
+    for body in cfg["resource"].get("google_project_iam_member", {}).values():
+        roles.append(str(body.get("role")))
+    for body in cfg["resource"].get("google_project_iam_binding", {}).values():
+        roles.append(str(body.get("role")))
+    for spec in cfg["locals"].get("functions", {}).values():
+        roles += [str(r) for r in spec.get("project_roles", [])]
+    return roles
+
+
+def check_roles(cfg: Config) -> list[str]:
+    """No primitive roles anywhere; no storage roles or permissions at project level."""
+    problems = []
+    everything = [cfg["resource"], cfg["data"], cfg["locals"]]
+    for text in _strings(everything):
+        for role in PRIMITIVE_ROLES:
+            if re.search(rf"{re.escape(role)}\b", text):
+                problems.append(f"primitive role {role} is used")
+    if cfg["resource"].get("google_project_iam_policy"):
+        problems.append("google_project_iam_policy replaces the whole project policy")
+    for role in _project_roles(cfg):
+        if role.startswith("roles/storage.") or role in PRIMITIVE_ROLES:
+            problems.append(f"project-level grant of {role}")
+    for rname, body in cfg["resource"].get("google_project_iam_custom_role", {}).items():
+        permissions = [p for p in _strings(body.get("permissions")) if "${" not in p]
+        if any(p.startswith("storage.") for p in permissions):
+            problems.append(f"custom role {rname} carries storage permissions")
+    for fn, spec in cfg["locals"].get("functions", {}).items():
+        for perm in spec.get("store_permissions", []) + spec.get("dataset_permissions", []):
+            if not str(perm).startswith("healthcare."):
+                problems.append(f"{fn}: Healthcare custom role holds non-Healthcare {perm}")
+    return problems
+
+
+def check_buckets(cfg: Config) -> list[str]:
+    """Safe defaults on every bucket; backups survive destroy; staging never loses live objects."""
+    problems = []
+    buckets = cfg["resource"].get("google_storage_bucket", {})
+    for name in ("landing", "staging", "backups"):
+        if name not in buckets:
+            problems.append(f"no {name} bucket")
+    for name, body in buckets.items():
+        if body.get("uniform_bucket_level_access") is not True:
+            problems.append(f"bucket {name} lacks uniform bucket-level access")
+        if body.get("public_access_prevention") != "enforced":
+            problems.append(f"bucket {name} does not enforce public access prevention")
+        if not any(v.get("enabled") is True for v in _blocks(body, "versioning")):
+            problems.append(f"bucket {name} is not versioned")
+    backups = buckets.get("backups", {})
+    if backups.get("force_destroy") is not False:
+        problems.append("backups bucket must set force_destroy = false")
+    if not any(lc.get("prevent_destroy") is True for lc in _blocks(backups, "lifecycle")):
+        problems.append("backups bucket must set prevent_destroy")
+    retention = [
+        r
+        for r in _blocks(backups, "lifecycle_rule")
+        if _blocks(r, "action")[0].get("type") == "Delete"
+        and "var.backup_retention_days" in str(_blocks(r, "condition")[0].get("age"))
+    ]
+    if not retention:
+        problems.append("backups bucket has no retention rule driven by var.backup_retention_days")
+    for name in ("landing", "staging"):
+        for rule in _blocks(buckets.get(name, {}), "lifecycle_rule"):
+            action = _blocks(rule, "action")[0].get("type")
+            condition = _blocks(rule, "condition")[0]
+            if action == "Delete" and condition.get("with_state") != "ARCHIVED":
+                problems.append(f"a lifecycle rule of {name} can delete live objects")
+            if action not in ("Delete", "AbortIncompleteMultipartUpload"):
+                problems.append(f"a lifecycle rule of {name} does {action}")
+    return problems
+
+
+def check_skips(cfg: Config) -> list[str]:
+    """Every checkov skip names a check and gives a reason."""
+    problems = []
+    for comment in cfg["comments"]:
+        if "checkov:skip" in comment and not re.search(
+            r"checkov:skip=CKV2?_[A-Z]+_\d+:\s*\S.{10,}", comment
+        ):
+            problems.append(f"checkov skip without a reason: {comment!r}")
+    return problems
+
+
+def check_readme(cfg: Config, readme: str) -> list[str]:
+    """infra/README.md has a row per function naming every role and permission it holds."""
+    problems = []
+    rows = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^\|\s*`?(\w+)`?\s*\|.*$", readme, flags=re.MULTILINE)
+    }
+    for fn, spec in cfg["locals"].get("functions", {}).items():
+        row = rows.get(fn)
+        if row is None:
+            problems.append(f"infra/README.md has no table row for {fn}")
+            continue
+        grants = list(_strings(spec.get("bucket_roles", {})))
+        grants += list(_strings(spec.get("topic_roles", {})))
+        grants += [str(p) for p in spec.get("store_permissions", [])]
+        grants += [str(p) for p in spec.get("dataset_permissions", [])]
+        grants += [str(r) for r in spec.get("project_roles", [])]
+        for grant in grants:
+            if grant not in row:
+                problems.append(f"infra/README.md row for {fn} does not mention {grant}")
+    return problems
+
+
+def main_entry_points() -> set[str]:
+    tree = ast.parse((ROOT / "main.py").read_text())
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and any("functions_framework" in ast.unparse(d) for d in node.decorator_list)
+    }
+
+
+def check_shipped_imports(files: dict[str, str]) -> list[str]:
+    """Shipped modules import nothing that the archive leaves out."""
+    problems = []
+    for path, text in files.items():
+        for node in ast.walk(ast.parse(text)):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] in NEVER_SHIPPED:
+                    problems.append(f"{path} imports {name}, which is not deployed")
+    return problems
+
+
+# --- the real configuration ------------------------------------------------------------------
+
+
+def test_env_matches_settings_doc(config: Config) -> None:
+    assert check_env(config) == []
+
+
+def test_each_function_has_its_own_service_account(config: Config) -> None:
+    assert check_functions(config, main_entry_points()) == []
+
+
+def test_archive_ships_only_the_runtime(config: Config) -> None:
+    assert check_archive(config) == []
+
+
+def test_shipped_code_imports_only_shipped_code() -> None:
+    files = {"main.py": (ROOT / "main.py").read_text()}
+    for path in sorted((ROOT / "dicomflow").rglob("*.py")):
+        files[str(path.relative_to(ROOT))] = path.read_text()
+    assert check_shipped_imports(files) == []
+
+
+def test_variables_are_typed_and_described(config: Config) -> None:
+    assert config["variable"]
+    assert check_variables(config) == []
+
+
+def test_no_primitive_or_project_level_storage_roles(config: Config) -> None:
+    assert check_roles(config) == []
+
+
+def test_buckets_are_safe(config: Config) -> None:
+    assert check_buckets(config) == []
+
+
+def test_checkov_skips_have_reasons(config: Config) -> None:
+    assert any("checkov:skip" in c for c in config["comments"])
+    assert check_skips(config) == []
+
+
+def test_readme_table_lists_every_grant(config: Config) -> None:
+    assert check_readme(config, (INFRA / "README.md").read_text()) == []
+
+
+def test_example_tfvars_only_sets_declared_variables(config: Config) -> None:
+    example = _clean(hcl2.loads((INFRA / "terraform.tfvars.example").read_text()))
+    assert set(example) <= set(config["variable"])
+    assert set(example.get("settings", {})) <= KNOWN - REQUIRED - ENDPOINTS
+
+
+# --- synthetic bad configurations: every check can fail ---------------------------------------
+
+GOOD_FUNCTION = """
+locals {
+  functions = { ingest = {}, report = {}, export = {} }
+  function_env_fixed = {
+    DICOMFLOW_DICOM_STORE    = "s"
+    DICOMFLOW_LANDING_BUCKET = "l"
+    DICOMFLOW_STAGING_BUCKET = "s"
+    DICOMFLOW_BACKUP_BUCKET  = "b"
+    DICOMFLOW_ALERTS_TOPIC   = "t"
+  }
+  function_env = merge(var.settings, local.function_env_fixed)
+}
+resource "google_service_account" "fn" {
+  for_each   = local.functions
+  account_id = each.key
+}
+resource "google_cloudfunctions2_function" "fn" {
+  for_each = local.functions
+  build_config {
+    entry_point = each.key
+  }
+  service_config {
+    service_account_email = google_service_account.fn[each.key].email
+    environment_variables = local.function_env
+  }
+}
+"""
+
+
+def _with(extra: str, base: str = GOOD_FUNCTION) -> Config:
+    return parse([base, extra])
+
+
+def test_check_env_flags_unknown_missing_and_endpoint_names() -> None:
+    bad = GOOD_FUNCTION.replace(
+        'DICOMFLOW_ALERTS_TOPIC   = "t"',
+        'DICOMFLOW_ALERT_TOPIC = "t"\n STORAGE_EMULATOR_HOST = "x"',
+    )
+    problems = check_env(parse([bad]))
+    assert any("DICOMFLOW_ALERT_TOPIC is set" in p for p in problems)
+    assert any("required setting DICOMFLOW_ALERTS_TOPIC" in p for p in problems)
+    assert any("STORAGE_EMULATOR_HOST is an emulator endpoint" in p for p in problems)
+
+
+def test_check_env_flags_a_function_without_the_env() -> None:
+    bad = GOOD_FUNCTION.replace("environment_variables = local.function_env", "")
+    assert any("does not get local.function_env" in p for p in check_env(parse([bad])))
+
+
+def test_check_env_flags_a_bad_settings_allow_list() -> None:
+    cfg = _with(
+        """
+variable "settings" {
+  type        = map(string)
+  description = "d"
+  validation {
+    condition = alltrue([for n in keys(var.settings) : contains([
+      "DICOMFLOW_NO_SUCH",
+      "DICOMFLOW_DICOM_STORE",
+    ], n)])
+    error_message = "e"
+  }
+}
+"""
+    )
+    problems = check_env(cfg)
+    assert any("allows DICOMFLOW_NO_SUCH" in p for p in problems)
+    assert any("allows DICOMFLOW_DICOM_STORE" in p for p in problems)
+    assert any("DICOMFLOW_BATCH_MAX_FILES can be neither" in p for p in problems)
+
+
+def test_check_functions_flags_a_shared_service_account() -> None:
+    bad = GOOD_FUNCTION.replace(
+        "google_service_account.fn[each.key].email", "google_service_account.shared.email"
+    )
+    problems = check_functions(parse([bad]), FUNCTIONS)
+    assert any("does not run as its own service account" in p for p in problems)
+    assert any("local.functions" in p for p in check_functions(parse([bad]), {"ingest"}))
+
+
+def test_check_archive_flags_source_dir_and_test_files() -> None:
+    cfg = parse(
+        [
+            """
+data "archive_file" "src" {
+  type        = "zip"
+  source_dir  = "${path.module}/.."
+  output_path = "x.zip"
+  source {
+    filename = "tests/conftest.py"
+    content  = file("${path.module}/../tests/conftest.py")
+  }
+}
+"""
+        ]
+    )
+    problems = check_archive(cfg)
+    assert any("source_dir" in p for p in problems)
+    assert any("ships tests" in p for p in problems)
+    assert any("reads from tests/" in p for p in problems)
+    assert any("lacks main.py" in p for p in problems)
+
+
+def test_check_shipped_imports_flags_localcloud() -> None:
+    problems = check_shipped_imports({"dicomflow/x.py": "from localcloud.storage import s\n"})
+    assert problems == ["dicomflow/x.py imports localcloud.storage, which is not deployed"]
+
+
+def test_check_variables_flags_untyped_and_undescribed() -> None:
+    cfg = parse(['variable "a" {\n  description = "d"\n}\nvariable "b" {\n  type = string\n}\n'])
+    assert check_variables(cfg) == ["variable a has no type", "variable b has no description"]
+
+
+def test_check_roles_flags_primitive_and_project_storage_roles() -> None:
+    cfg = parse(
+        [
+            """
+resource "google_project_iam_member" "a" {
+  project = "p"
+  role    = "roles/storage.objectAdmin"
+  member  = "serviceAccount:x"
+}
+resource "google_storage_bucket_iam_member" "b" {
+  bucket = "b"
+  role   = "roles/editor"
+  member = "serviceAccount:x"
+}
+resource "google_project_iam_custom_role" "c" {
+  role_id     = "c"
+  title       = "c"
+  permissions = ["storage.objects.delete"]
+}
+"""
+        ]
+    )
+    problems = check_roles(cfg)
+    assert "project-level grant of roles/storage.objectAdmin" in problems
+    assert "primitive role roles/editor is used" in problems
+    assert "custom role c carries storage permissions" in problems
+
+
+def test_check_buckets_flags_unsafe_buckets() -> None:
+    cfg = parse(
+        [
+            """
+resource "google_storage_bucket" "landing" {
+  name = "l"
+}
+resource "google_storage_bucket" "staging" {
+  name                        = "s"
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  versioning {
+    enabled = true
+  }
+  lifecycle_rule {
+    condition {
+      age = 7
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+resource "google_storage_bucket" "backups" {
+  name          = "b"
+  force_destroy = true
+}
+"""
+        ]
+    )
+    problems = check_buckets(cfg)
+    assert "bucket landing lacks uniform bucket-level access" in problems
+    assert "bucket landing does not enforce public access prevention" in problems
+    assert "bucket landing is not versioned" in problems
+    assert "a lifecycle rule of staging can delete live objects" in problems
+    assert "backups bucket must set force_destroy = false" in problems
+    assert "backups bucket must set prevent_destroy" in problems
+    assert any("retention rule" in p for p in problems)
+
+
+def test_check_skips_flags_a_skip_without_reason() -> None:
+    cfg = parse(
+        ['resource "google_pubsub_topic" "t" {\n  #checkov:skip=CKV_GCP_83\n  name = "t"\n}\n']
+    )
+    assert len(check_skips(cfg)) == 1
+
+
+def test_check_readme_flags_a_missing_grant() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  functions = {
+    ingest = {
+      bucket_roles      = { landing = ["roles/storage.objectViewer"] }
+      store_permissions = ["healthcare.dicomStores.import"]
+    }
+  }
+}
+"""
+        ]
+    )
+    readme = "| ingest | landing: `roles/storage.objectViewer` |\n"
+    assert check_readme(cfg, readme) == [
+        "infra/README.md row for ingest does not mention healthcare.dicomStores.import"
+    ]
+    assert check_readme(cfg, "") == ["infra/README.md has no table row for ingest"]
