@@ -1,0 +1,77 @@
+"""Cloud Storage access for import and export, through google-cloud-storage.
+
+With an endpoint (fake-gcs-server) the client is anonymous; without one it is
+the real service with Application Default Credentials. Each thread gets its own
+client, since the library does not promise that one is safe to share.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from localcloud.healthcare.status import ApiError
+
+
+def split_gcs_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/path`` -> (bucket, path).
+
+    Raises:
+        ApiError: INVALID_ARGUMENT when the URI is not gs://BUCKET[/PATH].
+    """
+    if not uri.startswith("gs://") or not uri[5:].split("/", 1)[0]:
+        raise ApiError(
+            "INVALID_ARGUMENT", f"invalid Cloud Storage URI {uri!r}: expected gs://BUCKET/PATH"
+        )
+    bucket, _, path = uri[5:].partition("/")
+    return bucket, path
+
+
+class StorageAccess:
+    """Per-thread storage clients for one endpoint."""
+
+    def __init__(self, endpoint: str | None) -> None:
+        self.endpoint = endpoint
+        self._local = threading.local()
+
+    def client(self) -> storage.Client:
+        found: storage.Client | None = getattr(self._local, "client", None)
+        if found is None:
+            if self.endpoint:
+                found = storage.Client(
+                    project="localcloud",
+                    credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+                    client_options={"api_endpoint": self.endpoint},
+                )
+            else:
+                found = storage.Client()
+            self._local.client = found
+        return found
+
+    def list_names(self, bucket: str, prefix: str) -> list[str]:
+        """Every object name under ``prefix``.
+
+        Raises:
+            ApiError: NOT_FOUND when the bucket does not exist.
+        """
+        try:
+            return [b.name for b in self.client().list_blobs(bucket, prefix=prefix)]
+        except gexc.NotFound:
+            raise ApiError("NOT_FOUND", f"Cloud Storage bucket {bucket} not found") from None
+
+    def download(self, bucket: str, name: str) -> bytes:
+        data: bytes = self.client().bucket(bucket).blob(name).download_as_bytes()
+        return data
+
+    def upload(self, bucket: str, name: str, data: bytes, content_type: str) -> None:
+        self.client().bucket(bucket).blob(name).upload_from_string(data, content_type=content_type)
+
+    def require_bucket(self, bucket: str) -> None:
+        """Raises ApiError NOT_FOUND when ``bucket`` does not exist."""
+        try:
+            self.client().get_bucket(bucket)
+        except gexc.NotFound:
+            raise ApiError("NOT_FOUND", f"Cloud Storage bucket {bucket} not found") from None

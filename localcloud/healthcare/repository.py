@@ -1,0 +1,318 @@
+"""Persistence: a SQLite index plus content-addressed blob files under the data directory.
+
+Layout: ``DATA_DIR/index.sqlite3`` and ``DATA_DIR/blobs/ab/<sha256>``. Resource
+bodies are kept as JSON. One connection is shared under a lock; the emulator's
+write load is batch inserts, which a single writer handles best.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localcloud.healthcare.instances import ParsedInstance
+from localcloud.healthcare.status import ApiError, not_found
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (name TEXT PRIMARY KEY, seq INTEGER, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dicom_stores (
+    name TEXT PRIMARY KEY, dataset TEXT NOT NULL, seq INTEGER, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS operations (
+    name TEXT PRIMARY KEY, dataset TEXT NOT NULL, seq INTEGER, done INTEGER, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS operation_logs (operation TEXT NOT NULL, entry TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS operation_logs_by_op ON operation_logs (operation);
+CREATE TABLE IF NOT EXISTS instances (
+    store TEXT NOT NULL, sop TEXT NOT NULL, study TEXT NOT NULL, series TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, syntax TEXT NOT NULL, seq INTEGER,
+    attributes TEXT NOT NULL, PRIMARY KEY (store, sop));
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (store, study, series);
+"""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One row of the instance index."""
+
+    store: str
+    sop: str
+    study: str
+    series: str
+    sha256: str
+    size: int
+    syntax: str
+    attributes: dict[str, Any]
+
+
+class Repository:
+    """All persistent state of the emulator."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.blob_dir = data_dir / "blobs"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            data_dir / "index.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._seq = self._max_seq()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _max_seq(self) -> int:
+        highest = 0
+        for table in ("datasets", "dicom_stores", "operations", "instances"):
+            row = self._db.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {table}").fetchone()
+            highest = max(highest, int(row[0]))
+        return highest
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # Datasets and DICOM stores share one shape: a name, a parent and a JSON body.
+
+    def create_dataset(self, name: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO datasets VALUES (?, ?, ?)",
+                    (name, self._next_seq(), json.dumps(body)),
+                )
+            except sqlite3.IntegrityError:
+                raise ApiError("ALREADY_EXISTS", f"dataset {name} already exists") from None
+
+    def get_dataset(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM datasets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise not_found(f"dataset {name}")
+        body: dict[str, Any] = json.loads(row[0])
+        return body
+
+    def list_datasets(self, parent: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM datasets WHERE name LIKE ? ESCAPE '\\' ORDER BY seq",
+                (_like_prefix(parent + "/datasets/"),),
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def delete_dataset(self, name: str) -> None:
+        self.get_dataset(name)
+        stores = [s["name"] for s in self.list_stores(name)]
+        for store in stores:
+            self.delete_store(store)
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM datasets WHERE name = ?", (name,))
+            ops = [
+                r[0]
+                for r in self._db.execute("SELECT name FROM operations WHERE dataset = ?", (name,))
+            ]
+            self._db.executemany(
+                "DELETE FROM operation_logs WHERE operation = ?", [(o,) for o in ops]
+            )
+            self._db.execute("DELETE FROM operations WHERE dataset = ?", (name,))
+
+    def create_store(self, name: str, dataset: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO dicom_stores VALUES (?, ?, ?, ?)",
+                    (name, dataset, self._next_seq(), json.dumps(body)),
+                )
+            except sqlite3.IntegrityError:
+                raise ApiError("ALREADY_EXISTS", f"DICOM store {name} already exists") from None
+
+    def get_store(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body FROM dicom_stores WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            raise not_found(f"DICOM store {name}")
+        body: dict[str, Any] = json.loads(row[0])
+        return body
+
+    def update_store(self, name: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE dicom_stores SET body = ? WHERE name = ?", (json.dumps(body), name)
+            )
+
+    def list_stores(self, dataset: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM dicom_stores WHERE dataset = ? ORDER BY seq", (dataset,)
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def delete_store(self, name: str) -> None:
+        self.get_store(name)
+        with self._lock:
+            hashes = self._delete_instances("store = ?", (name,))
+            self._db.execute("DELETE FROM dicom_stores WHERE name = ?", (name,))
+        self._drop_unreferenced(hashes)
+
+    # Operations: the body is the Operation JSON; running ones are also held in memory.
+
+    def save_operation(self, name: str, dataset: str, body: dict[str, Any], done: bool) -> None:
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM operations WHERE name = ?", (name,)).fetchone()
+            seq = int(row[0]) if row else self._next_seq()
+            self._db.execute(
+                "INSERT OR REPLACE INTO operations VALUES (?, ?, ?, ?, ?)",
+                (name, dataset, seq, int(done), json.dumps(body)),
+            )
+
+    def get_operation(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM operations WHERE name = ?", (name,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def list_operations(self, dataset: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM operations WHERE dataset = ? ORDER BY seq", (dataset,)
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def unfinished_operations(self) -> list[tuple[str, str, dict[str, Any]]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, dataset, body FROM operations WHERE done = 0"
+            ).fetchall()
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def add_logs(self, operation: str, entries: Sequence[dict[str, Any]]) -> None:
+        if not entries:
+            return
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO operation_logs VALUES (?, ?)",
+                [(operation, json.dumps(e)) for e in entries],
+            )
+
+    def get_logs(self, operation: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry FROM operation_logs WHERE operation = ? ORDER BY rowid", (operation,)
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    # Instances and their blobs.
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blob_dir / sha256[:2] / sha256
+
+    def write_blob(self, sha256: str, data: bytes) -> None:
+        """Write the bytes once; a blob with this hash already holds the same bytes."""
+        path = self.blob_path(sha256)
+        if path.exists():
+            return
+        path.parent.mkdir(exist_ok=True)
+        partial = path.with_suffix(f".{threading.get_ident()}.part")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+
+    def read_blob(self, sha256: str) -> bytes:
+        return self.blob_path(sha256).read_bytes()
+
+    def find_instance(self, store: str, sop: str) -> StoredInstance | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM instances WHERE store = ? AND sop = ?", (store, sop)
+            ).fetchone()
+        return None if row is None else _instance(row)
+
+    def add_instances(self, store: str, rows: Iterable[tuple[ParsedInstance, str, int]]) -> None:
+        """Index new instances in one transaction: (parsed, sha256, size) each."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        store,
+                        p.sop_uid,
+                        p.study_uid,
+                        p.series_uid,
+                        sha,
+                        size,
+                        p.transfer_syntax,
+                        self._next_seq(),
+                        json.dumps(p.attributes),
+                    )
+                    for p, sha, size in rows
+                ],
+            )
+
+    def query_instances(
+        self,
+        store: str,
+        study: str | None = None,
+        series: str | None = None,
+        sop: str | None = None,
+    ) -> list[StoredInstance]:
+        clauses, args = ["store = ?"], [store]
+        for column, value in (("study", study), ("series", series), ("sop", sop)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM instances WHERE {' AND '.join(clauses)} ORDER BY seq", args
+            ).fetchall()
+        return [_instance(r) for r in rows]
+
+    def delete_instances(
+        self, store: str, study: str, series: str | None = None, sop: str | None = None
+    ) -> int:
+        """Delete matching instances; returns how many went."""
+        clauses, args = ["store = ?", "study = ?"], [store, study]
+        for column, value in (("series", series), ("sop", sop)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        with self._lock:
+            hashes = self._delete_instances(" AND ".join(clauses), tuple(args))
+        self._drop_unreferenced(hashes)
+        return len(hashes)
+
+    def _delete_instances(self, where: str, args: tuple[str, ...]) -> list[str]:
+        hashes = [
+            r[0] for r in self._db.execute(f"SELECT sha256 FROM instances WHERE {where}", args)
+        ]
+        self._db.execute(f"DELETE FROM instances WHERE {where}", args)
+        return hashes
+
+    def _drop_unreferenced(self, hashes: Iterable[str]) -> None:
+        for sha in set(hashes):
+            with self._lock:
+                used = self._db.execute(
+                    "SELECT 1 FROM instances WHERE sha256 = ? LIMIT 1", (sha,)
+                ).fetchone()
+            if used is None:
+                self.blob_path(sha).unlink(missing_ok=True)
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def _instance(row: Sequence[Any]) -> StoredInstance:
+    store, sop, study, series, sha, size, syntax, _seq, attributes = row
+    return StoredInstance(store, sop, study, series, sha, int(size), syntax, json.loads(attributes))
