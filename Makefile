@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint unit demo up down status bench clean
+.PHONY: setup test lint infra-check unit demo up down status bench clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,25 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint infra-check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# checkov has its own venv: its dependencies clash with the pins above. It runs offline
+# (no API key, no policy download, no update check).
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+
+$(CHECKOV_STAMP):
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+	@touch $@
+
+infra-check: $(CHECKOV_STAMP)
+	@if command -v terraform >/dev/null 2>&1; then terraform fmt -check -recursive infra; \
+	  else echo "terraform not installed: skipping terraform fmt -check"; fi
+	env -u BC_API_KEY BC_SKIP_MAPPING=TRUE CKV_SKIP_PACKAGE_UPDATE_CHECK=true \
+	  $(CHECKOV_VENV)/bin/checkov --directory infra --framework terraform --skip-download --compact --quiet
 
 demo: $(STAMP)
 	$(PY) -m localcloud demo
@@ -43,4 +60,4 @@ bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .localcloud .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .localcloud .pytest_cache .mypy_cache .ruff_cache
