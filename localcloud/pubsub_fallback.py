@@ -88,6 +88,7 @@ _STATUS = {
     HTTPStatus.NOT_FOUND: "NOT_FOUND",
     HTTPStatus.CONFLICT: "ALREADY_EXISTS",
     HTTPStatus.METHOD_NOT_ALLOWED: "UNIMPLEMENTED",
+    HTTPStatus.INTERNAL_SERVER_ERROR: "INTERNAL",
 }
 
 
@@ -536,6 +537,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = HTTPStatus.OK, self._route(method, raw)
         except ApiError as exc:
             status, body = exc.status, exc.body()
+        except Exception as exc:  # a bug here must answer 500, not drop the connection
+            error = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+            status, body = error.status, error.body()
         payload = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=UTF-8")

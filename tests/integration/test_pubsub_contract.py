@@ -62,17 +62,22 @@ def pubsub_server(request: pytest.FixtureRequest) -> Iterator[PubSubServer]:
     server.stop()
 
 
-@pytest.fixture
-def service(pubsub_server: PubSubServer) -> Iterator[Any]:
-    """A Pub/Sub v1 client aimed at the server under test."""
-    client = build(
+def client_for(url: str) -> Any:
+    """A Pub/Sub v1 client for ``url``; httplib2 is not thread-safe, so one per thread."""
+    return build(
         "pubsub",
         "v1",
         static_discovery=True,
         cache_discovery=False,
-        client_options={"api_endpoint": pubsub_server.url + "/"},
+        client_options={"api_endpoint": url + "/"},
         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
     )
+
+
+@pytest.fixture
+def service(pubsub_server: PubSubServer) -> Iterator[Any]:
+    """A Pub/Sub v1 client aimed at the server under test."""
+    client = client_for(pubsub_server.url)
     yield client
     client.close()
 
@@ -354,6 +359,62 @@ def test_messages_reach_only_subscriptions_that_existed_at_publish(service: Any)
     assert [m["message"]["messageId"] for m in got] == [after]
 
 
+def test_a_waiting_pull_returns_when_a_message_arrives(
+    service: Any, pubsub_server: PubSubServer
+) -> None:
+    topic = make_topic(service)
+    sub = make_sub(service, topic)
+    result: dict[str, Any] = {}
+
+    def wait_pull() -> None:
+        client = client_for(pubsub_server.url)
+        try:
+            body = {"maxMessages": 5, "returnImmediately": False}
+            result.update(
+                client.projects().subscriptions().pull(subscription=sub, body=body).execute()
+            )
+        finally:
+            client.close()
+
+    waiter = threading.Thread(target=wait_pull)
+    waiter.start()
+    time.sleep(0.5)  # let the pull start waiting before anything is published
+    assert waiter.is_alive(), "a pull that need not return immediately returned at once"
+    (message_id,) = publish(service, topic, {"data": b64(b"wake up")})
+    waiter.join(timeout=8)
+    assert not waiter.is_alive(), "the waiting pull did not return after a publish"
+    assert [m["message"]["messageId"] for m in result["receivedMessages"]] == [message_id]
+
+
+def test_concurrent_publishers_lose_nothing(service: Any, pubsub_server: PubSubServer) -> None:
+    topic = make_topic(service)
+    sub = make_sub(service, topic)
+    published: list[str] = []
+    lock = threading.Lock()
+
+    def publisher(worker: int) -> None:
+        client = client_for(pubsub_server.url)
+        try:
+            for n in range(20):
+                ids = publish(client, topic, {"data": b64(f"{worker}-{n}".encode())})
+                with lock:
+                    published.extend(ids)
+        finally:
+            client.close()
+
+    workers = [threading.Thread(target=publisher, args=(w,)) for w in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert len(set(published)) == 120
+    got = pull_until(service, sub, 120, timeout=15)
+    assert sorted(m["message"]["messageId"] for m in got) == sorted(published)
+    payloads = {base64.b64decode(m["message"]["data"]).decode() for m in got}
+    assert payloads == {f"{w}-{n}" for w in range(6) for n in range(20)}
+    ack(service, sub, *(m["ackId"] for m in got))
+
+
 # -- push delivery -------------------------------------------------------------
 
 
@@ -487,14 +548,7 @@ def test_module_prints_ready_and_stops_on_sigterm(kind: str) -> None:
 
 def test_fallback_keeps_its_state_across_a_restart(tmp_path: Path) -> None:
     server = start_pubsub(kind="fallback", data_dir=tmp_path)
-    client = build(
-        "pubsub",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": server.url + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-    )
+    client = client_for(server.url)
     try:
         topic = make_topic(client)
         sub = make_sub(client, topic)
@@ -504,14 +558,7 @@ def test_fallback_keeps_its_state_across_a_restart(tmp_path: Path) -> None:
         client.close()
         server.stop()
     server = start_pubsub(kind="fallback", data_dir=tmp_path)
-    client = build(
-        "pubsub",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": server.url + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-    )
+    client = client_for(server.url)
     try:
         assert error_of(client.projects().topics().create(name=topic, body={}))[0] == 409
         (again,) = pull_until(client, sub, 1, timeout=5)
