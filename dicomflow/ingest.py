@@ -1,0 +1,343 @@
+"""The ingest function: finalize events stage files into batches; the minute tick imports them.
+
+Finalize (one object generation), each step safe to repeat after a crash::
+
+    filter -> read ledger entry -> (none) header check -> choose batch, reserve tickets
+           -> claim: create ledger/<key>.json {status: claimed, batch | quarantine}
+           -> copy into batches/<batch>/<key>.dcm -> post-copy seal check -> status staged
+    header check failed -> claim with the quarantine path -> copy to quarantine/<window>/<key>.dcm
+           -> reason record quarantine/<window>/<key>.json -> status quarantined
+
+A delivery that finds an entry resumes at the step the entry shows. Tick:
+seal due batches (and finish half-done seals), then run the import queue.
+The object layouts are described in ``dicomflow.ledger`` and ``dicomflow.batches``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from cloudevents.http import CloudEvent
+from google.api_core import exceptions as api_exceptions
+from google.cloud import storage
+
+from dicomflow import batches, header, ledger, log, retry
+from dicomflow.config import QUARANTINE_PREFIX
+from dicomflow.errors import PermanentError, TransientError
+from dicomflow.events import (
+    FINALIZED,
+    MESSAGE_PUBLISHED,
+    StorageObject,
+    is_too_old,
+    parse_time,
+    skip_reason,
+)
+from dicomflow.ledger import Entry
+from dicomflow.runtime import Context
+
+logger = logging.getLogger(__name__)
+
+# Re-staging more often than this for one file means something is badly wrong; let the
+# platform retry later rather than loop.
+_MAX_RESTAGES = 8
+
+
+def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
+    """Route a finalize event or a tick; see the module docstring."""
+    kind = cloud_event["type"]
+    event_id = cloud_event["id"]
+    if kind == FINALIZED:
+        obj = StorageObject.from_data(cloud_event.data)
+        return ingest_object(ctx, obj, event_id, parse_time(cloud_event.get("time")))
+    if kind == MESSAGE_PUBLISHED:
+        return tick(ctx, event_id)
+    logger.info("ignored event type", extra=log.fields(eventId=event_id, eventType=kind))
+    return {"status": "ignored", "reason": "event-type"}
+
+
+def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
+    """Seal due batches, finish half-done seals, poll imports and start queued ones."""
+    now = ctx.clock()
+    sealed = batches.seal_due(ctx, now)
+    queue = batches.run_queue(ctx, now)
+    result = {
+        "status": "tick",
+        "sealed": sealed,
+        "started": queue.started,
+        "finished": queue.finished,
+        "running": queue.running,
+        "queued": queue.queued,
+        "throttled": queue.throttled,
+    }
+    logger.info(
+        "tick",
+        extra=log.fields(
+            eventId=event_id,
+            sealed=len(sealed),
+            started=len(queue.started),
+            finished=len(queue.finished),
+            running=queue.running,
+            queued=queue.queued,
+            throttled=queue.throttled,
+        ),
+    )
+    return result
+
+
+def ingest_object(
+    ctx: Context, obj: StorageObject, event_id: str, event_time: datetime | None
+) -> dict[str, Any]:
+    """Take one object generation through filter, check, claim and staging (or quarantine)."""
+    settings = ctx.settings
+    uri = f"gs://{obj.bucket}/{obj.name}#{obj.generation}"
+    skipped = skip_reason(settings, obj)
+    if skipped:
+        logger.info("skipped", extra=log.fields(eventId=event_id, object=uri, reason=skipped))
+        return {"status": "skipped", "reason": skipped}
+
+    key = ledger.ledger_key(obj.bucket, obj.name, obj.generation)
+    staging = ctx.storage.bucket(settings.staging_bucket)
+    found = ledger.read(staging, key)
+    if found is None:
+        found = _claim(ctx, obj, key, event_id, event_time)
+    entry, generation = found
+    result = _resume(ctx, entry, generation)
+    result["key"] = key
+    level = (
+        logging.WARNING
+        if result["status"] in (ledger.QUARANTINED, ledger.DROPPED)
+        else (logging.INFO)
+    )
+    logger.log(
+        level,
+        result["status"],
+        extra=log.fields(
+            eventId=event_id,
+            object=uri,
+            key=key,
+            batch=result.get("batch"),
+            reason=result.get("reason"),
+        ),
+    )
+    return result
+
+
+def _claim(
+    ctx: Context, obj: StorageObject, key: str, event_id: str, event_time: datetime | None
+) -> tuple[Entry, int]:
+    """Decide the object's path (drop, quarantine or a batch) and create the entry.
+
+    When another delivery created the entry first, that entry wins and is returned.
+    """
+    settings = ctx.settings
+    now = ctx.clock()
+    entry = Entry(key=key, source=obj.source(), eventId=event_id)
+    if event_time is not None:
+        entry.mark("event", event_time)
+    if is_too_old(event_time, now, settings.max_event_age_seconds):
+        entry.status, entry.reason = ledger.DROPPED, "event-too-old"
+        entry.mark("dropped", now)
+    else:
+        try:
+            entry.uids = header.check(_range_reader(ctx, obj), obj.size)
+        except header.Rejected as rejected:
+            entry.reason = str(rejected)
+            window = batches.window_id(now, settings.batch_window_seconds)
+            entry.quarantine = f"{QUARANTINE_PREFIX}{window}/{key}.dcm"
+        except api_exceptions.NotFound:
+            entry.status, entry.reason = ledger.DROPPED, "source-missing"
+            entry.mark("dropped", now)
+        else:
+            weight = batches.ticket_weight(
+                obj.size, settings.batch_max_files, settings.batch_max_bytes
+            )
+            entry.batch = batches.choose(ctx, now, weight)
+    entry.mark("claimed", now)
+    staging = ctx.storage.bucket(settings.staging_bucket)
+    generation = ledger.create(staging, entry)
+    if generation is None:
+        found = ledger.read(staging, key)
+        if found is None:  # created and deleted in between: only an operator does that
+            raise TransientError(f"ledger entry {key} vanished during the claim")
+        return found
+    return entry, generation
+
+
+def _resume(ctx: Context, entry: Entry, generation: int) -> dict[str, Any]:
+    """Finish whatever step ``entry`` stopped at."""
+    if entry.status in ledger.INGEST_DONE:
+        return {
+            "status": entry.status,
+            "reason": entry.reason,
+            "batch": entry.batch,
+            "repeat": True,
+        }
+    if entry.quarantine:
+        return _quarantine(ctx, entry)
+    if entry.batch:
+        return _stage(ctx, entry)
+    # A claim without a decision is not written by this version; treat it as a fresh start.
+    raise PermanentError(f"ledger entry {entry.key} has no batch and no quarantine path")
+
+
+# ---- staging -------------------------------------------------------------------------------
+
+
+def _source_blob(ctx: Context, entry: Entry) -> storage.Blob:
+    bucket = ctx.storage.bucket(entry.source.bucket)
+    return bucket.blob(entry.source.name, generation=int(entry.source.generation))
+
+
+def _range_reader(ctx: Context, obj: StorageObject) -> header.RangeReader:
+    blob = ctx.storage.bucket(obj.bucket).blob(obj.name, generation=int(obj.generation))
+
+    def read(start: int, end: int) -> bytes:
+        data: bytes = retry.call(
+            lambda: blob.download_as_bytes(start=start, end=end, checksum=None)
+        )
+        return data
+
+    return read
+
+
+def copy_object(ctx: Context, source: storage.Blob, target_name: str) -> None:
+    """Server-side copy of ``source`` (generation pinned) into the staging bucket."""
+    target = ctx.storage.bucket(ctx.settings.staging_bucket).blob(target_name)
+
+    def rewrite() -> None:
+        token, _, _ = target.rewrite(source)
+        while token is not None:
+            token, _, _ = target.rewrite(source, token=token)
+
+    retry.call(rewrite)
+
+
+def _stage(ctx: Context, entry: Entry) -> dict[str, Any]:
+    settings = ctx.settings
+    staging = ctx.storage.bucket(settings.staging_bucket)
+    key = entry.key
+    batch = entry.batch
+    assert batch is not None
+    for _ in range(_MAX_RESTAGES):
+        name = batches.staged_name(batch, key)
+        if not batches.exists(staging, batches.seal_name(batch)):
+            try:
+                copy_object(ctx, _source_blob(ctx, entry), name)
+            except api_exceptions.NotFound:
+                if not batches.exists(staging, name):
+                    return _drop(ctx, entry, "source-missing")
+            # Post-copy check: no seal now means the sealer's listing will include the copy.
+            if not batches.exists(staging, batches.seal_name(batch)):
+                return _mark_staged(ctx, key, batch)
+        files = batches.wait_file_list(staging, batch)
+        if key in files.keys:
+            return _mark_staged(ctx, key, batch)
+        # Landed after the seal: re-stage into an open batch so the file is not lost.
+        weight = batches.ticket_weight(
+            entry.source.size, settings.batch_max_files, settings.batch_max_bytes
+        )
+        new_batch = batches.choose(ctx, ctx.clock(), weight)
+        late = batch
+
+        def move(e: Entry, late: str = late, new_batch: str = new_batch) -> bool:
+            if e.status != ledger.CLAIMED or e.batch != late:
+                return False
+            e.batch = new_batch
+            e.restaged += 1
+            e.mark("restaged", ctx.clock())
+            return True
+
+        entry, _ = ledger.modify(staging, key, move)
+        batches.delete(staging, batches.staged_name(late, key))
+        logger.info("re-staged late file", extra=log.fields(key=key, batch=entry.batch, late=late))
+        if entry.status != ledger.CLAIMED:
+            return _resume(ctx, entry, 0)
+        assert entry.batch is not None
+        batch = entry.batch
+    raise TransientError(f"file {key} re-staged {_MAX_RESTAGES} times; retry later")
+
+
+def _mark_staged(ctx: Context, key: str, batch: str) -> dict[str, Any]:
+    staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+
+    def staged(e: Entry) -> bool:
+        if e.status != ledger.CLAIMED or e.batch != batch:
+            return False
+        e.status = ledger.STAGED
+        e.staged = batches.staged_name(batch, key)
+        e.mark("staged", ctx.clock())
+        return True
+
+    entry, _ = ledger.modify(staging, key, staged)
+    if entry.status == ledger.CLAIMED and entry.batch != batch:
+        # Another delivery moved the file meanwhile; follow it.
+        return _stage(ctx, entry)
+    return {"status": entry.status, "batch": entry.batch}
+
+
+def _drop(ctx: Context, entry: Entry, reason: str) -> dict[str, Any]:
+    staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+
+    def drop(e: Entry) -> bool:
+        if e.status != ledger.CLAIMED:
+            return False
+        e.status, e.reason = ledger.DROPPED, reason
+        e.mark("dropped", ctx.clock())
+        return True
+
+    entry, _ = ledger.modify(staging, entry.key, drop)
+    return {"status": entry.status, "reason": entry.reason}
+
+
+# ---- quarantine ----------------------------------------------------------------------------
+
+
+def quarantine_record_name(quarantine_object: str) -> str:
+    """The reason record beside a quarantine copy."""
+    return quarantine_object.removesuffix(".dcm") + ".json"
+
+
+def _quarantine(ctx: Context, entry: Entry) -> dict[str, Any]:
+    """Copy the file beside its reason into quarantine, then mark the entry quarantined."""
+    staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+    assert entry.quarantine is not None
+    try:
+        copy_object(ctx, _source_blob(ctx, entry), entry.quarantine)
+    except api_exceptions.NotFound:
+        if not batches.exists(staging, entry.quarantine):
+            return _drop(ctx, entry, "source-missing")
+    now = ctx.clock()
+    window = entry.quarantine[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
+    batches.create_json(
+        staging,
+        quarantine_record_name(entry.quarantine),
+        {
+            "schema": 1,
+            "key": entry.key,
+            "window": window,
+            "reason": entry.reason,
+            "object": entry.quarantine,
+            "ledger": ledger.entry_path(entry.key),
+            "source": {
+                "bucket": entry.source.bucket,
+                "name": entry.source.name,
+                "generation": entry.source.generation,
+                "size": entry.source.size,
+                "md5Hash": entry.source.md5Hash,
+                "crc32c": entry.source.crc32c,
+            },
+            "quarantinedAt": ledger.iso(now),
+        },
+    )
+
+    def done(e: Entry) -> bool:
+        if e.status != ledger.CLAIMED:
+            return False
+        e.status = ledger.QUARANTINED
+        e.mark("quarantined", now)
+        return True
+
+    entry, _ = ledger.modify(staging, entry.key, done)
+    return {"status": entry.status, "reason": entry.reason}

@@ -1,0 +1,306 @@
+"""Unit tests of ingest's pure logic: filter, event age, header check, batch names, retry rule."""
+
+from __future__ import annotations
+
+import glob
+import os
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import requests
+from google.api_core import exceptions as api_exceptions
+from googleapiclient.errors import HttpError
+from httplib2 import Response
+from pydicom.data import get_testdata_file
+
+from dicomflow import batches, header, retry
+from dicomflow.errors import PermanentError, TransientError
+from dicomflow.events import StorageObject, is_too_old, matches_globs, parse_time, skip_reason
+from dicomflow.ledger import Entry, Source, Uids, ledger_key
+from tests.ingest_support import PATIENT_NAME, make_instance, make_settings
+
+NOW = datetime(2026, 11, 25, 12, 53, 17, tzinfo=UTC)
+
+
+def obj(name: str, size: int = 10, bucket: str = "landing") -> StorageObject:
+    return StorageObject(bucket=bucket, name=name, generation="1", size=size)
+
+
+# ---- filter ----------------------------------------------------------------------------------
+
+
+def test_filter_default_glob_is_case_insensitive_dcm() -> None:
+    settings = make_settings("landing", "staging")
+    assert skip_reason(settings, obj("a/b/c.dcm")) is None
+    assert skip_reason(settings, obj("a/b/C.DCM")) is None
+    assert skip_reason(settings, obj("a/b/c.dcm.txt")) == "pattern"
+    assert skip_reason(settings, obj("a/b/")) == "folder"
+    assert skip_reason(settings, obj("a/b/c.dcm", size=0)) == "empty"
+
+
+def test_filter_globs_and_prefixes_are_configurable() -> None:
+    settings = make_settings(
+        "landing",
+        "staging",
+        DICOMFLOW_INCLUDE_GLOBS="IM*, *.dicom",
+        DICOMFLOW_INCLUDE_PREFIXES="incoming/,scanner2/",
+    )
+    assert skip_reason(settings, obj("incoming/x/IM0001")) is None
+    assert skip_reason(settings, obj("scanner2/x.DICOM")) is None
+    assert skip_reason(settings, obj("incoming/x.dcm")) == "pattern"
+    assert skip_reason(settings, obj("other/IM0001")) == "prefix"
+    assert matches_globs("a/b/im01", ("IM*",))
+    assert not matches_globs("a/b/xim01", ("IM*",))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["batches/x/k.dcm", "ledger/k.dcm", "quarantine/w/k.dcm", "manifests/a.dcm", "state/x.dcm"],
+)
+def test_filter_ignores_pipeline_prefixes_in_a_shared_bucket(name: str) -> None:
+    settings = make_settings("shared", "shared")
+    assert skip_reason(settings, obj(name, bucket="shared")) == "pipeline-object"
+    # The same names in another bucket are ordinary uploads.
+    assert skip_reason(settings, obj(name, bucket="elsewhere")) is None
+
+
+def test_filter_ignores_backup_prefix_in_backup_bucket() -> None:
+    settings = make_settings("landing", "staging", DICOMFLOW_BACKUP_BUCKET="landing")
+    assert skip_reason(settings, obj("backups/2026-11-25/a.dcm")) == "pipeline-object"
+
+
+def test_event_age() -> None:
+    assert parse_time("2026-11-25T12:00:00Z") == datetime(2026, 11, 25, 12, tzinfo=UTC)
+    assert parse_time("garbage") is None
+    assert parse_time(None) is None
+    assert is_too_old(NOW - timedelta(seconds=101), NOW, 100)
+    assert not is_too_old(NOW - timedelta(seconds=99), NOW, 100)
+    assert not is_too_old(None, NOW, 100)
+
+
+def test_storage_object_data_decoding() -> None:
+    decoded = StorageObject.from_data(
+        {"bucket": "b", "name": "n.dcm", "generation": "17", "size": "42", "md5Hash": "x"}
+    )
+    assert (decoded.generation, decoded.size, decoded.md5_hash) == ("17", 42, "x")
+    with pytest.raises(PermanentError, match="malformed"):
+        StorageObject.from_data({"bucket": "b", "name": "n"})
+    with pytest.raises(PermanentError):
+        StorageObject.from_data("nope")
+
+
+# ---- header check ---------------------------------------------------------------------------
+
+
+class CountingReader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, start: int, end: int) -> bytes:
+        assert 0 <= start <= end
+        self.calls.append((start, end))
+        return self.data[start : end + 1]
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(e - s + 1 for s, e in self.calls)
+
+
+def test_header_accepts_a_generated_instance_with_one_small_read() -> None:
+    data = make_instance(pixel_bytes=5 * 1024 * 1024)
+    reader = CountingReader(data)
+    uids = header.check(reader, len(data))
+    assert uids.transferSyntax == "1.2.840.10008.1.2.1"
+    assert reader.calls == [(0, header.INITIAL_BYTES - 1)]
+
+
+def test_header_grows_the_range_only_when_needed() -> None:
+    data = make_instance(private_blob=300 * 1024, pixel_bytes=20 * 1024 * 1024)
+    reader = CountingReader(data)
+    header.check(reader, len(data))
+    assert len(reader.calls) == 3  # 64 KiB, 256 KiB, 1 MiB
+    assert reader.read_bytes == 1024 * 1024
+    assert reader.read_bytes < len(data) / 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"omit": ("StudyInstanceUID",)}, "missing-uid"),
+        ({"omit": ("SeriesInstanceUID",)}, "missing-uid"),
+        ({"sop_class": None}, "missing-uid"),
+        ({"overrides": {"StudyInstanceUID": "1.2.abc"}}, "invalid-uid"),
+        ({"overrides": {"SeriesInstanceUID": "1.02.3"}}, "invalid-uid"),
+    ],
+)
+def test_header_rejects_bad_identifiers(kwargs: dict[str, object], code: str) -> None:
+    data = make_instance(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(header.Rejected) as caught:
+        header.check(CountingReader(data), len(data))
+    assert caught.value.code == code
+    assert PATIENT_NAME not in str(caught.value)
+
+
+def test_header_rejects_non_dicom_and_tiny_and_truncated() -> None:
+    text = b"hello " * 100
+    with pytest.raises(header.Rejected, match="not-dicom"):
+        header.check(CountingReader(text), len(text))
+    with pytest.raises(header.Rejected, match="too small"):
+        header.check(CountingReader(b"DICM"), 4)
+    full = make_instance()
+    cut = full[:140]  # preamble, DICM and a few bytes of meta
+    with pytest.raises(header.Rejected):
+        header.check(CountingReader(cut), len(cut))
+
+
+def test_header_never_reads_a_large_non_dicom_file() -> None:
+    data = b"\0" * (50 * 1024 * 1024)
+    reader = CountingReader(data)
+    with pytest.raises(header.Rejected, match="not-dicom"):
+        header.check(reader, len(data))
+    assert reader.read_bytes == header.INITIAL_BYTES
+
+
+def test_header_read_cap_for_files_without_identifiers() -> None:
+    data = make_instance(private_blob=40 * 1024 * 1024, omit=("StudyInstanceUID",))
+    reader = CountingReader(data)
+    with pytest.raises(header.Rejected):
+        header.check(reader, len(data))
+    assert reader.read_bytes <= header.MAX_HEADER_BYTES
+
+
+def _corpus() -> list[str]:
+    root = os.path.dirname(get_testdata_file("CT_small.dcm"))
+    return sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.isfile(p))
+
+
+def test_header_on_the_pydicom_corpus() -> None:
+    accepted, rejected = 0, 0
+    for path in _corpus():
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            uids = header.check(CountingReader(data), len(data), initial=512)
+        except header.Rejected as exc:
+            rejected += 1
+            assert exc.code in {
+                "not-dicom",
+                "truncated",
+                "unreadable",
+                "missing-uid",
+                "invalid-uid",
+                "no-transfer-syntax",
+                "no-file-meta",
+            }
+        else:
+            accepted += 1
+            assert uids.sop and uids.study and uids.series and uids.sopClass
+    assert accepted >= 40
+    assert rejected >= 10
+    # Known cases, read with the growing range from a 512-byte start.
+    ct = get_testdata_file("CT_small.dcm")
+    with open(ct, "rb") as f:
+        data = f.read()
+    assert header.check(CountingReader(data), len(data), initial=512).sop.startswith("1.3.6")
+    no_syntax = get_testdata_file("meta_missing_tsyntax.dcm")
+    with open(no_syntax, "rb") as f:
+        data = f.read()
+    with pytest.raises(header.Rejected, match="no-transfer-syntax"):
+        header.check(CountingReader(data), len(data))
+
+
+# ---- ledger and batch names -----------------------------------------------------------------
+
+
+def test_ledger_key_and_entry_round_trip() -> None:
+    key = ledger_key("b", "a/x.dcm", 5)
+    assert len(key) == 40 and key == ledger_key("b", "a/x.dcm", "5")
+    assert key != ledger_key("b", "a/x.dcm", 6)
+    entry = Entry(
+        key=key,
+        source=Source(bucket="b", name="a/x.dcm", generation="5", size=3),
+        uids=Uids("1.2", "1.3", "1.4", "1.5", "1.2.840.10008.1.2.1"),
+        batch="20261125T125300Z-000",
+    )
+    entry.mark("claimed", NOW)
+    again = Entry.from_json(entry.to_json())
+    assert again == entry
+    assert again.times["claimed"] == "2026-11-25T12:53:17Z"
+
+
+def test_batch_windows_and_ids() -> None:
+    assert batches.window_id(NOW, 60) == "20261125T125300Z"
+    assert batches.window_id(NOW, 300) == "20261125T125000Z"
+    bid = batches.batch_id("20261125T125300Z", 7)
+    assert bid == "20261125T125300Z-007"
+    assert batches.parse_batch_id(bid) == (datetime(2026, 11, 25, 12, 53, tzinfo=UTC), 7)
+    with pytest.raises(ValueError, match="invalid batch id"):
+        batches.parse_batch_id("../x")
+    assert not batches.is_due(bid, NOW + timedelta(seconds=40), 60, 10)
+    assert not batches.is_due(bid, datetime(2026, 11, 25, 12, 54, 9, tzinfo=UTC), 60, 10)
+    assert batches.is_due(bid, datetime(2026, 11, 25, 12, 54, 10, tzinfo=UTC), 60, 10)
+    assert batches.import_uri("stage", bid) == "gs://stage/batches/20261125T125300Z-007/**.dcm"
+
+
+def test_ticket_weight() -> None:
+    assert batches.ticket_weight(1, 100, 100 * 1024) == 1
+    assert batches.ticket_weight(1024, 100, 100 * 1024) == 1
+    assert batches.ticket_weight(1025, 100, 100 * 1024) == 2
+    assert batches.ticket_weight(10**12, 100, 100 * 1024) == 100
+    assert batches.ticket_weight(10**12, 5000, 1024) == batches.MAX_WEIGHT
+
+
+# ---- retry rule ------------------------------------------------------------------------------
+
+
+def _http_error(status: int) -> HttpError:
+    return HttpError(Response({"status": status}), b'{"error": {"message": "x"}}')
+
+
+def test_should_retry() -> None:
+    for transient in (
+        api_exceptions.TooManyRequests("x"),
+        api_exceptions.ServiceUnavailable("x"),
+        api_exceptions.InternalServerError("x"),
+        _http_error(429),
+        _http_error(503),
+        requests.ConnectionError(),
+        TimeoutError(),
+    ):
+        assert retry.should_retry(transient), transient
+    for permanent in (
+        api_exceptions.NotFound("x"),
+        api_exceptions.PreconditionFailed("x"),
+        api_exceptions.Forbidden("x"),
+        _http_error(400),
+        _http_error(404),
+        ValueError(),
+    ):
+        assert not retry.should_retry(permanent), permanent
+
+
+def test_call_retries_then_gives_up() -> None:
+    attempts: list[int] = []
+    sleeps: list[float] = []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise api_exceptions.ServiceUnavailable("busy")
+        return "ok"
+
+    assert retry.call(flaky, sleep=sleeps.append) == "ok"
+    assert len(attempts) == 3 and len(sleeps) == 2
+
+    def always() -> str:
+        raise api_exceptions.TooManyRequests("quota")
+
+    with pytest.raises(TransientError, match="gave up"):
+        retry.call(always, deadline=0.5, initial=0.1, sleep=lambda s: None)
+
+    def permanent() -> str:
+        raise api_exceptions.NotFound("gone")
+
+    with pytest.raises(api_exceptions.NotFound):
+        retry.call(permanent, sleep=sleeps.append)
