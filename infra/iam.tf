@@ -31,6 +31,14 @@ locals {
     ]) : g.key => g
   }
 
+  manifest_grants = {
+    for g in flatten([
+      for fn, spec in local.functions : [
+        for role in spec.manifest_roles : { fn = fn, role = role, key = "${fn}/${role}" }
+      ]
+    ]) : g.key => g
+  }
+
   topic_grants = {
     for g in flatten([
       for fn, spec in local.functions : [
@@ -62,6 +70,21 @@ resource "google_storage_bucket_iam_member" "fn" {
   bucket   = each.value.bucket
   role     = each.value.role
   member   = google_service_account.fn[each.value.fn].member
+}
+
+# Backup manifests only: an IAM condition limits these grants to PREFIX/**/_MANIFEST.json, so the
+# functions can write and replace manifests but never delete or overwrite exported data.
+resource "google_storage_bucket_iam_member" "fn_manifests" {
+  for_each = local.manifest_grants
+  bucket   = google_storage_bucket.backups.name
+  role     = each.value.role
+  member   = google_service_account.fn[each.value.fn].member
+
+  condition {
+    title       = "dicomflow-backup-manifests"
+    description = "Only the _MANIFEST.json objects of dated backup folders."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.backups.name}/objects/${var.backup_prefix}/\") && resource.name.endsWith(\"/_MANIFEST.json\")"
+  }
 }
 
 # --- Pub/Sub: topic-level grants only ---
@@ -151,10 +174,13 @@ resource "google_storage_bucket_iam_member" "healthcare_agent_staging" {
   depends_on = [google_healthcare_dataset.this]
 }
 
-# Export writes gs://BACKUPS/PREFIX/DATE/...; create only, so the pipeline can never delete a backup.
+# Export writes gs://BACKUPS/PREFIX/DATE/... and overwrites objects already there (a rerun of a
+# date, or the second export a crash between start and record can cause). The dicomStores.export
+# reference requires roles/storage.objectAdmin on the destination; object create alone fails on
+# those overwrites. Granted on the backups bucket only.
 resource "google_storage_bucket_iam_member" "healthcare_agent_backups" {
   bucket = google_storage_bucket.backups.name
-  role   = "roles/storage.objectCreator"
+  role   = "roles/storage.objectAdmin"
   member = local.healthcare_agent
 
   depends_on = [google_healthcare_dataset.this]

@@ -42,8 +42,13 @@ locals {
 
   # One entry per function: its trigger, its identity and every permission it holds.
   # iam.tf turns this table into bindings; infra/README.md shows it as a table.
-  # Roles on buckets and topics are granted on that bucket or topic only; Healthcare
-  # permissions are custom roles granted on the DICOM store or the dataset only.
+  # Roles on buckets and topics are granted on that bucket or topic only. manifest_roles are
+  # granted on the backups bucket with an IAM condition: objects PREFIX/.../_MANIFEST.json only,
+  # so nothing in the pipeline can delete or overwrite backup data. Healthcare permissions are
+  # custom roles granted on the DICOM store or the dataset only.
+  # Derived from the code: dicomflow/healthcare.py (import, operations.get), dicomflow/export.py
+  # (QIDO count, dicomStores.export, markers, _MANIFEST.json; report's settle_exports also resumes
+  # an export start whose claimer crashed, hence dicomStores.export on report).
   functions = {
     ingest = {
       description = "Storage finalize events on the landing bucket, and the minute tick: claim, check, stage, seal, import."
@@ -55,11 +60,11 @@ locals {
         landing = ["roles/storage.objectViewer"] # ranged header reads and the copy source
         staging = ["roles/storage.objectUser"]   # ledger, batches, quarantine, state: create, CAS update, delete
       }
+      manifest_roles = []
       topic_roles = {
         alerts = ["roles/pubsub.publisher"] # quarantine alerts
       }
       store_permissions = [
-        "healthcare.dicomStores.get",
         "healthcare.dicomStores.import",
       ]
       dataset_permissions = [
@@ -76,15 +81,16 @@ locals {
       memory      = "1Gi"
       max_inst    = 1
       bucket_roles = {
-        staging = ["roles/storage.objectUser"] # batch files, results, state; deletes checked staging copies
-        # Lists dated backup prefixes and creates _MANIFEST.json (create-if-absent, never an overwrite or delete).
-        backups = ["roles/storage.objectViewer", "roles/storage.objectCreator"]
+        staging = ["roles/storage.objectUser"]   # batch files, results, state; deletes checked staging copies
+        backups = ["roles/storage.objectViewer"] # lists a dated folder to count what an export wrote
       }
+      manifest_roles = ["roles/storage.objectUser"] # writes (and on a rerun, replaces) _MANIFEST.json
       topic_roles = {
         alerts = ["roles/pubsub.publisher"]
       }
       store_permissions = [
         "healthcare.dicomStores.dicomWebRead", # QIDO search and WADO retrieve to verify each file
+        "healthcare.dicomStores.export",       # resumes an export start whose claimer crashed
       ]
       dataset_permissions = [
         "healthcare.operations.get",
@@ -99,11 +105,12 @@ locals {
       memory      = "512Mi"
       max_inst    = 1
       bucket_roles = {
-        staging = ["roles/storage.objectUser"]    # per-date markers and the filter file
-        backups = ["roles/storage.objectCreator"] # markers in the backups bucket; never deletes
+        staging = ["roles/storage.objectUser"] # per-date markers, the ledger (incremental) and the filter file
       }
-      topic_roles = {}
+      manifest_roles = ["roles/storage.objectUser"] # a forced rerun marks the old manifest superseded
+      topic_roles    = {}
       store_permissions = [
+        "healthcare.dicomStores.dicomWebRead", # QIDO count of what the export should write
         "healthcare.dicomStores.export",
       ]
       dataset_permissions = []

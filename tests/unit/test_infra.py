@@ -26,6 +26,7 @@ ENDPOINTS = {"DICOMFLOW_HEALTHCARE_ENDPOINT", "DICOMFLOW_PUBSUB_ENDPOINT", "STOR
 KNOWN = {name for name, _, _ in SETTINGS_DOC}
 FUNCTIONS = {"ingest", "report", "export"}
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
+BACKUP_READ_ONLY = {"roles/storage.objectViewer"}
 SHIPPED = {"main.py", "requirements.txt", "dicomflow"}
 NEVER_SHIPPED = ("tests", "localcloud", "bench", "infra")
 
@@ -254,6 +255,17 @@ def check_roles(cfg: Config) -> list[str]:
         for perm in spec.get("store_permissions", []) + spec.get("dataset_permissions", []):
             if not str(perm).startswith("healthcare."):
                 problems.append(f"{fn}: Healthcare custom role holds non-Healthcare {perm}")
+        # Backup data is never deletable by a function; manifests go through a conditional grant.
+        for role in spec.get("bucket_roles", {}).get("backups", []):
+            if role not in BACKUP_READ_ONLY:
+                problems.append(f"{fn} holds {role} on all of the backups bucket")
+    for rname, body in cfg["resource"].get("google_storage_bucket_iam_member", {}).items():
+        if "manifest_grants" in str(body.get("for_each")):
+            conditions = _blocks(body, "condition")
+            expression = str(conditions[0].get("expression", "")) if conditions else ""
+            on_backups = "google_storage_bucket.backups" in str(body.get("bucket"))
+            if "_MANIFEST.json" not in expression or not on_backups:
+                problems.append(f"{rname} is not limited to the backup manifests")
     return problems
 
 
@@ -319,6 +331,7 @@ def check_readme(cfg: Config, readme: str) -> list[str]:
             problems.append(f"infra/README.md has no table row for {fn}")
             continue
         grants = list(_strings(spec.get("bucket_roles", {})))
+        grants += list(_strings(spec.get("manifest_roles", [])))
         grants += list(_strings(spec.get("topic_roles", {})))
         grants += [str(p) for p in spec.get("store_permissions", [])]
         grants += [str(p) for p in spec.get("dataset_permissions", [])]
@@ -539,10 +552,23 @@ resource "google_project_iam_custom_role" "c" {
   title       = "c"
   permissions = ["storage.objects.delete"]
 }
+resource "google_storage_bucket_iam_member" "m" {
+  for_each = local.manifest_grants
+  bucket   = google_storage_bucket.backups.name
+  role     = each.value.role
+  member   = "serviceAccount:x"
+}
+locals {
+  functions = {
+    report = { bucket_roles = { backups = ["roles/storage.objectUser"] } }
+  }
+}
 """
         ]
     )
     problems = check_roles(cfg)
+    assert "report holds roles/storage.objectUser on all of the backups bucket" in problems
+    assert "m is not limited to the backup manifests" in problems
     assert "project-level grant of roles/storage.objectAdmin" in problems
     assert "primitive role roles/editor is used" in problems
     assert "custom role c carries storage permissions" in problems
