@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from google.auth.credentials import AnonymousCredentials
+from googleapiclient.discovery import build
 
 from localcloud.healthcare import HealthcareServer, start_healthcare
 from localcloud.storage import StorageServer, start_storage
@@ -43,3 +46,29 @@ def healthcare_server(gcs_server: StorageServer) -> Iterator[HealthcareServer]:
     server = start_healthcare(storage_endpoint=gcs_server.url)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def healthcare_client() -> Iterator[Callable[..., Any]]:
+    """A factory of googleapiclient Healthcare clients: ``make(url, version="v1")``.
+
+    Offline: the bundled discovery document and anonymous credentials. Every
+    client is closed after the test, so no socket outlives it.
+    """
+    made: list[Any] = []
+
+    def make(url: str, version: str = "v1") -> Any:
+        api = build(
+            "healthcare",
+            version,
+            static_discovery=True,
+            cache_discovery=False,
+            client_options={"api_endpoint": url},
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        )
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.close()

@@ -12,7 +12,6 @@ per-file failure with the reason in the operation's log.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from localcloud.healthcare.gcs import StorageAccess, split_gcs_uri
@@ -33,7 +32,6 @@ _EXTENSIONS = {
     "image/jpeg": ".jpg",
     "image/png": ".png",
 }
-UPLOAD_THREADS = 4
 
 
 def parse_mime_type(value: str) -> tuple[str, str]:
@@ -166,8 +164,7 @@ def run_export(
         else:
             operation.count(success=1)
 
-    with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="export") as pool:
-        for _ in pool.map(export_one, instances):
-            pass
+    for _ in storage.pool.map(export_one, instances):
+        pass
     checkpoint(operation)
     return None

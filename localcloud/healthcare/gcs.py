@@ -1,13 +1,15 @@
 """Cloud Storage access for import and export, through google-cloud-storage.
 
 With an endpoint (fake-gcs-server) the client is anonymous; without one it is
-the real service with Application Default Credentials. Each thread gets its own
-client, since the library does not promise that one is safe to share.
+the real service with Application Default Credentials. Transfers run on one
+long-lived pool of worker threads, each with its own client (the library does
+not promise that one is safe to share); ``close()`` ends both.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
@@ -33,9 +35,20 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
 class StorageAccess:
     """Per-thread storage clients for one endpoint."""
 
-    def __init__(self, endpoint: str | None) -> None:
+    def __init__(self, endpoint: str | None, workers: int = 8) -> None:
         self.endpoint = endpoint
         self._local = threading.local()
+        self._clients: list[storage.Client] = []
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="gcs-transfer")
+
+    def close(self) -> None:
+        """Stop the worker threads and close every client's connections."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for found in clients:
+            found.close()
 
     def client(self) -> storage.Client:
         found: storage.Client | None = getattr(self._local, "client", None)
@@ -49,6 +62,8 @@ class StorageAccess:
             else:
                 found = storage.Client()
             self._local.client = found
+            with self._lock:
+                self._clients.append(found)
         return found
 
     def list_names(self, bucket: str, prefix: str) -> list[str]:

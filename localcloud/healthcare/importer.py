@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,6 @@ from localcloud.healthcare.status import ApiError
 from localcloud.healthcare.wildcards import parse_gcs_source
 
 CHUNK = 128
-FETCH_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -170,16 +168,15 @@ def run_import(
             return _Candidate(source, b"", "", None, InstanceRejected(f"cannot read: {exc}", 5))
         return examine(source, data)
 
-    with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="import-fetch") as pool:
-        for start in range(0, len(names), CHUNK):
-            if operation.cancelled.is_set():
-                break
-            candidates = list(pool.map(fetch, names[start : start + CHUNK]))
-            outcomes = writer.store(store, candidates)
-            for outcome in outcomes:
-                if not outcome.ok:
-                    operation.log_failure(outcome.source, outcome.code, outcome.message)
-            ok = sum(1 for o in outcomes if o.ok)
-            operation.count(success=ok, failure=len(outcomes) - ok)
-            checkpoint(operation)
+    for start in range(0, len(names), CHUNK):
+        if operation.cancelled.is_set():
+            break
+        candidates = list(storage.pool.map(fetch, names[start : start + CHUNK]))
+        outcomes = writer.store(store, candidates)
+        for outcome in outcomes:
+            if not outcome.ok:
+                operation.log_failure(outcome.source, outcome.code, outcome.message)
+        ok = sum(1 for o in outcomes if o.ok)
+        operation.count(success=ok, failure=len(outcomes) - ok)
+        checkpoint(operation)
     return None

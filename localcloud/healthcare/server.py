@@ -463,6 +463,7 @@ class HealthcareServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self.api.operations.stop()
+        self.api.storage.close()
         self.repository.close()
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
