@@ -54,8 +54,10 @@ def cmd_up(config: StackConfig, detach: bool) -> int:
         )
     if detach:
         return _up_detached(config)
+    from dicomflow import log
     from localcloud.stack import Stack
 
+    log.configure(stream=sys.stderr)
     stack = Stack(config)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ _lock = threading.Lock()
 
 def _record(function: str, event: CloudEvent) -> None:
     line = json.dumps(
-        {"function": function, "attributes": event.get_attributes(), "data": event.data}
+        {"function": function, "attributes": dict(event.get_attributes()), "data": event.data}
     )
     with _lock, open(os.environ["RECORDER_FILE"], "a") as out:
         out.write(line + "\n")
