@@ -152,7 +152,7 @@ def _is_truncated(dataset: Dataset, data_length: int) -> bool:
         value = pixel_data.value if isinstance(pixel_data, RawDataElement | DataElement) else None
         if isinstance(value, bytes):
             try:
-                expected = get_expected_length(dataset)
+                expected = int(get_expected_length(dataset))
             except (AttributeError, KeyError, TypeError, ValueError):
                 return False
             return len(value) < expected
