@@ -1,0 +1,170 @@
+"""The dataset's long-running operations, as the report tick sees them.
+
+``list_operations`` reads every page of ``operations.list`` for the store's
+dataset (with backoff) and keeps the DICOM imports and exports; server-side
+filtering is thin, so nothing is filtered on the server. ``OperationView`` is
+the pure, typed reading of one Operation resource.
+
+Settled operations. Once the report tick has dealt with a finished operation
+(its batch verified, its export settled, or, for an operation started outside
+dicomflow, its failure reported), it creates the empty marker
+``state/operations/<id>.json``. One listing of that prefix per tick tells which
+operations never need to be looked at again, so finished work is not re-read.
+
+Operation ids are unique within a dataset, and the store's dataset is fixed by
+the settings, so the id alone names the marker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from dicomflow import retry
+from dicomflow.batches import create_json
+from dicomflow.config import STATE_PREFIX
+from dicomflow.export import parse_time
+
+SETTLED_PREFIX = f"{STATE_PREFIX}operations/"
+PAGE_SIZE = 1000
+IMPORT = "import"
+EXPORT = "export"
+_METHODS = {"ImportDicomData": IMPORT, "ExportDicomData": EXPORT}
+# Cancelled: the caller asked for it, so it is not a failure to page anyone about.
+CANCELLED_CODE = 1
+_GS_URI = re.compile(r"gs://[^\s'\"),;]+")
+
+
+@dataclass(frozen=True)
+class OperationView:
+    """What the report needs from one Operation resource."""
+
+    name: str
+    kind: str
+    done: bool
+    created: datetime | None
+    ended: datetime | None
+    error_code: int | None
+    error_message: str
+    counter: dict[str, int]
+    cancel_requested: bool
+
+    @property
+    def op_id(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+    @property
+    def failed(self) -> bool:
+        """Finished with an error that nobody asked for (cancellations excluded)."""
+        if not self.done or self.error_code is None:
+            return False
+        return not (self.error_code == CANCELLED_CODE and self.cancel_requested)
+
+    def running_seconds(self, now: datetime) -> float | None:
+        """How long an unfinished operation has been running at ``now``."""
+        if self.done or self.created is None:
+            return None
+        return (now - self.created).total_seconds()
+
+
+def _time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parse_time(str(value))
+    except ValueError:
+        return None
+
+
+def kind_of(operation: Mapping[str, Any]) -> str | None:
+    """``import``, ``export``, or None for any other operation (dataset creation...)."""
+    method = str((operation.get("metadata") or {}).get("apiMethodName") or "")
+    return _METHODS.get(method.rsplit(".", 1)[-1])
+
+
+def view(operation: Mapping[str, Any]) -> OperationView:
+    """Read an Operation resource; counters travel as strings and may be missing."""
+    meta = operation.get("metadata") or {}
+    error = operation.get("error") if isinstance(operation.get("error"), dict) else None
+    counter: dict[str, int] = {}
+    for key, raw in (meta.get("counter") or {}).items():
+        try:
+            counter[str(key)] = int(raw)
+        except (TypeError, ValueError):
+            continue
+    code: int | None = None
+    if error is not None:
+        try:
+            code = int(error.get("code", 2))
+        except (TypeError, ValueError):
+            code = 2
+    return OperationView(
+        name=str(operation.get("name", "")),
+        kind=kind_of(operation) or "other",
+        done=bool(operation.get("done")),
+        created=_time(meta.get("createTime")),
+        ended=_time(meta.get("endTime")),
+        error_code=code,
+        error_message=str(error.get("message", "")) if error else "",
+        counter=counter,
+        cancel_requested=bool(meta.get("cancelRequested")),
+    )
+
+
+def redact(text: str, label: Any) -> str:
+    """``text`` with every ``gs://`` URI replaced by ``label(uri)``, cut to 300 characters.
+
+    Error messages can name objects, and object names can name patients.
+    """
+    return _GS_URI.sub(lambda m: str(label(m.group(0))), text)[:300]
+
+
+def list_operations(ctx: Any) -> list[OperationView]:
+    """Every import and export operation of the store's dataset, all pages, with backoff."""
+    dataset = str(ctx.settings.dicom_store.dataset)
+    found: list[OperationView] = []
+    token: str | None = None
+    while True:
+
+        def page(token: str | None = token) -> dict[str, Any]:
+            request = (
+                ctx.healthcare()
+                .projects()
+                .locations()
+                .datasets()
+                .operations()
+                .list(name=dataset, pageSize=PAGE_SIZE, pageToken=token)
+            )
+            result: dict[str, Any] = request.execute(num_retries=0)
+            return result
+
+        body = retry.call(page)
+        for operation in body.get("operations") or []:
+            if kind_of(operation) is not None:
+                found.append(view(operation))
+        token = body.get("nextPageToken") or None
+        if token is None:
+            return found
+
+
+def settled_ids(ctx: Any) -> set[str]:
+    """Ids of the operations the report has finished with (one listing)."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    names = retry.call(
+        lambda: [b.name for b in ctx.storage.list_blobs(bucket, prefix=SETTLED_PREFIX)]
+    )
+    return {n[len(SETTLED_PREFIX) : -len(".json")] for n in names if n.endswith(".json")}
+
+
+def mark_settled(ctx: Any, operation: str, how: str, at: str, **extra: Any) -> None:
+    """Record that the report is done with ``operation`` (create-if-absent)."""
+    op_id = operation.rsplit("/", 1)[-1]
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    create_json(
+        bucket,
+        f"{SETTLED_PREFIX}{op_id}.json",
+        {"operation": operation, "how": how, "settledAt": at, **extra},
+    )

@@ -1,0 +1,598 @@
+"""The report function: the minute tick that turns operations and files into outcomes and alerts.
+
+One tick (``run_tick``), each step safe to repeat after a crash at any line::
+
+    1. list the dataset's operations, all pages (imports and exports, any origin)
+    2. settle exports (dicomflow.export.settle_exports: manifest, export_failed)
+    3. retire active batches whose import is done (-> state/finished/<id>.json)
+    4. verify each finished batch (dicomflow.verify), then in this order:
+         manifests success/failure.ndjson -> ledger entries -> alerts import_failed
+         and conflict -> summary.json -> delete staging copies of settled files
+         -> mark the operation settled -> delete state/finished/<id>.json
+    5. operations started outside dicomflow: operation_failed, once each
+    6. operations running longer than DICOMFLOW_STALLED_SECONDS: stalled, once each
+    7. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
+       per episode (state/report/backlog.json names the episode)
+    8. quarantined files, one alert per closed quarantine window
+       (state/report/quarantine/<window>.json marks a window reported)
+
+Alerts go through ``alerts.publish_once``, whose ``alertId`` is a hash of
+(kind, subject). Every subject is fixed before the alert is sent (batch id,
+operation name, episode, window), and the step's "done" marker is written
+only after the send, so a crash repeats the alert with the same id and never
+loses it. Subjects::
+
+    import_failed   batch/<id>/import_failed        conflict   batch/<id>/conflict
+    operation_failed  <operation name>               stalled    <operation name>/stalled
+    backlog         backlog/<first batch of episode> quarantined quarantine/<window>
+
+Settled files are ``imported`` and ``duplicate``: their staging copies are
+deleted. The copies of ``conflict`` and ``failed`` files stay in
+``batches/<id>/`` for inspection and re-drive; the failure manifest names them.
+
+No PHI: alerts and logs carry batch ids, operation names, counts, reasons,
+UIDs and object labels (``alerts.object_label``, hashed by default) only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from cloudevents.http import CloudEvent
+
+from dicomflow import alerts, batches, export, ledger, log, manifests, operations, retry, verify
+from dicomflow.config import QUARANTINE_PREFIX, STATE_PREFIX
+from dicomflow.operations import OperationView
+from dicomflow.verify import CONFLICT, FAILED, SUCCESS, FileResult
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+REPORT_PREFIX = f"{STATE_PREFIX}report/"
+BACKLOG_MARKER = f"{REPORT_PREFIX}backlog.json"
+QUARANTINE_MARKERS = f"{REPORT_PREFIX}quarantine/"
+# Stop starting batch verifications after this long; the next tick goes on (timeout 540 s).
+TICK_BUDGET_SECONDS = 300.0
+# A quarantine window is reported this long after it ends (late copies land in it first).
+QUARANTINE_GRACE_SECONDS = 60
+# An unknown import this young may be ours, started by ingest but not recorded yet.
+UNRECORDED_IMPORT_SECONDS = batches.IMPORT_RESTART_SECONDS + 60
+
+
+def crashpoint(step: str) -> None:
+    """A named point between steps; tests replace it to crash the tick there."""
+
+
+def handle_event(ctx: Any, cloud_event: CloudEvent) -> dict[str, Any]:
+    """The report function: every event is a tick (Scheduler -> Pub/Sub)."""
+    event_id = cloud_event["id"]
+    if cloud_event["type"] != MESSAGE_PUBLISHED:
+        logger.info(
+            "ignored event type",
+            extra=log.fields(eventId=event_id, eventType=cloud_event["type"]),
+        )
+        return {"status": "ignored", "reason": "event-type"}
+    return run_tick(ctx, event_id)
+
+
+def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
+    """One report tick; see the module docstring. Returns what it did, for tests and logs."""
+    now = ctx.clock()
+    started = time.monotonic()
+    listed = operations.list_operations(ctx)
+    settled = operations.settled_ids(ctx)
+    by_name = {op.name: op for op in listed}
+    crashpoint("listed")
+
+    exports = export.settle_exports(ctx, now)
+    crashpoint("exports")
+
+    active = _retire_done(ctx, by_name, now)
+    crashpoint("retired")
+
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    finished = {
+        b: r
+        for b in batches.list_ids(bucket, batches.FINISHED_PREFIX)
+        if (r := batches.read_json(bucket, batches.finished_name(b))) is not None
+    }
+    ours = {r["operation"] for r in [*active.recorded.values(), *finished.values()]}
+    ours.discard(None)
+    verified: list[dict[str, Any]] = []
+    for batch, record in sorted(finished.items()):
+        if time.monotonic() - started > TICK_BUDGET_SECONDS:
+            break
+        verified.append(settle_batch(ctx, batch, record, by_name, now))
+
+    outside = _report_outside(ctx, listed, settled, ours, active.starting, now)
+    crashpoint("outside")
+    stalled = _report_stalled(ctx, listed, now)
+    crashpoint("stalled")
+    backlog = _report_backlog(ctx, active.waiting, now)
+    crashpoint("backlog")
+    quarantined = _report_quarantine(ctx, now)
+    crashpoint("quarantine")
+
+    result = {
+        "status": "tick",
+        "operations": len(listed),
+        "exports": [e.get("status") for e in exports],
+        "retired": active.retired,
+        "verified": verified,
+        "pending": len(finished) - len(verified),
+        "outside": outside,
+        "stalled": stalled,
+        "backlog": backlog,
+        "quarantine": quarantined,
+    }
+    logger.info(
+        "report tick",
+        extra=log.fields(
+            eventId=event_id,
+            operations=len(listed),
+            retired=len(active.retired),
+            verified=len(verified),
+            pending=result["pending"],
+            outside=len(outside),
+            stalled=len(stalled),
+            backlog=backlog,
+            quarantineWindows=len(quarantined),
+            ms=round((time.monotonic() - started) * 1000),
+        ),
+    )
+    return result
+
+
+# --- 3. active batches ------------------------------------------------------------------------
+
+
+class _Active:
+    """What step 3 learnt about the active batches."""
+
+    def __init__(self) -> None:
+        self.retired: list[str] = []
+        self.recorded: dict[str, dict[str, Any]] = {}
+        self.waiting: dict[str, dict[str, Any]] = {}
+        self.starting = False
+
+
+def _retire_done(ctx: Any, by_name: dict[str, OperationView], now: datetime) -> _Active:
+    """Move active batches whose import is done to ``state/finished/``, as ingest's tick does.
+
+    The report does it too so that verification does not wait for the ingest tick.
+    """
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    out = _Active()
+    for batch in batches.list_ids(bucket, batches.ACTIVE_PREFIX):
+        record = batches.read_json(bucket, batches.operation_name(batch))
+        if record is None:
+            queued = batches.read_json(bucket, batches.active_name(batch))
+            if queued is not None:
+                out.waiting[batch] = queued
+            if batches.exists(bucket, batches.intent_name(batch)):
+                out.starting = True
+            continue
+        out.recorded[batch] = record
+        op = by_name.get(record["operation"])
+        if op is None:
+            op = operations.view(export.get_operation(ctx, record["operation"]))
+        if not op.done:
+            continue
+        done: dict[str, Any] = {**record, "done": True}
+        if op.error_code is not None:
+            done["error"] = {"code": op.error_code, "message": op.error_message[:300]}
+        if op.counter:
+            done["counter"] = {k: str(v) for k, v in op.counter.items()}
+        batches.create_json(
+            bucket, batches.finished_name(batch), {**done, "finishedAt": export.iso(now)}
+        )
+        batches.delete(bucket, batches.active_name(batch))
+        out.retired.append(batch)
+    return out
+
+
+# --- 4. one finished batch --------------------------------------------------------------------
+
+
+def settle_batch(
+    ctx: Any,
+    batch: str,
+    record: dict[str, Any],
+    by_name: dict[str, OperationView],
+    now: datetime,
+) -> dict[str, Any]:
+    """Verify a finished batch, record and alert its outcomes, then clean up. Idempotent."""
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    op_name: str | None = record.get("operation")
+    summary = manifests.read_summary(bucket, batch)
+    if summary is None:
+        files = batches.read_file_list(bucket, batch)
+        keys = sorted(files.keys) if files is not None else []
+        results = verify.verify_batch(ctx, batch, keys)
+        crashpoint("verified")
+        op = by_name.get(op_name) if op_name else None
+        if op is None and op_name:
+            op = operations.view(export.get_operation(ctx, op_name))
+        manifests.write_lists(bucket, batch, op_name, results)
+        crashpoint("manifests")
+        _update_ledger(ctx, batch, op_name, results, now)
+        crashpoint("ledger")
+        _alert_batch(ctx, batch, op, results, now)
+        crashpoint("alerts")
+        summary = manifests.write_summary(
+            bucket, manifests.build_summary(batch, record, op, results, now)
+        )
+        crashpoint("summary")
+        settled_keys = [r.key for r in results if r.status in SUCCESS]
+        logger.log(
+            logging.INFO if summary["failure"] == 0 else logging.WARNING,
+            "batch verified",
+            extra=log.fields(batch=batch, operation=op_name, counts=summary["counts"]),
+        )
+    else:
+        lines = manifests.read_lines(bucket, manifests.success_name(batch))
+        settled_keys = [line["key"] for line in lines]
+    verify.pmap(lambda key: batches.delete(bucket, batches.staged_name(batch, key)), settled_keys)
+    crashpoint("staging")
+    if op_name:
+        operations.mark_settled(ctx, op_name, "batch", export.iso(now), batch=batch)
+    batches.delete(bucket, batches.finished_name(batch))
+    return {"batch": batch, "operation": op_name, "counts": summary["counts"]}
+
+
+def _update_ledger(
+    ctx: Any, batch: str, op_name: str | None, results: list[FileResult], now: datetime
+) -> None:
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    manifest = f"gs://{ctx.settings.staging_bucket}/{manifests.summary_name(batch)}"
+
+    def change(result: FileResult) -> Any:
+        def apply(entry: ledger.Entry) -> bool:
+            if entry.status in (ledger.QUARANTINED, ledger.DROPPED):
+                return False
+            if entry.batch not in (None, batch):
+                return False  # moved to another batch; that batch settles it
+            if entry.status == result.status and entry.reason == result.reason:
+                return False
+            entry.status, entry.reason = result.status, result.reason
+            entry.mark(result.status, now)
+            entry.detail.update(operation=op_name, verifiedBatch=batch, manifest=manifest)
+            if result.stored_checksum and result.stored_checksum != result.checksum:
+                entry.detail["storedChecksum"] = result.stored_checksum
+            return True
+
+        return apply
+
+    def one(result: FileResult) -> None:
+        if result.entry is None:
+            return
+        entry, generation = result.entry, result.generation
+        if generation is not None and change(result)(entry):
+            with contextlib.suppress(ledger.Conflict):
+                ledger.write(bucket, entry, generation)
+                return
+        ledger.modify(bucket, result.key, change(result))
+
+    verify.pmap(one, results)
+
+
+def _label_of(ctx: Any, result: FileResult) -> str:
+    if result.entry is None:
+        return alerts.object_label(
+            ctx.settings, ctx.settings.staging_bucket, batches.staged_name("?", result.key)
+        )
+    return alerts.object_label(ctx.settings, result.entry.source.bucket, result.entry.source.name)
+
+
+def _file_alert_details(
+    ctx: Any, batch: str, op: OperationView | None, chosen: list[FileResult], manifest: str
+) -> dict[str, Any]:
+    settings = ctx.settings
+    limit = settings.alert_sample_files
+    details: dict[str, Any] = {
+        "batch": batch,
+        "operation": op.name if op else None,
+        "files": len(chosen),
+        "reasons": dict(sorted(Counter(r.reason or "unknown" for r in chosen).items())),
+        "manifest": manifest,
+        "sampleFiles": [
+            {
+                "object": _label_of(ctx, r),
+                "ledgerKey": r.key,
+                "reason": r.reason,
+                "sopInstanceUid": r.entry.uids.sop if r.entry and r.entry.uids else None,
+            }
+            for r in chosen[:limit]
+        ],
+    }
+    details.update(
+        alerts.samples(
+            settings,
+            [
+                (r.entry.source.bucket, r.entry.source.name)
+                if r.entry
+                else (settings.staging_bucket, batches.staged_name(batch, r.key))
+                for r in chosen
+            ],
+        )
+    )
+    if op is not None:
+        details["operationCounter"] = dict(op.counter)
+        if op.error_code is not None:
+            details["operationError"] = {
+                "code": op.error_code,
+                "message": operations.redact(op.error_message, _uri_label(ctx)),
+            }
+    return details
+
+
+def _uri_label(ctx: Any) -> Any:
+    def label(uri: str) -> str:
+        bucket, _, name = uri.removeprefix("gs://").partition("/")
+        return alerts.object_label(ctx.settings, bucket, name)
+
+    return label
+
+
+def _alert_batch(
+    ctx: Any, batch: str, op: OperationView | None, results: list[FileResult], now: datetime
+) -> None:
+    settings = ctx.settings
+    failure_manifest = f"gs://{settings.staging_bucket}/{manifests.failure_name(batch)}"
+    store = str(settings.dicom_store)
+    for kind, status, severity in (
+        ("import_failed", FAILED, "ERROR"),
+        ("conflict", CONFLICT, "WARNING"),
+    ):
+        chosen = [r for r in results if r.status == status]
+        if not chosen:
+            continue
+        alert = alerts.build_alert(
+            kind,
+            f"batch/{batch}/{kind}",
+            severity,
+            store,
+            _file_alert_details(ctx, batch, op, chosen, failure_manifest),
+            now,
+            max_samples=settings.alert_sample_files,
+        )
+        alerts.publish_once(ctx, alert)
+
+
+# --- 5. operations started outside dicomflow --------------------------------------------------
+
+
+def _export_operations(ctx: Any) -> dict[str, str]:
+    """Operation name -> export date, for every export dicomflow started."""
+    known: dict[str, str] = {}
+    for day in export.list_markers(ctx):
+        found = export.read_marker(ctx, day)
+        if found is None:
+            continue
+        doc = found[0]
+        for attempt in [doc, *(doc.get("previous") or [])]:
+            if attempt.get("operation"):
+                known[str(attempt["operation"])] = day.isoformat()
+    return known
+
+
+def _report_outside(
+    ctx: Any,
+    listed: list[OperationView],
+    settled: set[str],
+    ours: set[str],
+    starting: bool,
+    now: datetime,
+) -> list[str]:
+    """Alert ``operation_failed`` once for each failed import/export not started by dicomflow."""
+    pending = [op for op in listed if op.done and op.op_id not in settled and op.name not in ours]
+    if not pending:
+        return []
+    exports_known: dict[str, str] | None = None
+    reported: list[str] = []
+    stamp = export.iso(now)
+    for op in pending:
+        if op.kind == operations.EXPORT:
+            if exports_known is None:
+                exports_known = _export_operations(ctx)
+            if op.name in exports_known:
+                marker = export.read_marker(ctx, export.parse_day(exports_known[op.name]))
+                state = marker[0].get("state") if marker else None
+                if state in export.FINAL_STATES or marker is None:
+                    operations.mark_settled(ctx, op.name, "export", stamp)
+                continue
+        elif (
+            starting
+            and op.created is not None
+            and (now - op.created).total_seconds() < UNRECORDED_IMPORT_SECONDS
+        ):
+            continue  # maybe ingest's, between the import call and its record
+        if op.failed:
+            _alert_outside(ctx, op, now)
+            reported.append(op.name)
+            how = "outside-failed"
+        else:
+            how = "outside-cancelled" if op.error_code is not None else "outside-ok"
+        operations.mark_settled(ctx, op.name, how, stamp, kind=op.kind)
+    return reported
+
+
+def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
+    store = str(ctx.settings.dicom_store)
+    details = {
+        "operation": op.name,
+        "operationKind": op.kind,
+        "dataset": str(ctx.settings.dicom_store.dataset),
+        "createTime": export.iso(op.created) if op.created else None,
+        "endTime": export.iso(op.ended) if op.ended else None,
+        "operationCounter": dict(op.counter),
+        "operationError": {
+            "code": op.error_code,
+            "message": operations.redact(op.error_message, _uri_label(ctx)),
+        },
+        "startedBy": "outside dicomflow",
+    }
+    alert = alerts.build_alert("operation_failed", op.name, "ERROR", store, details, now)
+    alerts.publish_once(ctx, alert)
+
+
+# --- 6. stalled operations --------------------------------------------------------------------
+
+
+def _report_stalled(ctx: Any, listed: Iterable[OperationView], now: datetime) -> list[str]:
+    """Alert ``stalled`` once for each operation running longer than the threshold."""
+    limit = ctx.settings.stalled_seconds
+    found: list[str] = []
+    for op in listed:
+        running = op.running_seconds(now)
+        if running is None or running <= limit:
+            continue
+        details = {
+            "operation": op.name,
+            "operationKind": op.kind,
+            "createTime": export.iso(op.created) if op.created else None,
+            "runningSeconds": int(running),
+            "thresholdSeconds": limit,
+            "operationCounter": dict(op.counter),
+        }
+        alert = alerts.build_alert(
+            "stalled", f"{op.name}/stalled", "WARNING", str(ctx.settings.dicom_store), details, now
+        )
+        alerts.publish_once(ctx, alert)
+        found.append(op.name)
+    return found
+
+
+# --- 7. backlog -------------------------------------------------------------------------------
+
+
+def _report_backlog(ctx: Any, waiting: dict[str, dict[str, Any]], now: datetime) -> str | None:
+    """One ``backlog`` alert per episode of sealed batches waiting longer than the threshold."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    limit = timedelta(seconds=ctx.settings.backlog_seconds)
+    late = sorted(
+        batch
+        for batch, queued in waiting.items()
+        if queued.get("sealedAt") and now - export.parse_time(queued["sealedAt"]) > limit
+    )
+    if not late:
+        if batches.exists(bucket, BACKLOG_MARKER):
+            batches.delete(bucket, BACKLOG_MARKER)
+        return None
+    batches.create_json(bucket, BACKLOG_MARKER, {"episode": late[0], "openedAt": export.iso(now)})
+    episode = (batches.read_json(bucket, BACKLOG_MARKER) or {}).get("episode", late[0])
+    oldest = export.parse_time(waiting[late[0]]["sealedAt"])
+    details = {
+        "episode": episode,
+        "batches": len(late),
+        "files": sum(int(waiting[b].get("count") or 0) for b in late),
+        "oldestBatch": late[0],
+        "oldestWaitingSeconds": int((now - oldest).total_seconds()),
+        "thresholdSeconds": ctx.settings.backlog_seconds,
+        "maxRunningImports": ctx.settings.max_running_imports,
+    }
+    alert = alerts.build_alert(
+        "backlog", f"backlog/{episode}", "WARNING", str(ctx.settings.dicom_store), details, now
+    )
+    alerts.publish_once(ctx, alert)
+    return str(episode)
+
+
+# --- 8. quarantine ----------------------------------------------------------------------------
+
+
+def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
+    """One ``quarantined`` alert per closed quarantine window (a burst is one alert)."""
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+
+    def windows() -> list[str]:
+        it = ctx.storage.list_blobs(bucket, prefix=QUARANTINE_PREFIX, delimiter="/")
+        for _ in it:
+            pass
+        return sorted(p[len(QUARANTINE_PREFIX) :].strip("/") for p in it.prefixes)
+
+    found = retry.call(windows)
+    done = set(batches.list_ids(bucket, QUARANTINE_MARKERS))
+    reported: list[str] = []
+    for window in found:
+        if window in done:
+            continue
+        try:
+            start = datetime.strptime(window, "%Y%m%dT%H%M%SZ").replace(tzinfo=now.tzinfo)
+        except ValueError:
+            continue
+        closes = start + timedelta(
+            seconds=settings.batch_window_seconds
+            + settings.seal_grace_seconds
+            + QUARANTINE_GRACE_SECONDS
+        )
+        if now < closes:
+            continue
+        _alert_window(ctx, window, now)
+        batches.create_json(
+            bucket,
+            f"{QUARANTINE_MARKERS}{window}.json",
+            {"window": window, "reportedAt": export.iso(now)},
+        )
+        reported.append(window)
+    return reported
+
+
+def _alert_window(ctx: Any, window: str, now: datetime) -> None:
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    prefix = f"{QUARANTINE_PREFIX}{window}/"
+    names = retry.call(
+        lambda: sorted(b.name for b in ctx.storage.list_blobs(bucket, prefix=prefix))
+    )
+    records = [
+        r
+        for r in verify.pmap(
+            lambda n: batches.read_json(bucket, n), [n for n in names if n.endswith(".json")]
+        )
+        if r is not None
+    ]
+    if not records:
+        return
+    reasons = Counter(_reason_code(r.get("reason")) for r in records)
+    sources = [
+        (str(r["source"]["bucket"]), str(r["source"]["name"])) for r in records if r.get("source")
+    ]
+    details: dict[str, Any] = {
+        "window": window,
+        "files": len(records),
+        "reasons": dict(sorted(reasons.items())),
+        "quarantinePrefix": f"gs://{settings.staging_bucket}/{prefix}",
+        "sampleFiles": [
+            {
+                "object": alerts.object_label(settings, *src),
+                "ledgerKey": r.get("key"),
+                "reason": _reason_code(r.get("reason")),
+            }
+            for r, src in zip(records[: settings.alert_sample_files], sources, strict=False)
+        ],
+    }
+    details.update(alerts.samples(settings, sources))
+    alert = alerts.build_alert(
+        "quarantined",
+        f"quarantine/{window}",
+        "WARNING",
+        str(settings.dicom_store),
+        details,
+        now,
+        max_samples=settings.alert_sample_files,
+    )
+    alerts.publish_once(ctx, alert)
+
+
+def _reason_code(reason: Any) -> str:
+    """The stable code of a header-check reason (``code: detail``), never a tag value."""
+    return str(reason or "unknown").split(":", 1)[0].strip()[:80] or "unknown"
