@@ -201,7 +201,12 @@ class Deliverer:
         if age > self._max_age or self._stop.is_set():
             with self._lock:
                 self.dead += 1
-            logger.error("event given up after retries", extra=fields)
+            why = (
+                "delivery stopped"
+                if self._stop.is_set()
+                else f"no success in {self._max_age:.0f} s"
+            )
+            logger.error("event dead-lettered: %s", why, extra=fields)
             if self._dead_letter is not None:
                 with self._dead_letter.open("a") as out:
                     out.write(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
@@ -366,6 +367,12 @@ class Stack:
                     raise
 
     # -- what others read ---------------------------------------------------
+
+    def storage_client(self) -> storage.Client:
+        """A google-cloud-storage client for this stack's Cloud Storage."""
+        if self._storage is None:
+            raise LocalCloudError("the local cloud is not started")
+        return self._storage.client()
 
     def env(self) -> dict[str, str]:
         """The settings that point dicomflow, tests and scripts at this stack."""

@@ -1,0 +1,254 @@
+"""``make demo``: the whole pipeline on real sample data, on a fresh local cloud.
+
+Stages, each timed: start the local cloud; upload pydicom's sample files, the
+``pydicom-data`` files and a few generated multi-series studies (every file
+named ``*.dcm``, so the broken ones are checked and quarantined, not skipped);
+wait until the ledger gives every upload a final outcome (ingest batches and
+imports them, report verifies them); fire the export tick and wait for the
+backup's manifest; read the alerts. Then print a summary and check the
+invariants. The exit code is 1 when an invariant is broken, 2 when the local
+cloud cannot start.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.auth.credentials import AnonymousCredentials
+from googleapiclient.discovery import build
+from rich.console import Console
+from rich.table import Table
+
+from dicomflow import ledger, log
+from dicomflow.config import load_settings
+from dicomflow.export import dated_folder, export_day
+from localcloud.corpus import generate_studies, sample_files
+from localcloud.scheduler import fire
+from localcloud.stack import Stack, StackConfig
+
+# Short windows so the demo takes a minute, not an hour; the defaults are in config.py.
+DEMO_FUNCTION_ENV = {
+    "DICOMFLOW_BATCH_WINDOW_SECONDS": "5",
+    "DICOMFLOW_SEAL_GRACE_SECONDS": "2",
+    "DICOMFLOW_BATCH_MAX_FILES": "100",
+}
+TICK_SECONDS = 2.0
+SETTLE_TIMEOUT = 150.0
+
+
+@dataclass
+class Stages:
+    """Wall time per stage, in order."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, console: Console, name: str, step: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        with console.status(f"{name} ..."):
+            result = step()
+        self.seconds[name] = time.monotonic() - started
+        console.print(f"[green]✓[/] {name} [dim]({self.seconds[name]:.1f} s)[/]")
+        return result
+
+
+def _corpus() -> list[tuple[str, bytes]]:
+    files = [(f"demo/samples/{p.parent.name}/{p.stem}.dcm", p.read_bytes()) for p in sample_files()]
+    generated = [
+        (f"demo/generated/{g.study_uid[-8:]}/{g.series_uid[-8:]}/{g.sop_uid[-8:]}.dcm", g.data)
+        for g in generate_studies(3, 2, 5, patient_name="DEMO^GENERATED", patient_id="GEN-0001")
+    ]
+    # Names are unique per upload; the ledger is keyed by (bucket, name, generation).
+    return sorted(dict(files + generated).items())
+
+
+def _upload(stack: Stack, corpus: list[tuple[str, bytes]]) -> None:
+    bucket = stack.storage_client().bucket(stack.config.landing_bucket)
+
+    def put(item: tuple[str, bytes]) -> None:
+        bucket.blob(item[0]).upload_from_string(item[1], content_type="application/dicom")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, corpus))
+
+
+def _wait_settled(stack: Stack, expected: int, console: Console) -> list[ledger.Entry]:
+    staging = stack.storage_client().bucket(stack.config.staging_bucket)
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    entries: list[ledger.Entry] = []
+    while time.monotonic() < deadline:
+        entries = list(ledger.list_entries(staging))
+        final = sum(1 for e in entries if e.status in ledger.FINAL)
+        if len(entries) >= expected and final == len(entries):
+            return entries
+        time.sleep(1.0)
+    console.print(f"[red]timed out: {len(entries)} ledger entries, not all final[/]")
+    return entries
+
+
+def _export(stack: Stack) -> tuple[str, int, dict[str, Any] | None]:
+    assert stack.deliverer is not None
+    now = datetime.now(UTC)
+    fire(stack.deliverer, stack.schedules["export"], now)
+    settings = load_settings(stack.env())
+    folder = dated_folder(settings, export_day(now))
+    backups = stack.storage_client().bucket(stack.config.backup_bucket)
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    manifest: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        blob = backups.get_blob(f"{folder}_MANIFEST.json")
+        if blob is not None:
+            manifest = json.loads(blob.download_as_bytes())
+            break
+        time.sleep(1.0)
+    count = sum(
+        1 for b in backups.list_blobs(prefix=folder) if not b.name.endswith("_MANIFEST.json")
+    )
+    return f"gs://{stack.config.backup_bucket}/{folder}", count, manifest
+
+
+def _alerts(stack: Stack) -> list[dict[str, Any]]:
+    pubsub = build(
+        "pubsub",
+        "v1",
+        static_discovery=True,
+        cache_discovery=False,
+        client_options={"api_endpoint": stack.urls["pubsub"] + "/"},
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+    )
+    subscription = stack.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"]
+    alerts: list[dict[str, Any]] = []
+    while True:
+        response = (
+            pubsub.projects()
+            .subscriptions()
+            .pull(subscription=subscription, body={"maxMessages": 100, "returnImmediately": True})
+            .execute()
+        )
+        received = response.get("receivedMessages", [])
+        if not received:
+            return alerts
+        for item in received:
+            alerts.append(json.loads(base64.b64decode(item["message"]["data"])))
+        pubsub.projects().subscriptions().acknowledge(
+            subscription=subscription, body={"ackIds": [i["ackId"] for i in received]}
+        ).execute()
+
+
+def _store_instances(stack: Stack) -> set[str]:
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(f"{stack.urls['healthcare']}/v1/{stack.config.store_name}/dicomWeb")
+    found: set[str] = set()
+    offset = 0
+    while True:
+        page = client.search_for_instances(offset=offset, limit=1000, fields=["00080018"])
+        found.update(i["00080018"]["Value"][0] for i in page)
+        if len(page) < 1000:
+            return found
+        offset += len(page)
+
+
+def run_demo(keep: bool = False) -> int:
+    """Run the demo; returns the process exit code."""
+    console = Console(width=max(110, Console().width))
+    stages = Stages()
+    home = Path(tempfile.mkdtemp(prefix="dicomflow-demo-"))
+    (home / "logs").mkdir()
+    log_stream = (home / "logs" / "demo.log").open("a")
+    log.configure(stream=log_stream)
+    config = StackConfig.from_env({"LOCALCLOUD_HOME": str(home)})
+    config = StackConfig(
+        home=home,
+        minute_interval=TICK_SECONDS,
+        functions_source=config.functions_source,
+        function_env=DEMO_FUNCTION_ENV,
+    )
+    stack = Stack(config)
+    stages.run(console, "start the local cloud", stack.start)
+    try:
+        corpus = _corpus()
+        stages.run(console, f"upload {len(corpus)} files", lambda: _upload(stack, corpus))
+        entries: list[ledger.Entry] = stages.run(
+            console, "ingest, import and verify", lambda: _wait_settled(stack, len(corpus), console)
+        )
+        prefix, exported, manifest = stages.run(console, "export the store", lambda: _export(stack))
+        alerts = _alerts(stack)
+        stored = _store_instances(stack)
+        staging = stack.storage_client().bucket(config.staging_bucket)
+        batches = {e.batch for e in entries if e.batch and e.status != ledger.QUARANTINED}
+        operations = sum(
+            1 for b in staging.list_blobs(prefix="batches/") if b.name.endswith("/_operation.json")
+        )
+    finally:
+        if keep:
+            stack.write_state()
+            console.print(f"local cloud left running; LOCALCLOUD_HOME={home}")
+        else:
+            stack.stop()
+        log_stream.close()
+
+    totals = ledger.totals(entries)
+    reasons = Counter(e.reason or "?" for e in entries if e.status == ledger.QUARANTINED)
+    kinds = Counter(str(a.get("kind")) for a in alerts)
+    table = Table(title="dicomflow demo", show_header=False)
+    table.add_row("files uploaded", str(len(corpus)))
+    for status in ledger.STATUSES:
+        if totals.get(status):
+            table.add_row(f"  {status}", str(totals[status]))
+    for reason, count in reasons.most_common():
+        table.add_row(f"    quarantined: {reason}", str(count))
+    table.add_row("batches / import operations", f"{len(batches)} / {operations}")
+    table.add_row("instances in the store", str(len(stored)))
+    for kind, count in sorted(kinds.items()):
+        table.add_row(f"alerts: {kind}", str(count))
+    table.add_row("backup", f"{prefix} ({exported} objects)")
+    table.add_row(
+        "backup manifest", "complete" if manifest and manifest.get("complete") else "NOT complete"
+    )
+    for name, seconds in stages.seconds.items():
+        table.add_row(f"time: {name}", f"{seconds:.1f} s")
+    console.print(table)
+
+    problems = check_invariants(len(corpus), entries, stored, len(batches), operations, manifest)
+    for problem in problems:
+        console.print(f"[red]invariant broken:[/] {problem}")
+    if not problems:
+        console.print("[green]every uploaded file is accounted for[/]")
+    return 1 if problems else 0
+
+
+def check_invariants(
+    uploaded: int,
+    entries: list[ledger.Entry],
+    stored: set[str],
+    batches: int,
+    operations: int,
+    manifest: dict[str, Any] | None,
+) -> list[str]:
+    """What the demo must show; each broken invariant is one line."""
+    problems = []
+    if len(entries) != uploaded:
+        problems.append(f"{uploaded} files uploaded but {len(entries)} ledger entries")
+    open_entries = [e for e in entries if e.status not in ledger.FINAL]
+    if open_entries:
+        problems.append(f"{len(open_entries)} files without a final outcome")
+    settled = {
+        e.uids.sop for e in entries if e.uids and e.status in (ledger.IMPORTED, ledger.DUPLICATE)
+    }
+    if settled - stored:
+        problems.append(f"{len(settled - stored)} files marked imported are not in the store")
+    if operations > batches:
+        problems.append(f"{operations} import operations for {batches} batches")
+    if manifest is None or not manifest.get("complete"):
+        problems.append("the backup has no complete manifest")
+    return problems
