@@ -40,7 +40,8 @@ from localcloud.healthcare.operations import Operations
 from localcloud.healthcare.repository import Repository, StoredInstance
 from localcloud.healthcare.status import ApiError, invalid, not_found
 
-DICOM_JSON = "application/dicom+json; charset=utf-8"
+# dicomweb-client compares the media type exactly, without parameters.
+DICOM_JSON = "application/dicom+json"
 MAX_RESULTS = {"studies": 5000, "series": 5000, "instances": 50000}
 _INDEXED = {tag_hex(k): k for k in INDEX_KEYWORDS}
 _UID_KEYS = {
@@ -322,9 +323,10 @@ class DicomWeb:
                 ]
             )
         image_type = "image/png" if "image/png" in accept else "image/jpeg"
-        if rest == ["rendered"] and len(rows) == 1 and len(parts) == 6:
+        instance_level = len(parts) - len(rest) == 6
+        if rest == ["rendered"] and instance_level:
             return self._rendered(rows[0], image_type, None)
-        if len(rest) >= 2 and rest[0] == "frames" and len(parts) == 6:
+        if len(rest) >= 2 and rest[0] == "frames" and instance_level:
             try:
                 numbers = [int(n) for n in rest[1].split(",")]
             except ValueError:
