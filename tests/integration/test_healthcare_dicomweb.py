@@ -69,7 +69,7 @@ def sop(item: dict[str, Any]) -> str:
 
 
 def test_store_search_retrieve_delete(web: tuple[DICOMwebClient, Any, str]) -> None:
-    client, api, _store = web
+    client, _api, _store = web
     study_a, study_b = generate_uid(), generate_uid()
     series_a1, series_a2, series_b = generate_uid(), generate_uid(), generate_uid()
     instances = [
