@@ -34,7 +34,7 @@ def test_fault_syntax() -> None:
     ],
 )
 def test_bad_faults_are_rejected(text: str) -> None:
-    with pytest.raises(ValueError, match="fault|method"):
+    with pytest.raises(ValueError, match=r"fault|method"):
         parse_faults(text)
 
 
