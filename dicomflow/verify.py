@@ -345,38 +345,34 @@ def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
     results = pmap(load, keys)
     checkable = [r for r in results if r.entry is not None and r.entry.uids is not None]
     studies = sorted({r.entry.uids.study for r in checkable})  # type: ignore[union-attr]
+    # DICOMweb calls stay on this thread: the thread-local client of a pool thread would
+    # leak its connection when the pool ends. Storage calls go to the pool.
     facts = StoreFacts()
-    for found in pmap(lambda s: search_study(ctx, s), studies):
-        facts.found.update(found)
+    for study in studies:
+        facts.found.update(search_study(ctx, study))
 
     present: list[FileResult] = []
-    missing: list[FileResult] = []
     for result in checkable:
         uids = result.entry.uids  # type: ignore[union-attr]
         assert uids is not None
         where = facts.found.get(uids.sop)
         if where is None:
-            missing.append(result)
+            # Not in its study: conflict if the SOP UID sits elsewhere, else not stored.
+            if search_sop(ctx, uids.sop) is not None:
+                result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
+            else:
+                result.status, result.reason = FAILED, NOT_IN_STORE
         elif where != (uids.study, uids.series):
             result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
         else:
             present.append(result)
 
-    def elsewhere(result: FileResult) -> None:
-        assert result.entry is not None and result.entry.uids is not None
-        if search_sop(ctx, result.entry.uids.sop) is not None:
-            result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
-        else:
-            result.status, result.reason = FAILED, NOT_IN_STORE
-
-    pmap(elsewhere, missing)
-
     ambiguous = ambiguous_in_batch(present)
 
-    def settle(result: FileResult) -> None:
+    def index_doc(result: FileResult) -> dict[str, Any]:
         entry = result.entry
         assert entry is not None and entry.uids is not None
-        doc = {
+        return {
             "sop": entry.uids.sop,
             "study": entry.uids.study,
             "series": entry.uids.series,
@@ -384,26 +380,34 @@ def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
             "key": result.key,
             "batch": batch,
         }
-        index: dict[str, Any] | None
+
+    def consult(result: FileResult) -> dict[str, Any] | None:
+        """The index entry after our claim (None: ours is new); decides when it can."""
+        doc = index_doc(result)
         if result.key in ambiguous:
-            found = read_index(bucket, entry.uids.sop)
-            index = found[0] if found else None
-            verdict = None
-        else:
-            index = claim_index(bucket, doc)
-            verdict = decide_without_bytes(result.key, result.checksum, index)
-        if verdict is None:
-            data = retrieve_bytes(ctx, entry.uids.study, entry.uids.series, entry.uids.sop)
-            scheme = (result.checksum or "md5:").split(":", 1)[0]
-            result.stored_checksum = checksum_of(data, scheme)
-            result.fetched = True
-            verdict = decide_with_bytes(result.key, result.checksum, result.stored_checksum, index)
-            if verdict == IMPORTED and (index is None or index.get("key") != result.key):
-                replace_index(bucket, doc)
+            found = read_index(bucket, doc["sop"])
+            return found[0] if found else None
+        index = claim_index(bucket, doc)
+        verdict = decide_without_bytes(result.key, result.checksum, index)
+        if verdict is not None:
+            result.status, result.reason = verdict, None
+        return index
+
+    indexes = pmap(consult, present)
+    for result, index in zip(present, indexes, strict=True):
+        if result.key not in ambiguous and result.status != FAILED:
+            continue
+        uids = result.entry.uids  # type: ignore[union-attr]
+        assert uids is not None
+        data = retrieve_bytes(ctx, uids.study, uids.series, uids.sop)
+        scheme = (result.checksum or "md5:").split(":", 1)[0]
+        result.stored_checksum = checksum_of(data, scheme)
+        result.fetched = True
+        verdict = decide_with_bytes(result.key, result.checksum, result.stored_checksum, index)
         result.status = verdict
         result.reason = CHECKSUM_MISMATCH if verdict == CONFLICT else None
-
-    pmap(settle, present)
+        if verdict == IMPORTED and (index is None or index.get("key") != result.key):
+            replace_index(bucket, index_doc(result))
     return results
 
 

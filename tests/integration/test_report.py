@@ -1,0 +1,704 @@
+"""The report function on the local cloud: fake-gcs-server, the Healthcare emulator, Pub/Sub.
+
+Files go through the real ingest function (finalize events, then the tick that
+seals and imports), the emulator imports them, and the report function is
+driven through functions-framework exactly as Cloud Functions would run it.
+Alerts are read back from a pull subscription on the alerts topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+import threading
+import time
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import functions_framework
+import pydicom
+import pytest
+from google.auth.credentials import AnonymousCredentials
+from googleapiclient.discovery import build
+
+from dicomflow import alerts, batches, ledger, log, manifests, report, runtime
+from dicomflow.config import load_settings
+from localcloud.corpus import generate_studies, sample_files
+from localcloud.healthcare import HealthcareServer
+from localcloud.pubsub import PubSubServer, start_pubsub
+from localcloud.storage import StorageServer
+from tests.ingest_support import (
+    Clock,
+    Uploaded,
+    finalize_event,
+    make_instance,
+    post,
+    tick_event,
+    upload,
+)
+
+PARENT = "projects/local/locations/us-central1"
+
+
+class Crash(Exception):
+    """Injected crash: the function dies at this line (the platform sees a 500)."""
+
+
+@pytest.fixture(scope="module")
+def pubsub() -> Iterator[PubSubServer]:
+    server = start_pubsub(kind="auto")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def apps() -> dict[str, Any]:
+    return {
+        name: functions_framework.create_app(name, "main.py", "cloudevent")
+        for name in ("ingest", "report")
+    }
+
+
+@dataclass
+class Env:
+    ctx: runtime.Context
+    clock: Clock
+    apps: dict[str, Any]
+    landing: str
+    staging: str
+    subscription: str
+    healthcare_url: str
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def gcs(self) -> Any:
+        return self.ctx.storage
+
+    @property
+    def store(self) -> str:
+        return str(self.ctx.settings.dicom_store)
+
+    def client(self, name: str) -> Any:
+        return self.apps[name].test_client()
+
+    def upload(self, name: str, data: bytes) -> Uploaded:
+        return upload(self.gcs, self.landing, name, data)
+
+    def ingest(self, objects: list[Uploaded], repeats: int = 1, threads: int = 8) -> None:
+        """Deliver each finalize event ``repeats`` times, concurrently."""
+        local = threading.local()
+
+        def deliver(obj: Uploaded) -> int:
+            if not hasattr(local, "client"):
+                local.client = self.client("ingest")
+            return post(local.client, finalize_event(obj, self.clock()))
+
+        work = [o for o in objects for _ in range(repeats)]
+        with ThreadPoolExecutor(threads) as pool:
+            statuses = list(pool.map(deliver, work))
+        assert set(statuses) == {200}, statuses
+
+    def ingest_tick(self) -> dict[str, Any]:
+        assert post(self.client("ingest"), tick_event(self.clock())) == 200
+        return {}
+
+    def report_tick(self) -> int:
+        return post(self.client("report"), tick_event(self.clock()))
+
+    def import_all(self, timeout: float = 120.0) -> None:
+        """Seal every open batch and tick ingest and report until nothing is left to do."""
+        self.clock.advance(
+            self.ctx.settings.batch_window_seconds + self.ctx.settings.seal_grace_seconds + 1
+        )
+        deadline = time.monotonic() + timeout
+        bucket = self.gcs.bucket(self.staging)
+        while True:
+            self.ingest_tick()
+            assert self.report_tick() == 200
+            pending = [
+                p
+                for p in (batches.OPEN_PREFIX, batches.ACTIVE_PREFIX, batches.FINISHED_PREFIX)
+                if batches.list_ids(bucket, p)
+            ]
+            if not pending:
+                return
+            assert time.monotonic() < deadline, f"batches still pending: {pending}"
+            time.sleep(0.3)
+
+    def pull(self) -> list[dict[str, Any]]:
+        """New alerts on the subscription (decoded body plus attributes), acknowledged."""
+        got: list[dict[str, Any]] = []
+        subs = self.ctx.pubsub().projects().subscriptions()
+        for _ in range(3):
+            resp = subs.pull(
+                subscription=self.subscription, body={"maxMessages": 500, "returnImmediately": True}
+            ).execute()
+            received = resp.get("receivedMessages", [])
+            if received:
+                subs.acknowledge(
+                    subscription=self.subscription,
+                    body={"ackIds": [m["ackId"] for m in received]},
+                ).execute()
+            for m in received:
+                body = json.loads(base64.b64decode(m["message"]["data"]))
+                got.append({"body": body, "attributes": m["message"].get("attributes", {})})
+        self.received.extend(got)
+        return got
+
+    def label(self, obj: Uploaded) -> str:
+        return alerts.object_label(self.ctx.settings, obj.bucket, obj.name)
+
+    def key(self, obj: Uploaded) -> str:
+        return ledger.ledger_key(obj.bucket, obj.name, obj.generation)
+
+    def entry(self, obj: Uploaded) -> ledger.Entry:
+        found = ledger.read(self.gcs.bucket(self.staging), self.key(obj))
+        assert found is not None
+        return found[0]
+
+    def close(self) -> None:
+        """Close this thread's API clients (their keep-alive sockets) and drop the context."""
+        local = self.ctx._local
+        for name in ("healthcare", "pubsub"):
+            client = getattr(local, name, None)
+            if client is not None:
+                client.close()
+        dicomweb = getattr(local, "dicomweb", None)
+        if dicomweb is not None:
+            dicomweb._session.close()
+        runtime.set_context(None)
+
+    def knobs(self, **values: Any) -> None:
+        request = urllib.request.Request(
+            f"{self.healthcare_url}/_emulator/knobs",
+            data=json.dumps(values).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
+
+_apis: list[Any] = []
+
+
+def healthcare_api(url: str) -> Any:
+    """A Healthcare client, closed at the end of the test (see ``env``)."""
+    api = build(
+        "healthcare",
+        "v1",
+        static_discovery=True,
+        cache_discovery=False,
+        client_options={"api_endpoint": url + "/"},
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+    )
+    _apis.append(api)
+    return api
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[list[Env]]:
+    made: list[Env] = []
+    _envs.append(made)
+    yield made
+    _envs.pop()
+    for env in made:
+        env.close()
+    while _apis:
+        _apis.pop().close()
+
+
+_envs: list[list[Env]] = []
+
+
+def make_env(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,
+    apps: dict[str, Any],
+    **extra: str,
+) -> Env:
+    suffix = uuid.uuid4().hex[:10]
+    gcs = gcs_server.client()
+    landing, staging, backups = f"landing-{suffix}", f"staging-{suffix}", f"backups-{suffix}"
+    for name in (landing, staging, backups):
+        gcs.create_bucket(name)
+    api = healthcare_api(healthcare_server.url)
+    datasets = api.projects().locations().datasets()
+    datasets.create(parent=PARENT, datasetId=f"ds-{suffix}", body={}).execute()
+    dataset = f"{PARENT}/datasets/ds-{suffix}"
+    datasets.dicomStores().create(parent=dataset, dicomStoreId="store", body={}).execute()
+    env = {
+        "DICOMFLOW_DICOM_STORE": f"{dataset}/dicomStores/store",
+        "DICOMFLOW_LANDING_BUCKET": landing,
+        "DICOMFLOW_STAGING_BUCKET": staging,
+        "DICOMFLOW_BACKUP_BUCKET": backups,
+        "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+        "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
+        "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
+        "STORAGE_EMULATOR_HOST": gcs_server.url,
+        "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
+        **extra,
+    }
+    clock = Clock(datetime.now(UTC))
+    ctx = runtime.Context(settings=load_settings(env), storage=gcs, clock=clock)
+    topic = str(ctx.settings.alerts_topic)
+    subscription = f"projects/local/subscriptions/alerts-{suffix}"
+    ps = ctx.pubsub().projects()
+    ps.topics().create(name=topic, body={}).execute()
+    ps.subscriptions().create(
+        name=subscription, body={"topic": topic, "ackDeadlineSeconds": 30}
+    ).execute()
+    runtime.set_context(ctx)
+    made = Env(ctx, clock, apps, landing, staging, subscription, healthcare_server.url)
+    if _envs:
+        _envs[-1].append(made)
+    return made
+
+
+@pytest.fixture
+def env(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,
+    apps: dict[str, Any],
+) -> Env:
+    return make_env(gcs_server, healthcare_server, pubsub, apps)
+
+
+def by_kind(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for m in messages:
+        out.setdefault(m["body"]["kind"], []).append(m)
+    return out
+
+
+def stored_sops(env: Env) -> set[str]:
+    items = env.ctx.dicomweb().search_for_instances(limit=50000)
+    return {i["00080018"]["Value"][0] for i in items}
+
+
+def manifest_lines(env: Env, batch: str, which: str) -> list[dict[str, Any]]:
+    bucket = env.gcs.bucket(env.staging)
+    name = manifests.success_name(batch) if which == "success" else manifests.failure_name(batch)
+    return manifests.read_lines(bucket, name)
+
+
+def verified_batches(env: Env) -> list[str]:
+    names = [b.name for b in env.gcs.list_blobs(env.staging, prefix="manifests/")]
+    return sorted({n.split("/")[1] for n in names if n.endswith("summary.json")})
+
+
+# --- import checks -----------------------------------------------------------------------------
+
+
+def conflict_scenario(env: Env) -> dict[str, Uploaded]:
+    """Batch 1: one file. Batch 2: its conflicting twin, its identical re-send, a file the
+    emulator rejects (truncated pixel data passes the header check), and valid files."""
+    study, series, sop = (pydicom.uid.generate_uid() for _ in range(3))
+    first = env.upload("a/first.dcm", make_instance(study, series, sop))
+    env.ingest([first])
+    env.import_all()
+    files = {
+        "first": first,
+        "twin": env.upload("b/twin.dcm", make_instance(study, series, sop, rows=6)),
+        "resent": env.upload("b/resent.dcm", make_instance(study, series, sop)),
+        "broken": env.upload("b/broken.dcm", make_instance(rows=8, pixel_bytes=10)),
+    }
+    for i in range(3):
+        files[f"ok{i}"] = env.upload(
+            f"b/ok{i}.dcm", make_instance(study, pydicom.uid.generate_uid())
+        )
+    env.ingest([f for k, f in files.items() if k != "first"])
+    env.import_all()
+    return files
+
+
+def test_import_checks_alert_once_per_subject_and_manifests_match_the_store(env: Env) -> None:
+    files = conflict_scenario(env)
+    alerts_seen = env.pull()
+    kinds = by_kind(alerts_seen)
+    assert sorted(kinds) == ["conflict", "import_failed"], kinds
+    assert len(kinds["conflict"]) == 1 and len(kinds["import_failed"]) == 1
+    failed, conflict = kinds["import_failed"][0], kinds["conflict"][0]
+    assert failed["body"]["details"]["samples"] == [env.label(files["broken"])]
+    assert failed["body"]["details"]["reasons"] == {"not-in-store": 1}
+    assert conflict["body"]["details"]["samples"] == [env.label(files["twin"])]
+    assert conflict["body"]["details"]["reasons"] == {"checksum-mismatch": 1}
+    for m in alerts_seen:
+        assert m["body"]["schemaVersion"] == 1
+        assert m["attributes"]["dicomStore"] == env.store
+        assert m["attributes"]["kind"] == m["body"]["kind"]
+        assert m["attributes"]["alertId"] == m["body"]["alertId"]
+
+    expected = {
+        "first": "imported",
+        "resent": "duplicate",
+        "twin": "conflict",
+        "broken": "failed",
+        "ok0": "imported",
+        "ok1": "imported",
+        "ok2": "imported",
+    }
+    assert {name: env.entry(obj).status for name, obj in files.items()} == expected
+
+    # The manifests agree with the store, file by file.
+    sops = stored_sops(env)
+    second = verified_batches(env)[-1]
+    success = manifest_lines(env, second, "success")
+    failure = manifest_lines(env, second, "failure")
+    assert {line["key"]: line["status"] for line in success + failure} == {
+        env.key(f): s for n, f in files.items() if n != "first" for s in [expected[n]]
+    }
+    for line in success:
+        assert line["sop"] in sops
+    for line in failure:
+        if line["status"] == "failed":
+            assert line["sop"] not in sops
+        else:
+            assert line["reason"] == "checksum-mismatch"
+            assert line["storedChecksum"] != line["checksum"]
+    summary = manifests.read_summary(env.gcs.bucket(env.staging), second)
+    assert summary is not None
+    assert summary["counts"] == {
+        "imported": 3,
+        "duplicate": 1,
+        "conflict": 1,
+        "failed": 1,
+        "total": 6,
+    }
+    assert summary["operation"]["counter"]["failure"] == 2
+    # Only the twin and its re-sent original share a SOP UID with other bytes: two WADOs.
+    assert summary["fetchedForChecksum"] == 2
+
+    # Staging copies: settled files gone, conflict and failure kept for inspection.
+    staged = {b.name for b in env.gcs.list_blobs(env.staging, prefix="batches/")}
+    for name, obj in files.items():
+        batch = env.entry(obj).batch
+        assert batch is not None
+        present = batches.staged_name(batch, env.key(obj)) in staged
+        assert present == (expected[name] in ("conflict", "failed")), name
+
+    # More ticks change nothing and send nothing.
+    env.clock.advance(120)
+    assert env.report_tick() == 200
+    assert env.pull() == []
+
+
+# --- outside operations, stalls ----------------------------------------------------------------
+
+
+def test_failing_import_started_outside_is_reported_once(env: Env) -> None:
+    api = healthcare_api(env.healthcare_url)
+    env.upload("manual/not-dicom.dcm", b"this is not a DICOM file" * 10)
+    env.upload("manual/good.dcm", make_instance())
+    stores = api.projects().locations().datasets().dicomStores()
+    bad = stores.import_(
+        name=env.store, body={"gcsSource": {"uri": f"gs://{env.landing}/manual/**.dcm"}}
+    ).execute()
+    env.upload("manual2/good.dcm", make_instance())
+    good = stores.import_(
+        name=env.store, body={"gcsSource": {"uri": f"gs://{env.landing}/manual2/**.dcm"}}
+    ).execute()
+    operations_api = api.projects().locations().datasets().operations()
+    for op in (bad, good):
+        deadline = time.monotonic() + 30
+        while not operations_api.get(name=op["name"]).execute().get("done"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    for _ in range(3):
+        assert env.report_tick() == 200
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["operation_failed"]
+    body = got[0]["body"]
+    assert body["subject"] == bad["name"]
+    assert body["details"]["operationCounter"] == {"success": 1, "failure": 1}
+    assert "gs://" not in json.dumps(body)  # object names are labelled, not spelled out
+
+
+def test_export_held_past_the_threshold_raises_one_stalled_alert(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,
+    apps: dict[str, Any],
+) -> None:
+    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_STALLED_SECONDS="2")
+    api = healthcare_api(env.healthcare_url)
+    env.knobs(operation_latency=6.0)
+    try:
+        op = (
+            api.projects()
+            .locations()
+            .datasets()
+            .dicomStores()
+            .export(
+                name=env.store,
+                body={"gcsDestination": {"uriPrefix": f"gs://{env.ctx.settings.backup_bucket}/x"}},
+            )
+            .execute()
+        )
+        assert env.report_tick() == 200
+        assert env.pull() == []  # not running long enough yet
+        time.sleep(2.5)
+        env.clock.advance(2.5)
+        for _ in range(3):
+            assert env.report_tick() == 200
+    finally:
+        env.knobs(operation_latency=0.0)
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["stalled"]
+    assert got[0]["body"]["details"]["operation"] == op["name"]
+    assert got[0]["body"]["details"]["operationKind"] == "export"
+
+
+# --- healthy burst -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_healthy_burst_of_2000_with_duplicate_deliveries_gives_zero_alerts(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,
+    apps: dict[str, Any],
+) -> None:
+    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_BATCH_MAX_FILES="600")
+    logging.getLogger().setLevel(logging.WARNING)  # 4,000 deliveries of INFO lines are noise
+    instances = list(generate_studies(20, 2, 50))
+    assert len(instances) == 2000
+
+    def put(item: tuple[int, Any]) -> Uploaded:
+        number, generated = item
+        return env.upload(f"burst/{number:05d}.dcm", generated.data)
+
+    with ThreadPoolExecutor(8) as pool:
+        uploaded = list(pool.map(put, enumerate(instances)))
+    # Every event twice (at-least-once delivery), and 50 files re-sent under a new name.
+    resent = [env.upload(f"again/{i:05d}.dcm", instances[i].data) for i in range(50)]
+    env.ingest(uploaded + resent, repeats=2)
+    env.import_all(timeout=150)
+    assert env.pull() == []
+    totals = ledger.totals(list(ledger.list_entries(env.gcs.bucket(env.staging))))
+    assert totals["imported"] == 2000 and totals["duplicate"] == 50, totals
+    assert sum(totals.values()) == 2050
+    assert len(stored_sops(env)) == 2000
+    assert not [
+        n for n in env.gcs.list_blobs(env.staging, prefix="batches/") if n.name.endswith(".dcm")
+    ]
+
+
+# --- crash safety ------------------------------------------------------------------------------
+
+
+CRASHPOINTS = [
+    "listed",
+    "exports",
+    "retired",
+    "verified",
+    "manifests",
+    "ledger",
+    "alerts",
+    "summary",
+    "staging",
+    "outside",
+    "stalled",
+    "backlog",
+    "quarantine",
+]
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, points: set[str]) -> list[str]:
+    """Crash the first time the tick reaches each of ``points``; returns where it crashed."""
+    hit: list[str] = []
+
+    def point(step: str) -> None:
+        if step in points and step not in hit:
+            hit.append(step)
+            raise Crash(step)
+
+    monkeypatch.setattr(report, "crashpoint", point)
+    return hit
+
+
+def crash_after_publish(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each alert's first publish reaches Pub/Sub, then the function dies."""
+    original = alerts._publish
+    crashed: list[str] = []
+
+    def publish(ctx: Any, settings: Any, alert: alerts.Alert) -> str:
+        message_id = original(ctx, settings, alert)
+        if alert.alert_id not in crashed:
+            crashed.append(alert.alert_id)
+            raise Crash(f"after publishing {alert.kind}")
+        return message_id
+
+    monkeypatch.setattr(alerts, "_publish", publish)
+    return crashed
+
+
+def crash_scenario(env: Env) -> None:
+    """Files giving import_failed, conflict and quarantined; a failing outside import."""
+    study, series, sop = (pydicom.uid.generate_uid() for _ in range(3))
+    files = [
+        env.upload("c/a.dcm", make_instance(study, series, sop)),
+        env.upload("c/b.dcm", make_instance(study, series, sop, rows=6)),
+        env.upload("c/broken.dcm", make_instance(rows=8, pixel_bytes=10)),
+        env.upload("c/ok.dcm", make_instance()),
+        env.upload("c/junk.dcm", b"not dicom at all" * 20),
+    ]
+    env.ingest(files)
+    env.upload("manual/junk.dcm", b"junk" * 100)
+    api = healthcare_api(env.healthcare_url)
+    api.projects().locations().datasets().dicomStores().import_(
+        name=env.store, body={"gcsSource": {"uri": f"gs://{env.landing}/manual/**.dcm"}}
+    ).execute()
+
+
+def run_until_settled(env: Env, limit: int = 60) -> list[int]:
+    env.clock.advance(
+        env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds + 120
+    )
+    statuses: list[int] = []
+    bucket = env.gcs.bucket(env.staging)
+    for _ in range(limit):
+        env.ingest_tick()
+        statuses.append(env.report_tick())
+        busy = any(
+            batches.list_ids(bucket, p)
+            for p in (batches.OPEN_PREFIX, batches.ACTIVE_PREFIX, batches.FINISHED_PREFIX)
+        )
+        if not busy and statuses[-1] == 200 and statuses[-2:] == [200, 200]:
+            return statuses
+        time.sleep(0.2)
+    raise AssertionError(f"not settled: {statuses}")
+
+
+def test_without_crashes_each_alert_arrives_exactly_once(env: Env) -> None:
+    crash_scenario(env)
+    run_until_settled(env)
+    got = env.pull()
+    assert sorted(m["body"]["kind"] for m in got) == [
+        "conflict",
+        "import_failed",
+        "operation_failed",
+        "quarantined",
+    ]
+    assert len({m["body"]["alertId"] for m in got}) == 4
+
+
+@pytest.mark.parametrize("mode", ["steps", "publish"])
+def test_crash_at_each_step_repeats_alerts_with_the_same_id(
+    env: Env, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    crash_scenario(env)
+    if mode == "steps":
+        hit = crash_at(monkeypatch, set(CRASHPOINTS))
+    else:
+        hit = crash_after_publish(monkeypatch)
+    statuses = run_until_settled(env, limit=80)
+    assert 500 in statuses
+    got = env.pull()
+    subjects: dict[tuple[str, str], set[str]] = {}
+    for m in got:
+        subjects.setdefault((m["body"]["kind"], m["body"]["subject"]), set()).add(
+            m["body"]["alertId"]
+        )
+    assert sorted(k for k, _ in subjects) == [
+        "conflict",
+        "import_failed",
+        "operation_failed",
+        "quarantined",
+    ]
+    assert all(len(ids) == 1 for ids in subjects.values()), subjects
+    if mode == "steps":
+        assert {"listed", "verified", "manifests", "ledger", "alerts", "summary"} <= set(hit)
+    else:
+        assert len(hit) == 4 and len(got) >= 8  # each alert went out twice, same id
+
+
+# --- no PHI ------------------------------------------------------------------------------------
+
+
+def phi_values() -> set[str]:
+    """PatientName and PatientID of every readable sample file, 4 characters or longer.
+
+    Shorter values ('', 'A', '123') are skipped: they occur by chance inside UIDs,
+    hashes and counts, and cannot identify anyone on their own.
+    """
+    found: set[str] = set()
+    for path in sample_files():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+                values = [str(ds.get("PatientName", "") or ""), str(ds.get("PatientID", "") or "")]
+        except Exception:
+            continue
+        for value in values:
+            value = value.strip()
+            if len(value) >= 4:
+                found.add(value)
+                found.update(p for p in value.split("^") if len(p) >= 4)
+    return found
+
+
+def test_no_phi_in_logs_or_alerts_from_the_sample_corpus(env: Env) -> None:
+    values = phi_values()
+    assert len(values) > 10  # the corpus does carry names and ids
+    stream = io.StringIO()
+    log.configure(logging.DEBUG, stream)
+    files = [
+        env.upload(f"corpus/{i:04d}.dcm", path.read_bytes())
+        for i, path in enumerate(sample_files())
+    ]
+    env.ingest(files)
+    env.import_all(timeout=150)
+    env.clock.advance(600)
+    assert env.report_tick() == 200
+    got = env.pull()
+    kinds = {m["body"]["kind"] for m in got}
+    assert {"quarantined", "import_failed"} <= kinds, kinds  # the corpus has broken files
+    texts = stream.getvalue().splitlines() + [
+        json.dumps(m["body"]) + json.dumps(m["attributes"]) for m in got
+    ]
+    assert len(texts) > 100
+    patterns = [
+        re.compile(r"(?<![0-9A-Za-z])" + re.escape(v) + r"(?![0-9A-Za-z])", re.IGNORECASE)
+        for v in sorted(values)
+    ]
+    hits = [(p.pattern, t[:200]) for t in texts for p in patterns if p.search(t)]
+    assert hits == []
+
+
+# --- a check that the checks can fail ----------------------------------------------------------
+
+
+def test_verification_sees_an_instance_deleted_behind_its_back(env: Env) -> None:
+    """The verdict comes from the store, not the operation: delete one instance before
+    the report runs, and that file becomes import_failed even though the import succeeded."""
+    objects = [env.upload(f"d/{i}.dcm", make_instance()) for i in range(3)]
+    env.ingest(objects)
+    env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
+    env.ingest_tick()
+    bucket = env.gcs.bucket(env.staging)
+    deadline = time.monotonic() + 30
+    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        env.ingest_tick()
+    victim = env.entry(objects[1]).uids
+    assert victim is not None
+    env.ctx.dicomweb().delete_instance(victim.study, victim.series, victim.sop)
+    assert env.report_tick() == 200
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["import_failed"]
+    assert got[0]["body"]["details"]["samples"] == [env.label(objects[1])]
+    assert [env.entry(o).status for o in objects] == ["imported", "failed", "imported"]
