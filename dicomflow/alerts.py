@@ -111,6 +111,12 @@ def _phi_keywords() -> frozenset[str]:
             "PatientTelephoneNumbers",
         )
     )
+    # Generic words that are also DICOM keywords; the pipeline's own dates (the export
+    # date, creation times of objects and operations) are not about a patient.
+    found.difference_update(
+        {"date", "time", "datetime", "creationdate", "creationtime", "expirydate"}
+    )
+    found.discard("templateversion")
     return frozenset(found)
 
 
@@ -294,6 +300,8 @@ class _Lease:
 
     def load(self) -> bool:
         """Read the marker; False when it does not exist."""
+        # A fresh Blob each time: one that knows a generation downloads that old version.
+        self.blob = self.blob.bucket.blob(self.blob.name)
         try:
             raw = self.blob.download_as_bytes()
         except gexc.NotFound:

@@ -392,6 +392,8 @@ def settled_paths(
 
 
 def _read_json(blob: storage.Blob) -> tuple[dict[str, Any], int] | None:
+    # A fresh Blob: one that knows a generation would download that old version.
+    blob = blob.bucket.blob(blob.name)
     try:
         raw = retry.call(blob.download_as_bytes)
     except gexc.NotFound:

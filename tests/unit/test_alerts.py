@@ -188,3 +188,8 @@ def test_alert_built_from_sample_files_never_holds_their_patient_names() -> None
     )
     leaked = [n for n in names if n.lower() in text.lower()]
     assert leaked == []
+
+
+def test_pipeline_dates_are_not_mistaken_for_phi() -> None:
+    details = {"date": "2026-11-25", "time": "x", "createTime": "y", "endTime": "z"}
+    assert alerts.build_alert("export_failed", "s", "ERROR", STORE, details, NOW).details == details
