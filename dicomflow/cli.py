@@ -133,9 +133,104 @@ def _stderr_console() -> Any:
     return Console(file=sys.stderr)
 
 
+# ---- export ----------------------------------------------------------------------------------
+
+
+def _export_date(text: str) -> Any:
+    from dicomflow import export
+
+    try:
+        return export.parse_day(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _export_mime(text: str) -> str:
+    from dicomflow.config import parse_mime_type
+
+    try:
+        parse_mime_type(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_export(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    from dicomflow.config import EXPORT_MODES
+
+    parser = subparsers.add_parser(
+        "export",
+        parents=[common],
+        help="back up the store to its dated folder now (same path as the schedule)",
+        description=(
+            "Start the export of the DICOM store to gs://BACKUP_BUCKET/PREFIX/<date>/, "
+            "once per date: a date that already has an export reports it, unless --force."
+        ),
+    )
+    parser.add_argument("--date", type=_export_date, help="YYYY-MM-DD, UTC (default: today)")
+    parser.add_argument("--mode", choices=EXPORT_MODES, help="default: DICOMFLOW_EXPORT_MODE")
+    parser.add_argument(
+        "--mime-type", type=_export_mime, help="default: DICOMFLOW_EXPORT_MIME_TYPE"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rerun a date whose export already finished"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="follow the operation, then write the manifest"
+    )
+    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    parser.set_defaults(handler=cmd_export)
+
+
+def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """Start (or find) the date's export; with --wait, show progress until it is settled."""
+    from rich.progress import Progress
+
+    from dicomflow import export
+
+    ctx = make_ctx()
+    options: dict[str, Any] = {
+        "day": args.date,
+        "mode": args.mode or ctx.settings.export_mode,
+        "mime_type": args.mime_type or ctx.settings.export_mime_type,
+        "force": args.force,
+        "wait": args.wait,
+        "timeout": args.timeout,
+    }
+    try:
+        if args.wait:
+            with Progress(
+                console=_stderr_console() if args.json else None, transient=args.json
+            ) as bar:
+                task = bar.add_task("export", total=None)
+
+                def show(p: dict[str, Any]) -> None:
+                    done = p["counter"].get("success", 0) + p["counter"].get("failure", 0)
+                    total = p["expected"].get("instances")
+                    bar.update(task, completed=done, total=total, description=p["state"])
+
+                result = export.run_command(ctx, on_progress=show, **options)
+        else:
+            result = export.run_command(ctx, **options)
+    except DicomflowError as exc:
+        print(f"dicomflow export: {exc}", file=sys.stderr)
+        return 1
+    lines = [
+        f"export {result.get('date')} attempt {result.get('attempt')}: {result['status']}",
+        f"  destination: {result.get('destination')}",
+        f"  operation: {result.get('operation')}",
+        f"  expected: {result.get('expected')}",
+    ]
+    if result.get("manifest"):
+        lines.append(f"  manifest: {result['manifest']}")
+    lines += [f"  problem: {p}" for p in result.get("problems") or []]
+    _emit(args, result, "\n".join(lines))
+    return 1 if result["status"] in ("failed", "timeout") else 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [add_backfill]
+SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [add_backfill, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
