@@ -59,7 +59,8 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -193,8 +194,13 @@ def check_mode(mode: str) -> str:
 
 
 def is_image_mime(mime_type: str) -> bool:
-    """True when the export writes pixel data (one object per frame), not DICOM files."""
+    """True when the export writes pixel data (png, jpeg, octet-stream), not DICOM files."""
     return parse_mime_type(mime_type)[0] != "application/dicom"
+
+
+def is_per_frame_mime(mime_type: str) -> bool:
+    """True for rendered images: one object per frame of a multi-frame instance."""
+    return parse_mime_type(mime_type)[0] in ("image/png", "image/jpeg")
 
 
 def export_request(destination: str, mime_type: str, paths_uri: str | None) -> dict[str, Any]:
@@ -214,13 +220,21 @@ def resource_path(study: str, series: str, sop: str) -> str:
 
 @dataclass(frozen=True)
 class Counts:
-    """Instances and objects: what the export should write, or what was found."""
+    """Instances and objects: what the export should write, or what was found.
+
+    ``skipped``: instances the format cannot hold (no pixel data in an image export);
+    the service counts them as failures.
+    """
 
     instances: int
     objects: int
+    skipped: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"instances": self.instances, "objects": self.objects}
+        out = {"instances": self.instances, "objects": self.objects}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
 
 
 def _tag_value(instance: Mapping[str, Any], tag: str) -> Any:
@@ -235,17 +249,19 @@ def expected_counts(qido_instances: Iterable[Mapping[str, Any]], mime_type: str)
         return Counts(len(items), len(items))
     # A server that honours includefield=Rows omits it only for instances without pixels.
     rows_reported = any("00280010" in item for item in items)
-    instances = objects = 0
+    per_frame = is_per_frame_mime(mime_type)
+    instances = objects = skipped = 0
     for item in items:
         if rows_reported and _tag_value(item, "00280010") is None:
+            skipped += 1
             continue
         try:
             frames = int(_tag_value(item, "00280008") or 1)
         except (TypeError, ValueError):
             frames = 1
         instances += 1
-        objects += frames if frames > 1 else 1
-    return Counts(instances, objects)
+        objects += frames if per_frame and frames > 1 else 1
+    return Counts(instances, objects, skipped)
 
 
 def instance_key(relative_name: str) -> str | None:
@@ -326,8 +342,8 @@ def build_manifest(
             problems.append("operation not done")
         if error:
             problems.append(f"operation failed: code {error.get('code')}")
-        failures = _counter(operation, "failure")
-        if failures:
+        failures = _counter(operation, "failure") or 0
+        if failures > int(expected.get("skipped") or 0):
             problems.append(f"operation counted {failures} failures")
     want_instances = expected.get("instances")
     want_objects = expected.get("objects")
@@ -813,7 +829,7 @@ def settle_exports(
                 results.append(_summary(doc, "running"))
                 continue
             results.append(_finish(ctx, day, doc, generation, operation))
-        elif state == FAILED and not doc.get("manifest"):
+        elif state == FAILED and "finishedAt" not in doc:
             results.append(_finish(ctx, day, doc, generation, None))
     return results
 
@@ -829,10 +845,19 @@ def _finish(
     settings: Settings = ctx.settings
     folder = doc["folder"]
     backups = ctx.storage.bucket(settings.backup_bucket)
-    names = [b.name for b in ctx.storage.list_blobs(backups, prefix=folder)]
+    try:
+        names = [b.name for b in ctx.storage.list_blobs(backups, prefix=folder)]
+    except gexc.NotFound:
+        names = []
     manifest = build_manifest(doc, operation, found_counts(names, folder), ctx.clock())
-    manifest = _put_manifest(backups.blob(folder + MANIFEST_NAME), manifest)
-    manifest_uri = f"gs://{settings.backup_bucket}/{folder}{MANIFEST_NAME}"
+    manifest_uri: str | None = f"gs://{settings.backup_bucket}/{folder}{MANIFEST_NAME}"
+    try:
+        manifest = _put_manifest(backups.blob(folder + MANIFEST_NAME), manifest)
+    except gexc.NotFound:
+        # The backup bucket is gone: nothing to write into; the marker and the alert say so.
+        manifest["complete"] = False
+        manifest["problems"].append(f"backup bucket {settings.backup_bucket} not found")
+        manifest_uri = None
     if not manifest["complete"]:
         alert = alerts.build_alert(
             "export_failed",
@@ -897,3 +922,61 @@ def _put_manifest(blob: storage.Blob, manifest: dict[str, Any]) -> dict[str, Any
             return manifest
         except gexc.PreconditionFailed:
             continue
+
+
+# --- by hand (``python -m dicomflow export``) ---------------------------------------------------
+
+
+def run_command(
+    ctx: Any,
+    *,
+    day: date | None,
+    mode: str,
+    mime_type: str,
+    force: bool = False,
+    wait: bool = False,
+    timeout: float | None = None,
+    poll_seconds: float = 2.0,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The same path as the schedule, run by hand; with ``wait``, settle it when done.
+
+    The date defaults to today (UTC). A manual run's "tick" is now, which is
+    also where an incremental export's window ends.
+
+    ``on_progress`` gets ``{"state", "operation", "counter", "expected"}`` at each poll.
+    """
+    now = ctx.clock()
+    day = day or now.astimezone(UTC).date()
+    result = start_export(ctx, day, mode=mode, mime_type=mime_type, tick=now, force=force)
+    if not wait:
+        return result
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        found = read_marker(ctx, day)
+        if found is None:
+            return result
+        doc = found[0]
+        state = doc.get("state")
+        if state in FINAL_STATES:
+            return {**_summary(doc, str(state)), "problems": doc.get("problems", [])}
+        if state == RUNNING:
+            operation = get_operation(ctx, doc["operation"])
+            if on_progress is not None:
+                counter = (operation.get("metadata") or {}).get("counter") or {}
+                on_progress(
+                    {
+                        "state": state,
+                        "operation": doc["operation"],
+                        "counter": {k: int(v) for k, v in counter.items()},
+                        "expected": doc.get("expected") or {},
+                    }
+                )
+            if operation.get("done"):
+                settle_exports(ctx, ctx.clock(), days=[day])
+                continue
+        elif state == STARTING:
+            settle_exports(ctx, ctx.clock(), days=[day])
+        if deadline is not None and time.monotonic() > deadline:
+            return {**_summary(doc, "timeout"), "problems": ["still running at the timeout"]}
+        time.sleep(poll_seconds)

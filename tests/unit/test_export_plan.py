@@ -178,7 +178,10 @@ def test_expected_counts_dicom_is_one_object_per_instance() -> None:
 
 def test_expected_counts_images_are_per_frame_and_skip_instances_without_pixels() -> None:
     items = [_qido("1", 10, 5), _qido("2"), _qido("3", 4), _qido("4", 4, 1)]
-    assert export.expected_counts(items, "image/png") == export.Counts(3, 5 + 1 + 1)
+    assert export.expected_counts(items, "image/png") == export.Counts(3, 5 + 1 + 1, skipped=1)
+    # Raw pixel data is one object per instance, whatever the frames.
+    raw = export.expected_counts(items, "application/octet-stream")
+    assert raw == export.Counts(3, 3, skipped=1)
 
 
 def test_expected_counts_images_when_server_ignores_includefield() -> None:
@@ -262,6 +265,15 @@ def test_manifest_complete_when_everything_matches() -> None:
 
 def test_full_export_may_find_more_than_counted_at_start() -> None:
     assert export.build_manifest(_marker(), _operation(), export.Counts(4, 4), NOW)["complete"]
+
+
+def test_failures_of_instances_without_pixels_are_allowed_in_image_exports() -> None:
+    marker = {**_marker(), "expected": {"instances": 3, "objects": 3, "skipped": 1}}
+    assert export.build_manifest(marker, _operation(failure="1"), export.Counts(3, 3), NOW)[
+        "complete"
+    ]
+    manifest = export.build_manifest(marker, _operation(failure="2"), export.Counts(3, 3), NOW)
+    assert manifest["problems"] == ["operation counted 2 failures"]
 
 
 def test_incremental_must_match_exactly() -> None:
