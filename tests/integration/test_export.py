@@ -1,0 +1,612 @@
+"""Issue 6 acceptance: scheduled exports on the local cloud.
+
+fake-gcs-server, the Healthcare emulator and Pub/Sub (emulator or fallback).
+Ticks go through functions-framework as Cloud Scheduler -> Pub/Sub -> Eventarc
+would deliver them; report's part (``settle_exports``) is called directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import functions_framework
+import pydicom
+import pytest
+from cloudevents.http import CloudEvent
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicomflow import cli, export, ledger, runtime
+from dicomflow.config import load_settings
+from dicomflow.events import MESSAGE_PUBLISHED
+from localcloud.corpus import sample_files
+from localcloud.healthcare import HealthcareServer
+from localcloud.pubsub import PubSubServer, start_pubsub
+from localcloud.storage import StorageServer
+from tests.ingest_support import (
+    PATIENT_NAME,
+    Clock,
+    finalize_event,
+    make_instance,
+    post,
+    tick_event,
+    upload,
+)
+
+PARENT = "projects/local/locations/us-central1"
+DAY = date(2026, 11, 25)
+TICK = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def pubsub() -> Iterator[PubSubServer]:
+    server = start_pubsub(kind="auto")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def apps() -> dict[str, Any]:
+    return {
+        name: functions_framework.create_app(name, "main.py", "cloudevent")
+        for name in ("export", "ingest", "report")
+    }
+
+
+def close_thread_clients(ctx: runtime.Context) -> None:
+    """Close the calling thread's API clients (their keep-alive sockets)."""
+    local = ctx._local
+    for name in ("healthcare", "pubsub"):
+        client = getattr(local, name, None)
+        if client is not None:
+            client.close()
+            delattr(local, name)
+    dicomweb = getattr(local, "dicomweb", None)
+    if dicomweb is not None:
+        dicomweb._session.close()
+        delattr(local, "dicomweb")
+
+
+@dataclass
+class Env:
+    ctx: runtime.Context
+    clock: Clock
+    apps: dict[str, Any]
+    landing: str
+    staging: str
+    backups: str
+    dataset: str
+    subscription: str
+    healthcare_url: str
+    alerts_seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def gcs(self) -> Any:
+        return self.ctx.storage
+
+    def tick(self, publish: datetime, message_id: str | None = None) -> int:
+        """Deliver one export tick; the same ``message_id`` is a redelivery."""
+        return post(self.apps["export"].test_client(), export_tick(publish, message_id))
+
+    def settle(self, day: date = DAY, timeout: float = 60.0) -> dict[str, Any]:
+        """Run report's part until the date's marker is final; the marker."""
+        deadline = time.monotonic() + timeout
+        while True:
+            export.settle_exports(self.ctx, self.clock())
+            found = export.read_marker(self.ctx, day)
+            assert found is not None
+            if found[0]["state"] in export.FINAL_STATES:
+                return found[0]
+            assert time.monotonic() < deadline, f"export still {found[0]['state']}"
+            time.sleep(0.2)
+
+    def objects(self, day: date = DAY) -> dict[str, bytes]:
+        folder = export.dated_folder(self.ctx.settings, day)
+        return {
+            b.name.removeprefix(folder): b.download_as_bytes()
+            for b in self.gcs.list_blobs(self.backups, prefix=folder)
+        }
+
+    def manifest(self, day: date = DAY) -> dict[str, Any]:
+        return dict(json.loads(self.objects(day)[export.MANIFEST_NAME]))
+
+    def export_operations(self) -> list[dict[str, Any]]:
+        ops = (
+            self.ctx.healthcare()
+            .projects()
+            .locations()
+            .datasets()
+            .operations()
+            .list(name=self.dataset, pageSize=100)
+            .execute()
+            .get("operations", [])
+        )
+        return [o for o in ops if "Export" in o.get("metadata", {}).get("apiMethodName", "")]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """New alerts on the topic, acknowledged; also kept in ``alerts_seen``."""
+        subs = self.ctx.pubsub().projects().subscriptions()
+        got: list[dict[str, Any]] = []
+        for _ in range(3):
+            resp = subs.pull(
+                subscription=self.subscription, body={"maxMessages": 100, "returnImmediately": True}
+            ).execute()
+            received = resp.get("receivedMessages", [])
+            if received:
+                subs.acknowledge(
+                    subscription=self.subscription,
+                    body={"ackIds": [m["ackId"] for m in received]},
+                ).execute()
+            got.extend(
+                {
+                    "body": json.loads(base64.b64decode(m["message"]["data"])),
+                    "attributes": m["message"].get("attributes", {}),
+                }
+                for m in received
+            )
+        self.alerts_seen.extend(got)
+        return got
+
+    def store_instances(self, files: list[bytes]) -> None:
+        client = self.ctx.dicomweb()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            datasets = [pydicom.dcmread(io.BytesIO(f)) for f in files]
+        client.store_instances(datasets=datasets)
+
+    def knobs(self, **values: Any) -> None:
+        request = urllib.request.Request(
+            f"{self.healthcare_url}/_emulator/knobs",
+            data=json.dumps(values).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
+
+def export_tick(publish: datetime, message_id: str | None = None) -> CloudEvent:
+    """A Cloud Scheduler tick as Eventarc delivers it (messagePublished)."""
+    published = publish.isoformat().replace("+00:00", "Z")
+    message_id = message_id or uuid.uuid4().hex[:16]
+    return CloudEvent(
+        {
+            "type": MESSAGE_PUBLISHED,
+            "source": "//pubsub.googleapis.com/projects/local/topics/dicomflow-export",
+            "id": message_id,
+            "time": published,
+        },
+        {
+            "subscription": "projects/local/subscriptions/dicomflow-export",
+            "message": {
+                "data": base64.b64encode(b'{"tick":"export"}').decode(),
+                "messageId": message_id,
+                "publishTime": published,
+            },
+        },
+    )
+
+
+_made: list[Env] = []
+
+
+@pytest.fixture(autouse=True)
+def _cleanup() -> Iterator[None]:
+    yield
+    while _made:
+        env = _made.pop()
+        close_thread_clients(env.ctx)
+        env.gcs.close()
+    runtime.set_context(None)
+
+
+@pytest.fixture
+def make_env(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,
+    apps: dict[str, Any],
+) -> Any:
+    def make(**extra: str) -> Env:
+        suffix = uuid.uuid4().hex[:10]
+        gcs = gcs_server.client()
+        landing, staging, backups = f"landing-{suffix}", f"staging-{suffix}", f"backups-{suffix}"
+        for name in (landing, staging, backups):
+            gcs.create_bucket(name)
+        settings = load_settings(
+            {
+                "DICOMFLOW_DICOM_STORE": f"{PARENT}/datasets/ds-{suffix}/dicomStores/store",
+                "DICOMFLOW_LANDING_BUCKET": landing,
+                "DICOMFLOW_STAGING_BUCKET": staging,
+                "DICOMFLOW_BACKUP_BUCKET": backups,
+                "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+                "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
+                "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
+                "STORAGE_EMULATOR_HOST": gcs_server.url,
+                "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
+                **extra,
+            }
+        )
+        clock = Clock(TICK + timedelta(minutes=5))
+        ctx = runtime.Context(settings=settings, storage=gcs, clock=clock)
+        datasets = ctx.healthcare().projects().locations().datasets()
+        datasets.create(parent=PARENT, datasetId=f"ds-{suffix}", body={}).execute()
+        dataset = f"{PARENT}/datasets/ds-{suffix}"
+        datasets.dicomStores().create(parent=dataset, dicomStoreId="store", body={}).execute()
+        topic = str(settings.alerts_topic)
+        subscription = f"projects/local/subscriptions/alerts-{suffix}"
+        ps = ctx.pubsub().projects()
+        ps.topics().create(name=topic, body={}).execute()
+        ps.subscriptions().create(
+            name=subscription, body={"topic": topic, "ackDeadlineSeconds": 30}
+        ).execute()
+        runtime.set_context(ctx)
+        env = Env(
+            ctx,
+            clock,
+            apps,
+            landing,
+            staging,
+            backups,
+            dataset,
+            subscription,
+            healthcare_server.url,
+        )
+        _made.append(env)
+        return env
+
+    return make
+
+
+def image(rows: int, columns: int, frames: int = 1, study: str | None = None) -> bytes:
+    """A small 8-bit MONOCHROME2 secondary capture with a patient name to look for."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.PatientName = PATIENT_NAME
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = bytes((i * 7) % 256 for i in range(rows * columns * frames))
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def sop_of(data: bytes) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return str(ds.SOPInstanceUID)
+
+
+def stored_sops(env: Env) -> set[str]:
+    return {i["00080018"]["Value"][0] for i in export.qido_instances(env.ctx, [])}
+
+
+def wait_operation(env: Env, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        op = export.get_operation(env.ctx, name)
+        if op.get("done"):
+            return op
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+# --- full backup of the pydicom corpus ----------------------------------------------------------
+
+
+def test_full_backup_of_the_corpus_round_trips_byte_for_byte(make_env: Any) -> None:
+    env = make_env()
+    sources: dict[str, bytes] = {
+        f"corpus/{i:03d}-{p.name}": p.read_bytes() for i, p in enumerate(sample_files())
+    }
+    bucket = env.gcs.bucket(env.landing)
+    for name, data in sources.items():
+        bucket.blob(name).upload_from_string(data)
+    op = (
+        env.ctx.healthcare()
+        .projects()
+        .locations()
+        .datasets()
+        .dicomStores()
+        .import_(
+            name=str(env.ctx.settings.dicom_store),
+            body={"gcsSource": {"uri": f"gs://{env.landing}/corpus/**"}},
+        )
+        .execute()
+    )
+    wait_operation(env, op["name"], timeout=120)
+    in_store = stored_sops(env)
+    assert len(in_store) > 50  # the corpus, less its broken and duplicate files
+
+    assert env.tick(TICK) == 200
+    marker = env.settle()
+    assert marker["state"] == export.COMPLETE, marker.get("problems")
+
+    objects = env.objects()
+    dcm = {n: d for n, d in objects.items() if n != export.MANIFEST_NAME}
+    assert all(n.endswith(".dcm") and n.count("/") == 2 for n in dcm)
+    # Every stored instance comes back, and each file is identical to an uploaded one.
+    assert {sop_of(d) for d in dcm.values()} == in_store
+    assert len(dcm) == len(in_store)
+    source_hashes = {hashlib.sha256(d).hexdigest() for d in sources.values()}
+    assert {hashlib.sha256(d).hexdigest() for d in dcm.values()} <= source_hashes
+    for name, data in dcm.items():
+        assert name.split("/")[2] == sop_of(data) + ".dcm"
+
+    manifest = env.manifest()
+    assert manifest["complete"] is True and manifest["problems"] == []
+    assert manifest["dicomStore"] == str(env.ctx.settings.dicom_store)
+    assert manifest["mode"] == "full"
+    assert manifest["mimeType"] == "application/dicom; transfer-syntax=*"
+    assert manifest["date"] == "2026-11-25"
+    assert manifest["destination"] == f"gs://{env.backups}/backups/2026-11-25/"
+    assert manifest["operation"]["name"] == marker["operation"]
+    assert manifest["operation"]["createTime"] and manifest["operation"]["endTime"]
+    assert manifest["operation"]["counter"]["success"] == len(in_store)
+    assert manifest["expected"] == {"instances": len(in_store), "objects": len(in_store)}
+    assert manifest["found"] == {"instances": len(dcm), "objects": len(dcm)}
+    assert env.alerts() == []
+
+
+# --- retried and concurrent ticks ---------------------------------------------------------------
+
+
+def test_retried_and_concurrent_ticks_start_one_export(make_env: Any) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(3)])
+
+    assert env.tick(TICK, "msg-1") == 200
+    assert env.tick(TICK, "msg-1") == 200  # the platform redelivers the same message
+
+    def concurrent(n: int) -> int:
+        try:
+            return env.tick(TICK + timedelta(seconds=n), f"msg-c{n}")
+        finally:
+            close_thread_clients(env.ctx)
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(concurrent, range(6))) == [200] * 6
+    # A late retry after midnight still lands on the tick's date.
+    env.clock.advance(24 * 3600)
+    assert env.tick(TICK + timedelta(hours=21, minutes=59), "msg-late") == 200
+
+    ops = env.export_operations()
+    assert len(ops) == 1
+    marker = env.settle()
+    assert marker["operation"] == ops[0]["name"]
+    assert marker["state"] == export.COMPLETE
+    assert env.manifest()["found"] == {"instances": 3, "objects": 3}
+    assert env.alerts() == []
+
+    # The next date gets its own export.
+    assert env.tick(TICK + timedelta(days=1)) == 200
+    assert len(env.export_operations()) == 2
+
+
+# --- incremental --------------------------------------------------------------------------------
+
+
+def ingest_and_import(env: Env, files: list[tuple[str, bytes]], timeout: float = 60.0) -> None:
+    """Upload, deliver finalize events, then tick ingest and report until all is settled."""
+    uploaded = [upload(env.gcs, env.landing, name, data) for name, data in files]
+    client = env.apps["ingest"].test_client()
+    for obj in uploaded:
+        assert post(client, finalize_event(obj, env.clock())) == 200
+    settings = env.ctx.settings
+    env.clock.advance(settings.batch_window_seconds + settings.seal_grace_seconds + 1)
+    staging = env.gcs.bucket(env.staging)
+    keys = {ledger.ledger_key(o.bucket, o.name, o.generation) for o in uploaded}
+    deadline = time.monotonic() + timeout
+    while True:
+        assert post(client, tick_event(env.clock())) == 200
+        assert post(env.apps["report"].test_client(), tick_event(env.clock())) == 200
+        entries = {e.key: e for e in ledger.list_entries(staging) if e.key in keys}
+        if len(entries) == len(keys) and all(e.status in ledger.FINAL for e in entries.values()):
+            assert {e.status for e in entries.values()} == {ledger.IMPORTED}
+            return
+        assert time.monotonic() < deadline, {e.status for e in entries.values()}
+        time.sleep(0.3)
+
+
+def test_incremental_exports_exactly_the_newly_ingested_instances(make_env: Any) -> None:
+    env = make_env(DICOMFLOW_EXPORT_MODE="incremental")
+    env.clock.now = TICK - timedelta(days=2)
+    first = [(f"day1/{i}.dcm", make_instance()) for i in range(5)]
+    ingest_and_import(env, first)
+
+    # Day 1: a full backup (by hand, as the CLI does) sets the baseline.
+    day1 = (TICK - timedelta(days=1)).date()
+    env.clock.now = TICK - timedelta(days=1)
+    started = export.start_export(
+        env.ctx, day1, mode="full", mime_type=env.ctx.settings.export_mime_type, tick=env.clock()
+    )
+    assert started["status"] == "started"
+    assert env.settle(day1)["state"] == export.COMPLETE
+
+    # 10 more instances are ingested during the day.
+    env.clock.advance(3600)
+    second = [(f"day2/{i}.dcm", make_instance()) for i in range(10)]
+    ingest_and_import(env, second)
+    new_sops = {sop_of(d) for _, d in second}
+
+    env.clock.now = TICK + timedelta(minutes=1)
+    assert env.tick(TICK) == 200
+    marker = env.settle()
+    assert marker["state"] == export.COMPLETE, marker.get("problems")
+    assert marker["mode"] == "incremental"
+    exported = {n: d for n, d in env.objects().items() if n != export.MANIFEST_NAME}
+    assert {sop_of(d) for d in exported.values()} == new_sops
+    assert len(exported) == 10
+    paths = env.gcs.bucket(env.staging).blob(export.paths_file_name(DAY, 1)).download_as_text()
+    assert len(paths.splitlines()) == 10
+    manifest = env.manifest()
+    assert manifest["complete"] is True
+    assert manifest["expected"] == {"instances": 10, "objects": 10}
+    assert manifest["resourcePathsGcsUri"] == f"gs://{env.staging}/{export.paths_file_name(DAY, 1)}"
+
+    # Nothing settled since: no export is started, and that is recorded.
+    operations_before = len(env.export_operations())
+    next_day = TICK + timedelta(days=1)
+    env.clock.now = next_day
+    assert env.tick(next_day) == 200
+    found = export.read_marker(env.ctx, next_day.date())
+    assert found is not None and found[0]["state"] == export.EMPTY
+    assert len(env.export_operations()) == operations_before
+    assert env.alerts() == []
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def test_png_export_writes_one_png_per_frame(make_env: Any) -> None:
+    env = make_env(DICOMFLOW_EXPORT_MIME_TYPE="image/png")
+    files = [image(12, 16, frames=3), image(8, 10), image(20, 6)]
+    env.store_instances(files)
+    sizes: dict[str, tuple[int, int, int]] = {}
+    for data in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data))
+            sizes[str(ds.SOPInstanceUID)] = (
+                int(ds.Columns),
+                int(ds.Rows),
+                int(ds.get("NumberOfFrames", 1) or 1),
+            )
+
+    assert env.tick(TICK) == 200
+    marker = env.settle()
+    assert marker["state"] == export.COMPLETE, marker.get("problems")
+    pngs = {n: d for n, d in env.objects().items() if n != export.MANIFEST_NAME}
+    assert len(pngs) == 3 + 1 + 1
+    per_instance: dict[str, int] = {}
+    for name, data in pngs.items():
+        assert name.endswith(".png")
+        parts = name.split("/")
+        sop = parts[2].removesuffix(".png")
+        per_instance[sop] = per_instance.get(sop, 0) + 1
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            assert img.format == "PNG"
+            assert img.size == sizes[sop][:2]
+    assert per_instance == {sop: frames for sop, (_, _, frames) in sizes.items()}
+    assert env.manifest()["expected"] == {"instances": 3, "objects": 5}
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+def test_injected_export_fault_raises_exactly_one_alert_and_no_complete_manifest(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(2)])
+    monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
+    env.knobs(faults="export=1.0:500")
+    try:
+        assert env.tick(TICK, "msg-1") == 200
+        assert env.tick(TICK, "msg-1") == 200  # redelivery
+        assert env.tick(TICK + timedelta(seconds=30), "msg-2") == 200  # another tick, same date
+        export.settle_exports(env.ctx, env.clock())
+        export.settle_exports(env.ctx, env.clock())
+    finally:
+        env.knobs(faults="")
+    got = env.alerts()
+    assert [a["body"]["kind"] for a in got] == ["export_failed"]
+    alert = got[0]
+    assert alert["attributes"]["kind"] == "export_failed"
+    assert alert["attributes"]["dicomStore"] == str(env.ctx.settings.dicom_store)
+    assert alert["body"]["details"]["date"] == "2026-11-25"
+    assert "HTTP 500" in json.dumps(alert["body"]["details"]["problems"])
+    assert "Confidential" not in json.dumps(alert)  # the instances' patient name
+    manifest = env.manifest()
+    assert manifest["complete"] is False
+    found = export.read_marker(env.ctx, DAY)
+    assert found is not None and found[0]["state"] == export.FAILED
+    assert env.export_operations() == []
+
+
+def test_partial_backup_is_never_complete_and_alerts_once(make_env: Any) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(4)])
+    assert env.tick(TICK) == 200
+    marker = export.read_marker(env.ctx, DAY)
+    assert marker is not None
+    wait_operation(env, marker[0]["operation"])
+    # One exported file goes missing before report looks (a partial backup).
+    folder = export.dated_folder(env.ctx.settings, DAY)
+    victim = next(iter(env.gcs.list_blobs(env.backups, prefix=folder)))
+    victim.delete()
+    assert env.settle()["state"] == export.FAILED
+    export.settle_exports(env.ctx, env.clock())
+    got = env.alerts()
+    assert [a["body"]["kind"] for a in got] == ["export_failed"]
+    assert "expected 4 instances, found 3" in got[0]["body"]["details"]["problems"]
+    manifest = env.manifest()
+    assert manifest["complete"] is False
+    assert manifest["found"] == {"instances": 3, "objects": 3}
+
+
+def test_missing_backup_bucket_fails_the_operation_and_alerts(make_env: Any) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4)])
+    env.gcs.bucket(env.backups).delete()
+    assert env.tick(TICK) == 200
+    marker = env.settle()
+    assert marker["state"] == export.FAILED
+    assert any("operation failed" in p for p in marker["problems"])
+    assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
+    make_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(2)])
+    argv = ["export", "--date", "2026-11-20", "--wait", "--json"]
+    assert cli.main(argv, make_ctx=lambda: env.ctx) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["status"] == "complete" and first["attempt"] == 1
+    assert first["manifest"] == f"gs://{env.backups}/backups/2026-11-20/_MANIFEST.json"
+
+    assert cli.main(["export", "--date", "2026-11-20", "--json"], make_ctx=lambda: env.ctx) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["status"] == "exists" and again["operation"] == first["operation"]
+
+    assert cli.main([*argv, "--force"], make_ctx=lambda: env.ctx) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert forced["status"] == "complete" and forced["attempt"] == 2
+    assert forced["operation"] != first["operation"]
+    assert env.manifest(date(2026, 11, 20))["attempt"] == 2
+    assert len(env.export_operations()) == 2
