@@ -12,6 +12,7 @@ Every name a user or a test needs is in ``Stack.env()`` (see ``ENV_NAMES``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -165,6 +166,7 @@ class Stack:
         self.urls: dict[str, str] = {}
         self.pubsub_kind = ""
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self._logs: list[IO[bytes]] = []
         self._storage: StorageServer | None = None
         self._pubsub: Any = None
@@ -189,6 +191,7 @@ class Stack:
         return handle
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self._commands[name] = (args, env)
         self._processes[name] = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -407,6 +410,41 @@ class Stack:
         tmp.write_text(json.dumps(self.state(), indent=2))
         tmp.replace(path)
         return path
+
+    def process_ids(self, name: str) -> list[int]:
+        """Pids of the process ``name`` (e.g. ``ingest``) and its children, for measurements."""
+        process = self._processes.get(name)
+        if process is None or process.poll() is not None:
+            return []
+        found, todo = [process.pid], [process.pid]
+        while todo:
+            children = Path(f"/proc/{todo.pop()}/task")
+            for task in children.glob("*/children") if children.exists() else ():
+                for pid in task.read_text().split():
+                    found.append(int(pid))
+                    todo.append(int(pid))
+        return found
+
+    def restart(self, name: str, kill: bool = True) -> None:
+        """Kill the process ``name`` (SIGKILL to its group, as a crash) and start it again.
+
+        Waits until it answers again (functions and the Healthcare emulator).
+        """
+        if name not in self._commands:
+            raise LocalCloudError(f"no process named {name!r} in this stack")
+        process = self._processes[name]
+        if process.poll() is None:
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            else:
+                _stop_process(process)
+        args, env = self._commands[name]
+        self._spawn(name, args, env)
+        url = self.urls.get(name)
+        if url:
+            self._wait(name, url)
 
     # -- shut-down ------------------------------------------------------------
 
