@@ -49,8 +49,10 @@ mode at least the expected counts, since ingest may add instances while
 the export runs). Anything else writes ``complete: false`` and raises one
 ``export_failed`` alert per date and attempt.
 
-Retention is a lifecycle rule on the backup bucket (``infra/``); this module
-never deletes a backup.
+Retention is the lifecycle rule on the backups bucket in ``infra/storage.tf``
+(``backup_retention_days``, matching ``PREFIX/``); this module never deletes a
+backup. The schedule (``export_schedule``, default 02:00) should stay clear of
+midnight UTC, since the folder is named after the tick's UTC date.
 """
 
 from __future__ import annotations

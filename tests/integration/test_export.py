@@ -412,6 +412,26 @@ def test_retried_and_concurrent_ticks_start_one_export(make_env: Any) -> None:
     assert len(env.export_operations()) == 2
 
 
+def test_start_that_crashed_after_its_claim_is_resumed_once(make_env: Any) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(2)])
+    # A tick claimed the date and died before calling export (its lease still runs).
+    claim = export._new_marker(
+        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, env.clock()
+    )
+    blob = env.gcs.bucket(env.staging).blob(export.marker_name(DAY))
+    blob.upload_from_string(json.dumps(claim), if_generation_match=0)
+    assert env.tick(TICK, "retry-too-early") == 200
+    export.settle_exports(env.ctx, env.clock())
+    assert env.export_operations() == []  # a live claim is left alone
+    env.clock.advance(export.START_LEASE_SECONDS + 1)
+    export.settle_exports(env.ctx, env.clock())  # report's tick takes it over
+    assert env.tick(TICK, "late-retry") == 200  # and a late retry does not start another
+    assert env.settle()["state"] == export.COMPLETE
+    assert len(env.export_operations()) == 1
+    assert env.alerts() == []
+
+
 # --- incremental --------------------------------------------------------------------------------
 
 
