@@ -826,7 +826,16 @@ def settle_exports(
                 )
             )
         elif state == RUNNING:
-            operation = get_operation(ctx, doc["operation"])
+            try:
+                operation = get_operation(ctx, doc["operation"])
+            except HttpError as exc:
+                if retry.status_of(exc) != 404:
+                    raise
+                # Gone (kept about 30 days, or deleted with its dataset): it cannot be
+                # checked, so the backup cannot be called complete.
+                doc["error"] = f"operation {doc['operation']} not found"
+                results.append(_finish(ctx, day, doc, generation, None))
+                continue
             if not operation.get("done"):
                 results.append(_summary(doc, "running"))
                 continue

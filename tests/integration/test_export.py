@@ -630,3 +630,23 @@ def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
     assert forced["operation"] != first["operation"]
     assert env.manifest(date(2026, 11, 20))["attempt"] == 2
     assert len(env.export_operations()) == 2
+
+
+def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4)])
+    claim = export._new_marker(
+        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, env.clock()
+    )
+    claim.update(
+        state=export.RUNNING,
+        operation=f"{env.dataset}/operations/does-not-exist",
+        expected={"instances": 1, "objects": 1},
+    )
+    blob = env.gcs.bucket(env.staging).blob(export.marker_name(DAY))
+    blob.upload_from_string(json.dumps(claim), if_generation_match=0)
+    marker = env.settle()
+    assert marker["state"] == export.FAILED
+    assert any("not found" in p for p in marker["problems"])
+    assert env.manifest()["complete"] is False
+    assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
