@@ -395,8 +395,8 @@ def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
 
     indexes = pmap(consult, present)
     for result, index in zip(present, indexes, strict=True):
-        if result.key not in ambiguous and result.status != FAILED:
-            continue
+        if result.key not in ambiguous and result.reason is None and result.status in SUCCESS:
+            continue  # decided from the index alone
         uids = result.entry.uids  # type: ignore[union-attr]
         assert uids is not None
         data = retrieve_bytes(ctx, uids.study, uids.series, uids.sop)
