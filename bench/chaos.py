@@ -1,0 +1,78 @@
+"""Chaos benchmark: M uploads under faults, repeats, reordering and crashes; then the invariants.
+
+See ``localcloud.chaos`` for the scenario. Prints the result and writes
+``bench/results/chaos.json``; exits 1 when an invariant is broken.
+
+Usage: ``python bench/chaos.py [--files M] [--seed S] [--kill-interval SECONDS]``
+(the acceptance size is ``--files 5000``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicomflow import log
+from localcloud.chaos import run_chaos
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--kill-interval", type=float, default=6.0)
+    parser.add_argument("--fault-rate", type=float, default=0.1)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
+    (home / "logs").mkdir()
+    with (home / "logs" / "bench.log").open("a") as stream:
+        log.configure(stream=stream)
+        started = time.monotonic()
+        result = run_chaos(
+            args.files,
+            home,
+            seed=args.seed,
+            fault_rate=args.fault_rate,
+            kill_interval=args.kill_interval,
+            settle_timeout=args.timeout,
+        )
+    seconds = round(time.monotonic() - started, 1)
+    out = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "files": result.uploads,
+        "broken": result.broken,
+        "faultRate": args.fault_rate,
+        "killIntervalSeconds": args.kill_interval,
+        "seconds": seconds,
+        "ok": result.ok,
+        "problems": result.problems,
+        "lost": sum(1 for p in result.problems if "missing" in p or "without" in p),
+        "falseAlerts": sum(1 for p in result.problems if "false alerts" in p),
+        **result.stats,
+    }
+    print(json.dumps(out, indent=2))
+    print(f"logs: {home / 'logs'}")
+    # The acceptance run (M >= 5000) keeps its own file; `make bench` writes chaos.json.
+    name = "chaos_5000.json" if args.files >= 5000 else "chaos.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
+    print("chaos:", "all invariants hold" if result.ok else "INVARIANTS BROKEN")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""A burst of uploads: dicomflow against the per-file-import baseline, in the same run.
+
+N generated CT instances are uploaded at once to the landing bucket of a
+fresh local cloud whose Healthcare emulator models a per-operation start
+latency and a concurrency quota (429 beyond it). First dicomflow ingests them
+(``main.py``), then, on another fresh local cloud with the same knobs and the
+same files, the baseline (``bench/baseline/main.py``: one import per
+finalize event, raise on 429 so the event is redelivered).
+
+Measured for each: seconds from the first upload until every instance is in
+the store; the upload time alone; import operations started and 429s met;
+Storage and Healthcare calls per file (counted by a proxy in front of each
+service, see ``localcloud.harness``); ingest CPU ms per file and peak RSS of
+the ingest function's processes. dicomflow's counts include the report
+function's verification and clean-up, measured until every ledger entry is
+final. Then a cost model per million files from the call counts and public
+list prices. Writes ``bench/results/ingest_burst.json`` and
+``ingest_burst.png``.
+
+Usage: ``python bench/ingest_burst.py [--instances N] [--latency S] [--quota K]``
+(the full size is ``--instances 5000``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicomflow import ledger
+from localcloud.corpus import generate_studies
+from localcloud.harness import MeasuredStack, process_usage
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BASELINE = ROOT / "bench" / "baseline" / "main.py"
+TICK_SECONDS = 2.0
+# dicomflow's windows scaled down with the emulator's start latency (seconds, not minutes).
+DICOMFLOW_ENV = {
+    "DICOMFLOW_BATCH_WINDOW_SECONDS": "5",
+    "DICOMFLOW_SEAL_GRACE_SECONDS": "2",
+}
+
+# Public list prices in USD, read on 2026-11-25 (the date of this benchmark's results).
+PRICES_DATE = "2026-11-25"
+PRICES = {
+    # https://cloud.google.com/storage/pricing (Standard storage, regional)
+    "storage_class_a_per_1000": 0.005,  # insert, rewrite/copy, list, patch
+    "storage_class_b_per_1000": 0.0004,  # get (metadata and media)
+    # https://cloud.google.com/functions/pricing (Cloud Run functions), beyond the free tier
+    "function_invocations_per_million": 0.40,
+    # https://cloud.google.com/healthcare-api/pricing: standard and multi-operation
+    # requests, 25,000 to 1 billion a month
+    "healthcare_requests_per_100000": 0.39,
+}
+CLASS_A = ("objects.insert", "objects.rewrite", "objects.copy", "objects.list", "objects.patch")
+CLASS_B = ("objects.get", "objects.download")
+
+
+def corpus(count: int) -> list[tuple[str, bytes]]:
+    """``count`` small CT instances in studies of 2 series x 50 instances."""
+    studies = -(-count // 100)
+    files = [
+        (f"burst/{g.study_uid[-10:]}/{g.series_uid[-10:]}/{g.sop_uid[-12:]}.dcm", g.data)
+        for g in generate_studies(studies, 2, 50, patient_name="BENCH^BURST")
+    ]
+    return files[:count]
+
+
+def upload(stack: MeasuredStack, files: list[tuple[str, bytes]], workers: int = 8) -> None:
+    bucket = stack.stack.storage_client().bucket(stack.stack.config.landing_bucket)
+
+    def put(item: tuple[str, bytes]) -> None:
+        bucket.blob(item[0]).upload_from_string(item[1], content_type="application/dicom")
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(put, files))
+
+
+def _operations(stack: MeasuredStack) -> int:
+    import sqlite3
+
+    index = stack.stack.config.home / "healthcare" / "index.sqlite3"
+    db = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        return int(
+            db.execute(
+                "SELECT count(*) FROM operations WHERE body LIKE '%ImportDicomData%'"
+            ).fetchone()[0]
+        )
+    finally:
+        db.close()
+
+
+def run(
+    strategy: str,
+    files: list[tuple[str, bytes]],
+    latency: float,
+    quota: int,
+    timeout: float,
+    settled: Callable[[MeasuredStack], bool] | None,
+) -> dict[str, Any]:
+    """One strategy on a fresh local cloud; returns its measurements."""
+    home = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
+    measured = MeasuredStack.start(
+        home,
+        function_env=DICOMFLOW_ENV if strategy == "dicomflow" else {},
+        functions_source=BASELINE if strategy == "baseline" else None,
+        minute_interval=TICK_SECONDS,
+        operation_latency=latency,
+        max_concurrent_ops=quota,
+    )
+    stack = measured.stack
+    try:
+        assert stack.deliverer is not None
+        before = process_usage(stack.process_ids("ingest"))
+        measured.storage_proxy.reset()
+        measured.healthcare_proxy.reset()
+        attempts0 = stack.deliverer.delivered + stack.deliverer.failed_attempts
+        timeline: list[tuple[float, int]] = [(0.0, 0)]
+        started = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            uploading = pool.submit(upload, measured, files)
+            upload_seconds = None
+            complete_seconds = None
+            while time.monotonic() - started < timeout:
+                time.sleep(0.5)
+                now = time.monotonic() - started
+                if upload_seconds is None and uploading.done():
+                    uploading.result()
+                    upload_seconds = now
+                count = measured.store_count()
+                timeline.append((round(now, 2), count))
+                if count >= len(files) and upload_seconds is not None:
+                    complete_seconds = now
+                    break
+        usage = process_usage(stack.process_ids("ingest"))
+        # dicomflow's work is not over when the store is full: report verifies and cleans up.
+        settle_seconds = None
+        if settled is not None and complete_seconds is not None:
+            while time.monotonic() - started < timeout:
+                if settled(measured):
+                    settle_seconds = time.monotonic() - started
+                    break
+                time.sleep(1.0)
+            usage = process_usage(stack.process_ids("ingest"))
+        report_usage = process_usage(stack.process_ids("report"))
+        storage = measured.storage_proxy.snapshot()
+        healthcare = measured.healthcare_proxy.snapshot()
+        attempts = stack.deliverer.delivered + stack.deliverer.failed_attempts - attempts0
+        operations = _operations(measured)
+        events = stack.watcher.events if stack.watcher else 0
+    finally:
+        measured.stop()
+    n = len(files)
+    storage_calls = sum(storage["counts"].values())
+    healthcare_calls = sum(healthcare["counts"].values())
+    return {
+        "strategy": strategy,
+        "files": n,
+        "complete": complete_seconds is not None,
+        "uploadSeconds": round(upload_seconds or 0.0, 2),
+        "secondsUntilAllInStore": round(complete_seconds, 2) if complete_seconds else None,
+        "secondsUntilLedgerFinal": round(settle_seconds, 2) if settle_seconds else None,
+        "importOperationsStarted": operations,
+        "import429": healthcare["statuses"].get("import 429", 0),
+        "storageCalls": storage["counts"],
+        "healthcareCalls": healthcare["counts"],
+        "storageCallsPerFile": round(storage_calls / n, 2),
+        "healthcareCallsPerFile": round(healthcare_calls / n, 3),
+        "functionInvocations": attempts,
+        "finalizeEvents": events,
+        "ingestCpuMsPerFile": round((usage["cpuMs"] - before["cpuMs"]) / n, 2),
+        "reportCpuMsPerFile": round(report_usage["cpuMs"] / n, 2)
+        if strategy == "dicomflow"
+        else None,
+        "ingestRssPeakMiB": round(usage["rssPeakMiB"], 1),
+        "timeline": timeline,
+    }
+
+
+def ledger_final(expected: int) -> Callable[[MeasuredStack], bool]:
+    def check(measured: MeasuredStack) -> bool:
+        staging = measured.stack.storage_client().bucket(measured.stack.config.staging_bucket)
+        entries = list(ledger.list_entries(staging))
+        return len(entries) >= expected and all(e.status in ledger.FINAL for e in entries)
+
+    return check
+
+
+def cost_per_million(result: dict[str, Any]) -> dict[str, float]:
+    """USD per million files, from the measured calls per file and PRICES."""
+    n = result["files"]
+    calls = result["storageCalls"]
+    class_a = sum(calls.get(k, 0) for k in CLASS_A) / n
+    class_b = sum(calls.get(k, 0) for k in CLASS_B) / n
+    storage = (
+        class_a * PRICES["storage_class_a_per_1000"] + class_b * PRICES["storage_class_b_per_1000"]
+    ) * 1000
+    invocations = result["functionInvocations"] / n * PRICES["function_invocations_per_million"]
+    healthcare = (
+        sum(result["healthcareCalls"].values()) / n * PRICES["healthcare_requests_per_100000"] * 10
+    )
+    return {
+        "storageOperations": round(storage, 2),
+        "functionInvocations": round(invocations, 2),
+        "healthcareRequests": round(healthcare, 2),
+        "total": round(storage + invocations + healthcare, 2),
+    }
+
+
+def chart(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for result in results:
+        xs = [t for t, _ in result["timeline"]]
+        ys = [c for _, c in result["timeline"]]
+        label = "dicomflow (batched)" if result["strategy"] == "dicomflow" else "per-file import"
+        ax.plot(xs, ys, label=label, linewidth=2)
+        ax.axvline(result["uploadSeconds"], linestyle=":", color="grey")
+    ax.set_xlabel("seconds since the first upload (dotted: uploads finished)")
+    ax.set_ylabel("instances in the DICOM store")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--latency", type=float, default=2.0, help="operation start latency, s")
+    parser.add_argument("--quota", type=int, default=5, help="concurrent operations allowed")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    args = parser.parse_args()
+
+    files = corpus(args.instances)
+    print(
+        f"{len(files)} instances, {sum(len(d) for _, d in files) / len(files):.0f} B each; "
+        f"emulator: {args.latency:g} s start latency, {args.quota} concurrent operations"
+    )
+    ours = run("dicomflow", files, args.latency, args.quota, args.timeout, ledger_final(len(files)))
+    print(f"dicomflow done in {ours['secondsUntilAllInStore']} s")
+    theirs = run("baseline", files, args.latency, args.quota, args.timeout, None)
+    print(f"baseline done in {theirs['secondsUntilAllInStore']} s")
+    results = [ours, theirs]
+    for result in results:
+        result["costPerMillionFilesUsd"] = cost_per_million(result)
+
+    rows = [
+        ("upload time alone, s", "uploadSeconds"),
+        ("first upload -> all in store, s", "secondsUntilAllInStore"),
+        ("import operations started", "importOperationsStarted"),
+        ("429s met on import", "import429"),
+        ("Storage calls per file", "storageCallsPerFile"),
+        ("Healthcare calls per file", "healthcareCallsPerFile"),
+        ("function invocations", "functionInvocations"),
+        ("ingest CPU ms per file", "ingestCpuMsPerFile"),
+        ("ingest peak RSS, MiB", "ingestRssPeakMiB"),
+    ]
+    print(f"\n{'':34} {'dicomflow':>12} {'per-file':>12} {'per-file/dicomflow':>20}")
+    ratios: dict[str, float | None] = {}
+    for label, key in rows:
+        a, b = ours[key], theirs[key]
+        ratios[key] = ratio(b, a)
+        print(f"{label:34} {a!s:>12} {b!s:>12} {ratios[key]!s:>20}")
+    print(f"\ncost per million files (USD, list prices of {PRICES_DATE}):")
+    for key in ("storageOperations", "functionInvocations", "healthcareRequests", "total"):
+        a, b = ours["costPerMillionFilesUsd"][key], theirs["costPerMillionFilesUsd"][key]
+        print(f"  {key:32} {a:>12} {b:>12} {ratio(b, a)!s:>20}")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "instances": len(files),
+        "instanceBytes": round(sum(len(d) for _, d in files) / len(files)),
+        "emulator": {"operationLatencySeconds": args.latency, "maxConcurrentOps": args.quota},
+        "dicomflowSettings": {**DICOMFLOW_ENV, "tickSeconds": TICK_SECONDS},
+        "prices": {"date": PRICES_DATE, **PRICES},
+        "dicomflow": ours,
+        "baseline": theirs,
+        "ratiosBaselineOverDicomflow": ratios,
+    }
+    (RESULTS / "ingest_burst.json").write_text(json.dumps(out, indent=2) + "\n")
+    chart(
+        results,
+        RESULTS / "ingest_burst.png",
+        f"{len(files)} uploads, {args.latency:g} s op latency, {args.quota} concurrent ops",
+    )
+    print(f"\nwrote {RESULTS / 'ingest_burst.json'} and ingest_burst.png")
+    return 0 if ours["complete"] and theirs["complete"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
