@@ -252,10 +252,23 @@ def reserve(bucket: storage.Bucket, batch: str, weight: int, capacity: int) -> b
     return True
 
 
+# Batches this process has seen an open marker for. Safe to trust: the marker is only
+# deleted after the seal is created, and a sealed batch gets no new files.
+_known_open: set[str] = set()
+
+
 def ensure_open(bucket: storage.Bucket, batch: str, now: datetime) -> None:
     """Make sure the tick will find ``batch``: ``state/open/<id>.json`` exists."""
+    marker = f"{bucket.name}/{batch}"
+    with _hints_lock:
+        if marker in _known_open:
+            return
     if not exists(bucket, open_name(batch)):
         create_json(bucket, open_name(batch), {"batch": batch, "openedAt": iso(now)})
+    with _hints_lock:
+        if len(_known_open) > 4096:
+            _known_open.clear()
+        _known_open.add(marker)
 
 
 def choose(ctx: Context, now: datetime, weight: int) -> str:
@@ -420,6 +433,10 @@ def run_queue(ctx: Context, now: datetime) -> QueueReport:
                 )
                 report.running += 1
                 continue
+            except PermanentError as exc:
+                # The operation cannot be read (e.g. expired): hand the batch to report.
+                logger.error("operation unreadable", extra=log.fields(batch=batch, error=str(exc)))
+                operation = {"done": True, "error": {"message": str(exc)}}
             if operation.get("done"):
                 done = {**record, "done": True}
                 if "error" in operation:

@@ -7,7 +7,10 @@ read: pydicom stops before it. A file passes when it has:
 
 - the 128-byte preamble followed by ``DICM``, and File Meta Information;
 - a Transfer Syntax UID;
-- valid Study, Series and SOP Instance UIDs, and a SOP Class UID.
+- valid Study, Series and SOP Instance UIDs, and a SOP Class UID;
+- pixel data, if any, that does not run past the end of the object (checked
+  from the element's length, or for encapsulated data from the object's last
+  8 bytes, which must be the sequence delimiter).
 
 Otherwise ``NotDicomError`` carries a short reason code and detail; neither
 ever holds a tag *value*, so reasons never carry PHI.
@@ -15,13 +18,14 @@ ever holds a tag *value*, so reasons never carry PHI.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Callable
 from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomflow.errors import NotDicomError
 from dicomflow.ledger import Uids
@@ -50,14 +54,70 @@ class Rejected(NotDicomError):
         super().__init__(f"{code}: {detail}")
 
 
-def _parse(buf: bytes) -> tuple[Dataset | None, bool, Exception | None]:
-    """Parse ``buf``; return (dataset, ran past the end of buf, error)."""
+def _parse(buf: bytes) -> tuple[Dataset | None, int, Exception | None]:
+    """Parse ``buf``; return (dataset, where the parse stopped, error)."""
     fp = BytesIO(buf)
     try:
         ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(_TAGS.values()))
     except Exception as exc:  # pydicom raises many types on bad input
-        return None, True, exc
-    return ds, fp.tell() >= len(buf), None
+        return None, len(buf), exc
+    return ds, fp.tell(), None
+
+
+# Fragments walked at most to find the end of encapsulated pixel data.
+MAX_ITEMS = 64
+_PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+
+
+def _pixels_cut_short(ds: Dataset, read: RangeReader, position: int, size: int) -> bool:
+    """True when the pixel data element at ``position`` runs past the end of the object.
+
+    Native pixel data: its declared length, one 12-byte read. Encapsulated: walk
+    the item headers (8 bytes each, up to ``MAX_ITEMS``) to the delimiter.
+    """
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
+        return False  # positions refer to the inflated stream
+    if position + 12 > size:
+        return False  # the parse ended at the end of the object: no pixel data
+    implicit, little = ds.original_encoding
+    order = "<" if little else ">"
+    head = read(position, position + 11)
+    if len(head) < 12 or struct.unpack(f"{order}HH", head[:4]) not in _PIXEL_TAGS:
+        return False
+    if implicit or not head[4:6].isalpha():  # some writers drop the VR of pixel data
+        length, start = struct.unpack(f"{order}I", head[4:8])[0], position + 8
+    elif head[4:6] in _LONG_VRS:
+        length, start = struct.unpack(f"{order}I", head[8:12])[0], position + 12
+    else:
+        length, start = struct.unpack(f"{order}H", head[6:8])[0], position + 8
+    if length != 0xFFFFFFFF:
+        return bool(start + length > size)
+    item = start
+    for _ in range(MAX_ITEMS):
+        if item + 8 > size:
+            return True
+        group, element, item_length = struct.unpack(f"{order}HHI", read(item, item + 7))
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return False
+        if (group, element) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
+            return True
+        item += 8 + item_length
+    return False  # too many fragments to walk cheaply: leave it to the import
 
 
 def _missing(ds: Dataset) -> list[str]:
@@ -87,10 +147,11 @@ def _check(read: RangeReader, size: int, initial: int) -> Uids:
     if buf[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
         raise Rejected("not-dicom", "no DICM prefix after the 128-byte preamble")
     while True:
-        ds, ran_off, error = _parse(buf)
+        ds, stopped, error = _parse(buf)
+        ran_off = stopped >= len(buf)
         missing = _missing(ds) if ds is not None else list(_TAGS)
-        complete = not missing and (ds is not None and "TransferSyntaxUID" in ds.file_meta)
-        if complete or not ran_off or len(buf) >= size or len(buf) >= MAX_HEADER_BYTES:
+        # Growing also when complete but ran off: where the pixel data starts is unknown.
+        if not ran_off or len(buf) >= size or len(buf) >= MAX_HEADER_BYTES:
             break
         more = min(size, len(buf) * 4, MAX_HEADER_BYTES)
         buf += read(len(buf), more - 1)
@@ -112,6 +173,12 @@ def _check(read: RangeReader, size: int, initial: int) -> Uids:
             raise Rejected("invalid-uid", f"{name} is not a valid UID")
     if not UID(syntax).is_valid:
         raise Rejected("no-transfer-syntax", "Transfer Syntax UID is not a valid UID")
+
+    def read_known(start: int, end: int) -> bytes:
+        return buf[start : end + 1] if end < len(buf) else read(start, end)
+
+    if _pixels_cut_short(ds, read_known, stopped, size):
+        raise Rejected("truncated", "the object ends before its pixel data does")
     return Uids(
         study=uids["StudyInstanceUID"],
         series=uids["SeriesInstanceUID"],

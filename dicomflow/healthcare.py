@@ -1,13 +1,15 @@
 """Calls to the Cloud Healthcare API that ingest makes: start an import, read an operation.
 
-Both go through ``retry.call`` with ``retry.should_retry``: 429, 5xx and
-timeouts are retried with backoff until a short deadline, then surface as
-``TransientError`` (the caller decides: the tick leaves the batch queued).
-Other HTTP errors surface as ``PermanentError``.
+Both go through ``retry.call``: 5xx and timeouts are retried with backoff
+until a short deadline, then surface as ``TransientError``. A 429 on import
+is the service's cap on running operations; it surfaces at once as
+``QuotaExceeded`` so that the tick leaves the batch queued for the next
+tick. Other HTTP errors surface as ``PermanentError``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from googleapiclient.errors import HttpError
@@ -21,12 +23,23 @@ class QuotaExceeded(Exception):
     """The service refused a new operation with 429 (its concurrency quota)."""
 
 
-def _execute(request: Any, deadline: float) -> dict[str, Any]:
+def _not_quota(exc: BaseException) -> bool:
+    """Transient, except 429: retrying within the call cannot free a running operation."""
+    return retry.should_retry(exc) and retry.status_of(exc) != 429
+
+
+def _execute(
+    request: Any,
+    deadline: float,
+    predicate: Callable[[BaseException], bool] = retry.should_retry,
+) -> dict[str, Any]:
     try:
         result: dict[str, Any] = retry.call(
-            lambda: request.execute(num_retries=0), deadline=deadline
+            lambda: request.execute(num_retries=0), deadline=deadline, predicate=predicate
         )
     except HttpError as exc:
+        if exc.status_code == 429:
+            raise QuotaExceeded(f"Healthcare API 429: {exc.reason}") from exc
         raise PermanentError(f"Healthcare API {exc.status_code}: {exc.reason}") from exc
     return result
 
@@ -35,8 +48,8 @@ def start_import(ctx: Context, uri: str, deadline: float = 10.0) -> dict[str, An
     """Start ``dicomStores.import`` of ``uri`` into the configured store; return the Operation.
 
     Raises:
-        QuotaExceeded: the service still answered 429 at the deadline.
-        TransientError: other transient failures at the deadline.
+        QuotaExceeded: the service answered 429 (too many operations running).
+        TransientError: 5xx or timeouts until the deadline.
         PermanentError: the request was refused for good (400, 403, 404...).
     """
     stores = ctx.healthcare().projects().locations().datasets().dicomStores()
@@ -47,16 +60,15 @@ def start_import(ctx: Context, uri: str, deadline: float = 10.0) -> dict[str, An
             "blobStorageSettings": {"blobStorageClass": "STANDARD"},
         },
     )
-    try:
-        return _execute(request, deadline)
-    except Exception as exc:
-        cause = exc.__cause__
-        if cause is not None and retry.status_of(cause) == 429:
-            raise QuotaExceeded(str(cause)) from exc
-        raise
+    return _execute(request, deadline, _not_quota)
 
 
 def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> dict[str, Any]:
-    """``operations.get``: the Operation named ``name``."""
+    """``operations.get``: the Operation named ``name``.
+
+    Raises:
+        TransientError: 429, 5xx or timeouts until the deadline.
+        PermanentError: the operation cannot be read (e.g. 404).
+    """
     request = ctx.healthcare().projects().locations().datasets().operations().get(name=name)
     return _execute(request, deadline)

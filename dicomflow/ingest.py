@@ -100,10 +100,11 @@ def ingest_object(
     key = ledger.ledger_key(obj.bucket, obj.name, obj.generation)
     staging = ctx.storage.bucket(settings.staging_bucket)
     found = ledger.read(staging, key)
+    claimed = found is None
     if found is None:
-        found = _claim(ctx, obj, key, event_id, event_time)
+        found, claimed = _claim(ctx, obj, key, event_id, event_time)
     entry, generation = found
-    result = _resume(ctx, entry, generation)
+    result = _resume(ctx, entry, generation if claimed else None)
     result["key"] = key
     level = (
         logging.WARNING
@@ -126,10 +127,11 @@ def ingest_object(
 
 def _claim(
     ctx: Context, obj: StorageObject, key: str, event_id: str, event_time: datetime | None
-) -> tuple[Entry, int]:
+) -> tuple[tuple[Entry, int], bool]:
     """Decide the object's path (drop, quarantine or a batch) and create the entry.
 
-    When another delivery created the entry first, that entry wins and is returned.
+    Returns the entry, its generation, and whether this call created it. When
+    another delivery created the entry first, that entry wins and is returned.
     """
     settings = ctx.settings
     now = ctx.clock()
@@ -161,12 +163,16 @@ def _claim(
         found = ledger.read(staging, key)
         if found is None:  # created and deleted in between: only an operator does that
             raise TransientError(f"ledger entry {key} vanished during the claim")
-        return found
-    return entry, generation
+        return found, False
+    return (entry, generation), True
 
 
-def _resume(ctx: Context, entry: Entry, generation: int) -> dict[str, Any]:
-    """Finish whatever step ``entry`` stopped at."""
+def _resume(ctx: Context, entry: Entry, generation: int | None) -> dict[str, Any]:
+    """Finish whatever step ``entry`` stopped at.
+
+    ``generation`` is given when this delivery has just created the entry: its batch
+    was found open a moment ago and the entry can be updated without a read.
+    """
     if entry.status in ledger.INGEST_DONE:
         return {
             "status": entry.status,
@@ -177,7 +183,7 @@ def _resume(ctx: Context, entry: Entry, generation: int) -> dict[str, Any]:
     if entry.quarantine:
         return _quarantine(ctx, entry)
     if entry.batch:
-        return _stage(ctx, entry)
+        return _stage(ctx, entry, generation)
     # A claim without a decision is not written by this version; treat it as a fresh start.
     raise PermanentError(f"ledger entry {entry.key} has no batch and no quarantine path")
 
@@ -214,15 +220,18 @@ def copy_object(ctx: Context, source: storage.Blob, target_name: str) -> None:
     retry.call(rewrite)
 
 
-def _stage(ctx: Context, entry: Entry) -> dict[str, Any]:
+def _stage(ctx: Context, entry: Entry, generation: int | None = None) -> dict[str, Any]:
     settings = ctx.settings
     staging = ctx.storage.bucket(settings.staging_bucket)
     key = entry.key
     batch = entry.batch
     assert batch is not None
+    fresh = generation is not None  # the batch was chosen (and found open) just now
     for _ in range(_MAX_RESTAGES):
         name = batches.staged_name(batch, key)
-        if not batches.exists(staging, batches.seal_name(batch)):
+        # A replay must not copy into a sealed batch: that would bring back a staging
+        # copy that report may already have deleted.
+        if fresh or not batches.exists(staging, batches.seal_name(batch)):
             try:
                 copy_object(ctx, _source_blob(ctx, entry), name)
             except api_exceptions.NotFound:
@@ -230,7 +239,8 @@ def _stage(ctx: Context, entry: Entry) -> dict[str, Any]:
                     return _drop(ctx, entry, "source-missing")
             # Post-copy check: no seal now means the sealer's listing will include the copy.
             if not batches.exists(staging, batches.seal_name(batch)):
-                return _mark_staged(ctx, key, batch)
+                return _mark_staged(ctx, key, batch, entry if fresh else None, generation)
+        fresh = False
         files = batches.wait_file_list(staging, batch)
         if key in files.keys:
             return _mark_staged(ctx, key, batch)
@@ -259,7 +269,13 @@ def _stage(ctx: Context, entry: Entry) -> dict[str, Any]:
     raise TransientError(f"file {key} re-staged {_MAX_RESTAGES} times; retry later")
 
 
-def _mark_staged(ctx: Context, key: str, batch: str) -> dict[str, Any]:
+def _mark_staged(
+    ctx: Context,
+    key: str,
+    batch: str,
+    known: Entry | None = None,
+    generation: int | None = None,
+) -> dict[str, Any]:
     staging = ctx.storage.bucket(ctx.settings.staging_bucket)
 
     def staged(e: Entry) -> bool:
@@ -270,6 +286,12 @@ def _mark_staged(ctx: Context, key: str, batch: str) -> dict[str, Any]:
         e.mark("staged", ctx.clock())
         return True
 
+    if known is not None and generation is not None and staged(known):
+        try:  # the common case: nobody touched the entry since this delivery created it
+            ledger.write(staging, known, generation)
+            return {"status": known.status, "batch": known.batch}
+        except ledger.Conflict:
+            pass
     entry, _ = ledger.modify(staging, key, staged)
     if entry.status == ledger.CLAIMED and entry.batch != batch:
         # Another delivery moved the file meanwhile; follow it.

@@ -112,6 +112,7 @@ def test_header_accepts_a_generated_instance_with_one_small_read() -> None:
     reader = CountingReader(data)
     uids = header.check(reader, len(data))
     assert uids.transferSyntax == "1.2.840.10008.1.2.1"
+    # The first 64 KiB hold everything, the pixel data element's header included.
     assert reader.calls == [(0, header.INITIAL_BYTES - 1)]
 
 
@@ -152,6 +153,40 @@ def test_header_rejects_non_dicom_and_tiny_and_truncated() -> None:
     cut = full[:140]  # preamble, DICM and a few bytes of meta
     with pytest.raises(header.Rejected):
         header.check(CountingReader(cut), len(cut))
+
+
+def test_header_reads_on_when_the_first_range_ends_inside_the_pixel_data_header() -> None:
+    data = make_instance(pixel_bytes=1_000_000)
+    pixel_tag = data.rindex(b"\xe0\x7f\x10\x00")
+    reader = CountingReader(data)
+    header.check(reader, len(data), initial=pixel_tag + 6)  # half the element header
+    first = pixel_tag + 6
+    assert reader.calls == [(0, first - 1), (first, 4 * first - 1)]
+    cut = data[:-1]
+    with pytest.raises(header.Rejected, match="truncated"):
+        header.check(CountingReader(cut), len(cut), initial=pixel_tag + 6)
+
+
+def test_header_rejects_pixel_data_cut_short() -> None:
+    data = make_instance(pixel_bytes=100_000)
+    whole = CountingReader(data)
+    header.check(whole, len(data))
+    cut = data[:-10]
+    with pytest.raises(header.Rejected, match="truncated"):
+        header.check(CountingReader(cut), len(cut))
+
+
+def test_header_walks_encapsulated_fragments_to_the_delimiter() -> None:
+    path = get_testdata_file("JPEG2000.dcm")
+    with open(path, "rb") as f:
+        data = f.read()
+    header.check(CountingReader(data), len(data))
+    cut = data[:-100]
+    with pytest.raises(header.Rejected, match="truncated"):
+        header.check(CountingReader(cut), len(cut))
+    no_delimiter = data[:-8]  # every fragment whole, the delimiter missing
+    with pytest.raises(header.Rejected, match="truncated"):
+        header.check(CountingReader(no_delimiter), len(no_delimiter))
 
 
 def test_header_never_reads_a_large_non_dicom_file() -> None:
