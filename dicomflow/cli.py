@@ -228,9 +228,304 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 1 if result["status"] in ("failed", "timeout") else 0
 
 
+# ---- status, batches, batch, retry, alerts tail ---------------------------------------------
+
+
+def _window_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--since", type=_since_time, help="start of the window, ISO time (UTC)")
+    group.add_argument("--hours", type=float, default=24.0, help="window length (default 24)")
+
+
+def _since_time(text: str) -> Any:
+    from dicomflow.status import parse_time
+
+    moment = parse_time(text)
+    if moment is None:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}")
+    return moment
+
+
+def _window(ctx: Context, args: argparse.Namespace) -> tuple[Any, Any]:
+    from datetime import timedelta
+
+    now = ctx.clock()
+    return now, args.since or now - timedelta(hours=args.hours)
+
+
+def _print(renderable: Any) -> None:
+    from rich.console import Console
+
+    Console(width=max(120, Console().width)).print(renderable)
+
+
+class _Bar:
+    """A transient progress bar on stderr for the long reads (ledger, batches, alerts)."""
+
+    def __init__(self) -> None:
+        from rich.progress import Progress
+
+        self.progress = Progress(console=_stderr_console(), transient=True)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(f"reading {label}", total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        parents=[common],
+        help="ledger totals, batches in flight, running operations, recent alerts",
+        description=(
+            "The pipeline at a glance: ledger totals by outcome (all time); open, sealed and "
+            "importing batches with their ages; running operations; alerts and backups in the "
+            "window. --html FILE also writes a self-contained page with a timeline."
+        ),
+    )
+    _window_args(parser)
+    parser.add_argument("--html", metavar="FILE", help="write the status page (HTML) to FILE")
+    parser.set_defaults(handler=cmd_status)
+
+
+def cmd_status(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """Gather the status dict once; print it as tables or JSON, and optionally as a page."""
+    from pathlib import Path
+
+    from dicomflow import status, status_page, tables
+
+    ctx = make_ctx()
+    now, since = _window(ctx, args)
+    with _Bar() as bar:
+        result = status.gather(ctx, now, since, progress=bar)
+    if args.html:
+        Path(args.html).write_text(status_page.render(result), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        _print(tables.status_tables(result))
+    return 0
+
+
+def add_batches(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "batches",
+        parents=[common],
+        help="the batches of the window and their state",
+        description="Every batch whose window falls in the time window, oldest first.",
+    )
+    _window_args(parser)
+    parser.set_defaults(handler=cmd_batches)
+
+
+def cmd_batches(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    from dicomflow import status, tables
+
+    ctx = make_ctx()
+    now, since = _window(ctx, args)
+    with _Bar() as bar:
+        found = status.list_batches(ctx, now, since, progress=bar)
+    if args.json:
+        print(json.dumps({"batches": found}, sort_keys=True))
+    else:
+        _print(tables.batches_table(found))
+    return 0
+
+
+def add_batch(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        parents=[common],
+        help="one batch: seal, file list, operation, summary and manifest",
+        description="The details and the per-file manifest of one batch.",
+    )
+    parser.add_argument("batch_id", metavar="ID", help="batch id, e.g. 20261125T125300Z-000")
+    parser.add_argument(
+        "--files", action="store_true", help="list every file, not only the failures"
+    )
+    parser.set_defaults(handler=cmd_batch)
+
+
+def cmd_batch(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    from dicomflow import status, tables
+
+    ctx = make_ctx()
+    try:
+        detail = status.batch_detail(ctx, args.batch_id)
+    except ValueError as exc:
+        print(f"dicomflow batch: {exc}", file=sys.stderr)
+        return 2
+    if detail is None:
+        print(f"dicomflow batch: no batch {args.batch_id}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(detail, sort_keys=True))
+    else:
+        _print(tables.batch_tables(detail, args.files))
+    return 0
+
+
+def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    from dicomflow.redrive import RETRYABLE
+
+    parser = subparsers.add_parser(
+        "retry",
+        parents=[common],
+        help="send failed or quarantined files through ingest again, after a fix",
+        description=(
+            "Re-drive files whose outcome is failed or quarantined (or conflict, if asked): "
+            "each is checked again and staged into a new batch through the normal ingest "
+            "path, keeping its one ledger entry; the report gives it a fresh outcome. Files "
+            "the header check still rejects are left as they are. Safe to run twice."
+        ),
+    )
+    parser.add_argument(
+        "--status",
+        action="append",
+        choices=RETRYABLE,
+        help="which outcome to re-drive; repeatable (default: failed and quarantined)",
+    )
+    parser.add_argument("--prefix", help="only objects under this name prefix (or gs://B/P)")
+    parser.add_argument("--batch", help="only files of this batch")
+    parser.add_argument("--dry-run", action="store_true", help="list the files, change nothing")
+    parser.add_argument("--workers", type=int, default=8, help="parallel files (default 8)")
+    parser.set_defaults(handler=cmd_retry)
+
+
+def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from dicomflow import redrive, status, tables
+
+    ctx = make_ctx()
+    with _Bar() as bar:
+        entries = status.read_ledger(ctx, progress=bar)
+    chosen = redrive.select(
+        entries, args.status or redrive.DEFAULT_STATUSES, args.prefix, args.batch
+    )
+    files: list[dict[str, Any]]
+    errors: list[str] = []
+    if args.dry_run:
+        files = [
+            {"key": e.key, "previous": e.status, "result": "would-retry", "status": e.status}
+            for e in chosen
+        ]
+    else:
+        with Progress(console=_stderr_console(), transient=True) as progress:
+            task = progress.add_task("re-drive", total=len(chosen))
+            results, errors = redrive.redrive_all(
+                ctx, chosen, args.workers, lambda _: progress.advance(task)
+            )
+        files = [r.as_dict() for r in results]
+    result: dict[str, Any] = {
+        "selected": len(chosen),
+        "dryRun": args.dry_run,
+        "results": dict(sorted(Counter(str(f["result"]) for f in files).items())),
+        "files": files,
+        "errors": errors,
+    }
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        _print(tables.retry_tables(result))
+    return 1 if errors else 0
+
+
+def add_alerts(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    import os
+
+    parser = subparsers.add_parser("alerts", help="read alerts back from Pub/Sub")
+    sub = parser.add_subparsers(dest="alerts_command", required=True)
+    tail = sub.add_parser(
+        "tail",
+        parents=[common],
+        help="pull and print alerts from a subscription",
+        description=(
+            "Pull alerts from a pull subscription on the alerts topic, print them and "
+            "acknowledge them. The subscription defaults to DICOMFLOW_ALERTS_SUBSCRIPTION "
+            "(localcloud prints it with `python -m localcloud env`)."
+        ),
+    )
+    # The CLI's own setting (the functions never read it), hence read here.
+    tail.add_argument(
+        "--subscription",
+        default=os.environ.get("DICOMFLOW_ALERTS_SUBSCRIPTION"),
+        help="projects/P/subscriptions/S, or S in the alerts topic's project",
+    )
+    tail.add_argument("--max", type=int, help="stop after this many alerts")
+    tail.add_argument("--follow", action="store_true", help="keep waiting for new alerts")
+    tail.add_argument("--timeout", type=float, help="with --follow, stop after this many seconds")
+    tail.add_argument("--no-ack", action="store_true", help="leave the alerts on the subscription")
+    tail.set_defaults(handler=cmd_alerts_tail)
+
+
+def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    from dicomflow import subscription, tables
+
+    if not args.subscription:
+        print(
+            "dicomflow alerts tail: no subscription; pass --subscription or set "
+            "DICOMFLOW_ALERTS_SUBSCRIPTION",
+            file=sys.stderr,
+        )
+        return 2
+    ctx = make_ctx()
+    try:
+        path = subscription.subscription_path(args.subscription, ctx.settings.alerts_topic.project)
+    except ValueError as exc:
+        print(f"dicomflow alerts tail: {exc}", file=sys.stderr)
+        return 2
+
+    def show(alert: dict[str, Any]) -> None:
+        # --json: one document at the end, or one line per alert while following.
+        if not args.json:
+            _print(tables.alert_row(alert))
+        elif args.follow:
+            print(json.dumps(alert, sort_keys=True), flush=True)
+
+    try:
+        got = subscription.pull(
+            ctx,
+            path,
+            max_messages=args.max,
+            follow=args.follow,
+            timeout=args.timeout,
+            ack=not args.no_ack,
+            on_alert=show,
+        )
+    except DicomflowError as exc:
+        print(f"dicomflow alerts tail: {path}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    if args.json and not args.follow:
+        print(json.dumps({"subscription": path, "alerts": got}, sort_keys=True))
+    elif not args.json:
+        print(f"{len(got)} alerts from {path}", file=sys.stderr)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [add_backfill, add_export]
+SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+    add_backfill,
+    add_export,
+    add_status,
+    add_batches,
+    add_batch,
+    add_retry,
+    add_alerts,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
