@@ -183,10 +183,14 @@ def redrive(ctx: Any, key: str) -> Result:
     now = ctx.clock()
     weight = batches.ticket_weight(obj.size, settings.batch_max_files, settings.batch_max_bytes)
     new_batch = batches.choose(ctx, now, weight)
-    old = {"batch": entry.batch, "staged": entry.staged, "quarantine": entry.quarantine}
+    old_batch = entry.batch
+
+    applied = False
 
     def reset(e: Entry) -> bool:
-        if e.status != previous:
+        nonlocal applied
+        applied = e.status == previous
+        if not applied:
             return False
         record: dict[str, Any] = {
             "status": e.status,
@@ -207,37 +211,41 @@ def redrive(ctx: Any, key: str) -> Result:
         return True
 
     entry, _ = ledger.modify(staging, key, reset)
-    if entry.status != ledger.CLAIMED or entry.batch != new_batch:
+    if not applied:
         if is_retry_pending(entry):  # another re-drive won the race: help it finish
             return _resume(ctx, entry, previous, RESUMED)
         return Result(key, previous, CHANGED, entry.status, entry.batch)
     logger.info(
         "re-drive",
-        extra=log.fields(key=key, previous=previous, batch=new_batch, oldBatch=old["batch"]),
+        extra=log.fields(key=key, previous=previous, batch=new_batch, oldBatch=old_batch),
     )
-    result = _resume(ctx, entry, previous, RESTAGED)
-    if result.status in (ledger.STAGED, ledger.CLAIMED):
-        _remove_old_copies(ctx, old, new_batch)
-    return result
+    return _resume(ctx, entry, previous, RESTAGED)
 
 
 def _resume(ctx: Any, entry: Entry, previous: str, label: str) -> Result:
-    """Let ingest finish a claimed entry: copy, post-copy seal check, staged."""
+    """Let ingest finish a claimed entry (copy, post-copy seal check, staged), then clean up."""
     out = ingest.ingest_object(ctx, _object(entry), f"redrive:{entry.key}", None)
     status = str(out["status"])
     if status == "skipped":  # the filter changed between our check and now
         return Result(entry.key, previous, FILTERED, entry.status, entry.batch, out.get("reason"))
+    if status == ledger.STAGED:
+        _remove_old_copies(ctx, entry)
     return Result(entry.key, previous, label, status, out.get("batch"), out.get("reason"))
 
 
-def _remove_old_copies(ctx: Any, old: dict[str, Any], new_batch: str) -> None:
-    """The old staging copy (failed, conflict) or quarantine copy and record."""
+def _remove_old_copies(ctx: Any, entry: Entry) -> None:
+    """The copies the last outcome left: staging copy (failed, conflict) or quarantine files.
+
+    They no longer describe the file; the failure manifest and the retry record still do.
+    """
     staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+    last = (entry.detail.get("retries") or [{}])[-1]
     names = []
-    if old["staged"] and old["batch"] != new_batch:
-        names.append(old["staged"])
-    if old["quarantine"]:
-        names += [old["quarantine"], ingest.quarantine_record_name(old["quarantine"])]
+    old_batch = last.get("batch")
+    if old_batch and old_batch != entry.batch:
+        names.append(batches.staged_name(old_batch, entry.key))
+    if last.get("quarantine"):
+        names += [last["quarantine"], ingest.quarantine_record_name(last["quarantine"])]
     for name in names:
         with contextlib.suppress(gexc.NotFound):
             batches.delete(staging, name)

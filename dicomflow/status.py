@@ -40,7 +40,8 @@ from dicomflow import alerts, batches, export, ledger, manifests, operations, re
 from dicomflow.config import LEDGER_PREFIX, MANIFESTS_PREFIX
 
 SCHEMA_VERSION = 1
-THREADS = 16
+# Below the storage client's connection pool (10), so no connection is thrown away.
+THREADS = 8
 # The timeline's upload histogram has at most this many bins.
 UPLOAD_BINS = 60
 
@@ -53,7 +54,8 @@ OUTCOMES = {
     "imported": (ledger.IMPORTED,),
     "duplicate": (ledger.DUPLICATE,),
     "quarantined": (ledger.QUARANTINED,),
-    "failed": (ledger.FAILED, ledger.CONFLICT),
+    "conflict": (ledger.CONFLICT,),
+    "failed": (ledger.FAILED,),
     "dropped": (ledger.DROPPED,),
     "in progress": (ledger.CLAIMED, ledger.STAGED),
 }
@@ -215,10 +217,13 @@ def list_batches(
             times = summary.get("times") or {}
             op = summary.get("operation") or {}
             counts = dict(summary.get("counts") or {})
+            sealed_at = times.get("sealedAt")
+            if not sealed_at:
+                sealed_at = (_read_json(bucket, batches.seal_name(batch)) or {}).get("sealedAt")
             out.update(
                 files=counts.pop("total", None),
                 counts=counts,
-                sealedAt=times.get("sealedAt"),
+                sealedAt=sealed_at,
                 startedAt=times.get("startedAt") or op.get("createTime"),
                 finishedAt=times.get("finishedAt") or op.get("endTime"),
                 verifiedAt=times.get("verifiedAt"),
@@ -414,26 +419,24 @@ def exports_section(ctx: Any, since: datetime) -> list[dict[str, Any]]:
 
 
 def upload_bins(
-    entries: Iterable[ledger.Entry], since: datetime, now: datetime, bins: int = UPLOAD_BINS
+    points: list[tuple[datetime, str]], start: datetime, end: datetime, bins: int = UPLOAD_BINS
 ) -> dict[str, Any]:
-    """Uploads in the window as a histogram by outcome: ``{binSeconds, bins: [...]}``. Pure."""
-    points = [(t, e.status) for e in entries if (t := upload_time(e)) and since <= t <= now]
-    if not points:
-        return {"binSeconds": 0, "total": 0, "bins": []}
-    first = min(t for t, _ in points)
-    last = max(t for t, _ in points)
-    span = max(1.0, (last - first).total_seconds())
-    width = max(1, -(-int(span) // bins))
+    """(upload time, status) points as a histogram over ``[start, end]``. Pure.
+
+    Returns ``{binSeconds, total, bins: [{time, counts: {status: n}}]}``, empty bins left out.
+    """
+    inside = [(t, status) for t, status in points if start <= t <= end]
+    width = max(1, -(-int(max(1.0, (end - start).total_seconds())) // bins))
     counts: dict[int, Counter[str]] = {}
-    for moment, status in points:
-        slot = int((moment - first).total_seconds() // width)
+    for moment, status in inside:
+        slot = int((moment - start).total_seconds() // width)
         counts.setdefault(slot, Counter())[status] += 1
     return {
         "binSeconds": width,
-        "total": len(points),
+        "total": len(inside),
         "bins": [
             {
-                "time": iso(first + timedelta(seconds=slot * width)),
+                "time": iso(start + timedelta(seconds=slot * width)),
                 "counts": dict(sorted(counts[slot].items())),
             }
             for slot in sorted(counts)
@@ -442,14 +445,15 @@ def upload_bins(
 
 
 def timeline(
-    uploads: dict[str, Any],
+    entries: Iterable[ledger.Entry],
     batch_list: list[dict[str, Any]],
     ops: list[dict[str, Any]],
     alert_list: list[dict[str, Any]],
     since: datetime,
     now: datetime,
 ) -> dict[str, Any]:
-    """The events to draw, and the span that holds them (padded). Pure."""
+    """The events of the window to draw, over the span that holds them (padded). Pure."""
+    uploads = [(t, e.status) for e in entries if (t := upload_time(e)) and since <= t <= now]
     seals = [
         {"batch": b["batch"], "time": b["sealedAt"], "files": b.get("files")}
         for b in batch_list
@@ -467,21 +471,19 @@ def timeline(
         for o in ops
         if o.get("createTime")
     ]
-    times = [parse_time(b["time"]) for b in uploads["bins"]]
-    if times and times[-1] is not None:
-        times.append(times[-1] + timedelta(seconds=uploads["binSeconds"]))
-    times += [parse_time(s["time"]) for s in seals]
-    times += [parse_time(b["start"]) for b in bars]
-    times += [parse_time(b["end"]) if b["end"] else now for b in bars]
-    times += [parse_time(a["time"]) for a in alert_list]
-    known = [t for t in times if t is not None]
-    start = max(since, min(known)) if known else since
-    end = min(now, max(known)) if known else now
-    pad = max(1.0, (end - start).total_seconds() * 0.03)
+    times = [t for t, _ in uploads]
+    times += [t for s in seals if (t := parse_time(s["time"]))]
+    times += [t for b in bars if (t := parse_time(b["start"]))]
+    times += [parse_time(b["end"]) or now if b["end"] else now for b in bars]
+    times += [t for a in alert_list if (t := parse_time(a["time"]))]
+    start = max(since, min(times)) if times else since
+    end = min(now, max(times)) if times else now
+    pad = timedelta(seconds=max(1.0, (end - start).total_seconds() * 0.03))
+    start, end = start - pad, end + pad
     return {
-        "start": iso(start - timedelta(seconds=pad)),
-        "end": iso(end + timedelta(seconds=pad)),
-        "uploads": uploads,
+        "start": iso(start),
+        "end": iso(end),
+        "uploads": upload_bins(uploads, start, end),
         "seals": seals,
         "operations": bars,
         "alerts": alert_list,
@@ -522,7 +524,7 @@ def gather(
         "alerts": alert_info,
         "exports": exports_section(ctx, since),
         "timeline": timeline(
-            upload_bins(entries, since, now),
+            entries,
             batch_list,
             ops["inWindow"],
             alert_info["recent"],

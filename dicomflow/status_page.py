@@ -56,10 +56,10 @@ header h1 { margin: 0; font-size: 22px; font-weight: 600; }
 header p { margin: 4px 0 0; color: #b9c7d6; font-size: 13px; }
 main { padding: 20px 32px 40px; max-width: 1320px; }
 .cards { display: flex; gap: 12px; flex-wrap: wrap; margin-bottom: 18px; }
-.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px;
-        min-width: 128px; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px;
+        min-width: 96px; flex: 1; }
 .card .n { font-size: 26px; font-weight: 650; }
-.card .l { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .l { color: var(--muted); font-size: 11px; text-transform: uppercase; letter-spacing: .03em; }
 .card.bad .n { color: #d64541; } .card.warn .n { color: #c27c0e; } .card.good .n { color: #2f9e5f; }
 section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 14px 18px;
           margin-bottom: 18px; }
@@ -131,7 +131,7 @@ def _lanes(bars: list[dict[str, Any]], scale: _Scale, end: datetime) -> list[int
         start = parse_time(bar["start"])
         stop = parse_time(bar["end"]) or end
         x0 = scale.x(start) if start else LEFT
-        x1 = max(x0 + 3, scale.x(stop))
+        x1 = max(x0 + 6, scale.x(stop))
         for i, last in enumerate(rows_end):
             if x0 >= last + 2:
                 rows_end[i] = x1
@@ -218,7 +218,7 @@ def timeline_svg(tl: dict[str, Any], now: datetime) -> str:
             t0 = parse_time(bar["start"])
             t1 = parse_time(bar["end"]) or now
             x0 = scale.x(t0) if t0 else LEFT
-            x1 = max(x0 + 3, scale.x(t1))
+            x1 = max(x0 + 6, scale.x(t1))
             counter = ", ".join(f"{k} {v}" for k, v in sorted(bar["counter"].items()))
             parts.append(
                 f'<rect class="operation" x="{x0:.1f}" y="{y + 5 + row * 16}" '
@@ -244,7 +244,16 @@ def timeline_svg(tl: dict[str, Any], now: datetime) -> str:
             f'stroke="#fff" stroke-width="1"><title>{_e(alert["kind"])} alert '
             f"{_e(alert['alertId'])} at {_e(alert['time'])}</title></path>"
         )
-    y += lane_h + 8
+    kinds = sorted({str(a["kind"]) for a in tl["alerts"]})
+    lx = LEFT
+    for kind in kinds:
+        parts.append(
+            f'<path d="M{lx + 5},{y + lane_h + 4} l5,9 l-10,0 z" '
+            f'fill="{ALERT_COLORS.get(kind, "#555")}"/>'
+        )
+        parts.append(f'<text x="{lx + 14}" y="{y + lane_h + 13}">{_e(kind)}</text>')
+        lx += 24 + 7 * len(kind)
+    y += lane_h + (22 if kinds else 8)
 
     # Axis.
     parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y}" y2="{y}" stroke="#9aa5b1"/>')
@@ -310,6 +319,7 @@ def render(status: dict[str, Any]) -> str:
         ("imported", outcomes["imported"], "good"),
         ("duplicate", outcomes["duplicate"], ""),
         ("quarantined", outcomes["quarantined"], "warn" if outcomes["quarantined"] else ""),
+        ("conflict", outcomes["conflict"], "bad" if outcomes["conflict"] else ""),
         ("failed", outcomes["failed"], "bad" if outcomes["failed"] else ""),
         ("in progress", outcomes["in progress"], ""),
         ("batches verified", bat["verified"], ""),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -45,11 +44,8 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
     totals.add_column("reasons")
     reasons = led["reasons"]
     for name, n in led["outcomes"].items():
-        codes: Counter[str] = Counter()
-        for status_name in {"failed": ("failed", "conflict")}.get(name, (name,)):
-            for code, count in (reasons.get(status_name) or {}).items():
-                codes[f"{status_name}: {code}" if name == "failed" else code] += count
-        text = ", ".join(f"{c} {k}" for k, c in codes.most_common())
+        codes = reasons.get(name) or {}
+        text = ", ".join(f"{c} {k}" for k, c in codes.items())
         totals.add_row(Text(name, style=_STYLE.get(name, "")), str(n), text)
     if led.get("retried"):
         totals.add_row("re-driven", str(led["retried"]), "files sent through ingest again")
@@ -76,7 +72,7 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
                 duration(b.get("ageSeconds")),
                 _short(b.get("operation")),
             )
-    out.append(flight)
+    out.append(flight if flight.row_count else Text(f"{flight.title}; none in flight"))
 
     running = status["operations"]["running"]
     ops = Table(title=f"Running operations: {len(running)}", title_justify="left")
@@ -84,7 +80,7 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
         ops.add_column(column)
     for op in running:
         ops.add_row(op["kind"], op["id"], op["createTime"] or "-", duration(op["runningSeconds"]))
-    out.append(ops)
+    out.append(ops if running else Text("Running operations: none"))
 
     al = status["alerts"]
     alert_table = Table(title=f"Alerts in the window: {al['total']}", title_justify="left")

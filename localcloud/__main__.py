@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     tick.add_argument("which", choices=("minute", "export"))
     demo = sub.add_parser("demo", help="run the demo pipeline on sample data")
     demo.add_argument("--keep", action="store_true", help="leave the local cloud running after")
+    demo.add_argument("--json", metavar="FILE", help="also write the summary to FILE as JSON")
     args = parser.parse_args(argv)
     try:
         config = StackConfig.from_env()
@@ -224,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(config, args.json)
         if args.command == "tick":
             return cmd_tick(config, args.which)
+        from pathlib import Path
+
         from localcloud.demo import run_demo
 
-        return run_demo(keep=args.keep)
+        return run_demo(keep=args.keep, json_path=Path(args.json) if args.json else None)
     except LocalCloudError as exc:
         print(f"localcloud: {exc}", file=sys.stderr)
         return 2

@@ -158,37 +158,96 @@ def _store_instances(stack: Stack) -> set[str]:
         offset += len(page)
 
 
-def run_demo(keep: bool = False) -> int:
-    """Run the demo; returns the process exit code."""
+def demo_config(home: Path) -> StackConfig:
+    """The demo's local cloud: short batch windows and a fast minute tick."""
+    base = StackConfig.from_env({"LOCALCLOUD_HOME": str(home)})
+    return StackConfig(
+        home=home,
+        minute_interval=TICK_SECONDS,
+        functions_source=base.functions_source,
+        function_env=DEMO_FUNCTION_ENV,
+    )
+
+
+def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> dict[str, Any]:
+    """Upload, wait for every outcome, export, read alerts and the store: the summary dict.
+
+    The stack must be started; it is left running, so that callers can inspect it.
+    """
+    stages = stages or Stages()
+    corpus = _corpus()
+    stages.run(console, f"upload {len(corpus)} files", lambda: _upload(stack, corpus))
+    entries: list[ledger.Entry] = stages.run(
+        console, "ingest, import and verify", lambda: _wait_settled(stack, len(corpus), console)
+    )
+    prefix, exported, manifest = stages.run(console, "export the store", lambda: _export(stack))
+    alerts = _alerts(stack)
+    stored = _store_instances(stack)
+    staging = stack.storage_client().bucket(stack.config.staging_bucket)
+    batches = {e.batch for e in entries if e.batch and e.status != ledger.QUARANTINED}
+    operations = sum(
+        1 for b in staging.list_blobs(prefix="batches/") if b.name.endswith("/_operation.json")
+    )
+    totals = ledger.totals(entries)
+    reasons = Counter(e.reason or "?" for e in entries if e.status == ledger.QUARANTINED)
+    return {
+        "uploaded": len(corpus),
+        "ledgerEntries": len(entries),
+        "totals": totals,
+        "quarantineReasons": dict(reasons.most_common()),
+        "batches": len(batches),
+        "importOperations": operations,
+        "storeInstances": len(stored),
+        "alerts": dict(sorted(Counter(str(a.get("kind")) for a in alerts).items())),
+        "backup": {
+            "prefix": prefix,
+            "objects": exported,
+            "complete": bool(manifest and manifest.get("complete")),
+        },
+        "stages": {name: round(seconds, 2) for name, seconds in stages.seconds.items()},
+        "problems": check_invariants(
+            len(corpus), entries, stored, len(batches), operations, manifest
+        ),
+    }
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The demo's summary as a table."""
+    totals = summary["totals"]
+    table = Table(title="dicomflow demo", show_header=False)
+    table.add_row("files uploaded", str(summary["uploaded"]))
+    for status in ledger.STATUSES:
+        if totals.get(status):
+            table.add_row(f"  {status}", str(totals[status]))
+    for reason, count in summary["quarantineReasons"].items():
+        table.add_row(f"    quarantined: {reason}", str(count))
+    table.add_row(
+        "batches / import operations", f"{summary['batches']} / {summary['importOperations']}"
+    )
+    table.add_row("instances in the store", str(summary["storeInstances"]))
+    for kind, count in summary["alerts"].items():
+        table.add_row(f"alerts: {kind}", str(count))
+    backup = summary["backup"]
+    table.add_row("backup", f"{backup['prefix']} ({backup['objects']} objects)")
+    table.add_row("backup manifest", "complete" if backup["complete"] else "NOT complete")
+    for name, seconds in summary["stages"].items():
+        table.add_row(f"time: {name}", f"{seconds:.1f} s")
+    return table
+
+
+def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
+    """Run the demo; returns the process exit code. ``json_path`` gets the summary as JSON."""
     console = Console(width=max(110, Console().width))
     stages = Stages()
     home = Path(tempfile.mkdtemp(prefix="dicomflow-demo-"))
     (home / "logs").mkdir()
     log_stream = (home / "logs" / "demo.log").open("a")
     log.configure(stream=log_stream)
-    config = StackConfig.from_env({"LOCALCLOUD_HOME": str(home)})
-    config = StackConfig(
-        home=home,
-        minute_interval=TICK_SECONDS,
-        functions_source=config.functions_source,
-        function_env=DEMO_FUNCTION_ENV,
-    )
+    config = demo_config(home)
     stack = Stack(config)
     stages.run(console, "start the local cloud", stack.start)
     try:
-        corpus = _corpus()
-        stages.run(console, f"upload {len(corpus)} files", lambda: _upload(stack, corpus))
-        entries: list[ledger.Entry] = stages.run(
-            console, "ingest, import and verify", lambda: _wait_settled(stack, len(corpus), console)
-        )
-        prefix, exported, manifest = stages.run(console, "export the store", lambda: _export(stack))
-        alerts = _alerts(stack)
-        stored = _store_instances(stack)
-        staging = stack.storage_client().bucket(config.staging_bucket)
-        batches = {e.batch for e in entries if e.batch and e.status != ledger.QUARANTINED}
-        operations = sum(
-            1 for b in staging.list_blobs(prefix="batches/") if b.name.endswith("/_operation.json")
-        )
+        summary = run_flow(stack, console, stages)
     finally:
         if keep:
             stack.write_state()
@@ -197,34 +256,15 @@ def run_demo(keep: bool = False) -> int:
             stack.stop()
         log_stream.close()
 
-    totals = ledger.totals(entries)
-    reasons = Counter(e.reason or "?" for e in entries if e.status == ledger.QUARANTINED)
-    kinds = Counter(str(a.get("kind")) for a in alerts)
-    table = Table(title="dicomflow demo", show_header=False)
-    table.add_row("files uploaded", str(len(corpus)))
-    for status in ledger.STATUSES:
-        if totals.get(status):
-            table.add_row(f"  {status}", str(totals[status]))
-    for reason, count in reasons.most_common():
-        table.add_row(f"    quarantined: {reason}", str(count))
-    table.add_row("batches / import operations", f"{len(batches)} / {operations}")
-    table.add_row("instances in the store", str(len(stored)))
-    for kind, count in sorted(kinds.items()):
-        table.add_row(f"alerts: {kind}", str(count))
-    table.add_row("backup", f"{prefix} ({exported} objects)")
-    table.add_row(
-        "backup manifest", "complete" if manifest and manifest.get("complete") else "NOT complete"
-    )
-    for name, seconds in stages.seconds.items():
-        table.add_row(f"time: {name}", f"{seconds:.1f} s")
-    console.print(table)
-
-    problems = check_invariants(len(corpus), entries, stored, len(batches), operations, manifest)
-    for problem in problems:
+    summary["stages"] = {name: round(seconds, 2) for name, seconds in stages.seconds.items()}
+    console.print(summary_table(summary))
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for problem in summary["problems"]:
         console.print(f"[red]invariant broken:[/] {problem}")
-    if not problems:
+    if not summary["problems"]:
         console.print("[green]every uploaded file is accounted for[/]")
-    return 1 if problems else 0
+    return 1 if summary["problems"] else 0
 
 
 def check_invariants(
