@@ -63,6 +63,7 @@ from typing import Any
 
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
+from googleapiclient.errors import HttpError
 
 from dicomflow import healthcare, log, retry
 from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
@@ -218,21 +219,21 @@ def list_ids(bucket: storage.Bucket, prefix: str) -> list[str]:
 
 # ---- choosing a batch (finalize path) -------------------------------------------------------
 
-# Per-process hint: the lowest sub-batch of a window not known to be sealed. Only a hint:
-# correctness never depends on it, it saves reads of sealed sub-batches.
+# Per-process hint: the lowest sub-batch of a window (per staging bucket) not known to be
+# sealed. Only a hint: correctness never depends on it, it saves reads of sealed sub-batches.
 _hints: dict[str, int] = {}
 _hints_lock = threading.Lock()
 
 
-def _hint(window: str) -> int:
+def _hint(key: str) -> int:
     with _hints_lock:
-        return _hints.get(window, 0)
+        return _hints.get(key, 0)
 
 
-def _advance_hint(window: str, sub: int) -> None:
+def _advance_hint(key: str, sub: int) -> None:
     with _hints_lock:
-        if _hints.get(window, 0) < sub:
-            _hints[window] = sub
+        if _hints.get(key, 0) < sub:
+            _hints[key] = sub
         if len(_hints) > 64:
             for old in sorted(_hints)[:-16]:
                 del _hints[old]
@@ -279,7 +280,8 @@ def choose(ctx: Context, now: datetime, weight: int) -> str:
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     window = window_id(now, settings.batch_window_seconds)
-    sub = _hint(window)
+    hint_key = f"{bucket.name}/{window}"
+    sub = _hint(hint_key)
     while True:
         batch = batch_id(window, sub)
         if not exists(bucket, seal_name(batch)):
@@ -288,7 +290,7 @@ def choose(ctx: Context, now: datetime, weight: int) -> str:
                 return batch
             seal(ctx, batch, now, reason="size")
         sub += 1
-        _advance_hint(window, sub)
+        _advance_hint(hint_key, sub)
 
 
 # ---- sealing ----------------------------------------------------------------------------------
@@ -485,7 +487,11 @@ def run_queue(ctx: Context, now: datetime) -> QueueReport:
             logger.info("import throttled (429)", extra=log.fields(batch=batch))
             break
         except TransientError as exc:
-            # Unknown whether it started; the intent stays and is repaired after a while.
+            if isinstance(exc.__cause__, HttpError):
+                # The service answered 5xx: the call failed and nothing started.
+                delete(bucket, intent_name(batch))
+            # Otherwise (timeout) it is unknown whether it started; the intent stays and
+            # is repaired after IMPORT_RESTART_SECONDS.
             logger.warning("import call failed", extra=log.fields(batch=batch, error=str(exc)))
             break
         except PermanentError as exc:

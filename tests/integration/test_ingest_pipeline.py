@@ -451,3 +451,20 @@ def test_cap_absorbs_the_services_429_and_imports_every_batch(
     assert all("error" not in f for f in finished)  # ...and were absorbed
     assert len(p.import_operations()) == len(finished)
     assert sorted(p.stored_sops()) == sorted(expected_sop(d) or "" for d in files.values())
+
+
+def test_transient_healthcare_errors_are_retried(
+    gcs_server: StorageServer, hc: HealthcareServer, app: Any, cleanup: None
+) -> None:
+    p = make_pipeline(gcs_server, hc, app, DICOMFLOW_BATCH_MAX_FILES="4")
+    files = {f"flaky/{i}.dcm": make_instance() for i in range(12)}
+    for obj in upload_many(p, files):
+        assert p.deliver(obj) == 200
+    set_knobs(hc, faults="import=0.5:503,operations.get=0.3:500")
+    try:
+        p.drain(max_ticks=50)
+    finally:
+        set_knobs(hc, faults="")
+    finished = p.finished()
+    assert finished and all("error" not in f for f in finished)
+    assert sorted(p.stored_sops()) == sorted(expected_sop(d) or "" for d in files.values())
