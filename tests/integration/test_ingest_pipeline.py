@@ -445,7 +445,9 @@ def test_cap_absorbs_the_services_429_and_imports_every_batch(
     finally:
         set_knobs(hc, max_concurrent_ops=0, operation_latency=0.0)
     assert any(r["throttled"] for r in results)  # the 429s happened...
-    assert max(len(r["started"]) for r in results) <= 5
+    assert max(r["running"] for r in results) <= 5
+    started = [b for r in results for b in r["started"]]
+    assert started == sorted(started)  # sealed batches start in queue order
     finished = p.finished()
     assert len(finished) >= 8
     assert all("error" not in f for f in finished)  # ...and were absorbed
@@ -467,4 +469,39 @@ def test_transient_healthcare_errors_are_retried(
         set_knobs(hc, faults="")
     finished = p.finished()
     assert finished and all("error" not in f for f in finished)
+    assert sorted(p.stored_sops()) == sorted(expected_sop(d) or "" for d in files.values())
+
+
+def _max_overlap(operations: list[dict[str, Any]]) -> int:
+    events = []
+    for op in operations:
+        meta = op["metadata"]
+        events += [(meta["createTime"], 1), (meta["endTime"], -1)]
+    running = peak = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_at_most_k_imports_run_at_once(
+    gcs_server: StorageServer, hc: HealthcareServer, app: Any, cleanup: None
+) -> None:
+    p = make_pipeline(
+        gcs_server, hc, app, DICOMFLOW_BATCH_MAX_FILES="2", DICOMFLOW_MAX_RUNNING_IMPORTS="2"
+    )
+    files = {f"k/{i}.dcm": make_instance() for i in range(14)}
+    for obj in upload_many(p, files):
+        assert p.deliver(obj) == 200
+    set_knobs(hc, operation_latency=0.3)
+    try:
+        results: list[dict[str, Any]] = []
+        p.drain(max_ticks=200, tick=lambda: results.append(ingest.tick(p.ctx)))
+    finally:
+        set_knobs(hc, operation_latency=0.0)
+    assert max(r["running"] for r in results) <= 2
+    assert not any(r["throttled"] for r in results)
+    operations = p.import_operations()
+    assert len(operations) == len(p.finished()) >= 7
+    assert _max_overlap(operations) <= 2  # as the service saw it
     assert sorted(p.stored_sops()) == sorted(expected_sop(d) or "" for d in files.values())
