@@ -2,8 +2,9 @@
 
 The return values are for tests; functions-framework ignores them.
 
-Clients and settings are created once per process, on first use, so that a
-bad setting fails the first invocation with the setting named.
+Settings and clients are created once per process: at import on Cloud Run
+(and localcloud), where a bad setting stops start-up with the setting named,
+and on first use elsewhere (tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import functions_framework
 from cloudevents.http import CloudEvent
 
 from dicomflow import runtime
+
+runtime.startup()
 
 
 @functions_framework.cloud_event  # type: ignore[arg-type]  # returns a result for tests

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from google.cloud import storage
 
 from dicomflow import log
 from dicomflow.config import Settings, load_settings
-from dicomflow.errors import PermanentError
+from dicomflow.errors import ConfigError, PermanentError
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,23 @@ def context() -> Context:
             log.configure()
             _context = make_context(load_settings())
         return _context
+
+
+def startup() -> None:
+    """Fail the process at start-up on bad settings when serving on Cloud Run (or localcloud).
+
+    Cloud Run sets ``K_SERVICE``; there a bad setting stops the worker from
+    booting, with one CRITICAL log line naming the setting and the fix, instead
+    of failing (and retrying) every event. Elsewhere (tests, the CLI) settings
+    are read on first use.
+    """
+    if not os.environ.get("K_SERVICE"):
+        return
+    try:
+        context()
+    except ConfigError as exc:
+        logger.critical("bad configuration: %s", exc, extra=log.fields(setting=exc.setting))
+        raise SystemExit(3) from None
 
 
 def set_context(ctx: Context | None) -> None:

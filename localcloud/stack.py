@@ -115,8 +115,19 @@ class StackConfig:
             raise LocalCloudError(
                 f"LOCALCLOUD_FUNCTIONS_SOURCE={source} does not exist; point it at a main.py"
             )
+        function_env = {}
+        for pair in env.get("LOCALCLOUD_FUNCTION_ENV", "").split(","):
+            if pair.strip():
+                name, sep, value = pair.strip().partition("=")
+                if not sep or not name.startswith("DICOMFLOW_"):
+                    raise LocalCloudError(
+                        f"LOCALCLOUD_FUNCTION_ENV has {pair.strip()!r}; "
+                        "use comma-separated DICOMFLOW_NAME=value pairs"
+                    )
+                function_env[name] = value
         return cls(
             home=home,
+            function_env=function_env,
             pubsub_kind=kind,
             minute_interval=_float(env, "LOCALCLOUD_MINUTE_SECONDS", 60.0),
             export_interval=_float(env, "LOCALCLOUD_EXPORT_SECONDS", 86_400.0),
@@ -142,6 +153,18 @@ def _bin(name: str) -> str:
     if found is None:
         raise LocalCloudError(f"{name} is not installed; run `make setup`")
     return found
+
+
+def _reason(log_file: Path) -> str:
+    """The most telling line of a service's log: a CRITICAL JSON message, else the last line."""
+    lines = log_file.read_text(errors="replace").strip().splitlines() if log_file.exists() else []
+    for line in reversed(lines):
+        if '"severity": "CRITICAL"' in line:
+            try:
+                return str(json.loads(line)["message"])
+            except (ValueError, KeyError):
+                break
+    return lines[-1] if lines else "no output"
 
 
 def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -253,6 +276,7 @@ class Stack:
         self._create_resources()
 
         env = {**os.environ, **self.env(), **cfg.function_env}
+        # Cloud Run sets K_SERVICE; main.py then checks the settings at start-up.
         env.pop("PUBSUB_EMULATOR_HOST", None)
         for function in FUNCTIONS:
             port = pick_port(
@@ -275,7 +299,7 @@ class Stack:
                     "--port",
                     str(port),
                 ],
-                env=env,
+                env={**env, "K_SERVICE": function},
             )
             self.urls[function] = f"http://{HOST}:{port}/"
         for function in FUNCTIONS:
@@ -314,12 +338,7 @@ class Stack:
         try:
             wait_http(url, 60, name, lambda: process.poll() is None)
         except LocalCloudError as exc:
-            tail = (
-                log_file.read_text(errors="replace").strip().splitlines()[-1:]
-                if log_file.exists()
-                else []
-            )
-            raise LocalCloudError(f"{exc}: {tail[0] if tail else 'no output'}") from None
+            raise LocalCloudError(f"{exc}: {_reason(log_file)}") from None
 
     def _create_resources(self) -> None:
         """The dataset, DICOM store, alerts topic and subscription, when missing."""

@@ -162,3 +162,19 @@ def test_env_without_a_running_cloud_says_how_to_start(tmp_path: Path) -> None:
         result.stderr.strip()
         == "localcloud: the local cloud is not running; start it with `make up`"
     )
+
+
+def test_a_missing_bucket_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    # An empty value reaches the functions as "not set" (the stack's own value is overridden).
+    env = {
+        **os.environ,
+        "LOCALCLOUD_HOME": str(tmp_path),
+        "LOCALCLOUD_FUNCTION_ENV": "DICOMFLOW_LANDING_BUCKET=",
+    }
+    result = _run(env, "up", "--detach")
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "DICOMFLOW_LANDING_BUCKET: is not set" in lines[0]
+    assert "Fix: export DICOMFLOW_LANDING_BUCKET=" in lines[0]
+    assert not (tmp_path / "state.json").exists()
