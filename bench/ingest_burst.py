@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomflow import ledger
+from dicomflow import ledger, log
 from localcloud.corpus import generate_studies
 from localcloud.harness import MeasuredStack, process_usage
 
@@ -172,6 +172,8 @@ def run(
         "complete": complete_seconds is not None,
         "uploadSeconds": round(upload_seconds or 0.0, 2),
         "secondsUntilAllInStore": round(complete_seconds, 2) if complete_seconds else None,
+        "inStoreAtEnd": timeline[-1][1],
+        "secondsMeasured": round(timeline[-1][0], 2),
         "secondsUntilLedgerFinal": round(settle_seconds, 2) if settle_seconds else None,
         "importOperationsStarted": operations,
         "import429": healthcare["statuses"].get("import 429", 0),
@@ -249,13 +251,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--instances", type=int, default=150)
     parser.add_argument("--latency", type=float, default=2.0, help="operation start latency, s")
     parser.add_argument("--quota", type=int, default=5, help="concurrent operations allowed")
-    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds each strategy may take; one that does not finish is reported as such",
+    )
     args = parser.parse_args()
 
     files = corpus(args.instances)
+    # The local platform's delivery retries (the baseline's 429s) log to a file, not the screen.
+    log_stream = (Path(tempfile.mkdtemp(prefix="bench-burst-logs-")) / "bench.log").open("a")
+    log.configure(stream=log_stream)
     print(
         f"{len(files)} instances, {sum(len(d) for _, d in files) / len(files):.0f} B each; "
         f"emulator: {args.latency:g} s start latency, {args.quota} concurrent operations"
@@ -284,7 +294,12 @@ def main() -> int:
     for label, key in rows:
         a, b = ours[key], theirs[key]
         ratios[key] = ratio(b, a)
-        print(f"{label:34} {a!s:>12} {b!s:>12} {ratios[key]!s:>20}")
+        shown_ratio = str(ratios[key])
+        if key == "secondsUntilAllInStore" and b is None:
+            # The baseline did not finish: show how far it got and a lower bound of the ratio.
+            b = f">{theirs['secondsMeasured']} ({theirs['inStoreAtEnd']}/{theirs['files']})"
+            shown_ratio = f">{ratio(theirs['secondsMeasured'], a)}"
+        print(f"{label:34} {a!s:>12} {b!s:>12} {shown_ratio:>20}")
     print(f"\ncost per million files (USD, list prices of {PRICES_DATE}):")
     for key in ("storageOperations", "functionInvocations", "healthcareRequests", "total"):
         a, b = ours["costPerMillionFilesUsd"][key], theirs["costPerMillionFilesUsd"][key]
@@ -310,7 +325,8 @@ def main() -> int:
         f"{len(files)} uploads, {args.latency:g} s op latency, {args.quota} concurrent ops",
     )
     print(f"\nwrote {RESULTS / 'ingest_burst.json'} and ingest_burst.png")
-    return 0 if ours["complete"] and theirs["complete"] else 1
+    # The baseline running out of time is a finding (it does not keep pace), not a failure.
+    return 0 if ours["complete"] else 1
 
 
 if __name__ == "__main__":
