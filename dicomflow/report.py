@@ -13,8 +13,9 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
     6. operations running longer than DICOMFLOW_STALLED_SECONDS: stalled, once each
     7. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
        per episode (state/report/backlog.json names the episode)
-    8. quarantined files, one alert per closed quarantine window
-       (state/report/quarantine/<window>.json marks a window reported)
+    8. quarantined files, one alert per closed quarantine window, and a follow-up for
+       records that land in it later (state/report/quarantine/<window>.json holds the
+       keys alerted; see ``_report_quarantine``)
 
 Alerts go through ``alerts.publish_once``, whose ``alertId`` is a hash of
 (kind, subject). Every subject is fixed before the alert is sent (batch id,
@@ -25,6 +26,7 @@ loses it. Subjects::
     import_failed   batch/<id>/import_failed        conflict   batch/<id>/conflict
     operation_failed  <operation name>               stalled    <operation name>/stalled
     backlog         backlog/<first batch of episode> quarantined quarantine/<window>
+    quarantined (late records)  quarantine/<window>/late/<sha256 of their sorted keys>[:16]
 
 Settled files are ``imported`` and ``duplicate``: their staging copies are
 deleted. The copies of ``conflict`` and ``failed`` files stay in
@@ -37,6 +39,8 @@ UIDs and object labels (``alerts.object_label``, hashed by default) only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -45,6 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cloudevents.http import CloudEvent
+from google.api_core import exceptions as gexc
 
 from dicomflow import alerts, batches, export, ledger, log, manifests, operations, retry, verify
 from dicomflow.config import QUARANTINE_PREFIX, STATE_PREFIX
@@ -57,6 +62,10 @@ MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 REPORT_PREFIX = f"{STATE_PREFIX}report/"
 BACKLOG_MARKER = f"{REPORT_PREFIX}backlog.json"
 QUARANTINE_MARKERS = f"{REPORT_PREFIX}quarantine/"
+QUARANTINE_DONE = f"{REPORT_PREFIX}quarantine-done/"
+# A quarantine copy without its record holds its window back this long after it closes.
+ORPHAN_WAIT_SECONDS = 600
+MISSING_RECORD = "quarantine-record-missing"
 # Stop starting batch verifications after this long; the next tick goes on (timeout 540 s).
 TICK_BUDGET_SECONDS = 300.0
 # A quarantine window is reported this long after it ends (late copies land in it first).
@@ -508,8 +517,51 @@ def _report_backlog(ctx: Any, waiting: dict[str, dict[str, Any]], now: datetime)
 # --- 8. quarantine ----------------------------------------------------------------------------
 
 
+def _quarantine_horizon(settings: Any) -> timedelta:
+    """How long after its start a window can still receive a quarantine copy or record.
+
+    Ingest fixes a file's window at claim time; a delivery retried by the platform
+    writes the copy and the record later, for as long as the event is retried.
+    Ingest drops events older than ``max_event_age_seconds``, so that bounds it.
+    """
+    return timedelta(
+        seconds=settings.max_event_age_seconds
+        + settings.batch_window_seconds
+        + settings.seal_grace_seconds
+        + QUARANTINE_GRACE_SECONDS
+    )
+
+
+def _window_closes(settings: Any, start: datetime) -> datetime:
+    return start + timedelta(
+        seconds=settings.batch_window_seconds
+        + settings.seal_grace_seconds
+        + QUARANTINE_GRACE_SECONDS
+    )
+
+
 def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
-    """One ``quarantined`` alert per closed quarantine window (a burst is one alert)."""
+    """``quarantined`` alerts per closed quarantine window (a burst is one alert).
+
+    Each window has a progress record ``state/report/quarantine/<window>.json``:
+    ``{window, keys, alerts, pending, reportedAt}``, changed only by compare-and-swap.
+    ``keys`` are the files already alerted. A tick lists the window, and when
+    it holds records not in ``keys`` it first writes them as ``pending`` (with
+    the alert's subject), then publishes, then folds ``pending`` into ``keys``.
+    A crash after the publish repeats the same subject and the same files.
+
+    - The first alert of a window has the subject ``quarantine/<window>``; records
+      that land later (a retried delivery) get ``quarantine/<window>/late/<digest>``,
+      the digest being over the sorted keys of that follow-up.
+    - A ``.dcm`` without its ``.json`` record (a delivery between the copy and the
+      record) holds the window back for ``ORPHAN_WAIT_SECONDS`` after it closes;
+      after that the files with records are alerted and the orphan follows when its
+      record lands. Past the horizon, an orphan is alerted with the reason
+      ``quarantine-record-missing``.
+    - A window is done for good (``state/report/quarantine-done/<window>.json``)
+      once it is past the horizon with nothing left unalerted; until then every
+      tick lists it, so late records are found.
+    """
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
 
@@ -520,7 +572,7 @@ def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
         return sorted(p[len(QUARANTINE_PREFIX) :].strip("/") for p in it.prefixes)
 
     found = retry.call(windows)
-    done = set(batches.list_ids(bucket, QUARANTINE_MARKERS))
+    done = set(batches.list_ids(bucket, QUARANTINE_DONE))
     reported: list[str] = []
     for window in found:
         if window in done:
@@ -529,39 +581,136 @@ def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
             start = datetime.strptime(window, "%Y%m%dT%H%M%SZ").replace(tzinfo=now.tzinfo)
         except ValueError:
             continue
-        closes = start + timedelta(
-            seconds=settings.batch_window_seconds
-            + settings.seal_grace_seconds
-            + QUARANTINE_GRACE_SECONDS
-        )
-        if now < closes:
+        if now < _window_closes(settings, start):
             continue
-        _alert_window(ctx, window, now)
-        batches.create_json(
-            bucket,
-            f"{QUARANTINE_MARKERS}{window}.json",
-            {"window": window, "reportedAt": export.iso(now)},
-        )
-        reported.append(window)
+        if _settle_window(ctx, window, start, now):
+            reported.append(window)
     return reported
 
 
-def _alert_window(ctx: Any, window: str, now: datetime) -> None:
+def _read_doc(bucket: Any, name: str) -> tuple[dict[str, Any], int] | None:
+    blob = bucket.blob(name)
+    try:
+        raw = retry.call(blob.download_as_bytes)
+    except gexc.NotFound:
+        return None
+    doc: dict[str, Any] = json.loads(raw)
+    return doc, int(blob.generation or 0)
+
+
+def _swap_doc(bucket: Any, name: str, doc: dict[str, Any], generation: int) -> bool:
+    """Write ``doc`` if ``name`` is still at ``generation`` (0: absent); False if it moved."""
+    blob = bucket.blob(name)
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    try:
+        retry.call(
+            lambda: blob.upload_from_string(
+                body, content_type="application/json", if_generation_match=generation
+            )
+        )
+    except gexc.PreconditionFailed:
+        return False
+    return True
+
+
+def _settle_window(ctx: Any, window: str, start: datetime, now: datetime) -> bool:
+    """Alert what is new in ``window``; True when this call published an alert."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
+    name = f"{QUARANTINE_MARKERS}{window}.json"
     prefix = f"{QUARANTINE_PREFIX}{window}/"
-    names = retry.call(
-        lambda: sorted(b.name for b in ctx.storage.list_blobs(bucket, prefix=prefix))
-    )
-    records = [
-        r
-        for r in verify.pmap(
-            lambda n: batches.read_json(bucket, n), [n for n in names if n.endswith(".json")]
-        )
-        if r is not None
-    ]
-    if not records:
-        return
+    past_horizon = now - start > _quarantine_horizon(settings)
+    waited = now - _window_closes(settings, start) >= timedelta(seconds=ORPHAN_WAIT_SECONDS)
+    sent = False
+    for _ in range(10):
+        found = _read_doc(bucket, name)
+        fresh: dict[str, Any] = {"window": window}
+        doc, generation = found if found is not None else (fresh, 0)
+        pending = doc.get("pending")
+        if pending:
+            keys = [str(k) for k in pending["keys"]]
+            _alert_window(ctx, window, str(pending["subject"]), keys, now)
+            sent = True
+            settled = {
+                **doc,
+                "keys": sorted({*(doc.get("keys") or []), *keys}),
+                "alerts": int(doc.get("alerts") or 0) + 1,
+                "pending": None,
+                "reportedAt": export.iso(now),
+            }
+            _swap_doc(bucket, name, settled, generation)
+            continue  # read again: the swap may have lost to another tick
+        names = retry.call(lambda: [b.name for b in ctx.storage.list_blobs(bucket, prefix=prefix)])
+        copies = {n[len(prefix) : -len(".dcm")] for n in names if n.endswith(".dcm")}
+        records = {n[len(prefix) : -len(".json")] for n in names if n.endswith(".json")}
+        if found is None:
+            alerted: set[str] = set()
+        elif "keys" in doc:
+            alerted = set(doc["keys"])
+        else:  # a marker written before follow-ups existed: {window, reportedAt}
+            alerted = _alerted_before(bucket, prefix, records, doc.get("reportedAt"))
+        orphans = copies - records - alerted
+        new = records - alerted
+        if past_horizon:
+            new |= orphans  # their records will never come: alert them as missing
+        elif orphans and not waited:
+            return sent  # a delivery may be between the copy and the record
+        if not new:
+            if past_horizon:
+                batches.create_json(
+                    bucket,
+                    f"{QUARANTINE_DONE}{window}.json",
+                    {"window": window, "doneAt": export.iso(now)},
+                )
+            return sent
+        keys = sorted(new)
+        if found is None:
+            subject = f"quarantine/{window}"
+        else:
+            digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+            subject = f"quarantine/{window}/late/{digest}"
+        intent = {
+            **doc,
+            "keys": sorted(alerted),
+            "pending": {"subject": subject, "keys": keys},
+        }
+        _swap_doc(bucket, name, intent, generation)
+    return sent
+
+
+def _alerted_before(bucket: Any, prefix: str, records: set[str], reported_at: Any) -> set[str]:
+    """The records an old-style marker covered: those written before it."""
+    if not reported_at:
+        return set(records)
+    when = export.parse_time(str(reported_at))
+    docs = verify.pmap(lambda k: batches.read_json(bucket, f"{prefix}{k}.json"), sorted(records))
+    return {
+        k
+        for k, d in zip(sorted(records), docs, strict=True)
+        if d is None
+        or not d.get("quarantinedAt")
+        or export.parse_time(str(d["quarantinedAt"])) <= when
+    }
+
+
+def _window_record(ctx: Any, prefix: str, key: str) -> dict[str, Any]:
+    """The quarantine record of ``key``, or one rebuilt from the ledger when it never came."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    record = batches.read_json(bucket, f"{prefix}{key}.json")
+    if record is not None:
+        return record
+    record = {"key": key, "reason": MISSING_RECORD}
+    found = ledger.read(bucket, key)
+    if found is not None:
+        src = found[0].source
+        record["source"] = {"bucket": src.bucket, "name": src.name}
+    return record
+
+
+def _alert_window(ctx: Any, window: str, subject: str, keys: list[str], now: datetime) -> None:
+    settings = ctx.settings
+    prefix = f"{QUARANTINE_PREFIX}{window}/"
+    records = verify.pmap(lambda k: _window_record(ctx, prefix, k), keys)
     reasons = Counter(_reason_code(r.get("reason")) for r in records)
     sources = [
         (str(r["source"]["bucket"]), str(r["source"]["name"])) for r in records if r.get("source")
@@ -571,6 +720,7 @@ def _alert_window(ctx: Any, window: str, now: datetime) -> None:
         "files": len(records),
         "reasons": dict(sorted(reasons.items())),
         "quarantinePrefix": f"gs://{settings.staging_bucket}/{prefix}",
+        "followUp": subject != f"quarantine/{window}",
         "sampleFiles": [
             {
                 "object": alerts.object_label(settings, *src),
@@ -583,7 +733,7 @@ def _alert_window(ctx: Any, window: str, now: datetime) -> None:
     details.update(alerts.samples(settings, sources))
     alert = alerts.build_alert(
         "quarantined",
-        f"quarantine/{window}",
+        subject,
         "WARNING",
         str(settings.dicom_store),
         details,

@@ -31,8 +31,9 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import alerts, batches, ledger, log, manifests, report, runtime
+from dicomflow import alerts, batches, ingest, ledger, log, manifests, report, runtime
 from dicomflow.config import load_settings
+from dicomflow.errors import TransientError
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
@@ -734,3 +735,89 @@ def test_verification_sees_an_instance_deleted_behind_its_back(env: Env) -> None
     assert [m["body"]["kind"] for m in got] == ["import_failed"]
     assert got[0]["body"]["details"]["samples"] == [env.label(objects[1])]
     assert [env.entry(o).status for o in objects] == ["imported", "failed", "imported"]
+
+
+# --- quarantine: late and half-written records ---------------------------------------------
+
+
+def quarantine_close(env: Env) -> float:
+    """Seconds from a window's start until the report treats it as closed."""
+    s = env.ctx.settings
+    return s.batch_window_seconds + s.seal_grace_seconds + report.QUARANTINE_GRACE_SECONDS + 1
+
+
+def test_quarantine_record_landing_in_a_reported_window_gets_a_follow_up_alert(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retried delivery writes its quarantine copy and record after the window was alerted."""
+    first = env.upload("q/bad1.dcm", b"not dicom" * 100)
+    late = env.upload("q/bad2.dcm", b"also not dicom" * 100)
+    env.ingest([first])
+    real_copy = ingest.copy_object
+
+    def failing_copy(ctx: Any, source: Any, target: str) -> None:
+        raise TransientError("simulated: storage 503s until the retry deadline")
+
+    monkeypatch.setattr(ingest, "copy_object", failing_copy)
+    assert post(env.client("ingest"), finalize_event(late, env.clock())) == 500
+    monkeypatch.setattr(ingest, "copy_object", real_copy)
+    env.clock.advance(quarantine_close(env) + 60)
+    assert env.report_tick() == 200
+    got = env.pull()
+    assert [(m["body"]["kind"], m["body"]["details"]["files"]) for m in got] == [("quarantined", 1)]
+    assert got[0]["body"]["details"]["samples"] == [env.label(first)]
+    window = got[0]["body"]["details"]["window"]
+
+    # The platform retries the delivery: the record lands in the window already alerted.
+    assert post(env.client("ingest"), finalize_event(late, env.clock())) == 200
+    assert env.entry(late).quarantine is not None
+    assert f"/{window}/" in f"/{env.entry(late).quarantine}"
+    env.clock.advance(60)
+    assert env.report_tick() == 200
+    again = env.pull()
+    assert [m["body"]["kind"] for m in again] == ["quarantined"]
+    body = again[0]["body"]
+    assert body["details"]["files"] == 1 and body["details"]["samples"] == [env.label(late)]
+    assert body["details"]["window"] == window and body["subject"] != got[0]["body"]["subject"]
+    # Exactly once: more ticks send nothing more.
+    for _ in range(2):
+        env.clock.advance(60)
+        assert env.report_tick() == 200
+    assert env.pull() == []
+
+
+def test_quarantine_copy_without_its_record_holds_the_window_until_the_record_lands(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery dies between the quarantine copy and its record: the window is not
+    reported without that file; the retried delivery's record is alerted."""
+    first = env.upload("q/bad1.dcm", b"not dicom" * 100)
+    half = env.upload("q/bad3.dcm", b"not dicom either" * 100)
+    env.ingest([first])
+    real_create = batches.create_json
+
+    def no_record(bucket: Any, name: str, data: dict[str, Any]) -> bool:
+        if name.startswith("quarantine/") and name.endswith(".json"):
+            raise TransientError("simulated: crash before the quarantine record")
+        return real_create(bucket, name, data)
+
+    monkeypatch.setattr(batches, "create_json", no_record)
+    assert post(env.client("ingest"), finalize_event(half, env.clock())) == 500
+    monkeypatch.setattr(batches, "create_json", real_create)
+    names = [b.name for b in env.gcs.list_blobs(env.staging, prefix="quarantine/")]
+    assert (
+        sum(n.endswith(".dcm") for n in names) == 2 and sum(n.endswith(".json") for n in names) == 1
+    )
+    env.clock.advance(quarantine_close(env) + 60)
+    assert env.report_tick() == 200
+    early = env.pull()
+    assert post(env.client("ingest"), finalize_event(half, env.clock())) == 200
+    env.clock.advance(60)
+    assert env.report_tick() == 200
+    got = early + env.pull()
+    reported = {s for m in got for s in m["body"]["details"]["samples"]}
+    assert reported == {env.label(first), env.label(half)}, got
+    assert sum(m["body"]["details"]["files"] for m in got) == 2
+    env.clock.advance(60)
+    assert env.report_tick() == 200
+    assert env.pull() == []
