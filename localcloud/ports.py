@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -59,3 +62,17 @@ def wait_http(url: str, timeout: float, what: str, alive: object = None) -> None
         if time.monotonic() > deadline:
             raise LocalCloudError(f"{what} did not answer at {url} within {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for service processes: SIGTERM them when their parent dies.
+
+    A service started for a test or the supervisor must not outlive it, even
+    when the parent is killed with SIGKILL and never runs its clean-up. Linux
+    only (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from localcloud.errors import LocalCloudError
-from localcloud.ports import HOST, pick_port, wait_http
+from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
 from localcloud.pubsub_fallback import FallbackServer
 
 KINDS = ("auto", "emulator", "fallback")
@@ -155,6 +155,7 @@ def _start_emulator(port: int, project: str, log: IO[bytes] | None) -> PubSubSer
         stdout=log or subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so stop() can end the JVM tree
+        preexec_fn=die_with_parent,
     )
     server = PubSubServer(port, "emulator", process=process)
     try:

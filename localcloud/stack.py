@@ -33,7 +33,7 @@ from googleapiclient.errors import HttpError
 from localcloud.delivery import Deliverer
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
-from localcloud.ports import HOST, pick_port, wait_http
+from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
 from localcloud.scheduler import Schedule, Scheduler
 from localcloud.storage import StorageServer, start_storage
 
@@ -223,6 +223,7 @@ class Stack:
             env=env,
             cwd=ROOT,
             start_new_session=True,  # its own process group, so stop() reaches its children
+            preexec_fn=die_with_parent,
         )
 
     def _start(self) -> None:

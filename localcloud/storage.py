@@ -20,7 +20,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from localcloud.errors import LocalCloudError
-from localcloud.ports import HOST, pick_port, wait_http
+from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
 
 
 def binary_path() -> Path:
@@ -105,7 +105,11 @@ def start_storage(
         data_dir.mkdir(parents=True, exist_ok=True)
         args += ["-backend", "filesystem", "-filesystem-root", str(data_dir)]
     process = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
     )
     server = StorageServer(process, port)
     try:
