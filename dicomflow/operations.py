@@ -159,6 +159,13 @@ def settled_ids(ctx: Any) -> set[str]:
     return {n[len(SETTLED_PREFIX) : -len(".json")] for n in names if n.endswith(".json")}
 
 
+def is_settled(ctx: Any, operation: str) -> bool:
+    """Whether the report is done with ``operation`` (one read of its marker)."""
+    op_id = operation.rsplit("/", 1)[-1]
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    return bool(retry.call(bucket.blob(f"{SETTLED_PREFIX}{op_id}.json").exists))
+
+
 def mark_settled(ctx: Any, operation: str, how: str, at: str, **extra: Any) -> None:
     """Record that the report is done with ``operation`` (create-if-absent)."""
     op_id = operation.rsplit("/", 1)[-1]

@@ -400,7 +400,21 @@ def _report_outside(
     starting: bool,
     now: datetime,
 ) -> list[str]:
-    """Alert ``operation_failed`` once for each failed import/export not started by dicomflow."""
+    """Alert ``operation_failed`` once for each failed import/export not started by dicomflow.
+
+    "Ours" is what this tick read: the settled markers, the active and finished
+    batches' operation records and the export markers. An overlapping tick can settle
+    one of our batches in between, so the settled marker is read again just before
+    an alert.
+
+    Known limit: when the import call is retried after a 5xx that had in fact started
+    an operation (``healthcare.start_import`` retries inside ``retry.call``), the first
+    operation is recorded nowhere. Neither the emulator's nor the real API's Operation
+    carries the request (``OperationMetadata`` has apiMethodName, createTime, endTime,
+    logsUrl, counter, cancelRequested; no ``gcsSource``), so it cannot be matched to
+    the batch URI; if that stray operation fails it is reported as started outside
+    dicomflow. Its files are the batch's, whose per-file verification stands.
+    """
     pending = [op for op in listed if op.done and op.op_id not in settled and op.name not in ours]
     if not pending:
         return []
@@ -424,6 +438,10 @@ def _report_outside(
         ):
             continue  # maybe ingest's, between the import call and its record
         if op.failed:
+            # Another tick may have settled our own batch since this tick read the settled
+            # markers and listed state/finished/ (ticks overlap): look again, just before.
+            if operations.is_settled(ctx, op.name):
+                continue
             _alert_outside(ctx, op, now)
             reported.append(op.name)
             how = "outside-failed"

@@ -821,3 +821,37 @@ def test_quarantine_copy_without_its_record_holds_the_window_until_the_record_la
     env.clock.advance(60)
     assert env.report_tick() == 200
     assert env.pull() == []
+
+
+# --- overlapping ticks ---------------------------------------------------------------------
+
+
+def test_overlapping_ticks_do_not_report_our_own_import_as_outside(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tick 2 lists the operations, then tick 1 settles the batch before tick 2 lists
+    ``state/finished/``: the operation is in neither set tick 2 read, yet it is ours."""
+    good = env.upload("o/good.dcm", make_instance())
+    broken = env.upload("o/broken.dcm", make_instance(rows=8, pixel_bytes=10))
+    env.ingest([good, broken])
+    env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
+    bucket = env.gcs.bucket(env.staging)
+    deadline = time.monotonic() + 30
+    env.ingest_tick()
+    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        env.ingest_tick()
+    nested: list[dict[str, Any]] = []
+    entered: list[str] = []
+
+    def point(step: str) -> None:
+        if step == "listed" and not entered:
+            entered.append(step)  # tick 1 runs to its end while tick 2 is after its listing
+            nested.append(report.run_tick(env.ctx))
+
+    monkeypatch.setattr(report, "crashpoint", point)
+    second = report.run_tick(env.ctx)
+    assert [v["counts"]["failed"] for v in nested[0]["verified"]] == [1]
+    assert second["outside"] == []
+    assert [m["body"]["kind"] for m in env.pull()] == ["import_failed"]
