@@ -13,7 +13,10 @@ read: pydicom stops before it. A file passes when it has:
   8 bytes, which must be the sequence delimiter).
 
 Otherwise ``NotDicomError`` carries a short reason code and detail; neither
-ever holds a tag *value*, so reasons never carry PHI.
+ever holds a tag *value*, so reasons never carry PHI. Whatever pydicom raises
+while parsing or reading a value (e.g. a damaged VR byte) is a rejection
+(``unreadable``), never an error of the function: retrying cannot fix the
+bytes. Only errors of the ranged read itself pass through.
 """
 
 from __future__ import annotations
@@ -130,13 +133,34 @@ def check(read: RangeReader, size: int, initial: int = INITIAL_BYTES) -> Uids:
     """Check the header of an object of ``size`` bytes; return its UIDs.
 
     Raises:
-        Rejected: the object is not an acceptable DICOM file (reason in ``code``).
+        Rejected: the object is not an acceptable DICOM file (reason in ``code``). Any
+            error of parsing or of reading a value (pydicom reads values lazily, so a
+            damaged VR or length raises only then) is ``unreadable``, with the
+            exception's type but not its message, which can quote values.
         Exception: errors of ``read`` (e.g. transient storage errors), unchanged.
     """
+    read_errors: list[BaseException] = []
+
+    def guarded(start: int, end: int) -> bytes:
+        try:
+            return read(start, end)
+        except BaseException as exc:
+            read_errors.append(exc)
+            raise
+
     with warnings.catch_warnings():
         # Odd or truncated files make pydicom warn (also on lazy value access); we decide.
         warnings.simplefilter("ignore")
-        return _check(read, size, initial)
+        try:
+            return _check(guarded, size, initial)
+        except Rejected:
+            raise
+        except Exception as exc:
+            if any(exc is failed for failed in read_errors):
+                raise
+            raise Rejected(
+                "unreadable", f"header values could not be read ({type(exc).__name__})"
+            ) from None
 
 
 def _check(read: RangeReader, size: int, initial: int) -> Uids:

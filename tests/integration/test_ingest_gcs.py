@@ -147,6 +147,26 @@ def test_bad_files_go_to_quarantine_with_their_reason(env: Env) -> None:
         assert PATIENT_NAME not in text
 
 
+def test_a_damaged_vr_is_quarantined_not_retried(env: Env) -> None:
+    """A VR byte of StudyInstanceUID damaged: pydicom raises on reading the value."""
+    data = make_instance()
+    tag = b"\x20\x00\x0d\x00UI"
+    i = data.index(tag)
+    data = data[: i + 4] + b"U\xfd" + data[i + 6 :]
+    obj = upload(env.client, env.landing, "p/corrupt.dcm", data)
+    assert env.deliver(obj) == 200  # not 500: a retry cannot repair the bytes
+    assert env.deliver(obj) == 200
+    (entry,) = env.entries()
+    assert entry.status == ledger.QUARANTINED
+    assert entry.reason == "unreadable: header values could not be read (NotImplementedError)"
+    assert entry.quarantine is not None
+    stored = names(env.client, env.staging, "quarantine/")
+    assert sorted(stored) == sorted(
+        [entry.quarantine, ingest.quarantine_record_name(entry.quarantine)]
+    )
+    assert env.staged() == []
+
+
 def test_loop_guard_pipeline_prefixes_in_the_landing_bucket(
     gcs_server: StorageServer, app: Any
 ) -> None:

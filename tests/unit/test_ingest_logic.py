@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -243,6 +244,73 @@ def test_header_on_the_pydicom_corpus() -> None:
         data = f.read()
     with pytest.raises(header.Rejected, match="no-transfer-syntax"):
         header.check(CountingReader(data), len(data))
+
+
+def _corrupt_vr(data: bytes, tag: bytes = b"\x20\x00\x0d\x00UI") -> bytes:
+    """``data`` with the VR of its first explicit-VR element ``tag`` replaced by junk."""
+    i = data.index(tag)
+    return data[: i + 4] + b"U\xfd" + data[i + 6 :]
+
+
+def test_header_rejects_a_damaged_vr_as_unreadable() -> None:
+    # pydicom parses lazily: the bad VR of StudyInstanceUID only raises (NotImplementedError)
+    # when the value is read, after the parse itself succeeded.
+    data = _corrupt_vr(make_instance(study="1.2.3.4"))
+    with pytest.raises(header.Rejected) as caught:
+        header.check(CountingReader(data), len(data))
+    assert caught.value.code == "unreadable"
+    assert str(caught.value) == "unreadable: header values could not be read (NotImplementedError)"
+    assert "1.2.3.4" not in str(caught.value) and "0x55" not in str(caught.value)
+
+
+def test_header_passes_errors_of_the_read_itself_through_unchanged() -> None:
+    data = make_instance(private_blob=100 * 1024)
+    failure = api_exceptions.ServiceUnavailable("busy")
+
+    def flaky(start: int, end: int) -> bytes:
+        if start > 0:  # the second, growing read fails (transient)
+            raise failure
+        return data[start : end + 1]
+
+    with pytest.raises(api_exceptions.ServiceUnavailable) as caught:
+        header.check(flaky, len(data))
+    assert caught.value is failure
+
+
+def _fuzz_variants(data: bytes, rng: random.Random) -> list[bytes]:
+    """Damaged copies of ``data``: bytes flipped in the header, VRs broken, cut short."""
+    variants = []
+    head = min(len(data), 4096)
+    for _ in range(12):
+        b = bytearray(data)
+        for _ in range(rng.randrange(1, 6)):
+            i = rng.randrange(head)
+            b[i] ^= 1 << rng.randrange(8) if rng.random() < 0.5 else rng.randrange(1, 256)
+        variants.append(bytes(b))
+    for tag in (b"\x20\x00\x0d\x00UI", b"\x08\x00\x18\x00UI", b"\x08\x00\x16\x00UI"):
+        if tag in data:
+            variants.append(_corrupt_vr(data, tag))
+    variants.append(data[: rng.randrange(133, max(134, head))])
+    return variants
+
+
+def test_header_check_fuzz_raises_only_rejected() -> None:
+    """Damaged headers of the pydicom corpus: ``check`` rejects, it never raises otherwise."""
+    rng = random.Random(20261125)
+    checked = unreadable = 0
+    for path in _corpus():
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[128:132] != b"DICM":
+            continue
+        for variant in _fuzz_variants(data, rng):
+            checked += 1
+            try:
+                header.check(CountingReader(variant), len(variant), initial=1024)
+            except header.Rejected as exc:
+                unreadable += exc.code == "unreadable"
+    assert checked >= 500
+    assert unreadable > 0
 
 
 # ---- ledger and batch names -----------------------------------------------------------------
