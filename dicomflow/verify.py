@@ -31,6 +31,20 @@ stored file as it was imported): only for an instance that is ambiguous, i.e.
 In every other case the verdict needs no download: a healthy batch costs one
 QIDO per study and one small index write per file.
 
+A file missing from its study costs one QIDO by SOP Instance UID (is it stored
+under another study or series: conflict), except when the study search found no
+instance of that study at all (the study failed as a whole, the common case of a
+failed import): then only the index is read, and a lookup is made only for a SOP
+UID the index places in another study or series. So a failed 5,000-file batch
+costs a few QIDO calls, not 5,000. DICOMweb calls (study searches, SOP lookups,
+WADO fetches) run ``DICOMWEB_THREADS`` at a time.
+
+Known limits: a SOP UID stored *outside* dicomflow under another study, whose own
+study is absent, is reported ``failed`` (``not-in-store``) rather than ``conflict``;
+both are failures and alert. There is no time budget inside one batch: a tick
+verifies a batch whole (the report stops starting batches after its budget), and a
+crash or timeout repeats the batch's verification from the start.
+
 Known limit: an instance stored *outside* dicomflow (STOW-RS, a manual import)
 with the same UIDs and different bytes is not in the index. If the import's
 own failure report also missed that file, it is reported ``imported``.
@@ -44,6 +58,7 @@ import base64
 import hashlib
 import json
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +79,8 @@ logger = logging.getLogger(__name__)
 
 INDEX_PREFIX = f"{STATE_PREFIX}instances/"
 THREADS = 16
+# DICOMweb calls at once (QIDO per study or per SOP, WADO): a few, not to crowd the store.
+DICOMWEB_THREADS = 4
 SERIES_TAG = "0020000E"
 STUDY_TAG = "0020000D"
 SOP_TAG = "00080018"
@@ -322,6 +339,36 @@ def pmap(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return list(pool.map(fn, items))
 
 
+def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``fn`` over ``items`` in a pool of ``DICOMWEB_THREADS``, for DICOMweb calls.
+
+    ``ctx.dicomweb()`` is per thread; the clients the pool threads made are closed
+    at the end, so no connection outlives the pool.
+    """
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    made: dict[int, Any] = {}
+    lock = threading.Lock()
+
+    def run(item: T) -> R:
+        client = ctx.dicomweb()
+        with lock:
+            made[id(client)] = client
+        return fn(item)
+
+    try:
+        with ThreadPoolExecutor(
+            min(DICOMWEB_THREADS, len(items)), thread_name_prefix="dicomweb"
+        ) as pool:
+            return list(pool.map(run, items))
+    finally:
+        for client in made.values():
+            session = getattr(client, "_session", None)
+            if session is not None:
+                session.close()
+
+
 # --- the verification ------------------------------------------------------------------------
 
 
@@ -345,27 +392,52 @@ def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
     results = pmap(load, keys)
     checkable = [r for r in results if r.entry is not None and r.entry.uids is not None]
     studies = sorted({r.entry.uids.study for r in checkable})  # type: ignore[union-attr]
-    # DICOMweb calls stay on this thread: the thread-local client of a pool thread would
-    # leak its connection when the pool ends. Storage calls go to the pool.
     facts = StoreFacts()
-    for study in studies:
-        facts.found.update(search_study(ctx, study))
+    for found in dicomweb_pmap(ctx, lambda study: search_study(ctx, study), studies):
+        facts.found.update(found)
+    seen_studies = {study for study, _ in facts.found.values()}
 
     present: list[FileResult] = []
+    lookups: list[FileResult] = []
+    absent: list[FileResult] = []
     for result in checkable:
         uids = result.entry.uids  # type: ignore[union-attr]
         assert uids is not None
         where = facts.found.get(uids.sop)
         if where is None:
-            # Not in its study: conflict if the SOP UID sits elsewhere, else not stored.
-            if search_sop(ctx, uids.sop) is not None:
-                result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
-            else:
-                result.status, result.reason = FAILED, NOT_IN_STORE
+            # Missing from its study. A study with no instance at all failed as a whole
+            # (the common case of a failed import): no lookup per file, only the index.
+            (lookups if uids.study in seen_studies else absent).append(result)
         elif where != (uids.study, uids.series):
             result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
         else:
             present.append(result)
+
+    def indexed_elsewhere(result: FileResult) -> bool:
+        uids = result.entry.uids  # type: ignore[union-attr]
+        assert uids is not None
+        found = read_index(bucket, uids.sop)
+        return found is not None and (found[0].get("study"), found[0].get("series")) != (
+            uids.study,
+            uids.series,
+        )
+
+    # dicomflow stored this SOP UID under another study before: worth one lookup.
+    lookups += [r for r, hit in zip(absent, pmap(indexed_elsewhere, absent), strict=True) if hit]
+    for result in absent:
+        result.status, result.reason = FAILED, NOT_IN_STORE
+
+    def lookup(result: FileResult) -> tuple[str, str] | None:
+        uids = result.entry.uids  # type: ignore[union-attr]
+        assert uids is not None
+        return search_sop(ctx, uids.sop)
+
+    for result, where in zip(lookups, dicomweb_pmap(ctx, lookup, lookups), strict=True):
+        # Not in its study: conflict if the SOP UID sits elsewhere, else not stored.
+        if where is not None:
+            result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
+        else:
+            result.status, result.reason = FAILED, NOT_IN_STORE
 
     ambiguous = ambiguous_in_batch(present)
 
@@ -394,9 +466,14 @@ def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
         return index
 
     indexes = pmap(consult, present)
-    for result, index in zip(present, indexes, strict=True):
-        if result.key not in ambiguous and result.reason is None and result.status in SUCCESS:
-            continue  # decided from the index alone
+    to_fetch = [
+        (result, index)
+        for result, index in zip(present, indexes, strict=True)
+        if not (result.key not in ambiguous and result.reason is None and result.status in SUCCESS)
+    ]  # the others were decided from the index alone
+
+    def compare(item: tuple[FileResult, dict[str, Any] | None]) -> None:
+        result, index = item
         uids = result.entry.uids  # type: ignore[union-attr]
         assert uids is not None
         data = retrieve_bytes(ctx, uids.study, uids.series, uids.sop)
@@ -408,6 +485,8 @@ def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
         result.reason = CHECKSUM_MISMATCH if verdict == CONFLICT else None
         if verdict == IMPORTED and (index is None or index.get("key") != result.key):
             replace_index(bucket, index_doc(result))
+
+    dicomweb_pmap(ctx, compare, to_fetch)
     return results
 
 

@@ -31,7 +31,7 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import alerts, batches, ingest, ledger, log, manifests, report, runtime
+from dicomflow import alerts, batches, ingest, ledger, log, manifests, report, runtime, verify
 from dicomflow.config import load_settings
 from dicomflow.errors import TransientError
 from localcloud.corpus import generate_studies, sample_files
@@ -855,3 +855,49 @@ def test_overlapping_ticks_do_not_report_our_own_import_as_outside(
     assert [v["counts"]["failed"] for v in nested[0]["verified"]] == [1]
     assert second["outside"] == []
     assert [m["body"]["kind"] for m in env.pull()] == ["import_failed"]
+
+
+# --- verification cost of a failed batch ------------------------------------------------------
+
+
+def test_failed_study_needs_no_per_file_lookup_and_the_rest_run_in_parallel(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Study A: every file rejected by the store -> failed without one QIDO per file.
+    Study B: one file stored, three rejected -> their SOP lookups run concurrently."""
+    study_a, study_b = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = [
+        env.upload(f"a/{i}.dcm", make_instance(study_a, rows=8, pixel_bytes=10)) for i in range(5)
+    ]
+    files += [env.upload("b/ok.dcm", make_instance(study_b))]
+    files += [
+        env.upload(f"b/{i}.dcm", make_instance(study_b, rows=8, pixel_bytes=10)) for i in range(3)
+    ]
+    env.ingest(files)
+    looked_up: list[str] = []
+    running, peak = [0], [0]
+    lock = threading.Lock()
+    real = verify.search_sop
+
+    def search_sop(ctx: Any, sop: str) -> Any:
+        with lock:
+            looked_up.append(sop)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.3)
+            return real(ctx, sop)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(verify, "search_sop", search_sop)
+    env.import_all()
+    statuses = [env.entry(f).status for f in files]
+    assert statuses == ["failed"] * 5 + ["imported"] + ["failed"] * 3
+    b_sops = {env.entry(f).uids.sop for f in files[6:]}  # type: ignore[union-attr]
+    assert set(looked_up) == b_sops and len(looked_up) == 3
+    assert peak[0] > 1
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["import_failed"]
+    assert got[0]["body"]["details"]["reasons"] == {"not-in-store": 8}
