@@ -4,7 +4,10 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
 
     1. list the dataset's operations, all pages (imports and exports, any origin)
     2. settle exports (dicomflow.export.settle_exports: manifest, export_failed)
-    3. retire active batches whose import is done (-> state/finished/<id>.json)
+    3. retire active batches whose import is done (-> state/finished/<id>.json); an
+       operation the service cannot return (404: expired) is retired with that reason,
+       and the store decides each file's outcome as for any batch (import_failed for
+       files not stored; none when every file is there), so it never blocks a tick
     4. verify each finished batch (dicomflow.verify), then in this order:
          manifests success/failure.ndjson -> ledger entries -> alerts import_failed
          and conflict -> summary.json -> delete staging copies of settled files
@@ -50,6 +53,7 @@ from typing import Any
 
 from cloudevents.http import CloudEvent
 from google.api_core import exceptions as gexc
+from googleapiclient.errors import HttpError
 
 from dicomflow import alerts, batches, export, ledger, log, manifests, operations, retry, verify
 from dicomflow.config import QUARANTINE_PREFIX, STATE_PREFIX
@@ -190,7 +194,20 @@ def _retire_done(ctx: Any, by_name: dict[str, OperationView], now: datetime) -> 
         out.recorded[batch] = record
         op = by_name.get(record["operation"])
         if op is None:
-            op = operations.view(export.get_operation(ctx, record["operation"]))
+            op, unreadable = _read_operation(ctx, record["operation"], batch)
+            if unreadable is not None:
+                # Permanent (e.g. 404, expired): as ingest's run_queue does, hand the batch
+                # to verification with the reason; the store decides each file's outcome.
+                done_record = {**record, "done": True, "error": {"message": unreadable}}
+                batches.create_json(
+                    bucket,
+                    batches.finished_name(batch),
+                    {**done_record, "finishedAt": export.iso(now)},
+                )
+                batches.delete(bucket, batches.active_name(batch))
+                out.retired.append(batch)
+                continue
+        assert op is not None
         if not op.done:
             continue
         done: dict[str, Any] = {**record, "done": True}
@@ -204,6 +221,22 @@ def _retire_done(ctx: Any, by_name: dict[str, OperationView], now: datetime) -> 
         batches.delete(bucket, batches.active_name(batch))
         out.retired.append(batch)
     return out
+
+
+def _read_operation(ctx: Any, name: str, batch: str) -> tuple[OperationView | None, str | None]:
+    """``operations.get`` of a batch's operation: (view, None), or (None, why) when the
+    service answers a permanent error (404: expired or unknown). Transient errors raise."""
+    try:
+        return operations.view(export.get_operation(ctx, name)), None
+    except HttpError as exc:
+        if retry.should_retry(exc):
+            raise
+        status = retry.status_of(exc)
+        logger.error(
+            "operation unreadable",
+            extra=log.fields(batch=batch, operation=name, status=status),
+        )
+        return None, f"operation unreadable: HTTP {status}"
 
 
 # --- 4. one finished batch --------------------------------------------------------------------
@@ -228,7 +261,7 @@ def settle_batch(
         crashpoint("verified")
         op = by_name.get(op_name) if op_name else None
         if op is None and op_name:
-            op = operations.view(export.get_operation(ctx, op_name))
+            op, _ = _read_operation(ctx, op_name, batch)
         manifests.write_lists(bucket, batch, op_name, results)
         crashpoint("manifests")
         _update_ledger(ctx, batch, op_name, results, now)

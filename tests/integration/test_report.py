@@ -901,3 +901,35 @@ def test_failed_study_needs_no_per_file_lookup_and_the_rest_run_in_parallel(
     got = env.pull()
     assert [m["body"]["kind"] for m in got] == ["import_failed"]
     assert got[0]["body"]["details"]["reasons"] == {"not-in-store": 8}
+
+
+# --- unreadable operations ---------------------------------------------------------------------
+
+
+def test_unreadable_operation_does_not_block_the_tick(env: Env) -> None:
+    """The batch's operation answers 404 (expired, deleted): the batch is verified from
+    the store like any other, the tick goes on, and the record says why."""
+    objects = [env.upload(f"x/{i}.dcm", make_instance()) for i in range(2)]
+    env.ingest(objects)
+    env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
+    env.ingest_tick()
+    bucket = env.gcs.bucket(env.staging)
+    [batch] = batches.list_ids(bucket, batches.ACTIVE_PREFIX)
+    record = batches.read_json(bucket, batches.operation_name(batch))
+    assert record is not None
+    operations_api = healthcare_api(env.healthcare_url).projects().locations().datasets()
+    deadline = time.monotonic() + 30
+    while not operations_api.operations().get(name=record["operation"]).execute().get("done"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    gone = record["operation"].rsplit("/", 1)[0] + "/404404404"
+    bucket.blob(batches.operation_name(batch)).upload_from_string(
+        json.dumps({**record, "operation": gone}), content_type="application/json"
+    )
+    assert env.report_tick() == 200
+    assert env.report_tick() == 200
+    assert [env.entry(o).status for o in objects] == ["imported", "imported"]
+    summary = manifests.read_summary(bucket, batch)
+    assert summary is not None and "unreadable" in summary["recordError"]["message"]
+    assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
+    assert env.pull() == []
