@@ -21,8 +21,8 @@ from googleapiclient.errors import HttpError
 from dicomflow.errors import PermanentError, TransientError
 
 _PAGE = 100
-# A waiting pull returns after about this long when nothing arrives.
-WAIT_SECONDS = 10.0
+EMPTY_POLLS = 3
+POLL_SECONDS = 0.5
 
 
 def subscription_path(name: str, project_of_topic: str) -> str:
@@ -91,24 +91,28 @@ def pull(
     subs = ctx.pubsub().projects().subscriptions()
     got: list[dict[str, Any]] = []
     seen: set[str] = set()
+    empty = 0
     stop = None if timeout is None else time.monotonic() + timeout
     while max_messages is None or len(got) < max_messages:
         if stop is not None and time.monotonic() >= stop:
             break
         want = _PAGE if max_messages is None else min(_PAGE, max_messages - len(got))
-        # Without --follow, ask for what is there now; with it, wait for new messages.
+        # Short polls rather than waiting pulls, so that --timeout and Ctrl-C act at once.
+        # The real service may answer an immediate pull with nothing while messages wait,
+        # so "empty" takes EMPTY_POLLS answers in a row.
         response = _call(
             subs.pull(
-                subscription=subscription,
-                body={"maxMessages": want, "returnImmediately": not follow},
+                subscription=subscription, body={"maxMessages": want, "returnImmediately": True}
             )
         )
         received = response.get("receivedMessages") or []
         if not received:
-            if not follow:
+            empty += 1
+            if not follow and empty >= EMPTY_POLLS:
                 break
-            time.sleep(0.5)
+            time.sleep(POLL_SECONDS)
             continue
+        empty = 0
         fresh = 0
         for item in received:
             alert = decode(item)

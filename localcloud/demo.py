@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
 from googleapiclient.discovery import build
 from rich.console import Console
 from rich.table import Table
 
 from dicomflow import ledger, log
+from dicomflow.batches import ACTIVE_PREFIX, FINISHED_PREFIX, OPEN_PREFIX
 from dicomflow.config import load_settings
 from dicomflow.export import dated_folder, export_day
 from localcloud.corpus import generate_studies, sample_files
@@ -71,8 +73,8 @@ def _corpus() -> list[tuple[str, bytes]]:
     return sorted(dict(files + generated).items())
 
 
-def _upload(stack: Stack, corpus: list[tuple[str, bytes]]) -> None:
-    bucket = stack.storage_client().bucket(stack.config.landing_bucket)
+def _upload(stack: Stack, gcs: storage.Client, corpus: list[tuple[str, bytes]]) -> None:
+    bucket = gcs.bucket(stack.config.landing_bucket)
 
     def put(item: tuple[str, bytes]) -> None:
         bucket.blob(item[0]).upload_from_string(item[1], content_type="application/dicom")
@@ -81,27 +83,35 @@ def _upload(stack: Stack, corpus: list[tuple[str, bytes]]) -> None:
         list(pool.map(put, corpus))
 
 
-def _wait_settled(stack: Stack, expected: int, console: Console) -> list[ledger.Entry]:
-    staging = stack.storage_client().bucket(stack.config.staging_bucket)
+def _wait_settled(
+    stack: Stack, gcs: storage.Client, expected: int, console: Console
+) -> list[ledger.Entry]:
+    staging = gcs.bucket(stack.config.staging_bucket)
     deadline = time.monotonic() + SETTLE_TIMEOUT
     entries: list[ledger.Entry] = []
     while time.monotonic() < deadline:
         entries = list(ledger.list_entries(staging))
         final = sum(1 for e in entries if e.status in ledger.FINAL)
-        if len(entries) >= expected and final == len(entries):
+        # A batch is done once its summary is written, after its alerts: wait for that too.
+        busy = [
+            b.name
+            for prefix in (OPEN_PREFIX, ACTIVE_PREFIX, FINISHED_PREFIX)
+            for b in staging.list_blobs(prefix=prefix)
+        ]
+        if len(entries) >= expected and final == len(entries) and not busy:
             return entries
         time.sleep(1.0)
     console.print(f"[red]timed out: {len(entries)} ledger entries, not all final[/]")
     return entries
 
 
-def _export(stack: Stack) -> tuple[str, int, dict[str, Any] | None]:
+def _export(stack: Stack, gcs: storage.Client) -> tuple[str, int, dict[str, Any] | None]:
     assert stack.deliverer is not None
     now = datetime.now(UTC)
     fire(stack.deliverer, stack.schedules["export"], now)
     settings = load_settings(stack.env())
     folder = dated_folder(settings, export_day(now))
-    backups = stack.storage_client().bucket(stack.config.backup_bucket)
+    backups = gcs.bucket(stack.config.backup_bucket)
     deadline = time.monotonic() + SETTLE_TIMEOUT
     manifest: dict[str, Any] | None = None
     while time.monotonic() < deadline:
@@ -127,6 +137,13 @@ def _alerts(stack: Stack) -> list[dict[str, Any]]:
     )
     subscription = stack.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"]
     alerts: list[dict[str, Any]] = []
+    try:
+        return _pull_all(pubsub, subscription, alerts)
+    finally:
+        pubsub.close()
+
+
+def _pull_all(pubsub: Any, subscription: str, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     while True:
         response = (
             pubsub.projects()
@@ -150,12 +167,15 @@ def _store_instances(stack: Stack) -> set[str]:
     client = DICOMwebClient(f"{stack.urls['healthcare']}/v1/{stack.config.store_name}/dicomWeb")
     found: set[str] = set()
     offset = 0
-    while True:
-        page = client.search_for_instances(offset=offset, limit=1000, fields=["00080018"])
-        found.update(i["00080018"]["Value"][0] for i in page)
-        if len(page) < 1000:
-            return found
-        offset += len(page)
+    try:
+        while True:
+            page = client.search_for_instances(offset=offset, limit=1000, fields=["00080018"])
+            found.update(i["00080018"]["Value"][0] for i in page)
+            if len(page) < 1000:
+                return found
+            offset += len(page)
+    finally:
+        client._session.close()
 
 
 def demo_config(home: Path) -> StackConfig:
@@ -176,18 +196,26 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
     """
     stages = stages or Stages()
     corpus = _corpus()
-    stages.run(console, f"upload {len(corpus)} files", lambda: _upload(stack, corpus))
-    entries: list[ledger.Entry] = stages.run(
-        console, "ingest, import and verify", lambda: _wait_settled(stack, len(corpus), console)
-    )
-    prefix, exported, manifest = stages.run(console, "export the store", lambda: _export(stack))
-    alerts = _alerts(stack)
-    stored = _store_instances(stack)
-    staging = stack.storage_client().bucket(stack.config.staging_bucket)
-    batches = {e.batch for e in entries if e.batch and e.status != ledger.QUARANTINED}
-    operations = sum(
-        1 for b in staging.list_blobs(prefix="batches/") if b.name.endswith("/_operation.json")
-    )
+    gcs = stack.storage_client()
+    try:
+        stages.run(console, f"upload {len(corpus)} files", lambda: _upload(stack, gcs, corpus))
+        entries: list[ledger.Entry] = stages.run(
+            console,
+            "ingest, import and verify",
+            lambda: _wait_settled(stack, gcs, len(corpus), console),
+        )
+        prefix, exported, manifest = stages.run(
+            console, "export the store", lambda: _export(stack, gcs)
+        )
+        alerts = _alerts(stack)
+        stored = _store_instances(stack)
+        staging = gcs.bucket(stack.config.staging_bucket)
+        batches = {e.batch for e in entries if e.batch and e.status != ledger.QUARANTINED}
+        operations = sum(
+            1 for b in staging.list_blobs(prefix="batches/") if b.name.endswith("/_operation.json")
+        )
+    finally:
+        gcs.close()  # type: ignore[no-untyped-call]
     totals = ledger.totals(entries)
     reasons = Counter(e.reason or "?" for e in entries if e.status == ledger.QUARANTINED)
     return {
