@@ -35,6 +35,16 @@ Settled files are ``imported`` and ``duplicate``: their staging copies are
 deleted. The copies of ``conflict`` and ``failed`` files stay in
 ``batches/<id>/`` for inspection and re-drive; the failure manifest names them.
 
+Per-tick cost. Bounded: quarantine windows are listed from a cursor
+(``state/report/quarantine-cursor.json``, never later than now minus the late
+horizon), so windows done for good are not listed again; verification stops
+starting batches after ``TICK_BUDGET_SECONDS``. Still O(history), to bound later:
+``operations.list_operations`` reads every page of the dataset's operations
+(the emulator lists oldest first; the real API's order is not documented, so
+paging is not cut short on a time horizon), and ``operations.settled_ids`` lists
+every settled marker; both grow with the operations the service retains. The
+export markers are read only when an unknown export operation turns up.
+
 No PHI: alerts and logs carry batch ids, operation names, counts, reasons,
 UIDs and object labels (``alerts.object_label``, hashed by default) only.
 """
@@ -67,6 +77,7 @@ REPORT_PREFIX = f"{STATE_PREFIX}report/"
 BACKLOG_MARKER = f"{REPORT_PREFIX}backlog.json"
 QUARANTINE_MARKERS = f"{REPORT_PREFIX}quarantine/"
 QUARANTINE_DONE = f"{REPORT_PREFIX}quarantine-done/"
+QUARANTINE_CURSOR = f"{REPORT_PREFIX}quarantine-cursor.json"
 # A quarantine copy without its record holds its window back this long after it closes.
 ORPHAN_WAIT_SECONDS = 600
 MISSING_RECORD = "quarantine-record-missing"
@@ -617,13 +628,19 @@ def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
     bucket = ctx.storage.bucket(settings.staging_bucket)
 
     def windows() -> list[str]:
-        it = ctx.storage.list_blobs(bucket, prefix=QUARANTINE_PREFIX, delimiter="/")
+        it = ctx.storage.list_blobs(
+            bucket,
+            prefix=QUARANTINE_PREFIX,
+            delimiter="/",
+            start_offset=f"{QUARANTINE_PREFIX}{cursor}" if cursor else None,
+        )
         for _ in it:
             pass
         return sorted(p[len(QUARANTINE_PREFIX) :].strip("/") for p in it.prefixes)
 
-    found = retry.call(windows)
-    done = set(batches.list_ids(bucket, QUARANTINE_DONE))
+    cursor = str((batches.read_json(bucket, QUARANTINE_CURSOR) or {}).get("window") or "")
+    found = [w for w in retry.call(windows) if w >= cursor]
+    done = {w for w in _list_done(ctx, bucket, cursor) if w >= cursor}
     reported: list[str] = []
     for window in found:
         if window in done:
@@ -636,7 +653,39 @@ def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
             continue
         if _settle_window(ctx, window, start, now):
             reported.append(window)
+    _advance_cursor(ctx, bucket, cursor, found, now)
     return reported
+
+
+def _list_done(ctx: Any, bucket: Any, cursor: str) -> list[str]:
+    offset = f"{QUARANTINE_DONE}{cursor}" if cursor else None
+    names = retry.call(
+        lambda: [
+            b.name
+            for b in ctx.storage.list_blobs(bucket, prefix=QUARANTINE_DONE, start_offset=offset)
+        ]
+    )
+    return [n[len(QUARANTINE_DONE) : -len(".json")] for n in names if n.endswith(".json")]
+
+
+def _advance_cursor(ctx: Any, bucket: Any, cursor: str, found: list[str], now: datetime) -> None:
+    """Move the window cursor to the oldest window that may still need work.
+
+    That is the oldest window not done, but never past the window of ``now`` minus
+    the horizon: a late copy can create a window (its first object) that late, and
+    the cursor must not have passed it. Windows before the cursor are never listed
+    again. Overlapping ticks may write it out of order; a cursor too far back only
+    costs a longer listing.
+    """
+    done = set(_list_done(ctx, bucket, cursor))
+    floor = batches.window_id(now - _quarantine_horizon(ctx.settings), 1)
+    waiting = [w for w in found if w not in done]
+    target = min([floor, *waiting[:1]])
+    if target <= cursor:
+        return
+    blob = bucket.blob(QUARANTINE_CURSOR)
+    body = json.dumps({"window": target, "movedAt": export.iso(now)}, sort_keys=True)
+    retry.call(lambda: blob.upload_from_string(body, content_type="application/json"))
 
 
 def _read_doc(bucket: Any, name: str) -> tuple[dict[str, Any], int] | None:

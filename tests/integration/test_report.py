@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import functions_framework
@@ -933,3 +933,34 @@ def test_unreadable_operation_does_not_block_the_tick(env: Env) -> None:
     assert summary is not None and "unreadable" in summary["recordError"]["message"]
     assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
     assert env.pull() == []
+
+
+# --- bounded per-tick cost -----------------------------------------------------------------------
+
+
+def test_quarantine_windows_past_the_horizon_are_not_listed_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = env.gcs.bucket(env.staging)
+    old = batches.window_id(env.clock() - timedelta(days=3), env.ctx.settings.batch_window_seconds)
+    key = "0" * 40
+    bucket.blob(f"quarantine/{old}/{key}.dcm").upload_from_string(b"junk")
+    record = {"key": key, "reason": "not-dicom: x", "source": {"bucket": env.landing, "name": "o"}}
+    bucket.blob(f"quarantine/{old}/{key}.json").upload_from_string(json.dumps(record))
+    env.ingest([env.upload("q/new.dcm", b"not dicom" * 100)])
+    assert env.report_tick() == 200
+    assert [m["body"]["subject"] for m in env.pull()] == [f"quarantine/{old}"]
+    listed: list[dict[str, Any]] = []
+    real = env.gcs.list_blobs
+
+    def list_blobs(*args: Any, **kwargs: Any) -> Any:
+        listed.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(env.gcs, "list_blobs", list_blobs)
+    assert report.run_tick(env.ctx)["quarantine"] == []
+    offsets = [k.get("start_offset") for k in listed if k.get("prefix") == "quarantine/"]
+    assert offsets and all(o and o > f"quarantine/{old}" for o in offsets), offsets
+    # The recent window is still reported once it closes.
+    env.clock.advance(quarantine_close(env))
+    assert len(report.run_tick(env.ctx)["quarantine"]) == 1
