@@ -20,6 +20,7 @@ from dicomflow import ingest, log
 from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject
+from dicomflow.ledger import ledger_key
 from dicomflow.runtime import Context, make_context
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
             crc32c=blob.crc32c,
             content_type=blob.content_type,
         )
-        result = ingest.ingest_object(ctx, obj, f"backfill:{blob.name}#{blob.generation}", None)
+        # The event id is logged: the ledger key, not the name (names can be patient names).
+        event_id = f"backfill:{ledger_key(bucket, blob.name, blob.generation)}"
+        result = ingest.ingest_object(ctx, obj, event_id, None)
         status = str(result["status"])
         return f"{status} (again)" if result.get("repeat") else status
 

@@ -16,6 +16,7 @@ The object layouts are described in ``dicomflow.ledger`` and ``dicomflow.batches
 from __future__ import annotations
 
 import logging
+import traceback
 from datetime import datetime
 from typing import Any
 
@@ -23,9 +24,9 @@ from cloudevents.http import CloudEvent
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 
-from dicomflow import batches, header, ledger, log, retry
+from dicomflow import alerts, batches, header, ledger, log, retry
 from dicomflow.config import QUARANTINE_PREFIX
-from dicomflow.errors import PermanentError, TransientError
+from dicomflow.errors import DicomflowError, PermanentError, TransientError
 from dicomflow.events import (
     FINALIZED,
     MESSAGE_PUBLISHED,
@@ -89,15 +90,62 @@ def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
 def ingest_object(
     ctx: Context, obj: StorageObject, event_id: str, event_time: datetime | None
 ) -> dict[str, Any]:
-    """Take one object generation through filter, check, claim and staging (or quarantine)."""
+    """Take one object generation through filter, check, claim and staging (or quarantine).
+
+    Object names can carry patient names, so logs and the errors raised from here name
+    the object by ``alerts.object_label`` (a hash by default) and its ledger key, never
+    by its ``gs://`` URI. Errors other than ``PermanentError`` (whose messages are ours)
+    are raised again as a ``TransientError`` without the original message or chain:
+    storage errors quote request URLs, and the platform logs what a function raises.
+    """
     settings = ctx.settings
-    uri = f"gs://{obj.bucket}/{obj.name}#{obj.generation}"
+    label = alerts.object_label(settings, obj.bucket, obj.name)
+    key = ledger.ledger_key(obj.bucket, obj.name, obj.generation)
     skipped = skip_reason(settings, obj)
     if skipped:
-        logger.info("skipped", extra=log.fields(eventId=event_id, object=uri, reason=skipped))
+        logger.info(
+            "skipped", extra=log.fields(eventId=event_id, object=label, key=key, reason=skipped)
+        )
         return {"status": "skipped", "reason": skipped}
+    try:
+        return _ingest_object(ctx, obj, key, label, event_id, event_time)
+    except PermanentError:
+        raise
+    except Exception as exc:
+        error = _redacted(exc)
+        logger.warning(
+            "ingest failed; the event will be retried",
+            extra=log.fields(eventId=event_id, object=label, key=key, **error),
+        )
+        raise TransientError(f"ingest of {label} (key {key}) failed: {error['error']}") from None
 
-    key = ledger.ledger_key(obj.bucket, obj.name, obj.generation)
+
+def _redacted(exc: BaseException) -> dict[str, Any]:
+    """What can be logged of ``exc`` without PHI: its type, HTTP status and where it arose.
+
+    The messages of our own errors are kept (they never hold object names); other
+    messages (storage errors quote request URLs, pydicom quotes values) are not.
+    """
+    status = retry.status_of(exc)
+    if status is None and isinstance(exc.__cause__, Exception):
+        status = retry.status_of(exc.__cause__)
+    text = str(exc) if isinstance(exc, DicomflowError) else type(exc).__name__
+    if status is not None and not isinstance(exc, DicomflowError):
+        text = f"{text} (HTTP {status})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else None
+    return {"error": text, "errorType": type(exc).__name__, "httpStatus": status, "where": where}
+
+
+def _ingest_object(
+    ctx: Context,
+    obj: StorageObject,
+    key: str,
+    label: str,
+    event_id: str,
+    event_time: datetime | None,
+) -> dict[str, Any]:
+    settings = ctx.settings
     staging = ctx.storage.bucket(settings.staging_bucket)
     found = ledger.read(staging, key)
     claimed = found is None
@@ -116,7 +164,7 @@ def ingest_object(
         result["status"],
         extra=log.fields(
             eventId=event_id,
-            object=uri,
+            object=label,
             key=key,
             batch=result.get("batch"),
             reason=result.get("reason"),

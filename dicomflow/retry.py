@@ -5,7 +5,9 @@ As in python-storage, the rule is one predicate, ``should_retry(exc)``: 429,
 API are transient; everything else (400, 403, 404, 412, ...) is not.
 ``call(fn)`` retries ``fn`` on transient errors with jittered exponential
 backoff until a deadline, then raises ``TransientError`` so that the caller
-(or the platform, on a function) can retry later.
+(or the platform, on a function) can retry later. That error's message names
+the last error's type and HTTP status only, never its text (storage errors quote
+request URLs, which hold object names); the original stays its ``__cause__``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ def call(
             if not predicate(exc):
                 raise
             if time.monotonic() + delay > stop:
-                raise TransientError(f"gave up after {deadline:.0f}s: {exc}") from exc
+                # The type and status only: messages of storage errors quote request URLs,
+                # which hold object names (and object names can hold patient names).
+                status = status_of(exc)
+                what = type(exc).__name__ + (f" (HTTP {status})" if status is not None else "")
+                raise TransientError(f"gave up after {deadline:.0f}s: {what}") from exc
             sleep(delay * random.uniform(0.5, 1.0))
             delay = min(maximum, delay * 2)

@@ -45,6 +45,8 @@ def test_backfill_twice_gives_one_outcome_per_object(
     assert ledger.totals(entries)[ledger.STAGED] == 12
     assert ledger.totals(entries)[ledger.QUARANTINED] == 1
     assert len(entries) == 13
+    # The event id is logged, so it names the entry by key, not by object name.
+    assert {e.eventId for e in entries} == {f"backfill:{e.key}" for e in entries}
     staged = [
         b.name for b in client.list_blobs(staging, prefix="batches/") if b.name.endswith(".dcm")
     ]

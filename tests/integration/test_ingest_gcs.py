@@ -5,19 +5,23 @@ These need no Healthcare API: they stop at staging, quarantine and sealing.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import functions_framework
 import pytest
+from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 
-from dicomflow import batches, ingest, ledger, runtime
+from dicomflow import alerts, batches, ingest, ledger, log, runtime
 from dicomflow.config import Settings
 from localcloud.storage import StorageServer
 from tests.ingest_support import (
@@ -165,6 +169,52 @@ def test_a_damaged_vr_is_quarantined_not_retried(env: Env) -> None:
         [entry.quarantine, ingest.quarantine_record_name(entry.quarantine)]
     )
     assert env.staged() == []
+
+
+def test_logs_never_name_the_object(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Object names can be patient names: every log line names objects by hash and key."""
+    stream = io.StringIO()
+    log.configure(logging.INFO, stream)  # as the functions run
+    good = upload(env.client, env.landing, "incoming/DOE^JOHN_19700101.dcm", make_instance())
+    bad = upload(env.client, env.landing, "incoming/DOE^JOHN_19700101b.dcm", b"x" * 500)
+    text = upload(env.client, env.landing, "incoming/DOE^JOHN_19700101.txt", b"notes")
+    for i, obj in enumerate((good, bad, text, good)):
+        assert env.deliver(obj, event_id=f"90000{i}") == 200
+    # A storage error whose message quotes the request URL, as google-cloud-storage's do.
+    failing = upload(env.client, env.landing, "incoming/DOE^JOHN_19700101c.dcm", make_instance())
+    original = storage.Blob.download_as_bytes
+
+    def forbidden(self: storage.Blob, *args: Any, **kwargs: Any) -> bytes:
+        if self.bucket.name == env.landing:
+            raise api_exceptions.Forbidden(
+                f"GET {env.client._connection.API_BASE_URL}/download/storage/v1/b/"
+                f"{env.landing}/o/{quote(self.name, safe='')}?alt=media: no access to {self.name}"
+            )
+        result: bytes = original(self, *args, **kwargs)
+        return result
+
+    monkeypatch.setattr(storage.Blob, "download_as_bytes", forbidden)
+    assert env.deliver(failing, event_id="900009") == 500
+    monkeypatch.setattr(storage.Blob, "download_as_bytes", original)
+
+    lines = stream.getvalue().splitlines()
+    for line in lines:
+        for secret in ("DOE", "JOHN", "19700101"):
+            assert secret not in line, line
+    records = [json.loads(line) for line in lines]
+    assert {r["message"] for r in records} >= {
+        "staged",
+        "quarantined",
+        "skipped",
+        "ingest failed; the event will be retried",
+    }
+    label = alerts.object_label(env.settings, env.landing, good.name)
+    assert label.startswith("sha256:")
+    key = ledger.ledger_key(env.landing, good.name, good.generation)
+    assert any(r.get("object") == label and r.get("key") == key for r in records)
+    failed = next(r for r in records if r["message"].startswith("ingest failed"))
+    assert (failed["errorType"], failed["httpStatus"]) == ("Forbidden", 403)
+    assert any("exception" in r for r in records)  # the platform's log of the 500
 
 
 def test_loop_guard_pipeline_prefixes_in_the_landing_bucket(

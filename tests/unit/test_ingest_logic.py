@@ -402,6 +402,14 @@ def test_call_retries_then_gives_up() -> None:
     with pytest.raises(TransientError, match="gave up"):
         retry.call(always, deadline=0.5, initial=0.1, sleep=lambda s: None)
 
+    def quoting() -> str:  # storage errors quote the request URL, object name included
+        raise api_exceptions.ServiceUnavailable("GET https://x/b/landing/o/DOE%5EJOHN.dcm")
+
+    with pytest.raises(TransientError) as caught:
+        retry.call(quoting, deadline=0.3, initial=0.1, sleep=lambda s: None)
+    assert str(caught.value) == "gave up after 0s: ServiceUnavailable (HTTP 503)"
+    assert isinstance(caught.value.__cause__, api_exceptions.ServiceUnavailable)
+
     def permanent() -> str:
         raise api_exceptions.NotFound("gone")
 
