@@ -1,4 +1,5 @@
-"""``dicomflow retry`` (re-drive) on real emulators: one entry per file, fresh outcome, no loss.
+"""The operator commands on real emulators: ``retry`` (re-drive: one entry per file, a fresh
+outcome, no loss) and ``status``, ``batches``, ``batch`` (their JSON against the ledger).
 
 Files go through the real ingest path, the Healthcare emulator imports them,
 and the report tick verifies them, all in this process with a settable clock.
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -28,6 +30,7 @@ from dicomflow.events import StorageObject
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from tests import browser
 from tests.ingest_support import Clock, Uploaded, make_instance, upload
 
 PARENT = "projects/local/locations/us-central1"
@@ -268,3 +271,79 @@ def test_retry_cli_leaves_files_still_rejected_untouched(
     with pytest.raises(SystemExit) as usage:
         cli.main(["retry", "--status", "imported"], make_ctx=lambda: p.ctx)
     assert usage.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# --- status, batches, batch ---------------------------------------------------------------------
+
+
+def test_status_batches_and_batch_json_follow_the_pipeline(
+    p: Pipeline, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    study = pydicom.uid.generate_uid()
+    good = [p.upload(f"in/{i}.dcm", make_instance(study)) for i in range(3)]
+    lost = p.upload("in/lost.dcm", make_instance(study))
+    broken = p.upload("in/broken.dcm", b"no preamble here" * 30)
+    for obj in [*good, lost, broken]:
+        p.ingest(obj)
+    # Before the seal: one open batch, files staged.
+    assert cli.main(["status", "--json"], make_ctx=lambda: p.ctx) == 0
+    early = json.loads(capsys.readouterr().out)
+    assert early["ledger"]["outcomes"]["in progress"] == 4
+    assert early["ledger"]["outcomes"]["quarantined"] == 1
+    [open_batch] = early["batches"]["open"]
+    assert early["batches"]["counts"]["open"] == 1 and open_batch["ageSeconds"] >= 0
+
+    _lose_from_store(p, lost)
+    p.clock.advance(200)  # past the quarantine window's grace: its alert goes out
+    report.run_tick(p.ctx)
+    page = tmp_path / "status.html"
+    assert cli.main(["status", "--json", "--html", str(page)], make_ctx=lambda: p.ctx) == 0
+    status = json.loads(capsys.readouterr().out)
+    entries = list(ledger.list_entries(p.bucket))
+    assert status["ledger"]["totals"] == ledger.totals(entries)
+    assert status["ledger"]["outcomes"] == {
+        "imported": 3,
+        "duplicate": 0,
+        "quarantined": 1,
+        "conflict": 0,
+        "failed": 1,
+        "dropped": 0,
+        "in progress": 0,
+    }
+    assert status["ledger"]["reasons"] == {
+        "quarantined": {"not-dicom": 1},
+        "failed": {"not-in-store": 1},
+    }
+    assert status["batches"]["verified"] == 1 and status["batches"]["open"] == []
+    assert status["alerts"]["byKind"] == {"import_failed": 1, "quarantined": 1}
+    tl = status["timeline"]
+    assert tl["uploads"]["total"] == 5 and len(tl["seals"]) == 1
+    assert [op["kind"] for op in tl["operations"]] == ["import"]
+    assert "in/" not in json.dumps(status)  # no object names
+    assert page.read_text().count('class="seal"') == 1
+
+    assert cli.main(["batches", "--json"], make_ctx=lambda: p.ctx) == 0
+    [batch] = json.loads(capsys.readouterr().out)["batches"]
+    assert batch["state"] == "verified" and batch["files"] == 4
+    assert batch["counts"] == {"conflict": 0, "duplicate": 0, "failed": 1, "imported": 3}
+
+    assert cli.main(["batch", batch["batch"], "--json"], make_ctx=lambda: p.ctx) == 0
+    detail = json.loads(capsys.readouterr().out)
+    [failure] = detail["manifest"]["failure"]
+    assert failure["key"] == p.key(lost) and failure["reason"] == "not-in-store"
+    assert {line["key"] for line in detail["manifest"]["success"]} == {p.key(g) for g in good}
+    assert detail["fileList"]["count"] == 4 and detail["state"] == "verified"
+    assert "in/lost.dcm" not in json.dumps(detail)
+
+    if browser.find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    rendered = browser.render(
+        page,
+        {
+            "seals": "document.querySelectorAll('#timeline .seal').length",
+            "alerts": "document.querySelectorAll('#timeline .alert').length",
+            "operations": "document.querySelectorAll('#timeline .operation').length",
+        },
+    )
+    assert rendered.errors == []
+    assert rendered.values == {"seals": 1, "alerts": 2, "operations": 1}
