@@ -5,9 +5,10 @@ Stages, each timed: start the local cloud; upload pydicom's sample files, the
 named ``*.dcm``, so the broken ones are checked and quarantined, not skipped);
 wait until the ledger gives every upload a final outcome (ingest batches and
 imports them, report verifies them); fire the export tick and wait for the
-backup's manifest; read the alerts. Then print a summary and check the
-invariants. The exit code is 1 when an invariant is broken, 2 when the local
-cloud cannot start.
+backup's manifest; wait for the quarantine alerts (the report sends one per
+quarantine window, a minute after the window ends); read the alerts. Then
+print a summary and check the invariants. The exit code is 1 when an invariant
+is broken, 2 when the local cloud cannot start.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from rich.table import Table
 
 from dicomflow import ledger, log
 from dicomflow.batches import ACTIVE_PREFIX, FINISHED_PREFIX, OPEN_PREFIX
-from dicomflow.config import load_settings
+from dicomflow.config import QUARANTINE_PREFIX, load_settings
 from dicomflow.export import dated_folder, export_day
+from dicomflow.report import QUARANTINE_MARKERS
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.scheduler import fire
 from localcloud.stack import Stack, StackConfig
@@ -126,6 +128,22 @@ def _export(stack: Stack, gcs: storage.Client) -> tuple[str, int, dict[str, Any]
     return f"gs://{stack.config.backup_bucket}/{folder}", count, manifest
 
 
+def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
+    """Wait until the report has alerted on every quarantine window (a minute after it ends)."""
+    staging = gcs.bucket(stack.config.staging_bucket)
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        windows = {b.name.split("/")[1] for b in staging.list_blobs(prefix=QUARANTINE_PREFIX)}
+        done = {
+            b.name[len(QUARANTINE_MARKERS) :].removesuffix(".json")
+            for b in staging.list_blobs(prefix=QUARANTINE_MARKERS)
+        }
+        if windows <= done:
+            return True
+        time.sleep(1.0)
+    return False
+
+
 def _alerts(stack: Stack) -> list[dict[str, Any]]:
     pubsub = build(
         "pubsub",
@@ -206,6 +224,9 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         )
         prefix, exported, manifest = stages.run(
             console, "export the store", lambda: _export(stack, gcs)
+        )
+        stages.run(
+            console, "alert on quarantined files", lambda: _wait_quarantine_alerts(stack, gcs)
         )
         alerts = _alerts(stack)
         stored = _store_instances(stack)

@@ -1,0 +1,142 @@
+"""``make demo``'s flow, checked against the ledger, the store and the buckets.
+
+The session fixture ``demo_run`` (conftest) starts the local cloud as the demo
+does, uploads the sample corpus and waits for every outcome, the export and
+the alerts. These tests recount everything from the sources and compare with
+the summary the demo printed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from google.auth.credentials import AnonymousCredentials
+from googleapiclient.discovery import build
+
+from dicomflow import alerts, ledger, manifests
+from tests.e2e.conftest import DemoRun
+
+# The session fixture runs the whole demo flow; on a loaded machine that takes minutes.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _store_sops(run: DemoRun) -> list[str]:
+    client = DICOMwebClient(
+        f"{run.stack.urls['healthcare']}/v1/{run.stack.config.store_name}/dicomWeb"
+    )
+    found: list[str] = []
+    try:
+        while True:
+            page = client.search_for_instances(offset=len(found), limit=500, fields=["00080018"])
+            found += [i["00080018"]["Value"][0] for i in page]
+            if len(page) < 500:
+                return found
+    finally:
+        client._session.close()
+
+
+def _import_operations(run: DemoRun) -> int:
+    api = build(
+        "healthcare",
+        "v1",
+        static_discovery=True,
+        cache_discovery=False,
+        client_options={"api_endpoint": run.stack.urls["healthcare"] + "/"},
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+    )
+    try:
+        dataset = run.stack.config.store_name.rsplit("/dicomStores/", 1)[0]
+        ops = (
+            api.projects()
+            .locations()
+            .datasets()
+            .operations()
+            .list(name=dataset, pageSize=1000)
+            .execute()
+            .get("operations", [])
+        )
+    finally:
+        api.close()
+    return sum(1 for op in ops if op["metadata"]["apiMethodName"].endswith("ImportDicomData"))
+
+
+def test_the_summary_accounts_for_every_uploaded_file(demo_run: DemoRun) -> None:
+    summary = demo_run.summary
+    gcs = demo_run.gcs
+    config = demo_run.stack.config
+    assert summary["problems"] == [], summary["problems"]
+
+    landing = list(gcs.list_blobs(config.landing_bucket))
+    assert len(landing) == summary["uploaded"] > 250
+    staging = gcs.bucket(config.staging_bucket)
+    entries = list(ledger.list_entries(staging))
+    keys = {ledger.ledger_key(b.bucket.name, b.name, b.generation) for b in landing}
+    assert {e.key for e in entries} == keys  # one entry per uploaded object generation
+    totals = ledger.totals(entries)
+    assert totals == summary["totals"]
+    assert sum(totals.values()) == summary["uploaded"] == summary["ledgerEntries"]
+    assert all(e.status in ledger.FINAL for e in entries)
+
+    # The corpus holds broken files; each is quarantined, with its reason and its copy.
+    quarantined = [e for e in entries if e.status == ledger.QUARANTINED]
+    assert len(quarantined) >= 10
+    assert sum(summary["quarantineReasons"].values()) == len(quarantined)
+    assert Counter(e.reason for e in quarantined) == Counter(summary["quarantineReasons"])
+    copies = {b.name for b in gcs.list_blobs(config.staging_bucket, prefix="quarantine/")}
+    assert all(e.quarantine in copies for e in quarantined)
+
+    # The store holds exactly the instances of the files marked imported.
+    stored = _store_sops(demo_run)
+    assert len(stored) == len(set(stored)) == summary["storeInstances"]
+    imported = [e.uids.sop for e in entries if e.status == ledger.IMPORTED and e.uids]
+    assert sorted(imported) == sorted(stored)
+    assert totals[ledger.IMPORTED] == len(stored)
+
+    # Few, large imports: one operation per batch, and batches are verified.
+    verified = sorted(
+        {
+            b.name.split("/")[1]
+            for b in gcs.list_blobs(config.staging_bucket, prefix="manifests/")
+            if b.name.endswith("/summary.json")
+        }
+    )
+    assert len(verified) == summary["batches"]
+    assert summary["importOperations"] == len(verified)
+    # A batch whose import start was interrupted may be imported again; never more.
+    assert len(verified) <= _import_operations(demo_run) <= 2 * len(verified)
+    batched = [e for e in entries if e.status != ledger.QUARANTINED]
+    assert {e.batch for e in batched} == set(verified)
+
+    # One alert per batch with conflicts and per batch with failures, none for clean ones.
+    with_status: dict[str, set[str]] = {"conflict": set(), "failed": set()}
+    for batch in verified:
+        for line in manifests.read_lines(staging, manifests.failure_name(batch)):
+            with_status[line["status"]].add(batch)
+    assert summary["alerts"].get("conflict", 0) == len(with_status["conflict"])
+    assert summary["alerts"].get("import_failed", 0) == len(with_status["failed"])
+    assert set(summary["alerts"]) <= set(alerts.ALERT_KINDS)
+    windows = {e.quarantine.split("/")[1] for e in quarantined if e.quarantine}
+    assert summary["alerts"]["quarantined"] == len(windows)  # one per quarantine window
+
+    # The backup holds one object per stored instance.
+    backup = summary["backup"]
+    assert backup["complete"] is True
+    prefix = backup["prefix"].removeprefix(f"gs://{config.backup_bucket}/")
+    objects = [
+        b.name
+        for b in gcs.list_blobs(config.backup_bucket, prefix=prefix)
+        if not b.name.endswith("_MANIFEST.json")
+    ]
+    assert len(objects) == backup["objects"] == len(stored)
+
+    # Every stage is timed, and the whole flow fits the demo's budget on a small machine.
+    assert set(summary["stages"]) == {
+        f"upload {summary['uploaded']} files",
+        "ingest, import and verify",
+        "export the store",
+        "alert on quarantined files",
+    }
+    assert sum(summary["stages"].values()) < 170
+    assert "ingest, import and verify" in demo_run.output
