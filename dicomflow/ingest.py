@@ -9,15 +9,46 @@ Finalize (one object generation), each step safe to repeat after a crash::
            -> reason record quarantine/<window>/<key>.json -> status quarantined
 
 A delivery that finds an entry resumes at the step the entry shows. Tick:
-seal due batches (and finish half-done seals), then run the import queue.
-The object layouts are described in ``dicomflow.ledger`` and ``dicomflow.batches``.
+seal due batches (and finish half-done seals), run the import queue, then
+resume stuck claims. The object layouts are described in ``dicomflow.ledger``
+and ``dicomflow.batches``.
+
+Stuck claims. Platform retries run out (Eventarc stops after 24 h) and a
+delivery can die anywhere between the claim and the entry's next status, so
+nothing but the tick may ever come back to a ``claimed`` entry. Without listing
+the ledger, the tick finds them through small markers (staging bucket)::
+
+    state/claims/<window>/<key>   {bucket, name, generation, size, ..., eventId}
+
+- A delivery creates the marker (create-if-absent) after the filter and before
+  the header check and the claim; ``<window>`` is the claim time in UTC windows
+  of ``CLAIM_WINDOW_SECONDS``. A delivery that resumes a ``claimed`` entry
+  (e.g. a re-drive) makes sure the marker exists. The delivery that takes the
+  entry out of ``claimed`` deletes it (best effort: deletes are free, and a
+  marker left behind is removed by the tick).
+- The tick lists only the window prefixes (one delimited listing, normally the
+  current window or two) and looks inside the windows that ended more than
+  ``STUCK_CLAIM_SECONDS`` ago: twice the 540 s maximum timeout of an
+  event-driven function, so no live delivery can still be working on them.
+  Per marker: the entry left ``claimed`` -> delete the marker; still
+  ``claimed`` and untouched (latest of its times) for ``STUCK_CLAIM_SECONDS``
+  -> resume it by the path a redelivery takes (``_ingest_object``; the filter
+  is not applied again, the object passed it already); no entry (a delivery died
+  before its claim, or its header read never succeeded) -> claim the marker's
+  object afresh. At most ``MAX_RESUMES_PER_TICK`` per tick; an entry that fails
+  again keeps its marker and is tried on a later tick.
+- Resuming while a delivery is still at work is safe (every step is, see
+  above); the age threshold only avoids doing the work twice.
+
+Cost: one small create and one delete per file, one listing per tick.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cloudevents.http import CloudEvent
@@ -25,7 +56,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 
 from dicomflow import alerts, batches, header, ledger, log, retry
-from dicomflow.config import QUARANTINE_PREFIX
+from dicomflow.config import QUARANTINE_PREFIX, STATE_PREFIX
 from dicomflow.errors import DicomflowError, PermanentError, TransientError
 from dicomflow.events import (
     FINALIZED,
@@ -43,6 +74,13 @@ logger = logging.getLogger(__name__)
 # Re-staging more often than this for one file means something is badly wrong; let the
 # platform retry later rather than loop.
 _MAX_RESTAGES = 8
+
+CLAIMS_PREFIX = f"{STATE_PREFIX}claims/"
+# Claim markers are grouped in UTC windows of this length (see the module docstring).
+CLAIM_WINDOW_SECONDS = 300
+# A claim untouched this long has no live delivery: 2 x the event-driven function maximum.
+STUCK_CLAIM_SECONDS = 2 * 540
+MAX_RESUMES_PER_TICK = 50
 
 
 def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
@@ -63,6 +101,7 @@ def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
     now = ctx.clock()
     sealed = batches.seal_due(ctx, now)
     queue = batches.run_queue(ctx, now)
+    resumed = resume_stuck_claims(ctx, now)
     result = {
         "status": "tick",
         "sealed": sealed,
@@ -71,6 +110,7 @@ def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
         "running": queue.running,
         "queued": queue.queued,
         "throttled": queue.throttled,
+        "resumed": resumed,
     }
     logger.info(
         "tick",
@@ -82,6 +122,7 @@ def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
             running=queue.running,
             queued=queue.queued,
             throttled=queue.throttled,
+            resumed=len(resumed),
         ),
     )
     return result
@@ -107,6 +148,18 @@ def ingest_object(
             "skipped", extra=log.fields(eventId=event_id, object=label, key=key, reason=skipped)
         )
         return {"status": "skipped", "reason": skipped}
+    return _run(ctx, obj, key, label, event_id, event_time)
+
+
+def _run(
+    ctx: Context,
+    obj: StorageObject,
+    key: str,
+    label: str,
+    event_id: str,
+    event_time: datetime | None,
+) -> dict[str, Any]:
+    """``_ingest_object`` with errors logged and raised without PHI (see ``ingest_object``)."""
     try:
         return _ingest_object(ctx, obj, key, label, event_id, event_time)
     except PermanentError:
@@ -151,9 +204,14 @@ def _ingest_object(
     claimed = found is None
     if found is None:
         found, claimed = _claim(ctx, obj, key, event_id, event_time)
+    elif found[0].status == ledger.CLAIMED:
+        _ensure_marker(ctx, found[0])  # e.g. a re-drive put the entry back to claimed
     entry, generation = found
+    marker = _entry_marker(entry) if entry.status == ledger.CLAIMED else None
     result = _resume(ctx, entry, generation if claimed else None)
     result["key"] = key
+    if marker is not None and result["status"] in ledger.INGEST_DONE:
+        _forget_marker(ctx, key, marker)
     level = (
         logging.WARNING
         if result["status"] in (ledger.QUARANTINED, ledger.DROPPED)
@@ -190,6 +248,8 @@ def _claim(
         entry.status, entry.reason = ledger.DROPPED, "event-too-old"
         entry.mark("dropped", now)
     else:
+        staging = ctx.storage.bucket(settings.staging_bucket)
+        batches.create_json(staging, claim_marker_name(now, key), _marker_body(obj, event_id))
         try:
             entry.uids = header.check(_range_reader(ctx, obj), obj.size)
         except header.Rejected as rejected:
@@ -234,6 +294,139 @@ def _resume(ctx: Context, entry: Entry, generation: int | None) -> dict[str, Any
         return _stage(ctx, entry, generation)
     # A claim without a decision is not written by this version; treat it as a fresh start.
     raise PermanentError(f"ledger entry {entry.key} has no batch and no quarantine path")
+
+
+# ---- stuck claims --------------------------------------------------------------------------
+
+
+def claim_marker_name(claimed_at: datetime, key: str) -> str:
+    """The marker of a claim made at ``claimed_at`` (see the module docstring)."""
+    return f"{CLAIMS_PREFIX}{batches.window_id(claimed_at, CLAIM_WINDOW_SECONDS)}/{key}"
+
+
+def _marker_body(obj: StorageObject, event_id: str) -> dict[str, Any]:
+    return {
+        "bucket": obj.bucket,
+        "name": obj.name,
+        "generation": obj.generation,
+        "size": str(obj.size),
+        "md5Hash": obj.md5_hash,
+        "crc32c": obj.crc32c,
+        "contentType": obj.content_type,
+        "eventId": event_id,
+    }
+
+
+def _entry_marker(entry: Entry) -> str | None:
+    claimed = parse_time(entry.times.get("claimed"))
+    return claim_marker_name(claimed, entry.key) if claimed is not None else None
+
+
+def _ensure_marker(ctx: Context, entry: Entry) -> None:
+    name = _entry_marker(entry)
+    if name is not None:
+        staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+        batches.create_json(staging, name, _marker_body(_object_of(entry), entry.eventId or ""))
+
+
+def _forget_marker(ctx: Context, key: str, marker: str) -> None:
+    """Delete a claim marker; a failure only leaves it to the tick."""
+    try:
+        batches.delete(ctx.storage.bucket(ctx.settings.staging_bucket), marker)
+    except (TransientError, api_exceptions.GoogleAPIError) as exc:
+        logger.info("claim marker left for the tick", extra=log.fields(key=key, **_redacted(exc)))
+
+
+def _object_of(entry: Entry) -> StorageObject:
+    source = entry.source
+    return StorageObject(
+        bucket=source.bucket,
+        name=source.name,
+        generation=source.generation,
+        size=source.size,
+        md5_hash=source.md5Hash,
+        crc32c=source.crc32c,
+        content_type=source.contentType,
+    )
+
+
+def _last_touched(entry: Entry) -> datetime | None:
+    times = [t for t in (parse_time(v) for v in entry.times.values()) if t is not None]
+    return max(times) if times else None
+
+
+def resume_stuck_claims(ctx: Context, now: datetime) -> list[dict[str, Any]]:
+    """Finish claims that no delivery will come back to (see the module docstring)."""
+    staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+
+    def windows() -> list[str]:
+        it = ctx.storage.list_blobs(staging, prefix=CLAIMS_PREFIX, delimiter="/")
+        for _ in it:
+            pass
+        return sorted(p[len(CLAIMS_PREFIX) :].strip("/") for p in it.prefixes)
+
+    cutoff = now - timedelta(seconds=CLAIM_WINDOW_SECONDS + STUCK_CLAIM_SECONDS)
+    resumed: list[dict[str, Any]] = []
+
+    def markers(prefix: str) -> list[str]:
+        return [b.name for b in ctx.storage.list_blobs(staging, prefix=prefix)]
+
+    for window in retry.call(windows):
+        try:
+            start = datetime.strptime(window, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if start > cutoff:
+            break  # this window and the later ones may still have live deliveries
+        prefix = f"{CLAIMS_PREFIX}{window}/"
+        for marker in retry.call(functools.partial(markers, prefix)):
+            if len(resumed) >= MAX_RESUMES_PER_TICK:
+                return resumed
+            key = marker[len(prefix) :]
+            try:
+                outcome = _revisit(ctx, marker, key, now)
+            except Exception as exc:  # one bad entry must not stop the tick
+                logger.warning(
+                    "stuck claim not resumed; next tick retries",
+                    extra=log.fields(key=key, **_redacted(exc)),
+                )
+                continue
+            if outcome is not None:
+                resumed.append(outcome)
+    return resumed
+
+
+def _revisit(ctx: Context, marker: str, key: str, now: datetime) -> dict[str, Any] | None:
+    """Resume the claim behind ``marker`` if it is stuck; None when there was nothing to do."""
+    staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+    found = ledger.read(staging, key)
+    if found is None:
+        data = batches.read_json(staging, marker)
+        if data is None:
+            return None
+        obj = StorageObject.from_data(data)
+        event_id = str(data.get("eventId") or f"resume:{key}")
+        if ledger.ledger_key(obj.bucket, obj.name, obj.generation) != key:
+            batches.delete(staging, marker)  # not a marker this code wrote
+            return None
+    else:
+        entry = found[0]
+        if entry.status != ledger.CLAIMED:
+            batches.delete(staging, marker)
+            return None
+        touched = _last_touched(entry)
+        if touched is not None and now - touched < timedelta(seconds=STUCK_CLAIM_SECONDS):
+            return None
+        obj, event_id = _object_of(entry), f"resume:{key}"
+    label = alerts.object_label(ctx.settings, obj.bucket, obj.name)
+    result = _run(ctx, obj, key, label, event_id, None)
+    if result["status"] in ledger.INGEST_DONE:
+        batches.delete(staging, marker)
+    logger.warning(
+        "resumed a stuck claim",
+        extra=log.fields(key=key, object=label, status=result["status"], fresh=found is None),
+    )
+    return {"key": key, "status": result["status"], "batch": result.get("batch")}
 
 
 # ---- staging -------------------------------------------------------------------------------

@@ -356,6 +356,125 @@ def test_crash_after_claim_then_replay_completes(env: Env, monkeypatch: pytest.M
     assert entry.status == ledger.STAGED and len(env.staged()) == 1
 
 
+def _tick(env: Env) -> dict[str, Any]:
+    return ingest.tick(runtime.context(), "tick")
+
+
+STUCK = ingest.CLAIM_WINDOW_SECONDS + ingest.STUCK_CLAIM_SECONDS
+
+
+def test_delivered_files_leave_no_claim_markers(env: Env) -> None:
+    files = [upload(env.client, env.landing, f"m/{i}.dcm", make_instance()) for i in range(3)]
+    files.append(upload(env.client, env.landing, "m/bad.dcm", b"junk" * 100))
+    for f in files:
+        assert env.deliver(f) == 200
+    assert names(env.client, env.staging, ingest.CLAIMS_PREFIX) == []
+    assert {e.status for e in env.entries()} == {ledger.STAGED, ledger.QUARANTINED}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "crash_at", "outcome"),
+    [
+        ("s/staged.dcm", make_instance(), "copy", ledger.STAGED),
+        ("s/quarantined.dcm", b"not dicom" * 100, "copy", ledger.QUARANTINED),
+        ("s/unclaimed.dcm", make_instance(), "claim", ledger.STAGED),
+    ],
+)
+def test_tick_resumes_a_claim_no_delivery_comes_back_to(
+    env: Env, monkeypatch: pytest.MonkeyPatch, name: str, data: bytes, crash_at: str, outcome: str
+) -> None:
+    """Claim (or not yet), crash, the platform gives up: a later tick finishes the file."""
+    obj = upload(env.client, env.landing, name, data)
+    original_copy, original_create = ingest.copy_object, ledger.create
+
+    def crash(*args: Any) -> None:
+        raise Crash
+
+    if crash_at == "copy":
+        monkeypatch.setattr(ingest, "copy_object", crash)
+    else:  # after the marker, before the ledger entry
+        monkeypatch.setattr(ledger, "create", crash)
+    with pytest.raises(Crash):
+        env.deliver(obj)
+    monkeypatch.setattr(ingest, "copy_object", original_copy)
+    monkeypatch.setattr(ledger, "create", original_create)
+    expected = [] if crash_at == "claim" else [ledger.CLAIMED]
+    assert [e.status for e in env.entries()] == expected
+    (marker,) = names(env.client, env.staging, ingest.CLAIMS_PREFIX)
+
+    # Too recent: a delivery may still be at work; the tick leaves it alone.
+    env.clock.advance(ingest.STUCK_CLAIM_SECONDS / 2)
+    assert _tick(env)["resumed"] == []
+    assert [e.status for e in env.entries()] == expected
+    env.clock.advance(STUCK)
+    result = _tick(env)
+    key = ledger.ledger_key(obj.bucket, obj.name, obj.generation)
+    assert [(r["key"], r["status"]) for r in result["resumed"]] == [(key, outcome)]
+    (entry,) = env.entries()
+    assert entry.status == outcome
+    if outcome == ledger.STAGED:
+        assert env.staged() == [entry.staged]
+    else:
+        assert entry.quarantine in names(env.client, env.staging, "quarantine/")
+    assert names(env.client, env.staging, ingest.CLAIMS_PREFIX) == []
+    assert marker.startswith(ingest.CLAIMS_PREFIX)
+    # A late redelivery (or tick) changes nothing.
+    assert env.deliver(obj) == 200
+    assert _tick(env)["resumed"] == []
+    assert [e.status for e in env.entries()] == [outcome]
+
+
+def test_tick_reads_no_entries_while_claims_are_recent(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    obj = upload(env.client, env.landing, "r/a.dcm", make_instance())
+
+    def crash(*args: Any) -> None:
+        raise Crash
+
+    monkeypatch.setattr(ingest, "copy_object", crash)
+    with pytest.raises(Crash):
+        env.deliver(obj)
+    reads: list[str] = []
+    original = ledger.read
+
+    def counting(bucket: storage.Bucket, key: str) -> Any:
+        reads.append(key)
+        return original(bucket, key)
+
+    monkeypatch.setattr(ledger, "read", counting)
+    assert _tick(env)["resumed"] == []
+    assert reads == []
+
+
+def test_a_stuck_claim_that_fails_again_keeps_its_marker(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    obj = upload(env.client, env.landing, "f/a.dcm", make_instance())
+
+    def crash(*args: Any) -> None:
+        raise Crash
+
+    def unavailable(*args: Any) -> None:
+        raise ingest.TransientError("storage unavailable")
+
+    monkeypatch.setattr(ingest, "copy_object", crash)
+    with pytest.raises(Crash):
+        env.deliver(obj)
+    monkeypatch.setattr(ingest, "copy_object", unavailable)
+    env.clock.advance(STUCK)
+    assert _tick(env)["resumed"] == []  # logged, not raised: the tick goes on
+    assert len(names(env.client, env.staging, ingest.CLAIMS_PREFIX)) == 1
+    monkeypatch.undo()
+    # The failed attempt re-staged the file into a new batch: that counts as a touch.
+    env.clock.advance(60)
+    assert _tick(env)["resumed"] == []
+    env.clock.advance(STUCK)
+    (resumed,) = _tick(env)["resumed"]
+    assert resumed["status"] == ledger.STAGED
+    assert names(env.client, env.staging, ingest.CLAIMS_PREFIX) == []
+
+
 def test_header_check_uses_ranged_reads_on_a_50_mb_file(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
