@@ -195,6 +195,7 @@ class Stack:
         self._pubsub: Any = None
         self.deliverer: Deliverer | None = None
         self.watcher: BucketWatcher | None = None
+        self._watch_client: storage.Client | None = None
         self.scheduler: Scheduler | None = None
         self.schedules: dict[str, Schedule] = {}
 
@@ -307,8 +308,9 @@ class Stack:
             self._wait(function, self.urls[function])
 
         self.deliverer = Deliverer(dead_letter=cfg.home / "dead-letter.ndjson")
+        self._watch_client = self._storage.client()
         self.watcher = BucketWatcher(
-            self._storage.client(),
+            self._watch_client,
             cfg.landing_bucket,
             self.urls["ingest"],
             self.deliverer,
@@ -354,17 +356,20 @@ class Stack:
         )
         datasets = healthcare.projects().locations().datasets()
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
-        for call in (
-            datasets.create(parent=parent, datasetId=cfg.dataset, body={}),
-            datasets.dicomStores().create(
-                parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
-            ),
-        ):
-            try:
-                call.execute()
-            except HttpError as exc:
-                if exc.status_code != 409:
-                    raise
+        try:
+            for call in (
+                datasets.create(parent=parent, datasetId=cfg.dataset, body={}),
+                datasets.dicomStores().create(
+                    parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
+                ),
+            ):
+                try:
+                    call.execute()
+                except HttpError as exc:
+                    if exc.status_code != 409:
+                        raise
+        finally:
+            healthcare.close()  # its socket would otherwise be reported unclosed at GC
         pubsub = build(
             "pubsub",
             "v1",
@@ -374,20 +379,23 @@ class Stack:
             credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
         )
         topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
-        for call in (
-            pubsub.projects().topics().create(name=topic, body={}),
-            pubsub.projects()
-            .subscriptions()
-            .create(
-                name=f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail",
-                body={"topic": topic, "ackDeadlineSeconds": 30},
-            ),
-        ):
-            try:
-                call.execute()
-            except HttpError as exc:
-                if exc.status_code != 409:
-                    raise
+        try:
+            for call in (
+                pubsub.projects().topics().create(name=topic, body={}),
+                pubsub.projects()
+                .subscriptions()
+                .create(
+                    name=f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail",
+                    body={"topic": topic, "ackDeadlineSeconds": 30},
+                ),
+            ):
+                try:
+                    call.execute()
+                except HttpError as exc:
+                    if exc.status_code != 409:
+                        raise
+        finally:
+            pubsub.close()
 
     # -- what others read ---------------------------------------------------
 
@@ -475,6 +483,9 @@ class Stack:
                 part.stop()
         if self.deliverer is not None:
             self.deliverer.stop()
+        if self._watch_client is not None:
+            self._watch_client.close()
+            self._watch_client = None
         for name in reversed(list(self._processes)):
             _stop_process(self._processes.pop(name))
         if self._pubsub is not None:
