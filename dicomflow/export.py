@@ -4,7 +4,7 @@ Flow::
 
     export(tick) --> handle_event --> start_export
         claim  state/exports/<YYYY-MM-DD>.json  (create-if-absent: one export per date)
-        count what the store should export (QIDO; incremental: the ledger)
+        count what the store should export (QIDO; incremental: the batch manifests)
         dicomStores.export(gs://BACKUP/PREFIX/<date>/, mimeType[, filterConfig])
         marker <- operation name (state "running")
     report(tick) --> settle_exports
@@ -31,14 +31,23 @@ export, the other reports it. Each later change is a compare-and-swap. States::
 
 A crash between the claim and the export call leaves ``starting``; once its
 lease (``START_LEASE_SECONDS``) ran out, the next tick or ``settle_exports``
-takes it over. A crash between the export call and recording the operation
-can start a second export of the same date; it writes the same objects.
+takes it over. A takeover keeps the attempt and its ``firstClaimedAt``. When a
+marker is still ``starting`` more than ``STALLED_START_SECONDS`` (two leases)
+after that first claim, ``settle_exports`` publishes one ``stalled`` alert
+(severity ERROR, subject ``<store>/exports/<date>/attempt-<n>/starting``) before
+it tries the takeover again, so a start that dies at the function timeout on
+every try is still reported, once per date (per attempt for forced reruns).
+It is ``stalled``, not ``export_failed``: nothing is final yet, the takeovers
+go on, and a final failure still raises its own ``export_failed``.
+
+A crash between the export call and recording the operation can start a
+second export of the same date; it writes the same objects.
 ``force`` starts a new attempt for a date whose marker is final.
 
 Expected counts. Full mode counts the store's instances by QIDO at start;
-incremental mode lists the ledger entries settled (``imported`` or
-``duplicate``) after the last complete export, up to this tick, and writes
-their ``/studies/S/series/R/instances/I`` paths to a ``filterConfig`` file.
+incremental mode collects the instances of the batches verified since the last
+complete export (below), and writes their ``/studies/S/series/R/instances/I``
+paths to a ``filterConfig`` file.
 For ``application/dicom`` one object per instance is expected. For images
 (``image/png``, ``image/jpeg``, ``application/octet-stream``) only instances
 with pixel data (``Rows`` present) count, with one object per frame for
@@ -48,6 +57,40 @@ distinct instances found under the folder match the expected counts (in full
 mode at least the expected counts, since ingest may add instances while
 the export runs). Anything else writes ``complete: false`` and raises one
 ``export_failed`` alert per date and attempt.
+
+Incremental selection. Report verifies a batch and writes
+``manifests/<batch>/success.ndjson`` (its imported and duplicate files, with
+UIDs), then ``summary.json`` last, with ``times.verifiedAt`` = the start of that
+report tick. Its presence means the batch is verified. The ledger is never read
+here: one listing of ``manifests/``, one GET per summary listed and one per
+success list chosen, however many files there are. With P the previous complete
+export (latest date first; tick T_P) and this export's tick T, a batch B
+(verified at v) is chosen when::
+
+    T_P - MARGIN < v <= T   and   B not in P.scan.recent      (no P: v <= T)
+
+- ``v <= T``: a batch verified after the tick belongs to the next export, even
+  when it is already visible now (a tick delivered or taken over late).
+- ``MARGIN`` (``MANIFEST_MARGIN``, 20 min) is longer than a report tick can run.
+  A summary stamped v <= T_P can be written after P listed ``manifests/`` (the
+  report tick began before T_P and wrote it later), so P missed it. It is
+  written by v + 540 s, so v > T_P - MARGIN and this export takes it.
+- ``scan.recent`` lists the batches P chose with v > T_P - MARGIN, so those
+  are not exported twice. Batches P did not take are not in it. A full P
+  records none: what was verified before it ran was in the store, so in P,
+  and the margin's batches are exported again (harmless).
+- Where to list from. Batch ids sort by time, but a batch can be verified long
+  after its window (a backlog), so the id bound is not a fixed lookback. Each
+  export records ``scan.nextFrom``: the lowest of (a) the batches not verified
+  yet (``state/open``, ``state/active``, ``state/finished``, listed *before*
+  ``manifests/``; a batch stays in one of them until its summary exists),
+  (b) the batches it saw with v > T - MARGIN, and (c) the window of
+  now - MARGIN (a batch named by a clock reading but not yet marked open). Any
+  batch the next export may need has an id at or above it, and the next export
+  lists from there (``start_offset``). A P without ``scan`` (written before
+  this rule) or no P at all: ``manifests/`` is listed from its start, once.
+- Exporting an instance twice is harmless (same objects); missing one is not,
+  so every bound errs toward taking a batch again.
 
 Retention is the lifecycle rule on the backups bucket in ``infra/storage.tf``
 (``backup_retention_days``, matching ``PREFIX/``); this module never deletes a
@@ -62,7 +105,8 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -73,8 +117,14 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 from googleapiclient.errors import HttpError
 
-from dicomflow import alerts, log, retry
-from dicomflow.config import EXPORT_MODES, STATE_PREFIX, Settings, parse_mime_type
+from dicomflow import alerts, batches, log, retry
+from dicomflow.config import (
+    EXPORT_MODES,
+    MANIFESTS_PREFIX,
+    STATE_PREFIX,
+    Settings,
+    parse_mime_type,
+)
 from dicomflow.errors import PermanentError, TransientError
 
 logger = logging.getLogger(__name__)
@@ -84,6 +134,15 @@ EXPORTS_PREFIX = f"{STATE_PREFIX}exports/"
 MANIFEST_NAME = "_MANIFEST.json"
 # Longer than a function's timeout (540 s), so a live start is never taken over.
 START_LEASE_SECONDS = 600
+# A start still "starting" this long after its first claim raises one ``stalled`` alert.
+STALLED_START_SECONDS = 2 * START_LEASE_SECONDS
+# Longer than a report tick can run (the function timeout, 540 s) plus clock skew: a batch
+# verified (``verifiedAt``, the report tick's start) gets its summary within this time.
+MANIFEST_MARGIN = timedelta(seconds=2 * START_LEASE_SECONDS)
+# Summaries and success lists read at once while an incremental export counts.
+READ_THREADS = 16
+SUMMARY_FILE = "summary.json"
+SUCCESS_FILE = "success.ndjson"
 # How long the export call itself is retried on 429/5xx before the start counts as failed.
 START_RETRY_SECONDS = 60.0
 QIDO_PAGE = 1000
@@ -95,7 +154,7 @@ COMPLETE = "complete"
 FAILED = "failed"
 FINAL_STATES = frozenset({EMPTY, COMPLETE, FAILED})
 
-# Ledger statuses whose instance is in the store (set by report).
+# Statuses of files whose instance is in the store (report's success.ndjson lines).
 SETTLED_STATUSES = ("imported", "duplicate")
 _EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")
 
@@ -380,29 +439,80 @@ def build_manifest(
     }
 
 
-def settled_paths(
-    entries: Iterable[Any], since: datetime | None, until: datetime
-) -> list[tuple[str, str, str]]:
-    """UIDs (study, series, sop) of ledger entries settled in ``(since, until]``, deduplicated.
+@dataclass(frozen=True)
+class VerifiedBatch:
+    """A batch whose ``manifests/<batch>/summary.json`` exists (it is verified).
 
-    An entry is settled when its status is ``imported`` or ``duplicate``; its
-    settle time is ``entry.times[status]`` (report marks it so), else the
-    latest time it carries.
+    ``verified``: the summary's ``times.verifiedAt``; ``success``: its count of
+    imported and duplicate files (None when the summary has no count).
     """
+
+    batch: str
+    verified: datetime
+    success: int | None = None
+
+
+def select_batches(
+    verified: Iterable[VerifiedBatch],
+    since: datetime | None,
+    until: datetime,
+    exported: Collection[str] = (),
+    margin: timedelta = MANIFEST_MARGIN,
+) -> list[VerifiedBatch]:
+    """The verified batches an incremental export ending at ``until`` must hold, by id.
+
+    A batch is chosen when it was verified at or before ``until`` and after
+    ``since - margin`` (``since``: the previous complete export's tick; None: no
+    previous export, every batch up to ``until``), unless that export already held
+    it (``exported``: its ``scan.recent``). See the module docstring for why.
+    """
+    low = None if since is None else since - margin
+    return sorted(
+        (
+            b
+            for b in verified
+            if b.verified <= until and (low is None or b.verified > low) and b.batch not in exported
+        ),
+        key=lambda b: b.batch,
+    )
+
+
+def recent_batches(
+    chosen: Iterable[VerifiedBatch], until: datetime, margin: timedelta = MANIFEST_MARGIN
+) -> list[str]:
+    """Chosen batches verified within ``margin`` of ``until``: the next export skips them."""
+    return sorted(b.batch for b in chosen if b.verified > until - margin)
+
+
+def scan_floor(
+    verified: Iterable[VerifiedBatch],
+    pending: Iterable[str],
+    now: datetime,
+    until: datetime,
+    window_seconds: int,
+    margin: timedelta = MANIFEST_MARGIN,
+) -> str:
+    """Where the next export may start listing ``manifests/`` (``scan.nextFrom``).
+
+    The lowest of: the batches not verified yet (``pending``, listed before the
+    manifests), the batches verified within ``margin`` of ``until`` or after it
+    (the next export looks at those again), and the window of ``now - margin``
+    (a batch named by a clock reading but not yet listed as open). Every batch that
+    the next export may have to include has an id at or above it.
+    """
+    floor = batches.window_id(now - margin, window_seconds)
+    late = (b.batch for b in verified if b.verified > until - margin)
+    return min([floor, *pending, *late])
+
+
+def success_paths(lines: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """UIDs (study, series, sop) of ``success.ndjson`` lines, deduplicated and sorted."""
     found: dict[tuple[str, str, str], None] = {}
-    for entry in entries:
-        if entry.status not in SETTLED_STATUSES or entry.uids is None:
+    for line in lines:
+        uids = (line.get("study"), line.get("series"), line.get("sop"))
+        if line.get("status") not in SETTLED_STATUSES or not all(uids):
             continue
-        raw = entry.times.get(entry.status) or max(entry.times.values(), default=None)
-        if not raw:
-            continue
-        try:
-            settled = parse_time(raw)
-        except ValueError:
-            continue
-        if settled > until or (since is not None and settled <= since):
-            continue
-        found[(entry.uids.study, entry.uids.series, entry.uids.sop)] = None
+        found[(str(uids[0]), str(uids[1]), str(uids[2]))] = None
     return sorted(found)
 
 
@@ -545,6 +655,7 @@ def _new_marker(
         "folder": dated_folder(settings, day),
         "tickTime": iso(tick),
         "claimedAt": iso(now),
+        "firstClaimedAt": iso(now),
         "leaseUntil": iso(now + timedelta(seconds=START_LEASE_SECONDS)),
         "operation": None,
         "previous": [],
@@ -621,6 +732,8 @@ def start_export(
             claim["attempt"] = doc.get("attempt", 1)
             claim["previous"] = doc.get("previous", [])
             claim["tickTime"] = doc.get("tickTime", claim["tickTime"])
+            claim["firstClaimedAt"] = doc.get("firstClaimedAt") or doc.get("claimedAt")
+            claim["takeovers"] = int(doc.get("takeovers") or 0) + 1
         else:
             logger.info(
                 "export exists for date",
@@ -636,26 +749,113 @@ def start_export(
     return _run_claimed(ctx, day, claim, generation, event_id)
 
 
-def _last_complete_until(ctx: Any, before: date) -> datetime | None:
-    """The tick time of the latest complete export dated before ``before``."""
-    best: datetime | None = None
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    for blob in ctx.storage.list_blobs(bucket, prefix=EXPORTS_PREFIX):
-        name = blob.name[len(EXPORTS_PREFIX) :]
-        if not name.endswith(".json") or "." in name[: -len(".json")]:
-            continue
-        try:
-            day = date.fromisoformat(name[: -len(".json")])
-        except ValueError:
-            continue
+def _last_complete(ctx: Any, before: date) -> dict[str, Any] | None:
+    """The marker of the latest complete export dated before ``before`` (latest date first).
+
+    Reads markers newest date first and stops at the first complete one, so the
+    cost does not grow with the number of past exports.
+    """
+    for day in reversed(list_markers(ctx)):
         if day >= before:
             continue
-        found = _read_json(blob)
-        if found is None or found[0].get("state") != COMPLETE:
-            continue
-        until = parse_time(found[0]["tickTime"])
-        best = until if best is None or until > best else best
-    return best
+        found = read_marker(ctx, day)
+        if found is not None and found[0].get("state") == COMPLETE:
+            return found[0]
+    return None
+
+
+def _pmap(fn: Callable[[str], Any], items: list[str]) -> list[Any]:
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(min(READ_THREADS, len(items)), thread_name_prefix="export") as pool:
+        return list(pool.map(fn, items))
+
+
+def _pending_batches(staging: storage.Bucket) -> list[str]:
+    """Batches not verified yet: open, queued or importing, or finished but not verified.
+
+    A batch moves open -> active -> finished, each record created before the
+    previous one is deleted, and ``state/finished/<id>`` goes only after the
+    batch's ``summary.json`` exists, so a batch is always in one of them until
+    it is verified.
+    """
+    found: list[str] = []
+    for prefix in (batches.OPEN_PREFIX, batches.ACTIVE_PREFIX, batches.FINISHED_PREFIX):
+        found.extend(batches.list_ids(staging, prefix))
+    return found
+
+
+def _verified_batches(ctx: Any, staging: storage.Bucket, start: str | None) -> list[VerifiedBatch]:
+    """Every batch with a ``summary.json`` whose id is ``start`` or later: one GET per batch."""
+    offset = f"{MANIFESTS_PREFIX}{start}" if start else None
+    listed = retry.call(
+        lambda: [
+            (b.name, b.time_created)
+            for b in ctx.storage.list_blobs(staging, prefix=MANIFESTS_PREFIX, start_offset=offset)
+        ]
+    )
+    created: dict[str, datetime | None] = {}
+    for name, when in listed:
+        batch, _, leaf = name[len(MANIFESTS_PREFIX) :].partition("/")
+        if leaf == SUMMARY_FILE and batch:
+            created[batch] = when
+
+    def read(batch: str) -> VerifiedBatch | None:
+        summary = batches.read_json(staging, f"{MANIFESTS_PREFIX}{batch}/{SUMMARY_FILE}")
+        if summary is None:
+            return None
+        raw = (summary.get("times") or {}).get("verifiedAt")
+        when: datetime | None
+        try:
+            when = parse_time(str(raw))
+        except ValueError:
+            when = created[batch]  # not expected: fall back to the object's creation time
+        if when is None:
+            return None
+        count = summary.get("success")
+        return VerifiedBatch(batch, when, int(count) if isinstance(count, int) else None)
+
+    return [v for v in _pmap(read, sorted(created)) if v is not None]
+
+
+def _success_lines(staging: storage.Bucket, batch: str) -> list[dict[str, Any]]:
+    """The lines of ``manifests/<batch>/success.ndjson`` (one GET)."""
+    blob = staging.blob(f"{MANIFESTS_PREFIX}{batch}/{SUCCESS_FILE}")
+    try:
+        text = retry.call(blob.download_as_text)
+    except gexc.NotFound:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _settled_since_last(ctx: Any, day: date, doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The instances of batches verified since the last complete export, up to the tick.
+
+    Records ``since`` and ``scan`` on ``doc``. See the module docstring for the rule.
+    """
+    settings: Settings = ctx.settings
+    staging = ctx.storage.bucket(settings.staging_bucket)
+    previous = _last_complete(ctx, day)
+    since = parse_time(previous["tickTime"]) if previous else None
+    until = parse_time(doc["tickTime"])
+    before = (previous or {}).get("scan") or {}
+    start = before.get("nextFrom")  # None: no earlier scan, list manifests/ from its start
+    exported = frozenset(before.get("recent") or ())
+    now = ctx.clock()
+    pending = _pending_batches(staging)  # before the manifests: see scan_floor
+    verified = _verified_batches(ctx, staging, start)
+    chosen = select_batches(verified, since, until, exported)
+    wanted = [b.batch for b in chosen if b.success != 0]
+    lines = _pmap(lambda batch: _success_lines(staging, batch), wanted)
+    doc["since"] = iso(since) if since else None
+    doc["scan"] = {
+        "from": start,
+        "summaries": len(verified),
+        "batches": len(chosen),
+        "recent": recent_batches(chosen, until),
+        "nextFrom": scan_floor(verified, pending, now, until, settings.batch_window_seconds),
+    }
+    return success_paths(itertools.chain.from_iterable(lines))
 
 
 def _prepare(ctx: Any, day: date, doc: dict[str, Any]) -> str | None:
@@ -667,16 +867,20 @@ def _prepare(ctx: Any, day: date, doc: dict[str, Any]) -> str | None:
     settings: Settings = ctx.settings
     mime_type = doc["mimeType"]
     fields = _qido_fields(mime_type)
-    if doc["mode"] == "full":
-        doc["expected"] = expected_counts(qido_instances(ctx, fields), mime_type).as_dict()
-        return None
-    from dicomflow import ledger
-
-    since = _last_complete_until(ctx, day)
-    until = parse_time(doc["tickTime"])
-    doc["since"] = iso(since) if since else None
     staging = ctx.storage.bucket(settings.staging_bucket)
-    uids = settled_paths(ledger.list_entries(staging), since, until)
+    if doc["mode"] == "full":
+        now = ctx.clock()
+        pending = _pending_batches(staging)
+        doc["expected"] = expected_counts(qido_instances(ctx, fields), mime_type).as_dict()
+        # What was verified before now is in the store, so in this backup.
+        doc["scan"] = {
+            "recent": [],
+            "nextFrom": scan_floor(
+                [], pending, now, parse_time(doc["tickTime"]), settings.batch_window_seconds
+            ),
+        }
+        return None
+    uids = _settled_since_last(ctx, day, doc)
     if not uids:
         doc["expected"] = {"instances": 0, "objects": 0}
         return EMPTY
@@ -815,6 +1019,9 @@ def settle_exports(
             continue
         doc, generation = found
         state = doc.get("state")
+        if state == STARTING:
+            # Before the takeover: a takeover that dies at the timeout must not stop the alert.
+            _alert_stuck_start(ctx, doc, now)
         if state == STARTING and parse_time(doc["leaseUntil"]) <= now:
             results.append(
                 start_export(
@@ -843,6 +1050,59 @@ def settle_exports(
         elif state == FAILED and "finishedAt" not in doc:
             results.append(_finish(ctx, day, doc, generation, None))
     return results
+
+
+def stuck_start_seconds(doc: Mapping[str, Any], now: datetime) -> float:
+    """How long a ``starting`` marker has been starting: since its attempt's first claim."""
+    first = doc.get("firstClaimedAt") or doc.get("claimedAt")
+    return (now - parse_time(str(first))).total_seconds() if first else 0.0
+
+
+def _alert_stuck_start(ctx: Any, doc: Mapping[str, Any], now: datetime) -> bool:
+    """One ``stalled`` alert per date and attempt once a start outlives ``STALLED_START_SECONDS``.
+
+    Takeovers keep the attempt and its ``firstClaimedAt``, so a scheduled export
+    whose takeovers keep dying alerts exactly once for its date. The subject is
+    not ``export_failed``'s: the export may still start (the takeovers go on),
+    and a final failure later still raises its own ``export_failed``.
+    """
+    stuck = stuck_start_seconds(doc, now)
+    if stuck <= STALLED_START_SECONDS:
+        return False
+    store = str(doc.get("store") or ctx.settings.dicom_store)
+    alert = alerts.build_alert(
+        "stalled",
+        f"{store}/exports/{doc['date']}/attempt-{doc['attempt']}/starting",
+        "ERROR",
+        store,
+        {
+            "date": doc["date"],
+            "attempt": doc["attempt"],
+            "state": STARTING,
+            "mode": doc.get("mode"),
+            "mimeType": doc.get("mimeType"),
+            "destination": doc.get("destination"),
+            "tickTime": doc.get("tickTime"),
+            "firstClaimedAt": doc.get("firstClaimedAt") or doc.get("claimedAt"),
+            "takeovers": int(doc.get("takeovers") or 0),
+            "stuckSeconds": int(stuck),
+            "thresholdSeconds": STALLED_START_SECONDS,
+            "marker": f"gs://{ctx.settings.staging_bucket}/{marker_name(parse_day(doc['date']))}",
+        },
+        now,
+    )
+    published = alerts.publish_once(ctx, alert)
+    if published:
+        logger.error(
+            "export stuck starting",
+            extra=log.fields(
+                date=doc["date"],
+                attempt=doc["attempt"],
+                stuckSeconds=int(stuck),
+                alertId=alert.alert_id,
+            ),
+        )
+    return published
 
 
 def _finish(

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import time
+import urllib.parse
 import urllib.request
 import uuid
 import warnings
@@ -29,7 +30,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomflow import cli, export, ledger, runtime
+from dicomflow import cli, export, ledger, report, runtime
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from localcloud.corpus import sample_files
@@ -435,14 +436,20 @@ def test_start_that_crashed_after_its_claim_is_resumed_once(make_env: Any) -> No
 # --- incremental --------------------------------------------------------------------------------
 
 
-def ingest_and_import(env: Env, files: list[tuple[str, bytes]], timeout: float = 60.0) -> None:
-    """Upload, deliver finalize events, then tick ingest and report until all is settled."""
+def ingest_and_import(
+    env: Env, files: list[tuple[str, bytes]], timeout: float = 60.0, later: float | None = None
+) -> None:
+    """Upload, deliver finalize events, then tick ingest and report until all is settled.
+
+    The ticks run ``later`` seconds after the events (default: once the batch is due).
+    """
     uploaded = [upload(env.gcs, env.landing, name, data) for name, data in files]
     client = env.apps["ingest"].test_client()
     for obj in uploaded:
         assert post(client, finalize_event(obj, env.clock())) == 200
     settings = env.ctx.settings
-    env.clock.advance(settings.batch_window_seconds + settings.seal_grace_seconds + 1)
+    due = settings.batch_window_seconds + settings.seal_grace_seconds + 1
+    env.clock.advance(due if later is None else max(due, later))
     staging = env.gcs.bucket(env.staging)
     keys = {ledger.ledger_key(o.bucket, o.name, o.generation) for o in uploaded}
     deadline = time.monotonic() + timeout
@@ -501,6 +508,207 @@ def test_incremental_exports_exactly_the_newly_ingested_instances(make_env: Any)
     found = export.read_marker(env.ctx, next_day.date())
     assert found is not None and found[0]["state"] == export.EMPTY
     assert len(env.export_operations()) == operations_before
+    assert env.alerts() == []
+
+
+def count_storage_requests(env: Env, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record (method, unquoted URL) of every Cloud Storage request made through ``env.gcs``."""
+    session = env.gcs._http
+    original = session.request
+    seen: list[tuple[str, str]] = []
+
+    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append((method, urllib.parse.unquote(url)))
+        return original(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(session, "request", request)
+    return seen
+
+
+def object_reads(requests: list[tuple[str, str]], prefix: str) -> list[str]:
+    """Names of the objects under ``prefix`` that were downloaded."""
+    names = []
+    for method, url in requests:
+        path = url.split("?", 1)[0]
+        if method == "GET" and "/download/" in path and f"/o/{prefix}" in path:
+            names.append(path.split("/o/", 1)[1])
+    return names
+
+
+def ledger_requests(requests: list[tuple[str, str]]) -> list[str]:
+    return [url for _, url in requests if "/o/ledger/" in url or "prefix=ledger/" in url]
+
+
+def verified_batch_ids(env: Env) -> set[str]:
+    return {
+        b.name.split("/")[1]
+        for b in env.gcs.list_blobs(env.staging, prefix="manifests/")
+        if b.name.endswith("/summary.json")
+    }
+
+
+def test_incremental_reads_the_manifests_verified_since_the_last_export_not_the_ledger(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env(DICOMFLOW_EXPORT_MODE="incremental")
+    settings = env.ctx.settings
+    requests = count_storage_requests(env, monkeypatch)
+
+    def ingest(
+        files: list[tuple[str, bytes]], at: datetime, later: float | None = None
+    ) -> tuple[str, set[str]]:
+        """Ingest ``files`` with the clock at ``at``; (their batch, their SOP UIDs)."""
+        before = verified_batch_ids(env)
+        env.clock.now = at
+        ingest_and_import(env, files, later=later)
+        (batch,) = verified_batch_ids(env) - before
+        return batch, {sop_of(d) for _, d in files}
+
+    def summary(batch: str) -> dict[str, Any]:
+        name = f"manifests/{batch}/summary.json"
+        return dict(json.loads(env.gcs.bucket(env.staging).blob(name).download_as_bytes()))
+
+    # a: before a full baseline backup (day 1) that holds it.
+    batch_a, _ = ingest(
+        [(f"a/{i}.dcm", make_instance()) for i in range(2)], TICK - timedelta(days=2)
+    )
+    day1 = (TICK - timedelta(days=1)).date()
+    env.clock.now = TICK - timedelta(days=1)
+    export.start_export(
+        env.ctx, day1, mode="full", mime_type=settings.export_mime_type, tick=env.clock()
+    )
+    baseline = env.settle(day1)
+    assert baseline["state"] == export.COMPLETE
+    # b: during the day. c: verified 22 s after the day-2 tick, before that tick arrives.
+    batch_b, sops_b = ingest(
+        [(f"b/{i}.dcm", make_instance()) for i in range(3)], TICK - timedelta(hours=23)
+    )
+    batch_c, sops_c = ingest(
+        [(f"c/{i}.dcm", make_instance()) for i in range(2)], TICK - timedelta(seconds=40)
+    )
+    assert export.parse_time(summary(batch_c)["times"]["verifiedAt"]) > TICK
+
+    # d: uploaded two hours before the tick, imported late (a backlog), and verified by a
+    # report tick that began 3 min before the day-2 tick; the export tick runs after d's
+    # ledger entries are updated but before its summary.json is written.
+    ran: list[list[tuple[str, str]]] = []
+
+    def point(step: str) -> None:
+        if step == "alerts" and not ran:
+            env.clock.now = TICK + timedelta(minutes=2)  # the tick is delivered late
+            first = len(requests)
+            assert env.tick(TICK) == 200
+            ran.append(requests[first:])
+
+    monkeypatch.setattr(report, "crashpoint", point)
+    batch_d, sops_d = ingest(
+        [(f"d/{i}.dcm", make_instance()) for i in range(2)],
+        TICK - timedelta(hours=2),
+        later=timedelta(hours=2, minutes=-3).total_seconds(),
+    )
+    assert export.parse_time(summary(batch_d)["times"]["verifiedAt"]) <= TICK
+    assert batch_a < baseline["scan"]["nextFrom"] < min(batch_b, batch_c, batch_d)
+
+    # Day 2 holds exactly b: not a (in the baseline), not c (verified after the tick),
+    # not d (not verified when the export counted).
+    (day2_requests,) = ran
+    marker = env.settle()
+    assert marker["state"] == export.COMPLETE, marker.get("problems")
+    exported = {n: d for n, d in env.objects().items() if n != export.MANIFEST_NAME}
+    assert {sop_of(d) for d in exported.values()} == sops_b
+    assert marker["expected"] == {"instances": 3, "objects": 3}
+    assert marker["scan"]["from"] == baseline["scan"]["nextFrom"]
+    # No ledger request at all; one GET per summary from the baseline's floor on, one per
+    # success list chosen.
+    assert ledger_requests(day2_requests) == []
+    assert sorted(object_reads(day2_requests, "manifests/")) == sorted(
+        [
+            f"manifests/{batch_b}/success.ndjson",
+            f"manifests/{batch_b}/summary.json",
+            f"manifests/{batch_c}/summary.json",
+        ]
+    )
+    # d was pending, with an id older than the margin: the next export lists from it.
+    assert marker["scan"]["nextFrom"] == batch_d
+
+    # Day 3 holds exactly c and d.
+    monkeypatch.setattr(report, "crashpoint", lambda step: None)
+    day3 = TICK + timedelta(days=1)
+    env.clock.now = day3 + timedelta(minutes=1)
+    first = len(requests)
+    assert env.tick(day3) == 200
+    day3_requests = requests[first:]
+    marker3 = env.settle(day3.date())
+    assert marker3["state"] == export.COMPLETE, marker3.get("problems")
+    exported3 = {n: d for n, d in env.objects(day3.date()).items() if n != export.MANIFEST_NAME}
+    assert {sop_of(d) for d in exported3.values()} == sops_c | sops_d
+    assert len(exported3) == 4
+    assert marker3["since"] == export.iso(TICK)
+    assert ledger_requests(day3_requests) == []
+    reads = object_reads(day3_requests, "manifests/")
+    # b's summary is below day 2's floor: not even listed.
+    assert sorted(reads) == sorted(
+        f"manifests/{batch}/{leaf}"
+        for batch in (batch_c, batch_d)
+        for leaf in ("summary.json", "success.ndjson")
+    )
+    assert env.alerts() == []
+
+
+class Killed(BaseException):
+    """The function timeout ending an invocation in the middle of a start."""
+
+
+def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(2)])
+    claimed_at = env.clock()
+    claim = export._new_marker(
+        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
+    )
+    blob = env.gcs.bucket(env.staging).blob(export.marker_name(DAY))
+    blob.upload_from_string(json.dumps(claim), if_generation_match=0)
+    original = export._prepare
+
+    def dies(*args: Any) -> Any:
+        raise Killed
+
+    # Every takeover dies at the timeout while counting (a slow store, a huge scan).
+    monkeypatch.setattr(export, "_prepare", dies)
+    env.clock.advance(export.START_LEASE_SECONDS + 1)
+    with pytest.raises(Killed):
+        export.settle_exports(env.ctx, env.clock())
+    assert env.alerts() == []  # one lease late: not yet
+    env.clock.now = claimed_at + timedelta(seconds=export.STALLED_START_SECONDS - 1)
+    with pytest.raises(Killed):
+        export.settle_exports(env.ctx, env.clock())
+    assert env.alerts() == []
+    for _ in range(3):  # past two leases; every report tick still dies
+        env.clock.advance(export.START_LEASE_SECONDS)
+        with pytest.raises(Killed):
+            export.settle_exports(env.ctx, env.clock())
+    got = env.alerts()
+    assert [a["body"]["kind"] for a in got] == ["stalled"]
+    alert = got[0]
+    assert alert["attributes"]["severity"] == "ERROR"
+    assert alert["body"]["subject"].endswith("/exports/2026-11-25/attempt-1/starting")
+    details = alert["body"]["details"]
+    assert details["date"] == "2026-11-25" and details["attempt"] == 1
+    assert details["state"] == export.STARTING
+    assert details["firstClaimedAt"] == export.iso(claimed_at)
+    assert details["stuckSeconds"] > export.STALLED_START_SECONDS
+    assert details["takeovers"] >= 2
+    found = export.read_marker(env.ctx, DAY)
+    assert found is not None and found[0]["state"] == export.STARTING
+    assert found[0]["firstClaimedAt"] == export.iso(claimed_at)
+
+    # The store recovers: the next takeover starts the export; no further alert.
+    monkeypatch.setattr(export, "_prepare", original)
+    env.clock.advance(export.START_LEASE_SECONDS)
+    assert env.settle()["state"] == export.COMPLETE
+    assert len(env.export_operations()) == 1
     assert env.alerts() == []
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
@@ -301,34 +300,95 @@ def test_partial_or_failed_backup_is_never_complete(
 
 # --- incremental selection ---
 
-
-@dataclass
-class _Uids:
-    study: str
-    series: str
-    sop: str
+T_PREV = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+T_NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 
 
-@dataclass
-class _Entry:
-    status: str
-    uids: _Uids | None
-    times: dict[str, str] = field(default_factory=dict)
+def _vb(batch: str, verified: datetime, success: int | None = 1) -> export.VerifiedBatch:
+    return export.VerifiedBatch(batch, verified, success)
 
 
-def test_settled_paths_window_and_statuses() -> None:
-    since = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
-    until = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
-    entries = [
-        _Entry("imported", _Uids("1", "1.1", "a"), {"imported": "2026-11-24T12:00:00Z"}),
-        _Entry("duplicate", _Uids("1", "1.1", "b"), {"duplicate": "2026-11-25T01:59:59Z"}),
-        _Entry("imported", _Uids("1", "1.1", "a"), {"imported": "2026-11-24T13:00:00Z"}),
-        _Entry("imported", _Uids("1", "1.1", "old"), {"imported": "2026-11-24T02:00:00Z"}),
-        _Entry("imported", _Uids("1", "1.1", "late"), {"imported": "2026-11-25T02:00:01Z"}),
-        _Entry("staged", _Uids("1", "1.1", "s"), {"staged": "2026-11-24T12:00:00Z"}),
-        _Entry("failed", _Uids("1", "1.1", "f"), {"failed": "2026-11-24T12:00:00Z"}),
-        _Entry("imported", None, {"imported": "2026-11-24T12:00:00Z"}),
+def test_select_batches_takes_the_window_since_the_last_export_with_its_margin() -> None:
+    margin = export.MANIFEST_MARGIN
+    verified = [
+        _vb("old", T_PREV - margin),  # on the margin's edge: the previous export had it
+        _vb("edge-seen", T_PREV - timedelta(minutes=5)),  # the previous export chose it
+        _vb("edge-missed", T_PREV - timedelta(minutes=5)),  # written after it listed
+        _vb("day", T_PREV + timedelta(hours=12)),
+        _vb("at-tick", T_NOW),
+        _vb("late", T_NOW + timedelta(seconds=1)),  # verified after the tick: next export
     ]
-    assert export.settled_paths(entries, since, until) == [("1", "1.1", "a"), ("1", "1.1", "b")]
-    assert len(export.settled_paths(entries, None, until)) == 3
+    chosen = export.select_batches(verified, T_PREV, T_NOW, exported={"edge-seen"})
+    assert [b.batch for b in chosen] == ["at-tick", "day", "edge-missed"]
+    # No previous export: everything verified up to the tick.
+    assert [b.batch for b in export.select_batches(verified, None, T_NOW)] == [
+        "at-tick",
+        "day",
+        "edge-missed",
+        "edge-seen",
+        "old",
+    ]
+    # What this export records for the next one: the chosen batches near its tick.
+    assert export.recent_batches(chosen, T_NOW) == ["at-tick"]
+
+
+def test_consecutive_exports_take_every_batch_once() -> None:
+    """Batches verified around two ticks, with summaries written up to 9 min late."""
+    t1, t2 = T_PREV, T_NOW
+    write_delay = timedelta(minutes=9)  # the report tick runs at most 540 s
+    stamps = [t1 + timedelta(minutes=m) for m in range(-40, 40, 3)]
+    stamps += [t2 + timedelta(minutes=m) for m in range(-40, 40, 3)]
+    every = [_vb(f"b{i:03d}", v) for i, v in enumerate(stamps)]
+    # Worst case: each summary appears write_delay after its verifiedAt.
+    listed_at_1 = [b for b in every if b.verified + write_delay <= t1]
+    first = export.select_batches(listed_at_1, None, t1)
+    listed_at_2 = [b for b in every if b.verified + write_delay <= t2]
+    second = export.select_batches(listed_at_2, t1, t2, export.recent_batches(first, t1))
+    third = export.select_batches(
+        every, t2, t2 + timedelta(days=1), export.recent_batches(second, t2)
+    )
+    names = [b.batch for b in [*first, *second, *third]]
+    assert sorted(names) == sorted(b.batch for b in every)  # none missed
+    assert len(names) == len(set(names))  # none twice
+
+
+def test_scan_floor_keeps_every_batch_the_next_export_may_need() -> None:
+    now = T_NOW + timedelta(minutes=3)
+    seen = [
+        _vb("20261124T100000Z-000", T_NOW - timedelta(hours=16)),
+        _vb("20261125T000000Z-000", T_NOW + timedelta(minutes=1)),  # the next export's
+    ]
+    # The clock's window less the margin.
+    assert export.scan_floor([], [], now, T_NOW, 60) == "20261125T014300Z"
+    # A batch verified after the tick but named long before it.
+    assert export.scan_floor(seen, [], now, T_NOW, 60) == "20261125T000000Z-000"
+    # A batch still importing from two days ago.
+    pending = ["20261123T080000Z-001", "20261125T015900Z-000"]
+    assert export.scan_floor(seen, pending, now, T_NOW, 60) == "20261123T080000Z-001"
+    # Window ids sort before the batch ids of that window.
+    assert "20261125T014300Z" < "20261125T014300Z-000"
+
+
+def test_success_paths_from_manifest_lines() -> None:
+    lines = [
+        {"status": "imported", "study": "1", "series": "1.1", "sop": "b"},
+        {"status": "duplicate", "study": "1", "series": "1.1", "sop": "a"},
+        {"status": "imported", "study": "1", "series": "1.1", "sop": "a"},  # in two batches
+        {"status": "failed", "study": "1", "series": "1.1", "sop": "f"},
+        {"status": "imported", "key": "no-uids"},
+    ]
+    assert export.success_paths(lines) == [("1", "1.1", "a"), ("1", "1.1", "b")]
     assert export.resource_path("1", "1.1", "a") == "/studies/1/series/1.1/instances/a"
+
+
+def test_stuck_start_is_measured_from_the_first_claim() -> None:
+    marker = export._new_marker(
+        _settings(), date(2026, 11, 25), "full", "application/dicom", T_NOW, T_NOW
+    )
+    assert marker["firstClaimedAt"] == marker["claimedAt"] == "2026-11-25T02:00:00Z"
+    later = T_NOW + timedelta(seconds=export.STALLED_START_SECONDS + 1)
+    # A takeover renews claimedAt but keeps firstClaimedAt.
+    marker["claimedAt"] = export.iso(later - timedelta(seconds=30))
+    assert export.stuck_start_seconds(marker, later) == export.STALLED_START_SECONDS + 1
+    del marker["firstClaimedAt"]  # a marker written before the field existed
+    assert export.stuck_start_seconds(marker, later) == 30
