@@ -8,6 +8,18 @@ Message (the Pub/Sub ``data``, JSON)::
      "dicomStore": "projects/.../dicomStores/S", "subject": "...", "time": "...Z",
      "details": {...}}
 
+Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
+
+- ``import_failed`` (ERROR): files of a batch not in the store after its import.
+- ``conflict`` (WARNING): the same UIDs already stored with different bytes.
+- ``quarantined`` (WARNING): files that failed the header check, one per window.
+- ``dropped`` (WARNING): files ingest gave up on without importing them (reason
+  ``event-too-old``: the event came later than ``DICOMFLOW_MAX_EVENT_AGE_SECONDS``;
+  ``source-missing``: the object was gone), one per window, from ingest's drop
+  records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
+- ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
+  outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
+
 Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
 ``alertId`` and ``schemaVersion``.
 
@@ -63,6 +75,7 @@ ALERT_KINDS = (
     "import_failed",
     "conflict",
     "quarantined",
+    "dropped",
     "export_failed",
     "operation_failed",
     "stalled",

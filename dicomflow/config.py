@@ -26,6 +26,8 @@ LEDGER_PREFIX = "ledger/"
 QUARANTINE_PREFIX = "quarantine/"
 MANIFESTS_PREFIX = "manifests/"
 STATE_PREFIX = "state/"
+# Per-window records of files ingest dropped (state/dropped/<window>/<key>.json).
+DROPPED_PREFIX = f"{STATE_PREFIX}dropped/"
 PIPELINE_PREFIXES = (
     BATCHES_PREFIX,
     LEDGER_PREFIX,

@@ -7,6 +7,18 @@ Finalize (one object generation), each step safe to repeat after a crash::
            -> copy into batches/<batch>/<key>.dcm -> post-copy seal check -> status staged
     header check failed -> claim with the quarantine path -> copy to quarantine/<window>/<key>.dcm
            -> reason record quarantine/<window>/<key>.json -> status quarantined
+    event too old, or source gone -> status dropped -> drop record
+           state/dropped/<window>/<key>.json
+
+Drop records. A dropped file has no copy anywhere, so the report function finds it
+through a small record per file, grouped in ``batch_window_seconds`` windows of
+the entry's ``dropped`` time: ``{schema, key, window, reason, objectLabel, ledger,
+droppedAt}`` (``objectLabel`` is ``alerts.object_label``, hashed by default; no
+object name, no PHI). It is written create-if-absent after the entry became
+``dropped``, and again by every delivery that finds a ``dropped`` entry and by the
+tick when it clears the claim marker of one, so a crash between the two writes is
+repaired by the platform's retry (its window is fixed by the entry, so a repeat
+never writes a second record).
 
 A delivery that finds an entry resumes at the step the entry shows. Tick:
 seal due batches (and finish half-done seals), run the import queue, then
@@ -56,7 +68,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 
 from dicomflow import alerts, batches, header, ledger, log, retry
-from dicomflow.config import QUARANTINE_PREFIX, STATE_PREFIX
+from dicomflow.config import DROPPED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
 from dicomflow.errors import DicomflowError, PermanentError, TransientError
 from dicomflow.events import (
     FINALIZED,
@@ -282,6 +294,8 @@ def _resume(ctx: Context, entry: Entry, generation: int | None) -> dict[str, Any
     was found open a moment ago and the entry can be updated without a read.
     """
     if entry.status in ledger.INGEST_DONE:
+        if entry.status == ledger.DROPPED:
+            record_drop(ctx, entry)
         return {
             "status": entry.status,
             "reason": entry.reason,
@@ -412,6 +426,8 @@ def _revisit(ctx: Context, marker: str, key: str, now: datetime) -> dict[str, An
     else:
         entry = found[0]
         if entry.status != ledger.CLAIMED:
+            if entry.status == ledger.DROPPED:
+                record_drop(ctx, entry)  # a delivery may have died before writing it
             batches.delete(staging, marker)
             return None
         touched = _last_touched(entry)
@@ -551,7 +567,35 @@ def _drop(ctx: Context, entry: Entry, reason: str) -> dict[str, Any]:
         return True
 
     entry, _ = ledger.modify(staging, entry.key, drop)
+    if entry.status == ledger.DROPPED:
+        record_drop(ctx, entry)
     return {"status": entry.status, "reason": entry.reason}
+
+
+def dropped_record_name(window: str, key: str) -> str:
+    """The drop record of ``key`` in ``window`` (see the module docstring)."""
+    return f"{DROPPED_PREFIX}{window}/{key}.json"
+
+
+def record_drop(ctx: Context, entry: Entry) -> None:
+    """Write the drop record of a ``dropped`` entry; a repeat is a no-op (create-if-absent)."""
+    settings = ctx.settings
+    dropped = parse_time(entry.times.get("dropped")) or parse_time(entry.times.get("claimed"))
+    when = dropped or ctx.clock()
+    window = batches.window_id(when, settings.batch_window_seconds)
+    batches.create_json(
+        ctx.storage.bucket(settings.staging_bucket),
+        dropped_record_name(window, entry.key),
+        {
+            "schema": 1,
+            "key": entry.key,
+            "window": window,
+            "reason": entry.reason,
+            "objectLabel": alerts.object_label(settings, entry.source.bucket, entry.source.name),
+            "ledger": ledger.entry_path(entry.key),
+            "droppedAt": ledger.iso(when),
+        },
+    )
 
 
 # ---- quarantine ----------------------------------------------------------------------------

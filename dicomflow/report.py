@@ -18,7 +18,10 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
        per episode (state/report/backlog.json names the episode)
     8. quarantined files, one alert per closed quarantine window, and a follow-up for
        records that land in it later (state/report/quarantine/<window>.json holds the
-       keys alerted; see ``_report_quarantine``)
+       keys alerted; see ``_report_windows``)
+    9. dropped files (event too old, source gone), the same way from the drop records
+       ingest writes (state/dropped/<window>/<key>.json): one ``dropped`` alert per
+       closed window, follow-ups for late records (state/report/dropped/<window>.json)
 
 Alerts go through ``alerts.publish_once``, whose ``alertId`` is a hash of
 (kind, subject). Every subject is fixed before the alert is sent (batch id,
@@ -30,13 +33,14 @@ loses it. Subjects::
     operation_failed  <operation name>               stalled    <operation name>/stalled
     backlog         backlog/<first batch of episode> quarantined quarantine/<window>
     quarantined (late records)  quarantine/<window>/late/<sha256 of their sorted keys>[:16]
+    dropped         dropped/<window>                 dropped (late)  dropped/<window>/late/<...>
 
 Settled files are ``imported`` and ``duplicate``: their staging copies are
 deleted. The copies of ``conflict`` and ``failed`` files stay in
 ``batches/<id>/`` for inspection and re-drive; the failure manifest names them.
 
-Per-tick cost. Bounded: quarantine windows are listed from a cursor
-(``state/report/quarantine-cursor.json``, never later than now minus the late
+Per-tick cost. Bounded: quarantine and drop windows are listed from a cursor
+(``state/report/<quarantine|dropped>-cursor.json``, never later than now minus the late
 horizon), so windows done for good are not listed again; verification stops
 starting batches after ``TICK_BUDGET_SECONDS``. Still O(history), to bound later:
 ``operations.list_operations`` reads every page of the dataset's operations
@@ -58,6 +62,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -66,7 +71,7 @@ from google.api_core import exceptions as gexc
 from googleapiclient.errors import HttpError
 
 from dicomflow import alerts, batches, export, ledger, log, manifests, operations, retry, verify
-from dicomflow.config import QUARANTINE_PREFIX, STATE_PREFIX
+from dicomflow.config import DROPPED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
 from dicomflow.operations import OperationView
 from dicomflow.verify import CONFLICT, FAILED, SUCCESS, FileResult
 
@@ -75,9 +80,44 @@ logger = logging.getLogger(__name__)
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 REPORT_PREFIX = f"{STATE_PREFIX}report/"
 BACKLOG_MARKER = f"{REPORT_PREFIX}backlog.json"
-QUARANTINE_MARKERS = f"{REPORT_PREFIX}quarantine/"
-QUARANTINE_DONE = f"{REPORT_PREFIX}quarantine-done/"
-QUARANTINE_CURSOR = f"{REPORT_PREFIX}quarantine-cursor.json"
+
+
+@dataclass(frozen=True)
+class WindowFeed:
+    """Per-window records that ingest writes and this tick alerts, one kind each.
+
+    ``prefix/<window>/<key>.json`` are the records (and, for quarantine, the copies
+    ``<key>.dcm`` beside them); the progress record of a window is
+    ``state/report/<root>/<window>.json``, a window done for good is marked in
+    ``state/report/<root>-done/``, and the window cursor is
+    ``state/report/<root>-cursor.json``. Subjects are ``<root>/<window>`` and
+    ``<root>/<window>/late/<digest>``.
+    """
+
+    kind: str
+    root: str
+    prefix: str
+    time_field: str  # the record's time, for progress records written before follow-ups
+    prefix_detail: str  # the detail naming where the records are
+
+    @property
+    def markers(self) -> str:
+        return f"{REPORT_PREFIX}{self.root}/"
+
+    @property
+    def done(self) -> str:
+        return f"{REPORT_PREFIX}{self.root}-done/"
+
+    @property
+    def cursor(self) -> str:
+        return f"{REPORT_PREFIX}{self.root}-cursor.json"
+
+
+QUARANTINE = WindowFeed(
+    "quarantined", "quarantine", QUARANTINE_PREFIX, "quarantinedAt", "quarantinePrefix"
+)
+DROPPED = WindowFeed("dropped", "dropped", DROPPED_PREFIX, "droppedAt", "recordPrefix")
+QUARANTINE_MARKERS = QUARANTINE.markers
 # A quarantine copy without its record holds its window back this long after it closes.
 ORPHAN_WAIT_SECONDS = 600
 MISSING_RECORD = "quarantine-record-missing"
@@ -140,8 +180,10 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     crashpoint("stalled")
     backlog = _report_backlog(ctx, active.waiting, now)
     crashpoint("backlog")
-    quarantined = _report_quarantine(ctx, now)
+    quarantined = _report_windows(ctx, QUARANTINE, now)
     crashpoint("quarantine")
+    dropped = _report_windows(ctx, DROPPED, now)
+    crashpoint("dropped")
 
     result = {
         "status": "tick",
@@ -154,6 +196,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         "stalled": stalled,
         "backlog": backlog,
         "quarantine": quarantined,
+        "dropped": dropped,
     }
     logger.info(
         "report tick",
@@ -167,6 +210,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
             stalled=len(stalled),
             backlog=backlog,
             quarantineWindows=len(quarantined),
+            droppedWindows=len(dropped),
             ms=round((time.monotonic() - started) * 1000),
         ),
     )
@@ -576,7 +620,7 @@ def _report_backlog(ctx: Any, waiting: dict[str, dict[str, Any]], now: datetime)
     return str(episode)
 
 
-# --- 8. quarantine ----------------------------------------------------------------------------
+# --- 8, 9. quarantined and dropped files, per window -----------------------------------------
 
 
 def _quarantine_horizon(settings: Any) -> timedelta:
@@ -585,6 +629,8 @@ def _quarantine_horizon(settings: Any) -> timedelta:
     Ingest fixes a file's window at claim time; a delivery retried by the platform
     writes the copy and the record later, for as long as the event is retried.
     Ingest drops events older than ``max_event_age_seconds``, so that bounds it.
+    A drop record's window is fixed by the entry's drop time and is written late
+    only by a retry after a crash (seconds to minutes); the same bound serves.
     """
     return timedelta(
         seconds=settings.max_event_age_seconds
@@ -602,10 +648,12 @@ def _window_closes(settings: Any, start: datetime) -> datetime:
     )
 
 
-def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
-    """``quarantined`` alerts per closed quarantine window (a burst is one alert).
+def _report_windows(ctx: Any, feed: WindowFeed, now: datetime) -> list[str]:
+    """``feed.kind`` alerts per closed window of ``feed`` (a burst is one alert).
 
-    Each window has a progress record ``state/report/quarantine/<window>.json``:
+    Described for quarantine (``QUARANTINE``); drop records (``DROPPED``) take the
+    same path under their own prefixes and subjects, and have no copies, so never
+    orphans. Each window has a progress record ``state/report/quarantine/<window>.json``:
     ``{window, keys, alerts, pending, reportedAt}``, changed only by compare-and-swap.
     ``keys`` are the files already alerted. A tick lists the window, and when
     it holds records not in ``keys`` it first writes them as ``pending`` (with
@@ -630,17 +678,17 @@ def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
     def windows() -> list[str]:
         it = ctx.storage.list_blobs(
             bucket,
-            prefix=QUARANTINE_PREFIX,
+            prefix=feed.prefix,
             delimiter="/",
-            start_offset=f"{QUARANTINE_PREFIX}{cursor}" if cursor else None,
+            start_offset=f"{feed.prefix}{cursor}" if cursor else None,
         )
         for _ in it:
             pass
-        return sorted(p[len(QUARANTINE_PREFIX) :].strip("/") for p in it.prefixes)
+        return sorted(p[len(feed.prefix) :].strip("/") for p in it.prefixes)
 
-    cursor = str((batches.read_json(bucket, QUARANTINE_CURSOR) or {}).get("window") or "")
+    cursor = str((batches.read_json(bucket, feed.cursor) or {}).get("window") or "")
     found = [w for w in retry.call(windows) if w >= cursor]
-    done = {w for w in _list_done(ctx, bucket, cursor) if w >= cursor}
+    done = {w for w in _list_done(ctx, feed, bucket, cursor) if w >= cursor}
     reported: list[str] = []
     for window in found:
         if window in done:
@@ -651,24 +699,25 @@ def _report_quarantine(ctx: Any, now: datetime) -> list[str]:
             continue
         if now < _window_closes(settings, start):
             continue
-        if _settle_window(ctx, window, start, now):
+        if _settle_window(ctx, feed, window, start, now):
             reported.append(window)
-    _advance_cursor(ctx, bucket, cursor, found, now)
+    _advance_cursor(ctx, feed, bucket, cursor, found, now)
     return reported
 
 
-def _list_done(ctx: Any, bucket: Any, cursor: str) -> list[str]:
-    offset = f"{QUARANTINE_DONE}{cursor}" if cursor else None
+def _list_done(ctx: Any, feed: WindowFeed, bucket: Any, cursor: str) -> list[str]:
+    offset = f"{feed.done}{cursor}" if cursor else None
     names = retry.call(
         lambda: [
-            b.name
-            for b in ctx.storage.list_blobs(bucket, prefix=QUARANTINE_DONE, start_offset=offset)
+            b.name for b in ctx.storage.list_blobs(bucket, prefix=feed.done, start_offset=offset)
         ]
     )
-    return [n[len(QUARANTINE_DONE) : -len(".json")] for n in names if n.endswith(".json")]
+    return [n[len(feed.done) : -len(".json")] for n in names if n.endswith(".json")]
 
 
-def _advance_cursor(ctx: Any, bucket: Any, cursor: str, found: list[str], now: datetime) -> None:
+def _advance_cursor(
+    ctx: Any, feed: WindowFeed, bucket: Any, cursor: str, found: list[str], now: datetime
+) -> None:
     """Move the window cursor to the oldest window that may still need work.
 
     That is the oldest window not done, but never past the window of ``now`` minus
@@ -677,13 +726,13 @@ def _advance_cursor(ctx: Any, bucket: Any, cursor: str, found: list[str], now: d
     again. Overlapping ticks may write it out of order; a cursor too far back only
     costs a longer listing.
     """
-    done = set(_list_done(ctx, bucket, cursor))
+    done = set(_list_done(ctx, feed, bucket, cursor))
     floor = batches.window_id(now - _quarantine_horizon(ctx.settings), 1)
     waiting = [w for w in found if w not in done]
     target = min([floor, *waiting[:1]])
     if target <= cursor:
         return
-    blob = bucket.blob(QUARANTINE_CURSOR)
+    blob = bucket.blob(feed.cursor)
     body = json.dumps({"window": target, "movedAt": export.iso(now)}, sort_keys=True)
     retry.call(lambda: blob.upload_from_string(body, content_type="application/json"))
 
@@ -713,12 +762,12 @@ def _swap_doc(bucket: Any, name: str, doc: dict[str, Any], generation: int) -> b
     return True
 
 
-def _settle_window(ctx: Any, window: str, start: datetime, now: datetime) -> bool:
+def _settle_window(ctx: Any, feed: WindowFeed, window: str, start: datetime, now: datetime) -> bool:
     """Alert what is new in ``window``; True when this call published an alert."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    name = f"{QUARANTINE_MARKERS}{window}.json"
-    prefix = f"{QUARANTINE_PREFIX}{window}/"
+    name = f"{feed.markers}{window}.json"
+    prefix = f"{feed.prefix}{window}/"
     past_horizon = now - start > _quarantine_horizon(settings)
     waited = now - _window_closes(settings, start) >= timedelta(seconds=ORPHAN_WAIT_SECONDS)
     sent = False
@@ -729,7 +778,7 @@ def _settle_window(ctx: Any, window: str, start: datetime, now: datetime) -> boo
         pending = doc.get("pending")
         if pending:
             keys = [str(k) for k in pending["keys"]]
-            _alert_window(ctx, window, str(pending["subject"]), keys, now)
+            _alert_window(ctx, feed, window, str(pending["subject"]), keys, now)
             sent = True
             settled = {
                 **doc,
@@ -748,7 +797,7 @@ def _settle_window(ctx: Any, window: str, start: datetime, now: datetime) -> boo
         elif "keys" in doc:
             alerted = set(doc["keys"])
         else:  # a marker written before follow-ups existed: {window, reportedAt}
-            alerted = _alerted_before(bucket, prefix, records, doc.get("reportedAt"))
+            alerted = _alerted_before(bucket, feed, prefix, records, doc.get("reportedAt"))
         orphans = copies - records - alerted
         new = records - alerted
         if past_horizon:
@@ -759,16 +808,16 @@ def _settle_window(ctx: Any, window: str, start: datetime, now: datetime) -> boo
             if past_horizon:
                 batches.create_json(
                     bucket,
-                    f"{QUARANTINE_DONE}{window}.json",
+                    f"{feed.done}{window}.json",
                     {"window": window, "doneAt": export.iso(now)},
                 )
             return sent
         keys = sorted(new)
         if found is None:
-            subject = f"quarantine/{window}"
+            subject = f"{feed.root}/{window}"
         else:
             digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-            subject = f"quarantine/{window}/late/{digest}"
+            subject = f"{feed.root}/{window}/late/{digest}"
         intent = {
             **doc,
             "keys": sorted(alerted),
@@ -778,7 +827,9 @@ def _settle_window(ctx: Any, window: str, start: datetime, now: datetime) -> boo
     return sent
 
 
-def _alerted_before(bucket: Any, prefix: str, records: set[str], reported_at: Any) -> set[str]:
+def _alerted_before(
+    bucket: Any, feed: WindowFeed, prefix: str, records: set[str], reported_at: Any
+) -> set[str]:
     """The records an old-style marker covered: those written before it."""
     if not reported_at:
         return set(records)
@@ -788,13 +839,13 @@ def _alerted_before(bucket: Any, prefix: str, records: set[str], reported_at: An
         k
         for k, d in zip(sorted(records), docs, strict=True)
         if d is None
-        or not d.get("quarantinedAt")
-        or export.parse_time(str(d["quarantinedAt"])) <= when
+        or not d.get(feed.time_field)
+        or export.parse_time(str(d[feed.time_field])) <= when
     }
 
 
 def _window_record(ctx: Any, prefix: str, key: str) -> dict[str, Any]:
-    """The quarantine record of ``key``, or one rebuilt from the ledger when it never came."""
+    """The record of ``key`` in a window, or one rebuilt from the ledger when it never came."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     record = batches.read_json(bucket, f"{prefix}{key}.json")
     if record is not None:
@@ -807,32 +858,43 @@ def _window_record(ctx: Any, prefix: str, key: str) -> dict[str, Any]:
     return record
 
 
-def _alert_window(ctx: Any, window: str, subject: str, keys: list[str], now: datetime) -> None:
+def _record_label(settings: Any, record: dict[str, Any]) -> str | None:
+    """How an alert names the file of a record: from its source, or the label ingest stored."""
+    source = record.get("source")
+    if source:
+        return alerts.object_label(settings, str(source["bucket"]), str(source["name"]))
+    label = record.get("objectLabel")
+    return str(label) if label else None
+
+
+def _alert_window(
+    ctx: Any, feed: WindowFeed, window: str, subject: str, keys: list[str], now: datetime
+) -> None:
     settings = ctx.settings
-    prefix = f"{QUARANTINE_PREFIX}{window}/"
+    prefix = f"{feed.prefix}{window}/"
     records = verify.pmap(lambda k: _window_record(ctx, prefix, k), keys)
     reasons = Counter(_reason_code(r.get("reason")) for r in records)
-    sources = [
-        (str(r["source"]["bucket"]), str(r["source"]["name"])) for r in records if r.get("source")
-    ]
+    named = [(r, label) for r in records if (label := _record_label(settings, r)) is not None]
+    labels = [label for _, label in named]
     details: dict[str, Any] = {
         "window": window,
         "files": len(records),
         "reasons": dict(sorted(reasons.items())),
-        "quarantinePrefix": f"gs://{settings.staging_bucket}/{prefix}",
-        "followUp": subject != f"quarantine/{window}",
+        feed.prefix_detail: f"gs://{settings.staging_bucket}/{prefix}",
+        "followUp": subject != f"{feed.root}/{window}",
         "sampleFiles": [
             {
-                "object": alerts.object_label(settings, *src),
+                "object": label,
                 "ledgerKey": r.get("key"),
                 "reason": _reason_code(r.get("reason")),
             }
-            for r, src in zip(records[: settings.alert_sample_files], sources, strict=False)
+            for r, label in named[: settings.alert_sample_files]
         ],
+        alerts.SAMPLES_KEY: labels[: settings.alert_sample_files],
+        "sampleTotal": len(labels),
     }
-    details.update(alerts.samples(settings, sources))
     alert = alerts.build_alert(
-        "quarantined",
+        feed.kind,
         subject,
         "WARNING",
         str(settings.dicom_store),

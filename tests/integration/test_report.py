@@ -32,7 +32,7 @@ from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
 from dicomflow import alerts, batches, ingest, ledger, log, manifests, report, runtime, verify
-from dicomflow.config import load_settings
+from dicomflow.config import DROPPED_PREFIX, load_settings
 from dicomflow.errors import TransientError
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.healthcare import HealthcareServer
@@ -535,6 +535,7 @@ CRASHPOINTS = [
     "stalled",
     "backlog",
     "quarantine",
+    "dropped",
 ]
 
 
@@ -964,3 +965,109 @@ def test_quarantine_windows_past_the_horizon_are_not_listed_again(
     # The recent window is still reported once it closes.
     env.clock.advance(quarantine_close(env))
     assert len(report.run_tick(env.ctx)["quarantine"]) == 1
+
+
+# --- dropped files --------------------------------------------------------------------------------
+
+
+def deliver_too_old(env: Env, objects: list[Uploaded]) -> None:
+    """Finalize events older than the max event age: ingest drops them (event-too-old)."""
+    when = env.clock() - timedelta(seconds=env.ctx.settings.max_event_age_seconds + 60)
+    client = env.client("ingest")
+    for obj in objects:
+        assert post(client, finalize_event(obj, when)) == 200
+        assert (env.entry(obj).status, env.entry(obj).reason) == (ledger.DROPPED, "event-too-old")
+
+
+def drop_records(env: Env) -> dict[str, dict[str, Any]]:
+    bucket = env.gcs.bucket(env.staging)
+    return {
+        b.name: json.loads(b.download_as_bytes())
+        for b in env.gcs.list_blobs(bucket, prefix=DROPPED_PREFIX)
+    }
+
+
+def test_event_older_than_the_max_age_raises_one_dropped_alert_once(env: Env) -> None:
+    obj = env.upload(f"old/{PATIENT_NAME}.dcm", make_instance())
+    deliver_too_old(env, [obj])
+    records = drop_records(env)
+    assert len(records) == 1 and PATIENT_NAME not in json.dumps(records)
+    (record,) = records.values()
+    assert record["key"] == env.key(obj) and record["objectLabel"] == env.label(obj)
+    assert record["reason"] == "event-too-old"
+
+    env.clock.advance(quarantine_close(env) + 60)
+    assert env.report_tick() == 200
+    got = env.pull()
+    assert [(m["body"]["kind"], m["body"]["severity"]) for m in got] == [("dropped", "WARNING")]
+    body = got[0]["body"]
+    assert body["subject"] == f"dropped/{record['window']}"
+    assert body["details"]["files"] == 1 and body["details"]["samples"] == [env.label(obj)]
+    assert body["details"]["reasons"] == {"event-too-old": 1}
+    assert body["details"]["sampleFiles"][0]["ledgerKey"] == env.key(obj)
+    assert PATIENT_NAME not in json.dumps(got)
+    # A redelivery of the same event and more ticks send nothing more.
+    deliver_too_old(env, [obj])
+    for _ in range(3):
+        env.clock.advance(60)
+        assert env.report_tick() == 200
+    assert env.pull() == []
+
+
+def test_dropped_alert_survives_crashes_in_ingest_and_report_with_one_alert_id(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest dies between the ledger entry and the drop record; report dies after publishing."""
+    obj = env.upload("old/a.dcm", make_instance())
+    gone = env.upload("gone/b.dcm", make_instance())
+    env.gcs.bucket(env.landing).blob(gone.name).delete()
+    real_create = batches.create_json
+
+    def no_record(bucket: Any, name: str, data: dict[str, Any]) -> bool:
+        if name.startswith(DROPPED_PREFIX):
+            raise TransientError("simulated: crash before the drop record")
+        return real_create(bucket, name, data)
+
+    monkeypatch.setattr(batches, "create_json", no_record)
+    when = env.clock() - timedelta(seconds=env.ctx.settings.max_event_age_seconds + 60)
+    assert post(env.client("ingest"), finalize_event(obj, when)) == 500
+    assert post(env.client("ingest"), finalize_event(gone, env.clock())) == 500
+    assert env.entry(obj).status == env.entry(gone).status == ledger.DROPPED
+    assert drop_records(env) == {}
+    monkeypatch.setattr(batches, "create_json", real_create)
+    # The platform retries both deliveries: each finds its entry dropped and writes the record.
+    assert post(env.client("ingest"), finalize_event(obj, when)) == 200
+    assert post(env.client("ingest"), finalize_event(gone, env.clock())) == 200
+    assert sorted(r["reason"] for r in drop_records(env).values()) == [
+        "event-too-old",
+        "source-missing",
+    ]
+
+    crashed = crash_after_publish(monkeypatch)
+    env.clock.advance(quarantine_close(env) + 60)
+    assert env.report_tick() == 500
+    for _ in range(3):
+        env.clock.advance(60)
+        assert env.report_tick() == 200
+    got = env.pull()
+    assert len(crashed) == 1 and len(got) == 2, got
+    assert {m["body"]["alertId"] for m in got} == set(crashed)
+    assert {m["body"]["kind"] for m in got} == {"dropped"}
+    assert got[0]["body"]["details"]["reasons"] == {"event-too-old": 1, "source-missing": 1}
+    assert sorted(got[0]["body"]["details"]["samples"]) == sorted([env.label(obj), env.label(gone)])
+
+
+def test_burst_of_50_dropped_files_in_one_window_gives_one_alert(env: Env) -> None:
+    objects = [env.upload(f"old/{i:02d}.dcm", b"x" * 200) for i in range(50)]
+    deliver_too_old(env, objects)
+    assert len({r["window"] for r in drop_records(env).values()}) == 1
+    env.clock.advance(quarantine_close(env) + 60)
+    for _ in range(3):
+        assert env.report_tick() == 200
+        env.clock.advance(60)
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["dropped"]
+    details = got[0]["body"]["details"]
+    assert details["files"] == 50 and details["sampleTotal"] == 50
+    assert len(details["samples"]) == env.ctx.settings.alert_sample_files
+    assert set(details["samples"]) <= {env.label(o) for o in objects}
