@@ -56,7 +56,7 @@ def _wait(api: Any, operation: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3, help="exports per mimeType (median)")
     args = parser.parse_args()
     files = corpus(args.instances)

@@ -474,6 +474,15 @@ class Stack:
         if url:
             self._wait(name, url)
 
+    def ensure_running(self, name: str) -> bool:
+        """Start ``name`` again if its process has exited, as the platform replaces a dead
+        instance; True when it had exited."""
+        process = self._processes.get(name)
+        if process is not None and process.poll() is None:
+            return False
+        self.restart(name, kill=False)
+        return True
+
     # -- shut-down ------------------------------------------------------------
 
     def stop(self) -> None:
