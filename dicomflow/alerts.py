@@ -60,12 +60,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from google.cloud import storage
 from googleapiclient.errors import HttpError
 
 from dicomflow import log
 from dicomflow.config import STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.lease import Lease, write
 
 logger = logging.getLogger(__name__)
 
@@ -302,43 +302,6 @@ def marker_name(alert_id_: str) -> str:
     return f"{ALERTS_PREFIX}{alert_id_}.json"
 
 
-class _Lease:
-    """The marker object and what we know of it."""
-
-    def __init__(self, blob: storage.Blob) -> None:
-        self.blob = blob
-        self.state: str | None = None
-        self.lease_until: datetime | None = None
-        self.generation: int | None = None
-
-    def load(self) -> bool:
-        """Read the marker; False when it does not exist."""
-        # A fresh Blob each time: one that knows a generation downloads that old version.
-        self.blob = self.blob.bucket.blob(self.blob.name)
-        try:
-            raw = self.blob.download_as_bytes()
-        except gexc.NotFound:
-            return False
-        self.generation = self.blob.generation
-        try:
-            doc = json.loads(raw)
-            self.state = str(doc.get("state"))
-            self.lease_until = datetime.fromisoformat(str(doc.get("leaseUntil")))
-        except (ValueError, TypeError, AttributeError):
-            # An unreadable marker is treated as an expired claim.
-            self.state, self.lease_until = "publishing", datetime.min.replace(tzinfo=UTC)
-        return True
-
-
-def _write(blob: storage.Blob, doc: dict[str, Any], generation: int) -> int:
-    blob.upload_from_string(
-        json.dumps(doc, sort_keys=True),
-        content_type="application/json",
-        if_generation_match=generation,
-    )
-    return int(blob.generation or 0)
-
-
 def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool:
     """Publish ``alert`` unless it was already published; True when this call published it.
 
@@ -353,7 +316,7 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
     """
     settings: Settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    lease = _Lease(bucket.blob(marker_name(alert.alert_id)))
+    lease = Lease(bucket.blob(marker_name(alert.alert_id)))
     waited_until = time.monotonic() + lease_seconds
     try:
         generation = _claim(ctx, alert, lease, lease_seconds, waited_until)
@@ -377,7 +340,7 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
         # PreconditionFailed: our lease ran out and another caller took over; it
         # publishes the same id.
         with contextlib.suppress(gexc.PreconditionFailed):
-            _write(lease.blob, done, generation)
+            write(lease.blob, done, generation)
     except (gexc.TooManyRequests, gexc.ServerError) as exc:
         raise TransientError(f"alert marker {alert.alert_id}: {exc}") from exc
     logger.info(
@@ -390,7 +353,7 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
 
 
 def _claim(
-    ctx: Any, alert: Alert, lease: _Lease, lease_seconds: float, wait_deadline: float
+    ctx: Any, alert: Alert, lease: Lease, lease_seconds: float, wait_deadline: float
 ) -> int | None:
     """Own the marker and return its generation, or None when the alert is already out."""
     while True:
@@ -403,7 +366,7 @@ def _claim(
         }
         if not lease.load():
             try:
-                return _write(lease.blob, claim, 0)
+                return write(lease.blob, claim, 0)
             except gexc.PreconditionFailed:
                 continue  # someone claimed it between our read and write: look again
         if lease.state == "published":
@@ -412,7 +375,7 @@ def _claim(
         expired = lease.lease_until <= ctx.clock() or time.monotonic() > wait_deadline
         if expired:
             try:
-                return _write(lease.blob, claim, lease.generation)
+                return write(lease.blob, claim, lease.generation)
             except gexc.PreconditionFailed:
                 continue
         time.sleep(0.2)

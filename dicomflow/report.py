@@ -8,10 +8,12 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
        operation the service cannot return (404: expired) is retired with that reason,
        and the store decides each file's outcome as for any batch (import_failed for
        files not stored; none when every file is there), so it never blocks a tick
-    4. verify each finished batch (dicomflow.verify), then in this order:
+    4. verify each finished batch not leased by another live tick (lease marker
+       state/verifying/<id>.json, create-if-absent, CAS takeover once expired;
+       dicomflow.lease), then in this order:
          manifests success/failure.ndjson -> ledger entries -> alerts import_failed
          and conflict -> summary.json -> delete staging copies of settled files
-         -> mark the operation settled -> delete state/finished/<id>.json
+         -> mark the operation settled -> delete state/finished/<id>.json -> release the lease
     5. operations started outside dicomflow: operation_failed, once each
     6. operations running longer than DICOMFLOW_STALLED_SECONDS: stalled, once each
     7. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
@@ -70,7 +72,18 @@ from cloudevents.http import CloudEvent
 from google.api_core import exceptions as gexc
 from googleapiclient.errors import HttpError
 
-from dicomflow import alerts, batches, export, ledger, log, manifests, operations, retry, verify
+from dicomflow import (
+    alerts,
+    batches,
+    export,
+    lease,
+    ledger,
+    log,
+    manifests,
+    operations,
+    retry,
+    verify,
+)
 from dicomflow.config import DROPPED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
 from dicomflow.operations import OperationView
 from dicomflow.verify import CONFLICT, FAILED, SUCCESS, FileResult
@@ -123,6 +136,13 @@ ORPHAN_WAIT_SECONDS = 600
 MISSING_RECORD = "quarantine-record-missing"
 # Stop starting batch verifications after this long; the next tick goes on (timeout 540 s).
 TICK_BUDGET_SECONDS = 300.0
+# Finished batches being verified: one lease marker each (dicomflow.lease), so that
+# overlapping ticks (the minute tick while a slow one runs, platform retries) split the
+# batches instead of verifying the same ones. A lease outlives a batch's verification
+# (seconds to a minute) with margin; a killed tick's lease expires and the next tick
+# resumes the batch (verification is idempotent).
+VERIFYING_PREFIX = f"{STATE_PREFIX}verifying/"
+VERIFY_LEASE_SECONDS = 180.0
 # A quarantine window is reported this long after it ends (late copies land in it first).
 QUARANTINE_GRACE_SECONDS = 60
 # An unknown import this young may be ours, started by ingest but not recorded yet.
@@ -169,10 +189,24 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     ours = {r["operation"] for r in [*active.recorded.values(), *finished.values()]}
     ours.discard(None)
     verified: list[dict[str, Any]] = []
+    leased: list[str] = []
     for batch, record in sorted(finished.items()):
         if time.monotonic() - started > TICK_BUDGET_SECONDS:
             break
-        verified.append(settle_batch(ctx, batch, record, by_name, now))
+        held = acquire_verification(ctx, batch)
+        if held is None:
+            leased.append(batch)  # another live tick verifies it: take the next one
+            continue
+        if not batches.exists(bucket, batches.finished_name(batch)):
+            lease.release(*held)  # settled by another tick since we listed it
+            continue
+        try:
+            verified.append(settle_batch(ctx, batch, record, by_name, now, held=held))
+        except Exception:
+            # The tick is alive and gives up this batch: let the next tick take it at once.
+            # A kill runs no code; its lease expires after VERIFY_LEASE_SECONDS.
+            lease.release(*held)
+            raise
 
     outside = _report_outside(ctx, listed, settled, ours, active.starting, now)
     crashpoint("outside")
@@ -192,6 +226,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         "retired": active.retired,
         "verified": verified,
         "pending": len(finished) - len(verified),
+        "leased": leased,
         "outside": outside,
         "stalled": stalled,
         "backlog": backlog,
@@ -206,6 +241,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
             retired=len(active.retired),
             verified=len(verified),
             pending=result["pending"],
+            leased=len(leased),
             outside=len(outside),
             stalled=len(stalled),
             backlog=backlog,
@@ -297,14 +333,41 @@ def _read_operation(ctx: Any, name: str, batch: str) -> tuple[OperationView | No
 # --- 4. one finished batch --------------------------------------------------------------------
 
 
+def verifying_name(batch: str) -> str:
+    """The lease marker of a finished batch being verified."""
+    return f"{VERIFYING_PREFIX}{batch}.json"
+
+
+def acquire_verification(ctx: Any, batch: str) -> tuple[lease.Lease, int] | None:
+    """Lease ``batch`` for verification: (lease, generation), or None while another
+    tick's lease on it is live. Expired leases (a killed tick) are taken over."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    held = lease.Lease(bucket.blob(verifying_name(batch)))
+    now = ctx.clock()
+    doc = {
+        "state": "verifying",
+        "batch": batch,
+        "leasedAt": lease.iso(now),
+        "leaseUntil": lease.iso(now + timedelta(seconds=VERIFY_LEASE_SECONDS)),
+    }
+    generation = lease.try_acquire(held, doc, now)
+    return None if generation is None else (held, generation)
+
+
 def settle_batch(
     ctx: Any,
     batch: str,
     record: dict[str, Any],
     by_name: dict[str, OperationView],
     now: datetime,
+    *,
+    held: tuple[lease.Lease, int] | None = None,
 ) -> dict[str, Any]:
-    """Verify a finished batch, record and alert its outcomes, then clean up. Idempotent."""
+    """Verify a finished batch, record and alert its outcomes, then clean up. Idempotent.
+
+    ``held``: this tick's verification lease on the batch (``acquire_verification``),
+    released once the batch is settled, after its ``state/finished/`` record is deleted.
+    """
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     op_name: str | None = record.get("operation")
@@ -341,6 +404,11 @@ def settle_batch(
     if op_name:
         operations.mark_settled(ctx, op_name, "batch", export.iso(now), batch=batch)
     batches.delete(bucket, batches.finished_name(batch))
+    if held is not None:
+        # After the finished record: a tick that takes the lease next finds no record and
+        # skips the batch. A kill in between leaves a stale lease on a settled batch,
+        # which nothing reads again.
+        lease.release(*held)
     return {"batch": batch, "operation": op_name, "counts": summary["counts"]}
 
 

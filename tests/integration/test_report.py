@@ -1071,3 +1071,121 @@ def test_burst_of_50_dropped_files_in_one_window_gives_one_alert(env: Env) -> No
     assert details["files"] == 50 and details["sampleTotal"] == 50
     assert len(details["samples"]) == env.ctx.settings.alert_sample_files
     assert set(details["samples"]) <= {env.label(o) for o in objects}
+
+
+# --- per-batch verification lease --------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """A hard kill (timeout, instance gone): no handler of the tick runs, unlike ``Crash``."""
+
+
+def finished_batches(env: Env, windows: int, per_window: int = 2) -> list[str]:
+    """``windows`` batches, each imported and moved to ``state/finished/``."""
+    for w in range(windows):
+        objects = [env.upload(f"l{w}/{i}.dcm", make_instance()) for i in range(per_window)]
+        env.ingest(objects)
+        env.clock.advance(env.ctx.settings.batch_window_seconds)
+    env.clock.advance(env.ctx.settings.seal_grace_seconds + 2)
+    bucket = env.gcs.bucket(env.staging)
+    deadline = time.monotonic() + 60
+    while True:
+        env.ingest_tick()
+        done = batches.list_ids(bucket, batches.FINISHED_PREFIX)
+        if len(done) == windows and not batches.list_ids(bucket, batches.ACTIVE_PREFIX):
+            return sorted(done)
+        assert time.monotonic() < deadline, done
+        time.sleep(0.2)
+
+
+def count_verifications(monkeypatch: pytest.MonkeyPatch, pause: float = 0.0) -> list[str]:
+    """Record the batch of every ``verify.verify_batch`` call (each is the QIDO checks)."""
+    calls: list[str] = []
+    lock = threading.Lock()
+    real = verify.verify_batch
+
+    def verify_batch(ctx: Any, batch: str, keys: list[str]) -> Any:
+        with lock:
+            calls.append(batch)
+        time.sleep(pause)
+        return real(ctx, batch, keys)
+
+    monkeypatch.setattr(verify, "verify_batch", verify_batch)
+    return calls
+
+
+def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = finished_batches(env, windows=4)
+    calls = count_verifications(monkeypatch, pause=0.4)
+    start = threading.Barrier(2)
+
+    def tick() -> dict[str, Any]:
+        start.wait()
+        try:
+            return report.run_tick(env.ctx)
+        finally:
+            local = env.ctx._local
+            for name in ("healthcare", "pubsub"):
+                client = getattr(local, name, None)
+                if client is not None:
+                    client.close()
+            dicomweb = getattr(local, "dicomweb", None)
+            if dicomweb is not None:
+                dicomweb._session.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: tick(), range(2)))
+    assert sorted(calls) == ids  # each batch verified once, by one of the two ticks
+    done = [[v["batch"] for v in r["verified"]] for r in results]
+    assert sorted(done[0] + done[1]) == ids and done[0] and done[1]  # the work was split
+    bucket = env.gcs.bucket(env.staging)
+    assert verified_batches(env) == ids
+    assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
+    assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
+    assert env.pull() == []
+
+
+def test_tick_killed_mid_batch_leaves_a_lease_that_expires_and_the_next_tick_resumes(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = env.upload("k/good.dcm", make_instance())
+    broken = env.upload("k/broken.dcm", make_instance(rows=8, pixel_bytes=10))
+    env.ingest([good, broken])
+    env.clock.advance(env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds)
+    bucket = env.gcs.bucket(env.staging)
+    deadline = time.monotonic() + 60
+    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        env.ingest_tick()
+    [batch] = batches.list_ids(bucket, batches.FINISHED_PREFIX)
+    calls = count_verifications(monkeypatch)
+    killed: list[str] = []
+
+    def point(step: str) -> None:
+        if step == "manifests" and not killed:
+            killed.append(step)
+            raise Killed(step)
+
+    monkeypatch.setattr(report, "crashpoint", point)
+    with pytest.raises(Killed):
+        report.run_tick(env.ctx)
+    assert calls == [batch]
+    assert bucket.blob(report.verifying_name(batch)).exists()  # the lease outlives the kill
+
+    env.clock.advance(report.VERIFY_LEASE_SECONDS - 5)  # lease still live: the batch waits
+    waiting = report.run_tick(env.ctx)
+    assert waiting["verified"] == [] and waiting["leased"] == [batch]
+    assert calls == [batch]
+
+    env.clock.advance(10)  # expired: the next tick takes the lease over and settles the batch
+    resumed = report.run_tick(env.ctx)
+    assert [v["batch"] for v in resumed["verified"]] == [batch]
+    assert calls == [batch, batch]
+    assert [env.entry(good).status, env.entry(broken).status] == ["imported", "failed"]
+    assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
+    assert not bucket.blob(report.verifying_name(batch)).exists()
+    assert report.run_tick(env.ctx)["verified"] == []
+    assert [m["body"]["kind"] for m in env.pull()] == ["import_failed"]
