@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import io
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +37,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     stack = Stack(demo_config(home))
     out = io.StringIO()
     try:
-        with warnings.catch_warnings():
-            # Stack._create_resources leaves its two API clients to the garbage collector;
-            # their sockets are not ours to report here.
-            warnings.simplefilter("ignore", ResourceWarning)
-            stack.start()
-            gc.collect()
+        stack.start()
         summary = run_flow(stack, Console(file=out, width=120))
         gcs = stack.storage_client()
         try:
