@@ -44,7 +44,7 @@ Import (``run_queue``, the tick): poll the operations of active batches,
 move finished ones to ``state/finished/``, and start queued batches in id
 order while fewer than K are running. A 429 leaves the batch queued for the
 next tick. A crash between the import call and the operation record is
-repaired after ``IMPORT_RESTART_SECONDS`` by importing the batch again; that
+repaired after ``import_restart_seconds`` (a setting, 300 s) by importing the batch again; that
 can only produce identical duplicates, which the store ignores.
 """
 
@@ -77,8 +77,6 @@ OPEN_PREFIX = f"{STATE_PREFIX}open/"
 ACTIVE_PREFIX = f"{STATE_PREFIX}active/"
 FINISHED_PREFIX = f"{STATE_PREFIX}finished/"
 
-# An import intent without an operation record this old means the starter crashed.
-IMPORT_RESTART_SECONDS = 300
 # Reservation misses before a batch counts as full (see module docstring).
 _MIN_MISSES = 12
 # A single file never reserves more than this many tickets.
@@ -458,7 +456,7 @@ def run_queue(ctx: Context, now: datetime) -> QueueReport:
         intent = read_json(bucket, intent_name(batch))
         if intent is not None:
             requested = datetime.fromisoformat(intent["requestedAt"].replace("Z", "+00:00"))
-            if now - requested < timedelta(seconds=IMPORT_RESTART_SECONDS):
+            if now - requested < timedelta(seconds=settings.import_restart_seconds):
                 report.running += 1  # being started right now, or crashed very recently
                 continue
         waiting.append((batch, intent))
@@ -491,7 +489,7 @@ def run_queue(ctx: Context, now: datetime) -> QueueReport:
                 # The service answered 5xx: the call failed and nothing started.
                 delete(bucket, intent_name(batch))
             # Otherwise (timeout) it is unknown whether it started; the intent stays and
-            # is repaired after IMPORT_RESTART_SECONDS.
+            # is repaired after settings.import_restart_seconds.
             logger.warning("import call failed", extra=log.fields(batch=batch, error=str(exc)))
             break
         except PermanentError as exc:

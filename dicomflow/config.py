@@ -78,6 +78,7 @@ class Settings:
     batch_max_bytes: int = 20 * 1024**3
     seal_grace_seconds: int = 10
     max_running_imports: int = 5
+    import_restart_seconds: int = 300
     backup_prefix: str = "backups"
     export_date_layout: str = "%Y-%m-%d"
     export_mime_type: str = "application/dicom; transfer-syntax=*"
@@ -132,6 +133,11 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "wait after a window ends before the tick seals it (late copies are re-staged anyway)",
     ),
     ("DICOMFLOW_MAX_RUNNING_IMPORTS", "5", "import operations running at once (K)"),
+    (
+        "DICOMFLOW_IMPORT_RESTART_SECONDS",
+        "300",
+        "an import intent without an operation record this old is imported again",
+    ),
     ("DICOMFLOW_BACKUP_PREFIX", "backups", "exports go to gs://BACKUP/PREFIX/DATE/"),
     ("DICOMFLOW_EXPORT_DATE_LAYOUT", "%Y-%m-%d", "strftime layout of the dated folder"),
     ("DICOMFLOW_EXPORT_MIME_TYPE", "application/dicom; transfer-syntax=*", "export format"),
@@ -289,6 +295,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         seal_grace_seconds=_int(env, "DICOMFLOW_SEAL_GRACE_SECONDS", Settings.seal_grace_seconds),
         max_running_imports=_int(
             env, "DICOMFLOW_MAX_RUNNING_IMPORTS", Settings.max_running_imports, 1
+        ),
+        import_restart_seconds=_int(
+            env, "DICOMFLOW_IMPORT_RESTART_SECONDS", Settings.import_restart_seconds, 1
         ),
         backup_prefix=backup_prefix,
         export_date_layout=layout,

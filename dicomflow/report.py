@@ -145,8 +145,8 @@ VERIFYING_PREFIX = f"{STATE_PREFIX}verifying/"
 VERIFY_LEASE_SECONDS = 180.0
 # A quarantine window is reported this long after it ends (late copies land in it first).
 QUARANTINE_GRACE_SECONDS = 60
-# An unknown import this young may be ours, started by ingest but not recorded yet.
-UNRECORDED_IMPORT_SECONDS = batches.IMPORT_RESTART_SECONDS + 60
+# An unknown import this much older than ingest's restart delay cannot be ours unrecorded.
+UNRECORDED_IMPORT_MARGIN_SECONDS = 60
 
 
 def crashpoint(step: str) -> None:
@@ -590,7 +590,8 @@ def _report_outside(
         elif (
             starting
             and op.created is not None
-            and (now - op.created).total_seconds() < UNRECORDED_IMPORT_SECONDS
+            and (now - op.created).total_seconds()
+            < ctx.settings.import_restart_seconds + UNRECORDED_IMPORT_MARGIN_SECONDS
         ):
             continue  # maybe ingest's, between the import call and its record
         if op.failed:

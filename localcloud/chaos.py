@@ -21,9 +21,9 @@ except ``quarantined`` alerts covering the broken files.
 
 Import faults are 429 only. A kill of ingest between the import intent and the
 operation record leaves the batch to dicomflow's crash repair, which imports it
-again after ``batches.IMPORT_RESTART_SECONDS`` (300 s). That delay is scaled
+again after ``DICOMFLOW_IMPORT_RESTART_SECONDS`` (300 s). That delay is scaled
 down to ``IMPORT_RESTART_SECONDS`` (30 s) here, as the batch window is (60 s to
-5 s), by serving the functions from ``localcloud.scaled_main``.
+5 s), through the functions' settings.
 
 Event redelivery backs off exponentially up to ``max_backoff`` (30 s, about
 Eventarc's pace; the suite's test uses 5 s so that its run stays short). When the
@@ -68,9 +68,8 @@ CHAOS_FUNCTION_ENV = {
     "DICOMFLOW_BATCH_MAX_FILES": "500",
 }
 # The batch window is scaled from 60 s to 5 s; the crash-repair delay of an import
-# whose starter was killed (dicomflow.batches.IMPORT_RESTART_SECONDS, 300 s) likewise.
+# whose starter was killed (DICOMFLOW_IMPORT_RESTART_SECONDS, 300 s) likewise.
 IMPORT_RESTART_SECONDS = 30
-SCALED_MAIN = Path(__file__).resolve().parent / "scaled_main.py"
 HEALTHCARE_FAULTS = {
     "import": {"rate": 0.1, "status": 429},
     "operations.get": {"rate": 0.1, "status": 503},
@@ -299,17 +298,16 @@ def run_chaos(
     """Run the chaos scenario on a fresh local cloud in ``home`` and check the invariants.
 
     ``max_backoff`` caps the event redelivery backoff (seconds); ``import_restart_seconds``
-    scales dicomflow's crash-repair delay (see ``localcloud.scaled_main``; None: the real
-    300 s).
+    scales dicomflow's crash-repair delay (the DICOMFLOW_IMPORT_RESTART_SECONDS setting;
+    None: the default 300 s).
     """
     uploads = chaos_corpus(m, seed=seed)
     env = dict(CHAOS_FUNCTION_ENV)
     if import_restart_seconds is not None:
-        env["LOCALCLOUD_IMPORT_RESTART_SECONDS"] = str(import_restart_seconds)
+        env["DICOMFLOW_IMPORT_RESTART_SECONDS"] = str(import_restart_seconds)
     measured = MeasuredStack.start(
         home,
         function_env=env,
-        functions_source=SCALED_MAIN if import_restart_seconds is not None else None,
         minute_interval=2.0,
         operation_latency=operation_latency,
         max_concurrent_ops=max_concurrent_ops,

@@ -8,7 +8,7 @@ with its reason, an incomplete ledger, a dead-lettered event, a false alert.
 Sized for a loaded 2-core machine (about 2 minutes at a load average of 25):
 a kill every 10 s on average (each costs 2-3 s of downtime while the function
 restarts), redelivery backoff capped at 5 s, and the crash-repair delay of an
-import whose starter was killed scaled to 30 s (``localcloud.scaled_main``).
+import whose starter was killed scaled to 30 s (DICOMFLOW_IMPORT_RESTART_SECONDS).
 With the real 300 s delay, one kill between the import intent and the operation
 record left a whole batch ``staged`` past the old 150 s settle timeout.
 """

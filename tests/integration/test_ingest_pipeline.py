@@ -403,7 +403,7 @@ def test_kill_at_each_stage_then_replay_loses_nothing(
     # Replay every event (the platform retries) and let the schedule run on.
     for obj in uploads:
         assert p.deliver(obj) == 200
-    p.clock.advance(batches.IMPORT_RESTART_SECONDS)
+    p.clock.advance(p.settings.import_restart_seconds)
     p.drain()
 
     entries = p.entries()
