@@ -13,7 +13,6 @@ is broken, 2 when the local cloud cannot start.
 
 from __future__ import annotations
 
-import base64
 import json
 import tempfile
 import time
@@ -25,9 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
-from googleapiclient.discovery import build
 from rich.console import Console
 from rich.table import Table
 
@@ -144,41 +141,6 @@ def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
     return False
 
 
-def _alerts(stack: Stack) -> list[dict[str, Any]]:
-    pubsub = build(
-        "pubsub",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": stack.urls["pubsub"] + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-    )
-    subscription = stack.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"]
-    alerts: list[dict[str, Any]] = []
-    try:
-        return _pull_all(pubsub, subscription, alerts)
-    finally:
-        pubsub.close()
-
-
-def _pull_all(pubsub: Any, subscription: str, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    while True:
-        response = (
-            pubsub.projects()
-            .subscriptions()
-            .pull(subscription=subscription, body={"maxMessages": 100, "returnImmediately": True})
-            .execute()
-        )
-        received = response.get("receivedMessages", [])
-        if not received:
-            return alerts
-        for item in received:
-            alerts.append(json.loads(base64.b64decode(item["message"]["data"])))
-        pubsub.projects().subscriptions().acknowledge(
-            subscription=subscription, body={"ackIds": [i["ackId"] for i in received]}
-        ).execute()
-
-
 def _store_instances(stack: Stack) -> set[str]:
     from dicomweb_client.api import DICOMwebClient
 
@@ -228,7 +190,7 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         stages.run(
             console, "alert on quarantined files", lambda: _wait_quarantine_alerts(stack, gcs)
         )
-        alerts = _alerts(stack)
+        alerts = stack.drain_alerts()
         stored = _store_instances(stack)
         staging = gcs.bucket(stack.config.staging_bucket)
         batches = {e.batch for e in entries if e.batch and e.status != ledger.QUARANTINED}

@@ -15,17 +15,12 @@ subscription.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from google.auth.credentials import AnonymousCredentials
-from googleapiclient.discovery import build
 
 from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_operation
 from localcloud.ports import free_port
@@ -103,7 +98,7 @@ class MeasuredStack:
         return list_instances(self.stack.config.home / "healthcare" / "index.sqlite3")
 
     def alerts(self) -> list[dict[str, Any]]:
-        return drain_alerts(self.stack)
+        return self.stack.drain_alerts()
 
 
 def _connect(index: Path) -> sqlite3.Connection:
@@ -157,37 +152,3 @@ def process_usage(pids: list[int]) -> dict[str, float]:
         "rssPeakMiB": max(peaks, default=0) / 1024,
         "rssPeakSumMiB": sum(peaks) / 1024,
     }
-
-
-def drain_alerts(stack: Stack) -> list[dict[str, Any]]:
-    """Pull and acknowledge every alert on the stack's tail subscription."""
-    pubsub = build(
-        "pubsub",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": stack.urls["pubsub"] + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-    )
-    subscription = stack.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"]
-    found: list[dict[str, Any]] = []
-    try:
-        while True:
-            response = (
-                pubsub.projects()
-                .subscriptions()
-                .pull(
-                    subscription=subscription, body={"maxMessages": 100, "returnImmediately": True}
-                )
-                .execute()
-            )
-            received = response.get("receivedMessages", [])
-            if not received:
-                return found
-            for item in received:
-                found.append(json.loads(base64.b64decode(item["message"]["data"])))
-            pubsub.projects().subscriptions().acknowledge(
-                subscription=subscription, body={"ackIds": [i["ackId"] for i in received]}
-            ).execute()
-    finally:
-        pubsub.close()

@@ -12,6 +12,7 @@ Every name a user or a test needs is in ``Stack.env()`` (see ``ENV_NAMES``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -346,46 +347,20 @@ class Stack:
     def _create_resources(self) -> None:
         """The dataset, DICOM store, alerts topic and subscription, when missing."""
         cfg = self.config
-        healthcare = build(
-            "healthcare",
-            "v1",
-            static_discovery=True,
-            cache_discovery=False,
-            client_options={"api_endpoint": self.urls["healthcare"] + "/"},
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        )
-        datasets = healthcare.projects().locations().datasets()
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
-        try:
+        topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
+        with self.api("healthcare") as healthcare, self.api("pubsub") as pubsub:
+            datasets = healthcare.projects().locations().datasets()
             for call in (
                 datasets.create(parent=parent, datasetId=cfg.dataset, body={}),
                 datasets.dicomStores().create(
                     parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
                 ),
-            ):
-                try:
-                    call.execute()
-                except HttpError as exc:
-                    if exc.status_code != 409:
-                        raise
-        finally:
-            healthcare.close()  # its socket would otherwise be reported unclosed at GC
-        pubsub = build(
-            "pubsub",
-            "v1",
-            static_discovery=True,
-            cache_discovery=False,
-            client_options={"api_endpoint": self.urls["pubsub"] + "/"},
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        )
-        topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
-        try:
-            for call in (
                 pubsub.projects().topics().create(name=topic, body={}),
                 pubsub.projects()
                 .subscriptions()
                 .create(
-                    name=f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail",
+                    name=self.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"],
                     body={"topic": topic, "ackDeadlineSeconds": 30},
                 ),
             ):
@@ -394,10 +369,39 @@ class Stack:
                 except HttpError as exc:
                     if exc.status_code != 409:
                         raise
-        finally:
-            pubsub.close()
 
     # -- what others read ---------------------------------------------------
+
+    def api(self, name: str) -> Any:
+        """A googleapiclient client ("healthcare" or "pubsub") for this stack; close after use."""
+        return build(
+            name,
+            "v1",
+            static_discovery=True,
+            cache_discovery=False,
+            client_options={"api_endpoint": self.urls[name] + "/"},
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        )
+
+    def drain_alerts(self) -> list[dict[str, Any]]:
+        """Pull and acknowledge every alert waiting on the alerts tail subscription."""
+        subscription = self.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"]
+        found: list[dict[str, Any]] = []
+        with self.api("pubsub") as pubsub:
+            subscriptions = pubsub.projects().subscriptions()
+            while True:
+                body = {"maxMessages": 100, "returnImmediately": True}
+                received = (
+                    subscriptions.pull(subscription=subscription, body=body)
+                    .execute()
+                    .get("receivedMessages", [])
+                )
+                if not received:
+                    return found
+                found += [json.loads(base64.b64decode(i["message"]["data"])) for i in received]
+                subscriptions.acknowledge(
+                    subscription=subscription, body={"ackIds": [i["ackId"] for i in received]}
+                ).execute()
 
     def storage_client(self) -> storage.Client:
         """A google-cloud-storage client for this stack's Cloud Storage."""
