@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -499,15 +498,12 @@ def test_healthy_burst_with_duplicate_deliveries_gives_zero_alerts(
     pubsub: PubSubServer,
     apps: dict[str, Any],
 ) -> None:
-    """400 instances in 3 batches (the 2,000 version below takes about 5 minutes on 2 cores)."""
+    """400 instances in 3 batches (the 2,000 version below takes 2-3 minutes on 2 cores)."""
     env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_BATCH_MAX_FILES="160")
     healthy_burst(env, studies=4, resend=20, redeliver=60)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("DICOMFLOW_SLOW_TESTS") != "1", reason="set DICOMFLOW_SLOW_TESTS=1 (~5 min)"
-)
 def test_healthy_burst_of_2000_gives_zero_alerts(
     gcs_server: StorageServer,
     healthcare_server: HealthcareServer,
