@@ -284,15 +284,6 @@ class _Bar:
         self.progress.update(self.tasks[label], completed=done, total=total)
 
 
-def _close_clients(ctx: Context) -> None:
-    """Close this thread's API clients, so that nothing outlives a command run in process."""
-    for name in ("healthcare", "pubsub"):
-        client = getattr(ctx._local, name, None)
-        if client is not None:
-            client.close()
-            delattr(ctx._local, name)
-
-
 def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "status",
@@ -321,7 +312,7 @@ def cmd_status(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         with _Bar() as bar:
             result = status.gather(ctx, now, since, progress=bar)
     finally:
-        _close_clients(ctx)
+        ctx.close_clients()
     if args.html:
         Path(args.html).write_text(status_page.render(result), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
@@ -524,7 +515,7 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _close_clients(ctx)
+        ctx.close_clients()
     if args.json and not args.follow:
         print(json.dumps({"subscription": path, "alerts": got}, sort_keys=True))
     elif not args.json:

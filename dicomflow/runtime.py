@@ -71,6 +71,18 @@ class Context:
             )
         return svc
 
+    def close_clients(self) -> None:
+        """Close this thread's API clients (their keep-alive sockets); they reopen on next use."""
+        for name in ("healthcare", "pubsub"):
+            client = getattr(self._local, name, None)
+            if client is not None:
+                client.close()
+                delattr(self._local, name)
+        dicomweb = getattr(self._local, "dicomweb", None)
+        if dicomweb is not None:
+            dicomweb._session.close()
+            delattr(self._local, "dicomweb")
+
     def dicomweb(self) -> Any:
         """A dicomweb-client for the store, for this thread."""
         client = getattr(self._local, "dicomweb", None)

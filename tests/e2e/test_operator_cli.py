@@ -191,7 +191,7 @@ def test_alerts_tail_pulls_prints_and_acknowledges(
     try:
         _tail_test(ctx, capsys)
     finally:
-        cli._close_clients(ctx)
+        ctx.close_clients()
         ctx.storage.close()  # type: ignore[no-untyped-call]
 
 
@@ -237,7 +237,7 @@ def _tail_test(ctx: runtime.Context, capsys: pytest.CaptureFixture[str]) -> None
         try:
             publish(f"test/{name}/2")
         finally:
-            cli._close_clients(ctx)  # this thread's clients
+            ctx.close_clients()  # this thread's clients
 
     timer = threading.Timer(1.0, publish_later)
     timer.start()

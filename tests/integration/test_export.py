@@ -67,20 +67,6 @@ def apps() -> dict[str, Any]:
     }
 
 
-def close_thread_clients(ctx: runtime.Context) -> None:
-    """Close the calling thread's API clients (their keep-alive sockets)."""
-    local = ctx._local
-    for name in ("healthcare", "pubsub"):
-        client = getattr(local, name, None)
-        if client is not None:
-            client.close()
-            delattr(local, name)
-    dicomweb = getattr(local, "dicomweb", None)
-    if dicomweb is not None:
-        dicomweb._session.close()
-        delattr(local, "dicomweb")
-
-
 @dataclass
 class Env:
     ctx: runtime.Context
@@ -209,7 +195,7 @@ def _cleanup() -> Iterator[None]:
     yield
     while _made:
         env = _made.pop()
-        close_thread_clients(env.ctx)
+        env.ctx.close_clients()
         env.gcs.close()
     runtime.set_context(None)
 
@@ -392,7 +378,7 @@ def test_retried_and_concurrent_ticks_start_one_export(make_env: Any) -> None:
         try:
             return env.tick(TICK + timedelta(seconds=n), f"msg-c{n}")
         finally:
-            close_thread_clients(env.ctx)
+            env.ctx.close_clients()
 
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(concurrent, range(6))) == [200] * 6

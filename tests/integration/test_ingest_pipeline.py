@@ -180,10 +180,7 @@ def cleanup() -> Iterator[None]:
     runtime.set_context(None)
     while _contexts:
         ctx = _contexts.pop()
-        ctx.healthcare().close()
-        session = getattr(ctx._local, "dicomweb", None)
-        if session is not None:
-            session._session.close()
+        ctx.close_clients()
 
 
 def upload_many(p: Pipeline, files: dict[str, bytes]) -> list[Uploaded]:

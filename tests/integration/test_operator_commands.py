@@ -146,13 +146,7 @@ def p(
     ctx = runtime.Context(settings=settings, storage=gcs, clock=clock)
     ctx.pubsub().projects().topics().create(name=str(settings.alerts_topic), body={}).execute()
     yield Pipeline(ctx, clock, landing, staging)
-    for name in ("healthcare", "pubsub"):
-        client = getattr(ctx._local, name, None)
-        if client is not None:
-            client.close()
-    dicomweb = getattr(ctx._local, "dicomweb", None)
-    if dicomweb is not None:
-        dicomweb._session.close()
+    ctx.close_clients()
 
 
 def _lose_from_store(p: Pipeline, obj: Uploaded) -> None:

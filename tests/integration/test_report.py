@@ -169,14 +169,7 @@ class Env:
 
     def close(self) -> None:
         """Close this thread's API clients (their keep-alive sockets) and drop the context."""
-        local = self.ctx._local
-        for name in ("healthcare", "pubsub"):
-            client = getattr(local, name, None)
-            if client is not None:
-                client.close()
-        dicomweb = getattr(local, "dicomweb", None)
-        if dicomweb is not None:
-            dicomweb._session.close()
+        self.ctx.close_clients()
         runtime.set_context(None)
 
     def knobs(self, **values: Any) -> None:
@@ -1122,14 +1115,7 @@ def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
         try:
             return report.run_tick(env.ctx)
         finally:
-            local = env.ctx._local
-            for name in ("healthcare", "pubsub"):
-                client = getattr(local, name, None)
-                if client is not None:
-                    client.close()
-            dicomweb = getattr(local, "dicomweb", None)
-            if dicomweb is not None:
-                dicomweb._session.close()
+            env.ctx.close_clients()
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: tick(), range(2)))
