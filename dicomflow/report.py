@@ -61,6 +61,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -149,6 +150,15 @@ QUARANTINE_GRACE_SECONDS = 60
 UNRECORDED_IMPORT_MARGIN_SECONDS = 60
 
 
+# One tick at a time per instance. The deployment runs one request per instance
+# (max_instance_request_concurrency = 1), so there a tick never meets another in its
+# process; an instance that serves several at once (localcloud's threaded server) lets
+# a tick that finds one running return at once instead of piling ticks up: each would
+# redo the same listings and slow all of them, and every kill of the process would lose
+# them all. Ticks on other instances still split the work through the per-batch leases.
+_TICK_RUNNING = threading.Lock()
+
+
 def crashpoint(step: str) -> None:
     """A named point between steps; tests replace it to crash the tick there."""
 
@@ -162,7 +172,15 @@ def handle_event(ctx: Any, cloud_event: CloudEvent) -> dict[str, Any]:
             extra=log.fields(eventId=event_id, eventType=cloud_event["type"]),
         )
         return {"status": "ignored", "reason": "event-type"}
-    return run_tick(ctx, event_id)
+    if not _TICK_RUNNING.acquire(blocking=False):
+        logger.info(
+            "tick skipped: a tick is running in this instance", extra=log.fields(eventId=event_id)
+        )
+        return {"status": "busy"}
+    try:
+        return run_tick(ctx, event_id)
+    finally:
+        _TICK_RUNNING.release()
 
 
 def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from dicomflow import ledger, manifests, operations, verify
 from dicomflow.verify import FileResult
 
@@ -108,3 +110,42 @@ def test_summary_counts_each_outcome() -> None:
     assert summary["operation"]["counter"] == {"success": 7, "failure": 2}
     lines = manifests.ndjson(r.line("B", view.name) for r in results).splitlines()
     assert [line.count('"status"') for line in lines] == [1, 1, 1]
+
+
+def test_a_tick_meeting_a_running_tick_in_its_instance_returns_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from cloudevents.http import CloudEvent
+
+    from dicomflow import report
+
+    entered, release = threading.Event(), threading.Event()
+    calls: list[str | None] = []
+
+    def slow_tick(ctx: object, event_id: str | None = None) -> dict[str, object]:
+        calls.append(event_id)
+        entered.set()
+        assert release.wait(10)
+        return {"status": "tick"}
+
+    monkeypatch.setattr(report, "run_tick", slow_tick)
+
+    def tick_event(event_id: str) -> CloudEvent:
+        attrs = {"type": report.MESSAGE_PUBLISHED, "source": "//pubsub/test", "id": event_id}
+        return CloudEvent(attrs, {"message": {"data": ""}})
+
+    results: list[dict[str, object]] = []
+    first = threading.Thread(
+        target=lambda: results.append(report.handle_event(None, tick_event("1")))
+    )
+    first.start()
+    assert entered.wait(10)
+    assert report.handle_event(None, tick_event("2")) == {"status": "busy"}
+    release.set()
+    first.join(10)
+    assert results == [{"status": "tick"}]
+    # The lock is free again once the running tick returns.
+    assert report.handle_event(None, tick_event("3")) == {"status": "tick"}
+    assert calls == ["1", "3"]
