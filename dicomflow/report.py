@@ -10,7 +10,7 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
        files not stored; none when every file is there), so it never blocks a tick
     4. verify each finished batch not leased by another live tick (lease marker
        state/verifying/<id>.json, create-if-absent, CAS takeover once expired;
-       dicomflow.lease), then in this order:
+       dicomflow.lease), VERIFY_BATCHES_AT_ONCE batches at a time, each in this order:
          manifests success/failure.ndjson -> ledger entries -> alerts import_failed
          and conflict -> summary.json -> delete staging copies of settled files
          -> mark the operation settled -> delete state/finished/<id>.json -> release the lease
@@ -65,6 +65,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -144,6 +145,8 @@ TICK_BUDGET_SECONDS = 300.0
 # resumes the batch (verification is idempotent).
 VERIFYING_PREFIX = f"{STATE_PREFIX}verifying/"
 VERIFY_LEASE_SECONDS = 180.0
+# Finished batches one tick verifies at the same time (each with its own lease).
+VERIFY_BATCHES_AT_ONCE = 4
 # A quarantine window is reported this long after it ends (late copies land in it first).
 QUARANTINE_GRACE_SECONDS = 60
 # An unknown import this much older than ingest's restart delay cannot be ours unrecorded.
@@ -208,16 +211,23 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     ours.discard(None)
     verified: list[dict[str, Any]] = []
     leased: list[str] = []
-    for batch, record in sorted(finished.items()):
+
+    def verify_one(item: tuple[str, dict[str, Any]]) -> None:
+        try:
+            settle_one(*item)
+        finally:
+            ctx.close_clients()  # the API clients this pool thread made
+
+    def settle_one(batch: str, record: dict[str, Any]) -> None:
         if time.monotonic() - started > TICK_BUDGET_SECONDS:
-            break
+            return
         held = acquire_verification(ctx, batch)
         if held is None:
             leased.append(batch)  # another live tick verifies it: take the next one
-            continue
+            return
         if not batches.exists(bucket, batches.finished_name(batch)):
             lease.release(*held)  # settled by another tick since we listed it
-            continue
+            return
         try:
             verified.append(settle_batch(ctx, batch, record, by_name, now, held=held))
         except Exception:
@@ -225,6 +235,14 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
             # A kill runs no code; its lease expires after VERIFY_LEASE_SECONDS.
             lease.release(*held)
             raise
+
+    # Verification waits on the services far more than it computes (and under throttling,
+    # on retry back-off), so a few batches go at once; an error in one raises once the
+    # others are done, as a sequential loop would have at its end.
+    with ThreadPoolExecutor(VERIFY_BATCHES_AT_ONCE, thread_name_prefix="settle") as pool:
+        pending_work = [pool.submit(verify_one, item) for item in sorted(finished.items())]
+    for future in pending_work:
+        future.result()
 
     outside = _report_outside(ctx, listed, settled, ours, active.starting, now)
     crashpoint("outside")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import requests.adapters
 from cloudevents.http import CloudEvent
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import storage
@@ -31,6 +32,9 @@ from dicomflow.errors import ConfigError, PermanentError
 logger = logging.getLogger(__name__)
 
 # function name -> "module:callable"; each callable takes (Context, CloudEvent) -> dict.
+# Connections kept per host by the Cloud Storage client (see make_context).
+STORAGE_POOL_SIZE = 64
+
 HANDLERS = {
     "ingest": "dicomflow.ingest:handle_event",
     "report": "dicomflow.report:handle_event",
@@ -129,6 +133,12 @@ def make_context(settings: Settings) -> Context:
         )
     else:
         client = storage.Client()
+    # The client's one requests session is shared by the worker threads of a tick (up to
+    # report.VERIFY_BATCHES_AT_ONCE x verify.THREADS); urllib3's default pool of 10 would
+    # open and drop a connection for each call beyond that.
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=STORAGE_POOL_SIZE)
+    client._http.mount("https://", adapter)
+    client._http.mount("http://", adapter)
     return Context(settings=settings, storage=client)
 
 

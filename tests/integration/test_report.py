@@ -1108,6 +1108,8 @@ def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
 ) -> None:
     ids = finished_batches(env, windows=4)
     calls = count_verifications(monkeypatch, pause=0.4)
+    # One batch at a time per tick, so that each tick must leave work to the other.
+    monkeypatch.setattr(report, "VERIFY_BATCHES_AT_ONCE", 1)
     start = threading.Barrier(2)
 
     def tick() -> dict[str, Any]:
@@ -1127,6 +1129,34 @@ def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
     assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
     assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
     assert env.pull() == []
+
+
+def test_one_tick_verifies_several_finished_batches_at_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = finished_batches(env, windows=3)
+    inside, most = 0, 0
+    lock = threading.Lock()
+    real = verify.verify_batch
+
+    def verify_batch(ctx: Any, batch: str, keys: list[str]) -> Any:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.5)
+            return real(ctx, batch, keys)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(verify, "verify_batch", verify_batch)
+    result = report.run_tick(env.ctx)
+    assert sorted(v["batch"] for v in result["verified"]) == ids
+    assert most == min(len(ids), report.VERIFY_BATCHES_AT_ONCE) > 1
+    assert verified_batches(env) == ids
+    assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
 
 
 def test_tick_killed_mid_batch_leaves_a_lease_that_expires_and_the_next_tick_resumes(
