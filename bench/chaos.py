@@ -1,10 +1,11 @@
 """Chaos benchmark: M uploads under faults, repeats, reordering and crashes; then the invariants.
 
 See ``localcloud.chaos`` for the scenario. Prints the result and writes
-``bench/results/chaos.json``; exits 1 when an invariant is broken.
+``bench/results/chaos_5000.json`` (M = 5,000, the default and acceptance size, about
+10 to 30 minutes here) or ``chaos.json`` (smaller M; ``make bench`` runs 200); exits 1
+when an invariant is broken.
 
-Usage: ``python bench/chaos.py [--files M] [--seed S] [--kill-interval SECONDS]``
-(the acceptance size is ``--files 5000``).
+Usage: ``python bench/chaos.py [--files M] [--seed S] [--kill-interval SECONDS]``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _count(problems: list[str], what: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kill-interval", type=float, default=6.0)
     parser.add_argument("--fault-rate", type=float, default=0.1)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from localcloud.ports import HOST
 
@@ -73,6 +74,37 @@ def storage_operation(method: str, path: str, query: str) -> str:
     return "other"
 
 
+_MULTIPART_NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def storage_area(method: str, path: str, query: str, body: bytes = b"") -> str:
+    """Where in a bucket a Cloud Storage request goes: ``bucket:top`` (``bucket:state/x``).
+
+    ``top`` is the object name's (or listing prefix's) first path part, two parts under
+    ``state/``; it breaks the call counts down by the kind of object (ledger entries,
+    staged copies, markers) for the benchmarks.
+    """
+    params = parse_qs(query)
+    for lead in ("/upload/storage/v1/b/", "/download/storage/v1/b/", "/storage/v1/b/"):
+        if path.startswith(lead):
+            rest = path[len(lead) :].split("/")
+            break
+    else:
+        return "other"
+    bucket = unquote(rest[0])
+    if len(rest) >= 3 and rest[1] == "o" and rest[2]:
+        name = unquote(rest[2])
+    else:
+        name = (params.get("name") or params.get("prefix") or [""])[0]
+        # A multipart upload names its object in the JSON metadata part of the body.
+        found = _MULTIPART_NAME.search(body[:4096]) if not name and body else None
+        if found:
+            name = json.loads(b'"' + found.group(1) + b'"')
+    parts = name.split("/")
+    top = "/".join(parts[:2]) if parts[0] == "state" and len(parts) > 2 else parts[0]
+    return f"{bucket}:{top}"
+
+
 def healthcare_operation(method: str, path: str, query: str) -> str:
     """A Healthcare API request as an operation name: ``import``, ``operations.get``..."""
     if path.startswith("/_emulator"):
@@ -112,6 +144,7 @@ class FaultProxy:
         self,
         upstream: str,
         classify: Callable[[str, str, str], str] = storage_operation,
+        area: Callable[[str, str, str, bytes], str] | None = None,
         fault_rate: float = 0.0,
         fault_statuses: tuple[int, ...] = (429, 503),
         seed: int | None = None,
@@ -121,6 +154,7 @@ class FaultProxy:
             raise ValueError(f"upstream must be http://HOST:PORT, got {upstream!r}")
         self._upstream = (parts.hostname, parts.port)
         self._classify = classify
+        self._area = area
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self.fault_rate = fault_rate
@@ -129,6 +163,8 @@ class FaultProxy:
         self.faults: Counter[str] = Counter()
         # "operation status" -> responses, injected ones included.
         self.statuses: Counter[str] = Counter()
+        # "operation area" -> requests, when an ``area`` function is given (storage_area).
+        self.areas: Counter[str] = Counter()
         self._server = _Server((HOST, 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -152,6 +188,7 @@ class FaultProxy:
                 "counts": dict(self.counts),
                 "faults": dict(self.faults),
                 "statuses": dict(self.statuses),
+                "areas": dict(self.areas),
             }
 
     def reset(self) -> None:
@@ -159,14 +196,17 @@ class FaultProxy:
             self.counts.clear()
             self.faults.clear()
             self.statuses.clear()
+            self.areas.clear()
 
     def _answered(self, operation: str, status: int) -> None:
         with self._lock:
             self.statuses[f"{operation} {status}"] += 1
 
-    def _decide(self, operation: str) -> int | None:
+    def _decide(self, operation: str, area: str | None = None) -> int | None:
         with self._lock:
             self.counts[operation] += 1
+            if area is not None:
+                self.areas[f"{operation} {area}"] += 1
             if self.fault_rate > 0 and self._random.random() < self.fault_rate:
                 self.faults[operation] += 1
                 return self._random.choice(self.fault_statuses)
@@ -193,7 +233,12 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 parts = urlsplit(self.path)
                 operation = proxy._classify(self.command, parts.path, parts.query)
-                status = proxy._decide(operation)
+                area = (
+                    proxy._area(self.command, parts.path, parts.query, body)
+                    if proxy._area
+                    else None
+                )
+                status = proxy._decide(operation, area)
                 if status is not None:
                     proxy._answered(operation, status)
                     payload = json.dumps(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_operation
+from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_area, storage_operation
 from localcloud.ports import free_port
 from localcloud.stack import Stack, StackConfig
 
@@ -51,7 +51,7 @@ class MeasuredStack:
     ) -> MeasuredStack:
         storage_port, healthcare_port = free_port(), free_port()
         storage_proxy = FaultProxy(
-            f"http://127.0.0.1:{storage_port}", storage_operation, seed=seed
+            f"http://127.0.0.1:{storage_port}", storage_operation, storage_area, seed=seed
         ).start()
         healthcare_proxy = FaultProxy(
             f"http://127.0.0.1:{healthcare_port}", healthcare_operation, seed=seed
