@@ -54,6 +54,13 @@ def configure(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # dicomweb-client logs every request at INFO, with the study's UID in the message: one
+    # line per QIDO of a verification, which drowns the function's own records.
+    for chatty in QUIET_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
+
+
+QUIET_LIBRARIES = ("dicomweb_client",)
 
 
 def fields(**values: Any) -> dict[str, Any]:
