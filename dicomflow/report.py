@@ -140,11 +140,12 @@ MISSING_RECORD = "quarantine-record-missing"
 TICK_BUDGET_SECONDS = 300.0
 # Finished batches being verified: one lease marker each (dicomflow.lease), so that
 # overlapping ticks (the minute tick while a slow one runs, platform retries) split the
-# batches instead of verifying the same ones. A lease outlives a batch's verification
-# (seconds to a minute) with margin; a killed tick's lease expires and the next tick
-# resumes the batch (verification is idempotent).
+# batches instead of verifying the same ones. The verifier renews its lease every third
+# of VERIFY_LEASE_SECONDS (lease.Renewal), however long the batch takes; a killed tick's
+# lease expires that long after its last renewal and the next tick resumes the batch
+# (verification is idempotent).
 VERIFYING_PREFIX = f"{STATE_PREFIX}verifying/"
-VERIFY_LEASE_SECONDS = 180.0
+VERIFY_LEASE_SECONDS = 60.0
 # Finished batches one tick verifies at the same time (each with its own lease).
 VERIFY_BATCHES_AT_ONCE = 4
 # A quarantine window is reported this long after it ends (late copies land in it first).
@@ -225,16 +226,18 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         if held is None:
             leased.append(batch)  # another live tick verifies it: take the next one
             return
-        if not batches.exists(bucket, batches.finished_name(batch)):
-            lease.release(*held)  # settled by another tick since we listed it
-            return
-        try:
-            verified.append(settle_batch(ctx, batch, record, by_name, now, held=held))
-        except Exception:
-            # The tick is alive and gives up this batch: let the next tick take it at once.
-            # A kill runs no code; its lease expires after VERIFY_LEASE_SECONDS.
-            lease.release(*held)
-            raise
+        with held:  # renewed while the batch is verified
+            if not batches.exists(bucket, batches.finished_name(batch)):
+                held.release()  # settled by another tick since we listed it
+                return
+            try:
+                verified.append(settle_batch(ctx, batch, record, by_name, now, held=held))
+            except Exception:
+                # The tick is alive and gives up this batch: let the next tick take it at
+                # once. A kill runs no code; its lease expires VERIFY_LEASE_SECONDS after
+                # the last renewal.
+                held.release()
+                raise
 
     # Verification waits on the services far more than it computes (and under throttling,
     # on retry back-off), so a few batches go at once; an error in one raises once the
@@ -374,9 +377,10 @@ def verifying_name(batch: str) -> str:
     return f"{VERIFYING_PREFIX}{batch}.json"
 
 
-def acquire_verification(ctx: Any, batch: str) -> tuple[lease.Lease, int] | None:
-    """Lease ``batch`` for verification: (lease, generation), or None while another
-    tick's lease on it is live. Expired leases (a killed tick) are taken over."""
+def acquire_verification(ctx: Any, batch: str) -> lease.Renewal | None:
+    """Lease ``batch`` for verification, or None while another tick's lease on it is
+    live. Expired leases (a killed tick) are taken over. The caller enters the returned
+    ``Renewal`` to keep the lease live while it works."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     held = lease.Lease(bucket.blob(verifying_name(batch)))
     now = ctx.clock()
@@ -387,7 +391,9 @@ def acquire_verification(ctx: Any, batch: str) -> tuple[lease.Lease, int] | None
         "leaseUntil": lease.iso(now + timedelta(seconds=VERIFY_LEASE_SECONDS)),
     }
     generation = lease.try_acquire(held, doc, now)
-    return None if generation is None else (held, generation)
+    if generation is None:
+        return None
+    return lease.Renewal(held, generation, doc, VERIFY_LEASE_SECONDS, ctx.clock)
 
 
 def settle_batch(
@@ -397,7 +403,7 @@ def settle_batch(
     by_name: dict[str, OperationView],
     now: datetime,
     *,
-    held: tuple[lease.Lease, int] | None = None,
+    held: lease.Renewal | None = None,
 ) -> dict[str, Any]:
     """Verify a finished batch, record and alert its outcomes, then clean up. Idempotent.
 
@@ -444,7 +450,7 @@ def settle_batch(
         # After the finished record: a tick that takes the lease next finds no record and
         # skips the batch. A kill in between leaves a stale lease on a settled batch,
         # which nothing reads again.
-        lease.release(*held)
+        held.release()
     return {"batch": batch, "operation": op_name, "counts": summary["counts"]}
 
 

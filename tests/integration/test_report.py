@@ -30,7 +30,18 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import alerts, batches, ingest, ledger, log, manifests, report, runtime, verify
+from dicomflow import (
+    alerts,
+    batches,
+    ingest,
+    lease,
+    ledger,
+    log,
+    manifests,
+    report,
+    runtime,
+    verify,
+)
 from dicomflow.config import DROPPED_PREFIX, load_settings
 from dicomflow.errors import TransientError
 from localcloud.corpus import generate_studies, sample_files
@@ -1157,6 +1168,37 @@ def test_one_tick_verifies_several_finished_batches_at_once(
     assert most == min(len(ids), report.VERIFY_BATCHES_AT_ONCE) > 1
     assert verified_batches(env) == ids
     assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
+
+
+def test_a_renewed_lease_stays_live_and_a_stopped_one_expires_and_is_taken_over(
+    env: Env,
+) -> None:
+    bucket = env.gcs.bucket(env.staging)
+    clock = lambda: datetime.now(UTC)  # noqa: E731
+    seconds = 0.6  # renewed every 0.2 s
+
+    def doc() -> dict[str, Any]:
+        return {"state": "verifying", "leaseUntil": lease.iso(clock() + timedelta(seconds=seconds))}
+
+    first = lease.Lease(bucket.blob(report.verifying_name("renewal")))
+    generation = lease.try_acquire(first, doc(), clock())
+    assert generation is not None
+    with lease.Renewal(first, generation, doc(), seconds, clock) as renewal:
+        time.sleep(3 * seconds)  # three lease lengths: alive only through renewals
+        other = lease.Lease(bucket.blob(report.verifying_name("renewal")))
+        assert lease.try_acquire(other, doc(), clock()) is None
+        assert renewal.generation != generation and not renewal.lost
+    # Stopped without release, as a killed holder is: the lease runs out and is taken over.
+    time.sleep(seconds + 0.2)
+    taker = lease.Lease(bucket.blob(report.verifying_name("renewal")))
+    taken = lease.try_acquire(taker, doc(), clock())
+    assert taken is not None
+    renewal.renew()  # the old holder wakes up: it finds the marker changed and backs off
+    assert renewal.lost
+    renewal.release()  # does not delete the taker's marker
+    assert bucket.get_blob(report.verifying_name("renewal")).generation == taken
+    lease.release(taker, taken)
+    assert not bucket.blob(report.verifying_name("renewal")).exists()
 
 
 def test_tick_killed_mid_batch_leaves_a_lease_that_expires_and_the_next_tick_resumes(
