@@ -8,22 +8,25 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
        operation the service cannot return (404: expired) is retired with that reason,
        and the store decides each file's outcome as for any batch (import_failed for
        files not stored; none when every file is there), so it never blocks a tick
-    4. verify each finished batch not leased by another live tick (lease marker
-       state/verifying/<id>.json, create-if-absent, CAS takeover once expired;
-       dicomflow.lease), VERIFY_BATCHES_AT_ONCE batches at a time, each in this order:
+    4. operations started outside dicomflow: operation_failed, once each
+    5. operations running longer than DICOMFLOW_STALLED_SECONDS: stalled, once each
+    6. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
+       per episode (state/report/backlog.json names the episode)
+    7. quarantined files, one alert per closed quarantine window, and a follow-up for
+       records that land in it later (state/report/quarantine/<window>.json holds the
+       keys alerted; see ``_report_windows``)
+    8. dropped files (event too old, source gone), the same way from the drop records
+       ingest writes (state/dropped/<window>/<key>.json): one ``dropped`` alert per
+       closed window, follow-ups for late records (state/report/dropped/<window>.json)
+    9. verify each finished batch not leased by another live tick (lease marker
+       state/verifying/<id>.json, create-if-absent, CAS takeover once expired, renewed
+       while held; dicomflow.lease), VERIFY_BATCHES_AT_ONCE batches at a time, each in
+       this order:
          manifests success/failure.ndjson -> ledger entries -> alerts import_failed
          and conflict -> summary.json -> delete staging copies of settled files
          -> mark the operation settled -> delete state/finished/<id>.json -> release the lease
-    5. operations started outside dicomflow: operation_failed, once each
-    6. operations running longer than DICOMFLOW_STALLED_SECONDS: stalled, once each
-    7. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
-       per episode (state/report/backlog.json names the episode)
-    8. quarantined files, one alert per closed quarantine window, and a follow-up for
-       records that land in it later (state/report/quarantine/<window>.json holds the
-       keys alerted; see ``_report_windows``)
-    9. dropped files (event too old, source gone), the same way from the drop records
-       ingest writes (state/dropped/<window>/<key>.json): one ``dropped`` alert per
-       closed window, follow-ups for late records (state/report/dropped/<window>.json)
+       Last, because it is the long step (a backlog of batches can take minutes): a tick
+       cut short in it has already sent the other alerts.
 
 Alerts go through ``alerts.publish_once``, whose ``alertId`` is a hash of
 (kind, subject). Every subject is fixed before the alert is sent (batch id,
@@ -210,6 +213,17 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     }
     ours = {r["operation"] for r in [*active.recorded.values(), *finished.values()]}
     ours.discard(None)
+    outside = _report_outside(ctx, listed, settled, ours, active.starting, now)
+    crashpoint("outside")
+    stalled = _report_stalled(ctx, listed, now)
+    crashpoint("stalled")
+    backlog = _report_backlog(ctx, active.waiting, now)
+    crashpoint("backlog")
+    quarantined = _report_windows(ctx, QUARANTINE, now)
+    crashpoint("quarantine")
+    dropped = _report_windows(ctx, DROPPED, now)
+    crashpoint("dropped")
+
     verified: list[dict[str, Any]] = []
     leased: list[str] = []
 
@@ -246,17 +260,6 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         pending_work = [pool.submit(verify_one, item) for item in sorted(finished.items())]
     for future in pending_work:
         future.result()
-
-    outside = _report_outside(ctx, listed, settled, ours, active.starting, now)
-    crashpoint("outside")
-    stalled = _report_stalled(ctx, listed, now)
-    crashpoint("stalled")
-    backlog = _report_backlog(ctx, active.waiting, now)
-    crashpoint("backlog")
-    quarantined = _report_windows(ctx, QUARANTINE, now)
-    crashpoint("quarantine")
-    dropped = _report_windows(ctx, DROPPED, now)
-    crashpoint("dropped")
 
     result = {
         "status": "tick",
@@ -411,6 +414,7 @@ def settle_batch(
     released once the batch is settled, after its ``state/finished/`` record is deleted.
     """
     settings = ctx.settings
+    began = time.monotonic()
     bucket = ctx.storage.bucket(settings.staging_bucket)
     op_name: str | None = record.get("operation")
     summary = manifests.read_summary(bucket, batch)
@@ -436,7 +440,12 @@ def settle_batch(
         logger.log(
             logging.INFO if summary["failure"] == 0 else logging.WARNING,
             "batch verified",
-            extra=log.fields(batch=batch, operation=op_name, counts=summary["counts"]),
+            extra=log.fields(
+                batch=batch,
+                operation=op_name,
+                counts=summary["counts"],
+                ms=round((time.monotonic() - began) * 1000),
+            ),
         )
     else:
         lines = manifests.read_lines(bucket, manifests.success_name(batch))
