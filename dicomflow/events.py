@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,25 +34,27 @@ class StorageObject:
 
         Raises:
             PermanentError: a required field is missing or malformed (retrying cannot help).
+                The message names the field, never its value: object names can carry PHI.
         """
         if not isinstance(data, dict):
             raise PermanentError("event data is not a StorageObjectData object")
-        try:
-            bucket, name = str(data["bucket"]), str(data["name"])
-            generation = str(int(data["generation"]))
-            size = int(data.get("size") or 0)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PermanentError(f"malformed StorageObjectData: {exc!r}") from None
-        if not bucket or not name:
+        bucket, name = data.get("bucket"), data.get("name")
+        if not isinstance(bucket, str) or not isinstance(name, str) or not bucket or not name:
             raise PermanentError("StorageObjectData lacks bucket or name")
+        generation = _count(data.get("generation"), "generation", minimum=1)
+        size = _count(data.get("size") or 0, "size")
+        optional = {key: data.get(key) for key in ("md5Hash", "crc32c", "contentType")}
+        for key, value in {"bucket": bucket, "name": name, **optional}.items():
+            if value is not None and not (isinstance(value, str) and _is_utf8(value)):
+                raise PermanentError(f"malformed StorageObjectData: {key} is not a UTF-8 string")
         return cls(
             bucket=bucket,
             name=name,
-            generation=generation,
+            generation=str(generation),
             size=size,
-            md5_hash=data.get("md5Hash"),
-            crc32c=data.get("crc32c"),
-            content_type=data.get("contentType"),
+            md5_hash=optional["md5Hash"],
+            crc32c=optional["crc32c"],
+            content_type=optional["contentType"],
         )
 
     def source(self) -> Source:
@@ -65,6 +68,27 @@ class StorageObject:
             crc32c=self.crc32c,
             contentType=self.content_type,
         )
+
+
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+def _count(value: Any, key: str, minimum: int = 0) -> int:
+    """An integer field, sent as a string of digits (or as a JSON integer)."""
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and minimum <= value < 10**20:
+        return value
+    raise PermanentError(f"malformed StorageObjectData: {key} is not an integer >= {minimum}")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text JSON can carry but UTF-8 cannot (lone surrogates, as in ``"\\ud800"``)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_time(value: Any) -> datetime | None:

@@ -10,7 +10,9 @@ read: pydicom stops before it. A file passes when it has:
 - valid Study, Series and SOP Instance UIDs, and a SOP Class UID;
 - pixel data, if any, that does not run past the end of the object (checked
   from the element's length, or for encapsulated data from the object's last
-  8 bytes, which must be the sequence delimiter).
+  8 bytes, which must be the sequence delimiter);
+- without pixel data, an end that is the end of its last data element: pydicom
+  reads a cut value as a shorter one, so a cut UID would pass as a wrong one.
 
 Otherwise ``NotDicomError`` carries a short reason code and detail; neither
 ever holds a tag *value*, so reasons never carry PHI. Whatever pydicom raises
@@ -26,8 +28,9 @@ import warnings
 from collections.abc import Callable
 from io import BytesIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomflow.errors import NotDicomError
@@ -57,19 +60,32 @@ class Rejected(NotDicomError):
         super().__init__(f"{code}: {detail}")
 
 
-def _parse(buf: bytes) -> tuple[Dataset | None, int, Exception | None]:
-    """Parse ``buf``; return (dataset, where the parse stopped, error)."""
+def _parse(buf: bytes) -> tuple[Dataset | None, int, tuple[int, int] | None, Exception | None]:
+    """Parse ``buf``; return (dataset, where the parse stopped, last element, error).
+
+    The last element is the (value position, length) of the last top-level element
+    met, pixel data excluded.
+    """
     fp = BytesIO(buf)
+    last: list[tuple[int, int]] = []
+
+    def at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAG_INTS:
+            return True
+        last[:] = [(fp.tell(), length)]
+        return False
+
     try:
-        ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(_TAGS.values()))
+        ds = read_partial(fp, at_pixel_data, specific_tags=list(_TAGS.values()))
     except Exception as exc:  # pydicom raises many types on bad input
-        return None, len(buf), exc
-    return ds, fp.tell(), None
+        return None, len(buf), None, exc
+    return ds, fp.tell(), last[0] if last else None, None
 
 
 # Fragments walked at most to find the end of encapsulated pixel data.
 MAX_ITEMS = 64
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_PIXEL_TAG_INTS = {group << 16 | element for group, element in _PIXEL_TAGS}
 _LONG_VRS = {
     b"OB",
     b"OD",
@@ -123,6 +139,31 @@ def _pixels_cut_short(ds: Dataset, read: RangeReader, position: int, size: int) 
     return False  # too many fragments to walk cheaply: leave it to the import
 
 
+def _ends_inside_an_element(
+    ds: Dataset, last: tuple[int, int] | None, stopped: int, size: int
+) -> bool:
+    """True when an object of ``size`` bytes, read whole, ends inside a data element.
+
+    pydicom takes a value cut by the end of the file as a shorter value, skips an
+    element cut short by seeking past the end, and stops quietly inside an element
+    header. A UID cut that way is often still a valid, but wrong, UID. ``last`` is
+    the (value position, length) of the last top-level element of the data set.
+    """
+    if stopped != size:
+        # Past the end: a skipped element ran past it. Before: the parse stopped at the
+        # pixel data, whose end _pixels_cut_short checks.
+        return stopped > size
+    meta = ds.file_meta
+    meta_length = meta.get("FileMetaInformationGroupLength")
+    # The group length counts the bytes after its own 12-byte element.
+    if isinstance(meta_length, int) and _PREAMBLE + 4 + 12 + meta_length > size:
+        return True
+    if last is None or str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
+        return False  # no data set element; or positions that refer to the inflated stream
+    position, length = last
+    return length != 0xFFFFFFFF and position + length != size
+
+
 def _missing(ds: Dataset) -> list[str]:
     return [
         name for name, tag in _TAGS.items() if tag not in ds or not str(ds[tag].value or "").strip()
@@ -171,9 +212,8 @@ def _check(read: RangeReader, size: int, initial: int) -> Uids:
     if buf[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
         raise Rejected("not-dicom", "no DICM prefix after the 128-byte preamble")
     while True:
-        ds, stopped, error = _parse(buf)
+        ds, stopped, last, error = _parse(buf)
         ran_off = stopped >= len(buf)
-        missing = _missing(ds) if ds is not None else list(_TAGS)
         # Growing also when complete but ran off: where the pixel data starts is unknown.
         if not ran_off or len(buf) >= size or len(buf) >= MAX_HEADER_BYTES:
             break
@@ -183,12 +223,15 @@ def _check(read: RangeReader, size: int, initial: int) -> Uids:
         truncated = len(buf) >= size
         code = "truncated" if truncated else "unreadable"
         raise Rejected(code, f"header could not be parsed ({type(error).__name__})")
+    if len(buf) >= size and _ends_inside_an_element(ds, last, stopped, size):
+        raise Rejected("truncated", "the object ends inside a data element")
     meta = ds.file_meta
     if not meta:
         raise Rejected("no-file-meta", "File Meta Information is missing")
     syntax = str(meta.get("TransferSyntaxUID", "") or "")
     if not syntax:
         raise Rejected("no-transfer-syntax", "File Meta Information has no Transfer Syntax UID")
+    missing = _missing(ds)
     if missing:
         raise Rejected("missing-uid", f"missing {', '.join(missing)}")
     uids = {name: str(ds[tag].value).strip() for name, tag in _TAGS.items()}

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import functions_framework
 import pytest
+from cloudevents.http import CloudEvent
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 
@@ -505,3 +506,56 @@ def test_header_check_uses_ranged_reads_on_a_50_mb_file(
     assert entry.status == ledger.STAGED
     assert sum(downloaded) <= 64 * 1024
     assert peak < 8 * 1024 * 1024, peak
+
+
+def test_nasty_files_under_nasty_names_end_in_their_outcome(env: Env) -> None:
+    """The bad-input corpus (small files) under hostile names, through the real ingest path.
+
+    Every name carries NASTY: object names can be patient names, so no log line may
+    hold one, whatever characters it has.
+    """
+    stream = io.StringIO()
+    log.configure(logging.INFO, stream)
+    good = make_instance()
+    preamble = b"\0" * 128 + b"DICM"
+    corpus: dict[str, tuple[bytes, tuple[str, str | None]]] = {
+        # name: (bytes, (ledger status, reason code), or ("skipped", skip reason))
+        "in/NASTY*?[a-z]\\x.dcm": (bytes(range(256)) * 12, (ledger.QUARANTINED, "not-dicom")),
+        "../NASTY up.dcm": (preamble + b"\xff" * 64, (ledger.QUARANTINED, "no-file-meta")),
+        "in/../../NASTY\nline.dcm": (good[:300], (ledger.QUARANTINED, "truncated")),
+        "in/**/NASTY\r.dcm": (good[:-1], (ledger.QUARANTINED, "truncated")),
+        "in/NASTY Müller Ωmega 患者\u2028.DCM": (good, (ledger.STAGED, None)),
+        "in/%2e%2e/NASTY.dcm": (b"", ("skipped", "empty")),
+        "in/NASTY.dcm\n": (good, ("skipped", "pattern")),
+    }
+    client = env.app.test_client()
+
+    def deliver(data: dict[str, Any]) -> int:
+        # The name only in the payload: HTTP headers cannot carry a newline (nor can a real
+        # object name; fake-gcs-server accepts one all the same).
+        attributes = finalize_event(Uploaded(env.landing, "x", 1, 9, "", None), env.clock())
+        return post(client, CloudEvent(attributes.get_attributes(), data))
+
+    for name, (data, _) in corpus.items():
+        obj = upload(env.client, env.landing, name, data)
+        assert deliver(finalize_event(obj, env.clock()).get_data()) == 200
+    # Payloads no upload can produce: a lone surrogate (JSON carries it, UTF-8 cannot),
+    # a null name, a generation that is not a number.
+    for data in (
+        {"bucket": env.landing, "name": "in/NASTY\ud800.dcm", "generation": "1", "size": "9"},
+        {"bucket": env.landing, "name": None, "generation": "1", "size": "9"},
+        {"bucket": env.landing, "name": "in/NASTY.dcm", "generation": "NASTY", "size": "9"},
+    ):
+        assert deliver(data) == 200
+
+    outcomes = {
+        e.source.name: (e.status, e.reason.split(":")[0] if e.reason else None)
+        for e in env.entries()
+    }
+    expected = {name: outcome for name, (_, outcome) in corpus.items() if outcome[0] != "skipped"}
+    assert outcomes == expected
+    records = [json.loads(line) for line in stream.getvalue().rstrip("\n").split("\n")]
+    for record in records:
+        assert "NASTY" not in json.dumps(record, ensure_ascii=False), record
+    assert sum(r["message"] == "skipped" for r in records) == 2
+    assert sum(r["message"].startswith("permanent error: ") for r in records) == 3
