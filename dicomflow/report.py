@@ -8,25 +8,25 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
        operation the service cannot return (404: expired) is retired with that reason,
        and the store decides each file's outcome as for any batch (import_failed for
        files not stored; none when every file is there), so it never blocks a tick
-    4. operations started outside dicomflow: operation_failed, once each
-    5. operations running longer than DICOMFLOW_STALLED_SECONDS: stalled, once each
-    6. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
-       per episode (state/report/backlog.json names the episode)
-    7. quarantined files, one alert per closed quarantine window, and a follow-up for
-       records that land in it later (state/report/quarantine/<window>.json holds the
-       keys alerted; see ``_report_windows``)
-    8. dropped files (event too old, source gone), the same way from the drop records
-       ingest writes (state/dropped/<window>/<key>.json): one ``dropped`` alert per
-       closed window, follow-ups for late records (state/report/dropped/<window>.json)
-    9. verify each finished batch not leased by another live tick (lease marker
+    4. verify each finished batch not leased by another live tick (lease marker
        state/verifying/<id>.json, create-if-absent, CAS takeover once expired, renewed
        while held; dicomflow.lease), VERIFY_BATCHES_AT_ONCE batches at a time, each in
        this order:
          manifests success/failure.ndjson -> ledger entries -> alerts import_failed
          and conflict -> summary.json -> delete staging copies of settled files
          -> mark the operation settled -> delete state/finished/<id>.json -> release the lease
-       Last, because it is the long step (a backlog of batches can take minutes): a tick
-       cut short in it has already sent the other alerts.
+       This is the long step (a backlog of batches can take minutes), so it runs in
+       threads alongside steps 5 to 9, and a tick cut short moves both along.
+    5. operations started outside dicomflow: operation_failed, once each
+    6. operations running longer than DICOMFLOW_STALLED_SECONDS: stalled, once each
+    7. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
+       per episode (state/report/backlog.json names the episode)
+    8. quarantined files, one alert per closed quarantine window, and a follow-up for
+       records that land in it later (state/report/quarantine/<window>.json holds the
+       keys alerted; see ``_report_windows``)
+    9. dropped files (event too old, source gone), the same way from the drop records
+       ingest writes (state/dropped/<window>/<key>.json): one ``dropped`` alert per
+       closed window, follow-ups for late records (state/report/dropped/<window>.json)
 
 Alerts go through ``alerts.publish_once``, whose ``alertId`` is a hash of
 (kind, subject). Every subject is fixed before the alert is sent (batch id,
@@ -213,17 +213,6 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     }
     ours = {r["operation"] for r in [*active.recorded.values(), *finished.values()]}
     ours.discard(None)
-    outside = _report_outside(ctx, listed, settled, ours, active.starting, now)
-    crashpoint("outside")
-    stalled = _report_stalled(ctx, listed, now)
-    crashpoint("stalled")
-    backlog = _report_backlog(ctx, active.waiting, now)
-    crashpoint("backlog")
-    quarantined = _report_windows(ctx, QUARANTINE, now)
-    crashpoint("quarantine")
-    dropped = _report_windows(ctx, DROPPED, now)
-    crashpoint("dropped")
-
     verified: list[dict[str, Any]] = []
     leased: list[str] = []
 
@@ -254,11 +243,25 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
                 raise
 
     # Verification waits on the services far more than it computes (and under throttling,
-    # on retry back-off), so a few batches go at once; an error in one raises once the
-    # others are done, as a sequential loop would have at its end.
-    with ThreadPoolExecutor(VERIFY_BATCHES_AT_ONCE, thread_name_prefix="settle") as pool:
-        pending_work = [pool.submit(verify_one, item) for item in sorted(finished.items())]
-    for future in pending_work:
+    # on retry back-off), so a few batches go at once, in threads that start before the
+    # alert steps and run alongside them: a tick that lives only seconds still moves both
+    # along. An error in a batch raises once the others are done.
+    pool = ThreadPoolExecutor(VERIFY_BATCHES_AT_ONCE, thread_name_prefix="settle")
+    try:
+        work = [pool.submit(verify_one, item) for item in sorted(finished.items())]
+        outside = _report_outside(ctx, listed, settled, ours, active.starting, now)
+        crashpoint("outside")
+        stalled = _report_stalled(ctx, listed, now)
+        crashpoint("stalled")
+        backlog = _report_backlog(ctx, active.waiting, now)
+        crashpoint("backlog")
+        quarantined = _report_windows(ctx, QUARANTINE, now)
+        crashpoint("quarantine")
+        dropped = _report_windows(ctx, DROPPED, now)
+        crashpoint("dropped")
+    finally:
+        pool.shutdown(wait=True)
+    for future in work:
         future.result()
 
     result = {
