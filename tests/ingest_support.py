@@ -16,6 +16,7 @@ from typing import Any
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 from google.cloud import storage
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -186,3 +187,21 @@ def iter_staged(client: storage.Client, bucket: str) -> Iterator[str]:
     for name in names(client, bucket, "batches/"):
         if name.endswith(".dcm"):
             yield name
+
+
+def value_cut_short(ds: Dataset) -> bool:
+    """True when an element holds fewer bytes than its declared length.
+
+    pydicom reads a value cut by the end of the file as a shorter one, quietly
+    (pydicom's own rtplan_truncated.dcm). Compared before any value is decoded.
+    """
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset decodes its elements)
+        raw = ds.get_item(tag)
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != 0xFFFFFFFF
+            and raw.value is not None
+            and len(raw.value) < raw.length
+        ):
+            return True
+    return False

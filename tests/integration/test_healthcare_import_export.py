@@ -16,12 +16,12 @@ import pydicom
 import pytest
 import requests
 from PIL import Image
-from pydicom.dataelem import RawDataElement
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from localcloud.healthcare import HealthcareServer
 from localcloud.storage import StorageServer
+from tests.ingest_support import value_cut_short
 
 PARENT = "projects/test-project/locations/us-central1"
 SAMPLE_DIRS = (
@@ -51,15 +51,8 @@ def expected_uids(data: bytes) -> tuple[str, str, str] | None:
             return None
         if not dataset.file_meta.get("TransferSyntaxUID"):
             return None
-        for tag in list(dataset.keys()):
-            element = dataset.get_item(tag)
-            if (
-                isinstance(element, RawDataElement)
-                and element.length != 0xFFFFFFFF
-                and element.value is not None
-                and len(element.value) < element.length
-            ):
-                return None
+        if value_cut_short(dataset):
+            return None
         syntax = UID(str(dataset.file_meta.TransferSyntaxUID))
         if "PixelData" in dataset and not syntax.is_compressed:
             try:
