@@ -194,15 +194,23 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     """One report tick; see the module docstring. Returns what it did, for tests and logs."""
     now = ctx.clock()
     started = time.monotonic()
+    steps_ms: dict[str, int] = {}  # wall time of each part, for the tick's log line
+
+    def lap(step: str) -> None:
+        steps_ms[step] = round((time.monotonic() - started) * 1000) - sum(steps_ms.values())
+
     listed = operations.list_operations(ctx)
     settled = operations.settled_ids(ctx)
     by_name = {op.name: op for op in listed}
+    lap("list")
     crashpoint("listed")
 
     exports = export.settle_exports(ctx, now)
+    lap("exports")
     crashpoint("exports")
 
     active = _retire_done(ctx, by_name, now)
+    lap("retire")
     crashpoint("retired")
 
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -213,6 +221,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     }
     ours = {r["operation"] for r in [*active.recorded.values(), *finished.values()]}
     ours.discard(None)
+    lap("finished")
     verified: list[dict[str, Any]] = []
     leased: list[str] = []
 
@@ -258,9 +267,11 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         quarantined = _report_windows(ctx, QUARANTINE, now)
         crashpoint("quarantine")
         dropped = _report_windows(ctx, DROPPED, now)
+        lap("alerts")  # steps 5 to 9, with verification going on beside them
         crashpoint("dropped")
     finally:
         pool.shutdown(wait=True)
+    lap("verifyAfterAlerts")
     for future in work:
         future.result()
 
@@ -293,6 +304,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
             quarantineWindows=len(quarantined),
             droppedWindows=len(dropped),
             ms=round((time.monotonic() - started) * 1000),
+            stepsMs=steps_ms,
         ),
     )
     return result

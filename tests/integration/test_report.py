@@ -1143,7 +1143,7 @@ def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
 
 
 def test_one_tick_verifies_several_finished_batches_at_once(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     ids = finished_batches(env, windows=3)
     inside, most = 0, 0
@@ -1163,9 +1163,18 @@ def test_one_tick_verifies_several_finished_batches_at_once(
                 inside -= 1
 
     monkeypatch.setattr(verify, "verify_batch", verify_batch)
-    result = report.run_tick(env.ctx)
+    with caplog.at_level(logging.INFO, logger="dicomflow.report"):
+        result = report.run_tick(env.ctx)
     assert sorted(v["batch"] for v in result["verified"]) == ids
     assert most == min(len(ids), report.VERIFY_BATCHES_AT_ONCE) > 1
+    # The tick's log line times its parts; verification (0.5 s per batch here, all at
+    # once) falls in the time of the alert steps and the wait after them.
+    [line] = [r for r in caplog.records if r.getMessage() == "report tick"]
+    fields = line.fields  # type: ignore[attr-defined]
+    steps = fields["stepsMs"]
+    assert list(steps) == ["list", "exports", "retire", "finished", "alerts", "verifyAfterAlerts"]
+    assert min(steps.values()) >= 0 and 0 <= fields["ms"] - sum(steps.values()) <= 50
+    assert steps["alerts"] + steps["verifyAfterAlerts"] >= 500
     assert verified_batches(env) == ids
     assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
 
