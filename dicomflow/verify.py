@@ -45,6 +45,12 @@ both are failures and alert. There is no time budget inside one batch: a tick
 verifies a batch whole (the report stops starting batches after its budget), and a
 crash or timeout repeats the batch's verification from the start.
 
+Known limit: the index decides without bytes only if batches settle in the order
+they were imported. Two files with one SOP UID and different bytes, in two batches
+verified at the same time (two report instances) or out of import order, can both
+be ``imported`` when the later batch claims the index first. One tick verifies its
+batches one at a time, in batch order (``report.VERIFY_BATCHES_AT_ONCE``).
+
 Known limit: an instance stored *outside* dicomflow (STOW-RS, a manual import)
 with the same UIDs and different bytes is not in the index. If the import's
 own failure report also missed that file, it is reported ``imported``.

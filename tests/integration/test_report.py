@@ -1119,8 +1119,6 @@ def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
 ) -> None:
     ids = finished_batches(env, windows=4)
     calls = count_verifications(monkeypatch, pause=0.4)
-    # One batch at a time per tick, so that each tick must leave work to the other.
-    monkeypatch.setattr(report, "VERIFY_BATCHES_AT_ONCE", 1)
     start = threading.Barrier(2)
 
     def tick() -> dict[str, Any]:
@@ -1142,10 +1140,11 @@ def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
     assert env.pull() == []
 
 
-def test_one_tick_verifies_several_finished_batches_at_once(
+def test_a_tick_verifies_its_batches_in_order_one_at_a_time_beside_the_alert_steps(
     env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     ids = finished_batches(env, windows=3)
+    order: list[str] = []
     inside, most = 0, 0
     lock = threading.Lock()
     real = verify.verify_batch
@@ -1155,6 +1154,7 @@ def test_one_tick_verifies_several_finished_batches_at_once(
         with lock:
             inside += 1
             most = max(most, inside)
+            order.append(batch)
         try:
             time.sleep(0.5)
             return real(ctx, batch, keys)
@@ -1165,16 +1165,16 @@ def test_one_tick_verifies_several_finished_batches_at_once(
     monkeypatch.setattr(verify, "verify_batch", verify_batch)
     with caplog.at_level(logging.INFO, logger="dicomflow.report"):
         result = report.run_tick(env.ctx)
-    assert sorted(v["batch"] for v in result["verified"]) == ids
-    assert most == min(len(ids), report.VERIFY_BATCHES_AT_ONCE) > 1
-    # The tick's log line times its parts; verification (0.5 s per batch here, all at
-    # once) falls in the time of the alert steps and the wait after them.
+    assert [v["batch"] for v in result["verified"]] == order == ids  # in batch order
+    assert most == report.VERIFY_BATCHES_AT_ONCE == 1
+    # The tick's log line times its parts; verification (0.5 s per batch here) falls in
+    # the time of the alert steps and the wait after them.
     [line] = [r for r in caplog.records if r.getMessage() == "report tick"]
     fields = line.fields  # type: ignore[attr-defined]
     steps = fields["stepsMs"]
     assert list(steps) == ["list", "exports", "retire", "finished", "alerts", "verifyAfterAlerts"]
     assert min(steps.values()) >= 0 and 0 <= fields["ms"] - sum(steps.values()) <= 50
-    assert steps["alerts"] + steps["verifyAfterAlerts"] >= 500
+    assert steps["alerts"] + steps["verifyAfterAlerts"] >= 500 * len(ids)
     assert verified_batches(env) == ids
     assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
 
