@@ -10,7 +10,8 @@ One tick (``run_tick``), each step safe to repeat after a crash at any line::
        files not stored; none when every file is there), so it never blocks a tick
     4. verify each finished batch not leased by another live tick (lease marker
        state/verifying/<id>.json, create-if-absent, CAS takeover once expired, renewed
-       while held; dicomflow.lease), in batch order, each in this order:
+       while held; dicomflow.lease), VERIFY_BATCHES_AT_ONCE at a time, their use of
+       the instance index in batch order, each in this order:
          manifests success/failure.ndjson -> ledger entries -> alerts import_failed
          and conflict -> summary.json -> delete staging copies of settled files
          -> mark the operation settled -> delete state/finished/<id>.json -> release the lease
@@ -61,12 +62,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -148,13 +150,13 @@ TICK_BUDGET_SECONDS = 300.0
 # (verification is idempotent).
 VERIFYING_PREFIX = f"{STATE_PREFIX}verifying/"
 VERIFY_LEASE_SECONDS = 60.0
-# Finished batches one tick verifies at the same time (each with its own lease). One:
-# verification decides most files from the settled-instance index without fetching
-# bytes, and that is right only when batches settle in the order they were imported
-# (the first file to claim a SOP UID in the index is taken to be the one stored). Four
-# at once let a later batch claim first: the demo then marked two files with the same
-# UID and different bytes both imported. See verify.py's known limits.
-VERIFY_BATCHES_AT_ONCE = 1
+# Finished batches one tick verifies at the same time (each with its own lease). Their
+# reads of the ledger and the store overlap; their use of the settled-instance index
+# goes in batch order (a turnstile, verify_batch's ``my_turn``): the index decides most
+# files without fetching bytes, which is right only when batches settle in the order
+# they were imported. Without the turnstile a later batch could claim a SOP UID first,
+# and the demo marked two files with that UID and different bytes both imported.
+VERIFY_BATCHES_AT_ONCE = 4
 # A quarantine window is reported this long after it ends (late copies land in it first).
 QUARANTINE_GRACE_SECONDS = 60
 # An unknown import this much older than ingest's restart delay cannot be ours unrecorded.
@@ -228,11 +230,15 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     lap("finished")
     verified: list[dict[str, Any]] = []
     leased: list[str] = []
+    order = sorted(finished)
+    done_with_index = {b: threading.Event() for b in order}
+    waits = {b: done_with_index[a].wait for a, b in itertools.pairwise(order)}
 
     def verify_one(item: tuple[str, dict[str, Any]]) -> None:
         try:
             settle_one(*item)
         finally:
+            done_with_index[item[0]].set()  # however it ended: the next batch goes on
             ctx.close_clients()  # the API clients this pool thread made
 
     def settle_one(batch: str, record: dict[str, Any]) -> None:
@@ -247,7 +253,18 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
                 held.release()  # settled by another tick since we listed it
                 return
             try:
-                verified.append(settle_batch(ctx, batch, record, by_name, now, held=held))
+                verified.append(
+                    settle_batch(
+                        ctx,
+                        batch,
+                        record,
+                        by_name,
+                        now,
+                        held=held,
+                        my_turn=waits.get(batch, lambda: None),
+                        index_done=done_with_index[batch].set,
+                    )
+                )
             except Exception:
                 # The tick is alive and gives up this batch: let the next tick take it at
                 # once. A kill runs no code; its lease expires VERIFY_LEASE_SECONDS after
@@ -426,6 +443,8 @@ def settle_batch(
     now: datetime,
     *,
     held: lease.Renewal | None = None,
+    my_turn: Callable[[], Any] = lambda: None,
+    index_done: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Verify a finished batch, record and alert its outcomes, then clean up. Idempotent.
 
@@ -440,7 +459,8 @@ def settle_batch(
     if summary is None:
         files = batches.read_file_list(bucket, batch)
         keys = sorted(files.keys) if files is not None else []
-        results = verify.verify_batch(ctx, batch, keys)
+        results = verify.verify_batch(ctx, batch, keys, my_turn=my_turn)
+        index_done()
         crashpoint("verified")
         op = by_name.get(op_name) if op_name else None
         if op is None and op_name:

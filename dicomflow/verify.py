@@ -48,8 +48,9 @@ crash or timeout repeats the batch's verification from the start.
 Known limit: the index decides without bytes only if batches settle in the order
 they were imported. Two files with one SOP UID and different bytes, in two batches
 verified at the same time (two report instances) or out of import order, can both
-be ``imported`` when the later batch claims the index first. One tick verifies its
-batches one at a time, in batch order (``report.VERIFY_BATCHES_AT_ONCE``).
+be ``imported`` when the later batch claims the index first. One tick verifies a
+few batches at once, but each waits for the batches before it to be done with the
+index (``my_turn``), so within a tick the index is used in batch order.
 
 Known limit: an instance stored *outside* dicomflow (STOW-RS, a manual import)
 with the same UIDs and different bytes is not in the index. If the import's
@@ -378,8 +379,15 @@ def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]
 # --- the verification ------------------------------------------------------------------------
 
 
-def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
-    """Decide the outcome of every file ``key`` of ``batch`` (sorted by key)."""
+def verify_batch(
+    ctx: Any, batch: str, keys: list[str], *, my_turn: Callable[[], None] = lambda: None
+) -> list[FileResult]:
+    """Decide the outcome of every file ``key`` of ``batch`` (sorted by key).
+
+    ``my_turn`` is called once the ledger and the store have been read, before the
+    first look at the index; it returns when earlier batches are done with the index
+    (see the known limit on order above).
+    """
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     keys = sorted(keys)
 
@@ -428,6 +436,7 @@ def verify_batch(ctx: Any, batch: str, keys: list[str]) -> list[FileResult]:
             uids.series,
         )
 
+    my_turn()
     # dicomflow stored this SOP UID under another study before: worth one lookup.
     lookups += [r for r, hit in zip(absent, pmap(indexed_elsewhere, absent), strict=True) if hit]
     for result in absent:
