@@ -715,6 +715,16 @@ def test_no_phi_in_logs_or_alerts_from_the_sample_corpus(env: Env) -> None:
 # --- a check that the checks can fail ----------------------------------------------------------
 
 
+def wait_finished(env: Env, seconds: float) -> None:
+    """Run ingest ticks until a batch's import is done (state/finished/), within ``seconds``."""
+    bucket = env.gcs.bucket(env.staging)
+    deadline = time.monotonic() + seconds
+    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        env.ingest_tick()
+
+
 def test_verification_sees_an_instance_deleted_behind_its_back(env: Env) -> None:
     """The verdict comes from the store, not the operation: delete one instance before
     the report runs, and that file becomes import_failed even though the import succeeded."""
@@ -722,12 +732,7 @@ def test_verification_sees_an_instance_deleted_behind_its_back(env: Env) -> None
     env.ingest(objects)
     env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
     env.ingest_tick()
-    bucket = env.gcs.bucket(env.staging)
-    deadline = time.monotonic() + 30
-    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-        env.ingest_tick()
+    wait_finished(env, 30)
     victim = env.entry(objects[1]).uids
     assert victim is not None
     env.ctx.dicomweb().delete_instance(victim.study, victim.series, victim.sop)
@@ -836,13 +841,8 @@ def test_overlapping_ticks_do_not_report_our_own_import_as_outside(
     broken = env.upload("o/broken.dcm", make_instance(rows=8, pixel_bytes=10))
     env.ingest([good, broken])
     env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
-    bucket = env.gcs.bucket(env.staging)
-    deadline = time.monotonic() + 30
     env.ingest_tick()
-    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-        env.ingest_tick()
+    wait_finished(env, 30)
     nested: list[dict[str, Any]] = []
     entered: list[str] = []
 
@@ -1227,11 +1227,7 @@ def test_tick_killed_mid_batch_leaves_a_lease_that_expires_and_the_next_tick_res
     env.ingest([good, broken])
     env.clock.advance(env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds)
     bucket = env.gcs.bucket(env.staging)
-    deadline = time.monotonic() + 60
-    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-        env.ingest_tick()
+    wait_finished(env, 60)
     [batch] = batches.list_ids(bucket, batches.FINISHED_PREFIX)
     calls = count_verifications(monkeypatch)
     killed: list[str] = []
