@@ -1,407 +1,245 @@
-"""Batches: staging copies grouped by time window, sealed once, imported with a cap.
+"""Windows become batches: seal, split, import at most K at once, re-stage stragglers.
 
-Object layout (all in the staging bucket; ``<id>`` is a batch id, ``<key>``
-a ledger key, see ``dicomflow.ledger``)::
+Seal (the ingest tick, ``seal_due``). A window is due ``seal_grace_seconds`` after it
+ends. Sealing is safe to repeat at any step::
 
-    batches/<id>/<key>.dcm          staging copy of one file (the import wildcard matches these)
-    batches/<id>/_tickets/<n>       empty; one per reserved slot n in [0, max_files)
-    batches/<id>/_seal.json         seal marker, create-if-absent: {batch, sealedAt, reason}
-    batches/<id>/_files.json        file list, create-if-absent, written after the seal:
-                                    {batch, sealedAt, count, bytes, files: [{key, object, size}]}
-    batches/<id>/_import.json       import intent, create-if-absent just before the import call:
-                                    {batch, uri, requestedAt}
-    batches/<id>/_operation.json    operation record, create-if-absent after the call:
-                                    {batch, uri, operation, startedAt}
-    state/open/<id>.json            the batch may hold files and is not sealed yet
-    state/active/<id>.json          sealed with files, queued or importing:
-                                    {batch, sealedAt, count, bytes}
-    state/finished/<id>.json        the import operation is done (for report to verify):
-                                    {batch, uri, operation, startedAt, finishedAt, done,
-                                     error?, counter?}
+    create state/sealed/<window>.json  ->  list batches/<window>/  ->  drop late doubles
+      ->  create batches/<window>/_files.ndjson (the ledger)  ->  state/open/<batch>.json
 
-Batch ids are ``<window start>-<n>``, e.g. ``20261125T125300Z-000``: the UTC
-window (``batch_window_seconds`` long) in which a file was staged, and a
-sub-batch number that grows when a batch fills up. Ids sort in time order,
-so ``state/active/`` listed in name order is the import queue.
+The seal marker comes first, *then* the listing. The listing returns each copy's
+metadata, so the file list is built from it alone. A late copy (its home window is
+an earlier one) is dropped when its home window's file list holds its key, or when
+its late claim names another window; so is a copy whose record is unreadable. The
+home window is sealed first if it is not (it is due earlier), so that list is final.
 
-Closing. A batch closes on its age (the tick seals it ``seal_grace_seconds``
-after its window ends) or its size. Size is kept without a counter object:
-each file reserves ``weight`` tickets (1 per file, more for files larger than
-``max_bytes / max_files``) by creating random ``_tickets/<n>`` objects with
-create-if-absent. A batch therefore never holds more than ``max_files``
-files (nor, roughly, more than ``max_bytes``); when reservations keep
-colliding (the batch is about 85-90% full), the file seals that batch and
-moves on to sub-batch ``n + 1``. Every object on the hot path is written
-about once.
+Split. A window over the batch caps is imported in parts by the leading key bits
+(``<window>/0*.dcm``, ``1*.dcm``, ``00*.dcm`` ...): the fewest equal-depth parts that
+each fit. Each part is a batch with its own ``state/open`` record.
 
-Sealing (``seal``, idempotent, resumable at any step): create ``_seal.json``,
-*then* list the batch and write ``_files.json``, then queue it in
-``state/active/`` and remove ``state/open/``. A copy that finishes after the
-seal sees the seal in its post-copy check; when its key is not in the file
-list it is re-staged into an open batch (never lost).
+Which windows a tick looks at: the folders under ``batches/`` from a cursor (the
+oldest window not sealed, never later than ``LOOKBACK_SECONDS`` ago), and the seal
+markers from the same point: two listings, however long the history.
 
-Import (``run_queue``, the tick): poll the operations of active batches,
-move finished ones to ``state/finished/``, and start queued batches in id
-order while fewer than K are running. A 429 leaves the batch queued for the
-next tick. A crash between the import call and the operation record is
-repaired after ``import_restart_seconds`` (a setting, 300 s) by importing the batch again; that
-can only produce identical duplicates, which the store ignores.
+Import (``run_imports``, the ingest tick). The open batches are the queue, in id
+(time) order. A batch starts when one of K slot markers (``state/slots/<n>.json``,
+create-if-absent) is free: write the import intent (create-if-absent, so two ticks
+never import one batch), note which of the batch's SOP Instance UIDs the store
+already holds (one QIDO per study: ``dicomflow.verify`` tells ``imported`` from
+``duplicate`` by it), call import, record the operation. A 429 releases the slot
+and intent and leaves the batch queued. An intent without an operation record for
+``import_restart_seconds`` is imported again: that can only store identical
+duplicates, which the store ignores. When the operation is done (whoever polls it
+first, ingest or report) the record says so and the slot is released.
+
+Stragglers (``restage_stragglers``, after the import). Request timeouts do not stop
+code, so a copy can land after its window was listed. Listing the batch's prefix
+again finds such keys; each is re-staged through the late path into the current
+window, never lost.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import random
-import re
-import threading
-import time
+from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from google.api_core import exceptions as api_exceptions
+from google.api_core import exceptions as gexc
 from google.cloud import storage
 from googleapiclient.errors import HttpError
 
-from dicomflow import healthcare, log, retry
-from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
+from dicomflow import healthcare, log, objects
+from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.ledger import iso
 from dicomflow.runtime import Context
+from dicomflow.staging import (
+    BITS,
+    OPEN_PREFIX,
+    SEALED_PREFIX,
+    SLOTS_PREFIX,
+    FileRecord,
+    batch_id,
+    files_name,
+    import_uri,
+    intent_name,
+    iso,
+    late_name,
+    open_name,
+    operation_name,
+    parse_batch,
+    parse_time,
+    parse_window,
+    sealed_done_name,
+    sealed_name,
+    slot_name,
+    staged_name,
+    window_id,
+)
 
 logger = logging.getLogger(__name__)
 
-OPEN_PREFIX = f"{STATE_PREFIX}open/"
-ACTIVE_PREFIX = f"{STATE_PREFIX}active/"
-FINISHED_PREFIX = f"{STATE_PREFIX}finished/"
-
-# Reservation misses before a batch counts as full (see module docstring).
-_MIN_MISSES = 12
-# A single file never reserves more than this many tickets.
-MAX_WEIGHT = 256
-
-_ID = re.compile(r"^(\d{8}T\d{6}Z)-(\d{3,})$")
-_STAGED = re.compile(r"^[0-9a-f]{40}\.dcm$")
+SEAL_CURSOR = f"{STATE_PREFIX}cursors/seal.json"
+# Windows this recent are always listed, sealed or not: a copy that outlived its
+# window's seal (bounded by ingest.copy_deadline) lands well within it.
+LOOKBACK_SECONDS = 900
 
 
-# ---- names and pure decisions ---------------------------------------------------------------
+def open_batches(bucket: storage.Bucket) -> list[str]:
+    """The sealed batches not verified yet, in time order (one listing)."""
+    names = objects.names(bucket, OPEN_PREFIX)
+    return sorted(n[len(OPEN_PREFIX) : -len(".json")] for n in names if n.endswith(".json"))
 
 
-def window_start(now: datetime, window_seconds: int) -> datetime:
-    """The start of the UTC window of ``window_seconds`` that holds ``now``."""
-    epoch = int(now.timestamp())
-    return datetime.fromtimestamp(epoch - epoch % window_seconds, UTC)
+def is_due(window: str, now: datetime, window_seconds: int, grace_seconds: int) -> bool:
+    return now >= parse_window(window) + timedelta(seconds=window_seconds + grace_seconds)
 
 
-def window_id(now: datetime, window_seconds: int) -> str:
-    """``now``'s window as text, e.g. ``20261125T125300Z``."""
-    return window_start(now, window_seconds).strftime("%Y%m%dT%H%M%SZ")
+# ---- seal -------------------------------------------------------------------------------------
 
 
-def batch_id(window: str, sub: int) -> str:
-    """The id of sub-batch ``sub`` of ``window``."""
-    return f"{window}-{sub:03d}"
-
-
-def parse_batch_id(batch: str) -> tuple[datetime, int]:
-    """(window start, sub-batch number) of a batch id.
-
-    Raises:
-        ValueError: not a batch id.
-    """
-    match = _ID.match(batch)
-    if not match:
-        raise ValueError(f"invalid batch id {batch!r}: expected YYYYMMDDTHHMMSSZ-NNN")
-    start = datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    return start, int(match.group(2))
-
-
-def is_due(batch: str, now: datetime, window_seconds: int, grace_seconds: int) -> bool:
-    """True once ``batch``'s window has ended and the grace has passed."""
-    start, _ = parse_batch_id(batch)
-    return now >= start + timedelta(seconds=window_seconds + grace_seconds)
-
-
-def ticket_weight(size: int, max_files: int, max_bytes: int) -> int:
-    """Tickets a file of ``size`` bytes reserves: one per ``max_bytes / max_files`` bytes."""
-    unit = max(1, max_bytes // max_files)
-    return max(1, min(MAX_WEIGHT, max_files, -(-size // unit)))
-
-
-def staged_name(batch: str, key: str) -> str:
-    return f"{BATCHES_PREFIX}{batch}/{key}.dcm"
-
-
-def seal_name(batch: str) -> str:
-    return f"{BATCHES_PREFIX}{batch}/_seal.json"
-
-
-def files_name(batch: str) -> str:
-    return f"{BATCHES_PREFIX}{batch}/_files.json"
-
-
-def intent_name(batch: str) -> str:
-    return f"{BATCHES_PREFIX}{batch}/_import.json"
-
-
-def operation_name(batch: str) -> str:
-    return f"{BATCHES_PREFIX}{batch}/_operation.json"
-
-
-def ticket_name(batch: str, slot: int) -> str:
-    return f"{BATCHES_PREFIX}{batch}/_tickets/{slot:06d}"
-
-
-def open_name(batch: str) -> str:
-    return f"{OPEN_PREFIX}{batch}.json"
-
-
-def active_name(batch: str) -> str:
-    return f"{ACTIVE_PREFIX}{batch}.json"
-
-
-def finished_name(batch: str) -> str:
-    return f"{FINISHED_PREFIX}{batch}.json"
-
-
-def import_uri(staging_bucket: str, batch: str) -> str:
-    """The import source: every staged ``.dcm`` of the batch."""
-    return f"gs://{staging_bucket}/{BATCHES_PREFIX}{batch}/**.dcm"
-
-
-# ---- small storage primitives ---------------------------------------------------------------
-
-
-def create_json(bucket: storage.Bucket, name: str, data: dict[str, Any]) -> bool:
-    """Create ``name`` holding ``data`` if absent; True when this call created it."""
-    blob = bucket.blob(name)
-    body = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    try:
-        retry.call(
-            lambda: blob.upload_from_string(
-                body, content_type="application/json", if_generation_match=0
-            )
+def seal_due(ctx: Context, now: datetime) -> list[str]:
+    """Seal every due window that is not sealed; the batches they made."""
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    floor = window_id(now - timedelta(seconds=LOOKBACK_SECONDS), settings.batch_window_seconds)
+    cursor = str((objects.read_json(bucket, SEAL_CURSOR) or {}).get("window") or floor)
+    start = min(cursor, floor)
+    windows = [
+        w
+        for w in objects.folders(bucket, BATCHES_PREFIX, f"{BATCHES_PREFIX}{start}")
+        if w >= start and _is_window(w)
+    ]
+    sealed = {
+        n[len(SEALED_PREFIX) : -len(".done")]
+        for n in objects.names(bucket, SEALED_PREFIX, f"{SEALED_PREFIX}{start}")
+        if n.endswith(".done")
+    }
+    made: list[str] = []
+    waiting: list[str] = []
+    for window in windows:
+        if window in sealed:
+            continue
+        if not is_due(window, now, settings.batch_window_seconds, settings.seal_grace_seconds):
+            waiting.append(window)
+            continue
+        made.extend(seal(ctx, window, now))
+    target = min([floor, *waiting[:1]])
+    if target != cursor and target > cursor:
+        objects.write_text(
+            bucket, SEAL_CURSOR, objects.dumps({"window": target}), "application/json"
         )
-    except api_exceptions.PreconditionFailed:
+    return made
+
+
+def _is_window(text: str) -> bool:
+    try:
+        parse_window(text)
+    except ValueError:
         return False
     return True
 
 
-def read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
-    """The JSON object ``name``, or None when absent."""
-    try:
-        data = retry.call(bucket.blob(name).download_as_bytes)
-    except api_exceptions.NotFound:
-        return None
-    result: dict[str, Any] = json.loads(data)
-    return result
-
-
-def exists(bucket: storage.Bucket, name: str) -> bool:
-    return bool(retry.call(bucket.blob(name).exists))
-
-
-def delete(bucket: storage.Bucket, name: str) -> None:
-    """Delete ``name``; absent is fine."""
-    with contextlib.suppress(api_exceptions.NotFound):
-        retry.call(bucket.blob(name).delete)
-
-
-def list_ids(bucket: storage.Bucket, prefix: str) -> list[str]:
-    """Batch ids of the ``<prefix><id>.json`` records, in order."""
-    names = retry.call(lambda: [b.name for b in bucket.client.list_blobs(bucket, prefix=prefix)])
-    return sorted(n[len(prefix) : -len(".json")] for n in names if n.endswith(".json"))
-
-
-# ---- choosing a batch (finalize path) -------------------------------------------------------
-
-# Per-process hint: the lowest sub-batch of a window (per staging bucket) not known to be
-# sealed. Only a hint: correctness never depends on it, it saves reads of sealed sub-batches.
-_hints: dict[str, int] = {}
-_hints_lock = threading.Lock()
-
-
-def _hint(key: str) -> int:
-    with _hints_lock:
-        return _hints.get(key, 0)
-
-
-def _advance_hint(key: str, sub: int) -> None:
-    with _hints_lock:
-        if _hints.get(key, 0) < sub:
-            _hints[key] = sub
-        if len(_hints) > 64:
-            for old in sorted(_hints)[:-16]:
-                del _hints[old]
-
-
-def reserve(bucket: storage.Bucket, batch: str, weight: int, capacity: int) -> bool:
-    """Reserve ``weight`` tickets in ``batch``; False when the batch is (nearly) full."""
-    hits = misses = 0
-    rng = random.Random()
-    while hits < weight:
-        if misses >= max(_MIN_MISSES, 4 * hits) or hits + misses > 8 * weight + _MIN_MISSES:
-            return False
-        if create_json(bucket, ticket_name(batch, rng.randrange(capacity)), {}):
-            hits += 1
-        else:
-            misses += 1
-    return True
-
-
-# Batches this process has seen an open marker for. Safe to trust: the marker is only
-# deleted after the seal is created, and a sealed batch gets no new files.
-_known_open: set[str] = set()
-
-
-def ensure_open(bucket: storage.Bucket, batch: str, now: datetime) -> None:
-    """Make sure the tick will find ``batch``: ``state/open/<id>.json`` exists."""
-    marker = f"{bucket.name}/{batch}"
-    with _hints_lock:
-        if marker in _known_open:
-            return
-    if not exists(bucket, open_name(batch)):
-        create_json(bucket, open_name(batch), {"batch": batch, "openedAt": iso(now)})
-    with _hints_lock:
-        if len(_known_open) > 4096:
-            _known_open.clear()
-        _known_open.add(marker)
-
-
-def choose(ctx: Context, now: datetime, weight: int) -> str:
-    """An open batch of ``now``'s window with ``weight`` tickets reserved for the caller.
-
-    Full batches found on the way are sealed (closing on size).
-    """
-    settings = ctx.settings
-    bucket = ctx.storage.bucket(settings.staging_bucket)
-    window = window_id(now, settings.batch_window_seconds)
-    hint_key = f"{bucket.name}/{window}"
-    sub = _hint(hint_key)
-    while True:
-        batch = batch_id(window, sub)
-        if not exists(bucket, seal_name(batch)):
-            ensure_open(bucket, batch, now)
-            if reserve(bucket, batch, weight, settings.batch_max_files):
-                return batch
-            seal(ctx, batch, now, reason="size")
-        sub += 1
-        _advance_hint(hint_key, sub)
-
-
-# ---- sealing ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FileList:
-    """The contents of ``_files.json``."""
-
-    batch: str
-    keys: frozenset[str]
-    count: int
-    bytes: int
-    data: dict[str, Any] = field(repr=False)
-
-
-def _file_list(data: dict[str, Any]) -> FileList:
-    return FileList(
-        batch=data["batch"],
-        keys=frozenset(f["key"] for f in data["files"]),
-        count=int(data["count"]),
-        bytes=int(data["bytes"]),
-        data=data,
-    )
-
-
-def read_file_list(bucket: storage.Bucket, batch: str) -> FileList | None:
-    """The batch's file list, or None while there is none."""
-    data = read_json(bucket, files_name(batch))
-    return _file_list(data) if data is not None else None
-
-
-def wait_file_list(bucket: storage.Bucket, batch: str, timeout: float = 15.0) -> FileList:
-    """The file list of a sealed batch, waiting for the sealer to write it.
-
-    Raises:
-        TransientError: still absent after ``timeout`` (the tick will finish the seal).
-    """
-    stop = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        found = read_file_list(bucket, batch)
-        if found is not None:
-            return found
-        if time.monotonic() > stop:
-            raise TransientError(f"batch {batch} is sealed but has no file list yet")
-        time.sleep(delay)
-        delay = min(1.0, delay * 2)
-
-
-def seal(ctx: Context, batch: str, now: datetime, reason: str) -> FileList:
-    """Seal ``batch`` (once) and finish every step after it; safe to repeat at any point."""
+def seal(ctx: Context, window: str, now: datetime) -> list[str]:
+    """Seal ``window`` once and finish every step after it; its batch ids."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    if create_json(
-        bucket, seal_name(batch), {"batch": batch, "sealedAt": iso(now), "reason": reason}
-    ):
-        logger.info("sealed", extra=log.fields(batch=batch, reason=reason))
-    seal_data = read_json(bucket, seal_name(batch)) or {}
-    sealed_at = seal_data.get("sealedAt", iso(now))
-    files = read_file_list(bucket, batch)
-    if files is None:
-        prefix = f"{BATCHES_PREFIX}{batch}/"
-        blobs = retry.call(lambda: list(bucket.client.list_blobs(bucket, prefix=prefix)))
-        listed = [
-            {"key": b.name[len(prefix) : -4], "object": b.name, "size": int(b.size or 0)}
-            for b in blobs
-            if _STAGED.match(b.name[len(prefix) :])
-        ]
-        data = {
-            "batch": batch,
-            "sealedAt": sealed_at,
-            "count": len(listed),
-            "bytes": sum(f["size"] for f in listed),
-            "files": listed,
-        }
-        create_json(bucket, files_name(batch), data)
-        files = read_file_list(bucket, batch)
-        assert files is not None
-    if files.count:
-        create_json(
+    if objects.create(bucket, sealed_name(window), {"window": window, "sealedAt": iso(now)}):
+        logger.info("sealed", extra=log.fields(window=window))
+    records = read_files(bucket, window)
+    if records is None:
+        records = _listed(ctx, window, now)
+        objects.create_text(
             bucket,
-            active_name(batch),
-            {"batch": batch, "sealedAt": sealed_at, "count": files.count, "bytes": files.bytes},
+            files_name(window),
+            objects.ndjson(r.line() for r in records),
+            "application/x-ndjson",
         )
-    delete(bucket, open_name(batch))
-    return files
+        records = read_files(bucket, window) or []
+    sealed_at = (objects.read_json(bucket, sealed_name(window)) or {}).get("sealedAt", iso(now))
+    made = []
+    for bits, part in split(records, ctx.settings.batch_max_files, ctx.settings.batch_max_bytes):
+        batch = batch_id(window, bits)
+        doc = {
+            "batch": batch,
+            "window": window,
+            "bits": bits,
+            "count": len(part),
+            "bytes": sum(r.size for r in part),
+            "sealedAt": sealed_at,
+            "uri": import_uri(ctx.settings.staging_bucket, batch),
+        }
+        if objects.create(bucket, open_name(batch), doc):
+            logger.info("batch queued", extra=log.fields(batch=batch, files=len(part)))
+        made.append(batch)
+    objects.create(bucket, sealed_done_name(window), {"window": window, "batches": made})
+    return made
 
 
-def seal_due(ctx: Context, now: datetime) -> list[str]:
-    """Seal every open batch whose window plus grace has passed; finish interrupted seals."""
-    settings = ctx.settings
-    bucket = ctx.storage.bucket(settings.staging_bucket)
-    sealed = []
-    for batch in list_ids(bucket, OPEN_PREFIX):
-        try:
-            parse_batch_id(batch)
-        except ValueError:
-            delete(bucket, open_name(batch))
+def read_files(bucket: storage.Bucket, window: str) -> list[FileRecord] | None:
+    """The window's file list (None while it has none)."""
+    lines = objects.read_ndjson(bucket, files_name(window))
+    return None if lines is None else [FileRecord.from_line(line) for line in lines]
+
+
+def listed_keys(ctx: Context, window: str, now: datetime) -> frozenset[str]:
+    """The keys ``window``'s file list holds, sealing the window first if it is not."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    records = read_files(bucket, window)
+    if records is None:
+        seal(ctx, window, now)
+        records = read_files(bucket, window) or []
+    return frozenset(r.key for r in records)
+
+
+def _listed(ctx: Context, window: str, now: datetime) -> list[FileRecord]:
+    """The records of ``window``'s staging copies, late doubles dropped."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    prefix = f"{BATCHES_PREFIX}{window}/"
+    kept: list[FileRecord] = []
+    homes: dict[str, frozenset[str]] = {}
+    for blob in objects.blobs(bucket, prefix):
+        if not blob.name.endswith(".dcm"):
             continue
-        half_done = exists(bucket, seal_name(batch))
-        if half_done or is_due(
-            batch, now, settings.batch_window_seconds, settings.seal_grace_seconds
-        ):
-            seal(ctx, batch, now, reason="size" if half_done else "age")
-            sealed.append(batch)
-    return sealed
+        record = FileRecord.from_blob(blob, window)
+        if record is None or f"{prefix}{record.key}.dcm" != blob.name:
+            logger.error("staging copy without a record", extra=log.fields(window=window))
+            continue
+        if record.home != window:
+            if record.home not in homes:
+                homes[record.home] = listed_keys(ctx, record.home, now)
+            claim = objects.read_json(bucket, late_name(record.key)) or {}
+            if record.key in homes[record.home] or claim.get("window") != window:
+                objects.delete(bucket, blob.name, int(blob.generation or 0))
+                logger.info("late double dropped", extra=log.fields(key=record.key, window=window))
+                continue
+        kept.append(record)
+    return sorted(kept, key=lambda r: r.key)
 
 
-# ---- import queue (tick) -------------------------------------------------------------------
+def split(
+    records: list[FileRecord], max_files: int, max_bytes: int
+) -> list[tuple[str, list[FileRecord]]]:
+    """The parts of a window by leading key bits: the shallowest depth at which every
+    part fits both caps (``[("", records)]`` when the window fits whole). Pure."""
+    if not records:
+        return []
+    for depth in range(BITS + 1):
+        parts: dict[str, list[FileRecord]] = defaultdict(list)
+        for record in records:
+            parts[record.key[:depth]].append(record)
+        fits = all(
+            len(p) <= max_files and sum(r.size for r in p) <= max_bytes for p in parts.values()
+        )
+        if fits or depth == BITS:
+            return sorted(parts.items())
+    raise AssertionError("unreachable")
+
+
+# ---- import ----------------------------------------------------------------------------------
 
 
 @dataclass
-class QueueReport:
+class Queue:
     """What one pass over the import queue did."""
 
     running: int = 0
@@ -410,113 +248,229 @@ class QueueReport:
     queued: int = 0
     throttled: bool = False
 
+    def summary(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "finished": self.finished,
+            "running": self.running,
+            "queued": self.queued,
+            "throttled": self.throttled,
+        }
 
-def _finish(bucket: storage.Bucket, batch: str, record: dict[str, Any], now: datetime) -> None:
-    create_json(bucket, finished_name(batch), {**record, "finishedAt": iso(now)})
-    delete(bucket, active_name(batch))
+    def counts(self) -> dict[str, Any]:
+        return {
+            "started": len(self.started),
+            "finished": len(self.finished),
+            "running": self.running,
+            "queued": self.queued,
+            "throttled": self.throttled,
+        }
 
 
-def run_queue(ctx: Context, now: datetime) -> QueueReport:
-    """Poll running imports, retire finished ones, start queued batches while fewer than K run."""
+def poll(ctx: Context, batch: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The batch's operation record, updated to ``done`` once the operation is.
+
+    An operation the service cannot return (404: expired) counts as done with that
+    error; the store decides each file's outcome as for any batch.
+    """
+    if record.get("done"):
+        return record
+    try:
+        operation = healthcare.get_operation(ctx, record["operation"])
+    except PermanentError as exc:
+        operation = {"done": True, "error": {"code": 5, "message": str(exc)[:300]}}
+    if not operation.get("done"):
+        return record
+    done = {**record, "done": True, "finishedAt": iso(ctx.clock())}
+    if "error" in operation:
+        done["error"] = {
+            "code": operation["error"].get("code"),
+            "message": str(operation["error"].get("message", ""))[:300],
+        }
+    counter = (operation.get("metadata") or {}).get("counter")
+    if counter:
+        done["counter"] = {k: str(v) for k, v in counter.items()}
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    found = objects.read(bucket, operation_name(batch))
+    if found is not None and not found[0].get("done"):
+        objects.swap(bucket, operation_name(batch), done, found[1])
+    release_slot(ctx, batch)
+    logger.info("import finished", extra=log.fields(batch=batch, operation=record["operation"]))
+    return done
+
+
+def _slots(bucket: storage.Bucket) -> dict[int, tuple[str, int]]:
+    """Held slots: number -> (batch, generation)."""
+    held: dict[int, tuple[str, int]] = {}
+    for name in objects.names(bucket, SLOTS_PREFIX):
+        found = objects.read(bucket, name)
+        if found is not None:
+            number = int(name[len(SLOTS_PREFIX) : -len(".json")])
+            held[number] = (str(found[0].get("batch")), found[1])
+    return held
+
+
+def release_slot(ctx: Context, batch: str) -> None:
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    for number, (holder, generation) in _slots(bucket).items():
+        if holder == batch:
+            objects.delete(bucket, slot_name(number), generation)
+
+
+def _acquire_slot(
+    bucket: storage.Bucket, batch: str, held: dict[int, tuple[str, int]], k: int
+) -> bool:
+    if any(holder == batch for holder, _ in held.values()):
+        return True  # a restart keeps the slot of the attempt it repeats
+    for number in range(k):
+        if number not in held and objects.create(bucket, slot_name(number), {"batch": batch}):
+            held[number] = (batch, 0)
+            return True
+    return False
+
+
+def run_imports(ctx: Context, now: datetime) -> Queue:
+    """Poll running imports, start queued batches while a slot is free."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    report = QueueReport()
-    waiting: list[tuple[str, dict[str, Any] | None]] = []
-    for batch in list_ids(bucket, ACTIVE_PREFIX):
-        record = read_json(bucket, operation_name(batch))
+    report = Queue()
+    waiting: list[tuple[str, tuple[dict[str, Any], int] | None]] = []
+    live: set[str] = set()
+    for batch in open_batches(bucket):
+        record = objects.read_json(bucket, operation_name(batch))
         if record is not None:
+            if record.get("done"):
+                continue
             try:
-                operation = healthcare.get_operation(ctx, record["operation"])
+                record = poll(ctx, batch, record)
             except TransientError as exc:
                 logger.warning(
                     "operation poll failed", extra=log.fields(batch=batch, error=str(exc))
                 )
-                report.running += 1
-                continue
-            except PermanentError as exc:
-                # The operation cannot be read (e.g. expired): hand the batch to report.
-                logger.error("operation unreadable", extra=log.fields(batch=batch, error=str(exc)))
-                operation = {"done": True, "error": {"message": str(exc)}}
-            if operation.get("done"):
-                done = {**record, "done": True}
-                if "error" in operation:
-                    done["error"] = operation["error"]
-                counter = (operation.get("metadata") or {}).get("counter")
-                if counter:
-                    done["counter"] = counter
-                _finish(bucket, batch, done, now)
+            if record.get("done"):
                 report.finished.append(batch)
-                logger.info(
-                    "import finished",
-                    extra=log.fields(batch=batch, operation=record["operation"]),
-                )
             else:
                 report.running += 1
+                live.add(batch)
             continue
-        intent = read_json(bucket, intent_name(batch))
+        intent = objects.read(bucket, intent_name(batch))
         if intent is not None:
-            requested = datetime.fromisoformat(intent["requestedAt"].replace("Z", "+00:00"))
+            requested = parse_time(intent[0].get("requestedAt")) or now
             if now - requested < timedelta(seconds=settings.import_restart_seconds):
                 report.running += 1  # being started right now, or crashed very recently
+                live.add(batch)
                 continue
         waiting.append((batch, intent))
+    held = _slots(bucket)
+    for number, (holder, generation) in list(held.items()):
+        if holder not in live and holder not in {b for b, _ in waiting}:
+            objects.delete(bucket, slot_name(number), generation)  # its import is over
+            del held[number]
     report.queued = len(waiting)
     for batch, intent in waiting:
-        if report.running >= settings.max_running_imports:
+        if not _acquire_slot(bucket, batch, held, settings.max_running_imports):
             break
-        uri = import_uri(settings.staging_bucket, batch)
-        body = {"batch": batch, "uri": uri, "requestedAt": iso(now)}
-        if intent is None:
-            if not create_json(bucket, intent_name(batch), body):
-                report.running += 1  # another tick is starting it
-                continue
-        else:
-            logger.warning("restarting interrupted import", extra=log.fields(batch=batch))
-            delete(bucket, intent_name(batch))
-            if not create_json(bucket, intent_name(batch), body):
-                report.running += 1
-                continue
-        try:
-            operation = healthcare.start_import(ctx, uri)
-        except healthcare.QuotaExceeded:
-            # The service's own cap: nothing started. Leave the batch queued for the next tick.
-            delete(bucket, intent_name(batch))
+        outcome = _start(ctx, batch, intent, now)
+        if outcome == "throttled":
+            release_slot(ctx, batch)
             report.throttled = True
-            logger.info("import throttled (429)", extra=log.fields(batch=batch))
             break
-        except TransientError as exc:
-            if isinstance(exc.__cause__, HttpError):
-                # The service answered 5xx: the call failed and nothing started.
-                delete(bucket, intent_name(batch))
-            # Otherwise (timeout) it is unknown whether it started; the intent stays and
-            # is repaired after settings.import_restart_seconds.
-            logger.warning("import call failed", extra=log.fields(batch=batch, error=str(exc)))
-            break
-        except PermanentError as exc:
-            logger.error("import refused", extra=log.fields(batch=batch, error=str(exc)))
-            _finish(
-                bucket,
-                batch,
-                {**body, "operation": None, "done": True, "error": {"message": str(exc)}},
-                now,
-            )
-            continue
-        record = {**body, "operation": operation["name"], "startedAt": iso(now)}
-        create_json(bucket, operation_name(batch), record)
-        report.running += 1
-        report.started.append(batch)
-        report.queued -= 1
-        logger.info(
-            "import started", extra=log.fields(batch=batch, operation=operation["name"], uri=uri)
-        )
+        if outcome == "started":
+            report.started.append(batch)
+            report.queued -= 1
+        report.running += outcome in ("started", "elsewhere")
     return report
 
 
-def settings_summary(settings: Settings) -> dict[str, int]:
-    """The batch settings in force (for logs and the CLI)."""
-    return {
-        "windowSeconds": settings.batch_window_seconds,
-        "maxFiles": settings.batch_max_files,
-        "maxBytes": settings.batch_max_bytes,
-        "maxRunningImports": settings.max_running_imports,
-    }
+def _start(
+    ctx: Context, batch: str, intent: tuple[dict[str, Any], int] | None, now: datetime
+) -> str:
+    """Import ``batch`` once: ``started``, ``elsewhere`` (another tick has it),
+    ``throttled`` (429), ``failed`` (refused for good: recorded as done) or ``retry``."""
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    uri = import_uri(settings.staging_bucket, batch)
+    body = {"batch": batch, "uri": uri, "requestedAt": iso(now)}
+    if intent is None:
+        if not objects.create(bucket, intent_name(batch), body):
+            return "elsewhere"
+    else:
+        logger.warning("restarting interrupted import", extra=log.fields(batch=batch))
+        if objects.swap(bucket, intent_name(batch), body, intent[1]) is None:
+            return "elsewhere"
+    from dicomflow import verify  # the note needs the store's QIDO helpers
+
+    window, bits = parse_batch(batch)
+    records = [r for r in read_files(bucket, window) or [] if r.key.startswith(bits)]
+    objects.create(bucket, verify.note_name(batch), verify.take_note(ctx, records))
+    try:
+        operation = healthcare.start_import(ctx, uri)
+    except healthcare.QuotaExceeded:
+        objects.delete(bucket, intent_name(batch))
+        logger.info("import throttled (429)", extra=log.fields(batch=batch))
+        return "throttled"
+    except TransientError as exc:
+        if isinstance(exc.__cause__, HttpError):
+            objects.delete(bucket, intent_name(batch))  # the service answered: nothing started
+        logger.warning("import call failed", extra=log.fields(batch=batch, error=str(exc)))
+        return "retry"
+    except PermanentError as exc:
+        logger.error("import refused", extra=log.fields(batch=batch, error=str(exc)))
+        error = {"code": 3, "message": str(exc)[:300]}
+        objects.create(
+            bucket,
+            operation_name(batch),
+            {**body, "operation": None, "done": True, "error": error, "finishedAt": iso(now)},
+        )
+        return "failed"
+    record = {**body, "operation": operation["name"], "startedAt": iso(now)}
+    objects.create(bucket, operation_name(batch), record)
+    from dicomflow import operations
+
+    operations.record_ours(ctx, operation["name"], "import", batch)
+    logger.info("import started", extra=log.fields(batch=batch, operation=operation["name"]))
+    return "started"
+
+
+# ---- stragglers --------------------------------------------------------------------------------
+
+
+def restage_stragglers(ctx: Context, batch: str, listed: frozenset[str]) -> list[str]:
+    """Re-stage copies under ``batch``'s prefix that its window's file list lacks.
+
+    Each goes through the late path into the current window (``ingest.stage``),
+    copied from the straggler itself; the late claim keeps it to one record.
+    """
+    from dicomflow import ingest
+
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    window, bits = parse_batch(batch)
+    moved: list[str] = []
+    for blob in objects.blobs(bucket, f"{BATCHES_PREFIX}{window}/{bits}"):
+        record = FileRecord.from_blob(blob, window)
+        if record is None or record.key in listed or not blob.name.endswith(".dcm"):
+            continue
+        now = ctx.clock()
+        if record.home != window and record.key in listed_keys(ctx, record.home, now):
+            continue  # a late double whose home window holds the file
+        claim = objects.read(bucket, late_name(record.key))
+        if claim is not None and claim[0].get("window") not in (None, window):
+            continue  # the late claim names another window, whose seal takes it
+        current = window_id(now, ctx.settings.batch_window_seconds)
+        if (
+            claim is not None
+            and objects.swap(
+                bucket, late_name(record.key), {"window": current, "movedAt": iso(now)}, claim[1]
+            )
+            is None
+        ):
+            continue  # moved by someone else just now
+        source = bucket.blob(staged_name(window, record.key), generation=blob.generation)
+        restaged = FileRecord(**{**record.line(), "size": record.size, "via": "restaged"})
+        try:
+            ingest.stage(ctx, source, restaged, now)
+        except gexc.NotFound:
+            continue
+        moved.append(record.key)
+        logger.warning("straggler re-staged", extra=log.fields(key=record.key, batch=batch))
+    return moved

@@ -22,7 +22,6 @@ from dicomflow.names import DicomStoreName, TopicName
 # Prefixes the pipeline writes under, in the staging bucket. Events for objects
 # under them are always ignored, so a shared landing bucket can never loop.
 BATCHES_PREFIX = "batches/"
-LEDGER_PREFIX = "ledger/"
 QUARANTINE_PREFIX = "quarantine/"
 MANIFESTS_PREFIX = "manifests/"
 STATE_PREFIX = "state/"
@@ -30,7 +29,6 @@ STATE_PREFIX = "state/"
 DROPPED_PREFIX = f"{STATE_PREFIX}dropped/"
 PIPELINE_PREFIXES = (
     BATCHES_PREFIX,
-    LEDGER_PREFIX,
     QUARANTINE_PREFIX,
     MANIFESTS_PREFIX,
     STATE_PREFIX,
@@ -76,7 +74,7 @@ class Settings:
     batch_window_seconds: int = 60
     batch_max_files: int = 5_000
     batch_max_bytes: int = 20 * 1024**3
-    seal_grace_seconds: int = 10
+    seal_grace_seconds: int = 20
     max_running_imports: int = 5
     import_restart_seconds: int = 300
     backup_prefix: str = "backups"
@@ -107,7 +105,7 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "target store, projects/P/locations/L/datasets/D/dicomStores/S",
     ),
     ("DICOMFLOW_LANDING_BUCKET", "required", "bucket whose uploads are ingested"),
-    ("DICOMFLOW_STAGING_BUCKET", "required", "batches, ledger, quarantine, manifests and state"),
+    ("DICOMFLOW_STAGING_BUCKET", "required", "batches, quarantine, manifests and state"),
     ("DICOMFLOW_BACKUP_BUCKET", "required", "bucket the exports write to"),
     ("DICOMFLOW_ALERTS_TOPIC", "required", "alerts topic, projects/P/topics/T"),
     ("DICOMFLOW_HEALTHCARE_ENDPOINT", "unset", "Healthcare API base URL (localcloud only)"),
@@ -116,21 +114,21 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("DICOMFLOW_INCLUDE_GLOBS", "*.dcm", "comma-separated name globs, case-insensitive"),
     ("DICOMFLOW_INCLUDE_PREFIXES", "(all)", "comma-separated landing prefixes to ingest"),
     ("DICOMFLOW_MAX_EVENT_AGE_SECONDS", "90000", "older events are recorded and dropped"),
-    ("DICOMFLOW_BATCH_WINDOW_SECONDS", "60", "a batch closes after this age (UTC windows)"),
+    (
+        "DICOMFLOW_BATCH_WINDOW_SECONDS",
+        "60",
+        "files are grouped by the UTC window of their upload time; a window is sealed after it ends",
+    ),
     (
         "DICOMFLOW_BATCH_MAX_FILES",
         "5000",
-        "... or when nearly this full (never more files; it closes at about 85-90%)",
+        "a window with more files is imported in parts (halves, quarters ...) of at most this",
     ),
-    (
-        "DICOMFLOW_BATCH_MAX_BYTES",
-        "21474836480",
-        "... or about this many bytes (20 GiB; a file counts as one slot per MAX_BYTES/MAX_FILES)",
-    ),
+    ("DICOMFLOW_BATCH_MAX_BYTES", "21474836480", "... and of at most this many bytes (20 GiB)"),
     (
         "DICOMFLOW_SEAL_GRACE_SECONDS",
-        "10",
-        "wait after a window ends before the tick seals it (late copies are re-staged anyway)",
+        "20",
+        "wait after a window ends before the tick seals it; a staging copy may take half of it",
     ),
     ("DICOMFLOW_MAX_RUNNING_IMPORTS", "5", "import operations running at once (K)"),
     (

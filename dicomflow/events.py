@@ -10,7 +10,6 @@ from typing import Any
 
 from dicomflow.config import Settings
 from dicomflow.errors import PermanentError
-from dicomflow.ledger import Source
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -27,6 +26,7 @@ class StorageObject:
     md5_hash: str | None = None
     crc32c: str | None = None
     content_type: str | None = None
+    time_created: datetime | None = None
 
     @classmethod
     def from_data(cls, data: Any) -> StorageObject:
@@ -55,18 +55,7 @@ class StorageObject:
             md5_hash=optional["md5Hash"],
             crc32c=optional["crc32c"],
             content_type=optional["contentType"],
-        )
-
-    def source(self) -> Source:
-        """The ledger's view of the object."""
-        return Source(
-            bucket=self.bucket,
-            name=self.name,
-            generation=self.generation,
-            size=self.size,
-            md5Hash=self.md5_hash,
-            crc32c=self.crc32c,
-            contentType=self.content_type,
+            time_created=parse_time(data.get("timeCreated")),
         )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import struct
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom.dataset import Dataset
@@ -34,7 +35,6 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomflow.errors import NotDicomError
-from dicomflow.ledger import Uids
 
 INITIAL_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -49,6 +49,17 @@ _TAGS = {
 
 # Reads bytes [start, end] (inclusive, like Blob.download_as_bytes) of the object.
 RangeReader = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class Uids:
+    """The DICOM identifiers the header check reads (no PHI)."""
+
+    study: str
+    series: str
+    sop: str
+    sopClass: str
+    transferSyntax: str
 
 
 class Rejected(NotDicomError):

@@ -5,14 +5,11 @@ dataset (with backoff) and keeps the DICOM imports and exports; server-side
 filtering is thin, so nothing is filtered on the server. ``OperationView`` is
 the pure, typed reading of one Operation resource.
 
-Settled operations. Once the report tick has dealt with a finished operation
-(its batch verified, its export settled, or, for an operation started outside
-dicomflow, its failure reported), it creates the empty marker
-``state/operations/<id>.json``. One listing of that prefix per tick tells which
-operations never need to be looked at again, so finished work is not re-read.
-
-Operation ids are unique within a dataset, and the store's dataset is fixed by
-the settings, so the id alone names the marker.
+Our operations. When dicomflow starts an import or an export it creates
+``state/ops/<id>.json``; the report reads that marker for a failed operation it
+did not expect, so an operation started outside dicomflow is told apart without
+listing history. Operation ids are unique within a dataset, and the store's
+dataset is fixed by the settings, so the id alone names the marker.
 """
 
 from __future__ import annotations
@@ -23,12 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from dicomflow import retry
-from dicomflow.batches import create_json
+from dicomflow import objects, retry
 from dicomflow.config import STATE_PREFIX
-from dicomflow.export import parse_time
+from dicomflow.staging import parse_time
 
-SETTLED_PREFIX = f"{STATE_PREFIX}operations/"
+OURS_PREFIX = f"{STATE_PREFIX}ops/"
 PAGE_SIZE = 1000
 IMPORT = "import"
 EXPORT = "export"
@@ -73,10 +69,7 @@ class OperationView:
 def _time(value: Any) -> datetime | None:
     if not value:
         return None
-    try:
-        return parse_time(str(value))
-    except ValueError:
-        return None
+    return parse_time(str(value))
 
 
 def kind_of(operation: Mapping[str, Any]) -> str | None:
@@ -150,28 +143,20 @@ def list_operations(ctx: Any) -> list[OperationView]:
             return found
 
 
-def settled_ids(ctx: Any) -> set[str]:
-    """Ids of the operations the report has finished with (one listing)."""
+def ours_name(operation: str) -> str:
+    return f"{OURS_PREFIX}{operation.rsplit('/', 1)[-1]}.json"
+
+
+def record_ours(ctx: Any, operation: str, kind: str, subject: str) -> None:
+    """Record that dicomflow started ``operation`` (create-if-absent), for the report to
+    tell its own operations from those started outside dicomflow."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    names = retry.call(
-        lambda: [b.name for b in ctx.storage.list_blobs(bucket, prefix=SETTLED_PREFIX)]
+    objects.create(
+        bucket, ours_name(operation), {"operation": operation, "kind": kind, "subject": subject}
     )
-    return {n[len(SETTLED_PREFIX) : -len(".json")] for n in names if n.endswith(".json")}
 
 
-def is_settled(ctx: Any, operation: str) -> bool:
-    """Whether the report is done with ``operation`` (one read of its marker)."""
-    op_id = operation.rsplit("/", 1)[-1]
+def is_ours(ctx: Any, operation: str) -> bool:
+    """Whether dicomflow started ``operation`` (one read of its marker)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    return bool(retry.call(bucket.blob(f"{SETTLED_PREFIX}{op_id}.json").exists))
-
-
-def mark_settled(ctx: Any, operation: str, how: str, at: str, **extra: Any) -> None:
-    """Record that the report is done with ``operation`` (create-if-absent)."""
-    op_id = operation.rsplit("/", 1)[-1]
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    create_json(
-        bucket,
-        f"{SETTLED_PREFIX}{op_id}.json",
-        {"operation": operation, "how": how, "settledAt": at, **extra},
-    )
+    return objects.exists(bucket, ours_name(operation))

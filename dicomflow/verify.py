@@ -1,90 +1,58 @@
-"""Per-file verification of a finished import batch against the store (DESIGN invariant 5).
+"""Per-file verification of a finished import batch against the store, order-free.
 
-The operation's counters are not trusted: every file listed in the batch's
-``_files.json`` is looked up in the store, one QIDO search per study (not per
-instance), and gets exactly one outcome:
+The operation's counters are not trusted alone: every file of the batch's file list
+is looked up in the store, one QIDO search per study, and gets one outcome:
 
-- ``imported``: the store holds the instance and its bytes are this file's,
-  and no file settled by dicomflow put them there before.
-- ``duplicate``: the store holds this file's bytes, and dicomflow had already
-  settled another file with the same SOP Instance UID and the same checksum
-  (a re-sent file, in an earlier batch or twice in this one).
-- ``conflict``: the SOP Instance UID is in the store with other bytes (checksum
-  mismatch), or under another study or series.
-- ``failed``: the instance is not in the store (reason ``not-in-store``), or the
-  ledger has no entry or no UIDs for the file.
+- ``imported``: the store holds the instance with this file's bytes, and the note
+  taken before the import did not list its SOP Instance UID.
+- ``duplicate``: the same, but the store held the SOP Instance UID before the import
+  (an identical instance was already there), or an identical file earlier in this
+  batch (by key) carries the same UID.
+- ``conflict``: the SOP Instance UID is stored with other bytes (confirmed by
+  comparing bytes), or under another study or series.
+- ``failed``: the instance is not in the store (``not-in-store``).
 
-How "already there" is known. Neither the service nor QIDO says when an
-instance was stored, so dicomflow keeps its own index of settled instances:
-``state/instances/<sha256(SOP UID)[:40]>.json`` holding ``{sop, checksum, key,
-batch}``. It is created (create-if-absent) by the first file settled for that
-UID; the ledger key in it makes a re-run after a crash reach the same verdict.
-The checksum is the source's ``md5Hash`` from the ledger (``crc32c`` when the
-object has no MD5, e.g. composite uploads), written ``md5:<base64>``.
+Why no order matters. The store keeps the first bytes stored under a SOP Instance
+UID and refuses other bytes with a per-file failure (Healthcare API import
+semantics). So whoever verifies a batch, in whatever order batches finish, the
+store's content and the batch's own operation decide. Each present file is this
+file's bytes unless the operation counted more failures than the files it did not
+store; only then are bytes compared (WADO-RS, ``transfer-syntax=*``): first for the
+suspects (SOP UIDs the note saw already stored, or that two files of the batch
+share), then for the rest until every counted failure is found. With no readable
+counters (the operation was lost or failed as a whole) every present suspect is
+compared, and every other present file too.
 
-When the bytes are fetched (WADO-RS, ``transfer-syntax=*``, which returns the
-stored file as it was imported): only for an instance that is ambiguous, i.e.
+Two files with identical bytes in two batches imported at the same time are both
+``imported``: each note was taken before either import. Both are successes.
+Instances stored outside dicomflow with the same UIDs and bytes are ``duplicate``
+when they were there before the import, ``imported`` when they came in between.
 
-- the index names another file with a *different* checksum, or
-- two files of this batch carry the same SOP Instance UID with different checksums.
-
-In every other case the verdict needs no download: a healthy batch costs one
-QIDO per study and one small index write per file.
-
-A file missing from its study costs one QIDO by SOP Instance UID (is it stored
-under another study or series: conflict), except when the study search found no
-instance of that study at all (the study failed as a whole, the common case of a
-failed import): then only the index is read, and a lookup is made only for a SOP
-UID the index places in another study or series. So a failed 5,000-file batch
-costs a few QIDO calls, not 5,000. DICOMweb calls (study searches, SOP lookups,
-WADO fetches) run ``DICOMWEB_THREADS`` at a time.
-
-Known limits: a SOP UID stored *outside* dicomflow under another study, whose own
-study is absent, is reported ``failed`` (``not-in-store``) rather than ``conflict``;
-both are failures and alert. There is no time budget inside one batch: a tick
-verifies a batch whole (the report stops starting batches after its budget), and a
-crash or timeout repeats the batch's verification from the start.
-
-Known limit: the index decides without bytes only if batches settle in the order
-they were imported. Two files with one SOP UID and different bytes, in two batches
-verified at the same time (two report instances) or out of import order, can both
-be ``imported`` when the later batch claims the index first. One tick verifies a
-few batches at once, but each waits for the batches before it to be done with the
-index (``my_turn``), so within a tick the index is used in batch order.
-
-Known limit: an instance stored *outside* dicomflow (STOW-RS, a manual import)
-with the same UIDs and different bytes is not in the index. If the import's
-own failure report also missed that file, it is reported ``imported``.
-Identical instances stored outside dicomflow are reported ``imported``, not
-``duplicate``; both are successes.
+Healthcare calls: one QIDO per study for the note, one per study after the import,
+one QIDO by SOP UID for a file missing from a study that has other instances stored,
+and one WADO-RS per compared SOP UID (``summary.fetchedForChecksum``).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import google_crc32c
 import requests
-from google.api_core import exceptions as gexc
-from google.cloud import storage
 
-from dicomflow import batches, ledger, retry
-from dicomflow.config import STATE_PREFIX
-from dicomflow.export import qido_instances
-from dicomflow.ledger import Entry
+from dicomflow import retry
+from dicomflow.staging import BATCH_STATE_PREFIX, FileRecord, iso, staged_name
 
 logger = logging.getLogger(__name__)
 
-INDEX_PREFIX = f"{STATE_PREFIX}instances/"
 THREADS = 16
 # DICOMweb calls at once (QIDO per study or per SOP, WADO): a few, not to crowd the store.
 DICOMWEB_THREADS = 4
@@ -92,20 +60,14 @@ SERIES_TAG = "0020000E"
 STUDY_TAG = "0020000D"
 SOP_TAG = "00080018"
 
-IMPORTED, DUPLICATE, CONFLICT, FAILED = (
-    ledger.IMPORTED,
-    ledger.DUPLICATE,
-    ledger.CONFLICT,
-    ledger.FAILED,
-)
+IMPORTED, DUPLICATE, CONFLICT, FAILED = "imported", "duplicate", "conflict", "failed"
 SUCCESS = frozenset({IMPORTED, DUPLICATE})
 OUTCOMES = (IMPORTED, DUPLICATE, CONFLICT, FAILED)
 
 NOT_IN_STORE = "not-in-store"
 CHECKSUM_MISMATCH = "checksum-mismatch"
 OTHER_STUDY_OR_SERIES = "sop-uid-in-other-study-or-series"
-NO_ENTRY = "no-ledger-entry"
-NO_UIDS = "no-uids-in-ledger"
+NO_UIDS = "no-uids"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -115,64 +77,41 @@ R = TypeVar("R")
 class FileResult:
     """The verdict for one file of the batch."""
 
-    key: str
-    entry: Entry | None
+    record: FileRecord
     status: str = FAILED
     reason: str | None = None
-    checksum: str | None = None
     stored_checksum: str | None = None
     fetched: bool = False
-    generation: int | None = None
+
+    @property
+    def key(self) -> str:
+        return self.record.key
 
     def line(self, batch: str, operation: str | None) -> dict[str, Any]:
         """The manifest line (``success.ndjson`` or ``failure.ndjson``)."""
         out: dict[str, Any] = {
-            "key": self.key,
+            **self.record.line(),
             "status": self.status,
             "batch": batch,
             "operation": operation,
-            "ledger": ledger.entry_path(self.key),
-            "staged": batches.staged_name(batch, self.key),
+            "staged": staged_name(self.record.window, self.record.key),
         }
         if self.reason:
             out["reason"] = self.reason
-        if self.entry is not None:
-            src = self.entry.source
-            out["source"] = {
-                "uri": src.uri,
-                "generation": src.generation,
-                "size": src.size,
-                "md5Hash": src.md5Hash,
-                "crc32c": src.crc32c,
-            }
-            if self.entry.uids is not None:
-                out["study"] = self.entry.uids.study
-                out["series"] = self.entry.uids.series
-                out["sop"] = self.entry.uids.sop
-        if self.checksum:
-            out["checksum"] = self.checksum
-        if self.stored_checksum and self.stored_checksum != self.checksum:
+        checksum = self.record.checksum
+        if checksum:
+            out["checksum"] = checksum
+        if self.stored_checksum and self.stored_checksum != checksum:
             out["storedChecksum"] = self.stored_checksum
         return out
 
 
-@dataclass
-class StoreFacts:
-    """What the store holds, as far as verification asked: SOP UID -> (study, series)."""
-
-    found: dict[str, tuple[str, str]] = field(default_factory=dict)
+def note_name(batch: str) -> str:
+    """Which of the batch's SOP Instance UIDs the store held before its import."""
+    return f"{BATCH_STATE_PREFIX}{batch}/note.json"
 
 
 # --- pure parts -------------------------------------------------------------------------------
-
-
-def entry_checksum(entry: Entry) -> str | None:
-    """``md5:<b64>`` from the ledger's source, else ``crc32c:<b64>``, else None."""
-    if entry.source.md5Hash:
-        return f"md5:{entry.source.md5Hash}"
-    if entry.source.crc32c:
-        return f"crc32c:{entry.source.crc32c}"
-    return None
 
 
 def checksum_of(data: bytes, scheme: str) -> str:
@@ -184,50 +123,44 @@ def checksum_of(data: bytes, scheme: str) -> str:
     return f"{scheme}:{base64.b64encode(digest).decode('ascii')}"
 
 
-def index_name(sop: str) -> str:
-    """The index object of a SOP Instance UID."""
-    return f"{INDEX_PREFIX}{hashlib.sha256(sop.encode()).hexdigest()[:40]}.json"
+def failures_counted(operation: dict[str, Any] | None) -> int | None:
+    """The operation's ``counter.failure``, or None when it cannot be relied on (no
+    operation, an operation that failed as a whole, or no counters)."""
+    if not operation or operation.get("error"):
+        return None
+    counter = operation.get("counter")
+    if not isinstance(counter, dict):
+        return None
+    try:
+        return int(counter.get("failure") or 0)
+    except (TypeError, ValueError):
+        return None
 
 
-def ambiguous_in_batch(results: Iterable[FileResult]) -> set[str]:
-    """Keys of files sharing a SOP Instance UID with a file of different checksum."""
-    by_sop: dict[str, list[FileResult]] = defaultdict(list)
+def suspects(results: Iterable[FileResult], before: set[str]) -> set[str]:
+    """SOP UIDs whose stored bytes may be another file's: stored before the import, or
+    carried by two files of the batch with different checksums."""
+    checksums: dict[str, set[str | None]] = defaultdict(set)
     for result in results:
-        if result.entry is not None and result.entry.uids is not None:
-            by_sop[result.entry.uids.sop].append(result)
-    keys: set[str] = set()
-    for group in by_sop.values():
-        if len({r.checksum for r in group}) > 1:
-            keys.update(r.key for r in group)
-    return keys
+        if result.record.sop:
+            checksums[result.record.sop].add(result.record.checksum)
+    return {sop for sop, sums in checksums.items() if sop in before or len(sums) > 1}
 
 
-def decide_without_bytes(
-    key: str, checksum: str | None, index: dict[str, Any] | None
-) -> str | None:
-    """The outcome of a stored instance from the index alone, or None when bytes are needed.
-
-    ``index`` is the instance's index entry after our create-if-absent attempt.
-    """
-    if index is None or index.get("key") == key:
-        return IMPORTED
-    if checksum is not None and index.get("checksum") == checksum:
-        return DUPLICATE
-    return None
-
-
-def decide_with_bytes(
-    key: str, checksum: str | None, stored: str | None, index: dict[str, Any] | None
-) -> str:
-    """The outcome once the stored instance's checksum is known."""
-    if checksum is None or stored != checksum:
-        return CONFLICT
-    if index is not None and index.get("key") != key and index.get("checksum") == checksum:
-        return DUPLICATE
-    return IMPORTED
+def name_successes(present: list[FileResult], before: set[str]) -> None:
+    """``imported`` or ``duplicate`` for each present file shown (or taken) to be stored
+    with its own bytes. Pure; results in key order."""
+    seen: set[str] = set()
+    for result in sorted(present, key=lambda r: r.key):
+        if result.status == CONFLICT:
+            continue
+        sop = result.record.sop or ""
+        result.status = DUPLICATE if sop in before or sop in seen else IMPORTED
+        result.reason = None
+        seen.add(sop)
 
 
-# --- store and storage access ---------------------------------------------------------------
+# --- store access -----------------------------------------------------------------------------
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -251,12 +184,23 @@ def _value(item: dict[str, Any], tag: str) -> str | None:
 
 def search_study(ctx: Any, study: str) -> dict[str, tuple[str, str]]:
     """SOP UID -> (study, series) of every instance of ``study`` in the store."""
+    client = ctx.dicomweb()
     found: dict[str, tuple[str, str]] = {}
-    for item in qido_instances(ctx, [SERIES_TAG], study=study):
-        sop, series = _value(item, SOP_TAG), _value(item, SERIES_TAG)
-        if sop and series:
-            found[sop] = (study, series)
-    return found
+    offset = 0
+    while True:
+        page: list[dict[str, Any]] = retry.call(
+            lambda offset=offset: client.search_for_instances(  # type: ignore[misc]
+                study_instance_uid=study, fields=[SERIES_TAG], offset=offset, limit=5000
+            ),
+            predicate=transient,
+        )
+        for item in page:
+            sop, series = _value(item, SOP_TAG), _value(item, SERIES_TAG)
+            if sop and series:
+                found[sop] = (study, series)
+        if len(page) < 5000:
+            return found
+        offset += len(page)
 
 
 def search_sop(ctx: Any, sop: str) -> tuple[str, str] | None:
@@ -300,43 +244,6 @@ def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
     return data
 
 
-def read_index(bucket: storage.Bucket, sop: str) -> tuple[dict[str, Any], int] | None:
-    blob = bucket.blob(index_name(sop))
-    try:
-        raw = retry.call(blob.download_as_bytes)
-    except gexc.NotFound:
-        return None
-    return json.loads(raw), int(blob.generation or 0)
-
-
-def claim_index(bucket: storage.Bucket, doc: dict[str, Any]) -> dict[str, Any] | None:
-    """Create the SOP's index entry; None when we created it, else the existing entry."""
-    while True:
-        if batches.create_json(bucket, index_name(doc["sop"]), doc):
-            return None
-        found = read_index(bucket, doc["sop"])
-        if found is not None:
-            return found[0]
-
-
-def replace_index(bucket: storage.Bucket, doc: dict[str, Any]) -> None:
-    """Point the SOP's index at ``doc`` (the store was shown to hold its bytes)."""
-    blob = bucket.blob(index_name(doc["sop"]))
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-    for _ in range(10):
-        found = read_index(bucket, doc["sop"])
-        generation = 0 if found is None else found[1]
-        try:
-            retry.call(
-                lambda g=generation: blob.upload_from_string(  # type: ignore[misc]
-                    body, content_type="application/json", if_generation_match=g
-                )
-            )
-            return
-        except gexc.PreconditionFailed:
-            continue
-
-
 def pmap(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``fn`` over ``items`` in a small thread pool, results in order."""
     items = list(items)
@@ -376,143 +283,112 @@ def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]
                 session.close()
 
 
+def _stored(ctx: Any, records: Iterable[FileRecord]) -> dict[str, tuple[str, str]]:
+    studies = sorted({r.study for r in records if r.study})
+    found: dict[str, tuple[str, str]] = {}
+    for part in dicomweb_pmap(ctx, lambda study: search_study(ctx, study), studies):
+        found.update(part)
+    return found
+
+
+def take_note(ctx: Any, records: list[FileRecord]) -> dict[str, Any]:
+    """Which of ``records``' SOP Instance UIDs the store holds now (before the import)."""
+    mine = {r.sop for r in records if r.sop}
+    stored = _stored(ctx, records)
+    return {
+        "sops": sorted(mine & stored.keys()),
+        "studies": len({r.study for r in records if r.study}),
+        "takenAt": iso(ctx.clock()),
+    }
+
+
 # --- the verification ------------------------------------------------------------------------
 
 
 def verify_batch(
-    ctx: Any, batch: str, keys: list[str], *, my_turn: Callable[[], None] = lambda: None
+    ctx: Any,
+    records: list[FileRecord],
+    operation: dict[str, Any] | None,
+    note: dict[str, Any] | None,
 ) -> list[FileResult]:
-    """Decide the outcome of every file ``key`` of ``batch`` (sorted by key).
-
-    ``my_turn`` is called once the ledger and the store have been read, before the
-    first look at the index; it returns when earlier batches are done with the index
-    (see the known limit on order above).
-    """
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    keys = sorted(keys)
-
-    def load(key: str) -> FileResult:
-        found = ledger.read(bucket, key)
-        entry = found[0] if found else None
-        result = FileResult(key, entry, generation=found[1] if found else None)
-        if entry is None:
-            result.reason = NO_ENTRY
-        elif entry.uids is None:
+    """Decide the outcome of every file of a finished batch (see the module docstring)."""
+    results = [FileResult(r) for r in sorted(records, key=lambda r: r.key)]
+    checkable = [r for r in results if r.record.sop and r.record.study and r.record.series]
+    for result in results:
+        if result not in checkable:
             result.reason = NO_UIDS
-        else:
-            result.checksum = entry_checksum(entry) or _staged_checksum(bucket, batch, key)
-        return result
-
-    results = pmap(load, keys)
-    checkable = [r for r in results if r.entry is not None and r.entry.uids is not None]
-    studies = sorted({r.entry.uids.study for r in checkable})  # type: ignore[union-attr]
-    facts = StoreFacts()
-    for found in dicomweb_pmap(ctx, lambda study: search_study(ctx, study), studies):
-        facts.found.update(found)
-    seen_studies = {study for study, _ in facts.found.values()}
-
+    found = _stored(ctx, (r.record for r in checkable))
+    seen_studies = {study for study, _ in found.values()}
     present: list[FileResult] = []
     lookups: list[FileResult] = []
-    absent: list[FileResult] = []
     for result in checkable:
-        uids = result.entry.uids  # type: ignore[union-attr]
-        assert uids is not None
-        where = facts.found.get(uids.sop)
+        rec = result.record
+        where = found.get(rec.sop or "")
         if where is None:
-            # Missing from its study. A study with no instance at all failed as a whole
-            # (the common case of a failed import): no lookup per file, only the index.
-            (lookups if uids.study in seen_studies else absent).append(result)
-        elif where != (uids.study, uids.series):
+            if rec.study in seen_studies:
+                lookups.append(result)
+            else:
+                result.reason = NOT_IN_STORE  # the study is absent as a whole
+        elif where != (rec.study, rec.series):
             result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
         else:
             present.append(result)
 
-    def indexed_elsewhere(result: FileResult) -> bool:
-        uids = result.entry.uids  # type: ignore[union-attr]
-        assert uids is not None
-        found = read_index(bucket, uids.sop)
-        return found is not None and (found[0].get("study"), found[0].get("series")) != (
-            uids.study,
-            uids.series,
-        )
-
-    my_turn()
-    # dicomflow stored this SOP UID under another study before: worth one lookup.
-    lookups += [r for r, hit in zip(absent, pmap(indexed_elsewhere, absent), strict=True) if hit]
-    for result in absent:
-        result.status, result.reason = FAILED, NOT_IN_STORE
-
     def lookup(result: FileResult) -> tuple[str, str] | None:
-        uids = result.entry.uids  # type: ignore[union-attr]
-        assert uids is not None
-        return search_sop(ctx, uids.sop)
+        return search_sop(ctx, result.record.sop or "")
 
     for result, where in zip(lookups, dicomweb_pmap(ctx, lookup, lookups), strict=True):
-        # Not in its study: conflict if the SOP UID sits elsewhere, else not stored.
         if where is not None:
             result.status, result.reason = CONFLICT, OTHER_STUDY_OR_SERIES
         else:
-            result.status, result.reason = FAILED, NOT_IN_STORE
+            result.reason = NOT_IN_STORE
 
-    ambiguous = ambiguous_in_batch(present)
-
-    def index_doc(result: FileResult) -> dict[str, Any]:
-        entry = result.entry
-        assert entry is not None and entry.uids is not None
-        return {
-            "sop": entry.uids.sop,
-            "study": entry.uids.study,
-            "series": entry.uids.series,
-            "checksum": result.checksum,
-            "key": result.key,
-            "batch": batch,
-        }
-
-    def consult(result: FileResult) -> dict[str, Any] | None:
-        """The index entry after our claim (None: ours is new); decides when it can."""
-        doc = index_doc(result)
-        if result.key in ambiguous:
-            found = read_index(bucket, doc["sop"])
-            return found[0] if found else None
-        index = claim_index(bucket, doc)
-        verdict = decide_without_bytes(result.key, result.checksum, index)
-        if verdict is not None:
-            result.status, result.reason = verdict, None
-        return index
-
-    indexes = pmap(consult, present)
-    to_fetch = [
-        (result, index)
-        for result, index in zip(present, indexes, strict=True)
-        if not (result.key not in ambiguous and result.reason is None and result.status in SUCCESS)
-    ]  # the others were decided from the index alone
-
-    def compare(item: tuple[FileResult, dict[str, Any] | None]) -> None:
-        result, index = item
-        uids = result.entry.uids  # type: ignore[union-attr]
-        assert uids is not None
-        data = retrieve_bytes(ctx, uids.study, uids.series, uids.sop)
-        scheme = (result.checksum or "md5:").split(":", 1)[0]
-        result.stored_checksum = checksum_of(data, scheme)
-        result.fetched = True
-        verdict = decide_with_bytes(result.key, result.checksum, result.stored_checksum, index)
-        result.status = verdict
-        result.reason = CHECKSUM_MISMATCH if verdict == CONFLICT else None
-        if verdict == IMPORTED and (index is None or index.get("key") != result.key):
-            replace_index(bucket, index_doc(result))
-
-    dicomweb_pmap(ctx, compare, to_fetch)
+    before = set((note or {}).get("sops") or [])
+    counted = failures_counted(operation)
+    unexplained = None if counted is None else counted - (len(results) - len(present))
+    if unexplained is None or unexplained > 0:
+        _compare(ctx, present, before, unexplained)
+    name_successes(present, before)
     return results
 
 
-def _staged_checksum(bucket: storage.Bucket, batch: str, key: str) -> str | None:
-    """The staging copy's checksum, for ledger entries without one."""
-    blob = bucket.get_blob(batches.staged_name(batch, key))
-    if blob is None:
-        return None
-    if blob.md5_hash:
-        return f"md5:{blob.md5_hash}"
-    return f"crc32c:{blob.crc32c}" if blob.crc32c else None
+def _compare(
+    ctx: Any, present: list[FileResult], before: set[str], unexplained: int | None
+) -> None:
+    """Compare stored bytes with each file's, suspects first, until ``unexplained``
+    conflicts are found (all of them when None)."""
+    suspect = suspects(present, before)
+    by_sop: dict[str, list[FileResult]] = defaultdict(list)
+    for result in present:
+        by_sop[result.record.sop or ""].append(result)
+    order = sorted(by_sop, key=lambda sop: (sop not in suspect, sop))
+    if unexplained is None:
+        order = [sop for sop in order if sop in suspect] + [
+            sop for sop in order if sop not in suspect
+        ]
+    found = 0
+    lock = threading.Lock()
+
+    def compare(sop: str) -> None:
+        nonlocal found
+        group = by_sop[sop]
+        rec = group[0].record
+        data = retrieve_bytes(ctx, rec.study or "", rec.series or "", sop)
+        for result in group:
+            scheme = (result.record.checksum or "md5:").split(":", 1)[0]
+            result.stored_checksum = checksum_of(data, scheme)
+            result.fetched = True
+            if result.record.checksum is None or result.stored_checksum != result.record.checksum:
+                result.status, result.reason = CONFLICT, CHECKSUM_MISMATCH
+                with lock:
+                    found += 1
+
+    # In rounds of a few, so a batch with one conflict among thousands stops early.
+    step = DICOMWEB_THREADS * 2
+    for start in range(0, len(order), step):
+        if unexplained is not None and found >= unexplained:
+            return
+        dicomweb_pmap(ctx, compare, order[start : start + step])
 
 
 def counts(results: Iterable[FileResult]) -> dict[str, int]:

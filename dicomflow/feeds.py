@@ -1,0 +1,221 @@
+"""Quarantined and dropped files, alerted once per closed window (a burst is one alert).
+
+Ingest writes one object per such file, grouped by window:
+
+- ``quarantine/<window>/<key>.dcm``: the quarantine copy; its metadata is the file
+  record with the reason (``staging.FileRecord``), so the listing carries everything.
+- ``state/dropped/<window>/<key>.json``: a drop record (event too old, source gone).
+
+Each window has a progress record ``state/report/<root>/<window>.json``:
+``{window, keys, alerts, pending}``, changed only by compare-and-swap. ``keys`` are
+the files already alerted. A tick lists the window; when it holds files not in
+``keys`` it first writes them as ``pending`` (with the alert's subject), then
+publishes, then folds ``pending`` into ``keys``. A crash after the publish repeats
+the same subject and files, and ``alerts.publish_once`` sends it once.
+
+- The first alert of a window has the subject ``<root>/<window>``; files that land
+  later (a retried delivery) get ``<root>/<window>/late/<digest>``, the digest over
+  the sorted keys of that follow-up.
+- A window is done for good (``state/report/<root>-done/<window>.json``) once it is
+  past the horizon with nothing left unalerted; until then every tick lists it.
+- Windows are listed from a cursor (``state/report/<root>-cursor.json``, never later
+  than now minus the horizon), so a tick does not list history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from dicomflow import alerts, objects
+from dicomflow.config import DROPPED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
+from dicomflow.staging import FileRecord, iso, parse_window, window_id
+from dicomflow.verify import pmap
+
+REPORT_PREFIX = f"{STATE_PREFIX}report/"
+# A window is reported this long after it ends (copies still landing in it first).
+GRACE_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Feed:
+    """Per-window files that ingest writes and the report alerts, one kind each."""
+
+    kind: str
+    root: str
+    prefix: str
+    suffix: str
+    prefix_detail: str
+
+    @property
+    def markers(self) -> str:
+        return f"{REPORT_PREFIX}{self.root}/"
+
+    @property
+    def done(self) -> str:
+        return f"{REPORT_PREFIX}{self.root}-done/"
+
+    @property
+    def cursor(self) -> str:
+        return f"{REPORT_PREFIX}{self.root}-cursor.json"
+
+
+QUARANTINE = Feed("quarantined", "quarantine", QUARANTINE_PREFIX, ".dcm", "quarantinePrefix")
+DROPPED = Feed("dropped", "dropped", DROPPED_PREFIX, ".json", "recordPrefix")
+
+
+def horizon(settings: Any) -> timedelta:
+    """How long after its start a window can still receive a file.
+
+    A file's window is fixed by its object's creation time, and ingest drops events
+    older than ``max_event_age_seconds`` into the current window; that bounds it.
+    """
+    return timedelta(
+        seconds=settings.max_event_age_seconds
+        + settings.batch_window_seconds
+        + settings.seal_grace_seconds
+        + GRACE_SECONDS
+    )
+
+
+def closes(settings: Any, start: datetime) -> datetime:
+    return start + timedelta(
+        seconds=settings.batch_window_seconds + settings.seal_grace_seconds + GRACE_SECONDS
+    )
+
+
+def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
+    """Alert what is new in every closed window of ``feed``; the windows alerted."""
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    cursor = str((objects.read_json(bucket, feed.cursor) or {}).get("window") or "")
+    start = f"{feed.prefix}{cursor}" if cursor else None
+    found = [w for w in objects.folders(bucket, feed.prefix, start) if w >= cursor]
+    done_start = f"{feed.done}{cursor}" if cursor else None
+    done = {n[len(feed.done) : -len(".json")] for n in objects.names(bucket, feed.done, done_start)}
+    reported: list[str] = []
+    for window in found:
+        if window in done:
+            continue
+        try:
+            begins = parse_window(window)
+        except ValueError:
+            continue
+        if now < closes(settings, begins):
+            continue
+        if _settle(ctx, feed, window, begins, now):
+            reported.append(window)
+        elif now - begins > horizon(settings):
+            done.add(window)
+    floor = window_id(now - horizon(settings), 1)
+    waiting = [w for w in found if w not in done]
+    target = min([floor, *waiting[:1]])
+    if target > cursor:
+        objects.write_text(
+            bucket, feed.cursor, objects.dumps({"window": target}), "application/json"
+        )
+    return reported
+
+
+def _files(ctx: Any, feed: Feed, window: str) -> dict[str, Any]:
+    """Key -> the blob of each file in ``window``."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    prefix = f"{feed.prefix}{window}/"
+    return {
+        b.name[len(prefix) : -len(feed.suffix)]: b
+        for b in objects.blobs(bucket, prefix)
+        if b.name.endswith(feed.suffix)
+    }
+
+
+def _settle(ctx: Any, feed: Feed, window: str, begins: datetime, now: datetime) -> bool:
+    """Alert what is new in ``window``; True when this call published an alert."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    name = f"{feed.markers}{window}.json"
+    sent = False
+    for _ in range(10):
+        found = objects.read(bucket, name)
+        doc, generation = found if found is not None else ({"window": window}, 0)
+        pending = doc.get("pending")
+        if pending:
+            keys = [str(k) for k in pending["keys"]]
+            _alert(ctx, feed, window, str(pending["subject"]), keys, now)
+            sent = True
+            settled = {
+                **doc,
+                "keys": sorted({*(doc.get("keys") or []), *keys}),
+                "alerts": int(doc.get("alerts") or 0) + 1,
+                "pending": None,
+                "reportedAt": iso(now),
+            }
+            objects.swap(bucket, name, settled, generation)
+            continue  # read again: the swap may have lost to another tick
+        alerted = set(doc.get("keys") or [])
+        new = sorted(set(_files(ctx, feed, window)) - alerted)
+        if not new:
+            if now - begins > horizon(ctx.settings):
+                objects.create(
+                    bucket, f"{feed.done}{window}.json", {"window": window, "doneAt": iso(now)}
+                )
+            return sent
+        if found is None:
+            subject = f"{feed.root}/{window}"
+        else:
+            digest = hashlib.sha256("\n".join(new).encode()).hexdigest()[:16]
+            subject = f"{feed.root}/{window}/late/{digest}"
+        intent = {**doc, "keys": sorted(alerted), "pending": {"subject": subject, "keys": new}}
+        objects.swap(bucket, name, intent, generation)
+    return sent
+
+
+def _record(ctx: Any, feed: Feed, window: str, key: str, blob: Any) -> dict[str, Any]:
+    """What the alert says of one file: its reason and object label, never its name."""
+    if blob is None:
+        return {"key": key, "reason": "record-missing", "object": None}
+    if feed is QUARANTINE:
+        record = FileRecord.from_blob(blob, window)
+        if record is None:
+            return {"key": key, "reason": "record-missing", "object": None}
+        label = alerts.object_label(ctx.settings, record.bucket, record.name)
+        return {"key": key, "reason": record.reason, "object": label}
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    doc = objects.read_json(bucket, blob.name) or {}
+    return {"key": key, "reason": doc.get("reason"), "object": doc.get("objectLabel")}
+
+
+def reason_code(reason: Any) -> str:
+    """The stable code of a header-check reason (``code: detail``), never a tag value."""
+    return str(reason or "unknown").split(":", 1)[0].strip()[:80] or "unknown"
+
+
+def _alert(ctx: Any, feed: Feed, window: str, subject: str, keys: list[str], now: datetime) -> None:
+    settings = ctx.settings
+    files = _files(ctx, feed, window)
+    records = pmap(lambda k: _record(ctx, feed, window, k, files.get(k)), keys)
+    labels = [r["object"] for r in records if r["object"]]
+    details: dict[str, Any] = {
+        "window": window,
+        "files": len(records),
+        "reasons": dict(sorted(Counter(reason_code(r["reason"]) for r in records).items())),
+        feed.prefix_detail: f"gs://{settings.staging_bucket}/{feed.prefix}{window}/",
+        "followUp": subject != f"{feed.root}/{window}",
+        "sampleFiles": [
+            {"object": r["object"], "key": r["key"], "reason": reason_code(r["reason"])}
+            for r in records[: settings.alert_sample_files]
+        ],
+        alerts.SAMPLES_KEY: labels[: settings.alert_sample_files],
+        "sampleTotal": len(labels),
+    }
+    alert = alerts.build_alert(
+        feed.kind,
+        subject,
+        "WARNING",
+        str(settings.dicom_store),
+        details,
+        now,
+        max_samples=settings.alert_sample_files,
+    )
+    alerts.publish_once(ctx, alert)

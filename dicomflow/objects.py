@@ -1,0 +1,226 @@
+"""Small JSON objects in Cloud Storage: the only coordination the pipeline uses.
+
+Every marker, seal, intent, slot, lease and manifest goes through these helpers:
+
+- ``read``: the object and its generation (None when absent).
+- ``create``: create-if-absent (``if_generation_match=0``). The body carries a
+  fresh ``_token``; when a write's response is lost and the client library's retry
+  meets 412, the object is read back and the token tells our own write from
+  someone else's.
+- ``swap``: compare-and-swap on the generation read, with the same token check.
+- ``delete``: absent is fine; with a generation, only that version goes.
+- ``names`` / ``prefixes``: one listing, optionally from an offset (windows and
+  cursors keep ticks from listing history).
+
+Conditional requests are idempotent, so the Storage client retries them itself
+(429, 5xx, timeouts) within ``deadline``; these helpers add no retry loop of
+their own around them. Unconditional reads and listings are retried the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from dicomflow.errors import TransientError
+
+TOKEN = "_token"
+DEADLINE = 60.0
+
+
+def _retry(deadline: float) -> Any:
+    return DEFAULT_RETRY.with_timeout(deadline)
+
+
+def dumps(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def _transient(exc: gexc.GoogleAPICallError) -> TransientError:
+    return TransientError(f"Cloud Storage: {type(exc).__name__} (HTTP {exc.code})")
+
+
+def read(
+    bucket: storage.Bucket, name: str, deadline: float = DEADLINE
+) -> tuple[dict[str, Any], int] | None:
+    """The JSON object ``name`` and its generation, or None when absent."""
+    blob = bucket.blob(name)
+    try:
+        raw = blob.download_as_bytes(retry=_retry(deadline), timeout=deadline)
+    except gexc.NotFound:
+        return None
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise _transient(exc) from exc
+    doc: dict[str, Any] = json.loads(raw)
+    return doc, int(blob.generation or 0)
+
+
+def read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
+    """The JSON object ``name``, or None when absent."""
+    found = read(bucket, name)
+    return found[0] if found is not None else None
+
+
+def _upload(
+    bucket: storage.Bucket, name: str, body: str, generation: int, content_type: str
+) -> int:
+    blob = bucket.blob(name)
+    try:
+        blob.upload_from_string(
+            body,
+            content_type=content_type,
+            if_generation_match=generation,
+            retry=_retry(DEADLINE),
+            timeout=DEADLINE,
+        )
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise _transient(exc) from exc
+    return int(blob.generation or 0)
+
+
+def create(bucket: storage.Bucket, name: str, doc: Mapping[str, Any]) -> bool:
+    """Create ``name`` holding ``doc`` if absent; True when the stored object is ours.
+
+    ``doc`` is stored with a fresh ``_token`` (it replaces any token in ``doc``).
+    """
+    token = uuid.uuid4().hex
+    body = {**doc, TOKEN: token}
+    try:
+        _upload(bucket, name, dumps(body), 0, "application/json")
+    except gexc.PreconditionFailed:
+        found = read(bucket, name)
+        return found is not None and found[0].get(TOKEN) == token
+    return True
+
+
+def swap(bucket: storage.Bucket, name: str, doc: Mapping[str, Any], generation: int) -> int | None:
+    """Write ``doc`` if ``name`` is still at ``generation`` (0: absent).
+
+    Returns the new generation, or None when someone else changed the object first.
+    """
+    token = uuid.uuid4().hex
+    try:
+        return _upload(bucket, name, dumps({**doc, TOKEN: token}), generation, "application/json")
+    except gexc.PreconditionFailed:
+        found = read(bucket, name)
+        if found is not None and found[0].get(TOKEN) == token:
+            return found[1]
+        return None
+
+
+def write_text(bucket: storage.Bucket, name: str, text: str, content_type: str) -> None:
+    """Replace ``name`` with ``text`` whatever it held (manifests rewritten whole)."""
+    blob = bucket.blob(name)
+    try:
+        blob.upload_from_string(
+            text, content_type=content_type, retry=_retry(DEADLINE), timeout=DEADLINE
+        )
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise _transient(exc) from exc
+
+
+def read_text(bucket: storage.Bucket, name: str) -> str | None:
+    blob = bucket.blob(name)
+    try:
+        return blob.download_as_text(retry=_retry(DEADLINE), timeout=DEADLINE)
+    except gexc.NotFound:
+        return None
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise _transient(exc) from exc
+
+
+def ndjson(lines: Iterable[Mapping[str, Any]]) -> str:
+    """One compact JSON object per line."""
+    return "".join(dumps(line) + "\n" for line in lines)
+
+
+def read_ndjson(bucket: storage.Bucket, name: str) -> list[dict[str, Any]] | None:
+    """The lines of an NDJSON object, or None when absent."""
+    text = read_text(bucket, name)
+    if text is None:
+        return None
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def create_text(bucket: storage.Bucket, name: str, text: str, content_type: str) -> bool:
+    """Create ``name`` holding ``text`` if absent; False when it existed.
+
+    For content that is the same whoever writes it (a listing's file list): a 412
+    after a lost response means the same text is stored, so no token is needed.
+    """
+    try:
+        _upload(bucket, name, text, 0, content_type)
+    except gexc.PreconditionFailed:
+        return False
+    return True
+
+
+def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> None:
+    """Delete ``name`` (only ``generation`` when given); absent or moved on is fine."""
+    blob = bucket.blob(name)
+    with contextlib.suppress(gexc.NotFound, gexc.PreconditionFailed):
+        try:
+            blob.delete(if_generation_match=generation, retry=_retry(DEADLINE), timeout=DEADLINE)
+        except (gexc.TooManyRequests, gexc.ServerError) as exc:
+            raise _transient(exc) from exc
+
+
+def exists(bucket: storage.Bucket, name: str) -> bool:
+    try:
+        return bool(bucket.blob(name).exists(retry=_retry(DEADLINE), timeout=DEADLINE))
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise _transient(exc) from exc
+
+
+def blobs(
+    bucket: storage.Bucket,
+    prefix: str,
+    start_offset: str | None = None,
+    end_offset: str | None = None,
+) -> list[storage.Blob]:
+    """Every object under ``prefix`` (from ``start_offset``, before ``end_offset``), with
+    its metadata: one listing call per 1,000 objects."""
+    try:
+        return list(
+            bucket.client.list_blobs(
+                bucket,
+                prefix=prefix,
+                start_offset=start_offset,
+                end_offset=end_offset,
+                retry=_retry(DEADLINE),
+                timeout=DEADLINE,
+            )
+        )
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise _transient(exc) from exc
+
+
+def names(bucket: storage.Bucket, prefix: str, start_offset: str | None = None) -> list[str]:
+    """The names of the objects under ``prefix``, in order."""
+    return [b.name for b in blobs(bucket, prefix, start_offset)]
+
+
+def folders(bucket: storage.Bucket, prefix: str, start_offset: str | None = None) -> list[str]:
+    """The next path parts under ``prefix`` (``prefix/<part>/...``), in order: one
+    delimited listing, which returns one entry per folder rather than per object."""
+    try:
+        found = bucket.client.list_blobs(
+            bucket,
+            prefix=prefix,
+            delimiter="/",
+            start_offset=start_offset,
+            retry=_retry(DEADLINE),
+            timeout=DEADLINE,
+        )
+        for _ in found:
+            pass
+        return sorted(p[len(prefix) :].strip("/") for p in found.prefixes)
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise _transient(exc) from exc

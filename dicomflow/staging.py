@@ -1,0 +1,257 @@
+"""The staging bucket's layout: keys, windows, and the file record a staging copy carries.
+
+The staging copy is the claim and the batch's listing is the ledger, so every
+name here is derived from the object alone and every delivery of one object
+generation computes the same names::
+
+    batches/<window>/<key>.dcm          staging copy; its object metadata is the file record
+    batches/<window>/_files.ndjson      the window's file list (written once, after its seal)
+    quarantine/<window>/<key>.dcm       quarantine copy; the record carries the reason
+    state/dropped/<window>/<key>.json   drop record (event too old, source gone)
+    state/late/<key>.json               claim of a late delivery: {window} it was copied into
+    state/sealed/<window>.json          seal marker, create-if-absent, before the listing
+    state/sealed/<window>.done          the seal's last step: file list and batches written
+    state/open/<batch>.json             a sealed batch not verified yet (what ticks list)
+    state/batch/<batch>/intent.json     import intent and the note of SOPs already stored
+    state/batch/<batch>/operation.json  the import operation's name
+    state/slots/<n>.json                one of K import slots, held by a running import
+    manifests/<batch>/{success,failure}.ndjson, summary.json
+
+- ``<key>``: ``BITS`` characters ``0``/``1`` then 40 hex digits, all from a SHA-256 of
+  bucket, name and generation. Import wildcards have no character classes, so the
+  leading bits are what splits a window: ``<window>/0*.dcm`` and ``1*.dcm`` halve it.
+- ``<window>``: the UTC window of ``batch_window_seconds`` holding the object's
+  ``timeCreated`` (``20261125T125300Z``); a delivery that may miss the window's seal
+  copies into a later window instead (``dicomflow.ingest``).
+- ``<batch>``: a window, or ``<window>-<bits>`` for one part of a split window.
+
+No name holds a user-controlled character, so none can reach an import wildcard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.cloud import storage
+
+from dicomflow.config import (
+    BATCHES_PREFIX,
+    DROPPED_PREFIX,
+    MANIFESTS_PREFIX,
+    QUARANTINE_PREFIX,
+    STATE_PREFIX,
+)
+
+BITS = 6
+WINDOW_FORMAT = "%Y%m%dT%H%M%SZ"
+_WINDOW = re.compile(r"^\d{8}T\d{6}Z$")
+_BATCH = re.compile(rf"^(\d{{8}}T\d{{6}}Z)(?:-([01]{{1,{BITS}}}))?$")
+_KEY = re.compile(rf"^[01]{{{BITS}}}[0-9a-f]{{40}}$")
+
+FILES = "_files.ndjson"
+SEALED_PREFIX = f"{STATE_PREFIX}sealed/"
+OPEN_PREFIX = f"{STATE_PREFIX}open/"
+LATE_PREFIX = f"{STATE_PREFIX}late/"
+SLOTS_PREFIX = f"{STATE_PREFIX}slots/"
+BATCH_STATE_PREFIX = f"{STATE_PREFIX}batch/"
+META_PREFIX = "df-"
+
+
+def file_key(bucket: str, name: str, generation: int | str) -> str:
+    """The key of one object generation (see the module docstring)."""
+    digest = hashlib.sha256(f"{bucket}\n{name}\n{generation}".encode()).digest()
+    bits = "".join(str((digest[0] >> (7 - i)) & 1) for i in range(BITS))
+    return bits + digest.hex()[:40]
+
+
+def is_key(text: str) -> bool:
+    return bool(_KEY.match(text))
+
+
+def window_start(moment: datetime, seconds: int) -> datetime:
+    epoch = int(moment.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % seconds, UTC)
+
+
+def window_id(moment: datetime, seconds: int) -> str:
+    """``moment``'s window as text, e.g. ``20261125T125300Z``."""
+    return window_start(moment, seconds).strftime(WINDOW_FORMAT)
+
+
+def parse_window(window: str) -> datetime:
+    """The start of a window id.
+
+    Raises:
+        ValueError: not a window id.
+    """
+    if not _WINDOW.match(window):
+        raise ValueError(f"invalid window {window!r}: expected YYYYMMDDTHHMMSSZ")
+    return datetime.strptime(window, WINDOW_FORMAT).replace(tzinfo=UTC)
+
+
+def batch_id(window: str, bits: str = "") -> str:
+    return f"{window}-{bits}" if bits else window
+
+
+def parse_batch(batch: str) -> tuple[str, str]:
+    """(window, bits) of a batch id.
+
+    Raises:
+        ValueError: not a batch id.
+    """
+    match = _BATCH.match(batch)
+    if not match:
+        raise ValueError(f"invalid batch id {batch!r}: expected YYYYMMDDTHHMMSSZ[-BITS]")
+    return match.group(1), match.group(2) or ""
+
+
+def staged_name(window: str, key: str) -> str:
+    return f"{BATCHES_PREFIX}{window}/{key}.dcm"
+
+
+def files_name(window: str) -> str:
+    return f"{BATCHES_PREFIX}{window}/{FILES}"
+
+
+def quarantine_name(window: str, key: str) -> str:
+    return f"{QUARANTINE_PREFIX}{window}/{key}.dcm"
+
+
+def dropped_name(window: str, key: str) -> str:
+    return f"{DROPPED_PREFIX}{window}/{key}.json"
+
+
+def late_name(key: str) -> str:
+    return f"{LATE_PREFIX}{key}.json"
+
+
+def sealed_name(window: str) -> str:
+    return f"{SEALED_PREFIX}{window}.json"
+
+
+def sealed_done_name(window: str) -> str:
+    """Created once every step of the seal is done (the seal marker is its first step)."""
+    return f"{SEALED_PREFIX}{window}.done"
+
+
+def open_name(batch: str) -> str:
+    return f"{OPEN_PREFIX}{batch}.json"
+
+
+def intent_name(batch: str) -> str:
+    return f"{BATCH_STATE_PREFIX}{batch}/intent.json"
+
+
+def operation_name(batch: str) -> str:
+    return f"{BATCH_STATE_PREFIX}{batch}/operation.json"
+
+
+def slot_name(slot: int) -> str:
+    return f"{SLOTS_PREFIX}{slot:03d}.json"
+
+
+def success_name(batch: str) -> str:
+    return f"{MANIFESTS_PREFIX}{batch}/success.ndjson"
+
+
+def failure_name(batch: str) -> str:
+    return f"{MANIFESTS_PREFIX}{batch}/failure.ndjson"
+
+
+def summary_name(batch: str) -> str:
+    return f"{MANIFESTS_PREFIX}{batch}/summary.json"
+
+
+def import_uri(staging_bucket: str, batch: str) -> str:
+    """The import source of ``batch``: its window's staging copies whose keys start with
+    the batch's bits (no other object under ``batches/`` ends in ``.dcm``)."""
+    window, bits = parse_batch(batch)
+    return f"gs://{staging_bucket}/{BATCHES_PREFIX}{window}/{bits}*.dcm"
+
+
+def iso(moment: datetime) -> str:
+    """A UTC time as written in records: ``2026-11-25T12:53:00.123456Z``."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 time as an aware datetime, or None when absent or unreadable."""
+    if isinstance(value, datetime):
+        return value
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What is known of one object generation; carried as the staging copy's metadata.
+
+    ``home`` is the window of the object's ``timeCreated``; ``window`` the one the copy
+    is in (later than ``home`` for late deliveries and re-staged copies). No patient
+    tags: the source location, sizes, checksums and DICOM UIDs only.
+    """
+
+    key: str
+    bucket: str
+    name: str
+    generation: str
+    size: int
+    home: str
+    window: str
+    event: str = ""
+    md5: str | None = None
+    crc32c: str | None = None
+    study: str | None = None
+    series: str | None = None
+    sop: str | None = None
+    reason: str | None = None
+    via: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+    @property
+    def checksum(self) -> str | None:
+        """``md5:<b64>`` of the source, else ``crc32c:<b64>``, else None."""
+        if self.md5:
+            return f"md5:{self.md5}"
+        return f"crc32c:{self.crc32c}" if self.crc32c else None
+
+    def metadata(self) -> dict[str, str]:
+        """The record as Cloud Storage custom metadata (string values, none empty)."""
+        return {
+            f"{META_PREFIX}{k}": str(v)
+            for k, v in asdict(self).items()
+            if v not in (None, "") and k != "window"
+        }
+
+    def line(self) -> dict[str, Any]:
+        """The record as a file-list or manifest line."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+    @classmethod
+    def from_line(cls, line: dict[str, Any]) -> FileRecord:
+        fields = cls.__dataclass_fields__
+        known = {k: v for k, v in line.items() if k in fields}
+        known["size"] = int(known.get("size") or 0)
+        known["generation"] = str(known.get("generation", ""))
+        return cls(**known)
+
+    @classmethod
+    def from_blob(cls, blob: storage.Blob, window: str) -> FileRecord | None:
+        """The record a listed staging or quarantine copy carries, or None when it has none."""
+        meta = blob.metadata or {}
+        values = {k[len(META_PREFIX) :]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+        if not values.get("key") or not values.get("bucket") or not values.get("name"):
+            return None
+        return cls.from_line({**values, "window": window})
