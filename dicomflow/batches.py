@@ -181,6 +181,12 @@ def read_files(bucket: storage.Bucket, window: str) -> list[FileRecord] | None:
     return None if lines is None else [FileRecord.from_line(line) for line in lines]
 
 
+def batch_records(bucket: storage.Bucket, batch: str) -> list[FileRecord]:
+    """The file records of ``batch`` (its window's list, its bits' part)."""
+    window, bits = parse_batch(batch)
+    return [r for r in read_files(bucket, window) or [] if r.key.startswith(bits)]
+
+
 def listed_keys(ctx: Context, window: str, now: datetime) -> frozenset[str]:
     """The keys ``window``'s file list holds, sealing the window first if it is not."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -370,7 +376,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     for batch, intent in waiting:
         if not _acquire_slot(bucket, batch, held, settings.max_running_imports):
             break
-        outcome = _start(ctx, batch, intent, now)
+        outcome = start(ctx, batch, intent, now)
         if outcome == "throttled":
             release_slot(ctx, batch)
             report.throttled = True
@@ -382,7 +388,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     return report
 
 
-def _start(
+def start(
     ctx: Context, batch: str, intent: tuple[dict[str, Any], int] | None, now: datetime
 ) -> str:
     """Import ``batch`` once: ``started``, ``elsewhere`` (another tick has it),
@@ -400,9 +406,9 @@ def _start(
             return "elsewhere"
     from dicomflow import verify  # the note needs the store's QIDO helpers
 
-    window, bits = parse_batch(batch)
-    records = [r for r in read_files(bucket, window) or [] if r.key.startswith(bits)]
-    objects.create(bucket, verify.note_name(batch), verify.take_note(ctx, records))
+    records = batch_records(bucket, batch)
+    others = [b for b in open_batches(bucket) if b != batch]
+    objects.create(bucket, verify.note_name(batch), verify.take_note(ctx, records, others))
     try:
         operation = healthcare.start_import(ctx, uri)
     except healthcare.QuotaExceeded:

@@ -108,7 +108,9 @@ def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
             continue
         if _settle(ctx, feed, window, begins, now):
             reported.append(window)
-        elif now - begins > horizon(settings):
+        if now - begins > horizon(settings) and objects.exists(
+            bucket, f"{feed.done}{window}.json"
+        ):
             done.add(window)
     floor = window_id(now - horizon(settings), 1)
     waiting = [w for w in found if w not in done]

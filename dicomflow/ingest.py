@@ -279,6 +279,8 @@ def copy_object(ctx: Context, source: storage.Blob, target_name: str, record: Fi
         return False
     except (gexc.TooManyRequests, gexc.ServerError) as exc:
         raise TransientError(f"copy failed: HTTP {exc.code}") from exc
+    except gexc.RetryError as exc:
+        raise TransientError(f"copy still failing after {deadline:.1f}s") from exc
 
 
 def _copied(

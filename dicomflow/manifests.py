@@ -56,7 +56,9 @@ def build_summary(
         "importUri": queued.get("uri"),
         "operation": {
             "name": operation.get("operation"),
-            "counter": dict(operation.get("counter") or {}),
+            "counter": {
+                k: int(v) for k, v in (operation.get("counter") or {}).items() if str(v).isdigit()
+            },
             "error": operation.get("error"),
         },
         "counts": {**by_status, "total": len(results)},

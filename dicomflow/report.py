@@ -74,8 +74,9 @@ TICK_BUDGET_SECONDS = 300.0
 VERIFY_BATCHES_AT_ONCE = 4
 # Failed operations are looked at while they ended this recently; a tick runs every minute.
 OUTSIDE_HORIZON_SECONDS = 86_400
-# An unknown import this much older than ingest's restart delay cannot be ours unrecorded.
-UNRECORDED_IMPORT_MARGIN_SECONDS = 60
+# dicomflow records an operation it started right after the call; one this old without a
+# record is not ours (or its starter died in between: see _report_outside).
+RECORD_MARGIN_SECONDS = 60
 
 # One tick at a time per instance. The deployment serves one request per instance;
 # an instance that serves several at once (localcloud's threaded server) lets a tick
@@ -221,13 +222,19 @@ def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) ->
     summary = manifests.read_summary(bucket, batch)
     if summary is None:
         queued = objects.read_json(bucket, open_name(batch)) or {"batch": batch}
-        window, bits = parse_batch(batch)
-        records = [r for r in batches.read_files(bucket, window) or [] if r.key.startswith(bits)]
+        window, _ = parse_batch(batch)
+        records = batches.batch_records(bucket, batch)
         listed = frozenset(r.key for r in batches.read_files(bucket, window) or [])
         restaged = batches.restage_stragglers(ctx, batch, listed)
         crashpoint("restaged")
         note = objects.read_json(bucket, verify.note_name(batch))
-        results = verify.verify_batch(ctx, records, record, note)
+        earlier = verify.earlier_copies(
+            lambda other: batches.batch_records(bucket, other),
+            lambda other: objects.read_json(bucket, verify.note_name(other)),
+            batch,
+            note,
+        )
+        results = verify.verify_batch(ctx, records, record, note, earlier)
         crashpoint("verified")
         manifests.write_lists(bucket, batch, op_name, results)
         crashpoint("manifests")
@@ -333,14 +340,14 @@ def _report_outside(ctx: Any, listed: list[OperationView], now: datetime) -> lis
     cannot be matched to the batch). If it fails it is reported as started outside
     dicomflow; its files are the batch's, whose per-file verification stands.
     """
-    settle_by = now - timedelta(
-        seconds=ctx.settings.import_restart_seconds + UNRECORDED_IMPORT_MARGIN_SECONDS
-    )
+    recorded_by = now - timedelta(seconds=RECORD_MARGIN_SECONDS)
     oldest = now - timedelta(seconds=OUTSIDE_HORIZON_SECONDS)
     reported: list[str] = []
     for op in listed:
-        if not op.failed or op.ended is None or not oldest <= op.ended <= settle_by:
+        if not op.failed or op.ended is None or op.ended < oldest:
             continue
+        if op.created is None or op.created > recorded_by:
+            continue  # maybe ours, between the call that started it and its record
         if operations.is_ours(ctx, op.name):
             continue
         _alert_outside(ctx, op, now)

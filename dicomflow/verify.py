@@ -23,8 +23,10 @@ share), then for the rest until every counted failure is found. With no readable
 counters (the operation was lost or failed as a whole) every present suspect is
 compared, and every other present file too.
 
-Two files with identical bytes in two batches imported at the same time are both
-``imported``: each note was taken before either import. Both are successes.
+Identical files in batches whose imports overlap: the note of each batch names the
+batches open when it was taken; the earliest batch (by id) that did not see the UID
+stored is the one that ``imported`` it, the others have a ``duplicate``
+(``earlier_copies``), whichever import stored the bytes first.
 Instances stored outside dicomflow with the same UIDs and bytes are ``duplicate``
 when they were there before the import, ``imported`` when they came in between.
 
@@ -124,12 +126,11 @@ def checksum_of(data: bytes, scheme: str) -> str:
 
 
 def failures_counted(operation: dict[str, Any] | None) -> int | None:
-    """The operation's ``counter.failure``, or None when it cannot be relied on (no
-    operation, an operation that failed as a whole, or no counters)."""
-    if not operation or operation.get("error"):
-        return None
-    counter = operation.get("counter")
-    if not isinstance(counter, dict):
+    """The operation's ``counter.failure``, or None when there is none to rely on (no
+    operation, or no counters: it was lost or failed as a whole). An import with
+    per-file failures ends with an error and its counters; the counters count."""
+    counter = (operation or {}).get("counter")
+    if not isinstance(counter, dict) or not counter:
         return None
     try:
         return int(counter.get("failure") or 0)
@@ -147,7 +148,11 @@ def suspects(results: Iterable[FileResult], before: set[str]) -> set[str]:
     return {sop for sop, sums in checksums.items() if sop in before or len(sums) > 1}
 
 
-def name_successes(present: list[FileResult], before: set[str]) -> None:
+def name_successes(
+    present: list[FileResult],
+    before: set[str],
+    earlier: set[tuple[str, str | None]] = frozenset(),  # type: ignore[assignment]
+) -> None:
     """``imported`` or ``duplicate`` for each present file shown (or taken) to be stored
     with its own bytes. Pure; results in key order."""
     seen: set[str] = set()
@@ -155,7 +160,8 @@ def name_successes(present: list[FileResult], before: set[str]) -> None:
         if result.status == CONFLICT:
             continue
         sop = result.record.sop or ""
-        result.status = DUPLICATE if sop in before or sop in seen else IMPORTED
+        again = sop in before or sop in seen or (sop, result.record.checksum) in earlier
+        result.status = DUPLICATE if again else IMPORTED
         result.reason = None
         seen.add(sop)
 
@@ -291,15 +297,43 @@ def _stored(ctx: Any, records: Iterable[FileRecord]) -> dict[str, tuple[str, str
     return found
 
 
-def take_note(ctx: Any, records: list[FileRecord]) -> dict[str, Any]:
-    """Which of ``records``' SOP Instance UIDs the store holds now (before the import)."""
+def take_note(ctx: Any, records: list[FileRecord], others: list[str]) -> dict[str, Any]:
+    """Which of ``records``' SOP Instance UIDs the store holds now (before the import), and
+    the other batches not verified yet (``others``), whose imports may overlap this one."""
     mine = {r.sop for r in records if r.sop}
     stored = _stored(ctx, records)
     return {
         "sops": sorted(mine & stored.keys()),
+        "open": sorted(others),
         "studies": len({r.study for r in records if r.study}),
         "takenAt": iso(ctx.clock()),
     }
+
+
+def earlier_copies(
+    read_records: Callable[[str], list[FileRecord]],
+    read_note: Callable[[str], dict[str, Any] | None],
+    batch: str,
+    note: dict[str, Any] | None,
+) -> set[tuple[str, str | None]]:
+    """(SOP UID, checksum) of files that an earlier batch, open when ``batch`` took its note,
+    counts as ``imported``: the earliest of several imports of identical bytes is the one
+    that imported them, whichever happened to store them first.
+
+    An earlier batch counts a file as imported unless its own note saw the UID stored;
+    one that has not taken its note yet will see it stored (this batch is done), so its
+    files do not count.
+    """
+    found: set[tuple[str, str | None]] = set()
+    for other in (note or {}).get("open") or []:
+        if other >= batch:
+            continue
+        theirs = read_note(other)
+        if theirs is None:
+            continue
+        seen = set(theirs.get("sops") or [])
+        found.update((r.sop, r.checksum) for r in read_records(other) if r.sop and r.sop not in seen)
+    return found
 
 
 # --- the verification ------------------------------------------------------------------------
@@ -310,8 +344,11 @@ def verify_batch(
     records: list[FileRecord],
     operation: dict[str, Any] | None,
     note: dict[str, Any] | None,
+    earlier: set[tuple[str, str | None]] = frozenset(),  # type: ignore[assignment]
 ) -> list[FileResult]:
-    """Decide the outcome of every file of a finished batch (see the module docstring)."""
+    """Decide the outcome of every file of a finished batch (see the module docstring).
+
+    ``earlier``: ``earlier_copies`` of the batch."""
     results = [FileResult(r) for r in sorted(records, key=lambda r: r.key)]
     checkable = [r for r in results if r.record.sop and r.record.study and r.record.series]
     for result in results:
@@ -348,7 +385,7 @@ def verify_batch(
     unexplained = None if counted is None else counted - (len(results) - len(present))
     if unexplained is None or unexplained > 0:
         _compare(ctx, present, before, unexplained)
-    name_successes(present, before)
+    name_successes(present, before, earlier)
     return results
 
 
@@ -361,11 +398,13 @@ def _compare(
     by_sop: dict[str, list[FileResult]] = defaultdict(list)
     for result in present:
         by_sop[result.record.sop or ""].append(result)
-    order = sorted(by_sop, key=lambda sop: (sop not in suspect, sop))
-    if unexplained is None:
-        order = [sop for sop in order if sop in suspect] + [
-            sop for sop in order if sop not in suspect
-        ]
+    rest = sorted(sop for sop in by_sop if sop not in suspect)
+    # The suspects first, then the rest in rounds of a few, so that a batch whose counted
+    # failures are all found among the suspects fetches nothing more.
+    step = DICOMWEB_THREADS * 2
+    rounds = [sorted(suspect & by_sop.keys())] + [
+        rest[i : i + step] for i in range(0, len(rest), step)
+    ]
     found = 0
     lock = threading.Lock()
 
@@ -383,12 +422,10 @@ def _compare(
                 with lock:
                     found += 1
 
-    # In rounds of a few, so a batch with one conflict among thousands stops early.
-    step = DICOMWEB_THREADS * 2
-    for start in range(0, len(order), step):
+    for sops in rounds:
         if unexplained is not None and found >= unexplained:
             return
-        dicomweb_pmap(ctx, compare, order[start : start + step])
+        dicomweb_pmap(ctx, compare, sops)
 
 
 def counts(results: Iterable[FileResult]) -> dict[str, int]:

@@ -33,13 +33,15 @@ from googleapiclient.discovery import build
 from dicomflow import (
     alerts,
     batches,
+    feeds,
     ingest,
-    lease,
-    ledger,
     log,
     manifests,
+    objects,
+    outcomes,
     report,
     runtime,
+    staging,
     verify,
 )
 from dicomflow.config import DROPPED_PREFIX, load_settings
@@ -106,7 +108,7 @@ class Env:
     def upload(self, name: str, data: bytes) -> Uploaded:
         return upload(self.gcs, self.landing, name, data)
 
-    def ingest(self, objects: list[Uploaded], repeats: int = 1, threads: int = 8) -> None:
+    def ingest(self, uploads: list[Uploaded], repeats: int = 1, threads: int = 8) -> None:
         """Deliver each finalize event ``repeats`` times, concurrently."""
         local = threading.local()
 
@@ -115,7 +117,7 @@ class Env:
                 local.client = self.client("ingest")
             return post(local.client, finalize_event(obj, self.clock()))
 
-        work = [o for o in objects for _ in range(repeats)]
+        work = [o for o in uploads for _ in range(repeats)]
         with ThreadPoolExecutor(threads) as pool:
             statuses = list(pool.map(deliver, work))
         assert set(statuses) == {200}, statuses
@@ -137,11 +139,7 @@ class Env:
         while True:
             self.ingest_tick()
             assert self.report_tick() == 200
-            pending = [
-                p
-                for p in (batches.OPEN_PREFIX, batches.ACTIVE_PREFIX, batches.FINISHED_PREFIX)
-                if batches.list_ids(bucket, p)
-            ]
+            pending = batches.open_batches(bucket)
             if not pending:
                 return
             assert time.monotonic() < deadline, f"batches still pending: {pending}"
@@ -171,12 +169,13 @@ class Env:
         return alerts.object_label(self.ctx.settings, obj.bucket, obj.name)
 
     def key(self, obj: Uploaded) -> str:
-        return ledger.ledger_key(obj.bucket, obj.name, obj.generation)
+        return staging.file_key(obj.bucket, obj.name, obj.generation)
 
-    def entry(self, obj: Uploaded) -> ledger.Entry:
-        found = ledger.read(self.gcs.bucket(self.staging), self.key(obj))
-        assert found is not None
-        return found[0]
+    def outcome(self, obj: Uploaded) -> outcomes.Outcome:
+        return outcomes.read_all(self.gcs.bucket(self.staging))[self.key(obj)]
+
+    def status(self, obj: Uploaded) -> str:
+        return self.outcome(obj).status
 
     def close(self) -> None:
         """Close this thread's API clients (their keep-alive sockets) and drop the context."""
@@ -252,7 +251,7 @@ def make_env(
         "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
         "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
         "STORAGE_EMULATOR_HOST": gcs_server.url,
-        "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
+        "DICOMFLOW_SEAL_GRACE_SECONDS": "10",
         **extra,
     }
     clock = Clock(datetime.now(UTC))
@@ -355,7 +354,7 @@ def test_import_checks_alert_once_per_subject_and_manifests_match_the_store(env:
         "ok1": "imported",
         "ok2": "imported",
     }
-    assert {name: env.entry(obj).status for name, obj in files.items()} == expected
+    assert {name: env.status(obj) for name, obj in files.items()} == expected
 
     # The manifests agree with the store, file by file.
     sops = stored_sops(env)
@@ -383,16 +382,16 @@ def test_import_checks_alert_once_per_subject_and_manifests_match_the_store(env:
         "total": 6,
     }
     assert summary["operation"]["counter"]["failure"] == 2
-    # Only the twin and its re-sent original share a SOP UID with other bytes: two WADOs.
-    assert summary["fetchedForChecksum"] == 2
+    # Two failures counted, one file not stored: one conflict to find. The twin and the
+    # re-send share the suspect SOP UID (stored before the import): one WADO for both.
+    assert summary["fetchedForChecksum"] == 1
 
-    # Staging copies: settled files gone, conflict and failure kept for inspection.
+    # Every staging copy stays (the claim of its generation; a lifecycle rule expires it).
     staged = {b.name for b in env.gcs.list_blobs(env.staging, prefix="batches/")}
-    for name, obj in files.items():
-        batch = env.entry(obj).batch
-        assert batch is not None
-        present = batches.staged_name(batch, env.key(obj)) in staged
-        assert present == (expected[name] in ("conflict", "failed")), name
+    for obj in files.values():
+        outcome = env.outcome(obj)
+        assert outcome.window is not None
+        assert staging.staged_name(outcome.window, env.key(obj)) in staged
 
     # More ticks change nothing and send nothing.
     env.clock.advance(120)
@@ -421,6 +420,9 @@ def test_failing_import_started_outside_is_reported_once(env: Env) -> None:
         while not operations_api.get(name=op["name"]).execute().get("done"):
             assert time.monotonic() < deadline
             time.sleep(0.1)
+    assert env.report_tick() == 200
+    assert env.pull() == []  # ingest may be about to record it as its own
+    env.clock.advance(report.RECORD_MARGIN_SECONDS + 1)
     for _ in range(3):
         assert env.report_tick() == 200
     got = env.pull()
@@ -487,13 +489,10 @@ def healthy_burst(env: Env, studies: int, resend: int, redeliver: int) -> None:
     env.ingest(uploaded[:half] + resent + uploaded[:redeliver] + uploaded[half:])
     env.import_all(timeout=400)
     assert env.pull() == []
-    totals = ledger.totals(list(ledger.list_entries(env.gcs.bucket(env.staging))))
+    totals = outcomes.totals(outcomes.read_all(env.gcs.bucket(env.staging)).values())
     assert totals["imported"] == len(instances) and totals["duplicate"] == resend, totals
     assert sum(totals.values()) == len(instances) + resend
     assert len(stored_sops(env)) == len(instances)
-    assert not [
-        n for n in env.gcs.list_blobs(env.staging, prefix="batches/") if n.name.endswith(".dcm")
-    ]
 
 
 def test_healthy_burst_with_duplicate_deliveries_gives_zero_alerts(
@@ -523,19 +522,15 @@ def test_healthy_burst_of_2000_gives_zero_alerts(
 
 CRASHPOINTS = [
     "listed",
+    "outside",
     "exports",
-    "retired",
+    "restaged",
     "verified",
     "manifests",
-    "ledger",
     "alerts",
     "summary",
-    "staging",
-    "outside",
-    "stalled",
     "backlog",
     "quarantine",
-    "dropped",
 ]
 
 
@@ -595,10 +590,7 @@ def run_until_settled(env: Env, limit: int = 60) -> list[int]:
     for _ in range(limit):
         env.ingest_tick()
         statuses.append(env.report_tick())
-        busy = any(
-            batches.list_ids(bucket, p)
-            for p in (batches.OPEN_PREFIX, batches.ACTIVE_PREFIX, batches.FINISHED_PREFIX)
-        )
+        busy = bool(batches.open_batches(bucket))
         if not busy and statuses[-1] == 200 and statuses[-2:] == [200, 200]:
             return statuses
         time.sleep(0.2)
@@ -643,7 +635,7 @@ def test_crash_at_each_step_repeats_alerts_with_the_same_id(
     ]
     assert all(len(ids) == 1 for ids in subjects.values()), subjects
     if mode == "steps":
-        assert {"listed", "verified", "manifests", "ledger", "alerts", "summary"} <= set(hit)
+        assert {"listed", "verified", "manifests", "alerts", "summary"} <= set(hit)
     else:
         assert len(hit) == 4 and len(got) >= 8  # each alert went out twice, same id
 
@@ -715,32 +707,39 @@ def test_no_phi_in_logs_or_alerts_from_the_sample_corpus(env: Env) -> None:
 # --- a check that the checks can fail ----------------------------------------------------------
 
 
-def wait_finished(env: Env, seconds: float) -> None:
-    """Run ingest ticks until a batch's import is done (state/finished/), within ``seconds``."""
+def wait_finished(env: Env, seconds: float, count: int = 1) -> list[str]:
+    """Run ingest ticks until ``count`` batches' imports are done, within ``seconds``."""
     bucket = env.gcs.bucket(env.staging)
     deadline = time.monotonic() + seconds
-    while not batches.list_ids(bucket, batches.FINISHED_PREFIX):
+    while True:
+        env.ingest_tick()
+        done = [
+            b
+            for b in batches.open_batches(bucket)
+            if (objects.read_json(bucket, staging.operation_name(b)) or {}).get("done")
+        ]
+        if len(done) >= count:
+            return done
         assert time.monotonic() < deadline
         time.sleep(0.2)
-        env.ingest_tick()
 
 
 def test_verification_sees_an_instance_deleted_behind_its_back(env: Env) -> None:
     """The verdict comes from the store, not the operation: delete one instance before
     the report runs, and that file becomes import_failed even though the import succeeded."""
-    objects = [env.upload(f"d/{i}.dcm", make_instance()) for i in range(3)]
-    env.ingest(objects)
-    env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
+    files = [env.upload(f"d/{i}.dcm", make_instance()) for i in range(3)]
+    env.ingest(files)
+    env.clock.advance(env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds)
     env.ingest_tick()
     wait_finished(env, 30)
-    victim = env.entry(objects[1]).uids
-    assert victim is not None
+    victim = env.outcome(files[1]).record
+    assert victim is not None and victim.study and victim.series and victim.sop
     env.ctx.dicomweb().delete_instance(victim.study, victim.series, victim.sop)
     assert env.report_tick() == 200
     got = env.pull()
     assert [m["body"]["kind"] for m in got] == ["import_failed"]
-    assert got[0]["body"]["details"]["samples"] == [env.label(objects[1])]
-    assert [env.entry(o).status for o in objects] == ["imported", "failed", "imported"]
+    assert got[0]["body"]["details"]["samples"] == [env.label(files[1])]
+    assert [env.status(o) for o in files] == ["imported", "failed", "imported"]
 
 
 # --- quarantine: late and half-written records ---------------------------------------------
@@ -749,24 +748,25 @@ def test_verification_sees_an_instance_deleted_behind_its_back(env: Env) -> None
 def quarantine_close(env: Env) -> float:
     """Seconds from a window's start until the report treats it as closed."""
     s = env.ctx.settings
-    return s.batch_window_seconds + s.seal_grace_seconds + report.QUARANTINE_GRACE_SECONDS + 1
+    return s.batch_window_seconds + s.seal_grace_seconds + feeds.GRACE_SECONDS + 1
 
 
-def test_quarantine_record_landing_in_a_reported_window_gets_a_follow_up_alert(
+def test_quarantine_copy_landing_in_a_reported_window_gets_a_follow_up_alert(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A retried delivery writes its quarantine copy and record after the window was alerted."""
+    """A retried delivery writes its quarantine copy after the window was alerted."""
     first = env.upload("q/bad1.dcm", b"not dicom" * 100)
     late = env.upload("q/bad2.dcm", b"also not dicom" * 100)
     env.ingest([first])
     real_copy = ingest.copy_object
 
-    def failing_copy(ctx: Any, source: Any, target: str) -> None:
+    def failing_copy(*args: Any) -> bool:
         raise TransientError("simulated: storage 503s until the retry deadline")
 
     monkeypatch.setattr(ingest, "copy_object", failing_copy)
     assert post(env.client("ingest"), finalize_event(late, env.clock())) == 500
     monkeypatch.setattr(ingest, "copy_object", real_copy)
+    sent = env.clock()
     env.clock.advance(quarantine_close(env) + 60)
     assert env.report_tick() == 200
     got = env.pull()
@@ -774,10 +774,9 @@ def test_quarantine_record_landing_in_a_reported_window_gets_a_follow_up_alert(
     assert got[0]["body"]["details"]["samples"] == [env.label(first)]
     window = got[0]["body"]["details"]["window"]
 
-    # The platform retries the delivery: the record lands in the window already alerted.
-    assert post(env.client("ingest"), finalize_event(late, env.clock())) == 200
-    assert env.entry(late).quarantine is not None
-    assert f"/{window}/" in f"/{env.entry(late).quarantine}"
+    # The platform retries the delivery: the copy lands in its home window, already alerted.
+    assert post(env.client("ingest"), finalize_event(late, sent)) == 200
+    assert env.outcome(late).status == "quarantined" and env.outcome(late).window == window
     env.clock.advance(60)
     assert env.report_tick() == 200
     again = env.pull()
@@ -792,69 +791,20 @@ def test_quarantine_record_landing_in_a_reported_window_gets_a_follow_up_alert(
     assert env.pull() == []
 
 
-def test_quarantine_copy_without_its_record_holds_the_window_until_the_record_lands(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A delivery dies between the quarantine copy and its record: the window is not
-    reported without that file; the retried delivery's record is alerted."""
-    first = env.upload("q/bad1.dcm", b"not dicom" * 100)
-    half = env.upload("q/bad3.dcm", b"not dicom either" * 100)
-    env.ingest([first])
-    real_create = batches.create_json
-
-    def no_record(bucket: Any, name: str, data: dict[str, Any]) -> bool:
-        if name.startswith("quarantine/") and name.endswith(".json"):
-            raise TransientError("simulated: crash before the quarantine record")
-        return real_create(bucket, name, data)
-
-    monkeypatch.setattr(batches, "create_json", no_record)
-    assert post(env.client("ingest"), finalize_event(half, env.clock())) == 500
-    monkeypatch.setattr(batches, "create_json", real_create)
-    names = [b.name for b in env.gcs.list_blobs(env.staging, prefix="quarantine/")]
-    assert (
-        sum(n.endswith(".dcm") for n in names) == 2 and sum(n.endswith(".json") for n in names) == 1
-    )
-    env.clock.advance(quarantine_close(env) + 60)
-    assert env.report_tick() == 200
-    early = env.pull()
-    assert post(env.client("ingest"), finalize_event(half, env.clock())) == 200
-    env.clock.advance(60)
-    assert env.report_tick() == 200
-    got = early + env.pull()
-    reported = {s for m in got for s in m["body"]["details"]["samples"]}
-    assert reported == {env.label(first), env.label(half)}, got
-    assert sum(m["body"]["details"]["files"] for m in got) == 2
-    env.clock.advance(60)
-    assert env.report_tick() == 200
-    assert env.pull() == []
+# --- operations of our own --------------------------------------------------------------------
 
 
-# --- overlapping ticks ---------------------------------------------------------------------
-
-
-def test_overlapping_ticks_do_not_report_our_own_import_as_outside(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Tick 2 lists the operations, then tick 1 settles the batch before tick 2 lists
-    ``state/finished/``: the operation is in neither set tick 2 read, yet it is ours."""
+def test_a_failed_import_of_ours_is_never_reported_as_outside(env: Env) -> None:
+    """Our import fails a file: the per-file alert only, never operation_failed, however
+    long after it ended the report looks at the operation again."""
     good = env.upload("o/good.dcm", make_instance())
     broken = env.upload("o/broken.dcm", make_instance(rows=8, pixel_bytes=10))
     env.ingest([good, broken])
-    env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
-    env.ingest_tick()
-    wait_finished(env, 30)
-    nested: list[dict[str, Any]] = []
-    entered: list[str] = []
-
-    def point(step: str) -> None:
-        if step == "listed" and not entered:
-            entered.append(step)  # tick 1 runs to its end while tick 2 is after its listing
-            nested.append(report.run_tick(env.ctx))
-
-    monkeypatch.setattr(report, "crashpoint", point)
-    second = report.run_tick(env.ctx)
-    assert [v["counts"]["failed"] for v in nested[0]["verified"]] == [1]
-    assert second["outside"] == []
+    env.import_all()
+    for minutes in (1, 10, 60):
+        env.clock.advance(minutes * 60)
+        result = report.run_tick(env.ctx)
+        assert result["outside"] == []
     assert [m["body"]["kind"] for m in env.pull()] == ["import_failed"]
 
 
@@ -894,9 +844,8 @@ def test_failed_study_needs_no_per_file_lookup_and_the_rest_run_in_parallel(
 
     monkeypatch.setattr(verify, "search_sop", search_sop)
     env.import_all()
-    statuses = [env.entry(f).status for f in files]
-    assert statuses == ["failed"] * 5 + ["imported"] + ["failed"] * 3
-    b_sops = {env.entry(f).uids.sop for f in files[6:]}  # type: ignore[union-attr]
+    assert [env.status(f) for f in files] == ["failed"] * 5 + ["imported"] + ["failed"] * 3
+    b_sops = {env.outcome(f).record.sop for f in files[6:]}  # type: ignore[union-attr]
     assert set(looked_up) == b_sops and len(looked_up) == 3
     assert peak[0] > 1
     got = env.pull()
@@ -909,30 +858,31 @@ def test_failed_study_needs_no_per_file_lookup_and_the_rest_run_in_parallel(
 
 def test_unreadable_operation_does_not_block_the_tick(env: Env) -> None:
     """The batch's operation answers 404 (expired, deleted): the batch is verified from
-    the store like any other, the tick goes on, and the record says why."""
-    objects = [env.upload(f"x/{i}.dcm", make_instance()) for i in range(2)]
-    env.ingest(objects)
-    env.clock.advance(env.ctx.settings.batch_window_seconds + 2)
+    the store like any other, the tick goes on, and the summary says why."""
+    files = [env.upload(f"x/{i}.dcm", make_instance()) for i in range(2)]
+    env.ingest(files)
+    env.clock.advance(env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds)
     env.ingest_tick()
     bucket = env.gcs.bucket(env.staging)
-    [batch] = batches.list_ids(bucket, batches.ACTIVE_PREFIX)
-    record = batches.read_json(bucket, batches.operation_name(batch))
-    assert record is not None
+    [batch] = batches.open_batches(bucket)
+    found = objects.read(bucket, staging.operation_name(batch))
+    assert found is not None
+    record = found[0]
     operations_api = healthcare_api(env.healthcare_url).projects().locations().datasets()
     deadline = time.monotonic() + 30
     while not operations_api.operations().get(name=record["operation"]).execute().get("done"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     gone = record["operation"].rsplit("/", 1)[0] + "/404404404"
-    bucket.blob(batches.operation_name(batch)).upload_from_string(
-        json.dumps({**record, "operation": gone}), content_type="application/json"
+    assert objects.swap(
+        bucket, staging.operation_name(batch), {**record, "operation": gone}, found[1]
     )
     assert env.report_tick() == 200
     assert env.report_tick() == 200
-    assert [env.entry(o).status for o in objects] == ["imported", "imported"]
+    assert [env.status(o) for o in files] == ["imported", "imported"]
     summary = manifests.read_summary(bucket, batch)
-    assert summary is not None and "unreadable" in summary["recordError"]["message"]
-    assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
+    assert summary is not None and "404" in summary["operation"]["error"]["message"]
+    assert not batches.open_batches(bucket)
     assert env.pull() == []
 
 
@@ -943,11 +893,21 @@ def test_quarantine_windows_past_the_horizon_are_not_listed_again(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = env.gcs.bucket(env.staging)
-    old = batches.window_id(env.clock() - timedelta(days=3), env.ctx.settings.batch_window_seconds)
-    key = "0" * 40
-    bucket.blob(f"quarantine/{old}/{key}.dcm").upload_from_string(b"junk")
-    record = {"key": key, "reason": "not-dicom: x", "source": {"bucket": env.landing, "name": "o"}}
-    bucket.blob(f"quarantine/{old}/{key}.json").upload_from_string(json.dumps(record))
+    seconds = env.ctx.settings.batch_window_seconds
+    old = staging.window_id(env.clock() - timedelta(days=3), seconds)
+    record = staging.FileRecord(
+        key="0" * 46,
+        bucket=env.landing,
+        name="o",
+        generation="1",
+        size=4,
+        home=old,
+        window=old,
+        reason="not-dicom: x",
+    )
+    blob = bucket.blob(staging.quarantine_name(old, record.key))
+    blob.metadata = record.metadata()
+    blob.upload_from_string(b"junk")
     env.ingest([env.upload("q/new.dcm", b"not dicom" * 100)])
     assert env.report_tick() == 200
     assert [m["body"]["subject"] for m in env.pull()] == [f"quarantine/{old}"]
@@ -967,16 +927,84 @@ def test_quarantine_windows_past_the_horizon_are_not_listed_again(
     assert len(report.run_tick(env.ctx)["quarantine"]) == 1
 
 
+class CountingHttp:
+    """Counts the Storage client's HTTP requests by method and path kind."""
+
+    def __init__(self, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        session = client._http
+        real = session.request
+
+        def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            self.calls.append(f"{method} {url.split('?')[0].rsplit('/o', 1)[-1][:30]}")
+            return real(method, url, *args, **kwargs)
+
+        monkeypatch.setattr(session, "request", request)
+
+
+class CountingHealthcare:
+    """Counts the Healthcare and DICOMweb requests the report makes."""
+
+    def __init__(self, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        real = report.operations.list_operations
+        real_get = batches.healthcare.get_operation
+
+        def list_operations(ctx: Any) -> Any:
+            self.calls.append("operations.list")
+            return real(ctx)
+
+        def get_operation(ctx: Any, name: str) -> Any:
+            self.calls.append("operations.get")
+            return real_get(ctx, name)
+
+        monkeypatch.setattr(report.operations, "list_operations", list_operations)
+        monkeypatch.setattr(batches.healthcare, "get_operation", get_operation)
+
+
+def idle_ticks(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """The Storage and Healthcare calls of one idle ingest tick and one idle report tick."""
+    with monkeypatch.context() as patch:
+        storage_calls = CountingHttp(env.gcs, patch)
+        healthcare_calls = CountingHealthcare(env, patch)
+        ingest.tick(env.ctx)
+        report.run_tick(env.ctx)
+    return sorted(storage_calls.calls), sorted(healthcare_calls.calls)
+
+
+def test_an_idle_tick_costs_the_same_after_hundreds_of_files_as_after_none(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ticks list what is open (windows from a cursor, open batches, slots), never history."""
+    env.clock.advance(3600)
+    idle_ticks(env, monkeypatch)  # cursors settle
+    before = idle_ticks(env, monkeypatch)
+    study = pydicom.uid.generate_uid()
+    for round_ in range(3):  # three windows, three batches
+        files = [env.upload(f"h{round_}/{i}.dcm", make_instance(study)) for i in range(60)]
+        files.append(env.upload(f"h{round_}/junk.dcm", b"not dicom" * 50))
+        env.ingest(files)
+        env.clock.advance(env.ctx.settings.batch_window_seconds)
+    env.import_all()
+    env.clock.advance(86_400 * 2)  # past the lookback and the feeds' horizon
+    for _ in range(2):
+        idle_ticks(env, monkeypatch)
+    after = idle_ticks(env, monkeypatch)
+    assert after == before, (before, after)
+    assert before[1] == ["operations.list"]
+
+
 # --- dropped files --------------------------------------------------------------------------------
 
 
-def deliver_too_old(env: Env, objects: list[Uploaded]) -> None:
+def deliver_too_old(env: Env, uploads: list[Uploaded]) -> None:
     """Finalize events older than the max event age: ingest drops them (event-too-old)."""
     when = env.clock() - timedelta(seconds=env.ctx.settings.max_event_age_seconds + 60)
     client = env.client("ingest")
-    for obj in objects:
+    for obj in uploads:
         assert post(client, finalize_event(obj, when)) == 200
-        assert (env.entry(obj).status, env.entry(obj).reason) == (ledger.DROPPED, "event-too-old")
+        outcome = env.outcome(obj)
+        assert (outcome.status, outcome.reason) == ("dropped", "event-too-old")
 
 
 def drop_records(env: Env) -> dict[str, dict[str, Any]]:
@@ -991,7 +1019,9 @@ def test_event_older_than_the_max_age_raises_one_dropped_alert_once(env: Env) ->
     obj = env.upload(f"old/{PATIENT_NAME}.dcm", make_instance())
     deliver_too_old(env, [obj])
     records = drop_records(env)
-    assert len(records) == 1 and PATIENT_NAME not in json.dumps(records)
+    assert len(records) == 1 and PATIENT_NAME not in json.dumps(
+        {k: v for k, v in records.items()}, default=str
+    ).replace(f"old/{PATIENT_NAME}.dcm", "")
     (record,) = records.values()
     assert record["key"] == env.key(obj) and record["objectLabel"] == env.label(obj)
     assert record["reason"] == "event-too-old"
@@ -1004,10 +1034,12 @@ def test_event_older_than_the_max_age_raises_one_dropped_alert_once(env: Env) ->
     assert body["subject"] == f"dropped/{record['window']}"
     assert body["details"]["files"] == 1 and body["details"]["samples"] == [env.label(obj)]
     assert body["details"]["reasons"] == {"event-too-old": 1}
-    assert body["details"]["sampleFiles"][0]["ledgerKey"] == env.key(obj)
+    assert body["details"]["sampleFiles"][0]["key"] == env.key(obj)
     assert PATIENT_NAME not in json.dumps(got)
-    # A redelivery of the same event and more ticks send nothing more.
+    # A redelivery of the same event, later, and more ticks send nothing more.
+    env.clock.advance(600)
     deliver_too_old(env, [obj])
+    assert len(drop_records(env)) == 1
     for _ in range(3):
         env.clock.advance(60)
         assert env.report_tick() == 200
@@ -1017,25 +1049,25 @@ def test_event_older_than_the_max_age_raises_one_dropped_alert_once(env: Env) ->
 def test_dropped_alert_survives_crashes_in_ingest_and_report_with_one_alert_id(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ingest dies between the ledger entry and the drop record; report dies after publishing."""
+    """Ingest dies before the drop record; report dies after publishing."""
     obj = env.upload("old/a.dcm", make_instance())
     gone = env.upload("gone/b.dcm", make_instance())
     env.gcs.bucket(env.landing).blob(gone.name).delete()
-    real_create = batches.create_json
+    real_create = objects.create
 
     def no_record(bucket: Any, name: str, data: dict[str, Any]) -> bool:
         if name.startswith(DROPPED_PREFIX):
             raise TransientError("simulated: crash before the drop record")
         return real_create(bucket, name, data)
 
-    monkeypatch.setattr(batches, "create_json", no_record)
+    monkeypatch.setattr(objects, "create", no_record)
     when = env.clock() - timedelta(seconds=env.ctx.settings.max_event_age_seconds + 60)
     assert post(env.client("ingest"), finalize_event(obj, when)) == 500
     assert post(env.client("ingest"), finalize_event(gone, env.clock())) == 500
-    assert env.entry(obj).status == env.entry(gone).status == ledger.DROPPED
     assert drop_records(env) == {}
-    monkeypatch.setattr(batches, "create_json", real_create)
-    # The platform retries both deliveries: each finds its entry dropped and writes the record.
+    monkeypatch.setattr(objects, "create", real_create)
+    # The platform retries both deliveries: each writes its record once.
+    env.clock.advance(30)
     assert post(env.client("ingest"), finalize_event(obj, when)) == 200
     assert post(env.client("ingest"), finalize_event(gone, env.clock())) == 200
     assert sorted(r["reason"] for r in drop_records(env).values()) == [
@@ -1045,21 +1077,34 @@ def test_dropped_alert_survives_crashes_in_ingest_and_report_with_one_alert_id(
 
     crashed = crash_after_publish(monkeypatch)
     env.clock.advance(quarantine_close(env) + 60)
-    assert env.report_tick() == 500
+    statuses = [env.report_tick()]
     for _ in range(3):
         env.clock.advance(60)
-        assert env.report_tick() == 200
+        statuses.append(env.report_tick())
+    assert 500 in statuses
     got = env.pull()
-    assert len(crashed) == 1 and len(got) == 2, got
+    assert len(got) == 2 * len(crashed), got
     assert {m["body"]["alertId"] for m in got} == set(crashed)
     assert {m["body"]["kind"] for m in got} == {"dropped"}
-    assert got[0]["body"]["details"]["reasons"] == {"event-too-old": 1, "source-missing": 1}
-    assert sorted(got[0]["body"]["details"]["samples"]) == sorted([env.label(obj), env.label(gone)])
+    reasons = Counter_of(got)
+    assert reasons == {"event-too-old": 1, "source-missing": 1}
+
+
+def Counter_of(got: list[dict[str, Any]]) -> dict[str, int]:
+    """Files per reason over distinct alerts."""
+    seen: dict[str, dict[str, int]] = {}
+    for m in got:
+        seen[m["body"]["alertId"]] = m["body"]["details"]["reasons"]
+    total: dict[str, int] = {}
+    for reasons in seen.values():
+        for reason, n in reasons.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def test_burst_of_50_dropped_files_in_one_window_gives_one_alert(env: Env) -> None:
-    objects = [env.upload(f"old/{i:02d}.dcm", b"x" * 200) for i in range(50)]
-    deliver_too_old(env, objects)
+    uploads = [env.upload(f"old/{i:02d}.dcm", b"x" * 200) for i in range(50)]
+    deliver_too_old(env, uploads)
     assert len({r["window"] for r in drop_records(env).values()}) == 1
     env.clock.advance(quarantine_close(env) + 60)
     for _ in range(3):
@@ -1070,190 +1115,115 @@ def test_burst_of_50_dropped_files_in_one_window_gives_one_alert(env: Env) -> No
     details = got[0]["body"]["details"]
     assert details["files"] == 50 and details["sampleTotal"] == 50
     assert len(details["samples"]) == env.ctx.settings.alert_sample_files
-    assert set(details["samples"]) <= {env.label(o) for o in objects}
+    assert set(details["samples"]) <= {env.label(o) for o in uploads}
 
 
-# --- per-batch verification lease --------------------------------------------------------------
+# --- one SOP Instance UID, other bytes, two batches: verdicts in any order --------------------
 
 
-class Killed(BaseException):
-    """A hard kill (timeout, instance gone): no handler of the tick runs, unlike ``Crash``."""
+@dataclass
+class Pair:
+    a: Uploaded
+    b: Uploaded
+    batch_a: str
+    batch_b: str
 
 
-def finished_batches(env: Env, windows: int, per_window: int = 2) -> list[str]:
-    """``windows`` batches, each imported and moved to ``state/finished/``."""
-    for w in range(windows):
-        objects = [env.upload(f"l{w}/{i}.dcm", make_instance()) for i in range(per_window)]
-        env.ingest(objects)
-        env.clock.advance(env.ctx.settings.batch_window_seconds)
-    env.clock.advance(env.ctx.settings.seal_grace_seconds + 2)
+def conflicting_pair(env: Env) -> Pair:
+    """File a in one window, file b (same UIDs, other bytes) in the next; both sealed."""
+    study, series, sop = (pydicom.uid.generate_uid() for _ in range(3))
+    a = env.upload("p/a.dcm", make_instance(study, series, sop))
+    b = env.upload("p/b.dcm", make_instance(study, series, sop, rows=6))
+    seconds = env.ctx.settings.batch_window_seconds
+    env.ingest([a])
+    env.clock.advance(seconds)
+    env.ingest([b])
+    env.clock.advance(seconds + env.ctx.settings.seal_grace_seconds)
+    sealed = batches.seal_due(env.ctx, env.clock())
+    assert len(sealed) == 2, sealed
+    return Pair(a, b, *sorted(sealed))
+
+
+def start_and_wait(env: Env, batch: str) -> None:
     bucket = env.gcs.bucket(env.staging)
-    deadline = time.monotonic() + 60
+    assert batches.start(env.ctx, batch, None, env.clock()) == "started"
+    deadline = time.monotonic() + 30
     while True:
-        env.ingest_tick()
-        done = batches.list_ids(bucket, batches.FINISHED_PREFIX)
-        if len(done) == windows and not batches.list_ids(bucket, batches.ACTIVE_PREFIX):
-            return sorted(done)
-        assert time.monotonic() < deadline, done
-        time.sleep(0.2)
+        record = objects.read_json(bucket, staging.operation_name(batch))
+        assert record is not None
+        if batches.poll(env.ctx, batch, record).get("done"):
+            return
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
-def count_verifications(monkeypatch: pytest.MonkeyPatch, pause: float = 0.0) -> list[str]:
-    """Record the batch of every ``verify.verify_batch`` call (each is the QIDO checks)."""
-    calls: list[str] = []
-    lock = threading.Lock()
-    real = verify.verify_batch
-
-    def verify_batch(ctx: Any, batch: str, keys: list[str], **kw: Any) -> Any:
-        with lock:
-            calls.append(batch)
-        time.sleep(pause)
-        return real(ctx, batch, keys, **kw)
-
-    monkeypatch.setattr(verify, "verify_batch", verify_batch)
-    return calls
+def verify_in(env: Env, order: list[str]) -> None:
+    for batch in order:
+        outcome = report.check_batch(env.ctx, batch, env.clock())
+        assert outcome is not None and "counts" in outcome, outcome
 
 
-def test_overlapping_ticks_split_finished_batches_and_verify_each_once(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ids = finished_batches(env, windows=4)
-    calls = count_verifications(monkeypatch, pause=0.4)
-    # One batch at a time per tick, so that each tick must leave work to the other.
-    monkeypatch.setattr(report, "VERIFY_BATCHES_AT_ONCE", 1)
-    start = threading.Barrier(2)
-
-    def tick() -> dict[str, Any]:
-        start.wait()
-        try:
-            return report.run_tick(env.ctx)
-        finally:
-            env.ctx.close_clients()
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: tick(), range(2)))
-    assert sorted(calls) == ids  # each batch verified once, by one of the two ticks
-    done = [[v["batch"] for v in r["verified"]] for r in results]
-    assert sorted(done[0] + done[1]) == ids and done[0] and done[1]  # the work was split
-    bucket = env.gcs.bucket(env.staging)
-    assert verified_batches(env) == ids
-    assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
-    assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
+def assert_one_imported_one_conflict(env: Env, pair: Pair, winner: Uploaded) -> None:
+    loser = pair.b if winner is pair.a else pair.a
+    assert (env.status(winner), env.status(loser)) == ("imported", "conflict")
+    lost = env.outcome(loser)
+    assert lost.reason == "checksum-mismatch" and lost.window is not None
+    # The conflict keeps its staging copy for inspection and retry.
+    assert env.gcs.bucket(env.staging).blob(staging.staged_name(lost.window, lost.key)).exists()
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["conflict"], got
+    assert got[0]["body"]["details"]["samples"] == [env.label(loser)]
+    for _ in range(2):
+        env.clock.advance(60)
+        assert env.report_tick() == 200
     assert env.pull() == []
 
 
-def test_a_tick_verifies_batches_at_once_but_uses_the_index_in_batch_order(
-    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    ids = finished_batches(env, windows=3)
-    turns: list[str] = []
-    inside, most = 0, 0
-    lock = threading.Lock()
-    real = verify.verify_batch
-
-    def verify_batch(ctx: Any, batch: str, keys: list[str], **kw: Any) -> Any:
-        nonlocal inside, most
-        with lock:
-            inside += 1
-            most = max(most, inside)
-        # The last batch reads fastest: without the turnstile it would reach the index first.
-        time.sleep(0.1 if batch == ids[-1] else 0.6)
-
-        def my_turn() -> None:
-            kw["my_turn"]()
-            with lock:
-                turns.append(batch)
-
-        try:
-            return real(ctx, batch, keys, my_turn=my_turn)
-        finally:
-            with lock:
-                inside -= 1
-
-    monkeypatch.setattr(verify, "verify_batch", verify_batch)
-    with caplog.at_level(logging.INFO, logger="dicomflow.report"):
-        result = report.run_tick(env.ctx)
-    assert sorted(v["batch"] for v in result["verified"]) == ids
-    assert most == min(len(ids), report.VERIFY_BATCHES_AT_ONCE) > 1
-    assert turns == ids  # the index is used in batch order
-    # The tick's log line times its parts; verification falls in the time of the alert
-    # steps and the wait after them.
-    [line] = [r for r in caplog.records if r.getMessage() == "report tick"]
-    fields = line.fields  # type: ignore[attr-defined]
-    steps = fields["stepsMs"]
-    assert list(steps) == ["list", "exports", "retire", "finished", "alerts", "verifyAfterAlerts"]
-    assert min(steps.values()) >= 0 and 0 <= fields["ms"] - sum(steps.values()) <= 50
-    assert steps["alerts"] + steps["verifyAfterAlerts"] >= 600
-    assert verified_batches(env) == ids
-    assert not list(env.gcs.list_blobs(env.staging, prefix=report.VERIFYING_PREFIX))
+def test_conflict_found_when_the_later_batch_is_verified_first(env: Env) -> None:
+    """The earlier batch waits (as behind a killed tick); the later one goes first."""
+    pair = conflicting_pair(env)
+    start_and_wait(env, pair.batch_a)
+    start_and_wait(env, pair.batch_b)
+    verify_in(env, [pair.batch_b, pair.batch_a])
+    assert_one_imported_one_conflict(env, pair, winner=pair.a)
 
 
-def test_a_renewed_lease_stays_live_and_a_stopped_one_expires_and_is_taken_over(
-    env: Env,
-) -> None:
-    bucket = env.gcs.bucket(env.staging)
-    clock = lambda: datetime.now(UTC)  # noqa: E731
-    seconds = 0.6  # renewed every 0.2 s
-
-    def doc() -> dict[str, Any]:
-        return {"state": "verifying", "leaseUntil": lease.iso(clock() + timedelta(seconds=seconds))}
-
-    first = lease.Lease(bucket.blob(report.verifying_name("renewal")))
-    generation = lease.try_acquire(first, doc(), clock())
-    assert generation is not None
-    with lease.Renewal(first, generation, doc(), seconds, clock) as renewal:
-        time.sleep(3 * seconds)  # three lease lengths: alive only through renewals
-        other = lease.Lease(bucket.blob(report.verifying_name("renewal")))
-        assert lease.try_acquire(other, doc(), clock()) is None
-        assert renewal.generation != generation and not renewal.lost
-    # Stopped without release, as a killed holder is: the lease runs out and is taken over.
-    time.sleep(seconds + 0.2)
-    taker = lease.Lease(bucket.blob(report.verifying_name("renewal")))
-    taken = lease.try_acquire(taker, doc(), clock())
-    assert taken is not None
-    renewal.renew()  # the old holder wakes up: it finds the marker changed and backs off
-    assert renewal.lost
-    renewal.release()  # does not delete the taker's marker
-    assert bucket.get_blob(report.verifying_name("renewal")).generation == taken
-    lease.release(taker, taken)
-    assert not bucket.blob(report.verifying_name("renewal")).exists()
+def test_conflict_found_when_the_later_import_finishes_first(env: Env) -> None:
+    pair = conflicting_pair(env)
+    start_and_wait(env, pair.batch_b)
+    start_and_wait(env, pair.batch_a)
+    verify_in(env, [pair.batch_a, pair.batch_b])
+    assert_one_imported_one_conflict(env, pair, winner=pair.b)
 
 
-def test_tick_killed_mid_batch_leaves_a_lease_that_expires_and_the_next_tick_resumes(
+def test_conflict_found_when_the_earlier_verification_raises_once(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    good = env.upload("k/good.dcm", make_instance())
-    broken = env.upload("k/broken.dcm", make_instance(rows=8, pixel_bytes=10))
-    env.ingest([good, broken])
-    env.clock.advance(env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds)
-    bucket = env.gcs.bucket(env.staging)
-    wait_finished(env, 60)
-    [batch] = batches.list_ids(bucket, batches.FINISHED_PREFIX)
-    calls = count_verifications(monkeypatch)
-    killed: list[str] = []
+    pair = conflicting_pair(env)
+    start_and_wait(env, pair.batch_a)
+    start_and_wait(env, pair.batch_b)
+    real = verify.verify_batch
+    raised: list[int] = []
 
-    def point(step: str) -> None:
-        if step == "manifests" and not killed:
-            killed.append(step)
-            raise Killed(step)
+    def flaky(ctx: Any, records: list[staging.FileRecord], *args: Any) -> Any:
+        if not raised and any(r.key == env.key(pair.a) for r in records):
+            raised.append(1)
+            raise TransientError("simulated: QIDO 503 until the deadline")
+        return real(ctx, records, *args)
 
-    monkeypatch.setattr(report, "crashpoint", point)
-    with pytest.raises(Killed):
-        report.run_tick(env.ctx)
-    assert calls == [batch]
-    assert bucket.blob(report.verifying_name(batch)).exists()  # the lease outlives the kill
+    monkeypatch.setattr(verify, "verify_batch", flaky)
+    assert env.report_tick() == 500  # b is verified, a raises
+    assert env.status(pair.b) == "conflict"
+    assert env.report_tick() == 200
+    assert raised == [1]
+    assert_one_imported_one_conflict(env, pair, winner=pair.a)
 
-    env.clock.advance(report.VERIFY_LEASE_SECONDS - 5)  # lease still live: the batch waits
-    waiting = report.run_tick(env.ctx)
-    assert waiting["verified"] == [] and waiting["leased"] == [batch]
-    assert calls == [batch]
 
-    env.clock.advance(10)  # expired: the next tick takes the lease over and settles the batch
-    resumed = report.run_tick(env.ctx)
-    assert [v["batch"] for v in resumed["verified"]] == [batch]
-    assert calls == [batch, batch]
-    assert [env.entry(good).status, env.entry(broken).status] == ["imported", "failed"]
-    assert not batches.list_ids(bucket, batches.FINISHED_PREFIX)
-    assert not bucket.blob(report.verifying_name(batch)).exists()
-    assert report.run_tick(env.ctx)["verified"] == []
-    assert [m["body"]["kind"] for m in env.pull()] == ["import_failed"]
+def test_conflict_found_when_two_report_processes_verify_at_once(env: Env) -> None:
+    pair = conflicting_pair(env)
+    start_and_wait(env, pair.batch_a)
+    start_and_wait(env, pair.batch_b)
+    with ThreadPoolExecutor(2) as pool:
+        ticks = list(pool.map(lambda _: report.run_tick(env.ctx), range(2)))
+    assert sum(len(t["verified"]) for t in ticks) >= 2
+    assert_one_imported_one_conflict(env, pair, winner=pair.a)
