@@ -52,8 +52,14 @@ from typing import Any
 from google.cloud import storage
 
 from dicomflow import batches, manifests, objects, retry, verify
-from dicomflow.backup import Counts, expected_counts, is_image_mime, qido_fields, resource_path
-from dicomflow.backup import tag_value as _tag
+from dicomflow.backup import (
+    Counts,
+    expected_counts,
+    is_image_mime,
+    qido_fields,
+    resource_path,
+    tag_value,
+)
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
 from dicomflow.staging import iso, parse_batch, parse_time, success_name, window_id
 from dicomflow.verify import SUCCESS, pmap
@@ -277,7 +283,7 @@ def plan(ctx: Any, day: date, doc: dict[str, Any], previous: Mapping[str, Any] |
             listed.extend(
                 i
                 for i in qido_instances(ctx, fields, study=study)
-                if (study, _tag(i, "0020000E"), _tag(i, "00080018")) in wanted
+                if (study, tag_value(i, "0020000E"), tag_value(i, "00080018")) in wanted
             )
         counts = expected_counts(listed, mime_type)
     doc["expected"] = counts.as_dict()
