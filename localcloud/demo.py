@@ -29,9 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dicomflow import ledger, log
+from dicomflow.backup import dated_folder, export_day
 from dicomflow.batches import ACTIVE_PREFIX, FINISHED_PREFIX, OPEN_PREFIX
 from dicomflow.config import QUARANTINE_PREFIX, load_settings
-from dicomflow.export import dated_folder, export_day
 from dicomflow.report import QUARANTINE_MARKERS
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.scheduler import fire

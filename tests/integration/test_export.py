@@ -1,8 +1,11 @@
-"""Issue 6 acceptance: scheduled exports on the local cloud.
+"""Scheduled exports on the local cloud: one per date, complete or alerted, cheap to settle.
 
 fake-gcs-server, the Healthcare emulator and Pub/Sub (emulator or fallback).
 Ticks go through functions-framework as Cloud Scheduler -> Pub/Sub -> Eventarc
 would deliver them; report's part (``settle_exports``) is called directly.
+Verified batches are seeded as report leaves them: instances in the store,
+``manifests/<batch>/success.ndjson`` of file records, ``summary.json`` last, and
+``state/open/<batch>.json`` until then.
 """
 
 from __future__ import annotations
@@ -30,22 +33,26 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomflow import cli, export, ledger, report, runtime
+from dicomflow import (
+    backup,
+    batches,
+    export,
+    export_plan,
+    healthcare,
+    manifests,
+    objects,
+    operations,
+    runtime,
+    staging,
+    verify,
+)
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from localcloud.corpus import sample_files
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
-from tests.ingest_support import (
-    PATIENT_NAME,
-    Clock,
-    finalize_event,
-    make_instance,
-    post,
-    tick_event,
-    upload,
-)
+from tests.ingest_support import PATIENT_NAME, Clock, make_instance, post
 
 PARENT = "projects/local/locations/us-central1"
 DAY = date(2026, 11, 25)
@@ -101,14 +108,14 @@ class Env:
             time.sleep(0.2)
 
     def objects(self, day: date = DAY) -> dict[str, bytes]:
-        folder = export.dated_folder(self.ctx.settings, day)
+        folder = backup.dated_folder(self.ctx.settings, day)
         return {
             b.name.removeprefix(folder): b.download_as_bytes()
             for b in self.gcs.list_blobs(self.backups, prefix=folder)
         }
 
     def manifest(self, day: date = DAY) -> dict[str, Any]:
-        return dict(json.loads(self.objects(day)[export.MANIFEST_NAME]))
+        return dict(json.loads(self.objects(day)[backup.MANIFEST_NAME]))
 
     def export_operations(self) -> list[dict[str, Any]]:
         ops = (
@@ -294,13 +301,13 @@ def sop_of(data: bytes) -> str:
 
 
 def stored_sops(env: Env) -> set[str]:
-    return {i["00080018"]["Value"][0] for i in export.qido_instances(env.ctx, [])}
+    return {i["00080018"]["Value"][0] for i in export_plan.qido_instances(env.ctx, [])}
 
 
 def wait_operation(env: Env, name: str, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        op = export.get_operation(env.ctx, name)
+        op = healthcare.get_operation(env.ctx, name)
         if op.get("done"):
             return op
         assert time.monotonic() < deadline
@@ -339,7 +346,7 @@ def test_full_backup_of_the_corpus_round_trips_byte_for_byte(make_env: Any) -> N
     assert marker["state"] == export.COMPLETE, marker.get("problems")
 
     objects = env.objects()
-    dcm = {n: d for n, d in objects.items() if n != export.MANIFEST_NAME}
+    dcm = {n: d for n, d in objects.items() if n != backup.MANIFEST_NAME}
     assert all(n.endswith(".dcm") and n.count("/") == 2 for n in dcm)
     # Every stored instance comes back, and each file is identical to an uploaded one.
     assert {sop_of(d) for d in dcm.values()} == in_store
@@ -388,8 +395,12 @@ def test_retried_and_concurrent_ticks_start_one_export(make_env: Any) -> None:
 
     ops = env.export_operations()
     assert len(ops) == 1
+    # Recorded as dicomflow's own, so the report never alerts it as started outside.
+    assert operations.is_ours(env.ctx, ops[0]["name"])
+    assert export.open_days(env.ctx) == [DAY]
     marker = env.settle()
     assert marker["operation"] == ops[0]["name"]
+    assert export.open_days(env.ctx) == []
     assert marker["state"] == export.COMPLETE
     assert env.manifest()["found"] == {"instances": 3, "objects": 3}
     assert env.alerts() == []
@@ -399,6 +410,12 @@ def test_retried_and_concurrent_ticks_start_one_export(make_env: Any) -> None:
     assert len(env.export_operations()) == 2
 
 
+def left_by_a_crash(env: Env, claim: dict[str, Any]) -> None:
+    """The marker and open entry of a starter that died after claiming ``claim``."""
+    export._open(env.ctx, DAY, int(claim["attempt"]), env.clock())
+    assert objects.create(env.gcs.bucket(env.staging), export.marker_name(DAY), claim)
+
+
 def test_start_that_crashed_after_its_claim_is_resumed_once(make_env: Any) -> None:
     env = make_env()
     env.store_instances([image(4, 4) for _ in range(2)])
@@ -406,8 +423,7 @@ def test_start_that_crashed_after_its_claim_is_resumed_once(make_env: Any) -> No
     claim = export._new_marker(
         env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, env.clock()
     )
-    blob = env.gcs.bucket(env.staging).blob(export.marker_name(DAY))
-    blob.upload_from_string(json.dumps(claim), if_generation_match=0)
+    left_by_a_crash(env, claim)
     assert env.tick(TICK, "retry-too-early") == 200
     export.settle_exports(env.ctx, env.clock())
     assert env.export_operations() == []  # a live claim is left alone
@@ -422,71 +438,89 @@ def test_start_that_crashed_after_its_claim_is_resumed_once(make_env: Any) -> No
 # --- incremental --------------------------------------------------------------------------------
 
 
-def ingest_and_import(
-    env: Env, files: list[tuple[str, bytes]], timeout: float = 60.0, later: float | None = None
-) -> None:
-    """Upload, deliver finalize events, then tick ingest and report until all is settled.
-
-    The ticks run ``later`` seconds after the events (default: once the batch is due).
-    """
-    uploaded = [upload(env.gcs, env.landing, name, data) for name, data in files]
-    client = env.apps["ingest"].test_client()
-    for obj in uploaded:
-        assert post(client, finalize_event(obj, env.clock())) == 200
-    settings = env.ctx.settings
-    due = settings.batch_window_seconds + settings.seal_grace_seconds + 1
-    env.clock.advance(due if later is None else max(due, later))
-    staging = env.gcs.bucket(env.staging)
-    keys = {ledger.ledger_key(o.bucket, o.name, o.generation) for o in uploaded}
-    deadline = time.monotonic() + timeout
-    while True:
-        assert post(client, tick_event(env.clock())) == 200
-        assert post(env.apps["report"].test_client(), tick_event(env.clock())) == 200
-        entries = {e.key: e for e in ledger.list_entries(staging) if e.key in keys}
-        if len(entries) == len(keys) and all(e.status in ledger.FINAL for e in entries.values()):
-            assert {e.status for e in entries.values()} == {ledger.IMPORTED}
-            return
-        assert time.monotonic() < deadline, {e.status for e in entries.values()}
-        time.sleep(0.3)
+def window_of(env: Env, at: datetime) -> str:
+    return staging.window_id(at, env.ctx.settings.batch_window_seconds)
 
 
-def test_incremental_exports_exactly_the_newly_ingested_instances(make_env: Any) -> None:
+def open_batch(env: Env, batch: str) -> None:
+    """A sealed batch not verified yet, as the seal leaves it."""
+    bucket = env.gcs.bucket(env.staging)
+    objects.create(bucket, staging.open_name(batch), {"batch": batch})
+
+
+def seed_batch(env: Env, batch: str, files: list[bytes], verified_at: datetime) -> set[str]:
+    """Store ``files`` and write ``batch``'s manifests as report does once it verified them:
+    success.ndjson, then summary.json (``times.verifiedAt``), then the open record goes.
+    Returns the SOP Instance UIDs."""
+    env.store_instances(files)
+    window, _ = staging.parse_batch(batch)
+    results = []
+    for i, data in enumerate(files):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        name = f"in/{batch}/{i}.dcm"
+        record = staging.FileRecord(
+            key=staging.file_key(env.landing, name, 1),
+            bucket=env.landing,
+            name=name,
+            generation="1",
+            size=len(data),
+            home=window,
+            window=window,
+            study=str(ds.StudyInstanceUID),
+            series=str(ds.SeriesInstanceUID),
+            sop=str(ds.SOPInstanceUID),
+        )
+        results.append(verify.FileResult(record, verify.IMPORTED))
+    bucket = env.gcs.bucket(env.staging)
+    operation = {"operation": f"{env.dataset}/operations/import-{batch}"}
+    manifests.write_lists(bucket, batch, operation["operation"], results)
+    queued = {"window": window, "uri": staging.import_uri(env.staging, batch)}
+    summary = manifests.build_summary(batch, queued, operation, results, 0, verified_at)
+    manifests.write_summary(bucket, summary)
+    objects.delete(bucket, staging.open_name(batch))
+    return {r.record.sop for r in results if r.record.sop}
+
+
+def test_incremental_exports_exactly_the_newly_verified_instances(make_env: Any) -> None:
     env = make_env(DICOMFLOW_EXPORT_MODE="incremental")
-    env.clock.now = TICK - timedelta(days=2)
-    first = [(f"day1/{i}.dcm", make_instance()) for i in range(5)]
-    ingest_and_import(env, first)
+    settings = env.ctx.settings
+    day1_at = TICK - timedelta(days=2)
+    seed_batch(env, window_of(env, day1_at), [make_instance() for _ in range(5)], day1_at)
 
     # Day 1: a full backup (by hand, as the CLI does) sets the baseline.
     day1 = (TICK - timedelta(days=1)).date()
     env.clock.now = TICK - timedelta(days=1)
     started = export.start_export(
-        env.ctx, day1, mode="full", mime_type=env.ctx.settings.export_mime_type, tick=env.clock()
+        env.ctx, day1, mode="full", mime_type=settings.export_mime_type, tick=env.clock()
     )
     assert started["status"] == "started"
     assert env.settle(day1)["state"] == export.COMPLETE
 
-    # 10 more instances are ingested during the day.
-    env.clock.advance(3600)
-    second = [(f"day2/{i}.dcm", make_instance()) for i in range(10)]
-    ingest_and_import(env, second)
-    new_sops = {sop_of(d) for _, d in second}
+    # 10 more instances are verified during the day, in the two halves of one window.
+    during = TICK - timedelta(hours=5)
+    window = window_of(env, during)
+    new_sops = seed_batch(env, f"{window}-0", [make_instance() for _ in range(6)], during)
+    new_sops |= seed_batch(env, f"{window}-1", [make_instance() for _ in range(4)], during)
 
     env.clock.now = TICK + timedelta(minutes=1)
     assert env.tick(TICK) == 200
     marker = env.settle()
     assert marker["state"] == export.COMPLETE, marker.get("problems")
     assert marker["mode"] == "incremental"
-    exported = {n: d for n, d in env.objects().items() if n != export.MANIFEST_NAME}
+    exported = {n: d for n, d in env.objects().items() if n != backup.MANIFEST_NAME}
     assert {sop_of(d) for d in exported.values()} == new_sops
     assert len(exported) == 10
-    paths = env.gcs.bucket(env.staging).blob(export.paths_file_name(DAY, 1)).download_as_text()
+    paths_name = export_plan.paths_file_name(DAY, 1)
+    paths = env.gcs.bucket(env.staging).blob(paths_name).download_as_text()
     assert len(paths.splitlines()) == 10
     manifest = env.manifest()
     assert manifest["complete"] is True
     assert manifest["expected"] == {"instances": 10, "objects": 10}
-    assert manifest["resourcePathsGcsUri"] == f"gs://{env.staging}/{export.paths_file_name(DAY, 1)}"
+    assert manifest["resourcePathsGcsUri"] == f"gs://{env.staging}/{paths_name}"
 
-    # Nothing settled since: no export is started, and that is recorded.
+    # Nothing verified since: no export is started, and that is recorded.
     operations_before = len(env.export_operations())
     next_day = TICK + timedelta(days=1)
     env.clock.now = next_day
@@ -494,6 +528,7 @@ def test_incremental_exports_exactly_the_newly_ingested_instances(make_env: Any)
     found = export.read_marker(env.ctx, next_day.date())
     assert found is not None and found[0]["state"] == export.EMPTY
     assert len(env.export_operations()) == operations_before
+    assert export.open_days(env.ctx) == []
     assert env.alerts() == []
 
 
@@ -521,43 +556,27 @@ def object_reads(requests: list[tuple[str, str]], prefix: str) -> list[str]:
     return names
 
 
-def ledger_requests(requests: list[tuple[str, str]]) -> list[str]:
-    return [url for _, url in requests if "/o/ledger/" in url or "prefix=ledger/" in url]
+def per_file_requests(requests: list[tuple[str, str]]) -> list[str]:
+    """Requests that touch staging copies or quarantine: one object per file."""
+    return [
+        url
+        for _, url in requests
+        if any(f"/o/{p}" in url or f"prefix={p}" in url for p in ("batches/", "quarantine/"))
+    ]
 
 
-def verified_batch_ids(env: Env) -> set[str]:
-    return {
-        b.name.split("/")[1]
-        for b in env.gcs.list_blobs(env.staging, prefix="manifests/")
-        if b.name.endswith("/summary.json")
-    }
-
-
-def test_incremental_reads_the_manifests_verified_since_the_last_export_not_the_ledger(
+def test_incremental_reads_the_manifests_verified_since_the_last_export_and_no_file(
     make_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = make_env(DICOMFLOW_EXPORT_MODE="incremental")
     settings = env.ctx.settings
     requests = count_storage_requests(env, monkeypatch)
-
-    def ingest(
-        files: list[tuple[str, bytes]], at: datetime, later: float | None = None
-    ) -> tuple[str, set[str]]:
-        """Ingest ``files`` with the clock at ``at``; (their batch, their SOP UIDs)."""
-        before = verified_batch_ids(env)
-        env.clock.now = at
-        ingest_and_import(env, files, later=later)
-        (batch,) = verified_batch_ids(env) - before
-        return batch, {sop_of(d) for _, d in files}
-
-    def summary(batch: str) -> dict[str, Any]:
-        name = f"manifests/{batch}/summary.json"
-        return dict(json.loads(env.gcs.bucket(env.staging).blob(name).download_as_bytes()))
+    bucket = env.gcs.bucket(env.staging)
 
     # a: before a full baseline backup (day 1) that holds it.
-    batch_a, _ = ingest(
-        [(f"a/{i}.dcm", make_instance()) for i in range(2)], TICK - timedelta(days=2)
-    )
+    at_a = TICK - timedelta(days=2)
+    batch_a = window_of(env, at_a)
+    seed_batch(env, batch_a, [make_instance() for _ in range(2)], at_a + timedelta(minutes=2))
     day1 = (TICK - timedelta(days=1)).date()
     env.clock.now = TICK - timedelta(days=1)
     export.start_export(
@@ -566,59 +585,56 @@ def test_incremental_reads_the_manifests_verified_since_the_last_export_not_the_
     baseline = env.settle(day1)
     assert baseline["state"] == export.COMPLETE
     # b: during the day. c: verified 22 s after the day-2 tick, before that tick arrives.
-    batch_b, sops_b = ingest(
-        [(f"b/{i}.dcm", make_instance()) for i in range(3)], TICK - timedelta(hours=23)
+    at_b, at_c = TICK - timedelta(hours=23), TICK - timedelta(seconds=40)
+    batch_b, batch_c = f"{window_of(env, at_b)}-0", window_of(env, at_c)
+    sops_b = seed_batch(env, batch_b, [make_instance() for _ in range(3)], at_b)
+    sops_c = seed_batch(
+        env, batch_c, [make_instance() for _ in range(2)], TICK + timedelta(seconds=22)
     )
-    batch_c, sops_c = ingest(
-        [(f"c/{i}.dcm", make_instance()) for i in range(2)], TICK - timedelta(seconds=40)
+    # d: uploaded two hours before the tick and imported late (a backlog): still open when
+    # the day-2 export counts. A window an hour old is not sealed yet (the seal cursor).
+    batch_d = f"{window_of(env, TICK - timedelta(hours=2))}-1"
+    open_batch(env, batch_d)
+    unsealed = window_of(env, TICK - timedelta(hours=1))
+    objects.write_text(
+        bucket, batches.SEAL_CURSOR, objects.dumps({"window": unsealed}), "application/json"
     )
-    assert export.parse_time(summary(batch_c)["times"]["verifiedAt"]) > TICK
-
-    # d: uploaded two hours before the tick, imported late (a backlog), and verified by a
-    # report tick that began 3 min before the day-2 tick; the export tick runs after d's
-    # ledger entries are updated but before its summary.json is written.
-    ran: list[list[tuple[str, str]]] = []
-
-    def point(step: str) -> None:
-        if step == "alerts" and not ran:
-            env.clock.now = TICK + timedelta(minutes=2)  # the tick is delivered late
-            first = len(requests)
-            assert env.tick(TICK) == 200
-            ran.append(requests[first:])
-
-    monkeypatch.setattr(report, "crashpoint", point)
-    batch_d, sops_d = ingest(
-        [(f"d/{i}.dcm", make_instance()) for i in range(2)],
-        TICK - timedelta(hours=2),
-        later=timedelta(hours=2, minutes=-3).total_seconds(),
-    )
-    assert export.parse_time(summary(batch_d)["times"]["verifiedAt"]) <= TICK
+    assert export_plan.pending_batches(bucket) == [batch_d, unsealed]
     assert batch_a < baseline["scan"]["nextFrom"] < min(batch_b, batch_c, batch_d)
+
+    # The day-2 tick is delivered late.
+    env.clock.now = TICK + timedelta(minutes=2)
+    first = len(requests)
+    assert env.tick(TICK) == 200
+    day2_requests = requests[first:]
+    # d is verified by a report tick that began 3 min before the day-2 tick, and its
+    # summary is written after the export listed manifests/.
+    sops_d = seed_batch(
+        env, batch_d, [make_instance() for _ in range(2)], TICK - timedelta(minutes=3)
+    )
 
     # Day 2 holds exactly b: not a (in the baseline), not c (verified after the tick),
     # not d (not verified when the export counted).
-    (day2_requests,) = ran
     marker = env.settle()
     assert marker["state"] == export.COMPLETE, marker.get("problems")
-    exported = {n: d for n, d in env.objects().items() if n != export.MANIFEST_NAME}
+    exported = {n: d for n, d in env.objects().items() if n != backup.MANIFEST_NAME}
     assert {sop_of(d) for d in exported.values()} == sops_b
     assert marker["expected"] == {"instances": 3, "objects": 3}
     assert marker["scan"]["from"] == baseline["scan"]["nextFrom"]
-    # No ledger request at all; one GET per summary from the baseline's floor on, one per
+    # No per-file object at all; one GET per summary from the baseline's floor on, one per
     # success list chosen.
-    assert ledger_requests(day2_requests) == []
+    assert per_file_requests(day2_requests) == []
     assert sorted(object_reads(day2_requests, "manifests/")) == sorted(
         [
-            f"manifests/{batch_b}/success.ndjson",
-            f"manifests/{batch_b}/summary.json",
-            f"manifests/{batch_c}/summary.json",
+            staging.success_name(batch_b),
+            staging.summary_name(batch_b),
+            staging.summary_name(batch_c),
         ]
     )
     # d was pending, with an id older than the margin: the next export lists from it.
     assert marker["scan"]["nextFrom"] == batch_d
 
     # Day 3 holds exactly c and d.
-    monkeypatch.setattr(report, "crashpoint", lambda step: None)
     day3 = TICK + timedelta(days=1)
     env.clock.now = day3 + timedelta(minutes=1)
     first = len(requests)
@@ -626,19 +642,73 @@ def test_incremental_reads_the_manifests_verified_since_the_last_export_not_the_
     day3_requests = requests[first:]
     marker3 = env.settle(day3.date())
     assert marker3["state"] == export.COMPLETE, marker3.get("problems")
-    exported3 = {n: d for n, d in env.objects(day3.date()).items() if n != export.MANIFEST_NAME}
+    exported3 = {n: d for n, d in env.objects(day3.date()).items() if n != backup.MANIFEST_NAME}
     assert {sop_of(d) for d in exported3.values()} == sops_c | sops_d
     assert len(exported3) == 4
-    assert marker3["since"] == export.iso(TICK)
-    assert ledger_requests(day3_requests) == []
+    assert marker3["since"] == staging.iso(TICK)
+    assert per_file_requests(day3_requests) == []
     reads = object_reads(day3_requests, "manifests/")
     # b's summary is below day 2's floor: not even listed.
     assert sorted(reads) == sorted(
-        f"manifests/{batch}/{leaf}"
+        name(batch)
         for batch in (batch_c, batch_d)
-        for leaf in ("summary.json", "success.ndjson")
+        for name in (staging.summary_name, staging.success_name)
     )
     assert env.alerts() == []
+
+
+# --- what the report tick costs -------------------------------------------------------------------
+
+
+def test_idle_settle_costs_one_listing_after_1_or_30_days_of_exports(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4)])
+    assert env.tick(TICK) == 200
+    marker = env.settle()
+    assert marker["state"] == export.COMPLETE
+    assert export.open_days(env.ctx) == []  # a final export leaves no open entry
+    requests = count_storage_requests(env, monkeypatch)
+
+    def idle_tick() -> list[tuple[str, str]]:
+        first = len(requests)
+        assert export.settle_exports(env.ctx, env.clock()) == []
+        return requests[first:]
+
+    after_one_day = idle_tick()
+    bucket = env.gcs.bucket(env.staging)
+    for n in range(1, 30):
+        day = DAY - timedelta(days=n)
+        objects.create(bucket, export.marker_name(day), {**marker, "date": day.isoformat()})
+    assert len(export.list_markers(env.ctx)) == 30
+    after_thirty_days = idle_tick()
+    assert len(after_one_day) == len(after_thirty_days) == 1
+    method, url = after_thirty_days[0]
+    assert method == "GET" and f"prefix={export.OPEN_PREFIX}" in url
+
+
+def test_open_entries_outlive_no_export_and_no_start(make_env: Any) -> None:
+    env = make_env()
+    env.store_instances([image(4, 4)])
+    # A starter wrote its entry and died before claiming the marker.
+    export._open(env.ctx, DAY, 1, env.clock())
+    assert export.settle_exports(env.ctx, env.clock()) == []
+    assert export.open_days(env.ctx) == [DAY]  # it may still be claiming
+    env.clock.advance(export.START_LEASE_SECONDS + 1)
+    assert export.settle_exports(env.ctx, env.clock()) == []
+    assert export.open_days(env.ctx) == []
+
+    # A final marker whose closer died before deleting the entry: the next tick does.
+    assert env.tick(TICK) == 200
+    assert env.settle()["state"] == export.COMPLETE
+    export._open(env.ctx, DAY, 1, env.clock())
+    export.settle_exports(env.ctx, env.clock())
+    assert export.open_days(env.ctx) == []
+    # A forced rerun that has written its entry but not yet claimed the marker keeps it.
+    export._open(env.ctx, DAY, 2, env.clock())
+    export.settle_exports(env.ctx, env.clock())
+    assert export.open_days(env.ctx) == [DAY]
 
 
 class Killed(BaseException):
@@ -654,15 +724,14 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     claim = export._new_marker(
         env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
     )
-    blob = env.gcs.bucket(env.staging).blob(export.marker_name(DAY))
-    blob.upload_from_string(json.dumps(claim), if_generation_match=0)
-    original = export._prepare
+    left_by_a_crash(env, claim)
+    original = export_plan.plan
 
     def dies(*args: Any) -> Any:
         raise Killed
 
     # Every takeover dies at the timeout while counting (a slow store, a huge scan).
-    monkeypatch.setattr(export, "_prepare", dies)
+    monkeypatch.setattr(export_plan, "plan", dies)
     env.clock.advance(export.START_LEASE_SECONDS + 1)
     with pytest.raises(Killed):
         export.settle_exports(env.ctx, env.clock())
@@ -683,15 +752,15 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     details = alert["body"]["details"]
     assert details["date"] == "2026-11-25" and details["attempt"] == 1
     assert details["state"] == export.STARTING
-    assert details["firstClaimedAt"] == export.iso(claimed_at)
+    assert details["firstClaimedAt"] == staging.iso(claimed_at)
     assert details["stuckSeconds"] > export.STALLED_START_SECONDS
     assert details["takeovers"] >= 2
     found = export.read_marker(env.ctx, DAY)
     assert found is not None and found[0]["state"] == export.STARTING
-    assert found[0]["firstClaimedAt"] == export.iso(claimed_at)
+    assert found[0]["firstClaimedAt"] == staging.iso(claimed_at)
 
     # The store recovers: the next takeover starts the export; no further alert.
-    monkeypatch.setattr(export, "_prepare", original)
+    monkeypatch.setattr(export_plan, "plan", original)
     env.clock.advance(export.START_LEASE_SECONDS)
     assert env.settle()["state"] == export.COMPLETE
     assert len(env.export_operations()) == 1
@@ -719,7 +788,7 @@ def test_png_export_writes_one_png_per_frame(make_env: Any) -> None:
     assert env.tick(TICK) == 200
     marker = env.settle()
     assert marker["state"] == export.COMPLETE, marker.get("problems")
-    pngs = {n: d for n, d in env.objects().items() if n != export.MANIFEST_NAME}
+    pngs = {n: d for n, d in env.objects().items() if n != backup.MANIFEST_NAME}
     assert len(pngs) == 3 + 1 + 1
     per_instance: dict[str, int] = {}
     for name, data in pngs.items():
@@ -776,7 +845,7 @@ def test_partial_backup_is_never_complete_and_alerts_once(make_env: Any) -> None
     assert marker is not None
     wait_operation(env, marker[0]["operation"])
     # One exported file goes missing before report looks (a partial backup).
-    folder = export.dated_folder(env.ctx.settings, DAY)
+    folder = backup.dated_folder(env.ctx.settings, DAY)
     victim = next(iter(env.gcs.list_blobs(env.backups, prefix=folder)))
     victim.delete()
     assert env.settle()["state"] == export.FAILED
@@ -806,6 +875,7 @@ def test_missing_backup_bucket_fails_the_operation_and_alerts(make_env: Any) -> 
 def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
     make_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    cli = pytest.importorskip("dicomflow.cli")
     env = make_env()
     env.store_instances([image(4, 4) for _ in range(2)])
     argv = ["export", "--date", "2026-11-20", "--wait", "--json"]
@@ -826,6 +896,30 @@ def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
     assert len(env.export_operations()) == 2
 
 
+def test_run_command_waits_refuses_a_repeat_and_forces_a_rerun(make_env: Any) -> None:
+    """What ``dicomflow export`` calls: the schedule's path, by hand."""
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(2)])
+    day = date(2026, 11, 20)
+    options: dict[str, Any] = {
+        "day": day,
+        "mode": "full",
+        "mime_type": env.ctx.settings.export_mime_type,
+        "poll_seconds": 0.1,
+    }
+    progress: list[dict[str, Any]] = []
+    first = export.run_command(env.ctx, wait=True, on_progress=progress.append, **options)
+    assert first["status"] == export.COMPLETE and first["attempt"] == 1
+    assert first["problems"] == [] and all(p["state"] == export.RUNNING for p in progress)
+    assert export.run_command(env.ctx, **options)["status"] == "exists"
+    forced = export.run_command(env.ctx, wait=True, force=True, **options)
+    assert forced["status"] == export.COMPLETE and forced["attempt"] == 2
+    assert forced["operation"] != first["operation"]
+    assert env.manifest(day)["attempt"] == 2
+    assert [operations.is_ours(env.ctx, o["name"]) for o in env.export_operations()] == [True] * 2
+    assert export.open_days(env.ctx) == []
+
+
 def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
     env = make_env()
     env.store_instances([image(4, 4)])
@@ -837,8 +931,7 @@ def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
         operation=f"{env.dataset}/operations/does-not-exist",
         expected={"instances": 1, "objects": 1},
     )
-    blob = env.gcs.bucket(env.staging).blob(export.marker_name(DAY))
-    blob.upload_from_string(json.dumps(claim), if_generation_match=0)
+    left_by_a_crash(env, claim)
     marker = env.settle()
     assert marker["state"] == export.FAILED
     assert any("not found" in p for p in marker["problems"])

@@ -1,4 +1,4 @@
-"""Export planning: dated folders, the date of a (retried) tick, counts and manifests."""
+"""Export planning: dated folders, the date of a (retried) tick, counts, manifests, selection."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from cloudevents.http import CloudEvent
 
-from dicomflow import export
+from dicomflow import backup, export, export_plan
 from dicomflow.config import ConfigError, Settings, load_settings
 from dicomflow.errors import PermanentError
+from dicomflow.staging import FileRecord, iso, parse_batch, parse_window
 
 STORE = "projects/p/locations/l/datasets/d/dicomStores/s"
 
@@ -45,9 +46,11 @@ def _tick(publish: str | None, scheduled: str | None = None, ce_time: str | None
 def test_default_folder_is_prefix_and_iso_date() -> None:
     settings = _settings()
     day = date(2026, 11, 25)
-    assert export.dated_folder(settings, day) == "backups/2026-11-25/"
-    assert export.destination_uri(settings, day) == "gs://backups-bucket/backups/2026-11-25/"
+    assert backup.dated_folder(settings, day) == "backups/2026-11-25/"
+    assert backup.destination_uri(settings, day) == "gs://backups-bucket/backups/2026-11-25/"
     assert export.marker_name(day) == "state/exports/2026-11-25.json"
+    # The report tick lists the entries of exports not final yet, never the markers.
+    assert export.open_entry_name(day) == "state/exports-open/2026-11-25.json"
 
 
 @pytest.mark.parametrize(
@@ -60,7 +63,7 @@ def test_default_folder_is_prefix_and_iso_date() -> None:
 )
 def test_configurable_layout(layout: str, prefix: str, expected: str) -> None:
     settings = _settings(DICOMFLOW_EXPORT_DATE_LAYOUT=layout, DICOMFLOW_BACKUP_PREFIX=prefix)
-    assert export.destination_uri(settings, date(2026, 3, 7)) == expected
+    assert backup.destination_uri(settings, date(2026, 3, 7)) == expected
     # The marker keys on the ISO date whatever the layout.
     assert export.marker_name(date(2026, 3, 7)) == "state/exports/2026-03-07.json"
 
@@ -75,13 +78,13 @@ def test_layout_without_day_is_refused_at_start_up() -> None:
 
 def test_tick_date_comes_from_publish_time_in_utc() -> None:
     event = _tick("2026-11-25T02:00:00.123456789Z")
-    assert export.tick_time(event) == datetime(2026, 11, 25, 2, 0, 0, 123456, tzinfo=UTC)
-    assert export.export_day(export.tick_time(event)) == date(2026, 11, 25)
+    assert backup.tick_time(event) == datetime(2026, 11, 25, 2, 0, 0, 123456, tzinfo=UTC)
+    assert backup.export_day(backup.tick_time(event)) == date(2026, 11, 25)
 
 
 def test_scheduled_time_attribute_wins_over_publish_time() -> None:
     event = _tick("2026-11-25T00:00:03Z", scheduled="2026-11-24T23:59:59Z")
-    assert export.export_day(export.tick_time(event)) == date(2026, 11, 24)
+    assert backup.export_day(backup.tick_time(event)) == date(2026, 11, 24)
 
 
 def test_a_retry_delivered_after_midnight_lands_on_the_ticks_date() -> None:
@@ -89,39 +92,39 @@ def test_a_retry_delivered_after_midnight_lands_on_the_ticks_date() -> None:
     # message 40 minutes later (after midnight). The wall clock plays no part.
     event = _tick("2026-11-25T23:59:30Z", ce_time="2026-11-25T23:59:30Z")
     retried_at = datetime(2026, 11, 26, 0, 40, tzinfo=UTC)
-    day = export.export_day(export.tick_time(event))
+    day = backup.export_day(backup.tick_time(event))
     assert day == date(2026, 11, 25) != retried_at.date()
-    assert export.destination_uri(_settings(), day).endswith("/backups/2026-11-25/")
+    assert backup.destination_uri(_settings(), day).endswith("/backups/2026-11-25/")
 
 
 def test_offsets_are_converted_to_utc() -> None:
     event = _tick("2026-11-25T23:30:00-05:00")
-    assert export.export_day(export.tick_time(event)) == date(2026, 11, 26)
+    assert backup.export_day(backup.tick_time(event)) == date(2026, 11, 26)
     local = datetime(2026, 11, 25, 23, 30, tzinfo=timezone(timedelta(hours=-5)))
-    assert export.export_day(local) == date(2026, 11, 26)
+    assert backup.export_day(local) == date(2026, 11, 26)
 
 
 def test_cloudevent_time_is_the_last_fallback_and_no_time_is_permanent() -> None:
-    assert export.tick_time(_tick(None, ce_time="2026-01-02T03:04:05Z")).day == 2
+    assert backup.tick_time(_tick(None, ce_time="2026-01-02T03:04:05Z")).day == 2
     with pytest.raises(PermanentError, match="publishTime"):
-        export.tick_time({"data": {"message": {}}})
+        backup.tick_time({"data": {"message": {}}})
     with pytest.raises(ValueError, match="timezone-aware"):
-        export.export_day(datetime(2026, 1, 1))
+        backup.export_day(datetime(2026, 1, 1))
 
 
 def test_parse_day() -> None:
-    assert export.parse_day("2026-02-28") == date(2026, 2, 28)
+    assert backup.parse_day("2026-02-28") == date(2026, 2, 28)
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
-        export.parse_day("28/02/2026")
+        backup.parse_day("28/02/2026")
 
 
 # --- modes and formats ---
 
 
 def test_modes() -> None:
-    assert export.check_mode("incremental") == "incremental"
+    assert backup.check_mode("incremental") == "incremental"
     with pytest.raises(ValueError, match="valid: full, incremental"):
-        export.check_mode("differential")
+        backup.check_mode("differential")
 
 
 @pytest.mark.parametrize(
@@ -136,7 +139,7 @@ def test_modes() -> None:
     ],
 )
 def test_image_mime_types(mime: str, image: bool) -> None:
-    assert export.is_image_mime(mime) is image
+    assert backup.is_image_mime(mime) is image
 
 
 @pytest.mark.parametrize("bad", ["image/gif", "application/dicom; transfer-syntax=9.9"])
@@ -148,11 +151,11 @@ def test_bad_mime_type_fails_start_up_listing_valid_ones(bad: str) -> None:
 
 
 def test_export_request_body() -> None:
-    body = export.export_request("gs://b/backups/2026-11-25/", "image/png", None)
+    body = backup.export_request("gs://b/backups/2026-11-25/", "image/png", None)
     assert body == {
         "gcsDestination": {"uriPrefix": "gs://b/backups/2026-11-25", "mimeType": "image/png"}
     }
-    body = export.export_request("gs://b/x/", "application/dicom", "gs://s/p.txt")
+    body = backup.export_request("gs://b/x/", "application/dicom", "gs://s/p.txt")
     assert body["filterConfig"] == {"resourcePathsGcsUri": "gs://s/p.txt"}
 
 
@@ -170,21 +173,21 @@ def _qido(sop: str, rows: int | None = None, frames: int | None = None) -> dict[
 
 def test_expected_counts_dicom_is_one_object_per_instance() -> None:
     items = [_qido("1", 10, 5), _qido("2"), _qido("3", 4)]
-    assert export.expected_counts(items, "application/dicom; transfer-syntax=*") == export.Counts(
+    assert backup.expected_counts(items, "application/dicom; transfer-syntax=*") == backup.Counts(
         3, 3
     )
 
 
 def test_expected_counts_images_are_per_frame_and_skip_instances_without_pixels() -> None:
     items = [_qido("1", 10, 5), _qido("2"), _qido("3", 4), _qido("4", 4, 1)]
-    assert export.expected_counts(items, "image/png") == export.Counts(3, 5 + 1 + 1, skipped=1)
+    assert backup.expected_counts(items, "image/png") == backup.Counts(3, 5 + 1 + 1, skipped=1)
     # Raw pixel data is one object per instance, whatever the frames.
-    raw = export.expected_counts(items, "application/octet-stream")
-    assert raw == export.Counts(3, 3, skipped=1)
+    raw = backup.expected_counts(items, "application/octet-stream")
+    assert raw == backup.Counts(3, 3, skipped=1)
 
 
 def test_expected_counts_images_when_server_ignores_includefield() -> None:
-    assert export.expected_counts([_qido("1"), _qido("2")], "image/jpeg") == export.Counts(2, 2)
+    assert backup.expected_counts([_qido("1"), _qido("2")], "image/jpeg") == backup.Counts(2, 2)
 
 
 def test_found_counts_group_frames_into_instances_and_skip_the_manifest() -> None:
@@ -198,14 +201,14 @@ def test_found_counts_group_frames_into_instances_and_skip_the_manifest() -> Non
         folder + "_MANIFEST.json",
         "backups/2026-11-250/9/9/9.dcm",  # another folder sharing the text prefix
     ]
-    assert export.found_counts(names, folder) == export.Counts(instances=4, objects=5)
+    assert backup.found_counts(names, folder) == backup.Counts(instances=4, objects=5)
 
 
 def test_instance_key_keeps_dots_of_uids() -> None:
-    assert export.instance_key("1.2/1.2.3/1.2.3.4.dcm") == "1.2/1.2.3/1.2.3.4"
-    assert export.instance_key("1.2/1.2.3/1.2.3.4") == "1.2/1.2.3/1.2.3.4"
-    assert export.instance_key("1.2/1.2.3/1.2.3.4/7.jpg") == "1.2/1.2.3/1.2.3.4"
-    assert export.instance_key("stray.txt") is None
+    assert backup.instance_key("1.2/1.2.3/1.2.3.4.dcm") == "1.2/1.2.3/1.2.3.4"
+    assert backup.instance_key("1.2/1.2.3/1.2.3.4") == "1.2/1.2.3/1.2.3.4"
+    assert backup.instance_key("1.2/1.2.3/1.2.3.4/7.jpg") == "1.2/1.2.3/1.2.3.4"
+    assert backup.instance_key("stray.txt") is None
 
 
 # --- manifest ---
@@ -245,7 +248,7 @@ def _operation(error: bool = False, failure: str = "0") -> dict[str, Any]:
 
 
 def test_manifest_complete_when_everything_matches() -> None:
-    manifest = export.build_manifest(_marker(), _operation(), export.Counts(3, 3), NOW)
+    manifest = backup.build_manifest(_marker(), _operation(), backup.Counts(3, 3), NOW)
     assert manifest["complete"] is True and manifest["problems"] == []
     assert manifest["dicomStore"] == STORE and manifest["mode"] == "full"
     assert manifest["mimeType"] == "application/dicom; transfer-syntax=*"
@@ -263,20 +266,20 @@ def test_manifest_complete_when_everything_matches() -> None:
 
 
 def test_full_export_may_find_more_than_counted_at_start() -> None:
-    assert export.build_manifest(_marker(), _operation(), export.Counts(4, 4), NOW)["complete"]
+    assert backup.build_manifest(_marker(), _operation(), backup.Counts(4, 4), NOW)["complete"]
 
 
 def test_failures_of_instances_without_pixels_are_allowed_in_image_exports() -> None:
     marker = {**_marker(), "expected": {"instances": 3, "objects": 3, "skipped": 1}}
-    assert export.build_manifest(marker, _operation(failure="1"), export.Counts(3, 3), NOW)[
+    assert backup.build_manifest(marker, _operation(failure="1"), backup.Counts(3, 3), NOW)[
         "complete"
     ]
-    manifest = export.build_manifest(marker, _operation(failure="2"), export.Counts(3, 3), NOW)
+    manifest = backup.build_manifest(marker, _operation(failure="2"), backup.Counts(3, 3), NOW)
     assert manifest["problems"] == ["operation counted 2 failures"]
 
 
 def test_incremental_must_match_exactly() -> None:
-    manifest = export.build_manifest(_marker("incremental"), _operation(), export.Counts(4, 4), NOW)
+    manifest = backup.build_manifest(_marker("incremental"), _operation(), backup.Counts(4, 4), NOW)
     assert manifest["complete"] is False
     assert "expected 3 instances, found 4" in manifest["problems"]
 
@@ -284,16 +287,16 @@ def test_incremental_must_match_exactly() -> None:
 @pytest.mark.parametrize(
     ("operation", "found", "problem"),
     [
-        (_operation(error=True), export.Counts(3, 3), "operation failed: code 13"),
-        (_operation(failure="1"), export.Counts(3, 3), "operation counted 1 failures"),
-        (_operation(), export.Counts(2, 2), "expected 3 instances, found 2"),
-        (None, export.Counts(3, 3), "no export operation"),
+        (_operation(error=True), backup.Counts(3, 3), "operation failed: code 13"),
+        (_operation(failure="1"), backup.Counts(3, 3), "operation counted 1 failures"),
+        (_operation(), backup.Counts(2, 2), "expected 3 instances, found 2"),
+        (None, backup.Counts(3, 3), "no export operation"),
     ],
 )
 def test_partial_or_failed_backup_is_never_complete(
-    operation: dict[str, Any] | None, found: export.Counts, problem: str
+    operation: dict[str, Any] | None, found: backup.Counts, problem: str
 ) -> None:
-    manifest = export.build_manifest(_marker(), operation, found, NOW)
+    manifest = backup.build_manifest(_marker(), operation, found, NOW)
     assert manifest["complete"] is False
     assert problem in manifest["problems"]
 
@@ -304,12 +307,12 @@ T_PREV = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 T_NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 
 
-def _vb(batch: str, verified: datetime, success: int | None = 1) -> export.VerifiedBatch:
-    return export.VerifiedBatch(batch, verified, success)
+def _vb(batch: str, verified: datetime, success: int | None = 1) -> export_plan.VerifiedBatch:
+    return export_plan.VerifiedBatch(batch, verified, success)
 
 
 def test_select_batches_takes_the_window_since_the_last_export_with_its_margin() -> None:
-    margin = export.MANIFEST_MARGIN
+    margin = export_plan.MANIFEST_MARGIN
     verified = [
         _vb("old", T_PREV - margin),  # on the margin's edge: the previous export had it
         _vb("edge-seen", T_PREV - timedelta(minutes=5)),  # the previous export chose it
@@ -318,10 +321,10 @@ def test_select_batches_takes_the_window_since_the_last_export_with_its_margin()
         _vb("at-tick", T_NOW),
         _vb("late", T_NOW + timedelta(seconds=1)),  # verified after the tick: next export
     ]
-    chosen = export.select_batches(verified, T_PREV, T_NOW, exported={"edge-seen"})
+    chosen = export_plan.select_batches(verified, T_PREV, T_NOW, exported={"edge-seen"})
     assert [b.batch for b in chosen] == ["at-tick", "day", "edge-missed"]
     # No previous export: everything verified up to the tick.
-    assert [b.batch for b in export.select_batches(verified, None, T_NOW)] == [
+    assert [b.batch for b in export_plan.select_batches(verified, None, T_NOW)] == [
         "at-tick",
         "day",
         "edge-missed",
@@ -329,7 +332,7 @@ def test_select_batches_takes_the_window_since_the_last_export_with_its_margin()
         "old",
     ]
     # What this export records for the next one: the chosen batches near its tick.
-    assert export.recent_batches(chosen, T_NOW) == ["at-tick"]
+    assert export_plan.recent_batches(chosen, T_NOW) == ["at-tick"]
 
 
 def test_consecutive_exports_take_every_batch_once() -> None:
@@ -341,11 +344,11 @@ def test_consecutive_exports_take_every_batch_once() -> None:
     every = [_vb(f"b{i:03d}", v) for i, v in enumerate(stamps)]
     # Worst case: each summary appears write_delay after its verifiedAt.
     listed_at_1 = [b for b in every if b.verified + write_delay <= t1]
-    first = export.select_batches(listed_at_1, None, t1)
+    first = export_plan.select_batches(listed_at_1, None, t1)
     listed_at_2 = [b for b in every if b.verified + write_delay <= t2]
-    second = export.select_batches(listed_at_2, t1, t2, export.recent_batches(first, t1))
-    third = export.select_batches(
-        every, t2, t2 + timedelta(days=1), export.recent_batches(second, t2)
+    second = export_plan.select_batches(listed_at_2, t1, t2, export_plan.recent_batches(first, t1))
+    third = export_plan.select_batches(
+        every, t2, t2 + timedelta(days=1), export_plan.recent_batches(second, t2)
     )
     names = [b.batch for b in [*first, *second, *third]]
     assert sorted(names) == sorted(b.batch for b in every)  # none missed
@@ -359,26 +362,55 @@ def test_scan_floor_keeps_every_batch_the_next_export_may_need() -> None:
         _vb("20261125T000000Z-000", T_NOW + timedelta(minutes=1)),  # the next export's
     ]
     # The clock's window less the margin.
-    assert export.scan_floor([], [], now, T_NOW, 60) == "20261125T014300Z"
+    assert export_plan.scan_floor([], [], now, T_NOW, 60) == "20261125T014300Z"
     # A batch verified after the tick but named long before it.
-    assert export.scan_floor(seen, [], now, T_NOW, 60) == "20261125T000000Z-000"
+    assert export_plan.scan_floor(seen, [], now, T_NOW, 60) == "20261125T000000Z-000"
     # A batch still importing from two days ago.
     pending = ["20261123T080000Z-001", "20261125T015900Z-000"]
-    assert export.scan_floor(seen, pending, now, T_NOW, 60) == "20261123T080000Z-001"
+    assert export_plan.scan_floor(seen, pending, now, T_NOW, 60) == "20261123T080000Z-001"
+    # The seal cursor: windows from it on may not be sealed yet, so have no open record.
+    assert export_plan.scan_floor(seen, ["20261124T235900Z"], now, T_NOW, 60) == "20261124T235900Z"
     # Window ids sort before the batch ids of that window.
     assert "20261125T014300Z" < "20261125T014300Z-000"
 
 
-def test_success_paths_from_manifest_lines() -> None:
+def _line(status: str, sop: str, **uids: str | None) -> dict[str, Any]:
+    """A ``success.ndjson`` line as report writes it: a file record plus its outcome."""
+    record = FileRecord(
+        key=f"000000{sop.encode().hex():0<40}"[:46],
+        bucket="landing",
+        name=f"in/{sop}.dcm",
+        generation="1",
+        size=10,
+        home="20261125T010000Z",
+        window="20261125T010000Z",
+        study=uids.get("study", "1"),
+        series=uids.get("series", "1.1"),
+        sop=sop,
+    )
+    return {**record.line(), "status": status, "batch": "20261125T010000Z-0"}
+
+
+def test_success_paths_from_file_record_lines() -> None:
     lines = [
-        {"status": "imported", "study": "1", "series": "1.1", "sop": "b"},
-        {"status": "duplicate", "study": "1", "series": "1.1", "sop": "a"},
-        {"status": "imported", "study": "1", "series": "1.1", "sop": "a"},  # in two batches
-        {"status": "failed", "study": "1", "series": "1.1", "sop": "f"},
-        {"status": "imported", "key": "no-uids"},
+        _line("imported", "b"),
+        _line("duplicate", "a"),
+        _line("imported", "a"),  # the same instance in two batches
+        _line("failed", "f"),  # a failure line never counts, wherever it is
+        _line("imported", "n", study=None),  # a record without UIDs names no instance
     ]
-    assert export.success_paths(lines) == [("1", "1.1", "a"), ("1", "1.1", "b")]
-    assert export.resource_path("1", "1.1", "a") == "/studies/1/series/1.1/instances/a"
+    assert export_plan.success_paths(lines) == [("1", "1.1", "a"), ("1", "1.1", "b")]
+    assert backup.resource_path("1", "1.1", "a") == "/studies/1/series/1.1/instances/a"
+
+
+def test_batch_ids_sort_by_their_window() -> None:
+    """scan_floor compares ids as text: that order is the order of their windows."""
+    ids = ["20261125T014300Z-1", "20261124T235900Z", "20261125T014300Z", "20261125T014300Z-01"]
+    by_time = sorted(ids, key=lambda b: (parse_window(parse_batch(b)[0]), parse_batch(b)[1]))
+    assert sorted(ids) == by_time
+    assert export_plan.paths_file_name(date(2026, 11, 25), 2) == (
+        "state/exports/2026-11-25.2.paths.txt"
+    )
 
 
 def test_stuck_start_is_measured_from_the_first_claim() -> None:
@@ -388,7 +420,7 @@ def test_stuck_start_is_measured_from_the_first_claim() -> None:
     assert marker["firstClaimedAt"] == marker["claimedAt"] == "2026-11-25T02:00:00Z"
     later = T_NOW + timedelta(seconds=export.STALLED_START_SECONDS + 1)
     # A takeover renews claimedAt but keeps firstClaimedAt.
-    marker["claimedAt"] = export.iso(later - timedelta(seconds=30))
+    marker["claimedAt"] = iso(later - timedelta(seconds=30))
     assert export.stuck_start_seconds(marker, later) == export.STALLED_START_SECONDS + 1
     del marker["firstClaimedAt"]  # a marker written before the field existed
     assert export.stuck_start_seconds(marker, later) == 30
