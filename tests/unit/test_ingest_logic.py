@@ -1,7 +1,9 @@
-"""Unit tests of ingest's pure logic: filter, event age, header check, batch names, retry rule."""
+"""Unit tests of ingest's pure logic: filter, event age, header check, staging names and
+records, the split of a window, retry rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import random
@@ -14,10 +16,10 @@ from googleapiclient.errors import HttpError
 from httplib2 import Response
 from pydicom.data import get_testdata_file
 
-from dicomflow import batches, header, retry
+from dicomflow import batches, header, ingest, retry, staging
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.events import StorageObject, is_too_old, matches_globs, parse_time, skip_reason
-from dicomflow.ledger import Entry, Source, Uids, ledger_key
+from dicomflow.staging import FileRecord
 from tests.ingest_support import PATIENT_NAME, make_instance, make_settings
 
 NOW = datetime(2026, 11, 25, 12, 53, 17, tzinfo=UTC)
@@ -56,7 +58,7 @@ def test_filter_globs_and_prefixes_are_configurable() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["batches/x/k.dcm", "ledger/k.dcm", "quarantine/w/k.dcm", "manifests/a.dcm", "state/x.dcm"],
+    ["batches/x/k.dcm", "quarantine/w/k.dcm", "manifests/a.dcm", "state/late/x.dcm"],
 )
 def test_filter_ignores_pipeline_prefixes_in_a_shared_bucket(name: str) -> None:
     settings = make_settings("shared", "shared")
@@ -84,6 +86,11 @@ def test_storage_object_data_decoding() -> None:
         {"bucket": "b", "name": "n.dcm", "generation": "17", "size": "42", "md5Hash": "x"}
     )
     assert (decoded.generation, decoded.size, decoded.md5_hash) == ("17", 42, "x")
+    assert decoded.time_created is None  # the event's time stands in
+    created = StorageObject.from_data(
+        {"bucket": "b", "name": "n", "generation": "1", "timeCreated": "2026-11-25T12:53:59.9Z"}
+    )
+    assert created.time_created == datetime(2026, 11, 25, 12, 53, 59, 900000, tzinfo=UTC)
     with pytest.raises(PermanentError, match="malformed"):
         StorageObject.from_data({"bucket": "b", "name": "n"})
     with pytest.raises(PermanentError):
@@ -313,45 +320,113 @@ def test_header_check_fuzz_raises_only_rejected() -> None:
     assert unreadable > 0
 
 
-# ---- ledger and batch names -----------------------------------------------------------------
+# ---- staging names, records and the split of a window ----------------------------------------
 
 
-def test_ledger_key_and_entry_round_trip() -> None:
-    key = ledger_key("b", "a/x.dcm", 5)
-    assert len(key) == 40 and key == ledger_key("b", "a/x.dcm", "5")
-    assert key != ledger_key("b", "a/x.dcm", 6)
-    entry = Entry(
-        key=key,
-        source=Source(bucket="b", name="a/x.dcm", generation="5", size=3),
-        uids=Uids("1.2", "1.3", "1.4", "1.5", "1.2.840.10008.1.2.1"),
-        batch="20261125T125300Z-000",
+def test_file_keys_are_stable_and_lead_with_their_bits() -> None:
+    key = staging.file_key("b", "a/x.dcm", 5)
+    assert staging.is_key(key) and len(key) == staging.BITS + 40
+    assert key == staging.file_key("b", "a/x.dcm", "5")
+    assert key != staging.file_key("b", "a/x.dcm", 6)
+    assert key != staging.file_key("c", "a/x.dcm", 5)
+    keys = [staging.file_key("b", f"{i}.dcm", 1) for i in range(2000)]
+    assert 800 < sum(k[0] == "0" for k in keys) < 1200  # the first bit halves a window
+    assert not staging.is_key("../x")
+
+
+def test_windows_batches_and_import_uris() -> None:
+    assert staging.window_id(NOW, 60) == "20261125T125300Z"
+    assert staging.window_id(NOW, 300) == "20261125T125000Z"
+    assert staging.parse_window("20261125T125300Z") == datetime(2026, 11, 25, 12, 53, tzinfo=UTC)
+    assert staging.batch_id("20261125T125300Z") == "20261125T125300Z"
+    assert staging.batch_id("20261125T125300Z", "01") == "20261125T125300Z-01"
+    assert staging.parse_batch("20261125T125300Z-01") == ("20261125T125300Z", "01")
+    assert staging.parse_batch("20261125T125300Z") == ("20261125T125300Z", "")
+    for bad in ("../x", "20261125T125300Z-2", "20261125T125300Z-0000000"):
+        with pytest.raises(ValueError, match="invalid batch id"):
+            staging.parse_batch(bad)
+    with pytest.raises(ValueError, match="invalid window"):
+        staging.parse_window("2026-11-25")
+    assert (
+        staging.import_uri("stage", "20261125T125300Z-01")
+        == "gs://stage/batches/20261125T125300Z/01*.dcm"
     )
-    entry.mark("claimed", NOW)
-    again = Entry.from_json(entry.to_json())
-    assert again == entry
-    assert again.times["claimed"] == "2026-11-25T12:53:17Z"
+    assert staging.import_uri("stage", "20261125T125300Z") == (
+        "gs://stage/batches/20261125T125300Z/*.dcm"
+    )
+    window = "20261125T125300Z"
+    assert not batches.is_due(window, datetime(2026, 11, 25, 12, 54, 9, tzinfo=UTC), 60, 10)
+    assert batches.is_due(window, datetime(2026, 11, 25, 12, 54, 10, tzinfo=UTC), 60, 10)
 
 
-def test_batch_windows_and_ids() -> None:
-    assert batches.window_id(NOW, 60) == "20261125T125300Z"
-    assert batches.window_id(NOW, 300) == "20261125T125000Z"
-    bid = batches.batch_id("20261125T125300Z", 7)
-    assert bid == "20261125T125300Z-007"
-    assert batches.parse_batch_id(bid) == (datetime(2026, 11, 25, 12, 53, tzinfo=UTC), 7)
-    with pytest.raises(ValueError, match="invalid batch id"):
-        batches.parse_batch_id("../x")
-    assert not batches.is_due(bid, NOW + timedelta(seconds=40), 60, 10)
-    assert not batches.is_due(bid, datetime(2026, 11, 25, 12, 54, 9, tzinfo=UTC), 60, 10)
-    assert batches.is_due(bid, datetime(2026, 11, 25, 12, 54, 10, tzinfo=UTC), 60, 10)
-    assert batches.import_uri("stage", bid) == "gs://stage/batches/20261125T125300Z-007/**.dcm"
+def test_a_copy_has_half_the_grace_to_land() -> None:
+    settings = make_settings("landing", "staging", DICOMFLOW_SEAL_GRACE_SECONDS="20")
+    assert ingest.copy_deadline(settings) == 10
+    no_grace = make_settings("landing", "staging", DICOMFLOW_SEAL_GRACE_SECONDS="0")
+    assert ingest.copy_deadline(no_grace) == 0.5
 
 
-def test_ticket_weight() -> None:
-    assert batches.ticket_weight(1, 100, 100 * 1024) == 1
-    assert batches.ticket_weight(1024, 100, 100 * 1024) == 1
-    assert batches.ticket_weight(1025, 100, 100 * 1024) == 2
-    assert batches.ticket_weight(10**12, 100, 100 * 1024) == 100
-    assert batches.ticket_weight(10**12, 5000, 1024) == batches.MAX_WEIGHT
+def _record(key: str, size: int = 1) -> FileRecord:
+    return FileRecord(
+        key=key, bucket="b", name="n", generation="1", size=size, home="W", window="W"
+    )
+
+
+def test_the_record_round_trips_as_metadata_and_as_a_line() -> None:
+    record = FileRecord(
+        key=staging.file_key("b", "a/x.dcm", 5),
+        bucket="b",
+        name="a/x.dcm",
+        generation="5",
+        size=3,
+        home="20261125T125300Z",
+        window="20261125T125400Z",
+        event="e1",
+        md5="bWQ1",
+        crc32c="Y3Jj",
+        study="1.2",
+        series="1.3",
+        sop="1.4",
+        via="late",
+    )
+    meta = record.metadata()
+    assert all(k.startswith(staging.META_PREFIX) and isinstance(v, str) for k, v in meta.items())
+    assert "df-window" not in meta and "df-reason" not in meta  # the folder names the window
+    assert FileRecord.from_line(record.line()) == record
+    assert FileRecord.from_line({**{k[3:]: v for k, v in meta.items()}, "window": record.window})
+    assert record.checksum == "md5:bWQ1"
+    assert dataclasses.replace(record, md5=None).checksum == "crc32c:Y3Jj"
+    assert record.uri == "gs://b/a/x.dcm"
+
+
+def test_split_keeps_a_window_whole_when_it_fits() -> None:
+    records = [_record(f"{i:06b}" + "0" * 40) for i in range(10)]
+    assert batches.split(records, 10, 10**9) == [("", records)]
+    assert batches.split([], 10, 10**9) == []
+
+
+def test_split_halves_by_the_first_bit_then_goes_deeper() -> None:
+    records = [_record(f"{q:02b}{j:04b}" + "a" * 40) for q in range(4) for j in range(3)]
+    parts = batches.split(records, 8, 10**9)
+    assert [(bits, len(part)) for bits, part in parts] == [("0", 6), ("1", 6)]
+    deeper = batches.split(records, 3, 10**9)
+    assert [(bits, len(part)) for bits, part in deeper] == [
+        ("00", 3),
+        ("01", 3),
+        ("10", 3),
+        ("11", 3),
+    ]
+    for bits, part in deeper:
+        assert all(r.key.startswith(bits) for r in part)
+
+
+def test_split_respects_the_byte_cap_too() -> None:
+    records = [_record("0" + f"{i:05b}" + "a" * 40, size=100) for i in range(2)]
+    records += [_record("1" + f"{i:05b}" + "a" * 40, size=100) for i in range(2)]
+    assert [bits for bits, _ in batches.split(records, 100, 250)] == ["0", "1"]
+    # Keys that share every bit cannot be split further: the deepest parts are used.
+    same = [_record("000000" + f"{i:040x}") for i in range(5)]
+    assert [bits for bits, _ in batches.split(same, 2, 10**9)] == ["000000"]
 
 
 # ---- retry rule ------------------------------------------------------------------------------
