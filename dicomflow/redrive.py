@@ -71,6 +71,7 @@ VIA = "retry"
 # Results of one re-drive.
 RESTAGED = "restaged"  # staged under its retry key; a later batch gives it an outcome
 RESUMED = "resumed"  # the marker was there already: this run finished or repeated it
+ALREADY = "already-retried"  # a batch lists its retry record already: nothing to do
 STILL_REJECTED = "still-rejected"  # the header check rejects it again; nothing written
 SOURCE_MISSING = "source-missing"  # neither the source generation nor a kept copy exists
 FILTERED = "filtered"  # the settings no longer ingest it; nothing written
@@ -290,7 +291,7 @@ def _stage(
     now = ctx.clock()
     listed = _listed_in(ctx, new_key, now)
     if listed is not None:
-        return Result(outcome.key, outcome.status, label, ingest.STAGED, new_key, listed)
+        return Result(outcome.key, outcome.status, ALREADY, "listed", new_key, listed)
     fresh = FileRecord(
         key=new_key,
         bucket=record.bucket,
@@ -334,11 +335,11 @@ def _listed_in(ctx: Any, key: str, now: datetime) -> str | None:
     if claim is None or claim[0].get("dropped"):
         return None
     window = str(claim[0].get("window"))
-    if objects.exists(staging, staged_name(window, key)):
-        return None  # the copy is there; ingest.stage meets it (create-if-absent)
     files = batches.read_files(staging, window)
     if files is not None and any(r.key == key for r in files):
         return window
+    if objects.exists(staging, staged_name(window, key)):
+        return None  # the copy is there; ingest.stage meets it (create-if-absent)
     seal_at = parse_window(window) + timedelta(
         seconds=settings.batch_window_seconds + settings.seal_grace_seconds
     )
