@@ -143,7 +143,8 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         if obj.time_created
     ]
     recorded = recorded_keys(ctx, homes)
-    counts[RECORDED] += len(recorded)
+    if recorded:
+        counts[RECORDED] += len(recorded)
     todo = [(obj, key) for obj, key in wanted if key not in recorded]
     errors: list[str] = []
 
