@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import ingest, log
-from dicomflow.config import load_settings
+from dicomflow import ingest, log, objects
+from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX, load_settings
 from dicomflow.errors import ConfigError, DicomflowError
-from dicomflow.events import StorageObject
-from dicomflow.ledger import ledger_key
+from dicomflow.events import StorageObject, skip_reason
 from dicomflow.runtime import Context, make_context
+from dicomflow.staging import LATE_PREFIX, file_key, window_id
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="feed existing objects through ingest (safe to run twice)",
         description=(
-            "Send every object under gs://BUCKET/PREFIX through the ingest path, as if its "
-            "finalize event had arrived: filtered, checked, claimed in the ledger, staged or "
-            "quarantined. Objects already in the ledger are left as they are."
+            "Send every object under gs://BUCKET/PREFIX that the pipeline has no record of "
+            "through the ingest path, as if its finalize event had arrived: filtered, "
+            "checked, staged or quarantined. Objects with a record (a staging or quarantine "
+            "copy, a late claim or a drop record) are counted and left as they are."
         ),
     )
     parser.add_argument("uri", help="gs://BUCKET/PREFIX")
@@ -75,8 +76,48 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=cmd_backfill)
 
 
+RECORDED = "recorded"
+
+
+def _storage_object(bucket: str, blob: Any) -> StorageObject:
+    return StorageObject(
+        bucket=bucket,
+        name=blob.name,
+        generation=str(blob.generation),
+        size=int(blob.size or 0),
+        md5_hash=blob.md5_hash,
+        crc32c=blob.crc32c,
+        content_type=blob.content_type,
+        time_created=blob.time_created,
+    )
+
+
+def recorded_keys(ctx: Context, found: list[tuple[str, str]]) -> set[str]:
+    """Which of the (key, home window) pairs the pipeline has a record of.
+
+    A record is a staging copy in the home window, a quarantine copy or a drop record
+    there, or a late claim (a late copy or drop went to a later window). Listings only:
+    three per home window and one of the late claims, however many objects.
+    """
+    from dicomflow.verify import pmap
+
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+
+    def keys_in(window: str) -> set[str]:
+        names: list[str] = []
+        for prefix in (BATCHES_PREFIX, QUARANTINE_PREFIX, DROPPED_PREFIX):
+            names += objects.names(bucket, f"{prefix}{window}/")
+        return {n.rsplit("/", 1)[-1].split(".", 1)[0] for n in names}
+
+    windows = sorted({home for _, home in found})
+    have: set[str] = set().union(*pmap(keys_in, windows)) if windows else set()
+    late = objects.names(bucket, LATE_PREFIX)
+    have |= {n[len(LATE_PREFIX) :].removesuffix(".json") for n in late}
+    return {key for key, _ in found if key in have}
+
+
 def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    """List the objects, ingest each with a progress bar, print the totals."""
+    """List the objects, ingest those without a record with a progress bar, print the totals."""
     from rich.progress import Progress
 
     try:
@@ -85,23 +126,32 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         print(f"dicomflow backfill: {exc}", file=sys.stderr)
         return 2
     ctx = make_ctx()
-    blobs = list(ctx.storage.list_blobs(bucket, prefix=prefix or None))
+    settings = ctx.settings
+    listed = [
+        _storage_object(bucket, b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
+    ]
     counts: Counter[str] = Counter()
+    wanted: list[tuple[StorageObject, str]] = []
+    for obj in listed:
+        if skip_reason(settings, obj) or obj.time_created is None:
+            counts["skipped"] += 1
+        else:
+            wanted.append((obj, file_key(obj.bucket, obj.name, obj.generation)))
+    homes = [
+        (key, window_id(obj.time_created, settings.batch_window_seconds))
+        for obj, key in wanted
+        if obj.time_created
+    ]
+    recorded = recorded_keys(ctx, homes)
+    if recorded:
+        counts[RECORDED] += len(recorded)
+    todo = [(obj, key) for obj, key in wanted if key not in recorded]
     errors: list[str] = []
 
-    def one(blob: Any) -> str:
-        obj = StorageObject(
-            bucket=bucket,
-            name=blob.name,
-            generation=str(blob.generation),
-            size=int(blob.size or 0),
-            md5_hash=blob.md5_hash,
-            crc32c=blob.crc32c,
-            content_type=blob.content_type,
-        )
-        # The event id is logged: the ledger key, not the name (names can be patient names).
-        event_id = f"backfill:{ledger_key(bucket, blob.name, blob.generation)}"
-        result = ingest.ingest_object(ctx, obj, event_id, None)
+    def one(item: tuple[StorageObject, str]) -> str:
+        obj, key = item
+        # The event id is logged: the key, not the name (names can be patient names).
+        result = ingest.ingest_object(ctx, obj, f"backfill:{key}", None)
         status = str(result["status"])
         return f"{status} (again)" if result.get("repeat") else status
 
@@ -109,21 +159,21 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         Progress(console=None if not args.json else _stderr_console(), transient=args.json) as bar,
         ThreadPoolExecutor(max(1, args.workers)) as pool,
     ):
-        task = bar.add_task(f"backfill gs://{bucket}/{prefix}", total=len(blobs))
-        futures = {pool.submit(one, blob): blob.name for blob in blobs}
+        task = bar.add_task(f"backfill gs://{bucket}/{prefix}", total=len(todo))
+        futures = {pool.submit(one, item): item for item in todo}
         for future in as_completed(futures):
             try:
                 counts[future.result()] += 1
             except DicomflowError as exc:
                 counts["error"] += 1
-                errors.append(f"gs://{bucket}/{futures[future]}: {exc}")
+                errors.append(f"key {futures[future][1]}: {exc}")
             bar.advance(task)
-    result: dict[str, Any] = {"objects": len(blobs), "outcomes": dict(sorted(counts.items()))}
+    result: dict[str, Any] = {"objects": len(listed), "outcomes": dict(sorted(counts.items()))}
     if errors:
         result["errors"] = errors[:20]
     if args.tick:
         result["tick"] = ingest.tick(ctx, "backfill")
-    lines = [f"{len(blobs)} objects under gs://{bucket}/{prefix}"]
+    lines = [f"{len(listed)} objects under gs://{bucket}/{prefix}"]
     lines += [f"  {status}: {n}" for status, n in sorted(counts.items())]
     lines += [f"  error: {e}" for e in errors[:20]]
     _emit(args, result, "\n".join(lines))
@@ -263,7 +313,7 @@ def _print(renderable: Any) -> None:
 
 
 class _Bar:
-    """A transient progress bar on stderr for the long reads (ledger, batches, alerts)."""
+    """A transient progress bar on stderr for the long reads (summaries, batches, alerts)."""
 
     def __init__(self) -> None:
         from rich.progress import Progress
@@ -288,11 +338,12 @@ def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "status",
         parents=[common],
-        help="ledger totals, batches in flight, running operations, recent alerts",
+        help="file totals, batches in flight, running operations, recent alerts",
         description=(
-            "The pipeline at a glance: ledger totals by outcome (all time); open, sealed and "
-            "importing batches with their ages; running operations; alerts and backups in the "
-            "window. --html FILE also writes a self-contained page with a timeline."
+            "The pipeline at a glance: files by outcome (all time, from the batch summaries, "
+            "quarantine and drop records and the open windows); open, sealed and importing "
+            "batches with their ages; running operations; alerts and backups in the window. "
+            "--html FILE also writes a self-contained page with a timeline."
         ),
     )
     _window_args(parser)
@@ -353,9 +404,11 @@ def add_batch(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "batch",
         parents=[common],
         help="one batch: seal, file list, operation, summary and manifest",
-        description="The details and the per-file manifest of one batch.",
+        description="The details, the file list and the per-file manifest of one batch.",
     )
-    parser.add_argument("batch_id", metavar="ID", help="batch id, e.g. 20261125T125300Z-000")
+    parser.add_argument(
+        "batch_id", metavar="ID", help="batch id, e.g. 20261125T125300Z or 20261125T125300Z-01"
+    )
     parser.add_argument(
         "--files", action="store_true", help="list every file, not only the failures"
     )
@@ -390,9 +443,11 @@ def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="send failed or quarantined files through ingest again, after a fix",
         description=(
             "Re-drive files whose outcome is failed or quarantined (or conflict, if asked): "
-            "each is checked again and staged into a new batch through the normal ingest "
-            "path, keeping its one ledger entry; the report gives it a fresh outcome. Files "
-            "the header check still rejects are left as they are. Safe to run twice."
+            "each is staged again into the current window under a retry key, from its "
+            "source generation or the copy its outcome kept, and a later batch gives it a "
+            "fresh outcome that replaces the old one in the totals. Quarantined files are "
+            "checked again first; those still rejected are left as they are. Safe to run "
+            "twice: a re-driven outcome is not selected again."
         ),
     )
     parser.add_argument(
@@ -402,7 +457,7 @@ def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="which outcome to re-drive; repeatable (default: failed and quarantined)",
     )
     parser.add_argument("--prefix", help="only objects under this name prefix (or gs://B/P)")
-    parser.add_argument("--batch", help="only files of this batch")
+    parser.add_argument("--batch", help="only files of this batch (failed and conflict)")
     parser.add_argument("--dry-run", action="store_true", help="list the files, change nothing")
     parser.add_argument("--workers", type=int, default=8, help="parallel files (default 8)")
     parser.set_defaults(handler=cmd_retry)
@@ -411,20 +466,22 @@ def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from dicomflow import redrive, status, tables
+    from dicomflow import outcomes, redrive, tables
 
     ctx = make_ctx()
-    with _Bar() as bar:
-        entries = status.read_ledger(ctx, progress=bar)
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    with _stderr_console().status("reading outcomes"):
+        found = outcomes.read_all(bucket)
+        retried = redrive.retried_keys(bucket)
     chosen = redrive.select(
-        entries, args.status or redrive.DEFAULT_STATUSES, args.prefix, args.batch
+        found, retried, args.status or redrive.DEFAULT_STATUSES, args.prefix, args.batch
     )
     files: list[dict[str, Any]]
     errors: list[str] = []
     if args.dry_run:
         files = [
-            {"key": e.key, "previous": e.status, "result": "would-retry", "status": e.status}
-            for e in chosen
+            {"key": o.key, "previous": o.status, "result": "would-retry", "status": o.status}
+            for o in chosen
         ]
     else:
         with Progress(console=_stderr_console(), transient=True) as progress:

@@ -1,107 +1,157 @@
-"""Re-drive: send failed or quarantined files through ingest again, after a fix.
+"""Re-drive: give conflict, failed and quarantined files a fresh outcome, after a fix.
 
 (Not to be confused with ``dicomflow.retry``, the backoff policy for transient errors.)
 
-The ledger is keyed by (bucket, name, generation), so a re-drive of the same
-generation keeps its entry: it never creates a second one. For one entry::
+Outcomes are never rewritten: a manifest line and a quarantine copy stay as they are.
+A re-drive stages the file again as a new record under a new key, and a marker says
+that the old outcome is superseded::
 
-    read entry (status failed | quarantined | conflict)
-      -> filter and header check of the source generation, as ingest does
-           rejected again / source gone / filtered out -> leave the entry as it is
-      -> choose an open batch (reserving its tickets, as ingest does)
-      -> CAS the entry: status claimed, the new batch, the new UIDs; the old
-         outcome is appended to detail.retries  (only if the status is unchanged)
-      -> ingest.ingest_object: the normal path resumes a claimed entry
-         (copy into the batch, post-copy seal check, status staged)
-      -> remove the old staging or quarantine copy, which no longer describes the file
+    state/retries/<key>.json            {key, retryKey, previous, batch, window, UIDs}:
+                                        create-if-absent, before the copy
+    batches/<window>/<retry key>.dcm    the new staging copy, in the current window
 
-The batch is then sealed, imported and verified by the functions like any
-other, and the report gives the file a fresh outcome.
+- ``<retry key>``: ``staging.file_key(bucket, name, "<generation>/retry/<key>")``. It
+  depends on the old key alone, so every re-drive of one outcome (a repeat, a
+  concurrent one, a resume after a crash) copies to the same name; the copy is
+  create-if-absent, so the file gets one new record. If that record fails again, the
+  next re-drive starts from it (its own key), and the chain never repeats a key.
+- The copy goes through ``ingest.stage`` with ``via = "retry"``: like a late delivery
+  it claims ``state/late/<retry key>`` for the current window and copies there, and
+  the seal of that window lists it. A resume whose claim names a window already past
+  its copy deadline moves the claim to the current window first (compare-and-swap,
+  as ``batches.restage_stragglers`` does), so a copy never lands after its seal.
+- Source: the landing object's generation while it exists, else the copy the old
+  outcome kept (``batches/<window>/<key>.dcm`` or ``quarantine/<window>/<key>.dcm``).
+  Old copies are left to the lifecycle rule: a copy is the claim of its key, and a
+  late redelivery of the original event must still meet it.
+- Quarantined files go through the header check first; one still rejected is left
+  as it is, and nothing is written.
 
-Why it is safe:
-
-- Concurrent re-drives of one entry: the CAS lets one of them reset it; the
-  others see ``claimed`` and only resume, which ingest makes idempotent.
-- A crash after the CAS leaves a ``claimed`` entry with ``detail.retries``;
-  the next re-drive resumes it (``resumed``), so the file is never stranded.
-- A file that is already imported or duplicate is never selected, so it is
-  never imported twice by a re-drive.
+Readers (``dicomflow.status``, ``select``) list ``state/retries/``: a key with a marker
+counts as its retry, never twice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.cloud import storage
 
-from dicomflow import batches, header, ingest, ledger, log, retry
+from dicomflow import batches, header, ingest, log, objects, outcomes, retry
+from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import DicomflowError
 from dicomflow.events import StorageObject, skip_reason
-from dicomflow.ledger import Entry
+from dicomflow.outcomes import Outcome
+from dicomflow.staging import (
+    FileRecord,
+    file_key,
+    iso,
+    late_name,
+    parse_batch,
+    parse_window,
+    quarantine_name,
+    staged_name,
+    window_id,
+)
+from dicomflow.verify import CONFLICT, FAILED, pmap
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE = (ledger.FAILED, ledger.QUARANTINED, ledger.CONFLICT)
-DEFAULT_STATUSES = (ledger.FAILED, ledger.QUARANTINED)
-# Ledger times of steps after the claim: moved into the retry record on a reset.
-_LATER_STEPS = (
-    "staged",
-    "restaged",
-    "quarantined",
-    "dropped",
-    ledger.IMPORTED,
-    ledger.DUPLICATE,
-    ledger.CONFLICT,
-    ledger.FAILED,
-)
+RETRIES_PREFIX = f"{STATE_PREFIX}retries/"
+RETRYABLE = (FAILED, outcomes.QUARANTINED, CONFLICT)
+DEFAULT_STATUSES = (FAILED, outcomes.QUARANTINED)
+VIA = "retry"
 
 # Results of one re-drive.
-RESTAGED = "restaged"  # reset and staged into a new batch
-RESUMED = "resumed"  # an interrupted re-drive finished
-STILL_REJECTED = "still-rejected"  # the header check rejects it again; entry unchanged
-SOURCE_MISSING = "source-missing"  # the object generation is gone; entry unchanged
-FILTERED = "filtered"  # the settings no longer ingest it; entry unchanged
-CHANGED = "changed"  # someone else changed the entry meanwhile; nothing done
+RESTAGED = "restaged"  # staged under its retry key; a later batch gives it an outcome
+RESUMED = "resumed"  # the marker was there already: this run finished or repeated it
+ALREADY = "already-retried"  # a batch lists its retry record already: nothing to do
+STILL_REJECTED = "still-rejected"  # the header check rejects it again; nothing written
+SOURCE_MISSING = "source-missing"  # neither the source generation nor a kept copy exists
+FILTERED = "filtered"  # the settings no longer ingest it; nothing written
+NOT_RETRYABLE = "not-retryable"  # its outcome is not one a re-drive changes
 
 
 @dataclass(frozen=True)
 class Result:
-    """What re-driving one entry did."""
+    """What re-driving one outcome did."""
 
     key: str
     previous: str
     result: str
     status: str
-    batch: str | None = None
+    retry_key: str | None = None
+    window: str | None = None
     reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        out = {
+            "key": self.key,
+            "previous": self.previous,
+            "result": self.result,
+            "status": self.status,
+            "retryKey": self.retry_key,
+            "window": self.window,
+            "reason": self.reason,
+        }
+        return {k: v for k, v in out.items() if v is not None}
 
 
-def is_retry_pending(entry: Entry) -> bool:
-    """A re-drive reset this entry and did not see it staged (a crash, or still running)."""
-    return entry.status == ledger.CLAIMED and bool(entry.detail.get("retries"))
+def retry_name(key: str) -> str:
+    return f"{RETRIES_PREFIX}{key}.json"
+
+
+def retry_key(record: FileRecord) -> str:
+    """The key a re-drive of ``record`` stages the file under (see the module docstring)."""
+    return file_key(record.bucket, record.name, f"{record.generation}/retry/{record.key}")
+
+
+def retried_keys(bucket: storage.Bucket) -> set[str]:
+    """The keys whose outcome a re-drive superseded (one listing)."""
+    return {
+        n[len(RETRIES_PREFIX) : -len(".json")]
+        for n in objects.names(bucket, RETRIES_PREFIX)
+        if n.endswith(".json")
+    }
+
+
+def markers(bucket: storage.Bucket) -> list[dict[str, Any]]:
+    """Every re-drive marker (one listing, one read each: re-drives are few)."""
+    names = sorted(retry_name(k) for k in retried_keys(bucket))
+    return [m for m in pmap(lambda n: objects.read_json(bucket, n), names) if m is not None]
+
+
+def is_pending(outcome: Outcome, retried: Collection[str], found: Mapping[str, Outcome]) -> bool:
+    """A re-drive marked ``outcome`` superseded but its retry record is not there yet."""
+    return (
+        outcome.key in retried
+        and outcome.record is not None
+        and retry_key(outcome.record) not in found
+    )
 
 
 def select(
-    entries: Iterable[Entry],
+    found: Mapping[str, Outcome],
+    retried: Collection[str],
     statuses: Iterable[str] = DEFAULT_STATUSES,
     prefix: str | None = None,
     batch: str | None = None,
-) -> list[Entry]:
-    """Entries to re-drive: in ``statuses`` (or interrupted re-drives), filtered. Pure.
+) -> list[Outcome]:
+    """Outcomes to re-drive, in key order. Pure.
 
     Args:
-        entries: ledger entries.
+        found: ``outcomes.read_all``.
+        retried: ``retried_keys``: those outcomes are superseded, unless their retry
+            record is missing (an interrupted re-drive, picked up whatever ``statuses``).
         statuses: any of ``RETRYABLE``.
         prefix: keep objects whose name starts with it (``gs://BUCKET/`` may lead it).
-        batch: keep entries of this batch.
+        batch: keep outcomes of this batch.
     """
     wanted = set(statuses)
     unknown = wanted - set(RETRYABLE)
@@ -116,37 +166,50 @@ def select(
         else:
             name_prefix = prefix
     chosen = []
-    for entry in entries:
-        if entry.status not in wanted and not is_retry_pending(entry):
+    for outcome in found.values():
+        record = outcome.record
+        if record is None:
             continue
-        if bucket and entry.source.bucket != bucket:
+        if outcome.key in retried:
+            if not is_pending(outcome, retried, found):
+                continue
+        elif outcome.status not in wanted:
             continue
-        if name_prefix and not entry.source.name.startswith(name_prefix):
+        if bucket and record.bucket != bucket:
             continue
-        if batch and entry.batch != batch:
+        if name_prefix and not record.name.startswith(name_prefix):
             continue
-        chosen.append(entry)
-    return sorted(chosen, key=lambda e: e.key)
+        if batch and outcome.batch != batch:
+            continue
+        chosen.append(outcome)
+    return sorted(chosen, key=lambda o: o.key)
 
 
-def _object(entry: Entry) -> StorageObject:
-    src = entry.source
-    return StorageObject(
-        bucket=src.bucket,
-        name=src.name,
-        generation=src.generation,
-        size=src.size,
-        md5_hash=src.md5Hash,
-        crc32c=src.crc32c,
-        content_type=src.contentType,
-    )
+def _exists(blob: storage.Blob) -> bool:
+    try:
+        return bool(retry.call(lambda: blob.exists()))
+    except gexc.NotFound:
+        return False
 
 
-def _reader(ctx: Any, entry: Entry) -> header.RangeReader:
-    blob = ctx.storage.bucket(entry.source.bucket).blob(
-        entry.source.name, generation=int(entry.source.generation)
-    )
+def source_of(ctx: Any, outcome: Outcome) -> storage.Blob | None:
+    """The landing object's generation if it exists, else the copy the outcome kept."""
+    record = outcome.record
+    assert record is not None
+    landing = ctx.storage.bucket(record.bucket).blob(record.name, generation=int(record.generation))
+    if _exists(landing):
+        return landing
+    staging = ctx.storage.bucket(ctx.settings.staging_bucket)
+    window = outcome.window or record.window
+    if outcome.status == outcomes.QUARANTINED:
+        kept = quarantine_name(window, record.key)
+    else:
+        kept = str(outcome.line.get("staged") or staged_name(window, record.key))
+    copy = staging.blob(kept)
+    return copy if _exists(copy) else None
 
+
+def _reader(blob: storage.Blob) -> header.RangeReader:
     def read(start: int, end: int) -> bytes:
         data: bytes = retry.call(
             lambda: blob.download_as_bytes(start=start, end=end, checksum=None)
@@ -156,121 +219,156 @@ def _reader(ctx: Any, entry: Entry) -> header.RangeReader:
     return read
 
 
-def redrive(ctx: Any, key: str) -> Result:
-    """Re-drive the entry ``key`` (see the module docstring). Safe to repeat and to race."""
+def _old_window(outcome: Outcome) -> str | None:
+    """Where status counts the old outcome: its batch's window, or its quarantine window."""
+    if outcome.batch:
+        return parse_batch(outcome.batch)[0]
+    return outcome.window
+
+
+def redrive(ctx: Any, outcome: Outcome) -> Result:
+    """Re-drive ``outcome`` (see the module docstring). Safe to repeat and to race."""
     settings = ctx.settings
     staging = ctx.storage.bucket(settings.staging_bucket)
-    found = ledger.read(staging, key)
-    if found is None:
-        raise KeyError(key)
-    entry = found[0]
-    previous = entry.status
-    obj = _object(entry)
-    if is_retry_pending(entry):
-        return _resume(ctx, entry, previous, RESUMED)
-    if entry.status not in RETRYABLE:
-        return Result(key, previous, CHANGED, entry.status, entry.batch)
-    skipped = skip_reason(settings, obj)
-    if skipped:
-        return Result(key, previous, FILTERED, entry.status, entry.batch, skipped)
-    try:
-        uids = header.check(_reader(ctx, entry), obj.size)
-    except header.Rejected as rejected:
-        return Result(key, previous, STILL_REJECTED, entry.status, None, rejected.code)
-    except gexc.NotFound:
-        return Result(key, previous, SOURCE_MISSING, entry.status, entry.batch)
-
-    now = ctx.clock()
-    weight = batches.ticket_weight(obj.size, settings.batch_max_files, settings.batch_max_bytes)
-    new_batch = batches.choose(ctx, now, weight)
-    old_batch = entry.batch
-
-    applied = False
-
-    def reset(e: Entry) -> bool:
-        nonlocal applied
-        applied = e.status == previous
-        if not applied:
-            return False
-        record: dict[str, Any] = {
-            "status": e.status,
-            "reason": e.reason,
-            "batch": e.batch,
-            "at": ledger.iso(now),
-            "times": {s: e.times.pop(s) for s in _LATER_STEPS if s in e.times},
-        }
-        if e.quarantine:
-            record["quarantine"] = e.quarantine
-        earlier = {k: v for k, v in e.detail.items() if k != "retries"}
-        if earlier:
-            record["detail"] = earlier
-        e.detail = {"retries": [*e.detail.get("retries", []), record]}
-        e.status, e.reason = ledger.CLAIMED, None
-        e.batch, e.staged, e.quarantine, e.uids = new_batch, None, None, uids
-        e.mark("retried", now)
-        return True
-
-    entry, _ = ledger.modify(staging, key, reset)
-    if not applied:
-        if is_retry_pending(entry):  # another re-drive won the race: help it finish
-            return _resume(ctx, entry, previous, RESUMED)
-        return Result(key, previous, CHANGED, entry.status, entry.batch)
-    logger.info(
-        "re-drive",
-        extra=log.fields(key=key, previous=previous, batch=new_batch, oldBatch=old_batch),
+    record = outcome.record
+    if record is None:
+        raise ValueError(f"outcome {outcome.key} has no file record")
+    key, previous = outcome.key, outcome.status
+    marker = objects.read_json(staging, retry_name(key))
+    if marker is None and previous not in RETRYABLE:
+        return Result(key, previous, NOT_RETRYABLE, previous)
+    obj = StorageObject(
+        record.bucket, record.name, record.generation, record.size, record.md5, record.crc32c
     )
-    return _resume(ctx, entry, previous, RESTAGED)
+    if marker is None:
+        skipped = skip_reason(settings, obj)
+        if skipped:
+            return Result(key, previous, FILTERED, previous, reason=skipped)
+    source = source_of(ctx, outcome)
+    if source is None:
+        return Result(key, previous, SOURCE_MISSING, previous)
+    label = RESUMED
+    if marker is None:
+        uids = {"study": record.study, "series": record.series, "sop": record.sop}
+        if previous == outcomes.QUARANTINED or not record.sop:
+            try:
+                found = header.check(_reader(source), record.size)
+            except header.Rejected as rejected:
+                return Result(key, previous, STILL_REJECTED, previous, reason=rejected.code)
+            except gexc.NotFound:
+                return Result(key, previous, SOURCE_MISSING, previous)
+            uids = {"study": found.study, "series": found.series, "sop": found.sop}
+        doc = {
+            "key": key,
+            "retryKey": retry_key(record),
+            "previous": previous,
+            "reason": outcome.reason,
+            "batch": outcome.batch,
+            "window": _old_window(outcome),
+            "at": iso(ctx.clock()),
+            **uids,
+        }
+        if objects.create(staging, retry_name(key), doc):
+            label = RESTAGED
+            logger.info(
+                "re-drive",
+                extra=log.fields(key=key, previous=previous, retryKey=doc["retryKey"]),
+            )
+        marker = objects.read_json(staging, retry_name(key)) or doc
+    return _stage(ctx, outcome, record, marker, source, label)
 
 
-def _resume(ctx: Any, entry: Entry, previous: str, label: str) -> Result:
-    """Let ingest finish a claimed entry (copy, post-copy seal check, staged), then clean up."""
-    out = ingest.ingest_object(ctx, _object(entry), f"redrive:{entry.key}", None)
-    status = str(out["status"])
-    if status == "skipped":  # the filter changed between our check and now
-        return Result(entry.key, previous, FILTERED, entry.status, entry.batch, out.get("reason"))
-    if status == ledger.STAGED:
-        _remove_old_copies(ctx, entry)
-    return Result(entry.key, previous, label, status, out.get("batch"), out.get("reason"))
+def _stage(
+    ctx: Any,
+    outcome: Outcome,
+    record: FileRecord,
+    marker: Mapping[str, Any],
+    source: storage.Blob,
+    label: str,
+) -> Result:
+    """Copy the file under its retry key into the current window (create-if-absent)."""
+    new_key = retry_key(record)
+    now = ctx.clock()
+    listed = _listed_in(ctx, new_key, now)
+    if listed is not None:
+        return Result(outcome.key, outcome.status, ALREADY, "listed", new_key, listed)
+    fresh = FileRecord(
+        key=new_key,
+        bucket=record.bucket,
+        name=record.name,
+        generation=record.generation,
+        size=record.size,
+        home=record.home,
+        window=record.home,
+        event=f"retry:{record.key}",
+        md5=record.md5,
+        crc32c=record.crc32c,
+        study=marker.get("study"),
+        series=marker.get("series"),
+        sop=marker.get("sop"),
+        via=VIA,
+    )
+    try:
+        out = ingest.stage(ctx, source, fresh, now)
+    except gexc.NotFound:
+        return Result(outcome.key, outcome.status, SOURCE_MISSING, outcome.status, new_key)
+    return Result(
+        outcome.key,
+        outcome.status,
+        label,
+        str(out["status"]),
+        new_key,
+        out.get("window"),
+        out.get("reason"),
+    )
 
 
-def _remove_old_copies(ctx: Any, entry: Entry) -> None:
-    """The copies the last outcome left: staging copy (failed, conflict) or quarantine files.
+def _listed_in(ctx: Any, key: str, now: datetime) -> str | None:
+    """The window whose file list already holds ``key``, if its late claim names one.
 
-    They no longer describe the file; the failure manifest and the retry record still do.
+    A claim whose window is past its copy deadline without a copy there is moved to
+    the current window, so the copy ``ingest.stage`` makes next lands before a seal.
     """
-    staging = ctx.storage.bucket(ctx.settings.staging_bucket)
-    last = (entry.detail.get("retries") or [{}])[-1]
-    names = []
-    old_batch = last.get("batch")
-    if old_batch and old_batch != entry.batch:
-        names.append(batches.staged_name(old_batch, entry.key))
-    if last.get("quarantine"):
-        names += [last["quarantine"], ingest.quarantine_record_name(last["quarantine"])]
-    for name in names:
-        with contextlib.suppress(gexc.NotFound):
-            batches.delete(staging, name)
+    settings = ctx.settings
+    staging = ctx.storage.bucket(settings.staging_bucket)
+    claim = objects.read(staging, late_name(key))
+    if claim is None or claim[0].get("dropped"):
+        return None
+    window = str(claim[0].get("window"))
+    files = batches.read_files(staging, window)
+    if files is not None and any(r.key == key for r in files):
+        return window
+    if objects.exists(staging, staged_name(window, key)):
+        return None  # the copy is there; ingest.stage meets it (create-if-absent)
+    seal_at = parse_window(window) + timedelta(
+        seconds=settings.batch_window_seconds + settings.seal_grace_seconds
+    )
+    if now + timedelta(seconds=ingest.copy_deadline(settings)) >= seal_at:
+        current = window_id(now, settings.batch_window_seconds)
+        objects.swap(staging, late_name(key), {"window": current, "movedAt": iso(now)}, claim[1])
+    return None
 
 
 def redrive_all(
     ctx: Any,
-    entries: list[Entry],
+    chosen: list[Outcome],
     workers: int = 8,
     on_done: Callable[[Result | None], None] | None = None,
 ) -> tuple[list[Result], list[str]]:
-    """Re-drive ``entries`` in parallel; returns (results, errors as text without PHI)."""
+    """Re-drive ``chosen`` in parallel; returns (results, errors as text without PHI)."""
     results: list[Result] = []
     errors: list[str] = []
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="redrive") as pool:
-        futures = {pool.submit(redrive, ctx, e.key): e.key for e in entries}
+        futures = {pool.submit(redrive, ctx, o): o.key for o in chosen}
         for future in as_completed(futures):
             try:
                 result: Result | None = future.result()
-            except (DicomflowError, ledger.Conflict, KeyError, gexc.GoogleAPIError) as exc:
+            except (DicomflowError, ValueError, gexc.GoogleAPIError) as exc:
                 result = None
                 # Only the type and code: messages of storage errors can hold object names.
                 code = getattr(exc, "code", None)
                 errors.append(
-                    f"ledger {futures[future]}: {type(exc).__name__}" + (f" {code}" if code else "")
+                    f"key {futures[future]}: {type(exc).__name__}" + (f" {code}" if code else "")
                 )
             if result is not None:
                 results.append(result)

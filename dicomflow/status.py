@@ -1,64 +1,87 @@
 """The pipeline's state at a glance, gathered into one plain dict.
 
-``gather(ctx, now, since)`` reads what the functions leave in the staging
-bucket and what the Healthcare API says, and returns a JSON-ready dict. The
-same dict is printed as tables by ``dicomflow status``, dumped by ``--json``
-and drawn by ``dicomflow.status_page`` as an HTML page. Sources::
+``gather(ctx, now, since)`` reads what the functions leave in the staging bucket
+(``dicomflow.staging`` has the layout) and what the Healthcare API says, and returns
+a JSON-ready dict. The same dict is printed as tables by ``dicomflow status``,
+dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sources::
 
-    ledger/*.json                  totals by outcome, reasons, upload times
-    state/open|active|finished/    open, sealed, importing and verifying batches
-    batches/<id>/_operation.json   the import operation of an active batch
-    manifests/<id>/summary.json    verified batches (seal, start, finish times, counts)
-    operations.list                running operations; imports and exports for the timeline
-    state/alerts/*.json            alerts published (kind, time), from their delivery markers
-    state/exports/<date>.json      backups
+    manifests/<batch>/summary.json       verified batches: counts by outcome, times
+    manifests/<batch>/failure.ndjson     reasons, read only for batches with failures
+    quarantine/<window>/, state/dropped/ quarantined and dropped files (listings)
+    state/retries/<key>.json             re-driven files (``dicomflow.redrive``)
+    batches/<window>/ (not sealed)       files of open windows (listings, from the seal cursor)
+    state/open/<batch>.json              sealed batches not verified yet, and their
+    state/batch/<batch>/operation.json   import operations
+    operations.list                      running operations; imports and exports for the timeline
+    state/alerts/*.json                  alerts published (kind, time), from their delivery markers
+    state/exports/<date>.json            backups
 
-Ledger totals cover every entry (invariant 1: they must add up to the files
-ingested); everything else is limited to the window ``[since, now]``.
+File totals cover all time (invariant 1: they add up to the files ingested); each
+file counts once, a re-driven one by its retry's outcome. Everything else is limited
+to the window ``[since, now]``.
 
-Cost: one read per ledger entry and per alert marker, in a thread pool. That is
-fine for a few hundred thousand files; a larger ledger wants a summary index.
+Cost: one read per verified batch (its summary), per open batch and per alert marker,
+in a thread pool, plus listings; never one read per file. The timeline places files
+at their batch's or their quarantine copy's window.
 
-No PHI: object names are never copied out; entries give statuses, reason codes,
-times and batch ids only.
+No PHI: object names are never copied out; the dict holds statuses, reason codes,
+counts, times, keys and batch ids only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from dicomflow import alerts, batches, export, ledger, manifests, operations, retry
-from dicomflow.config import LEDGER_PREFIX, MANIFESTS_PREFIX
+from dicomflow import alerts, batches, export, manifests, objects, operations, outcomes, redrive
+from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX
+from dicomflow.staging import (
+    SEALED_PREFIX,
+    FileRecord,
+    failure_name,
+    files_name,
+    import_uri,
+    intent_name,
+    is_key,
+    open_name,
+    operation_name,
+    parse_batch,
+    parse_window,
+    sealed_name,
+    success_name,
+    summary_name,
+    window_id,
+)
+from dicomflow.verify import CONFLICT, DUPLICATE, FAILED, IMPORTED, OUTCOMES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Below the storage client's connection pool (10), so no connection is thrown away.
 THREADS = 8
-# The timeline's upload histogram has at most this many bins.
+# The timeline's file histogram has at most this many bins.
 UPLOAD_BINS = 60
 
 Progress = Callable[[str, int, int | None], None]
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Outcome groups as an operator reads them (ledger statuses in each).
-OUTCOMES = {
-    "imported": (ledger.IMPORTED,),
-    "duplicate": (ledger.DUPLICATE,),
-    "quarantined": (ledger.QUARANTINED,),
-    "conflict": (ledger.CONFLICT,),
-    "failed": (ledger.FAILED,),
-    "dropped": (ledger.DROPPED,),
-    "in progress": (ledger.CLAIMED, ledger.STAGED),
+# Outcome groups as an operator reads them (statuses in each).
+GROUPS = {
+    "imported": (IMPORTED,),
+    "duplicate": (DUPLICATE,),
+    "quarantined": (outcomes.QUARANTINED,),
+    "conflict": (CONFLICT,),
+    "failed": (FAILED,),
+    "dropped": (outcomes.DROPPED,),
+    "in progress": (outcomes.STAGED,),
 }
+BATCH_STATES = ("open", "sealed", "importing", "verifying", "verified")
 
 
 def iso(moment: datetime) -> str:
@@ -85,6 +108,20 @@ def age_seconds(since: datetime | None, now: datetime) -> int | None:
     return None if since is None else max(0, int((now - since).total_seconds()))
 
 
+def _window_start(window: Any) -> datetime | None:
+    try:
+        return parse_window(str(window))
+    except ValueError:
+        return None
+
+
+def _batch_start(batch: str) -> datetime | None:
+    try:
+        return parse_window(parse_batch(batch)[0])
+    except ValueError:
+        return None
+
+
 def _pmap(fn: Callable[[T], R], items: list[T], progress: Progress | None, label: str) -> list[R]:
     """``fn`` over ``items`` in a thread pool, results in order, reporting progress."""
     if progress:
@@ -92,13 +129,9 @@ def _pmap(fn: Callable[[T], R], items: list[T], progress: Progress | None, label
     if not items:
         return []
     done = 0
-
-    def one(item: T) -> R:
-        return fn(item)
-
     results: list[R] = []
     with ThreadPoolExecutor(min(THREADS, len(items)), thread_name_prefix="status") as pool:
-        for result in pool.map(one, items):
+        for result in pool.map(fn, items):
             results.append(result)
             done += 1
             if progress and (done % 50 == 0 or done == len(items)):
@@ -106,217 +139,350 @@ def _pmap(fn: Callable[[T], R], items: list[T], progress: Progress | None, label
     return results
 
 
-def _names(client: storage.Client, bucket: storage.Bucket, prefix: str) -> list[str]:
-    return retry.call(lambda: [b.name for b in client.list_blobs(bucket, prefix=prefix)])
-
-
 def _read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
     try:
-        return batches.read_json(bucket, name)
+        return objects.read_json(bucket, name)
     except json.JSONDecodeError:
         return None
 
 
-# --- ledger -------------------------------------------------------------------------------------
+# --- what the bucket holds ---------------------------------------------------------------------
 
 
-def read_ledger(ctx: Any, progress: Progress | None = None) -> list[ledger.Entry]:
-    """Every ledger entry, read in parallel."""
+@dataclass
+class Holdings:
+    """Everything the file totals and the batch list are built from (see ``read_holdings``)."""
+
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quarantined: list[tuple[str, str, str | None]] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    open_windows: dict[str, dict[str, int]] = field(default_factory=dict)
+    open_batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    markers: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_summaries(
+    bucket: storage.Bucket,
+    progress: Progress | None = None,
+    floor: datetime | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Batch -> summary of every verified batch (whose window starts at ``floor`` or later)."""
+    ids = [
+        b
+        for b in outcomes.batch_ids(bucket)
+        if (start := _batch_start(b)) is not None and (floor is None or start >= floor)
+    ]
+    found = _pmap(lambda b: _read_json(bucket, summary_name(b)), ids, progress, "summaries")
+    return {b: s for b, s in zip(ids, found, strict=True) if s is not None}
+
+
+def read_quarantine(bucket: storage.Bucket) -> list[tuple[str, str, str | None]]:
+    """(key, window, reason) of every quarantine copy, from one listing (its metadata)."""
+    found = []
+    for blob in objects.blobs(bucket, QUARANTINE_PREFIX):
+        window = blob.name[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
+        record = FileRecord.from_blob(blob, window)
+        if record is not None:
+            found.append((record.key, window, record.reason))
+    return found
+
+
+def read_drops(bucket: storage.Bucket) -> list[tuple[str, str]]:
+    """(key, window) of every drop record, from its name (one listing)."""
+    found = []
+    for name in objects.names(bucket, DROPPED_PREFIX):
+        window, _, rest = name[len(DROPPED_PREFIX) :].partition("/")
+        key = rest.removesuffix(".json")
+        if is_key(key):
+            found.append((key, window))
+    return found
+
+
+def open_windows(ctx: Any, now: datetime) -> dict[str, dict[str, int]]:
+    """Window -> {files, bytes} of each window not sealed yet: the windows from the seal
+    cursor (as the ingest tick lists them), each listed once."""
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    floor = window_id(
+        now - timedelta(seconds=batches.LOOKBACK_SECONDS), settings.batch_window_seconds
+    )
+    cursor = str((_read_json(bucket, batches.SEAL_CURSOR) or {}).get("window") or floor)
+    start = min(cursor, floor)
+    windows = [
+        w
+        for w in objects.folders(bucket, BATCHES_PREFIX, f"{BATCHES_PREFIX}{start}")
+        if w >= start and _window_start(w) is not None
+    ]
+    sealed = {
+        n[len(SEALED_PREFIX) : -len(".done")]
+        for n in objects.names(bucket, SEALED_PREFIX, f"{SEALED_PREFIX}{start}")
+        if n.endswith(".done")
+    }
+    found: dict[str, dict[str, int]] = {}
+    for window in windows:
+        if window in sealed:
+            continue
+        copies = [
+            b
+            for b in objects.blobs(bucket, f"{BATCHES_PREFIX}{window}/")
+            if b.name.endswith(".dcm")
+        ]
+        if copies:
+            found[window] = {"files": len(copies), "bytes": sum(int(b.size or 0) for b in copies)}
+    return found
+
+
+def read_open_batches(
+    bucket: storage.Bucket, progress: Progress | None = None
+) -> dict[str, dict[str, Any]]:
+    """Batch -> its queue record (``state/open``) with its operation record as ``_operation``."""
+    ids = batches.open_batches(bucket)
+
+    def load(batch: str) -> dict[str, Any]:
+        doc = _read_json(bucket, open_name(batch)) or {"batch": batch}
+        doc["_operation"] = _read_json(bucket, operation_name(batch))
+        if doc["_operation"] is None:
+            doc["_intent"] = _read_json(bucket, intent_name(batch))
+        return doc
+
+    return dict(zip(ids, _pmap(load, ids, progress, "open batches"), strict=True))
+
+
+def read_failures(
+    bucket: storage.Bucket, summaries: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The failure manifest lines of the batches whose summary counts failures."""
+    ids = [b for b, s in summaries.items() if s.get("failure")]
+    found = _pmap(lambda b: manifests.read_lines(bucket, failure_name(b)), ids, None, "")
+    return [line for lines in found for line in lines]
+
+
+def read_holdings(ctx: Any, now: datetime, progress: Progress | None = None) -> Holdings:
+    """Everything ``files_section`` and ``batch_list`` need, read once."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    names = [n for n in _names(ctx.storage, bucket, LEDGER_PREFIX) if n.endswith(".json")]
-
-    def load(name: str) -> ledger.Entry | None:
-        key = name[len(LEDGER_PREFIX) : -len(".json")]
-        with contextlib.suppress(gexc.NotFound):
-            found = ledger.read(bucket, key)
-            return found[0] if found else None
-        return None
-
-    return [e for e in _pmap(load, names, progress, "ledger") if e is not None]
-
-
-def upload_time(entry: ledger.Entry) -> datetime | None:
-    """When the file arrived: its event time, else when it was claimed."""
-    return parse_time(entry.times.get("event")) or parse_time(entry.times.get("claimed"))
+    summaries = read_summaries(bucket, progress)
+    opened = read_open_batches(bucket, progress)
+    return Holdings(
+        summaries=summaries,
+        quarantined=read_quarantine(bucket),
+        dropped=read_drops(bucket),
+        open_windows=open_windows(ctx, now),
+        open_batches={b: d for b, d in opened.items() if b not in summaries},
+        markers=redrive.markers(bucket),
+        failures=read_failures(bucket, summaries),
+    )
 
 
-def ledger_section(entries: list[ledger.Entry]) -> dict[str, Any]:
-    """Totals by status and by outcome group, and the reasons of the bad ones."""
-    totals = ledger.totals(entries)
+# --- file totals ------------------------------------------------------------------------------
+
+
+def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, str, int]]]:
+    """Totals by status and by outcome group, reasons, re-drives; and the timeline's
+    (window start, status, files) points. Pure.
+
+    A re-driven file's old outcome is taken off (its marker names it), so each file
+    counts once, by its retry's outcome.
+    """
+    totals = dict.fromkeys(outcomes.STATUSES, 0)
+    points: list[tuple[datetime, str, int]] = []
+
+    def add(window: Any, status: str, n: int) -> None:
+        totals[status] += n
+        start = _window_start(window)
+        if start is not None and n:
+            points.append((start, status, n))
+
+    for batch, summary in held.summaries.items():
+        window = summary.get("window") or parse_batch(batch)[0]
+        counts = summary.get("counts") or {}
+        for status in OUTCOMES:
+            add(window, status, int(counts.get(status) or 0))
+    for _, window, _ in held.quarantined:
+        add(window, outcomes.QUARANTINED, 1)
+    for _, window in held.dropped:
+        add(window, outcomes.DROPPED, 1)
+    for window, found in held.open_windows.items():
+        add(window, outcomes.STAGED, found["files"])
+    for batch, doc in held.open_batches.items():
+        add(doc.get("window") or parse_batch(batch)[0], outcomes.STAGED, int(doc.get("count") or 0))
+    superseded = set()
+    for marker in held.markers:
+        if marker.get("previous") in totals:
+            add(marker.get("window"), str(marker["previous"]), -1)
+            superseded.add(marker.get("key"))
+
     reasons: dict[str, Counter[str]] = {
-        s: Counter() for s in (ledger.QUARANTINED, ledger.FAILED, ledger.CONFLICT, ledger.DROPPED)
+        s: Counter() for s in (outcomes.QUARANTINED, FAILED, CONFLICT)
     }
-    retried = 0
-    for entry in entries:
-        if entry.status in reasons:
-            reasons[entry.status][reason_code(entry.reason)] += 1
-        if entry.detail.get("retries"):
-            retried += 1
-    return {
-        "entries": len(entries),
+    for key, _, reason in held.quarantined:
+        if key not in superseded:
+            reasons[outcomes.QUARANTINED][reason_code(reason)] += 1
+    for line in held.failures:
+        if line.get("key") not in superseded and line.get("status") in reasons:
+            reasons[line["status"]][reason_code(line.get("reason"))] += 1
+    section = {
+        "files": sum(totals.values()),
         "totals": totals,
-        "outcomes": {
-            name: sum(totals.get(s, 0) for s in statuses) for name, statuses in OUTCOMES.items()
-        },
+        "outcomes": {name: sum(totals[s] for s in statuses) for name, statuses in GROUPS.items()},
         "reasons": {s: dict(c.most_common()) for s, c in reasons.items() if c},
-        "retried": retried,
+        "retried": len(held.markers),
     }
+    return section, points
 
 
 # --- batches ------------------------------------------------------------------------------------
 
 
-def _batch_start(batch: str) -> datetime | None:
-    try:
-        return batches.parse_batch_id(batch)[0]
-    except ValueError:
-        return None
+def batch_list(
+    held: Holdings, now: datetime, since: datetime | None, window_seconds: int
+) -> list[dict[str, Any]]:
+    """Every batch whose window starts at or after ``since`` (all when None), oldest first.
+    Pure.
+
+    Each is ``{batch, state, files, bytes?, sealedAt?, operation?, startedAt?,
+    finishedAt?, verifiedAt?, counts?, error?, ageSeconds}``, where state is ``open``
+    (its window is not sealed yet), ``sealed`` (queued for import), ``importing``,
+    ``verifying`` or ``verified``.
+    """
+    found: list[dict[str, Any]] = []
+    for window, files in held.open_windows.items():
+        found.append({"batch": window, "state": "open", **files, "since": window})
+    for batch, doc in held.open_batches.items():
+        op = doc.get("_operation")
+        item: dict[str, Any] = {
+            "batch": batch,
+            "state": "sealed",
+            "files": doc.get("count"),
+            "bytes": doc.get("bytes"),
+            "sealedAt": doc.get("sealedAt"),
+            "since": doc.get("sealedAt"),
+        }
+        if op is not None:
+            item.update(operation=op.get("operation"), startedAt=op.get("startedAt"))
+            item["state"] = "verifying" if op.get("done") else "importing"
+            item["since"] = op.get("finishedAt") if op.get("done") else op.get("startedAt")
+            if op.get("done"):
+                item["finishedAt"] = op.get("finishedAt")
+                item["error"] = bool(op.get("error")) or None
+        elif doc.get("_intent"):
+            item["state"] = "importing"
+            item["since"] = doc["_intent"].get("requestedAt")
+        found.append(item)
+    for batch, summary in held.summaries.items():
+        times = summary.get("times") or {}
+        counts = dict(summary.get("counts") or {})
+        found.append(
+            {
+                "batch": batch,
+                "state": "verified",
+                "files": counts.pop("total", None),
+                "bytes": summary.get("bytes"),
+                "counts": counts,
+                "sealedAt": times.get("sealedAt"),
+                "startedAt": times.get("startedAt"),
+                "finishedAt": times.get("finishedAt"),
+                "verifiedAt": times.get("verifiedAt"),
+                "operation": (summary.get("operation") or {}).get("name"),
+                "since": times.get("verifiedAt"),
+            }
+        )
+    floor = since - timedelta(seconds=window_seconds) if since else None
+    out = []
+    for item in found:
+        start = _batch_start(item["batch"])
+        if start is None or (floor is not None and start < floor):
+            continue
+        since_state = item.pop("since")
+        began = parse_time(since_state) or _window_start(since_state) or start
+        item["ageSeconds"] = age_seconds(began, now)
+        out.append({k: v for k, v in item.items() if v is not None})
+    return sorted(out, key=lambda b: str(b["batch"]))
 
 
 def list_batches(
     ctx: Any, now: datetime, since: datetime | None, progress: Progress | None = None
 ) -> list[dict[str, Any]]:
-    """Every batch whose window starts at or after ``since`` (all when None), oldest first.
-
-    Each is ``{batch, state, files, bytes, openedAt?, sealedAt?, operation?,
-    startedAt?, finishedAt?, verifiedAt?, counts?, ageSeconds}``, where state is
-    ``open``, ``sealed`` (queued for import), ``importing``, ``verifying`` or ``verified``.
-    """
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    floor = since - timedelta(seconds=ctx.settings.batch_window_seconds) if since else None
-
-    def wanted(batch: str) -> bool:
-        start = _batch_start(batch)
-        return start is not None and (floor is None or start >= floor)
-
-    found: dict[str, dict[str, Any]] = {}
-    for state, prefix in (
-        ("open", batches.OPEN_PREFIX),
-        ("sealed", batches.ACTIVE_PREFIX),
-        ("verifying", batches.FINISHED_PREFIX),
-    ):
-        for batch in batches.list_ids(bucket, prefix):
-            if wanted(batch):
-                found[batch] = {"batch": batch, "state": state, "_record": prefix}
-    summary_ids = sorted(
-        {
-            n[len(MANIFESTS_PREFIX) :].split("/", 1)[0]
-            for n in _names(ctx.storage, bucket, MANIFESTS_PREFIX)
-            if n.endswith("/summary.json")
-        }
+    """``batch_list`` of what the bucket holds now (summaries read from ``since`` only)."""
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    floor = since - timedelta(seconds=settings.batch_window_seconds) if since else None
+    summaries = read_summaries(bucket, progress, floor)
+    opened = read_open_batches(bucket, progress)
+    held = Holdings(
+        summaries=summaries,
+        open_windows=open_windows(ctx, now),
+        open_batches={b: d for b, d in opened.items() if b not in summaries},
     )
-    for batch in summary_ids:
-        if wanted(batch) and batch not in found:
-            found[batch] = {"batch": batch, "state": "verified", "_record": None}
-
-    def load(item: dict[str, Any]) -> dict[str, Any]:
-        batch, prefix = item["batch"], item.pop("_record")
-        out = dict(item)
-        if prefix is None:
-            summary = manifests.read_summary(bucket, batch) or {}
-            times = summary.get("times") or {}
-            op = summary.get("operation") or {}
-            counts = dict(summary.get("counts") or {})
-            sealed_at = times.get("sealedAt")
-            if not sealed_at:
-                sealed_at = (_read_json(bucket, batches.seal_name(batch)) or {}).get("sealedAt")
-            out.update(
-                files=counts.pop("total", None),
-                counts=counts,
-                sealedAt=sealed_at,
-                startedAt=times.get("startedAt") or op.get("createTime"),
-                finishedAt=times.get("finishedAt") or op.get("endTime"),
-                verifiedAt=times.get("verifiedAt"),
-                operation=op.get("name"),
-            )
-        else:
-            record = _read_json(bucket, f"{prefix}{batch}.json") or {}
-            out["openedAt"] = record.get("openedAt")
-            out["sealedAt"] = record.get("sealedAt")
-            out["files"] = record.get("count")
-            out["bytes"] = record.get("bytes")
-            if prefix != batches.OPEN_PREFIX:
-                op = _read_json(bucket, batches.operation_name(batch))
-                if op is not None:
-                    out["operation"] = op.get("operation")
-                    out["startedAt"] = op.get("startedAt")
-                    if prefix == batches.ACTIVE_PREFIX:
-                        out["state"] = "importing"
-                if prefix == batches.FINISHED_PREFIX:
-                    out["finishedAt"] = record.get("finishedAt")
-                    if record.get("error"):
-                        out["error"] = True
-        since_state = {
-            "open": out.get("openedAt"),
-            "sealed": out.get("sealedAt"),
-            "importing": out.get("startedAt"),
-            "verifying": out.get("finishedAt"),
-            "verified": out.get("verifiedAt"),
-        }[out["state"]]
-        started = parse_time(since_state) or _batch_start(batch)
-        out["ageSeconds"] = age_seconds(started, now)
-        return {k: v for k, v in out.items() if v is not None}
-
-    return _pmap(load, [found[b] for b in sorted(found)], progress, "batches")
+    return batch_list(held, now, since, settings.batch_window_seconds)
 
 
 def batch_detail(ctx: Any, batch: str) -> dict[str, Any] | None:
-    """Everything about one batch: its records, its summary and its manifest lines.
+    """Everything about one batch: its records, its file list and its manifest lines.
 
-    Manifest lines name their source object by ``alerts.object_label`` (hashed by
-    default), never by its name. None when the batch left no trace.
+    Files and manifest lines name their source object by ``alerts.object_label``
+    (hashed by default), never by its name. None when the batch left no trace.
+
+    Raises:
+        ValueError: not a batch id.
     """
-    batches.parse_batch_id(batch)  # ValueError on a bad id
+    window, bits = parse_batch(batch)
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    records = {
-        "seal": batches.seal_name(batch),
-        "fileList": batches.files_name(batch),
-        "importIntent": batches.intent_name(batch),
-        "operationRecord": batches.operation_name(batch),
-        "open": batches.open_name(batch),
-        "active": batches.active_name(batch),
-        "finished": batches.finished_name(batch),
-        "summary": manifests.summary_name(batch),
+    names = {
+        "seal": sealed_name(window),
+        "open": open_name(batch),
+        "importIntent": intent_name(batch),
+        "operationRecord": operation_name(batch),
+        "summary": summary_name(batch),
     }
-    docs = _pmap(lambda n: _read_json(bucket, n), list(records.values()), None, "")
-    found = dict(zip(records, docs, strict=True))
+    docs = _pmap(lambda n: _read_json(bucket, n), list(names.values()), None, "")
+    found = dict(zip(names, docs, strict=True))
     lines = {
         which: manifests.read_lines(bucket, name)
         for which, name in (
-            ("success", manifests.success_name(batch)),
-            ("failure", manifests.failure_name(batch)),
+            ("success", success_name(batch)),
+            ("failure", failure_name(batch)),
         )
     }
-    if not any(found.values()) and not any(lines.values()):
+    listed = batches.read_files(bucket, window)
+    if listed is None:
+        # Not sealed yet: the window's copies are its files so far.
+        prefix = f"{BATCHES_PREFIX}{window}/{bits}"
+        records = [
+            r
+            for b in objects.blobs(bucket, prefix)
+            if b.name.endswith(".dcm") and (r := FileRecord.from_blob(b, window)) is not None
+        ]
+    else:
+        records = [r for r in listed if r.key.startswith(bits)]
+    batch_docs = [found[k] for k in ("open", "importIntent", "operationRecord", "summary")]
+    unsealed = listed is None and bool(records)
+    if not any(batch_docs) and not any(lines.values()) and not unsealed:
         return None
+    op = found["operationRecord"] or {}
     if found["summary"]:
         state = "verified"
-    elif found["finished"]:
+    elif op.get("done"):
         state = "verifying"
-    elif found["active"]:
-        state = "importing" if found["operationRecord"] else "sealed"
-    elif found["open"] or not found["seal"]:
-        state = "open"
-    else:
+    elif op or found["importIntent"]:
+        state = "importing"
+    elif found["open"]:
         state = "sealed"
-    file_list = found.pop("fileList")
-    files: list[dict[str, Any]] = []
-    if file_list:
-        for f in file_list.get("files") or []:
-            files.append({"key": f.get("key"), "size": f.get("size")})
+    else:
+        state = "open"
     return {
         "batch": batch,
+        "window": window,
         "state": state,
-        "importUri": batches.import_uri(settings.staging_bucket, batch),
+        "importUri": import_uri(settings.staging_bucket, batch),
         "records": {k: v for k, v in found.items() if v is not None},
-        "fileList": None
-        if file_list is None
-        else {
-            "count": file_list.get("count"),
-            "bytes": file_list.get("bytes"),
-            "sealedAt": file_list.get("sealedAt"),
-            "files": files,
+        "fileList": {
+            "name": None if listed is None else files_name(window),
+            "count": len(records),
+            "bytes": sum(r.size for r in records),
+            "sealedAt": (found["seal"] or {}).get("sealedAt"),
+            "files": [_safe_file(settings, r) for r in records],
         },
         "manifest": {
             "success": [_safe_line(settings, line) for line in lines["success"]],
@@ -325,15 +491,26 @@ def batch_detail(ctx: Any, batch: str) -> dict[str, Any] | None:
     }
 
 
+def _safe_file(settings: Any, record: FileRecord) -> dict[str, Any]:
+    """A file-list entry with the source object named by its label, not its name."""
+    out: dict[str, Any] = {
+        "key": record.key,
+        "size": record.size,
+        "object": alerts.object_label(settings, record.bucket, record.name),
+        "home": record.home,
+    }
+    if record.sop:
+        out["sop"] = record.sop
+    if record.via:
+        out["via"] = record.via
+    return out
+
+
 def _safe_line(settings: Any, line: dict[str, Any]) -> dict[str, Any]:
     """A manifest line with the source object named by its label, not its name."""
-    out = {k: v for k, v in line.items() if k != "source"}
-    source = line.get("source") or {}
-    uri = str(source.get("uri") or "")
-    if uri.startswith("gs://"):
-        bucket, _, name = uri[len("gs://") :].partition("/")
-        out["object"] = alerts.object_label(settings, bucket, name)
-        out["size"] = source.get("size")
+    out = {k: v for k, v in line.items() if k not in ("bucket", "name")}
+    if line.get("bucket") and line.get("name"):
+        out["object"] = alerts.object_label(settings, str(line["bucket"]), str(line["name"]))
     return out
 
 
@@ -368,7 +545,7 @@ def alerts_section(
 ) -> dict[str, Any]:
     """Alerts published in the window, by kind, from their delivery markers."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    names = [n for n in _names(ctx.storage, bucket, alerts.ALERTS_PREFIX) if n.endswith(".json")]
+    names = [n for n in objects.names(bucket, alerts.ALERTS_PREFIX) if n.endswith(".json")]
     docs = _pmap(lambda n: _read_json(bucket, n), names, progress, "alerts")
     published, publishing = [], 0
     for doc in docs:
@@ -419,44 +596,50 @@ def exports_section(ctx: Any, since: datetime) -> list[dict[str, Any]]:
 
 
 def upload_bins(
-    points: list[tuple[datetime, str]], start: datetime, end: datetime, bins: int = UPLOAD_BINS
+    points: Iterable[tuple[datetime, str, int]],
+    start: datetime,
+    end: datetime,
+    bins: int = UPLOAD_BINS,
 ) -> dict[str, Any]:
-    """(upload time, status) points as a histogram over ``[start, end]``. Pure.
+    """(time, status, files) points as a histogram over ``[start, end]``. Pure.
 
-    Returns ``{binSeconds, total, bins: [{time, counts: {status: n}}]}``, empty bins left out.
+    Returns ``{binSeconds, total, bins: [{time, counts: {status: n}}]}``, empty bins and
+    zero counts left out.
     """
-    inside = [(t, status) for t, status in points if start <= t <= end]
+    inside = [(t, status, n) for t, status, n in points if start <= t <= end]
     width = max(1, -(-int(max(1.0, (end - start).total_seconds())) // bins))
     counts: dict[int, Counter[str]] = {}
-    for moment, status in inside:
+    for moment, status, n in inside:
         slot = int((moment - start).total_seconds() // width)
-        counts.setdefault(slot, Counter())[status] += 1
+        counts.setdefault(slot, Counter())[status] += n
+    kept = {slot: {s: n for s, n in sorted(c.items()) if n} for slot, c in counts.items()}
     return {
         "binSeconds": width,
-        "total": len(inside),
+        "total": sum(n for _, _, n in inside),
         "bins": [
-            {
-                "time": iso(start + timedelta(seconds=slot * width)),
-                "counts": dict(sorted(counts[slot].items())),
-            }
-            for slot in sorted(counts)
+            {"time": iso(start + timedelta(seconds=slot * width)), "counts": kept[slot]}
+            for slot in sorted(kept)
+            if kept[slot]
         ],
     }
 
 
 def timeline(
-    entries: Iterable[ledger.Entry],
-    batch_list: list[dict[str, Any]],
+    points: Iterable[tuple[datetime, str, int]],
+    batch_items: list[dict[str, Any]],
     ops: list[dict[str, Any]],
     alert_list: list[dict[str, Any]],
     since: datetime,
     now: datetime,
 ) -> dict[str, Any]:
-    """The events of the window to draw, over the span that holds them (padded). Pure."""
-    uploads = [(t, e.status) for e in entries if (t := upload_time(e)) and since <= t <= now]
+    """The events of the window to draw, over the span that holds them (padded). Pure.
+
+    ``points`` are files by the start of their window and their status (``files_section``).
+    """
+    files = list(points)
     seals = [
         {"batch": b["batch"], "time": b["sealedAt"], "files": b.get("files")}
-        for b in batch_list
+        for b in batch_items
         if b.get("sealedAt") and (t := parse_time(b["sealedAt"])) and t >= since
     ]
     bars = [
@@ -471,7 +654,7 @@ def timeline(
         for o in ops
         if o.get("createTime")
     ]
-    times = [t for t, _ in uploads]
+    times = [t for t, _, n in files if since <= t and n > 0]
     times += [t for s in seals if (t := parse_time(s["time"]))]
     times += [t for b in bars if (t := parse_time(b["start"]))]
     times += [parse_time(b["end"]) or now if b["end"] else now for b in bars]
@@ -483,7 +666,7 @@ def timeline(
     return {
         "start": iso(start),
         "end": iso(end),
-        "uploads": upload_bins(uploads, start, end),
+        "uploads": upload_bins(files, start, end),
         "seals": seals,
         "operations": bars,
         "alerts": alert_list,
@@ -497,21 +680,20 @@ def gather(
     ctx: Any, now: datetime, since: datetime, progress: Progress | None = None
 ) -> dict[str, Any]:
     """The whole status dict (see the module docstring)."""
-    entries = read_ledger(ctx, progress)
-    batch_list = list_batches(ctx, now, since, progress)
+    held = read_holdings(ctx, now, progress)
+    files, points = files_section(held)
+    items = batch_list(held, now, since, ctx.settings.batch_window_seconds)
     ops = operations_section(ctx, now, since)
     alert_info = alerts_section(ctx, since, progress)
-    by_state: dict[str, list[dict[str, Any]]] = {
-        s: [] for s in ("open", "sealed", "importing", "verifying", "verified")
-    }
-    for b in batch_list:
+    by_state: dict[str, list[dict[str, Any]]] = {s: [] for s in BATCH_STATES}
+    for b in items:
         by_state[b["state"]].append(b)
     return {
         "schemaVersion": SCHEMA_VERSION,
         "generatedAt": iso(now),
         "window": {"since": iso(since), "until": iso(now)},
         "dicomStore": str(ctx.settings.dicom_store),
-        "ledger": ledger_section(entries),
+        "files": files,
         "batches": {
             "counts": {s: len(v) for s, v in by_state.items()},
             "open": by_state["open"],
@@ -523,12 +705,5 @@ def gather(
         "operations": {"running": ops["running"]},
         "alerts": alert_info,
         "exports": exports_section(ctx, since),
-        "timeline": timeline(
-            entries,
-            batch_list,
-            ops["inWindow"],
-            alert_info["recent"],
-            since,
-            now,
-        ),
+        "timeline": timeline(points, items, ops["inWindow"], alert_info["recent"], since, now),
     }

@@ -3,9 +3,10 @@
 ``render(status)`` is pure: it takes the dict from ``dicomflow.status.gather``
 and returns the page. Everything is inline (CSS and an SVG timeline, no
 script, no web font, no network), so the file can be mailed or attached to an
-incident. The timeline has four lanes over the window's busy span: uploads (a
-histogram by outcome), batch seals, import and export operations (bars from
-start to end), and alerts. Hovering an element shows its details (SVG titles).
+incident. The timeline has four lanes over the window's busy span: files (a
+histogram by outcome over the windows they arrived in), batch seals, import and
+export operations (bars from start to end), and alerts. Hovering an element shows
+its details (SVG titles).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ STATUS_COLORS = {
     "imported": "#2f9e5f",
     "duplicate": "#67b7a9",
     "staged": "#5b8fd6",
-    "claimed": "#9db9e4",
     "quarantined": "#e3a33b",
     "conflict": "#a45fc4",
     "failed": "#d64541",
@@ -166,8 +166,8 @@ def timeline_svg(tl: dict[str, Any], now: datetime) -> str:
     # Uploads: stacked histogram by outcome.
     uploads = tl["uploads"]
     lane_h = 120
-    parts.append(_lane_label(y, lane_h, "Uploads", f"{uploads['total']} files"))
-    peak = max((sum(b["counts"].values()) for b in uploads["bins"]), default=0)
+    parts.append(_lane_label(y, lane_h, "Files", f"{uploads['total']} by window"))
+    peak = max((sum(max(0, n) for n in b["counts"].values()) for b in uploads["bins"]), default=0)
     width = uploads["binSeconds"]
     for b in uploads["bins"]:
         t0 = parse_time(b["time"])
@@ -178,7 +178,7 @@ def timeline_svg(tl: dict[str, Any], now: datetime) -> str:
         base = y + lane_h
         for status in STATUS_COLORS:
             n = b["counts"].get(status, 0)
-            if not n:
+            if n <= 0:
                 continue
             h = n / peak * (lane_h - 8)
             base -= h
@@ -310,12 +310,12 @@ def render(status: dict[str, Any]) -> str:
     """The page for a status dict from ``dicomflow.status.gather``."""
     now = parse_time(status["generatedAt"])
     assert now is not None
-    led = status["ledger"]
+    led = status["files"]
     outcomes = led["outcomes"]
     bat = status["batches"]
     al = status["alerts"]
     cards = [
-        ("files", led["entries"], ""),
+        ("files", led["files"], ""),
         ("imported", outcomes["imported"], "good"),
         ("duplicate", outcomes["duplicate"], ""),
         ("quarantined", outcomes["quarantined"], "warn" if outcomes["quarantined"] else ""),
@@ -332,7 +332,7 @@ def render(status: dict[str, Any]) -> str:
         for label, n, cls in cards
     )
 
-    ledger_rows = [
+    file_rows = [
         [_swatch(STATUS_COLORS.get(s, "#999")) + _e(s), _e(n)]
         for s, n in led["totals"].items()
         if n
@@ -398,8 +398,8 @@ def render(status: dict[str, Any]) -> str:
 <div class="cards">{card_html}</div>
 <section><h2>Timeline</h2>{timeline_svg(status["timeline"], now)}</section>
 <div class="grid">
-<section><h2>Ledger: files by status (all time)</h2>
-{_table(["status", "files"], ledger_rows, {1})}</section>
+<section><h2>Files by status (all time)</h2>
+{_table(["status", "files"], file_rows, {1})}</section>
 <section><h2>Reasons</h2>{_table(["status", "reason", "files"], reason_rows, {2})}</section>
 <section><h2>Batches in flight</h2>
 {_table(["batch", "state", "files", "age", "operation"], batch_rows, {2})}</section>
@@ -411,7 +411,8 @@ def render(status: dict[str, Any]) -> str:
 <section><h2>Backups</h2>{_table(["date", "state", "attempt", "destination"], export_rows)}
 </section>
 </div>
-<footer>Object names are never shown; ledger keys and alert ids lead to the manifests.</footer>
+<footer>Object names are never shown; file keys, batch ids and alert ids lead to the manifests.
+</footer>
 </main>
 </body>
 </html>

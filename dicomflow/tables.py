@@ -28,8 +28,8 @@ def _short(operation: Any) -> str:
 
 
 def status_tables(status: dict[str, Any]) -> RenderableType:
-    """Ledger totals, batches in flight, running operations, alerts and backups."""
-    led = status["ledger"]
+    """File totals, batches in flight, running operations, alerts and backups."""
+    led = status["files"]
     window = status["window"]
     out: list[RenderableType] = [
         Text.assemble(
@@ -38,7 +38,7 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
         )
     ]
 
-    totals = Table(title=f"Ledger: {led['entries']} files", title_justify="left")
+    totals = Table(title=f"Files: {led['files']} (all time)", title_justify="left")
     totals.add_column("outcome")
     totals.add_column("files", justify="right")
     totals.add_column("reasons")
@@ -48,7 +48,7 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
         text = ", ".join(f"{c} {k}" for k, c in codes.items())
         totals.add_row(Text(name, style=_STYLE.get(name, "")), str(n), text)
     if led.get("retried"):
-        totals.add_row("re-driven", str(led["retried"]), "files sent through ingest again")
+        totals.add_row("re-driven", str(led["retried"]), "counted by their retry's outcome")
     out.append(totals)
 
     bat = status["batches"]
@@ -128,11 +128,9 @@ def batch_tables(detail: dict[str, Any], files: bool) -> RenderableType:
     head.add_column(style="bold")
     head.add_column()
     head.add_row("state", detail["state"])
-    seal = records.get("seal") or {}
-    head.add_row("sealed", f"{seal.get('sealedAt', '-')} ({seal.get('reason', '-')})")
-    file_list = detail.get("fileList")
-    if file_list:
-        head.add_row("files", f"{file_list['count']} ({file_list['bytes']} bytes)")
+    head.add_row("sealed", str((records.get("seal") or {}).get("sealedAt", "-")))
+    file_list = detail["fileList"]
+    head.add_row("files", f"{file_list['count']} ({file_list['bytes']} bytes)")
     op = records.get("operationRecord") or {}
     head.add_row("import", detail["importUri"])
     if op:
@@ -150,13 +148,25 @@ def batch_tables(detail: dict[str, Any], files: bool) -> RenderableType:
             head.add_row("operation counter", json.dumps(counter, sort_keys=True))
     out: list[RenderableType] = [head]
     manifest = detail["manifest"]
+    if not manifest["failure"] and not manifest["success"]:
+        # Not verified yet: the file list is all there is.
+        if files:
+            listing = Table(title=f"files ({file_list['count']})", title_justify="left")
+            for column in ("key", "size", "object", "SOP Instance UID", "via"):
+                listing.add_column(column)
+            for f in file_list["files"]:
+                listing.add_row(
+                    f["key"], str(f["size"]), f["object"], f.get("sop", ""), f.get("via", "")
+                )
+            out.append(listing)
+        return Group(*out)
     lines = manifest["failure"] + (manifest["success"] if files else [])
     title = "manifest: failures" if not files else "manifest"
     table = Table(
         title=f"{title} ({len(manifest['failure'])} failed, {len(manifest['success'])} ok)",
         title_justify="left",
     )
-    for column in ("ledger key", "status", "reason", "object", "SOP Instance UID"):
+    for column in ("key", "status", "reason", "object", "SOP Instance UID"):
         table.add_column(column)
     for line in lines:
         table.add_row(
@@ -176,7 +186,7 @@ def retry_tables(result: dict[str, Any]) -> RenderableType:
         + (" (dry run)" if result.get("dryRun") else ""),
         title_justify="left",
     )
-    for column in ("ledger key", "was", "result", "now", "batch", "reason"):
+    for column in ("key", "was", "result", "now", "retry key", "window", "reason"):
         table.add_column(column)
     for f in result["files"][:200]:
         table.add_row(
@@ -184,7 +194,8 @@ def retry_tables(result: dict[str, Any]) -> RenderableType:
             f.get("previous", ""),
             f.get("result", ""),
             f.get("status", ""),
-            f.get("batch", ""),
+            f.get("retryKey", ""),
+            f.get("window", ""),
             f.get("reason", ""),
         )
     totals = Text("  ".join(f"{k}: {v}" for k, v in result["results"].items()) or "nothing to do")

@@ -3,8 +3,8 @@
 Stages, each timed: start the local cloud; upload pydicom's sample files, the
 ``pydicom-data`` files and a few generated multi-series studies (every file
 named ``*.dcm``, so the broken ones are checked and quarantined, not skipped);
-wait until the ledger gives every upload a final outcome (ingest batches and
-imports them, report verifies them); fire the export tick and wait for the
+wait until every upload has a final outcome (``dicomflow.outcomes``: ingest batches
+and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
 quarantine window, a minute after the window ends); read the alerts. Then
 print a summary and check the invariants. The exit code is 1 when an invariant
@@ -28,11 +28,12 @@ from google.cloud import storage
 from rich.console import Console
 from rich.table import Table
 
-from dicomflow import ledger, log
+from dicomflow import feeds, log, objects, outcomes
 from dicomflow.backup import dated_folder, export_day
-from dicomflow.batches import ACTIVE_PREFIX, FINISHED_PREFIX, OPEN_PREFIX
 from dicomflow.config import QUARANTINE_PREFIX, load_settings
-from dicomflow.report import QUARANTINE_MARKERS
+from dicomflow.outcomes import Outcome
+from dicomflow.staging import BATCH_STATE_PREFIX, OPEN_PREFIX
+from dicomflow.verify import DUPLICATE, IMPORTED
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.scheduler import fire
 from localcloud.stack import Stack, StackConfig
@@ -68,7 +69,7 @@ def _corpus() -> list[tuple[str, bytes]]:
         (f"demo/generated/{g.study_uid[-8:]}/{g.series_uid[-8:]}/{g.sop_uid[-8:]}.dcm", g.data)
         for g in generate_studies(3, 2, 5, patient_name="DEMO^GENERATED", patient_id="GEN-0001")
     ]
-    # Names are unique per upload; the ledger is keyed by (bucket, name, generation).
+    # Names are unique per upload; records are keyed by (bucket, name, generation).
     return sorted(dict(files + generated).items())
 
 
@@ -84,24 +85,20 @@ def _upload(stack: Stack, gcs: storage.Client, corpus: list[tuple[str, bytes]]) 
 
 def _wait_settled(
     stack: Stack, gcs: storage.Client, expected: int, console: Console
-) -> list[ledger.Entry]:
+) -> dict[str, Outcome]:
     staging = gcs.bucket(stack.config.staging_bucket)
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    entries: list[ledger.Entry] = []
+    found: dict[str, Outcome] = {}
     while time.monotonic() < deadline:
-        entries = list(ledger.list_entries(staging))
-        final = sum(1 for e in entries if e.status in ledger.FINAL)
+        found = outcomes.read_all(staging)
+        final = sum(1 for o in found.values() if o.status in outcomes.FINAL)
         # A batch is done once its summary is written, after its alerts: wait for that too.
-        busy = [
-            b.name
-            for prefix in (OPEN_PREFIX, ACTIVE_PREFIX, FINISHED_PREFIX)
-            for b in staging.list_blobs(prefix=prefix)
-        ]
-        if len(entries) >= expected and final == len(entries) and not busy:
-            return entries
+        busy = objects.names(staging, OPEN_PREFIX)
+        if len(found) >= expected and final == len(found) and not busy:
+            return found
         time.sleep(1.0)
-    console.print(f"[red]timed out: {len(entries)} ledger entries, not all final[/]")
-    return entries
+    console.print(f"[red]timed out: {len(found)} files with a record, not all final[/]")
+    return found
 
 
 def _export(stack: Stack, gcs: storage.Client) -> tuple[str, int, dict[str, Any] | None]:
@@ -126,16 +123,20 @@ def _export(stack: Stack, gcs: storage.Client) -> tuple[str, int, dict[str, Any]
 
 
 def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
-    """Wait until the report has alerted on every quarantine window (a minute after it ends)."""
+    """Wait until the report has alerted on every quarantined file (a minute after its
+    window ends): each window's progress record holds all its keys."""
     staging = gcs.bucket(stack.config.staging_bucket)
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while time.monotonic() < deadline:
-        windows = {b.name.split("/")[1] for b in staging.list_blobs(prefix=QUARANTINE_PREFIX)}
-        done = {
-            b.name[len(QUARANTINE_MARKERS) :].removesuffix(".json")
-            for b in staging.list_blobs(prefix=QUARANTINE_MARKERS)
-        }
-        if windows <= done:
+        windows: dict[str, set[str]] = {}
+        for name in objects.names(staging, QUARANTINE_PREFIX):
+            window, _, rest = name[len(QUARANTINE_PREFIX) :].partition("/")
+            windows.setdefault(window, set()).add(rest.removesuffix(".dcm"))
+        markers = feeds.QUARANTINE.markers
+        if all(
+            keys <= set((objects.read_json(staging, f"{markers}{w}.json") or {}).get("keys") or [])
+            for w, keys in windows.items()
+        ):
             return True
         time.sleep(1.0)
     return False
@@ -179,7 +180,7 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
     gcs = stack.storage_client()
     try:
         stages.run(console, f"upload {len(corpus)} files", lambda: _upload(stack, gcs, corpus))
-        entries: list[ledger.Entry] = stages.run(
+        found: dict[str, Outcome] = stages.run(
             console,
             "ingest, import and verify",
             lambda: _wait_settled(stack, gcs, len(corpus), console),
@@ -193,17 +194,19 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         alerts = stack.drain_alerts()
         stored = _store_instances(stack)
         staging = gcs.bucket(stack.config.staging_bucket)
-        batches = {e.batch for e in entries if e.batch and e.status != ledger.QUARANTINED}
+        batches = {o.batch for o in found.values() if o.batch}
         operations = sum(
-            1 for b in staging.list_blobs(prefix="batches/") if b.name.endswith("/_operation.json")
+            1 for n in objects.names(staging, BATCH_STATE_PREFIX) if n.endswith("/operation.json")
         )
     finally:
         gcs.close()  # type: ignore[no-untyped-call]
-    totals = ledger.totals(entries)
-    reasons = Counter(e.reason or "?" for e in entries if e.status == ledger.QUARANTINED)
+    totals = outcomes.totals(found.values())
+    reasons = Counter(
+        feeds.reason_code(o.reason) for o in found.values() if o.status == outcomes.QUARANTINED
+    )
     return {
         "uploaded": len(corpus),
-        "ledgerEntries": len(entries),
+        "records": len(found),
         "totals": totals,
         "quarantineReasons": dict(reasons.most_common()),
         "batches": len(batches),
@@ -217,7 +220,7 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         },
         "stages": {name: round(seconds, 2) for name, seconds in stages.seconds.items()},
         "problems": check_invariants(
-            len(corpus), entries, stored, len(batches), operations, manifest
+            len(corpus), list(found.values()), stored, len(batches), operations, manifest
         ),
     }
 
@@ -227,7 +230,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     totals = summary["totals"]
     table = Table(title="dicomflow demo", show_header=False)
     table.add_row("files uploaded", str(summary["uploaded"]))
-    for status in ledger.STATUSES:
+    for status in outcomes.STATUSES:
         if totals.get(status):
             table.add_row(f"  {status}", str(totals[status]))
     for reason, count in summary["quarantineReasons"].items():
@@ -280,7 +283,7 @@ def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
 
 def check_invariants(
     uploaded: int,
-    entries: list[ledger.Entry],
+    found: list[Outcome],
     stored: set[str],
     batches: int,
     operations: int,
@@ -288,13 +291,15 @@ def check_invariants(
 ) -> list[str]:
     """What the demo must show; each broken invariant is one line."""
     problems = []
-    if len(entries) != uploaded:
-        problems.append(f"{uploaded} files uploaded but {len(entries)} ledger entries")
-    open_entries = [e for e in entries if e.status not in ledger.FINAL]
-    if open_entries:
-        problems.append(f"{len(open_entries)} files without a final outcome")
+    if len(found) != uploaded:
+        problems.append(f"{uploaded} files uploaded but {len(found)} with a record")
+    unaccounted = [o for o in found if o.status not in outcomes.FINAL]
+    if unaccounted:
+        problems.append(f"{len(unaccounted)} files without a final outcome")
     settled = {
-        e.uids.sop for e in entries if e.uids and e.status in (ledger.IMPORTED, ledger.DUPLICATE)
+        o.record.sop
+        for o in found
+        if o.record is not None and o.record.sop and o.status in (IMPORTED, DUPLICATE)
     }
     if settled - stored:
         problems.append(f"{len(settled - stored)} files marked imported are not in the store")

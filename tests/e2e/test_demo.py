@@ -1,4 +1,4 @@
-"""``make demo``'s flow, checked against the ledger, the store and the buckets.
+"""``make demo``'s flow, checked against the recorded outcomes, the store and the buckets.
 
 The session fixture ``demo_run`` (conftest) starts the local cloud as the demo
 does, uploads the sample corpus and waits for every outcome, the export and
@@ -15,7 +15,8 @@ from dicomweb_client.api import DICOMwebClient
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import alerts, ledger, manifests
+from dicomflow import alerts, feeds, manifests, outcomes
+from dicomflow.staging import failure_name, file_key, quarantine_name
 from tests.e2e.conftest import DemoRun
 
 # The session fixture runs the whole demo flow; on a loaded machine that takes minutes.
@@ -71,28 +72,33 @@ def test_the_summary_accounts_for_every_uploaded_file(demo_run: DemoRun) -> None
     landing = list(gcs.list_blobs(config.landing_bucket))
     assert len(landing) == summary["uploaded"] > 250
     staging = gcs.bucket(config.staging_bucket)
-    entries = list(ledger.list_entries(staging))
-    keys = {ledger.ledger_key(b.bucket.name, b.name, b.generation) for b in landing}
-    assert {e.key for e in entries} == keys  # one entry per uploaded object generation
-    totals = ledger.totals(entries)
+    found = outcomes.read_all(staging)
+    keys = {file_key(b.bucket.name, b.name, b.generation) for b in landing}
+    assert set(found) == keys  # one record per uploaded object generation
+    totals = outcomes.totals(found.values())
     assert totals == summary["totals"]
-    assert sum(totals.values()) == summary["uploaded"] == summary["ledgerEntries"]
-    assert all(e.status in ledger.FINAL for e in entries)
+    assert sum(totals.values()) == summary["uploaded"] == summary["records"]
+    assert all(o.status in outcomes.FINAL for o in found.values())
 
     # The corpus holds broken files; each is quarantined, with its reason and its copy.
-    quarantined = [e for e in entries if e.status == ledger.QUARANTINED]
+    quarantined = [o for o in found.values() if o.status == outcomes.QUARANTINED]
     assert len(quarantined) >= 10
     assert sum(summary["quarantineReasons"].values()) == len(quarantined)
-    assert Counter(e.reason for e in quarantined) == Counter(summary["quarantineReasons"])
+    reasons = Counter(feeds.reason_code(o.reason) for o in quarantined)
+    assert reasons == Counter(summary["quarantineReasons"])
     copies = {b.name for b in gcs.list_blobs(config.staging_bucket, prefix="quarantine/")}
-    assert all(e.quarantine in copies for e in quarantined)
+    assert all(quarantine_name(str(o.window), o.key) in copies for o in quarantined)
 
     # The store holds exactly the instances of the files marked imported.
     stored = _store_sops(demo_run)
     assert len(stored) == len(set(stored)) == summary["storeInstances"]
-    imported = [e.uids.sop for e in entries if e.status == ledger.IMPORTED and e.uids]
+    imported = [
+        o.record.sop
+        for o in found.values()
+        if o.status == "imported" and o.record is not None and o.record.sop
+    ]
     assert sorted(imported) == sorted(stored)
-    assert totals[ledger.IMPORTED] == len(stored)
+    assert totals["imported"] == len(stored)
 
     # Few, large imports: one operation per batch, and batches are verified.
     verified = sorted(
@@ -106,30 +112,30 @@ def test_the_summary_accounts_for_every_uploaded_file(demo_run: DemoRun) -> None
     assert summary["importOperations"] == len(verified)
     # A batch whose import start was interrupted may be imported again; never more.
     assert len(verified) <= _import_operations(demo_run) <= 2 * len(verified)
-    batched = [e for e in entries if e.status != ledger.QUARANTINED]
-    assert {e.batch for e in batched} == set(verified)
+    batched = [o for o in found.values() if o.status != outcomes.QUARANTINED]
+    assert {o.batch for o in batched} == set(verified)
 
     # One alert per batch with conflicts and per batch with failures, none for clean ones.
     with_status: dict[str, set[str]] = {"conflict": set(), "failed": set()}
     for batch in verified:
-        for line in manifests.read_lines(staging, manifests.failure_name(batch)):
+        for line in manifests.read_lines(staging, failure_name(batch)):
             with_status[line["status"]].add(batch)
     assert summary["alerts"].get("conflict", 0) == len(with_status["conflict"])
     assert summary["alerts"].get("import_failed", 0) == len(with_status["failed"])
     assert set(summary["alerts"]) <= set(alerts.ALERT_KINDS)
-    windows = {e.quarantine.split("/")[1] for e in quarantined if e.quarantine}
+    windows = {o.window for o in quarantined}
     assert summary["alerts"]["quarantined"] == len(windows)  # one per quarantine window
 
     # The backup holds one object per stored instance.
     backup = summary["backup"]
     assert backup["complete"] is True
     prefix = backup["prefix"].removeprefix(f"gs://{config.backup_bucket}/")
-    objects = [
+    backed_up = [
         b.name
         for b in gcs.list_blobs(config.backup_bucket, prefix=prefix)
         if not b.name.endswith("_MANIFEST.json")
     ]
-    assert len(objects) == backup["objects"] == len(stored)
+    assert len(backed_up) == backup["objects"] == len(stored)
 
     # Every stage is timed, and the whole flow fits the demo's budget on a small machine.
     assert set(summary["stages"]) == {

@@ -1,5 +1,6 @@
 """The operator CLI against the demo's local cloud: status (and its page), batches, batch,
-retry and alerts tail, with ``--json`` parsed and checked against the ledger and the store.
+retry and alerts tail, with ``--json`` parsed and checked against ``dicomflow.outcomes`` and
+the store.
 
 ``status``, ``batches`` and ``batch`` run as the installed ``dicomflow`` console script,
 with only the environment that ``python -m localcloud env`` prints; ``retry`` and
@@ -22,8 +23,9 @@ from typing import Any
 
 import pytest
 
-from dicomflow import alerts, cli, ledger, redrive, runtime
+from dicomflow import alerts, cli, outcomes, redrive, runtime
 from dicomflow.config import load_settings
+from dicomflow.outcomes import Outcome
 from tests import browser
 from tests.e2e.conftest import DemoRun
 
@@ -52,21 +54,20 @@ def _json(done: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(done.stdout)
 
 
-def _entries(run: DemoRun) -> list[ledger.Entry]:
-    staging = run.gcs.bucket(run.stack.config.staging_bucket)
-    return list(ledger.list_entries(staging))
+def _outcomes(run: DemoRun) -> dict[str, Outcome]:
+    return outcomes.read_all(run.gcs.bucket(run.stack.config.staging_bucket))
 
 
-def test_status_json_matches_the_ledger_and_the_demo(demo_run: DemoRun) -> None:
+def test_status_json_matches_the_outcomes_and_the_demo(demo_run: DemoRun) -> None:
     summary = demo_run.summary
     status = _json(_dicomflow(demo_run, "status", "--json", "--hours", "2"))
-    entries = _entries(demo_run)
-    assert status["ledger"]["entries"] == len(entries) == summary["uploaded"]
-    assert status["ledger"]["totals"] == ledger.totals(entries)
-    outcomes = status["ledger"]["outcomes"]
-    assert sum(outcomes.values()) == len(entries)
-    assert outcomes["quarantined"] == summary["totals"]["quarantined"]
-    assert sum(status["ledger"]["reasons"]["quarantined"].values()) == outcomes["quarantined"]
+    found = _outcomes(demo_run)
+    files = status["files"]
+    assert files["files"] == len(found) == summary["uploaded"]
+    assert files["totals"] == outcomes.totals(found.values())
+    assert sum(files["outcomes"].values()) == len(found)
+    assert files["outcomes"]["quarantined"] == summary["totals"]["quarantined"]
+    assert sum(files["reasons"]["quarantined"].values()) == files["outcomes"]["quarantined"]
     assert status["batches"]["verified"] == summary["batches"]
     assert status["batches"]["counts"]["importing"] == 0
     assert status["operations"]["running"] == []
@@ -82,7 +83,7 @@ def test_status_json_matches_the_ledger_and_the_demo(demo_run: DemoRun) -> None:
 
     text = _dicomflow(demo_run, "status")
     assert text.returncode == 0, text.stderr
-    assert f"Ledger: {len(entries)} files" in text.stdout
+    assert f"Files: {len(found)} (all time)" in text.stdout
     assert "demo/" not in text.stdout + json.dumps(status)  # object names never shown
 
 
@@ -144,10 +145,10 @@ def test_the_page_checker_catches_errors(tmp_path: Path) -> None:
 
 def test_batches_and_batch_json(demo_run: DemoRun) -> None:
     listed = _json(_dicomflow(demo_run, "batches", "--json", "--hours", "2"))["batches"]
-    entries = _entries(demo_run)
+    found = _outcomes(demo_run)
     assert len(listed) == demo_run.summary["batches"]
     assert {b["state"] for b in listed} == {"verified"}
-    batched = [e for e in entries if e.batch and e.status != ledger.QUARANTINED]
+    batched = [o for o in found.values() if o.batch]
     assert sum(b["files"] for b in listed) == len(batched)
 
     with_failures = [b for b in listed if b["counts"].get("conflict") or b["counts"].get("failed")]
@@ -155,30 +156,31 @@ def test_batches_and_batch_json(demo_run: DemoRun) -> None:
     batch = with_failures[0]["batch"]
     detail = _json(_dicomflow(demo_run, "batch", batch, "--json"))
     assert detail["state"] == "verified"
-    mine = [e for e in entries if e.batch == batch]
+    mine = [o for o in batched if o.batch == batch]
     failures = {line["key"] for line in detail["manifest"]["failure"]}
     successes = {line["key"] for line in detail["manifest"]["success"]}
-    assert failures == {e.key for e in mine if e.status in (ledger.CONFLICT, ledger.FAILED)}
-    assert successes == {e.key for e in mine if e.status in (ledger.IMPORTED, ledger.DUPLICATE)}
+    assert failures == {o.key for o in mine if o.status in ("conflict", "failed")}
+    assert successes == {o.key for o in mine if o.status in ("imported", "duplicate")}
     assert detail["fileList"]["count"] == len(mine)
     lines = detail["manifest"]["failure"] + detail["manifest"]["success"]
-    assert all(line["object"].startswith("sha256:") and "source" not in line for line in lines)
+    lines += detail["fileList"]["files"]
+    assert all(line["object"].startswith("sha256:") and "name" not in line for line in lines)
     assert detail["records"]["operationRecord"]["operation"] == with_failures[0]["operation"]
 
-    text = _dicomflow(demo_run, "batch", batch)
+    text = _dicomflow(demo_run, "batch", batch, "--files")
     assert text.returncode == 0 and batch in text.stdout and "manifest" in text.stdout
     assert "demo/" not in text.stdout + json.dumps(detail)
     assert _dicomflow(demo_run, "batch", "not-a-batch").returncode == 2
-    assert _dicomflow(demo_run, "batch", "20000101T000000Z-000").returncode == 1
+    assert _dicomflow(demo_run, "batch", "20000101T000000Z-0").returncode == 1
 
 
-def _settled(run: DemoRun, keys: set[str], timeout: float = 90.0) -> list[ledger.Entry]:
+def _settled(run: DemoRun, keys: set[str], timeout: float = 90.0) -> dict[str, Outcome]:
     deadline = time.monotonic() + timeout
     while True:
-        entries = _entries(run)
-        pending = [e for e in entries if e.key in keys and e.status not in ledger.FINAL]
+        found = _outcomes(run)
+        pending = [k for k in keys if k not in found or found[k].status not in outcomes.FINAL]
         if not pending:
-            return entries
+            return found
         assert time.monotonic() < deadline, f"{len(pending)} re-driven files not settled"
         time.sleep(1.0)
 
@@ -265,41 +267,41 @@ def _retry_test(
     demo_run: DemoRun, ctx: runtime.Context, capsys: pytest.CaptureFixture[str]
 ) -> None:
     staging = demo_run.gcs.bucket(demo_run.stack.config.staging_bucket)
-    before = _entries(demo_run)
-    quarantined = {e.key for e in before if e.status == ledger.QUARANTINED}
-    generations = {k: ledger.read(staging, k)[1] for k in quarantined}  # type: ignore[index]
+    before = _outcomes(demo_run)
+    quarantined = {k for k, o in before.items() if o.status == outcomes.QUARANTINED}
 
     assert cli.main(["retry", "--status", "quarantined", "--json"], make_ctx=lambda: ctx) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["selected"] == len(quarantined) > 0
     assert out["results"] == {redrive.STILL_REJECTED: len(quarantined)}
-    assert {k: ledger.read(staging, k)[1] for k in quarantined} == generations  # type: ignore[index]
+    assert redrive.retried_keys(staging) == set()  # nothing written
 
     # Re-drive the failures of the smallest batch that has some.
-    failed = [e for e in before if e.status in (ledger.FAILED, ledger.CONFLICT)]
-    by_batch: dict[str, list[ledger.Entry]] = {}
-    for e in failed:
-        by_batch.setdefault(str(e.batch), []).append(e)
+    failed = [o for o in before.values() if o.status in ("failed", "conflict")]
+    by_batch: dict[str, list[Outcome]] = {}
+    for o in failed:
+        by_batch.setdefault(str(o.batch), []).append(o)
     batch, chosen = min(by_batch.items(), key=lambda item: len(item[1]))
-    keys = {e.key for e in chosen}
+    keys = {o.key for o in chosen}
     args = ["retry", "--status", "failed", "--status", "conflict", "--batch", batch, "--json"]
     assert cli.main(args, make_ctx=lambda: ctx) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["selected"] == len(keys)
     assert out["results"] == {redrive.RESTAGED: len(keys)}
     assert {f["key"] for f in out["files"]} == keys
-    assert {f["status"] for f in out["files"]} == {ledger.STAGED}
+    assert {f["status"] for f in out["files"]} == {"staged"}
+    retry_keys = {f["retryKey"] for f in out["files"]}
+    assert len(retry_keys) == len(keys) and not retry_keys & set(before)
 
-    after = _settled(demo_run, keys)
-    assert len(after) == len(before)  # the same entries, none added
-    assert all(e.status in ledger.FINAL for e in after)
-    for entry in after:
-        if entry.key in keys:
-            [record] = entry.detail["retries"]
-            assert record["batch"] == batch and record["status"] in (ledger.FAILED, "conflict")
-            assert entry.batch != batch
-    # Nothing re-driven twice: a second run with the same filter selects the same files
-    # only if they failed again, and each then carries one more record, never a new entry.
+    after = _settled(demo_run, retry_keys)
+    assert set(after) == set(before) | retry_keys  # one new record per re-driven file
+    assert all(o.status in outcomes.FINAL for o in after.values())
+    assert {after[k].batch for k in retry_keys}.isdisjoint({batch})
+    assert all(after[k].status == before[k].status for k in keys)  # old lines stay
+    # The same command again selects nothing: the old outcomes are superseded.
+    assert cli.main(args, make_ctx=lambda: ctx) == 0
+    assert json.loads(capsys.readouterr().out)["selected"] == 0
+    # Each file counts once, by its retry's outcome.
     status = json.loads(_dicomflow(demo_run, "status", "--json", "--hours", "2").stdout)
-    assert status["ledger"]["entries"] == len(before)
-    assert status["ledger"]["retried"] == len(keys)
+    assert status["files"]["files"] == len(before)
+    assert status["files"]["retried"] == len(keys)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomflow import cli, ledger
+from dicomflow import cli, objects, outcomes
+from dicomflow.staging import dropped_name, file_key, late_name, window_id
 from localcloud.storage import StorageServer
 from tests.ingest_support import make_instance, settings_env, unique, upload
 
@@ -37,20 +38,58 @@ def test_backfill_twice_gives_one_outcome_per_object(
         "objects": 14,
         "outcomes": {"quarantined": 1, "skipped": 1, "staged": 12},
     }
+    # The second run finds a record of each (listings only) and ingests nothing.
     assert cli.main(["backfill", f"gs://{landing}/old/", "--json"]) == 0
     second = json.loads(capsys.readouterr().out)
-    assert second["outcomes"] == {"quarantined (again)": 1, "skipped": 1, "staged (again)": 12}
+    assert second["outcomes"] == {cli.RECORDED: 13, "skipped": 1}
 
-    entries = list(ledger.list_entries(client.bucket(staging)))
-    assert ledger.totals(entries)[ledger.STAGED] == 12
-    assert ledger.totals(entries)[ledger.QUARANTINED] == 1
-    assert len(entries) == 13
-    # The event id is logged, so it names the entry by key, not by object name.
-    assert {e.eventId for e in entries} == {f"backfill:{e.key}" for e in entries}
+    found = outcomes.read_all(client.bucket(staging))
+    totals = outcomes.totals(found.values())
+    assert totals[outcomes.STAGED] == 12 and totals[outcomes.QUARANTINED] == 1
+    landed = [b for b in client.list_blobs(landing, prefix="old/") if b.name.endswith(".dcm")]
+    assert set(found) == {file_key(landing, b.name, b.generation) for b in landed}
+    # The event id is logged, so it names the file by key, not by object name.
+    assert {o.record.event for o in found.values() if o.record} == {
+        f"backfill:{key}" for key in found
+    }
+    # Each file went to the window of its object's creation time.
+    for blob in landed:
+        outcome = found[file_key(landing, blob.name, blob.generation)]
+        assert outcome.record is not None
+        assert outcome.record.home == window_id(blob.time_created, 60)
     staged = [
         b.name for b in client.list_blobs(staging, prefix="batches/") if b.name.endswith(".dcm")
     ]
     assert len(staged) == 12
+
+
+def test_backfill_counts_a_late_claim_or_a_drop_as_a_record(
+    gcs_server: StorageServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = gcs_server.client()
+    landing, staging = unique("landing"), unique("staging")
+    client.create_bucket(landing)
+    client.create_bucket(staging)
+    late = upload(client, landing, "a.dcm", make_instance())
+    dropped = upload(client, landing, "b.dcm", make_instance())
+    fresh = upload(client, landing, "c.dcm", make_instance())
+    bucket = client.bucket(staging)
+    objects.create(
+        bucket, late_name(file_key(landing, late.name, late.generation)), {"window": "x"}
+    )
+    key = file_key(landing, dropped.name, dropped.generation)
+    blob = client.bucket(landing).get_blob(dropped.name)
+    assert blob is not None and blob.time_created is not None
+    home = window_id(blob.time_created, 60)
+    doc = {"key": key, "bucket": landing, "name": dropped.name, "generation": dropped.generation}
+    doc |= {"size": dropped.size, "home": home, "window": home, "reason": "source-missing"}
+    objects.create(bucket, dropped_name(home, key), doc)
+    os.environ.update(settings_env(landing, staging, STORAGE_EMULATOR_HOST=gcs_server.url))
+
+    assert cli.main(["backfill", f"gs://{landing}", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["outcomes"] == {cli.RECORDED: 2, "staged": 1}
+    assert set(outcomes.read_all(bucket)) >= {file_key(landing, fresh.name, fresh.generation)}
 
 
 def test_backfill_usage_and_settings_errors(

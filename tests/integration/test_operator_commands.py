@@ -1,5 +1,6 @@
-"""The operator commands on real emulators: ``retry`` (re-drive: one entry per file, a fresh
-outcome, no loss) and ``status``, ``batches``, ``batch`` (their JSON against the ledger).
+"""The operator commands on real emulators: ``retry`` (re-drive: a new record under a retry
+key, a fresh outcome that replaces the old one, no double) and ``status``, ``batches``,
+``batch`` (their JSON against ``dicomflow.outcomes``).
 
 Files go through the real ingest path, the Healthcare emulator imports them,
 and the report tick verifies them, all in this process with a settable clock.
@@ -24,9 +25,11 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import batches, cli, header, ingest, ledger, redrive, report, runtime
+from dicomflow import batches, cli, header, ingest, objects, outcomes, redrive, report, runtime
 from dicomflow.config import load_settings
 from dicomflow.events import StorageObject
+from dicomflow.outcomes import Outcome
+from dicomflow.staging import file_key, late_name, quarantine_name, staged_name
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
@@ -61,24 +64,26 @@ class Pipeline:
         found = StorageObject(
             obj.bucket, obj.name, str(obj.generation), obj.size, obj.md5, obj.crc32c
         )
-        return ingest.ingest_object(self.ctx, found, f"e-{obj.name}", self.clock())
+        # Event ids are opaque (Eventarc's never hold the name), and manifests carry them.
+        return ingest.ingest_object(self.ctx, found, f"e-{self.key(obj)}", self.clock())
 
     def key(self, obj: Uploaded) -> str:
-        return ledger.ledger_key(obj.bucket, obj.name, obj.generation)
+        return file_key(obj.bucket, obj.name, obj.generation)
 
-    def entry(self, obj: Uploaded) -> tuple[ledger.Entry, int]:
-        found = ledger.read(self.bucket, self.key(obj))
-        assert found is not None
-        return found
+    def outcomes(self) -> dict[str, Outcome]:
+        return outcomes.read_all(self.bucket)
+
+    def outcome(self, key: str) -> Outcome:
+        return self.outcomes()[key]
 
     def seal_and_import(self, timeout: float = 60.0) -> None:
-        """Seal every open batch and tick ingest until no import is running."""
+        """Seal every window that has copies and tick ingest until no import is running."""
         settings = self.ctx.settings
         self.clock.advance(settings.batch_window_seconds + settings.seal_grace_seconds + 1)
         deadline = time.monotonic() + timeout
         while True:
-            ingest.tick(self.ctx)
-            if not batches.list_ids(self.bucket, batches.ACTIVE_PREFIX):
+            done = ingest.tick(self.ctx)
+            if not done["running"] and not done["queued"]:
                 return
             assert time.monotonic() < deadline, "imports still running"
             time.sleep(0.2)
@@ -87,24 +92,16 @@ class Pipeline:
         """Import and verify everything staged."""
         self.seal_and_import()
         report.run_tick(self.ctx)
-        assert not batches.list_ids(self.bucket, batches.FINISHED_PREFIX)
+        assert batches.open_batches(self.bucket) == []
 
     def stored(self, study: str) -> list[str]:
         items = self.ctx.dicomweb().search_for_instances(study_instance_uid=study)
         return sorted(i["00080018"]["Value"][0] for i in items)
 
-    def batches_holding(self, key: str) -> list[str]:
-        found = []
-        for batch in sorted(
-            {n.split("/")[1] for n in self._names("batches/") if n.endswith("/_files.json")}
-        ):
-            files = batches.read_file_list(self.bucket, batch)
-            if files is not None and key in files.keys:
-                found.append(batch)
-        return found
-
-    def _names(self, prefix: str) -> list[str]:
-        return [b.name for b in self.ctx.storage.list_blobs(self.staging, prefix=prefix)]
+    def status(self, capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+        assert cli.main(["status", "--json", *args], make_ctx=lambda: self.ctx) == 0
+        doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+        return doc
 
 
 @pytest.fixture
@@ -152,55 +149,68 @@ def p(
 def _lose_from_store(p: Pipeline, obj: Uploaded) -> None:
     """Import the staged files, then delete ``obj``'s instance before the report verifies."""
     p.seal_and_import()
-    uids = p.entry(obj)[0].uids
-    assert uids is not None
-    p.ctx.dicomweb().delete_instance(uids.study, uids.series, uids.sop)
+    record = p.outcome(p.key(obj)).record
+    assert record is not None and record.study and record.series and record.sop
+    p.ctx.dicomweb().delete_instance(record.study, record.series, record.sop)
     report.run_tick(p.ctx)
 
 
-def test_a_failed_file_is_redriven_once_and_imported_once(p: Pipeline) -> None:
+def test_a_failed_file_is_redriven_once_and_imported_once(
+    p: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
     study = pydicom.uid.generate_uid()
     good = p.upload("in/good.dcm", make_instance(study))
     lost = p.upload("in/lost.dcm", make_instance(study))
     for obj in (good, lost):
-        assert p.ingest(obj)["status"] == ledger.STAGED
+        assert p.ingest(obj)["status"] == ingest.STAGED
     _lose_from_store(p, lost)
-    failed, _ = p.entry(lost)
-    assert (failed.status, failed.reason) == (ledger.FAILED, "not-in-store")
+    failed = p.outcome(p.key(lost))
+    assert (failed.status, failed.reason) == ("failed", "not-in-store")
     first_batch = failed.batch
-    assert first_batch is not None
-    assert batches.exists(p.bucket, batches.staged_name(first_batch, failed.key))
+    assert first_batch is not None and failed.window is not None
+    assert objects.exists(p.bucket, staged_name(failed.window, failed.key))
 
-    # Two operators re-drive it at the same time: one resets the entry, the other follows.
+    # Two operators re-drive it at the same time: one marks it, the other follows.
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: redrive.redrive(p.ctx, failed.key), range(2)))
+        results = list(pool.map(lambda _: redrive.redrive(p.ctx, failed), range(2)))
     assert sorted(r.result for r in results) == [redrive.RESTAGED, redrive.RESUMED]
-    assert {r.status for r in results} == {ledger.STAGED}
-    staged, _ = p.entry(lost)
-    assert staged.status == ledger.STAGED and staged.batch != first_batch
-    assert [r["status"] for r in staged.detail["retries"]] == [ledger.FAILED]
-    assert staged.detail["retries"][0]["batch"] == first_batch
-    # The old copy is gone; the old batch's failure manifest still tells the story.
-    assert not batches.exists(p.bucket, batches.staged_name(first_batch, failed.key))
+    assert {r.status for r in results} == {ingest.STAGED}
+    [new_key] = {r.retry_key for r in results}
+    assert new_key is not None and new_key != failed.key
+    staged = p.outcome(new_key)
+    assert staged.status == outcomes.STAGED and staged.record is not None
+    assert (staged.record.via, staged.record.event) == ("retry", f"retry:{failed.key}")
+    assert staged.record.name == "in/lost.dcm" and staged.record.sop == failed.record.sop  # type: ignore[union-attr]
+    # Both copies are kept: the old one is its key's claim until the lifecycle rule.
+    assert objects.exists(p.bucket, staged_name(failed.window, failed.key))
 
     p.settle()
-    imported, _ = p.entry(lost)
-    assert imported.status == ledger.IMPORTED, imported
-    assert imported.batch == staged.batch
-    assert p.entry(good)[0].status == ledger.IMPORTED
-    entries = list(ledger.list_entries(p.bucket))
-    assert len(entries) == 2  # one entry per object generation, before and after
-    assert p.batches_holding(failed.key) == sorted([first_batch, staged.batch or ""])
-    assert p.stored(study) == sorted(e.uids.sop for e in entries if e.uids)
+    found = p.outcomes()
+    imported = found[new_key]
+    assert imported.status == "imported", imported
+    assert imported.batch not in (None, first_batch)
+    assert found[failed.key].status == "failed"  # the old manifest line stays as it was
+    assert found[p.key(good)].status == "imported"
+    assert len(found) == 3
+    assert p.stored(study) == sorted(
+        o.record.sop for o in found.values() if o.record and o.record.sop and o.key != failed.key
+    )
+    # Each file counts once, the re-driven one by its retry's outcome.
+    files = p.status(capsys)["files"]
+    assert files["files"] == 2 and files["retried"] == 1
+    assert files["outcomes"]["imported"] == 2 and files["outcomes"]["failed"] == 0
+    assert files["reasons"] == {}
 
-    # Nothing left to re-drive; a direct re-drive of the imported file does nothing.
-    assert redrive.select(entries) == []
-    again = redrive.redrive(p.ctx, failed.key)
-    assert again.result == redrive.CHANGED and again.status == ledger.IMPORTED
+    # Nothing left to re-drive; a direct re-drive of either outcome does nothing.
+    assert redrive.select(found, redrive.retried_keys(p.bucket)) == []
+    again = redrive.redrive(p.ctx, found[failed.key])
+    assert again.result == redrive.ALREADY and again.retry_key == new_key
+    assert redrive.redrive(p.ctx, imported).result == redrive.NOT_RETRYABLE
+    assert len(p.outcomes()) == 3
 
 
-def test_a_crash_after_the_reset_is_finished_by_the_next_retry(
-    p: Pipeline, monkeypatch: pytest.MonkeyPatch
+def test_a_crash_mid_retry_is_finished_by_the_next_retry_past_the_seal(
+    p: Pipeline, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = make_instance()
     real_check = header.check
@@ -210,32 +220,44 @@ def test_a_crash_after_the_reset_is_finished_by_the_next_retry(
 
     monkeypatch.setattr(header, "check", buggy_check)
     obj = p.upload("in/wrongly-rejected.dcm", data)
-    assert p.ingest(obj)["status"] == ledger.QUARANTINED
-    quarantined, _ = p.entry(obj)
-    assert quarantined.quarantine and batches.exists(p.bucket, quarantined.quarantine)
+    assert p.ingest(obj)["status"] == outcomes.QUARANTINED
+    quarantined = p.outcome(p.key(obj))
+    assert quarantined.status == outcomes.QUARANTINED and quarantined.window
+    kept = quarantine_name(quarantined.window, quarantined.key)
+    assert objects.exists(p.bucket, kept)
     monkeypatch.setattr(header, "check", real_check)  # the fix is deployed
 
     def crash(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("killed after the ledger reset")
+        raise RuntimeError("killed after the late claim, before the copy")
 
-    monkeypatch.setattr(ingest, "ingest_object", crash)
+    monkeypatch.setattr(ingest, "copy_object", crash)
     with pytest.raises(RuntimeError):
-        redrive.redrive(p.ctx, quarantined.key)
+        redrive.redrive(p.ctx, quarantined)
     monkeypatch.undo()
-    pending, _ = p.entry(obj)
-    assert pending.status == ledger.CLAIMED and redrive.is_retry_pending(pending)
-    assert [e.key for e in redrive.select(list(ledger.list_entries(p.bucket)))] == [pending.key]
+    assert redrive.retried_keys(p.bucket) == {quarantined.key}
+    assert quarantined.record is not None
+    new_key = redrive.retry_key(quarantined.record)
+    claim = objects.read_json(p.bucket, late_name(new_key))
+    assert claim is not None
+    found = p.outcomes()
+    assert [o.key for o in redrive.select(found, redrive.retried_keys(p.bucket))] == [
+        quarantined.key
+    ]
 
-    resumed = redrive.redrive(p.ctx, pending.key)
-    assert (resumed.result, resumed.status) == (redrive.RESUMED, ledger.STAGED)
-    assert not batches.exists(p.bucket, quarantined.quarantine)
-    assert not batches.exists(p.bucket, ingest.quarantine_record_name(quarantined.quarantine))
+    # The claimed window is sealed before the next retry: it moves to the current window.
+    p.seal_and_import()
+    resumed = redrive.redrive(p.ctx, quarantined)
+    assert (resumed.result, resumed.status) == (redrive.RESUMED, ingest.STAGED)
+    assert resumed.window is not None and resumed.window > claim["window"]
     p.settle()
-    final, _ = p.entry(obj)
-    assert final.status == ledger.IMPORTED
-    assert final.uids is not None and p.stored(final.uids.study) == [final.uids.sop]
-    assert [r["status"] for r in final.detail["retries"]] == [ledger.QUARANTINED]
-    assert len(list(ledger.list_entries(p.bucket))) == 1
+    final = p.outcome(new_key)
+    assert final.status == "imported"
+    assert final.record is not None and final.record.sop
+    assert p.stored(str(final.record.study)) == [final.record.sop]
+    assert objects.exists(p.bucket, kept)  # left to the lifecycle rule
+    files = p.status(capsys)["files"]
+    assert files["files"] == 1 and files["outcomes"]["imported"] == 1
+    assert files["outcomes"]["quarantined"] == 0 and files["retried"] == 1
 
 
 def test_retry_cli_leaves_files_still_rejected_untouched(
@@ -244,8 +266,7 @@ def test_retry_cli_leaves_files_still_rejected_untouched(
     broken = p.upload("in/broken.dcm", b"not dicom at all" * 40)
     elsewhere = p.upload("other/broken.dcm", b"still not dicom" * 40)
     for obj in (broken, elsewhere):
-        assert p.ingest(obj)["status"] == ledger.QUARANTINED
-    before = {o.name: p.entry(o)[1] for o in (broken, elsewhere)}
+        assert p.ingest(obj)["status"] == outcomes.QUARANTINED
 
     assert cli.main(["retry", "--json", "--dry-run"], make_ctx=lambda: p.ctx) == 0
     dry = json.loads(capsys.readouterr().out)
@@ -259,8 +280,8 @@ def test_retry_cli_leaves_files_still_rejected_untouched(
     [line] = out["files"]
     assert line["key"] == p.key(broken) and line["reason"] == "not-dicom"
     assert "broken.dcm" not in json.dumps(out)  # object names never printed
-    # No write at all: the entries keep their generation.
-    assert {o.name: p.entry(o)[1] for o in (broken, elsewhere)} == before
+    assert redrive.retried_keys(p.bucket) == set()  # nothing written
+    assert len(p.outcomes()) == 2
 
     with pytest.raises(SystemExit) as usage:
         cli.main(["retry", "--status", "imported"], make_ctx=lambda: p.ctx)
@@ -279,23 +300,24 @@ def test_status_batches_and_batch_json_follow_the_pipeline(
     broken = p.upload("in/broken.dcm", b"no preamble here" * 30)
     for obj in [*good, lost, broken]:
         p.ingest(obj)
-    # Before the seal: one open batch, files staged.
-    assert cli.main(["status", "--json"], make_ctx=lambda: p.ctx) == 0
-    early = json.loads(capsys.readouterr().out)
-    assert early["ledger"]["outcomes"]["in progress"] == 4
-    assert early["ledger"]["outcomes"]["quarantined"] == 1
+    # Before the seal: one open window, files staged.
+    early = p.status(capsys)
+    assert early["files"]["outcomes"]["in progress"] == 4
+    assert early["files"]["outcomes"]["quarantined"] == 1
     [open_batch] = early["batches"]["open"]
     assert early["batches"]["counts"]["open"] == 1 and open_batch["ageSeconds"] >= 0
+    assert open_batch["files"] == 4
+    assert cli.main(["batch", open_batch["batch"], "--json"], make_ctx=lambda: p.ctx) == 0
+    unsealed = json.loads(capsys.readouterr().out)
+    assert unsealed["state"] == "open" and unsealed["fileList"]["count"] == 4
 
     _lose_from_store(p, lost)
     p.clock.advance(200)  # past the quarantine window's grace: its alert goes out
     report.run_tick(p.ctx)
     page = tmp_path / "status.html"
-    assert cli.main(["status", "--json", "--html", str(page)], make_ctx=lambda: p.ctx) == 0
-    status = json.loads(capsys.readouterr().out)
-    entries = list(ledger.list_entries(p.bucket))
-    assert status["ledger"]["totals"] == ledger.totals(entries)
-    assert status["ledger"]["outcomes"] == {
+    status = p.status(capsys, "--html", str(page))
+    assert status["files"]["totals"] == outcomes.totals(p.outcomes().values())
+    assert status["files"]["outcomes"] == {
         "imported": 3,
         "duplicate": 0,
         "quarantined": 1,
@@ -304,7 +326,7 @@ def test_status_batches_and_batch_json_follow_the_pipeline(
         "dropped": 0,
         "in progress": 0,
     }
-    assert status["ledger"]["reasons"] == {
+    assert status["files"]["reasons"] == {
         "quarantined": {"not-dicom": 1},
         "failed": {"not-in-store": 1},
     }
@@ -327,7 +349,13 @@ def test_status_batches_and_batch_json_follow_the_pipeline(
     assert failure["key"] == p.key(lost) and failure["reason"] == "not-in-store"
     assert {line["key"] for line in detail["manifest"]["success"]} == {p.key(g) for g in good}
     assert detail["fileList"]["count"] == 4 and detail["state"] == "verified"
+    assert {f["key"] for f in detail["fileList"]["files"]} == {p.key(o) for o in [*good, lost]}
     assert "in/lost.dcm" not in json.dumps(detail)
+    assert cli.main(["batch", batch["batch"], "--files"], make_ctx=lambda: p.ctx) == 0
+    text = capsys.readouterr().out
+    assert p.key(good[0])[:20] in text and "in/" not in text
+    assert cli.main(["batch", "not-a-batch"], make_ctx=lambda: p.ctx) == 2
+    assert cli.main(["batch", "20000101T000000Z-0"], make_ctx=lambda: p.ctx) == 1
 
     if browser.find_chromium() is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
