@@ -459,23 +459,16 @@ def restage_stragglers(ctx: Context, batch: str, listed: frozenset[str]) -> list
         now = ctx.clock()
         if record.home != window and record.key in listed_keys(ctx, record.home, now):
             continue  # a late double whose home window holds the file
-        claim = objects.read(bucket, late_name(record.key))
-        if claim is not None and claim[0].get("window") not in (None, window):
-            continue  # the late claim names another window, whose seal takes it
-        current = window_id(now, ctx.settings.batch_window_seconds)
-        if (
-            claim is not None
-            and objects.swap(
-                bucket, late_name(record.key), {"window": current, "movedAt": iso(now)}, claim[1]
-            )
-            is None
-        ):
-            continue  # moved by someone else just now
         source = bucket.blob(staged_name(window, record.key), generation=blob.generation)
         restaged = FileRecord(**{**record.line(), "size": record.size, "via": "restaged"})
         try:
-            ingest.stage(ctx, source, restaged, now)
+            # The late path: a claim naming this window (sealed) or another sealed one
+            # that did not list the key moves to the current window; one naming a window
+            # still open, or one that listed the key, keeps the file there.
+            result = ingest.stage(ctx, source, restaged, now)
         except gexc.NotFound:
+            continue
+        if result.get("repeat"):
             continue
         moved.append(record.key)
         logger.warning("straggler re-staged", extra=log.fields(key=record.key, batch=batch))

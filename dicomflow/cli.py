@@ -190,10 +190,10 @@ def _stderr_console() -> Any:
 
 
 def _export_date(text: str) -> Any:
-    from dicomflow import export
+    from dicomflow import backup
 
     try:
-        return export.parse_day(text)
+        return backup.parse_day(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

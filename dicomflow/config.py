@@ -117,7 +117,7 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     (
         "DICOMFLOW_BATCH_WINDOW_SECONDS",
         "60",
-        "files are grouped by the UTC window of their upload time; a window is sealed after it ends",
+        "files are grouped in UTC windows of their upload time; a window is sealed after it ends",
     ),
     (
         "DICOMFLOW_BATCH_MAX_FILES",

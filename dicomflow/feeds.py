@@ -108,9 +108,7 @@ def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
             continue
         if _settle(ctx, feed, window, begins, now):
             reported.append(window)
-        if now - begins > horizon(settings) and objects.exists(
-            bucket, f"{feed.done}{window}.json"
-        ):
+        if now - begins > horizon(settings) and objects.exists(bucket, f"{feed.done}{window}.json"):
             done.add(window)
     floor = window_id(now - horizon(settings), 1)
     waiting = [w for w in found if w not in done]
@@ -140,7 +138,8 @@ def _settle(ctx: Any, feed: Feed, window: str, begins: datetime, now: datetime) 
     sent = False
     for _ in range(10):
         found = objects.read(bucket, name)
-        doc, generation = found if found is not None else ({"window": window}, 0)
+        doc: dict[str, Any] = found[0] if found is not None else {"window": window}
+        generation = found[1] if found is not None else 0
         pending = doc.get("pending")
         if pending:
             keys = [str(k) for k in pending["keys"]]

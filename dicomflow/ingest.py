@@ -42,6 +42,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import alerts, batches, header, log, objects, retry
+from dicomflow.config import Settings
 from dicomflow.errors import DicomflowError, PermanentError, TransientError
 from dicomflow.events import (
     FINALIZED,
@@ -94,7 +95,7 @@ def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
     return result
 
 
-def copy_deadline(settings: Any) -> float:
+def copy_deadline(settings: Settings) -> float:
     """How long one staging copy may take, retries included: half the seal grace."""
     return max(0.5, settings.seal_grace_seconds / 2)
 
@@ -212,25 +213,50 @@ def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime)
     window = late_window(ctx, record.key, window_id(now, settings.batch_window_seconds), now)
     if window is None:
         return {"status": DROPPED, "reason": "dropped-earlier", "repeat": True}
+    if not window:
+        return {"status": STAGED, "window": None, "reason": "listed-earlier", "repeat": True}
     late = _with(record, window=window, via=record.via or "late")
     return _copied(ctx, source, staged_name(window, record.key), late, STAGED)
 
 
 def late_window(ctx: Context, key: str, window: str, now: datetime) -> str | None:
-    """Claim ``state/late/<key>`` for ``window``; the window the claim names.
+    """Claim ``state/late/<key>`` for ``window``; the window to copy into.
 
-    None when the claim records a drop: the file was dropped, not staged.
+    A claim found naming a window whose seal has passed moves to ``window``
+    (compare-and-swap), unless that window's file list holds the key: then the file
+    has its record there and ``""`` is returned (nothing to copy). None when the
+    claim records a drop: the file was dropped, not staged.
+
+    Raises:
+        TransientError: the claimed window's seal is due within the copy's deadline;
+            the platform retries once it has passed.
     """
-    staging_bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    settings = ctx.settings
+    staging_bucket = ctx.storage.bucket(settings.staging_bucket)
     name = late_name(key)
-    if objects.create(staging_bucket, name, {"window": window, "claimedAt": iso(now)}):
-        return window
-    found = objects.read_json(staging_bucket, name)
-    if found is None:  # deleted in between: only an operator does that
-        raise TransientError(f"late claim of {key} vanished")
-    if found.get("dropped"):
-        return None
-    return str(found["window"])
+    for _ in range(5):
+        if objects.create(staging_bucket, name, {"window": window, "claimedAt": iso(now)}):
+            return window
+        found = objects.read(staging_bucket, name)
+        if found is None:
+            continue  # deleted in between: claim afresh
+        claim, generation = found
+        if claim.get("dropped"):
+            return None
+        claimed = str(claim["window"])
+        due = parse_window(claimed) + timedelta(
+            seconds=settings.batch_window_seconds + settings.seal_grace_seconds
+        )
+        if now + timedelta(seconds=copy_deadline(settings)) < due:
+            return claimed  # still open long enough for the copy
+        if now < due:
+            raise TransientError(f"late claim of {key} names a window being sealed")
+        if key in batches.listed_keys(ctx, claimed, now):
+            return ""
+        moved = {"window": window, "movedAt": iso(now), "from": claimed}
+        if objects.swap(staging_bucket, name, moved, generation) is not None:
+            return window
+    raise TransientError(f"late claim of {key} keeps changing")
 
 
 def _with(record: FileRecord, **changes: Any) -> FileRecord:

@@ -129,7 +129,8 @@ def write_text(bucket: storage.Bucket, name: str, text: str, content_type: str) 
 def read_text(bucket: storage.Bucket, name: str) -> str | None:
     blob = bucket.blob(name)
     try:
-        return blob.download_as_text(retry=_retry(DEADLINE), timeout=DEADLINE)
+        text: str = blob.download_as_text(retry=_retry(DEADLINE), timeout=DEADLINE)
+        return text
     except gexc.NotFound:
         return None
     except (gexc.TooManyRequests, gexc.ServerError) as exc:

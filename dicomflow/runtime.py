@@ -31,6 +31,11 @@ from dicomflow.errors import ConfigError, PermanentError
 
 logger = logging.getLogger(__name__)
 
+# google-cloud-storage 3.x keeps bucket metadata for its OpenTelemetry spans and, on every
+# 404 (an absent marker is a normal answer here), checks in a background thread whether
+# the bucket still exists: a buckets.get per absent read. dicomflow exports no such spans.
+os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
+
 # function name -> "module:callable"; each callable takes (Context, CloudEvent) -> dict.
 # Connections kept per host by the Cloud Storage client (see make_context).
 STORAGE_POOL_SIZE = 64

@@ -40,7 +40,17 @@ from typing import Any, TypeVar
 
 from google.cloud import storage
 
-from dicomflow import alerts, batches, export, manifests, objects, operations, outcomes, redrive
+from dicomflow import (
+    alerts,
+    batches,
+    export,
+    manifests,
+    objects,
+    operations,
+    outcomes,
+    redrive,
+    staging,
+)
 from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX
 from dicomflow.staging import (
     SEALED_PREFIX,
@@ -91,12 +101,7 @@ def iso(moment: datetime) -> str:
 
 def parse_time(text: Any) -> datetime | None:
     """A time written by the pipeline, or None when absent or unreadable."""
-    if not text:
-        return None
-    try:
-        return export.parse_time(str(text))
-    except ValueError:
-        return None
+    return staging.parse_time(text)
 
 
 def reason_code(reason: str | None) -> str:

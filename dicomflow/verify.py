@@ -332,7 +332,9 @@ def earlier_copies(
         if theirs is None:
             continue
         seen = set(theirs.get("sops") or [])
-        found.update((r.sop, r.checksum) for r in read_records(other) if r.sop and r.sop not in seen)
+        found.update(
+            (r.sop, r.checksum) for r in read_records(other) if r.sop and r.sop not in seen
+        )
     return found
 
 

@@ -106,7 +106,8 @@ class Env:
         return self.apps[name].test_client()
 
     def upload(self, name: str, data: bytes) -> Uploaded:
-        return upload(self.gcs, self.landing, name, data)
+        """Upload ``data``; its events carry the test clock's time as ``timeCreated``."""
+        return upload(self.gcs, self.landing, name, data, created=self.clock())
 
     def ingest(self, uploads: list[Uploaded], repeats: int = 1, threads: int = 8) -> None:
         """Deliver each finalize event ``repeats`` times, concurrently."""
@@ -490,7 +491,7 @@ def healthy_burst(env: Env, studies: int, resend: int, redeliver: int) -> None:
     env.import_all(timeout=400)
     assert env.pull() == []
     totals = outcomes.totals(outcomes.read_all(env.gcs.bucket(env.staging)).values())
-    assert totals["imported"] == len(instances) and totals["duplicate"] == resend, totals
+    assert totals["imported"] == len(instances) and totals["duplicate"] == resend, str(totals)
     assert sum(totals.values()) == len(instances) + resend
     assert len(stored_sops(env)) == len(instances)
 
@@ -1223,7 +1224,14 @@ def test_conflict_found_when_two_report_processes_verify_at_once(env: Env) -> No
     pair = conflicting_pair(env)
     start_and_wait(env, pair.batch_a)
     start_and_wait(env, pair.batch_b)
+
+    def tick(_: int) -> dict[str, Any]:
+        try:
+            return report.run_tick(env.ctx)
+        finally:
+            env.ctx.close_clients()  # this pool thread's API clients
+
     with ThreadPoolExecutor(2) as pool:
-        ticks = list(pool.map(lambda _: report.run_tick(env.ctx), range(2)))
+        ticks = list(pool.map(tick, range(2)))
     assert sum(len(t["verified"]) for t in ticks) >= 2
     assert_one_imported_one_conflict(env, pair, winner=pair.a)
