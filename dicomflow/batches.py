@@ -50,7 +50,7 @@ from google.cloud import storage
 from googleapiclient.errors import HttpError
 
 from dicomflow import healthcare, log, objects
-from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX
+from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.runtime import Context
 from dicomflow.staging import (
@@ -70,6 +70,7 @@ from dicomflow.staging import (
     parse_batch,
     parse_time,
     parse_window,
+    seal_time,
     sealed_done_name,
     sealed_name,
     slot_name,
@@ -80,9 +81,8 @@ from dicomflow.staging import (
 logger = logging.getLogger(__name__)
 
 SEAL_CURSOR = f"{STATE_PREFIX}cursors/seal.json"
-# Windows this recent are always listed, sealed or not: a copy that outlived its
-# window's seal (bounded by ingest.copy_deadline) lands well within it.
-LOOKBACK_SECONDS = 900
+# Beyond the longest window and its grace, for a copy that outlived its window's seal.
+LOOKBACK_SECONDS = 300
 
 
 def open_batches(bucket: storage.Bucket) -> list[str]:
@@ -91,8 +91,11 @@ def open_batches(bucket: storage.Bucket) -> list[str]:
     return sorted(n[len(OPEN_PREFIX) : -len(".json")] for n in names if n.endswith(".json"))
 
 
-def is_due(window: str, now: datetime, window_seconds: int, grace_seconds: int) -> bool:
-    return now >= parse_window(window) + timedelta(seconds=window_seconds + grace_seconds)
+def lookback_seconds(settings: Settings) -> int:
+    """Windows this recent are always listed, sealed or not: the longest window, its grace,
+    and time for a copy that outlived its window's seal (bounded by ingest.copy_deadline)."""
+    longest = max(settings.batch_window_seconds, settings.late_window_seconds)
+    return longest + settings.seal_grace_seconds + LOOKBACK_SECONDS
 
 
 # ---- seal -------------------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     """Seal every due window that is not sealed; the batches they made."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    floor = window_id(now - timedelta(seconds=LOOKBACK_SECONDS), settings.batch_window_seconds)
+    floor = window_id(now - timedelta(seconds=lookback_seconds(settings)), 1)
     cursor = str((objects.read_json(bucket, SEAL_CURSOR) or {}).get("window") or floor)
     start = min(cursor, floor)
     windows = [
@@ -120,7 +123,7 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     for window in windows:
         if window in sealed:
             continue
-        if not is_due(window, now, settings.batch_window_seconds, settings.seal_grace_seconds):
+        if now < seal_time(window, settings):
             waiting.append(window)
             continue
         made.extend(seal(ctx, window, now))

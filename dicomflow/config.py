@@ -75,6 +75,7 @@ class Settings:
     batch_max_files: int = 5_000
     batch_max_bytes: int = 20 * 1024**3
     seal_grace_seconds: int = 20
+    late_window_seconds: int = 600
     max_running_imports: int = 5
     import_restart_seconds: int = 300
     backup_prefix: str = "backups"
@@ -129,6 +130,11 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "DICOMFLOW_SEAL_GRACE_SECONDS",
         "20",
         "wait after a window ends before the tick seals it; a staging copy may take half of it",
+    ),
+    (
+        "DICOMFLOW_LATE_WINDOW_SECONDS",
+        "600",
+        "files whose event comes after their window's seal are grouped in windows this long",
     ),
     ("DICOMFLOW_MAX_RUNNING_IMPORTS", "5", "import operations running at once (K)"),
     (
@@ -291,6 +297,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         batch_max_files=_int(env, "DICOMFLOW_BATCH_MAX_FILES", Settings.batch_max_files, 1),
         batch_max_bytes=_int(env, "DICOMFLOW_BATCH_MAX_BYTES", Settings.batch_max_bytes, 1),
         seal_grace_seconds=_int(env, "DICOMFLOW_SEAL_GRACE_SECONDS", Settings.seal_grace_seconds),
+        late_window_seconds=_int(
+            env, "DICOMFLOW_LATE_WINDOW_SECONDS", Settings.late_window_seconds, 1
+        ),
         max_running_imports=_int(
             env, "DICOMFLOW_MAX_RUNNING_IMPORTS", Settings.max_running_imports, 1
         ),

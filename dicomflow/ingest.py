@@ -16,12 +16,14 @@ Which window. ``<home>`` is the window of the object's ``timeCreated``, the same
 every delivery. The tick seals a window ``seal_grace_seconds`` after it ends and lists
 it then. A delivery that cannot be sure its copy lands before that (now plus the
 copy's deadline is past the seal) goes the late path: it claims ``state/late/<key>``
-(create-if-absent, naming the window it copies into, the current one), then copies
-there; a delivery that finds the late claim copies into the window it names
-(create-if-absent again, so at most one copy lands there). The seal of that window
-drops a late copy whose home window listed the key, so each generation keeps one
-record (``dicomflow.batches``). The copy's own retries and request timeout are
-bounded by half the grace, chosen just before the copy.
+(create-if-absent, naming the window it copies into: the current late window, which
+is ``late_window_seconds`` long, so that a burst ingest absorbs over many minutes
+still makes few imports), then copies there; a delivery that finds the late claim
+copies into the window it names (create-if-absent again, so at most one copy lands
+there), or, when that window's seal has passed without the file, moves the claim.
+The seal of that window drops a late copy whose home window listed the key, so each
+generation keeps one record (``dicomflow.batches``). The copy's own retries and
+request timeout are bounded by half the grace, chosen just before the copy.
 
 Errors. Object names can carry patient names, so logs and raised errors name the
 object by ``alerts.object_label`` (a hash by default) and its key, never by URI.
@@ -59,8 +61,9 @@ from dicomflow.staging import (
     file_key,
     iso,
     late_name,
-    parse_window,
+    late_window_id,
     quarantine_name,
+    seal_time,
     staged_name,
     window_id,
 )
@@ -205,12 +208,11 @@ def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime)
     ``source`` is the landing object (or, for a re-staged file, its earlier staging copy).
     """
     settings = ctx.settings
-    seal_at = parse_window(record.home) + timedelta(
-        seconds=settings.batch_window_seconds + settings.seal_grace_seconds
-    )
+    seal_at = seal_time(record.home, settings)
     if record.via is None and now + timedelta(seconds=copy_deadline(settings)) < seal_at:
         return _copied(ctx, source, staged_name(record.home, record.key), record, STAGED)
-    window = late_window(ctx, record.key, window_id(now, settings.batch_window_seconds), now)
+    current = late_window_id(now, settings.late_window_seconds)
+    window = late_window(ctx, record.key, current, now)
     if window is None:
         return {"status": DROPPED, "reason": "dropped-earlier", "repeat": True}
     if not window:
@@ -244,9 +246,7 @@ def late_window(ctx: Context, key: str, window: str, now: datetime) -> str | Non
         if claim.get("dropped"):
             return None
         claimed = str(claim["window"])
-        due = parse_window(claimed) + timedelta(
-            seconds=settings.batch_window_seconds + settings.seal_grace_seconds
-        )
+        due = seal_time(claimed, settings)
         if now + timedelta(seconds=copy_deadline(settings)) < due:
             return claimed  # still open long enough for the copy
         if now < due:

@@ -21,8 +21,10 @@ generation computes the same names::
   bucket, name and generation. Import wildcards have no character classes, so the
   leading bits are what splits a window: ``<window>/0*.dcm`` and ``1*.dcm`` halve it.
 - ``<window>``: the UTC window of ``batch_window_seconds`` holding the object's
-  ``timeCreated`` (``20261125T125300Z``); a delivery that may miss the window's seal
-  copies into a later window instead (``dicomflow.ingest``).
+  ``timeCreated`` (``20261125T125300Z``). A delivery that may miss that window's seal
+  copies into the current *late* window instead (``20261125T125000L``, UTC windows of
+  ``late_window_seconds``, longer), so a burst that ingest absorbs over many minutes
+  still makes few imports (``dicomflow.ingest``).
 - ``<batch>``: a window, or ``<window>-<bits>`` for one part of a split window.
 
 No name holds a user-controlled character, so none can reach an import wildcard.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.cloud import storage
@@ -44,12 +46,14 @@ from dicomflow.config import (
     MANIFESTS_PREFIX,
     QUARANTINE_PREFIX,
     STATE_PREFIX,
+    Settings,
 )
 
 BITS = 6
 WINDOW_FORMAT = "%Y%m%dT%H%M%SZ"
-_WINDOW = re.compile(r"^\d{8}T\d{6}Z$")
-_BATCH = re.compile(rf"^(\d{{8}}T\d{{6}}Z)(?:-([01]{{1,{BITS}}}))?$")
+LATE = "L"
+_WINDOW = re.compile(r"^\d{8}T\d{6}[ZL]$")
+_BATCH = re.compile(rf"^(\d{{8}}T\d{{6}}[ZL])(?:-([01]{{1,{BITS}}}))?$")
 _KEY = re.compile(rf"^[01]{{{BITS}}}[0-9a-f]{{40}}$")
 
 FILES = "_files.ndjson"
@@ -82,15 +86,32 @@ def window_id(moment: datetime, seconds: int) -> str:
     return window_start(moment, seconds).strftime(WINDOW_FORMAT)
 
 
+def late_window_id(moment: datetime, seconds: int) -> str:
+    """The late window holding ``moment``: ``20261125T125000L``, ``seconds`` long."""
+    return window_start(moment, seconds).strftime(WINDOW_FORMAT)[:-1] + LATE
+
+
+def is_late_window(window: str) -> bool:
+    return window.endswith(LATE)
+
+
 def parse_window(window: str) -> datetime:
-    """The start of a window id.
+    """The start of a window id (regular or late).
 
     Raises:
         ValueError: not a window id.
     """
     if not _WINDOW.match(window):
         raise ValueError(f"invalid window {window!r}: expected YYYYMMDDTHHMMSSZ")
-    return datetime.strptime(window, WINDOW_FORMAT).replace(tzinfo=UTC)
+    return datetime.strptime(window[:-1] + "Z", WINDOW_FORMAT).replace(tzinfo=UTC)
+
+
+def seal_time(window: str, settings: Settings) -> datetime:
+    """When ``window`` is sealed: its end plus the seal grace."""
+    seconds = (
+        settings.late_window_seconds if is_late_window(window) else settings.batch_window_seconds
+    )
+    return parse_window(window) + timedelta(seconds=seconds + settings.seal_grace_seconds)
 
 
 def batch_id(window: str, bits: str = "") -> str:

@@ -58,7 +58,7 @@ locals {
       max_inst    = var.ingest_max_instances
       bucket_roles = {
         landing = ["roles/storage.objectViewer"] # ranged header reads and the copy source
-        staging = ["roles/storage.objectUser"]   # ledger, batches, quarantine, state: create, CAS update, delete
+        staging = ["roles/storage.objectUser"]   # batches, quarantine, state: create, CAS update, delete
       }
       manifest_roles = []
       topic_roles = {
@@ -105,7 +105,7 @@ locals {
       memory      = "512Mi"
       max_inst    = 1
       bucket_roles = {
-        staging = ["roles/storage.objectUser"] # per-date markers, the ledger (incremental) and the filter file
+        staging = ["roles/storage.objectUser"] # per-date markers, the manifests (incremental) and the filter file
       }
       manifest_roles = ["roles/storage.objectUser"] # a forced rerun marks the old manifest superseded
       topic_roles    = {}

@@ -4,7 +4,7 @@ output "landing_bucket" {
 }
 
 output "staging_bucket" {
-  description = "The pipeline's ledger, batches, quarantine, manifests and state."
+  description = "The pipeline's batches, quarantine, manifests and state."
   value       = google_storage_bucket.staging.name
 }
 

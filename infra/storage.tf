@@ -37,9 +37,10 @@ resource "google_storage_bucket" "landing" {
   }
 }
 
-# The pipeline's own state: ledger/, batches/, quarantine/, manifests/, state/. Only the pipeline
-# deletes live objects here (staging copies, once checked against the store); the lifecycle only
-# aborts stale uploads and drops old noncurrent versions.
+# The pipeline's own state: batches/, quarantine/, manifests/, state/. A staging copy is the claim of
+# its object generation (create-if-absent), so the pipeline never deletes one: it must outlive the
+# maximum event age, or a redelivered event would claim the file again. The lifecycle deletes the
+# copies, quarantine copies and late claims staging_copy_retention_days after they were written.
 resource "google_storage_bucket" "staging" {
   #checkov:skip=CKV_GCP_62:Access is audited with Cloud Audit Logs (Data Access); a log bucket would itself need a log bucket.
   name                        = local.bucket_names.staging
@@ -49,9 +50,20 @@ resource "google_storage_bucket" "staging" {
   force_destroy               = var.force_destroy_buckets
   labels                      = local.labels
 
-  # A ledger entry overwritten or deleted by mistake can be restored for a while.
+  # A marker or manifest overwritten or deleted by mistake can be restored for a while.
   versioning {
     enabled = true
+  }
+
+  lifecycle_rule {
+    condition {
+      age            = var.staging_copy_retention_days
+      matches_prefix = ["batches/", "quarantine/", "state/late/"]
+      with_state     = "LIVE"
+    }
+    action {
+      type = "Delete"
+    }
   }
 
   lifecycle_rule {

@@ -127,6 +127,17 @@ variable "noncurrent_retention_days" {
   }
 }
 
+variable "staging_copy_retention_days" {
+  type        = number
+  description = "Days staging copies, quarantine copies and late claims are kept. Each is the claim of its file, so this must be longer than DICOMFLOW_MAX_EVENT_AGE_SECONDS (25 h by default)."
+  default     = 7
+
+  validation {
+    condition     = var.staging_copy_retention_days >= 2 && floor(var.staging_copy_retention_days) == var.staging_copy_retention_days
+    error_message = "staging_copy_retention_days must be a whole number of days, 2 or more (longer than the maximum event age)."
+  }
+}
+
 variable "force_destroy_buckets" {
   type        = bool
   description = "Let terraform destroy delete the landing, staging and source buckets with objects in them. The backups bucket is never force-destroyed."
@@ -183,7 +194,7 @@ variable "runtime" {
 
 variable "ingest_timeout_seconds" {
   type        = number
-  description = "Timeout of the ingest function. DICOMFLOW_SEAL_GRACE_SECONDS is set 10 s above it, as the design requires (grace longer than the function timeout)."
+  description = "Timeout of the ingest function. DICOMFLOW_SEAL_GRACE_SECONDS is set 10 s above it: a staging copy may take half the grace, and a delivery later than that copies into a late window."
   default     = 120
 
   validation {
@@ -217,6 +228,7 @@ variable "settings" {
       "DICOMFLOW_BATCH_WINDOW_SECONDS",
       "DICOMFLOW_BATCH_MAX_FILES",
       "DICOMFLOW_BATCH_MAX_BYTES",
+      "DICOMFLOW_LATE_WINDOW_SECONDS",
       "DICOMFLOW_MAX_RUNNING_IMPORTS",
       "DICOMFLOW_IMPORT_RESTART_SECONDS",
       "DICOMFLOW_EXPORT_DATE_LAYOUT",

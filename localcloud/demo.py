@@ -41,7 +41,8 @@ from localcloud.stack import Stack, StackConfig
 # Short windows so the demo takes a minute, not an hour; the defaults are in config.py.
 DEMO_FUNCTION_ENV = {
     "DICOMFLOW_BATCH_WINDOW_SECONDS": "5",
-    "DICOMFLOW_SEAL_GRACE_SECONDS": "2",
+    "DICOMFLOW_SEAL_GRACE_SECONDS": "4",
+    "DICOMFLOW_LATE_WINDOW_SECONDS": "15",
     "DICOMFLOW_BATCH_MAX_FILES": "100",
 }
 TICK_SECONDS = 2.0

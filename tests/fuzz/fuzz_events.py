@@ -23,7 +23,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 with atheris.instrument_imports(include=["dicomflow.events", "localcloud.healthcare.wildcards"]):
-    from dicomflow import alerts, events, ledger
+    from dicomflow import alerts, events, staging
     from dicomflow.config import load_settings
     from dicomflow.errors import PermanentError
     from localcloud.healthcare.wildcards import parse_gcs_source
@@ -80,7 +80,7 @@ def decode(data: Any) -> None:
     if events.skip_reason(SETTINGS, obj) not in SKIP_REASONS:
         raise AssertionError("an unknown skip reason")
     alerts.object_label(SETTINGS, obj.bucket, obj.name)
-    ledger.ledger_key(obj.bucket, obj.name, obj.generation)
+    staging.file_key(obj.bucket, obj.name, obj.generation)
     when = events.parse_time(data.get("time"))
     events.is_too_old(when, NOW, 3600)
 

@@ -338,11 +338,6 @@ def test_the_later_seal_keeps_a_late_copy_whose_home_list_lacks_the_key(env: Env
     assert batches.open_batches(env.bucket) == [W1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest.stage copies into the window its late claim names even when that window "
-    "is sealed already: a retry after a crash between claim and copy lands after the listing",
-)
 def test_a_late_claim_whose_window_is_sealed_sends_the_retry_elsewhere(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1133,11 +1133,11 @@ class Pair:
 def conflicting_pair(env: Env) -> Pair:
     """File a in one window, file b (same UIDs, other bytes) in the next; both sealed."""
     study, series, sop = (pydicom.uid.generate_uid() for _ in range(3))
-    a = env.upload("p/a.dcm", make_instance(study, series, sop))
-    b = env.upload("p/b.dcm", make_instance(study, series, sop, rows=6))
     seconds = env.ctx.settings.batch_window_seconds
+    a = env.upload("p/a.dcm", make_instance(study, series, sop))
     env.ingest([a])
     env.clock.advance(seconds)
+    b = env.upload("p/b.dcm", make_instance(study, series, sop, rows=6))
     env.ingest([b])
     env.clock.advance(seconds + env.ctx.settings.seal_grace_seconds)
     sealed = batches.seal_due(env.ctx, env.clock())

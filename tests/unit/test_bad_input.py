@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from dicomflow import alerts, header, ledger, log, runtime
+from dicomflow import alerts, header, log, runtime, staging
 from dicomflow.errors import PermanentError
 from dicomflow.events import (
     FINALIZED,
@@ -105,7 +105,7 @@ def real_headers() -> tuple[bytes, ...]:
     return tuple(files)
 
 
-def uids_of(data: bytes) -> ledger.Uids:
+def uids_of(data: bytes) -> header.Uids:
     return header.check(lambda start, end: data[start : end + 1], len(data))
 
 
@@ -334,8 +334,21 @@ def test_event_decoder_on_any_payload(data: Any) -> None:
     assert skip_reason(settings, obj) in SKIP_REASONS | {None}
     label = alerts.object_label(settings, obj.bucket, obj.name)
     assert label.startswith("sha256:") and SECRET not in label
-    assert len(ledger.ledger_key(obj.bucket, obj.name, obj.generation)) == 40
-    ledger.Entry(key="k", source=obj.source()).to_json().encode()  # as ingest uploads it
+    key = staging.file_key(obj.bucket, obj.name, obj.generation)
+    assert staging.is_key(key)
+    record = staging.FileRecord(
+        key=key,
+        bucket=obj.bucket,
+        name=obj.name,
+        generation=obj.generation,
+        size=obj.size,
+        home="20261125T125300Z",
+        window="20261125T125300Z",
+        md5=obj.md5_hash,
+        crc32c=obj.crc32c,
+    )
+    # As ingest sends it: custom metadata, string values.
+    assert all(isinstance(v, str) and v for v in record.metadata().values())
 
 
 @profile(300)
@@ -345,7 +358,7 @@ def test_event_time_on_any_value(value: Any) -> None:
     assert moment is None or moment.tzinfo is not None
     assert isinstance(is_too_old(moment, NOW, 3600), bool)
     if moment is not None:
-        ledger.iso(moment)
+        staging.iso(moment)
 
 
 class NoStorage:

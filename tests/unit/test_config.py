@@ -72,7 +72,6 @@ def test_pipeline_prefixes_are_ignored_in_a_shared_bucket() -> None:
     )
     for name in (
         "batches/x/a.dcm",
-        "ledger/a.json",
         "quarantine/a.dcm",
         "manifests/b/s.ndjson",
         "backups/2026-11-25/a.dcm",

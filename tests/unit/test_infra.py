@@ -270,7 +270,8 @@ def check_roles(cfg: Config) -> list[str]:
 
 
 def check_buckets(cfg: Config) -> list[str]:
-    """Safe defaults on every bucket; backups survive destroy; staging never loses live objects."""
+    """Safe defaults on every bucket; backups survive destroy; staging loses no live object but
+    expired claims (staging and quarantine copies, late claims)."""
     problems = []
     buckets = cfg["resource"].get("google_storage_bucket", {})
     for name in ("landing", "staging", "backups"):
@@ -296,12 +297,21 @@ def check_buckets(cfg: Config) -> list[str]:
     ]
     if not retention:
         problems.append("backups bucket has no retention rule driven by var.backup_retention_days")
+    # Staging copies, quarantine copies and late claims are the claims of their files: a
+    # rule may expire them, only by their own prefixes and only after the retention days.
+    claims = ["batches/", "quarantine/", "state/late/"]
     for name in ("landing", "staging"):
         for rule in _blocks(buckets.get(name, {}), "lifecycle_rule"):
             action = _blocks(rule, "action")[0].get("type")
             condition = _blocks(rule, "condition")[0]
+            expires_claims = (
+                name == "staging"
+                and condition.get("matches_prefix") == claims
+                and "var.staging_copy_retention_days" in str(condition.get("age"))
+            )
             if action == "Delete" and condition.get("with_state") != "ARCHIVED":
-                problems.append(f"a lifecycle rule of {name} can delete live objects")
+                if not expires_claims:
+                    problems.append(f"a lifecycle rule of {name} can delete live objects")
             if action not in ("Delete", "AbortIncompleteMultipartUpload"):
                 problems.append(f"a lifecycle rule of {name} does {action}")
     return problems

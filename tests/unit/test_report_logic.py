@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dicomflow import ledger, manifests, operations, verify
+from dicomflow import manifests, objects, operations, staging, verify
 from dicomflow.verify import FileResult
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -58,34 +58,66 @@ def test_redact_replaces_object_uris() -> None:
     assert out == "cannot read sha256:abc, see logs"
 
 
-def test_verdicts_without_and_with_bytes() -> None:
-    assert verify.decide_without_bytes("k1", "md5:a", None) == "imported"
-    assert (
-        verify.decide_without_bytes("k1", "md5:a", {"key": "k1", "checksum": "md5:b"}) == "imported"
+def _result(key: str, sop: str, checksum: str, status: str = "failed") -> FileResult:
+    record = staging.FileRecord(
+        key=key,
+        bucket="b",
+        name=f"{key}.dcm",
+        generation="1",
+        size=10,
+        home="20261125T125300Z",
+        window="20261125T125300Z",
+        md5=checksum,
+        study="1.2",
+        series="1.2.3",
+        sop=sop,
     )
-    assert (
-        verify.decide_without_bytes("k2", "md5:a", {"key": "k1", "checksum": "md5:a"})
-        == "duplicate"
-    )
-    assert verify.decide_without_bytes("k2", "md5:a", {"key": "k1", "checksum": "md5:b"}) is None
-    index = {"key": "k1", "checksum": "md5:a"}
-    assert verify.decide_with_bytes("k2", "md5:b", "md5:a", index) == "conflict"
-    assert verify.decide_with_bytes("k2", "md5:a", "md5:a", index) == "duplicate"
-    assert verify.decide_with_bytes("k2", "md5:b", "md5:b", index) == "imported"
-    assert verify.decide_with_bytes("k2", None, "md5:b", None) == "conflict"
+    return FileResult(record, status=status)
 
 
-def _result(key: str, sop: str, checksum: str) -> FileResult:
-    source = ledger.Source("b", f"{key}.dcm", "1", 10, md5Hash=checksum)
-    uids = ledger.Uids("1.2", "1.2.3", sop, "1.2.840", "1.2.840.10008.1.2.1")
-    entry = ledger.Entry(key=key, source=source, uids=uids)
-    return FileResult(key, entry, checksum=f"md5:{checksum}")
-
-
-def test_only_same_uid_different_bytes_is_ambiguous() -> None:
+def test_suspects_are_uids_stored_before_or_carried_with_other_bytes() -> None:
     results = [_result("a", "9.1", "x"), _result("b", "9.1", "y"), _result("c", "9.2", "x")]
-    results.append(_result("d", "9.2", "x"))
-    assert verify.ambiguous_in_batch(results) == {"a", "b"}
+    results += [_result("d", "9.2", "x"), _result("e", "9.3", "x")]
+    assert verify.suspects(results, before=set()) == {"9.1"}
+    assert verify.suspects(results, before={"9.3"}) == {"9.1", "9.3"}
+
+
+def test_successes_are_imported_unless_stored_before_or_earlier() -> None:
+    present = [_result("b", "9.1", "x"), _result("a", "9.1", "x"), _result("c", "9.2", "x")]
+    present += [_result("d", "9.3", "x"), _result("e", "9.4", "y")]
+    present[3].status = "conflict"
+    verify.name_successes(present, before={"9.2"}, earlier={("9.4", "md5:y"), ("9.1", "md5:z")})
+    by_key = {r.key: r.status for r in present}
+    # The lowest key of two identical files is the one imported; the UID stored before
+    # the import is a duplicate; an earlier overlapping batch imported e's bytes.
+    assert by_key == {
+        "a": "imported",
+        "b": "duplicate",
+        "c": "duplicate",
+        "d": "conflict",
+        "e": "duplicate",
+    }
+
+
+def test_counted_failures_need_counters() -> None:
+    assert verify.failures_counted(None) is None
+    assert verify.failures_counted({"done": True}) is None
+    assert verify.failures_counted({"counter": {"success": "3"}}) == 0
+    with_error = {"error": {"code": 2}, "counter": {"success": "3", "failure": "2"}}
+    assert verify.failures_counted(with_error) == 2
+
+
+def test_earlier_copies_come_from_earlier_open_batches_that_did_not_see_the_uid() -> None:
+    files = {
+        "20261125T125200Z": [_result("a", "9.1", "x").record, _result("b", "9.2", "x").record],
+        "20261125T125300Z": [_result("c", "9.3", "x").record],
+        "20261125T125500Z": [_result("d", "9.4", "x").record],
+    }
+    notes = {"20261125T125200Z": {"sops": ["9.2"]}, "20261125T125500Z": {"sops": []}}
+    note = {"open": sorted(files)}
+    found = verify.earlier_copies(files.__getitem__, notes.get, "20261125T125400Z", note)
+    # Not the one that saw 9.2 stored, not the one without a note yet, not the later one.
+    assert found == {("9.1", "md5:x")}
 
 
 def test_checksums_match_what_cloud_storage_reports() -> None:
@@ -97,8 +129,9 @@ def test_summary_counts_each_outcome() -> None:
     results = [_result("a", "1", "x"), _result("b", "2", "y"), _result("c", "3", "z")]
     results[0].status, results[1].status = "imported", "duplicate"
     results[2].status, results[2].reason = "failed", "not-in-store"
-    view = operations.view(op(done=True))
-    summary = manifests.build_summary("B", {"uri": "gs://s/batches/B/**.dcm"}, view, results, NOW)
+    record = {"operation": "ops/1", "counter": {"success": "7", "failure": "2"}}
+    queued = {"uri": "gs://s/batches/B/*.dcm", "window": "B"}
+    summary = manifests.build_summary("B", queued, record, results, 0, NOW)
     assert summary["counts"] == {
         "imported": 1,
         "duplicate": 1,
@@ -108,7 +141,7 @@ def test_summary_counts_each_outcome() -> None:
     }
     assert (summary["success"], summary["failure"]) == (2, 1)
     assert summary["operation"]["counter"] == {"success": 7, "failure": 2}
-    lines = manifests.ndjson(r.line("B", view.name) for r in results).splitlines()
+    lines = objects.ndjson(r.line("B", "ops/1") for r in results).splitlines()
     assert [line.count('"status"') for line in lines] == [1, 1, 1]
 
 
