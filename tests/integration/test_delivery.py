@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from cloudevents.http import from_http
 
+from dicomflow.events import decode_attributes
 from localcloud.delivery import Deliverer, pubsub_event, storage_event
 from localcloud.eventarc import BucketWatcher
 from localcloud.scheduler import Schedule, fire
@@ -72,7 +73,9 @@ def test_storage_event_is_a_binary_cloudevent_like_eventarc() -> None:
         "updated": "t",
     }
     event = storage_event("http://x/", resource)
-    parsed = from_http(event.headers, event.body)
+    # on the wire the subject is percent-encoded; the function side decodes it
+    assert event.headers["ce-subject"] == "objects/a%20b/%C3%BC.dcm"
+    parsed = decode_attributes(from_http(event.headers, event.body))
     assert parsed["type"] == "google.cloud.storage.object.v1.finalized"
     assert parsed["source"] == "//storage.googleapis.com/projects/_/buckets/land-x"
     assert parsed["subject"] == "objects/a b/ü.dcm"
