@@ -86,6 +86,7 @@ class Settings:
     backlog_seconds: int = 900
     alert_object_names: str = "hash"
     alert_sample_files: int = 10
+    sniff: bool = True
     ignored_prefixes: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
@@ -114,6 +115,11 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("STORAGE_EMULATOR_HOST", "unset", "Cloud Storage emulator URL (localcloud only)"),
     ("DICOMFLOW_INCLUDE_GLOBS", "*.dcm", "comma-separated name globs, case-insensitive"),
     ("DICOMFLOW_INCLUDE_PREFIXES", "(all)", "comma-separated landing prefixes to ingest"),
+    (
+        "DICOMFLOW_SNIFF",
+        "true",
+        "also ingest names no glob matches whose bytes 128-131 are DICM (one 4-byte read each)",
+    ),
     ("DICOMFLOW_MAX_EVENT_AGE_SECONDS", "90000", "older events are recorded and dropped"),
     (
         "DICOMFLOW_BATCH_WINDOW_SECONDS",
@@ -192,6 +198,21 @@ def _csv(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[s
     if raw is None:
         return default
     return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(name, f"{raw!r} is not a yes/no value", f"set {name}=true or {name}=false")
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -288,6 +309,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         storage_emulator_host=env.get("STORAGE_EMULATOR_HOST") or None,
         include_globs=_csv(env, "DICOMFLOW_INCLUDE_GLOBS", Settings.include_globs) or ("*",),
         include_prefixes=_csv(env, "DICOMFLOW_INCLUDE_PREFIXES", ()),
+        sniff=_bool(env, "DICOMFLOW_SNIFF", Settings.sniff),
         max_event_age_seconds=_int(
             env, "DICOMFLOW_MAX_EVENT_AGE_SECONDS", Settings.max_event_age_seconds, 1
         ),

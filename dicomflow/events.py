@@ -1,12 +1,21 @@
-"""The events ingest receives, decoded, and the filter that decides which objects to ingest."""
+"""The events ingest receives, decoded, and the filter that decides which objects to ingest.
+
+Binary-mode CloudEvents carry their attributes in ``ce-`` HTTP headers,
+percent-encoded (CloudEvents HTTP binding, section 3.1.3.2), and neither
+functions-framework nor the cloudevents SDK decodes them: ``decode_attributes``
+does, once per event, before anything reads ``subject``, ``id`` or ``time``.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from cloudevents.http import CloudEvent
 
 from dicomflow.config import Settings
 from dicomflow.errors import PermanentError
@@ -57,6 +66,29 @@ class StorageObject:
             content_type=optional["contentType"],
             time_created=parse_time(data.get("timeCreated")),
         )
+
+
+def decode_header_value(value: str) -> str:
+    """One round of percent-decoding of a ``ce-`` header value, read as UTF-8.
+
+    A value that does not decode to UTF-8 is returned as it came: it was not
+    encoded by the binding's rule, and the raw text is still the best reading of it.
+    """
+    if "%" not in value:
+        return value
+    try:
+        return urllib.parse.unquote(value, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        return value
+
+
+def decode_attributes(event: CloudEvent) -> CloudEvent:
+    """A copy of ``event`` whose string attributes are percent-decoded (data unchanged)."""
+    attributes = {
+        name: decode_header_value(value) if isinstance(value, str) else value
+        for name, value in event.get_attributes().items()
+    }
+    return CloudEvent(attributes, event.data)
 
 
 _DIGITS = re.compile(r"[0-9]{1,20}")

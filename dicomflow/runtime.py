@@ -28,6 +28,7 @@ from google.cloud import storage
 from dicomflow import log
 from dicomflow.config import Settings, load_settings
 from dicomflow.errors import ConfigError, PermanentError
+from dicomflow.events import decode_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def set_context(ctx: Context | None) -> None:
 
 def handle(function: str, event: CloudEvent) -> dict[str, Any]:
     """Route ``event`` to ``function`` and apply the retry rule."""
+    event = decode_attributes(event)
     ctx = context()
     module_name, _, attr = HANDLERS[function].partition(":")
     handler = getattr(importlib.import_module(module_name), attr)

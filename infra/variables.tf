@@ -224,6 +224,7 @@ variable "settings" {
     condition = alltrue([for name in keys(var.settings) : contains([
       "DICOMFLOW_INCLUDE_GLOBS",
       "DICOMFLOW_INCLUDE_PREFIXES",
+      "DICOMFLOW_SNIFF",
       "DICOMFLOW_MAX_EVENT_AGE_SECONDS",
       "DICOMFLOW_BATCH_WINDOW_SECONDS",
       "DICOMFLOW_BATCH_MAX_FILES",

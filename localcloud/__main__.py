@@ -138,7 +138,10 @@ def cmd_env(config: StackConfig, gcloud: bool) -> int:
 
 
 def cmd_status(config: StackConfig, as_json: bool) -> int:
+    from localcloud.delivery import count_dead_letters
+
     state = _state(config)
+    dead = count_dead_letters(config.dead_letter_path)
     rows = []
     for name, url in state["urls"].items():
         try:
@@ -151,7 +154,14 @@ def cmd_status(config: StackConfig, as_json: bool) -> int:
         rows.append({"service": name, "url": url, "up": up})
     if as_json:
         print(
-            json.dumps({"pid": state["pid"], "pubsubKind": state["pubsubKind"], "services": rows})
+            json.dumps(
+                {
+                    "pid": state["pid"],
+                    "pubsubKind": state["pubsubKind"],
+                    "services": rows,
+                    "deadLetters": dead,
+                }
+            )
         )
     else:
         print(
@@ -159,6 +169,8 @@ def cmd_status(config: StackConfig, as_json: bool) -> int:
         )
         for row in rows:
             print(f"  {row['service']:<11} {'up  ' if row['up'] else 'DOWN'} {row['url']}")
+        where = f" (kept in {config.dead_letter_path})" if dead else ""
+        print(f"  dead letters: {dead} event(s) delivery gave up on{where}")
     return 0 if all(r["up"] for r in rows) else 1
 
 

@@ -1,10 +1,21 @@
 """At-least-once HTTP delivery of binary-mode CloudEvents, as Eventarc does.
 
 ``Deliverer`` owns a small pool of worker threads. Each event is POSTed until
-the target answers 2xx; 5xx, 429, timeouts and connection errors are retried
-with capped exponential backoff. An event is only given up after ``max_age``
-seconds, and then it is written to a dead-letter file and logged as an error,
-never dropped silently.
+the target answers 2xx; 5xx, 429, timeouts, connection errors and any other
+exception of the send are retried with capped exponential backoff, so no event
+can stop a worker. An event is only given up after ``max_age`` seconds, and
+then it is kept as a dead letter (as an Eventarc trigger with a dead-letter
+topic keeps it) and logged as an error, never dropped silently.
+
+Dead letters are JSON lines ``{"headers": {...}, "body": "..."}`` appended to
+the ``dead_letter`` file (``<LOCALCLOUD_HOME>/dead-letter.ndjson`` in the
+stack); ``count_dead_letters(path)`` counts them for ``localcloud status``.
+The file holds object names, like the messages of a dead-letter topic; logs
+never do.
+
+Header values go out percent-encoded as the CloudEvents HTTP binding requires
+(section 3.1.3.2): an object name may hold any Unicode character, and HTTP
+headers carry Latin-1 at most.
 """
 
 from __future__ import annotations
@@ -40,6 +51,39 @@ class Event:
     body: bytes
     first_try: float = field(default_factory=time.monotonic)
     attempts: int = 0
+    settled: bool = False
+
+
+def encode_header_value(value: str) -> str:
+    """Percent-encode ``value`` for a ``ce-`` header (CloudEvents HTTP binding, 3.1.3.2).
+
+    Space, double-quote, percent and every character outside printable ASCII
+    (U+0021-U+007E) become the percent-escapes of their UTF-8 bytes.
+    """
+    return "".join(
+        char if "!" <= char <= "~" and char not in _ESCAPED else _escape(char) for char in value
+    )
+
+
+_ESCAPED = frozenset('"%')
+
+
+def _escape(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+
+
+def binary_headers(attributes: dict[str, str]) -> dict[str, str]:
+    """The HTTP headers of a binary-mode CloudEvent: ``ce-<name>``, values percent-encoded."""
+    return {f"ce-{name}": encode_header_value(value) for name, value in attributes.items()}
+
+
+def count_dead_letters(path: Path) -> int:
+    """How many events were dead-lettered into ``path`` (0 when it does not exist)."""
+    try:
+        with path.open("rb") as lines:
+            return sum(1 for line in lines if line.strip())
+    except FileNotFoundError:
+        return 0
 
 
 def rfc3339(moment: datetime) -> str:
@@ -58,15 +102,17 @@ def storage_event(target: str, resource: dict[str, Any]) -> Event:
             data[key] = str(data[key])
     bucket, name = data["bucket"], data["name"]
     event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"gs://{bucket}/{name}#{data.get('generation')}")
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-type": STORAGE_FINALIZED,
-        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
-        "ce-subject": f"objects/{name}",
-        "ce-id": str(event_id.int % 10**16),
-        "ce-time": data.get("updated") or rfc3339(datetime.now(UTC)),
-        "Content-Type": "application/json",
-    }
+    headers = binary_headers(
+        {
+            "specversion": "1.0",
+            "type": STORAGE_FINALIZED,
+            "source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+            "subject": f"objects/{name}",
+            "id": str(event_id.int % 10**16),
+            "time": data.get("updated") or rfc3339(datetime.now(UTC)),
+        }
+    )
+    headers["Content-Type"] = "application/json"
     return Event(target, headers, json.dumps(data).encode())
 
 
@@ -86,14 +132,16 @@ def pubsub_event(
         },
     }
     project, _, topic_id = topic.removeprefix("projects/").partition("/topics/")
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-type": PUBSUB_PUBLISHED,
-        "ce-source": f"//pubsub.googleapis.com/projects/{project}/topics/{topic_id}",
-        "ce-id": message_id,
-        "ce-time": published,
-        "Content-Type": "application/json",
-    }
+    headers = binary_headers(
+        {
+            "specversion": "1.0",
+            "type": PUBSUB_PUBLISHED,
+            "source": f"//pubsub.googleapis.com/projects/{project}/topics/{topic_id}",
+            "id": message_id,
+            "time": published,
+        }
+    )
+    headers["Content-Type"] = "application/json"
     return Event(target, headers, json.dumps(data).encode())
 
 
@@ -159,11 +207,19 @@ class Deliverer:
         if pending:
             logger.warning("stopped with events undelivered", extra=log.fields(pending=pending))
 
-    def _done(self) -> None:
+    def _done(self, event: Event) -> None:
         with self._idle:
+            # Once per event, even when a worker error settles it a second time.
+            if event.settled:
+                return
+            event.settled = True
             self._pending -= 1
             if not self._pending:
                 self._idle.notify_all()
+
+    def alive_workers(self) -> int:
+        """How many worker threads are running (all of them until ``stop``)."""
+        return sum(thread.is_alive() for thread in self._threads)
 
     def _work(self) -> None:
         session = requests.Session()
@@ -172,21 +228,33 @@ class Deliverer:
             if event is None or self._stop.is_set():
                 session.close()
                 return
-            event.attempts += 1
             try:
-                response = session.post(
-                    event.target, data=event.body, headers=event.headers, timeout=self._timeout
-                )
-                status: int | str = response.status_code
-                ok = 200 <= response.status_code < 300
-            except requests.RequestException as exc:
-                status, ok = type(exc).__name__, False
-            if ok:
-                with self._lock:
-                    self.delivered += 1
-                self._done()
-            else:
-                self._retry(event, status)
+                self._attempt(session, event)
+            except Exception as exc:
+                # Only a bug here gets this far (_attempt handles the send's errors). The
+                # worker must outlive it and the event must still end somewhere: it is kept
+                # as a dead letter rather than retried, since a retry would meet the same bug.
+                self._give_up(event, f"worker error {type(exc).__name__}", log.fields())
+
+    def _attempt(self, session: requests.Session, event: Event) -> None:
+        event.attempts += 1
+        try:
+            response = session.post(
+                event.target, data=event.body, headers=event.headers, timeout=self._timeout
+            )
+            status: int | str = response.status_code
+            ok = 200 <= response.status_code < 300
+        except Exception as exc:
+            # Not only requests' errors: a header the HTTP client cannot encode raises
+            # UnicodeEncodeError, for one. Each is a failed attempt, retried like a 5xx.
+            # Its text may quote a header (an object name), so only its type is logged.
+            status, ok = type(exc).__name__, False
+        if ok:
+            with self._lock:
+                self.delivered += 1
+            self._done(event)
+        else:
+            self._retry(event, status)
 
     def _retry(self, event: Event, status: int | str) -> None:
         with self._lock:
@@ -199,20 +267,12 @@ class Deliverer:
             attempt=event.attempts,
         )
         if age > self._max_age or self._stop.is_set():
-            with self._lock:
-                self.dead += 1
             why = (
                 "delivery stopped"
                 if self._stop.is_set()
                 else f"no success in {self._max_age:.0f} s"
             )
-            logger.error("event dead-lettered: %s", why, extra=fields)
-            if self._dead_letter is not None:
-                with self._dead_letter.open("a") as out:
-                    out.write(
-                        json.dumps({"headers": event.headers, "body": event.body.decode()}) + "\n"
-                    )
-            self._done()
+            self._give_up(event, why, fields)
             return
         delay = min(self._max_backoff, 0.2 * 2 ** (event.attempts - 1))
         logger.warning("delivery failed; retrying in %.1f s", delay, extra=fields)
@@ -221,6 +281,24 @@ class Deliverer:
         with self._lock:
             self._retry_timers.add(timer)
         timer.start()
+
+    def _give_up(self, event: Event, why: str, fields: dict[str, Any]) -> None:
+        """Keep ``event`` as a dead letter; never raises, so no worker dies of it."""
+        try:
+            with self._lock:
+                if event.settled:
+                    return
+                self.dead += 1
+            logger.error("event dead-lettered: %s", why, extra=fields)
+            if self._dead_letter is not None:
+                record = {"headers": event.headers, "body": event.body.decode("utf-8", "replace")}
+                line = json.dumps(record, ensure_ascii=False) + "\n"
+                with self._lock, self._dead_letter.open("a", encoding="utf-8") as out:
+                    out.write(line)
+        except Exception as exc:
+            logger.error("dead letter not written", extra=log.fields(errorType=type(exc).__name__))
+        finally:
+            self._done(event)
 
     def _requeue(self, event: Event) -> None:
         with self._lock:

@@ -138,6 +138,11 @@ class StackConfig:
         )
 
     @property
+    def dead_letter_path(self) -> Path:
+        """Where event delivery keeps the events it gave up on (see ``localcloud.delivery``)."""
+        return self.home / "dead-letter.ndjson"
+
+    @property
     def store_name(self) -> str:
         return (
             f"projects/{self.project}/locations/{self.location}/datasets/{self.dataset}"
@@ -308,7 +313,7 @@ class Stack:
         for function in FUNCTIONS:
             self._wait(function, self.urls[function])
 
-        self.deliverer = Deliverer(dead_letter=cfg.home / "dead-letter.ndjson")
+        self.deliverer = Deliverer(dead_letter=cfg.dead_letter_path)
         self._watch_client = self._storage.client()
         self.watcher = BucketWatcher(
             self._watch_client,

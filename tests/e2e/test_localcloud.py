@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -130,6 +131,8 @@ def test_uploads_reach_the_function_as_finalize_cloudevents(
         assert attrs["type"] == "google.cloud.storage.object.v1.finalized"
         assert attrs["source"] == f"//storage.googleapis.com/projects/_/buckets/{bucket.name}"
         assert attrs["subject"] == f"objects/{name}"
+        # on the wire, percent-encoded as the CloudEvents HTTP binding requires
+        assert event["wireSubject"] == "objects/" + quote(name, safe="/")
         assert attrs["specversion"] == "1.0" and attrs["id"] and attrs["time"]
         assert data["bucket"] == bucket.name and data["generation"] == uploaded[name]
         assert isinstance(data["size"], str) and int(data["size"]) > 0

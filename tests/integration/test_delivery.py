@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import functions_framework
 import pytest
 from cloudevents.http import from_http
+from werkzeug.serving import make_server
 
-from localcloud.delivery import Deliverer, pubsub_event, storage_event
+from dicomflow.events import decode_attributes
+from localcloud import __main__ as localcloud_cli
+from localcloud.delivery import Deliverer, Event, count_dead_letters, pubsub_event, storage_event
 from localcloud.eventarc import BucketWatcher
 from localcloud.scheduler import Schedule, fire
+from localcloud.stack import StackConfig
 from localcloud.storage import StorageServer
 
 
@@ -72,7 +80,9 @@ def test_storage_event_is_a_binary_cloudevent_like_eventarc() -> None:
         "updated": "t",
     }
     event = storage_event("http://x/", resource)
-    parsed = from_http(event.headers, event.body)
+    # on the wire the subject is percent-encoded; the function side decodes it
+    assert event.headers["ce-subject"] == "objects/a%20b/%C3%BC.dcm"
+    parsed = decode_attributes(from_http(event.headers, event.body))
     assert parsed["type"] == "google.cloud.storage.object.v1.finalized"
     assert parsed["source"] == "//storage.googleapis.com/projects/_/buckets/land-x"
     assert parsed["subject"] == "objects/a b/ü.dcm"
@@ -171,3 +181,111 @@ def test_schedule_fires_one_tick_per_target(recorder: Recorder) -> None:
         deliverer.stop()
     subs = sorted(from_http(h, b).data["subscription"] for h, b in recorder.requests)
     assert subs == ["projects/p/subscriptions/tick-ingest", "projects/p/subscriptions/tick-report"]
+
+
+# Names imaging folders and users really produce, and every character that a header, a URL
+# or a percent-decoder could get wrong.
+NASTY_NAMES = [
+    "edge/ünïcødé 名前.dcm",
+    "latin/café résumé.dcm",
+    "latin/Ångström ÿ ß.dcm",
+    "cjk/患者/画像 001.dcm",
+    "cjk/환자 영상.dcm",
+    "cjk/カルテ.dcm",
+    "emoji/🩻 scan.dcm",
+    "emoji/😀😀 👩‍⚕️.dcm",
+    "space/a b  c .dcm",
+    "hash/#1#.dcm",
+    "query/what?now=1&x=2.dcm",
+    "percent/100%.dcm",
+    "percent/%41%2F%zz%.dcm",
+    "plus/a+b+c.dcm",
+    'quote/say "hi".dcm',
+    "mixed/é 名 😀 # ? % +.dcm",
+    "cyrillic/пациент.dcm",
+    "arabic/مريض.dcm",
+    "greek/ασθενής.dcm",
+    "combining/e\u0301 vs \u00e9.dcm",
+]
+TARGET_SOURCE = str(Path(__file__).resolve().parent / "functions" / "delivery_target.py")
+
+
+@pytest.fixture
+def function_target() -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """functions-framework serving delivery_target.record on a free loopback port."""
+    app = functions_framework.create_app("record", TARGET_SOURCE, "cloudevent")
+    received: list[tuple[str, str]] = sys.modules["delivery_target"].received
+    received.clear()
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}/", received
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+def test_any_object_name_reaches_the_function_and_no_worker_dies(
+    function_target: tuple[str, list[tuple[str, str]]], tmp_path: Path
+) -> None:
+    """20 nasty names are delivered and decode to the exact name; events whose raw headers
+    no HTTP client can send (more of them than there are workers) are dead-lettered."""
+    url, received = function_target
+    assert len(NASTY_NAMES) == 20
+    dead = tmp_path / "dead.ndjson"
+    deliverer = Deliverer(workers=8, max_age=1.0, max_backoff=0.1, dead_letter=dead)
+    unsendable = 9
+    try:
+        for generation, name in enumerate(NASTY_NAMES, 1):
+            deliverer.submit(
+                storage_event(url, {"bucket": "land", "name": name, "generation": generation})
+            )
+        for i in range(unsendable):
+            good = storage_event(url, {"bucket": "land", "name": f"raw/{i}", "generation": 1})
+            # Headers sent unencoded, as before the binding's rule: the HTTP client raises.
+            raw = {**good.headers, "ce-subject": f"objects/raw/名前 {i}"}
+            deliverer.submit(Event(url, raw, good.body))
+        assert deliverer.wait_idle(120)
+        assert deliverer.alive_workers() == 8
+    finally:
+        deliverer.stop()
+    assert deliverer.delivered == len(NASTY_NAMES)
+    assert deliverer.dead == unsendable
+    assert count_dead_letters(dead) == unsendable
+    assert sorted(received) == sorted((f"objects/{name}", name) for name in NASTY_NAMES)
+
+
+def test_dead_letters_show_in_localcloud_status(
+    recorder: Recorder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    os.environ["LOCALCLOUD_HOME"] = str(home)
+    config = StackConfig.from_env()
+    # what a running stack writes; the recorder stands in for its services
+    state = {"pid": os.getpid(), "pubsubKind": "fallback", "urls": {"ingest": recorder.url}}
+    (home / "state.json").write_text(json.dumps({**state, "home": str(home)}))
+
+    assert localcloud_cli.main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deadLetters"] == 0
+
+    recorder.fail_first, recorder.status = 10**6, 500
+    deliverer = Deliverer(
+        workers=2, max_age=0.3, max_backoff=0.05, dead_letter=config.dead_letter_path
+    )
+    try:
+        for i in range(3):
+            deliverer.submit(
+                storage_event(recorder.url, {"bucket": "b", "name": f"lost/{i}", "generation": 1})
+            )
+        assert deliverer.wait_idle(30)
+    finally:
+        deliverer.stop()
+
+    assert localcloud_cli.main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deadLetters"] == 3
+    assert localcloud_cli.main(["status"]) == 0
+    text = capsys.readouterr().out
+    assert "dead letters: 3" in text
+    assert "lost/" not in text  # the count only, never the names
