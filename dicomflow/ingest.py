@@ -52,9 +52,9 @@ from dicomflow.events import (
     StorageObject,
     is_too_old,
     parse_time,
-    skip_reason,
 )
 from dicomflow.runtime import Context
+from dicomflow.sniff import sniffed_skip_reason
 from dicomflow.staging import (
     FileRecord,
     dropped_name,
@@ -110,7 +110,7 @@ def ingest_object(
     settings = ctx.settings
     label = alerts.object_label(settings, obj.bucket, obj.name)
     key = file_key(obj.bucket, obj.name, obj.generation)
-    skipped = skip_reason(settings, obj)
+    skipped = sniffed_skip_reason(settings, ctx.storage, obj)
     if skipped:
         logger.info(
             "skipped", extra=log.fields(eventId=event_id, object=label, key=key, reason=skipped)

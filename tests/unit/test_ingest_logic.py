@@ -354,9 +354,20 @@ def test_windows_batches_and_import_uris() -> None:
     assert staging.import_uri("stage", "20261125T125300Z") == (
         "gs://stage/batches/20261125T125300Z/*.dcm"
     )
-    window = "20261125T125300Z"
-    assert not batches.is_due(window, datetime(2026, 11, 25, 12, 54, 9, tzinfo=UTC), 60, 10)
-    assert batches.is_due(window, datetime(2026, 11, 25, 12, 54, 10, tzinfo=UTC), 60, 10)
+    settings = make_settings(
+        "landing",
+        "staging",
+        DICOMFLOW_SEAL_GRACE_SECONDS="10",
+        DICOMFLOW_LATE_WINDOW_SECONDS="600",
+    )
+    sealed = datetime(2026, 11, 25, 12, 54, 10, tzinfo=UTC)
+    assert staging.seal_time("20261125T125300Z", settings) == sealed
+    # A late window is longer: its start plus late_window_seconds, plus the grace.
+    late = staging.late_window_id(datetime(2026, 11, 25, 12, 57, 1, tzinfo=UTC), 600)
+    assert late == "20261125T125000L"
+    assert staging.parse_window(late) == datetime(2026, 11, 25, 12, 50, tzinfo=UTC)
+    assert staging.seal_time(late, settings) == datetime(2026, 11, 25, 13, 0, 10, tzinfo=UTC)
+    assert staging.parse_batch(f"{late}-01") == (late, "01")
 
 
 def test_a_copy_has_half_the_grace_to_land() -> None:
