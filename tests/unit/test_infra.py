@@ -309,9 +309,9 @@ def check_buckets(cfg: Config) -> list[str]:
                 and condition.get("matches_prefix") == claims
                 and "var.staging_copy_retention_days" in str(condition.get("age"))
             )
-            if action == "Delete" and condition.get("with_state") != "ARCHIVED":
-                if not expires_claims:
-                    problems.append(f"a lifecycle rule of {name} can delete live objects")
+            live = condition.get("with_state") != "ARCHIVED"
+            if action == "Delete" and live and not expires_claims:
+                problems.append(f"a lifecycle rule of {name} can delete live objects")
             if action not in ("Delete", "AbortIncompleteMultipartUpload"):
                 problems.append(f"a lifecycle rule of {name} does {action}")
     return problems
