@@ -8,7 +8,7 @@ that share of requests itself with 429 or 503 in Google's JSON error shape
 no effect, so a retry is always safe.
 
 With ``after_fault_rate`` > 0 it also lets that share of writes (POST, PUT,
-PATCH, DELETE) take effect upstream and then answers 503, as when a response
+PATCH, DELETE) that succeed upstream take effect and then answers 503, as when a response
 is lost on the way back: the retry meets the client's own write (a 412 on a
 create-if-absent, a 404 on a delete). Those are counted in ``after_faults``,
 apart from ``faults``.
@@ -193,8 +193,9 @@ class FaultProxy(LoopbackProxy):
                 return self._random.choice(self.fault_statuses)
             return None
 
-    def _lose_response(self, method: str, operation: str) -> bool:
-        if method not in _WRITES:
+    def _lose_response(self, method: str, operation: str, status: int) -> bool:
+        # Only a write that took effect has an answer worth losing.
+        if method not in _WRITES or not 200 <= status < 300:
             return False
         with self._lock:
             # No draw at rate 0, so the before-forwarding faults keep their seeded sequence.
@@ -215,7 +216,7 @@ class FaultProxy(LoopbackProxy):
             self._answered(operation, status)
             return google_error(status, "injected by the fault proxy")
         reply = super().handle(request, upstream)
-        if self._lose_response(request.method, operation):
+        if self._lose_response(request.method, operation, reply.status):
             self._answered(operation, 503)
             return google_error(503, "injected by the fault proxy after the write took effect")
         self._answered(operation, reply.status)

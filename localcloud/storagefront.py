@@ -159,7 +159,8 @@ def _body_name(request: Request) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _is_last_chunk(request: Request) -> bool:
+def is_last_chunk(request: Request) -> bool:
+    """Whether a resumable upload's PUT completes the upload."""
     # "bytes 0-99/100" and "bytes */100" finish an upload; "bytes 0-99/*" does not.
     content_range = request.header("Content-Range")
     if content_range is None:
@@ -295,7 +296,7 @@ class StorageFront(LoopbackProxy):
         if upload_id is not None:
             with self._guard:
                 session = self._sessions.get(upload_id)
-            if session is None or request.method != "PUT" or not _is_last_chunk(request):
+            if session is None or request.method != "PUT" or not is_last_chunk(request):
                 return None
             return _Operation("finalize", session.target, session.conditions, upload_id=upload_id)
         if request.method != "POST":
@@ -350,6 +351,13 @@ class StorageFront(LoopbackProxy):
         reply = self._forward(request, upstream)
         if not 200 <= reply.status < 300:
             return reply
+        if operation.kind == "patch":
+            # fake-gcs-server answers a patch with a partial resource (no kind, no
+            # metageneration, no timeCreated); Cloud Storage answers with the whole object.
+            host = [("Host", value) for value in [request.header("Host")] if value]
+            fresh = upstream.send("GET", _object_path(*operation.target), host)
+            if fresh.status == 200:
+                reply = Reply(reply.status, reply.reason, fresh.headers, fresh.body)
         with self._guard:
             if operation.kind == "patch" and live is not None and live != ABSENT:
                 self._metagenerations[operation.target] = (
