@@ -23,7 +23,9 @@ starts, checked then and when the last chunk completes the upload), rewrite
 and copy (of the destination, plus ``ifSource...`` and ``sourceGeneration``
 of the source), compose (plus each source's ``objectPreconditions``), delete,
 metadata patch and update, and reads. A generation of 0 means "no live
-version".
+version". A delete or patch of a ``generation`` that is not the live one
+answers 404, as in a bucket without versioning (fake-gcs-server would
+delete the live version).
 
 fake-gcs-server leaves an object's metageneration at 1 when its metadata
 changes, so the front counts metadata changes itself, per object generation,
@@ -121,6 +123,8 @@ class _Operation:
     # compose: (source, its ifGenerationMatch)
     parts: list[tuple[ObjectKey, int]] = field(default_factory=list)
     upload_id: str | None = None
+    # delete and patch: the version asked for (fake-gcs-server deletes the live one regardless)
+    generation: int | None = None
 
     @property
     def creates(self) -> bool:
@@ -282,10 +286,12 @@ class StorageFront(LoopbackProxy):
             return _Operation("compose", target, conditions, parts=_compose_parts(request))
         if len(parts) != 3:
             return None
+        generation = request.param("generation")
+        version = int(generation) if generation and generation.isdigit() else None
         if method == "DELETE":
-            return _Operation("delete", target, conditions)
+            return _Operation("delete", target, conditions, generation=version)
         if method in ("PATCH", "PUT"):
-            return _Operation("patch", target, conditions)
+            return _Operation("patch", target, conditions, generation=version)
         return None
 
     def _parse_upload(self, request: Request, conditions: dict[str, int]) -> _Operation | None:
@@ -325,10 +331,12 @@ class StorageFront(LoopbackProxy):
 
     def _guarded(self, operation: _Operation, request: Request, upstream: Upstream) -> Reply:
         live: Live | None = None
-        if operation.conditions or operation.kind == "patch":
+        if operation.conditions or operation.kind == "patch" or operation.generation is not None:
             live = self._live(upstream, operation.target)
             if live is None:
                 return self._forward(request, upstream)
+            if operation.generation not in (None, live.generation):
+                return google_error(404, "No such object: " + "/".join(operation.target))
             if live != ABSENT or operation.creates:
                 failed = failed_condition(operation.conditions, live)
                 if failed is not None:

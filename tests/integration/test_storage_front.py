@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from google.api_core.exceptions import PreconditionFailed, ServiceUnavailable
+from google.api_core.exceptions import NotFound, PreconditionFailed, ServiceUnavailable
 from google.cloud import storage
 
 from localcloud.faultproxy import FaultProxy
@@ -69,6 +69,15 @@ def test_a_delete_with_a_stale_generation_meets_412_and_the_object_stays(
     assert bucket.blob("keep.txt").download_as_bytes() == b"two"
     bucket.blob("keep.txt").delete(if_generation_match=blob.generation)
     assert not bucket.blob("keep.txt").exists()
+
+
+def test_a_delete_of_a_generation_that_is_not_live_is_not_found(bucket: storage.Bucket) -> None:
+    old = bucket.blob("v")
+    old.upload_from_string(b"one")
+    bucket.blob("v").upload_from_string(b"two")
+    with pytest.raises(NotFound):
+        bucket.blob("v", generation=old.generation).delete()
+    assert bucket.blob("v").download_as_bytes() == b"two"
 
 
 def test_a_create_if_absent_rewrite_onto_an_existing_object_meets_412(
