@@ -182,11 +182,15 @@ class LoopbackProxy:
         self._thread.start()
         return self
 
+    def serve(self) -> None:
+        """Serve in the calling thread until ``stop`` (or the process ends)."""
+        self._server.serve_forever()
+
     def stop(self) -> None:
         if self._thread.is_alive():
             self._server.shutdown()
+            self._thread.join(timeout=5)
         self._server.server_close()
-        self._thread.join(timeout=5)
 
     def handle(self, request: Request, upstream: Upstream) -> Reply:
         """Answer one request; the default forwards it unchanged."""

@@ -35,7 +35,10 @@ in memory: a restarted front reports 1 again.
 
 from __future__ import annotations
 
+import argparse
 import json
+import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -439,3 +442,21 @@ def _compose_parts(request: Request) -> list[tuple[ObjectKey, int]]:
         if isinstance(source.get("name"), str) and want is not None:
             found.append(((bucket, source["name"]), int(want)))
     return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m localcloud.storagefront --upstream URL --port N``: serve until killed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--upstream", required=True, help="fake-gcs-server, http://HOST:PORT")
+    parser.add_argument("--port", type=int, default=0, help="the port clients use")
+    args = parser.parse_args(argv)
+    front = StorageFront(args.upstream, args.port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        front.serve()
+    finally:
+        front.stop()
+
+
+if __name__ == "__main__":
+    main()
