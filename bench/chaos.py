@@ -5,7 +5,8 @@ See ``localcloud.chaos`` for the scenario. Prints the result and writes
 10 to 30 minutes here) or ``chaos.json`` (smaller M; ``make bench`` runs 200); exits 1
 when an invariant is broken.
 
-Usage: ``python bench/chaos.py [--files M] [--seed S] [--kill-interval SECONDS]``.
+Usage: ``python bench/chaos.py [--files M] [--seed S] [--kill-interval SECONDS]
+[--fault-rate R] [--after-fault-rate R]``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kill-interval", type=float, default=6.0)
     parser.add_argument("--fault-rate", type=float, default=0.1)
+    parser.add_argument(
+        "--after-fault-rate",
+        type=float,
+        default=0.1,
+        help="share of Storage writes that take effect and are then answered with 503",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
 
@@ -56,6 +63,7 @@ def main() -> int:
             home,
             seed=args.seed,
             fault_rate=args.fault_rate,
+            after_fault_rate=args.after_fault_rate,
             kill_interval=args.kill_interval,
             settle_timeout=args.timeout,
         )
@@ -66,6 +74,7 @@ def main() -> int:
         "files": result.uploads,
         "broken": result.broken,
         "faultRate": args.fault_rate,
+        "afterFaultRate": args.after_fault_rate,
         "killIntervalSeconds": args.kill_interval,
         "seconds": seconds,
         "ok": result.ok,

@@ -9,6 +9,9 @@
 - fails 10 % of the functions' Cloud Storage calls with 429 or 503 (the
   fault proxy) and 10 % of their Healthcare calls (the emulator's knobs:
   429 on import, 503 or 429 on the others);
+- lets 10 % of the functions' Cloud Storage writes take effect and then
+  answers them with 503 (``after_fault_rate``: the response is lost, so the
+  retry meets the function's own write);
 - kills the ingest or the report function with SIGKILL at random moments and
   starts it again.
 
@@ -286,6 +289,7 @@ def run_chaos(
     *,
     seed: int = 1,
     fault_rate: float = 0.1,
+    after_fault_rate: float = 0.1,
     kill_interval: float = 6.0,
     operation_latency: float = 1.0,
     max_concurrent_ops: int = 5,
@@ -299,7 +303,8 @@ def run_chaos(
 
     ``max_backoff`` caps the event redelivery backoff (seconds); ``import_restart_seconds``
     scales dicomflow's crash-repair delay (the DICOMFLOW_IMPORT_RESTART_SECONDS setting;
-    None: the default 300 s).
+    None: the default 300 s). ``after_fault_rate`` is the share of the functions' Storage
+    writes that take effect and are then answered with 503.
     """
     uploads = chaos_corpus(m, seed=seed)
     env = dict(CHAOS_FUNCTION_ENV)
@@ -331,6 +336,7 @@ def run_chaos(
         stack.watcher = watcher
         watcher.start()
         measured.storage_proxy.fault_rate = fault_rate
+        measured.storage_proxy.after_fault_rate = after_fault_rate
         if fault_rate:
             _set_knobs(
                 stack,
@@ -376,6 +382,7 @@ def run_chaos(
         )
         # Faults off; let the report tick publish what is due (quarantine windows close late).
         measured.storage_proxy.fault_rate = 0.0
+        measured.storage_proxy.after_fault_rate = 0.0
         _set_knobs(stack, {"faults": {}})
         alerts = measured.alerts()
         if wait_quarantine_alerts:
@@ -404,6 +411,7 @@ def run_chaos(
             deliveryFailures=deliverer.failed_attempts,
             storageCalls=sum(storage["counts"].values()),
             storageFaults=sum(storage["faults"].values()),
+            storageAfterFaults=sum(storage["after_faults"].values()),
             healthcareCalls=sum(healthcare["counts"].values()),
             healthcareFaultsOrQuota=sum(
                 v for k, v in healthcare["statuses"].items() if k.endswith((" 429", " 503"))

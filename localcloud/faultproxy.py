@@ -7,43 +7,35 @@ that share of requests itself with 429 or 503 in Google's JSON error shape
 *before* forwarding, as a throttling front end does: a refused request had
 no effect, so a retry is always safe.
 
+With ``after_fault_rate`` > 0 it also lets that share of writes (POST, PUT,
+PATCH, DELETE) that succeed upstream take effect and then answers 503, as when a response
+is lost on the way back: the retry meets the client's own write (a 412 on a
+create-if-absent, a 404 on a delete). Those are counted in ``after_faults``,
+apart from ``faults``.
+
 Point a client at ``proxy.url`` instead of the upstream (for the functions:
 ``STORAGE_EMULATOR_HOST`` or ``DICOMFLOW_HEALTHCARE_ENDPOINT``).
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import re
 import threading
 from collections import Counter
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
-from localcloud.ports import HOST
-
-_HOP_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-connection",
-    }
-)
-_STATUS_TEXT = {429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+from localcloud.proxy import LoopbackProxy, Reply, Request, Upstream, google_error
 
 
 def storage_operation(method: str, path: str, query: str) -> str:
     """A Cloud Storage JSON API request as an operation name (for counts and prices).
 
     Names: ``objects.insert``, ``objects.get`` (metadata), ``objects.download``,
-    ``objects.list``, ``objects.rewrite``, ``objects.copy``, ``objects.delete``,
+    ``objects.list``, ``objects.rewrite``, ``objects.copy``, ``objects.compose``,
+    ``objects.delete``,
     ``objects.patch``, ``buckets.*`` or ``other``.
     """
     params = parse_qs(query)
@@ -65,6 +57,8 @@ def storage_operation(method: str, path: str, query: str) -> str:
         return "objects.rewrite"
     if "/copyTo/" in joined:
         return "objects.copy"
+    if joined.endswith("/compose"):
+        return "objects.compose"
     if method == "GET":
         return "objects.download" if params.get("alt") == ["media"] else "objects.get"
     if method == "DELETE":
@@ -129,15 +123,10 @@ def healthcare_operation(method: str, path: str, query: str) -> str:
     return f"other.{method.lower()}"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # A client killed mid-request (chaos runs do that) resets its connection; not news.
-        pass
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-class FaultProxy:
+class FaultProxy(LoopbackProxy):
     """Forwards loopback HTTP to ``upstream``; counts requests and injects 429/503 faults."""
 
     def __init__(
@@ -148,45 +137,36 @@ class FaultProxy:
         fault_rate: float = 0.0,
         fault_statuses: tuple[int, ...] = (429, 503),
         seed: int | None = None,
+        after_fault_rate: float = 0.0,
     ) -> None:
-        parts = urlsplit(upstream)
-        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
-            raise ValueError(f"upstream must be http://HOST:PORT, got {upstream!r}")
-        self._upstream = (parts.hostname, parts.port)
+        super().__init__(upstream)
         self._classify = classify
         self._area = area
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self.fault_rate = fault_rate
         self.fault_statuses = fault_statuses
+        self.after_fault_rate = after_fault_rate
         self.counts: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
+        # Writes forwarded, then answered with 503 (``after_fault_rate``).
+        self.after_faults: Counter[str] = Counter()
         # "operation status" -> responses, injected ones included.
         self.statuses: Counter[str] = Counter()
         # "operation area" -> requests, when an ``area`` function is given (storage_area).
         self.areas: Counter[str] = Counter()
-        self._server = _Server((HOST, 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self._server.server_address[1]}"
 
     def start(self) -> FaultProxy:
-        self._thread.start()
+        super().start()
         return self
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
     def snapshot(self) -> dict[str, dict[str, int]]:
-        """Copies of ``counts``, ``faults`` and ``statuses``."""
+        """Copies of ``counts``, ``faults``, ``after_faults``, ``statuses`` and ``areas``."""
         with self._lock:
             return {
                 "counts": dict(self.counts),
                 "faults": dict(self.faults),
+                "after_faults": dict(self.after_faults),
                 "statuses": dict(self.statuses),
                 "areas": dict(self.areas),
             }
@@ -195,6 +175,7 @@ class FaultProxy:
         with self._lock:
             self.counts.clear()
             self.faults.clear()
+            self.after_faults.clear()
             self.statuses.clear()
             self.areas.clear()
 
@@ -212,77 +193,31 @@ class FaultProxy:
                 return self._random.choice(self.fault_statuses)
             return None
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
+    def _lose_response(self, method: str, operation: str, status: int) -> bool:
+        # Only a write that took effect has an answer worth losing.
+        if method not in _WRITES or not 200 <= status < 300:
+            return False
+        with self._lock:
+            # No draw at rate 0, so the before-forwarding faults keep their seeded sequence.
+            if self.after_fault_rate > 0 and self._random.random() < self.after_fault_rate:
+                self.after_faults[operation] += 1
+                return True
+            return False
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-            upstream: http.client.HTTPConnection | None = None
-
-            def finish(self) -> None:
-                super().finish()
-                if self.upstream is not None:
-                    self.upstream.close()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def _relay(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                parts = urlsplit(self.path)
-                operation = proxy._classify(self.command, parts.path, parts.query)
-                area = (
-                    proxy._area(self.command, parts.path, parts.query, body)
-                    if proxy._area
-                    else None
-                )
-                status = proxy._decide(operation, area)
-                if status is not None:
-                    proxy._answered(operation, status)
-                    payload = json.dumps(
-                        {
-                            "error": {
-                                "code": status,
-                                "message": "injected by the fault proxy",
-                                "status": _STATUS_TEXT.get(status, "UNKNOWN"),
-                            }
-                        }
-                    ).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-                for attempt in range(2):
-                    conn = self.upstream
-                    if conn is None:
-                        conn = self.upstream = http.client.HTTPConnection(
-                            *proxy._upstream, timeout=600
-                        )
-                    try:
-                        conn.request(self.command, self.path, body=body, headers=headers)
-                        response = conn.getresponse()
-                        data = response.read()
-                        break
-                    except (http.client.HTTPException, OSError):
-                        conn.close()
-                        self.upstream = None
-                        if attempt:
-                            raise
-                proxy._answered(operation, response.status)
-                self.send_response(response.status, response.reason)
-                for key, value in response.getheaders():
-                    if key.lower() not in _HOP_HEADERS and key.lower() != "content-length":
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _relay
-
-        return Handler
+    def handle(self, request: Request, upstream: Upstream) -> Reply:
+        operation = self._classify(request.method, request.path, request.query)
+        area = (
+            self._area(request.method, request.path, request.query, request.body)
+            if self._area
+            else None
+        )
+        status = self._decide(operation, area)
+        if status is not None:
+            self._answered(operation, status)
+            return google_error(status, "injected by the fault proxy")
+        reply = super().handle(request, upstream)
+        if self._lose_response(request.method, operation, reply.status):
+            self._answered(operation, 503)
+            return google_error(503, "injected by the fault proxy after the write took effect")
+        self._answered(operation, reply.status)
+        return reply

@@ -1,11 +1,13 @@
 """A measured local cloud for benchmarks and chaos runs.
 
 ``MeasuredStack`` starts the ordinary ``Stack`` with two ``FaultProxy``
-instances in the functions' path: one in front of fake-gcs-server (the
-functions' ``STORAGE_EMULATOR_HOST``) and one in front of the Healthcare
-emulator (their ``DICOMFLOW_HEALTHCARE_ENDPOINT``). The proxies count every
-call the functions make and can inject faults. The bucket watcher, the
-scheduler and the harness itself talk to the services directly, so they
+instances in the functions' path: one in front of Cloud Storage (the
+functions' ``STORAGE_EMULATOR_HOST``; behind it the stack's storage front,
+which enforces preconditions, then fake-gcs-server) and one in front of the
+Healthcare emulator (their ``DICOMFLOW_HEALTHCARE_ENDPOINT``). The proxies
+count every call the functions make and can inject faults, before a request
+is forwarded or, for writes, after it took effect. The bucket watcher, the
+scheduler and the harness itself talk to the storage front directly, so they
 are neither counted nor faulted.
 
 Also here: reading a function process's CPU time and peak RSS from

