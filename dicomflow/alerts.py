@@ -62,10 +62,9 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from googleapiclient.errors import HttpError
 
-from dicomflow import log
+from dicomflow import log, objects
 from dicomflow.config import STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.lease import Lease, write
 
 logger = logging.getLogger(__name__)
 
@@ -316,18 +315,17 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
     """
     settings: Settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    lease = Lease(bucket.blob(marker_name(alert.alert_id)))
-    waited_until = time.monotonic() + lease_seconds
+    name = marker_name(alert.alert_id)
     try:
-        generation = _claim(ctx, alert, lease, lease_seconds, waited_until)
+        generation = _claim(ctx, alert, bucket, name, lease_seconds)
         if generation is None:
             return False
         try:
             message_id = _publish(ctx, settings, alert)
         except BaseException:
             # Let the next caller publish at once instead of waiting out the lease.
-            with contextlib.suppress(gexc.GoogleAPIError):
-                lease.blob.delete(if_generation_match=generation)
+            with contextlib.suppress(gexc.GoogleAPIError, TransientError):
+                objects.delete(bucket, name, generation)
             raise
         done = {
             "state": "published",
@@ -337,10 +335,8 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
             "publishedAt": _iso(ctx.clock()),
             "leaseUntil": _iso(ctx.clock()),
         }
-        # PreconditionFailed: our lease ran out and another caller took over; it
-        # publishes the same id.
-        with contextlib.suppress(gexc.PreconditionFailed):
-            write(lease.blob, done, generation)
+        # None: our lease ran out and another caller took over; it publishes the same id.
+        objects.swap(bucket, name, done, generation)
     except (gexc.TooManyRequests, gexc.ServerError) as exc:
         raise TransientError(f"alert marker {alert.alert_id}: {exc}") from exc
     logger.info(
@@ -352,10 +348,15 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
     return True
 
 
-def _claim(
-    ctx: Any, alert: Alert, lease: Lease, lease_seconds: float, wait_deadline: float
-) -> int | None:
-    """Own the marker and return its generation, or None when the alert is already out."""
+def _claim(ctx: Any, alert: Alert, bucket: Any, name: str, lease_seconds: float) -> int | None:
+    """Own the marker and return its generation, or None when the alert is already out.
+
+    The marker is a lease: created if absent, or taken over (compare-and-swap) once the
+    ``leaseUntil`` of a crashed publisher has passed, or once this call has waited a
+    whole lease for it. ``objects`` tells our own write from another's after a lost
+    response, so a retried write never waits out its own lease.
+    """
+    waited_until = time.monotonic() + lease_seconds
     while True:
         until = ctx.clock() + timedelta(seconds=lease_seconds)
         claim = {
@@ -364,21 +365,31 @@ def _claim(
             "kind": alert.kind,
             "leaseUntil": _iso(until),
         }
-        if not lease.load():
-            try:
-                return write(lease.blob, claim, 0)
-            except gexc.PreconditionFailed:
-                continue  # someone claimed it between our read and write: look again
-        if lease.state == "published":
+        found = objects.read(bucket, name)
+        if found is None:
+            created = objects.create(bucket, name, claim)
+            if created is not None:
+                return created
+            continue  # someone claimed it between our read and write: look again
+        doc, generation = found
+        if doc.get("state") == "published":
             return None
-        assert lease.lease_until is not None and lease.generation is not None
-        expired = lease.lease_until <= ctx.clock() or time.monotonic() > wait_deadline
-        if expired:
-            try:
-                return write(lease.blob, claim, lease.generation)
-            except gexc.PreconditionFailed:
-                continue
+        lease_until = _lease_until(doc)
+        if lease_until <= ctx.clock() or time.monotonic() > waited_until:
+            taken = objects.swap(bucket, name, claim, generation)
+            if taken is not None:
+                return taken
+            continue
         time.sleep(0.2)
+
+
+def _lease_until(doc: dict[str, Any]) -> datetime:
+    """The marker's ``leaseUntil``; an unreadable one counts as expired."""
+    try:
+        moment = datetime.fromisoformat(str(doc.get("leaseUntil")).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment if moment.tzinfo is not None else datetime.min.replace(tzinfo=UTC)
 
 
 def _publish(ctx: Any, settings: Settings, alert: Alert) -> str:

@@ -85,19 +85,19 @@ def _upload(
     return int(blob.generation or 0)
 
 
-def create(bucket: storage.Bucket, name: str, doc: Mapping[str, Any]) -> bool:
-    """Create ``name`` holding ``doc`` if absent; True when the stored object is ours.
+def create(bucket: storage.Bucket, name: str, doc: Mapping[str, Any]) -> int | None:
+    """Create ``name`` holding ``doc`` if absent; the generation written when the stored
+    object is ours, None when someone else's was there first.
 
     ``doc`` is stored with a fresh ``_token`` (it replaces any token in ``doc``).
     """
     token = uuid.uuid4().hex
     body = {**doc, TOKEN: token}
     try:
-        _upload(bucket, name, dumps(body), 0, "application/json")
+        return _upload(bucket, name, dumps(body), 0, "application/json")
     except gexc.PreconditionFailed:
         found = read(bucket, name)
-        return found is not None and found[0].get(TOKEN) == token
-    return True
+        return found[1] if found is not None and found[0].get(TOKEN) == token else None
 
 
 def swap(bucket: storage.Bucket, name: str, doc: Mapping[str, Any], generation: int) -> int | None:
