@@ -16,9 +16,11 @@ Split. A window over the batch caps is imported in parts by the leading key bits
 (``<window>/0*.dcm``, ``1*.dcm``, ``00*.dcm`` ...): the fewest equal-depth parts that
 each fit. Each part is a batch with its own ``state/open`` record.
 
-Which windows a tick looks at: the folders under ``batches/`` from a cursor (the
-oldest window not sealed, never later than ``LOOKBACK_SECONDS`` ago), and the seal
-markers from the same point: two listings, however long the history.
+Which windows a tick looks at: the folders under ``batches/`` from a cursor, and the
+seal markers from the same point: two listings, however long the history. The cursor
+is the oldest window left unsealed, but never later than the last tick's floor (now
+minus the longest window, the grace and ``LOOKBACK_SECONDS``): a window gets its first
+copy at most that long after it starts, so none is passed over, however long ticks stop.
 
 Import (``run_imports``, the ingest tick). The open batches are the queue, in id
 (time) order. A batch starts when one of K slot markers (``state/slots/<n>.json``,
@@ -105,8 +107,14 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     """Seal every due window that is not sealed; the batches they made."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    floor = window_id(now - timedelta(seconds=lookback_seconds(settings)), 1)
-    cursor = str((objects.read_json(bucket, SEAL_CURSOR) or {}).get("window") or floor)
+    # Aligned to the window length, so the cursor moves (one write) once a window.
+    floor = window_id(
+        now - timedelta(seconds=lookback_seconds(settings)), settings.batch_window_seconds
+    )
+    stored = (objects.read_json(bucket, SEAL_CURSOR) or {}).get("window")
+    cursor = str(stored or floor)
+    # From the earlier of the two: a window whose first copy landed since the last tick
+    # starts after that tick's floor, however long ago that tick ran.
     start = min(cursor, floor)
     windows = [
         w
@@ -128,7 +136,7 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
             continue
         made.extend(seal(ctx, window, now))
     target = min([floor, *waiting[:1]])
-    if target != cursor and target > cursor:
+    if stored is None or target > cursor:
         objects.write_text(
             bucket, SEAL_CURSOR, objects.dumps({"window": target}), "application/json"
         )

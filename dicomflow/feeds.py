@@ -110,7 +110,8 @@ def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
             reported.append(window)
         if now - begins > horizon(settings) and objects.exists(bucket, f"{feed.done}{window}.json"):
             done.add(window)
-    floor = window_id(now - horizon(settings), 1)
+    # Aligned to the window length, so the cursor moves (one write) once a window.
+    floor = window_id(now - horizon(settings), settings.batch_window_seconds)
     waiting = [w for w in found if w not in done]
     target = min([floor, *waiting[:1]])
     if target > cursor:

@@ -191,7 +191,7 @@ def _ingest(
         return _drop_late(ctx, record, "event-too-old", now)
     source = _source_blob(ctx, obj)
     try:
-        uids = header.check(_range_reader(source), obj.size)
+        uids = header.check(range_reader(source), obj.size)
     except header.Rejected as rejected:
         target = quarantine_name(record.home, key)
         bad = _with(record, reason=str(rejected))
@@ -267,7 +267,7 @@ def _source_blob(ctx: Context, obj: StorageObject) -> storage.Blob:
     return ctx.storage.bucket(obj.bucket).blob(obj.name, generation=int(obj.generation))
 
 
-def _range_reader(blob: storage.Blob) -> header.RangeReader:
+def range_reader(blob: storage.Blob) -> header.RangeReader:
     def read(start: int, end: int) -> bytes:
         data: bytes = retry.call(
             lambda: blob.download_as_bytes(start=start, end=end, checksum=None)

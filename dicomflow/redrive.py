@@ -16,10 +16,10 @@ that the old outcome is superseded::
   create-if-absent, so the file gets one new record. If that record fails again, the
   next re-drive starts from it (its own key), and the chain never repeats a key.
 - The copy goes through ``ingest.stage`` with ``via = "retry"``: like a late delivery
-  it claims ``state/late/<retry key>`` for the current window and copies there, and
-  the seal of that window lists it. A resume whose claim names a window already past
-  its copy deadline moves the claim to the current window first (compare-and-swap,
-  as ``batches.restage_stragglers`` does), so a copy never lands after its seal.
+  it claims ``state/late/<retry key>`` for the current late window and copies there,
+  and the seal of that window lists it. A resume whose claim names a window already
+  sealed without the file moves the claim to the current one (``ingest.late_window``),
+  so a copy never lands after its seal.
 - Source: the landing object's generation while it exists, else the copy the old
   outcome kept (``batches/<window>/<key>.dcm`` or ``quarantine/<window>/<key>.dcm``).
   Old copies are left to the lifecycle rule: a copy is the claim of its key, and a
@@ -37,13 +37,12 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from dicomflow import batches, header, ingest, log, objects, outcomes, retry
+from dicomflow import header, ingest, log, objects, outcomes, retry
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import DicomflowError
 from dicomflow.events import StorageObject, skip_reason
@@ -52,12 +51,9 @@ from dicomflow.staging import (
     FileRecord,
     file_key,
     iso,
-    late_name,
     parse_batch,
-    parse_window,
     quarantine_name,
     staged_name,
-    window_id,
 )
 from dicomflow.verify import CONFLICT, FAILED, pmap
 
@@ -209,16 +205,6 @@ def source_of(ctx: Any, outcome: Outcome) -> storage.Blob | None:
     return copy if _exists(copy) else None
 
 
-def _reader(blob: storage.Blob) -> header.RangeReader:
-    def read(start: int, end: int) -> bytes:
-        data: bytes = retry.call(
-            lambda: blob.download_as_bytes(start=start, end=end, checksum=None)
-        )
-        return data
-
-    return read
-
-
 def _old_window(outcome: Outcome) -> str | None:
     """Where status counts the old outcome: its batch's window, or its quarantine window."""
     if outcome.batch:
@@ -252,7 +238,7 @@ def redrive(ctx: Any, outcome: Outcome) -> Result:
         uids = {"study": record.study, "series": record.series, "sop": record.sop}
         if previous == outcomes.QUARANTINED or not record.sop:
             try:
-                found = header.check(_reader(source), record.size)
+                found = header.check(ingest.range_reader(source), record.size)
             except header.Rejected as rejected:
                 return Result(key, previous, STILL_REJECTED, previous, reason=rejected.code)
             except gexc.NotFound:
@@ -289,9 +275,6 @@ def _stage(
     """Copy the file under its retry key into the current window (create-if-absent)."""
     new_key = retry_key(record)
     now = ctx.clock()
-    listed = _listed_in(ctx, new_key, now)
-    if listed is not None:
-        return Result(outcome.key, outcome.status, ALREADY, "listed", new_key, listed)
     fresh = FileRecord(
         key=new_key,
         bucket=record.bucket,
@@ -312,6 +295,8 @@ def _stage(
         out = ingest.stage(ctx, source, fresh, now)
     except gexc.NotFound:
         return Result(outcome.key, outcome.status, SOURCE_MISSING, outcome.status, new_key)
+    if out.get("reason") == "listed-earlier":  # a window's file list holds the retry record
+        return Result(outcome.key, outcome.status, ALREADY, "listed", new_key)
     return Result(
         outcome.key,
         outcome.status,
@@ -321,32 +306,6 @@ def _stage(
         out.get("window"),
         out.get("reason"),
     )
-
-
-def _listed_in(ctx: Any, key: str, now: datetime) -> str | None:
-    """The window whose file list already holds ``key``, if its late claim names one.
-
-    A claim whose window is past its copy deadline without a copy there is moved to
-    the current window, so the copy ``ingest.stage`` makes next lands before a seal.
-    """
-    settings = ctx.settings
-    staging = ctx.storage.bucket(settings.staging_bucket)
-    claim = objects.read(staging, late_name(key))
-    if claim is None or claim[0].get("dropped"):
-        return None
-    window = str(claim[0].get("window"))
-    files = batches.read_files(staging, window)
-    if files is not None and any(r.key == key for r in files):
-        return window
-    if objects.exists(staging, staged_name(window, key)):
-        return None  # the copy is there; ingest.stage meets it (create-if-absent)
-    seal_at = parse_window(window) + timedelta(
-        seconds=settings.batch_window_seconds + settings.seal_grace_seconds
-    )
-    if now + timedelta(seconds=ingest.copy_deadline(settings)) >= seal_at:
-        current = window_id(now, settings.batch_window_seconds)
-        objects.swap(staging, late_name(key), {"window": current, "movedAt": iso(now)}, claim[1])
-    return None
 
 
 def redrive_all(

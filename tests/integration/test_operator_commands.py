@@ -77,9 +77,11 @@ class Pipeline:
         return self.outcomes()[key]
 
     def seal_and_import(self, timeout: float = 60.0) -> None:
-        """Seal every window that has copies and tick ingest until no import is running."""
+        """Seal every window that has copies (late windows too) and tick ingest until no
+        import is running."""
         settings = self.ctx.settings
-        self.clock.advance(settings.batch_window_seconds + settings.seal_grace_seconds + 1)
+        longest = max(settings.batch_window_seconds, settings.late_window_seconds)
+        self.clock.advance(longest + settings.seal_grace_seconds + 1)
         deadline = time.monotonic() + timeout
         while True:
             done = ingest.tick(self.ctx)
