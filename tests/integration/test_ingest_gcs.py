@@ -331,6 +331,18 @@ def test_the_later_seal_drops_a_late_copy_whose_home_list_holds_the_key(env: Env
     assert found[key].window == W0 and len(found) == 2
 
 
+def test_a_window_whose_first_copy_lands_while_ticks_stop_is_still_sealed(env: Env) -> None:
+    """The seal lists windows from the last tick's floor: a late window that got its
+    first copy after a tick, and started before the next tick's own floor, is found."""
+    assert batches.seal_due(env.ctx, env.clock()) == []  # 12:53:05
+    obj = env.upload("gap/a.dcm", make_instance())
+    env.at("12:54:30")
+    assert env.deliver(obj) == 200  # into L1
+    env.at("13:30:00")  # no tick for half an hour
+    assert batches.seal_due(env.ctx, env.clock()) == [L1]
+    assert [r.key for r in env.files(L1) or []] == [env.key(obj)]
+
+
 def test_the_later_seal_keeps_a_late_copy_whose_home_list_lacks_the_key(env: Env) -> None:
     obj = env.upload("late/a.dcm", make_instance())
     env.at("12:54:15")
