@@ -1,4 +1,5 @@
-"""Chaos benchmark: M uploads under faults, repeats, reordering and crashes; then the invariants.
+"""Chaos benchmark: M uploads (broken files, conflicting pairs) under faults, repeats,
+reordering and crashes; then the invariants.
 
 See ``localcloud.chaos`` for the scenario. Prints the result and writes
 ``bench/results/chaos_5000.json`` (M = 5,000, the default and acceptance size, about
@@ -39,7 +40,7 @@ def _count(problems: list[str], what: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kill-interval", type=float, default=6.0)
@@ -80,10 +81,12 @@ def main() -> int:
         "ok": result.ok,
         "problems": result.problems,
         # Files, not problem lines: each line starts with its count ("3 false alerts: ...").
-        "lost": _count(result.problems, "valid files missing from the store"),
-        "withoutLedgerEntry": _count(result.problems, "uploads without a ledger entry"),
-        "notFinal": _count(result.problems, "entries not final"),
+        # Lost: an upload with no final outcome.
+        "lost": _count(result.problems, "uploads without an outcome")
+        + _count(result.problems, "outcomes not final"),
+        "missingFromStore": _count(result.problems, "valid files missing from the store"),
         "falseAlerts": _count(result.problems, "false alerts"),
+        "revivals": len(result.stats.get("revived") or []),
         **result.stats,
     }
     print(json.dumps(out, indent=2))

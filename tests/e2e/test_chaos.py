@@ -2,8 +2,10 @@
 
 The same run as ``bench/chaos.py`` (see ``localcloud.chaos``), with M = 160,
 so that it fits the suite's time budget. It fails on any broken invariant:
-a valid file not in the store exactly once, a broken file not quarantined
-with its reason, an incomplete ledger, a dead-lettered event, a false alert.
+a valid file not in the store exactly once, a conflicting pair without one
+imported file and one alerted conflict, a broken file not quarantined with its
+reason, an upload without a final outcome, a dead-lettered event, a false
+alert, a function revived after the kills.
 
 Sized for a loaded 2-core machine (about 2 minutes at a load average of 25):
 a kill every 10 s on average (each costs 2-3 s of downtime while the function
@@ -15,11 +17,15 @@ record left a whole batch ``staged`` past the old 150 s settle timeout.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dicomflow import log
+from dicomflow.outcomes import Outcome
+from dicomflow.staging import staged_name
 from localcloud.chaos import chaos_corpus, check_invariants, run_chaos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -43,8 +49,13 @@ def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert result.ok, (result.problems, result.stats.get("stuck"))
     assert sum(result.stats["kills"].values()) >= 2, result.stats
     assert result.stats["storageFaults"] > 0
+    assert result.stats["storageAfterFaults"] > 0
     assert result.stats["eventsDuplicated"] > 0
-    assert result.stats["storedInstances"] == result.uploads - result.broken
+    assert result.stats["revived"] == []
+    pairs = result.stats["conflictPairs"]
+    assert pairs >= 2
+    assert result.stats["conflictsDetected"] == pairs
+    assert result.stats["storedInstances"] == result.uploads - result.broken - pairs
 
 
 def test_the_checker_sees_a_lost_file_and_a_false_alert() -> None:
@@ -52,24 +63,77 @@ def test_the_checker_sees_a_lost_file_and_a_false_alert() -> None:
     expected = {f"k{i}": u for i, u in enumerate(uploads)}
     problems = check_invariants(
         expected,
-        entries={},
+        found={},
         stored={},
         quarantine_objects={},
-        alerts=[{"kind": "import_failed", "subject": "batch/x/import_failed"}],
+        alerts=[{"alertId": "a", "kind": "import_failed", "subject": "batch/x/import_failed"}],
         dead_letters=[],
         require_quarantine_alerts=True,
     )
     text = "\n".join(problems)
-    assert "40 uploads without a ledger entry" in text
+    assert "40 uploads without an outcome" in text
     assert "valid files missing from the store" in text
     assert "1 false alerts" in text
-    assert "quarantined alerts cover 0 of 2 broken files" in text
+    assert "quarantined alerts cover 0 of 2 files" in text
+    assert "conflicting pair without one imported and one conflict" in text
 
 
-def test_the_corpus_has_about_five_percent_broken_files_of_each_kind() -> None:
+def test_the_checker_wants_one_imported_and_one_alerted_conflict_per_pair() -> None:
+    uploads = [u for u in chaos_corpus(60, seed=2) if u.pair == 0]
+    first, second = uploads
+    keys = {"k1": first, "k2": second}
+    found = {
+        "k1": Outcome("k1", "imported", batch="b1", window="w1"),
+        "k2": Outcome("k2", "conflict", batch="b2", window="w2"),
+    }
+    stored = {str(first.sop_uid): first.sha256}
+    staged = {staged_name("w1", "k1"), staged_name("w2", "k2")}
+    alert = {
+        "alertId": "c",
+        "kind": "conflict",
+        "subject": "batch/b2/conflict",
+        "details": {"batch": "b2", "files": 1, "sampleFiles": [{"key": "k2"}], "samples": ["L"]},
+    }
+
+    def check(**changes: Any) -> list[str]:
+        args: dict[str, Any] = {
+            "found": found,
+            "stored": stored,
+            "alerts": [alert],
+            "staged_names": staged,
+        }
+        args.update(changes)
+        return check_invariants(
+            keys,
+            args["found"],
+            args["stored"],
+            {},
+            args["alerts"],
+            [],
+            True,
+            staged_names=args["staged_names"],
+            label=lambda _upload: "L",
+        )
+
+    assert check() == []
+    assert "conflict alerts cover 0 of 1 files" in "\n".join(check(alerts=[]))
+    assert "1 conflicts whose staging copy is gone" in "\n".join(
+        check(staged_names={staged_name("w1", "k1")})
+    )
+    both = {**found, "k2": Outcome("k2", "imported", batch="b2", window="w2")}
+    assert "without one imported and one conflict" in "\n".join(check(found=both))
+    assert "bytes differ" in "\n".join(check(stored={str(first.sop_uid): second.sha256}))
+
+
+def test_the_corpus_has_broken_files_of_each_kind_and_conflicting_pairs() -> None:
     uploads = chaos_corpus(300, seed=1)
     broken = [u for u in uploads if u.broken]
+    pairs = Counter(u.pair for u in uploads if u.pair is not None)
     assert len(uploads) == 300
     assert len(broken) == 15
     assert {u.broken for u in broken} == {"not-dicom", "truncated", "missing-uid"}
-    assert len({u.sop_uid for u in uploads if not u.broken}) == 285
+    assert len(pairs) == 6 and set(pairs.values()) == {2}
+    for pair in pairs:
+        a, b = (u for u in uploads if u.pair == pair)
+        assert a.sop_uid == b.sop_uid and a.sha256 != b.sha256
+    assert len({u.sop_uid for u in uploads if not u.broken}) == 285 - 6
