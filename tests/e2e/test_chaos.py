@@ -7,12 +7,12 @@ imported file and one alerted conflict, a broken file not quarantined with its
 reason, an upload without a final outcome, a dead-lettered event, a false
 alert, a function revived after the kills.
 
-Sized for a loaded 2-core machine (about 2 minutes at a load average of 25):
-a kill every 10 s on average (each costs 2-3 s of downtime while the function
-restarts), redelivery backoff capped at 5 s, and the crash-repair delay of an
-import whose starter was killed scaled to 30 s (DICOMFLOW_IMPORT_RESTART_SECONDS).
-With the real 300 s delay, one kill between the import intent and the operation
-record left a whole batch ``staged`` past the old 150 s settle timeout.
+Sized for a loaded 2-core machine (about 70 s here): a kill every 10 s on
+average (each costs 2-3 s of downtime while the function restarts),
+redelivery backoff capped at 5 s, and the crash-repair delay of an import
+whose starter was killed scaled to 30 s (DICOMFLOW_IMPORT_RESTART_SECONDS):
+with the real 300 s, one kill between the import intent and the operation
+record leaves a whole batch ``staged`` past the settle timeout.
 """
 
 from __future__ import annotations
