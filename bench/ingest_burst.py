@@ -18,7 +18,8 @@ list prices. Writes ``bench/results/ingest_burst.json`` and
 ``ingest_burst.png``.
 
 Usage: ``python bench/ingest_burst.py [--instances N] [--latency S] [--quota K]
-[--timeout S] [--baseline-timeout S] [--idle S] [--only dicomflow|baseline]``. The
+[--timeout S] [--baseline-timeout S] [--idle S] [--setting NAME=VALUE ...]
+[--only dicomflow|baseline]``. The
 default is the full size, 5,000 instances (results ``ingest_burst_5000.json``);
 ``make bench`` runs 150 (``ingest_burst.json``).
 
@@ -385,11 +386,22 @@ def main() -> int:
         help="seconds of idle ticks counted after dicomflow settles (its fixed cost)",
     )
     parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a dicomflow setting for this run, over the scaled-down defaults above "
+        "(e.g. DICOMFLOW_BATCH_WINDOW_SECONDS=60)",
+    )
+    parser.add_argument(
         "--only",
         choices=("dicomflow", "baseline"),
         help="run one strategy (diagnosis; no ratios, results not written)",
     )
     args = parser.parse_args()
+    for pair in args.setting:
+        name, _, value = pair.partition("=")
+        DICOMFLOW_ENV[name.strip()] = value.strip()
 
     files = corpus(args.instances)
     # The local platform's delivery retries (the baseline's 429s) log to a file, not the screen.

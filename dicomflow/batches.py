@@ -42,6 +42,7 @@ window, never lost.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -198,18 +199,35 @@ def batch_records(bucket: storage.Bucket, batch: str) -> list[FileRecord]:
     return [r for r in read_files(bucket, window) or [] if r.key.startswith(bits)]
 
 
+# File lists never change once written: a process keeps the keys of the last few it read.
+_LISTED: dict[tuple[str, str], frozenset[str]] = {}
+_LISTED_LOCK = threading.Lock()
+_LISTED_KEEP = 64
+
+
 def listed_keys(ctx: Context, window: str, now: datetime) -> frozenset[str]:
     """The keys ``window``'s file list holds, sealing the window first if it is not."""
+    cached = (ctx.settings.staging_bucket, window)
+    with _LISTED_LOCK:
+        if cached in _LISTED:
+            return _LISTED[cached]
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     records = read_files(bucket, window)
     if records is None:
         seal(ctx, window, now)
         records = read_files(bucket, window) or []
-    return frozenset(r.key for r in records)
+    keys = frozenset(r.key for r in records)
+    with _LISTED_LOCK:
+        if len(_LISTED) >= _LISTED_KEEP:
+            _LISTED.pop(next(iter(_LISTED)))
+        _LISTED[cached] = keys
+    return keys
 
 
 def _listed(ctx: Context, window: str, now: datetime) -> list[FileRecord]:
     """The records of ``window``'s staging copies, late doubles dropped."""
+    from dicomflow import ingest
+
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     prefix = f"{BATCHES_PREFIX}{window}/"
     kept: list[FileRecord] = []
@@ -224,7 +242,10 @@ def _listed(ctx: Context, window: str, now: datetime) -> list[FileRecord]:
         if record.home != window:
             if record.home not in homes:
                 homes[record.home] = listed_keys(ctx, record.home, now)
-            claim = objects.read_json(bucket, late_name(record.key)) or {}
+            if window == ingest.late_home(record, ctx.settings):
+                claim = {"window": window}  # where every late delivery copies; no claim
+            else:
+                claim = objects.read_json(bucket, late_name(record.key)) or {}
             if record.key in homes[record.home] or claim.get("window") != window:
                 objects.delete(bucket, blob.name, int(blob.generation or 0))
                 logger.info("late double dropped", extra=log.fields(key=record.key, window=window))

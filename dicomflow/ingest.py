@@ -202,23 +202,41 @@ def _ingest(
     return stage(ctx, source, good, ctx.clock())
 
 
+def late_home(record: FileRecord, settings: Settings) -> str:
+    """The late window of a file that misses its home window's seal: the one holding that
+    seal. Every delivery computes the same one, so no claim is needed to go there."""
+    return late_window_id(seal_time(record.home, settings), settings.late_window_seconds)
+
+
 def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> dict[str, Any]:
-    """Copy ``source`` into the window that will list it: its home window, or a later one.
+    """Copy ``source`` into the window that will list it (see the module docstring).
 
     ``source`` is the landing object (or, for a re-staged file, its earlier staging copy).
     """
     settings = ctx.settings
-    seal_at = seal_time(record.home, settings)
-    if record.via is None and now + timedelta(seconds=copy_deadline(settings)) < seal_at:
+    landed_by = now + timedelta(seconds=copy_deadline(settings))
+    if record.via is None and landed_by < seal_time(record.home, settings):
         return _copied(ctx, source, staged_name(record.home, record.key), record, STAGED)
+    late = late_home(record, settings)
+    if landed_by < seal_time(late, settings):
+        with_late = _with(record, window=late, via=record.via or "late")
+        return _copied(ctx, source, staged_name(late, record.key), with_late, STAGED)
+    # Later still: unless one of the two windows a delivery may have copied into lists
+    # the file, a claim picks the window.
+    if now < seal_time(late, settings):
+        raise TransientError(f"{record.key}: its late window is being sealed; retry shortly")
+    if record.key in batches.listed_keys(ctx, record.home, now) or record.key in (
+        batches.listed_keys(ctx, late, now)
+    ):
+        return {"status": STAGED, "window": None, "reason": "listed-earlier", "repeat": True}
     current = late_window_id(now, settings.late_window_seconds)
     window = late_window(ctx, record.key, current, now)
     if window is None:
         return {"status": DROPPED, "reason": "dropped-earlier", "repeat": True}
     if not window:
         return {"status": STAGED, "window": None, "reason": "listed-earlier", "repeat": True}
-    late = _with(record, window=window, via=record.via or "late")
-    return _copied(ctx, source, staged_name(window, record.key), late, STAGED)
+    claimed = _with(record, window=window, via=record.via or "claimed")
+    return _copied(ctx, source, staged_name(window, record.key), claimed, STAGED)
 
 
 def late_window(ctx: Context, key: str, window: str, now: datetime) -> str | None:
