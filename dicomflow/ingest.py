@@ -14,16 +14,21 @@ event is acknowledged. Nothing else is written per file.
 
 Which window. ``<home>`` is the window of the object's ``timeCreated``, the same for
 every delivery. The tick seals a window ``seal_grace_seconds`` after it ends and lists
-it then. A delivery that cannot be sure its copy lands before that (now plus the
-copy's deadline is past the seal) goes the late path: it claims ``state/late/<key>``
-(create-if-absent, naming the window it copies into: the current late window, which
-is ``late_window_seconds`` long, so that a burst ingest absorbs over many minutes
-still makes few imports), then copies there; a delivery that finds the late claim
-copies into the window it names (create-if-absent again, so at most one copy lands
-there), or, when that window's seal has passed without the file, moves the claim.
-The seal of that window drops a late copy whose home window listed the key, so each
-generation keeps one record (``dicomflow.batches``). The copy's own retries and
-request timeout are bounded by half the grace, chosen just before the copy.
+it then; a copy may take half the grace (``copy_deadline``), chosen just before it.
+
+- A delivery whose copy is sure to land before its home window's seal copies there.
+- A later one copies into the late window (``late_window_seconds`` long) that holds
+  the home window's seal (``late_home``). Every delivery computes the same one, so
+  this too is one create-if-absent copy, and a burst that ingest needs many minutes
+  to absorb still lands in one or two late windows: few imports.
+- A delivery after that late window's seal first checks that neither window lists the
+  file (then it has its record), then claims ``state/late/<key>`` (create-if-absent,
+  naming the current late window) and copies there. A delivery that finds a claim
+  copies into the window it names, or, when that window was sealed without the file,
+  moves the claim to the current one (compare-and-swap).
+
+The seal of a window drops a late copy whose home window listed the key, or whose
+claim names another window, so each generation keeps one record (``dicomflow.batches``).
 
 Errors. Object names can carry patient names, so logs and raised errors name the
 object by ``alerts.object_label`` (a hash by default) and its key, never by URI.
@@ -34,6 +39,7 @@ the original message, for the platform to retry the event.
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from datetime import datetime, timedelta
 from typing import Any
@@ -88,8 +94,24 @@ def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
     return {"status": "ignored", "reason": "event-type"}
 
 
+# One tick at a time per instance: a tick that meets a running one returns at once
+# instead of repeating its seals beside it (localcloud's server runs requests at once).
+_TICK_RUNNING = threading.Lock()
+
+
 def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
     """Seal due windows, then poll running imports and start queued ones (at most K)."""
+    if not _TICK_RUNNING.acquire(blocking=False):
+        logger.info("tick skipped: a tick is running in this instance", extra=log.fields())
+        return {"status": "busy", "sealed": [], **batches.Queue().summary()}
+    try:
+        return run_tick(ctx, event_id)
+    finally:
+        _TICK_RUNNING.release()
+
+
+def run_tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
+    """One tick, without the per-instance lock (two instances tick at once like this)."""
     now = ctx.clock()
     sealed = batches.seal_due(ctx, now)
     queue = batches.run_imports(ctx, now)

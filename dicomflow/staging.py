@@ -8,7 +8,7 @@ generation computes the same names::
     batches/<window>/_files.ndjson      the window's file list (written once, after its seal)
     quarantine/<window>/<key>.dcm       quarantine copy; the record carries the reason
     state/dropped/<window>/<key>.json   drop record (event too old, source gone)
-    state/late/<key>.json               claim of a late delivery: {window} it was copied into
+    state/late/<key>.json               claim of a very late delivery: {window} it copies into
     state/sealed/<window>.json          seal marker, create-if-absent, before the listing
     state/sealed/<window>.done          the seal's last step: file list and batches written
     state/open/<batch>.json             a sealed batch not verified yet (what ticks list)
@@ -22,7 +22,7 @@ generation computes the same names::
   leading bits are what splits a window: ``<window>/0*.dcm`` and ``1*.dcm`` halve it.
 - ``<window>``: the UTC window of ``batch_window_seconds`` holding the object's
   ``timeCreated`` (``20261125T125300Z``). A delivery that may miss that window's seal
-  copies into the current *late* window instead (``20261125T125000L``, UTC windows of
+  copies into a *late* window instead (``20261125T125000L``, UTC windows of
   ``late_window_seconds``, longer), so a burst that ingest absorbs over many minutes
   still makes few imports (``dicomflow.ingest``).
 - ``<batch>``: a window, or ``<window>-<bits>`` for one part of a split window.

@@ -483,10 +483,10 @@ def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
     def both_ticks() -> None:
         barrier = threading.Barrier(2)
 
-        def one() -> None:
+        def one() -> None:  # as two instances would: no per-instance lock between them
             barrier.wait()
             try:
-                p.tick()
+                ingest.run_tick(p.ctx)
             finally:
                 p.ctx.close_clients()  # the API clients this pool thread made
 
