@@ -19,6 +19,7 @@ from cloudevents.http import CloudEvent
 
 from dicomflow.config import Settings
 from dicomflow.errors import PermanentError
+from dicomflow.staging import parse_time as parse_time
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -110,19 +111,6 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An RFC 3339 event time as an aware datetime, or None when absent or unreadable."""
-    if isinstance(value, datetime):
-        return value
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
 
 
 def is_too_old(event_time: datetime | None, now: datetime, max_age_seconds: int) -> bool:
