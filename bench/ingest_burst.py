@@ -396,7 +396,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         choices=("dicomflow", "baseline"),
-        help="run one strategy (diagnosis; no ratios, results not written)",
+        help="run one strategy (no ratios; results in ingest_burst_<N>_<strategy>.json)",
     )
     args = parser.parse_args()
     for pair in args.setting:
@@ -423,7 +423,12 @@ def main() -> int:
         )
         alone["marginal"] = marginal(alone)
         alone["costPerMillionFilesUsd"] = cost_per_million(alone)
+        alone["settings"] = dict(DICOMFLOW_ENV) if args.only == "dicomflow" else {}
         print(json.dumps({k: v for k, v in alone.items() if k != "timeline"}, indent=2))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"ingest_burst_{len(files)}_{args.only}.json"
+        path.write_text(json.dumps(alone, indent=2) + "\n")
+        print(f"wrote {path}")
         return 0 if alone["complete"] else 1
     ours = run(
         "dicomflow",

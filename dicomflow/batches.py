@@ -86,6 +86,8 @@ logger = logging.getLogger(__name__)
 SEAL_CURSOR = f"{STATE_PREFIX}cursors/seal.json"
 # Beyond the longest window and its grace, for a copy that outlived its window's seal.
 LOOKBACK_SECONDS = 300
+# Cursors move in steps this long (one write each), not at every tick.
+CURSOR_STEP_SECONDS = 300
 
 
 def open_batches(bucket: storage.Bucket) -> list[str]:
@@ -108,10 +110,7 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     """Seal every due window that is not sealed; the batches they made."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    # Aligned to the window length, so the cursor moves (one write) once a window.
-    floor = window_id(
-        now - timedelta(seconds=lookback_seconds(settings)), settings.batch_window_seconds
-    )
+    floor = window_id(now - timedelta(seconds=lookback_seconds(settings)), CURSOR_STEP_SECONDS)
     stored = (objects.read_json(bucket, SEAL_CURSOR) or {}).get("window")
     cursor = str(stored or floor)
     # From the earlier of the two: a window whose first copy landed since the last tick

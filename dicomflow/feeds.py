@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dicomflow import alerts, objects
+from dicomflow.batches import CURSOR_STEP_SECONDS
 from dicomflow.config import DROPPED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
 from dicomflow.staging import FileRecord, iso, parse_window, window_id
 from dicomflow.verify import pmap
@@ -110,8 +111,7 @@ def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
             reported.append(window)
         if now - begins > horizon(settings) and objects.exists(bucket, f"{feed.done}{window}.json"):
             done.add(window)
-    # Aligned to the window length, so the cursor moves (one write) once a window.
-    floor = window_id(now - horizon(settings), settings.batch_window_seconds)
+    floor = window_id(now - horizon(settings), CURSOR_STEP_SECONDS)
     waiting = [w for w in found if w not in done]
     target = min([floor, *waiting[:1]])
     if target > cursor:
