@@ -23,8 +23,10 @@ from typing import Any
 
 import pydicom.datadict
 
-from localcloud.healthcare.importer import InstanceWriter, examine
+from localcloud.healthcare.fetch import examine
+from localcloud.healthcare.importer import InstanceWriter
 from localcloud.healthcare.instances import (
+    EXPLICIT_LE,
     INDEX_KEYWORDS,
     INSTANCE_TAGS,
     SERIES_TAGS,
@@ -36,6 +38,7 @@ from localcloud.healthcare.instances import (
     tag_hex,
     transcode,
 )
+from localcloud.healthcare.notifications import STORE_ACTION
 from localcloud.healthcare.operations import Operations
 from localcloud.healthcare.repository import Repository, StoredInstance
 from localcloud.healthcare.status import ApiError, invalid, not_found
@@ -123,8 +126,24 @@ def _multipart(parts: Sequence[tuple[bytes, str]], part_type: str) -> Reply:
 
 
 def _accept_syntax(accept: str) -> str:
+    """The transfer syntax an Accept header asks for.
+
+    Google's DICOM conformance statement (Retrieve transaction) marks Explicit VR
+    Little Endian as the default, so an Accept without ``transfer-syntax``, or no
+    Accept at all, gets 1.2.840.10008.1.2.1; ``*`` keeps the stored bytes.
+    """
     match = re.search(r"transfer-syntax\s*=\s*\"?([0-9.*]+)", accept)
-    return match.group(1) if match else "*"
+    return match.group(1) if match else EXPLICIT_LE
+
+
+def _single_part(accept: str) -> bool:
+    """True when Accept asks for a bare ``application/dicom`` body rather than multipart.
+
+    The conformance statement lists single-part ``application/dicom`` (with any of
+    its transfer syntaxes, ``*`` included) for RetrieveInstance only.
+    """
+    media = [m.split(";", 1)[0].strip().lower() for m in accept.split(",") if m.strip()]
+    return "application/dicom" in media and "multipart/related" not in media
 
 
 def parse_multipart(body: bytes, content_type: str) -> list[bytes]:
@@ -227,6 +246,10 @@ class DicomWeb:
         else:
             results = [(row, self._instance_result(row, root)) for row in matching]
         page = results[offset : offset + limit]
+        if not page:
+            # Google answers an empty search with 204 No Content, as its DICOMweb
+            # samples and the gcloud CLI expect (PS3.18 has said 204 and 200 over time).
+            return Reply(204, b"", DICOM_JSON)
         return json_reply([self._include(row, result, includes, level) for row, result in page])
 
     def _group(
@@ -308,10 +331,14 @@ class DicomWeb:
                 blobs = [transcode(self._repository.read_blob(r.sha256), syntax) for r in rows]
             except InstanceRejected as exc:
                 raise ApiError("FAILED_PRECONDITION", exc.message, 406) from None
-            suffix = "" if syntax == "*" else f"; transfer-syntax={syntax}"
-            return _multipart(
-                [(b, "application/dicom" + suffix) for b in blobs], "application/dicom"
-            )
+            # Each part names the syntax it is in: the stored one when ``*`` kept it.
+            types = [
+                f"application/dicom; transfer-syntax={r.syntax if syntax == '*' else syntax}"
+                for r in rows
+            ]
+            if len(parts) == 6 and _single_part(accept):
+                return Reply(200, blobs[0], types[0])
+            return _multipart(list(zip(blobs, types, strict=True)), "application/dicom")
         if rest == ["metadata"]:
             return json_reply(
                 [
@@ -380,7 +407,7 @@ class DicomWeb:
             else:
                 accepted.append(candidate)
         referenced = []
-        for outcome in self._writer.store(store, accepted):
+        for outcome in self._writer.store(store, accepted, STORE_ACTION):
             parsed = outcome.parsed
             if outcome.ok and parsed is not None:
                 url = (

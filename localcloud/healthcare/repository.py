@@ -32,7 +32,12 @@ CREATE TABLE IF NOT EXISTS instances (
     sha256 TEXT NOT NULL, size INTEGER NOT NULL, syntax TEXT NOT NULL, seq INTEGER,
     attributes TEXT NOT NULL, PRIMARY KEY (store, sop));
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (store, study, series);
+CREATE TABLE IF NOT EXISTS iam_policies (resource TEXT PRIMARY KEY, body TEXT NOT NULL);
 """
+
+
+# The etag Google gives a resource on which no policy was ever set.
+EMPTY_POLICY_ETAG = "ACAB"
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,12 @@ class Repository:
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def update_dataset(self, name: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE datasets SET body = ? WHERE name = ?", (json.dumps(body), name)
+            )
+
     def delete_dataset(self, name: str) -> None:
         self.get_dataset(name)
         stores = [s["name"] for s in self.list_stores(name)]
@@ -124,6 +135,7 @@ class Repository:
                 "DELETE FROM operation_logs WHERE operation = ?", [(o,) for o in ops]
             )
             self._db.execute("DELETE FROM operations WHERE dataset = ?", (name,))
+            self._db.execute("DELETE FROM iam_policies WHERE resource = ?", (name,))
 
     def create_store(self, name: str, dataset: str, body: dict[str, Any]) -> None:
         with self._lock:
@@ -163,7 +175,40 @@ class Repository:
         with self._lock:
             hashes = self._delete_instances("store = ?", (name,))
             self._db.execute("DELETE FROM dicom_stores WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM iam_policies WHERE resource = ?", (name,))
         self._drop_unreferenced(hashes)
+
+    # IAM policies of datasets and DICOM stores; a resource without a row has none set.
+
+    def get_policy(self, resource: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body FROM iam_policies WHERE resource = ?", (resource,)
+            ).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def set_policy(
+        self, resource: str, policy: dict[str, Any], expected_etag: str | None
+    ) -> dict[str, Any]:
+        """Store ``policy`` unless ``expected_etag`` is given and is not the current etag.
+
+        Raises:
+            ApiError: ABORTED when the policy changed since ``expected_etag`` was read.
+        """
+        with self._lock:
+            current = self.get_policy(resource)
+            current_etag = (current or {}).get("etag", EMPTY_POLICY_ETAG)
+            if expected_etag is not None and expected_etag != current_etag:
+                # The text IAM answers for a stale read-modify-write.
+                raise ApiError(
+                    "ABORTED",
+                    "There were concurrent policy changes. Please retry the whole "
+                    "read-modify-write with exponential backoff.",
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO iam_policies VALUES (?, ?)", (resource, json.dumps(policy))
+            )
+        return policy
 
     # Operations: the body is the Operation JSON; running ones are also held in memory.
 
@@ -236,6 +281,22 @@ class Repository:
                 "SELECT * FROM instances WHERE store = ? AND sop = ?", (store, sop)
             ).fetchone()
         return None if row is None else _instance(row)
+
+    def find_instances(self, store: str, sops: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+        """SOP UID -> (study, series, sha256) of those of ``sops`` the store holds."""
+        found: dict[str, tuple[str, str, str]] = {}
+        # SQLite allows 32,766 bound parameters; stay well below.
+        for start in range(0, len(sops), 900):
+            part = list(sops[start : start + 900])
+            marks = ",".join("?" * len(part))
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT sop, study, series, sha256 FROM instances "
+                    f"WHERE store = ? AND sop IN ({marks})",
+                    [store, *part],
+                ).fetchall()
+            found.update({r[0]: (r[1], r[2], r[3]) for r in rows})
+        return found
 
     def add_instances(self, store: str, rows: Iterable[tuple[ParsedInstance, str, int]]) -> None:
         """Index new instances in one transaction: (parsed, sha256, size) each."""
