@@ -2,8 +2,9 @@
 
 An import lists the source, then has a pool of worker processes (``fetch``)
 read and parse the files in chunks while this process decides and indexes the
-finished chunks in source order, one SQLite transaction per chunk (WAL, no
-fsync per instance). The bytes are stored as received. Decisions per file:
+finished chunks in source order: bytes and index rows of a chunk go in one
+SQLite transaction (WAL, no fsync per instance). The bytes are stored as
+received. Decisions per file:
 
 - new UIDs: stored;
 - same UIDs, same bytes: ignored, counted as success;
@@ -74,7 +75,7 @@ class InstanceWriter:
         ``action`` is the notification's (``StoreInstances`` or ``ImportDicomData``).
         """
         outcomes: list[FileOutcome] = []
-        new_rows: list[tuple[ParsedInstance, str, int]] = []
+        new_rows: list[tuple[ParsedInstance, str, bytes]] = []
         with self._lock_for(store):
             known = self._repository.find_instances(
                 store, [c.parsed.sop_uid for c in candidates if c.parsed is not None]
@@ -87,8 +88,7 @@ class InstanceWriter:
                     continue
                 existing = known.get(parsed.sop_uid)
                 if existing is None:
-                    self._repository.write_blob(item.sha256, item.data)
-                    new_rows.append((parsed, item.sha256, len(item.data)))
+                    new_rows.append((parsed, item.sha256, item.data))
                     known[parsed.sop_uid] = (parsed.study_uid, parsed.series_uid, item.sha256)
                     outcomes.append(FileOutcome(item.source, True, parsed=parsed))
                 elif existing == (parsed.study_uid, parsed.series_uid, item.sha256):

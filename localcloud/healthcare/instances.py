@@ -25,6 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
+from localcloud.healthcare import lean
+
 NOT_DICOM = "not a DICOM file"
 CHECKSUM_MISMATCH = (
     "An instance already exists in this DICOM Store with the same Study/Series/SOPInstance "
@@ -289,6 +291,23 @@ def parse_instance(data: bytes) -> ParsedInstance:
 
     Raises:
         InstanceRejected: not DICOM, truncated, or a required UID is missing.
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise InstanceRejected(NOT_DICOM)
+    quick = lean.parse(data, _INDEX_TAGS, _fast_json, is_valid_uid)
+    if quick is not None:
+        syntax, meta_class, found = quick
+        study, series, sop = (_text(found, k) for k in _UID_KEYWORDS)
+        sop_class = _text(found, "SOPClassUID") or meta_class
+        return ParsedInstance(study, series, sop, sop_class, syntax, found)
+    return parse_with_pydicom(data)
+
+
+def parse_with_pydicom(data: bytes) -> ParsedInstance:
+    """``parse_instance`` through a full pydicom read: the path that decides every rejection.
+
+    Raises:
+        InstanceRejected: not DICOM, truncated, or a required UID is missing or invalid.
     """
     if len(data) < 132 or data[128:132] != b"DICM":
         raise InstanceRejected(NOT_DICOM)
