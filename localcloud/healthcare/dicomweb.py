@@ -34,6 +34,7 @@ from localcloud.healthcare.instances import (
     InstanceRejected,
     full_json,
     raw_frames,
+    read_dataset,
     render_frames,
     tag_hex,
     transcode,
@@ -351,6 +352,8 @@ class DicomWeb:
             )
         image_type = "image/png" if "image/png" in accept else "image/jpeg"
         instance_level = len(parts) - len(rest) == 6
+        if instance_level and len(rest) == 2 and rest[0] == "bulkdata":
+            return self._bulkdata(rows[0], rest[1])
         if rest == ["rendered"] and instance_level:
             return self._rendered(rows[0], image_type, None)
         if len(rest) >= 2 and rest[0] == "frames" and instance_level:
@@ -372,6 +375,17 @@ class DicomWeb:
                     "application/octet-stream",
                 )
         raise not_found(f"DICOMweb path {'/'.join(parts)}")
+
+    def _bulkdata(self, row: StoredInstance, tag: str) -> Reply:
+        """The value behind a BulkDataURI that ``/metadata`` gave (``bulkdata/{tag}``)."""
+        if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
+            raise not_found(f"bulk data {tag}")
+        dataset = read_dataset(self._repository.read_blob(row.sha256))
+        key = int(tag, 16)
+        value = dataset[key].value if key in dataset else None
+        if not isinstance(value, bytes):
+            raise not_found(f"bulk data {tag}")
+        return _multipart([(value, "application/octet-stream")], "application/octet-stream")
 
     def _rendered(self, row: StoredInstance, image_type: str, frame: int | None) -> Reply:
         try:

@@ -21,6 +21,7 @@ from googleapiclient.errors import HttpError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from localcloud.corpus import generate_instance
 from localcloud.healthcare import HealthcareServer
 
 PARENT = "projects/fidelity/locations/us-central1"
@@ -318,3 +319,18 @@ def test_store_and_import_reject_missing_and_malformed_uids(
         "too-long.dcm": "invalid DICOM instance: SOPInstanceUID is not a valid UID",
     }
     assert len(client.search_for_instances()) == 1
+
+
+def test_bulkdata_uris_from_metadata_can_be_retrieved(
+    store: tuple[Any, str, DICOMwebClient],
+) -> None:
+    _api, _name, client = store
+    made = generate_instance(generate_uid(), generate_uid(), 1, rows=64, columns=64)
+    body, content_type = multipart([made.data])
+    client._session.post(
+        f"{client.base_url}/studies", data=body, headers={"Content-Type": content_type}
+    ).raise_for_status()
+    metadata = client.retrieve_instance_metadata(made.study_uid, made.series_uid, made.sop_uid)
+    uri = metadata["7FE00010"]["BulkDataURI"]
+    assert uri.endswith("/bulkdata/7FE00010")
+    assert client.retrieve_bulkdata(uri) == [pydicom.dcmread(io.BytesIO(made.data)).PixelData]
