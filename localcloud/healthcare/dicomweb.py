@@ -5,8 +5,9 @@ PatientName with ``*``/``?`` wildcards, StudyDate ranges, Modality,
 AccessionNumber and the other indexed attributes), and honour
 ``includefield``, ``limit`` and ``offset``. Attributes named in
 ``includefield`` that the index lacks are read from the stored file.
-Retrieves return the stored bytes unless the Accept header asks for another
-transfer syntax.
+Retrieves answer in Explicit VR Little Endian unless the Accept header asks
+for another transfer syntax, or for ``*`` (the stored bytes); an empty search
+is 204 No Content. docs/emulator.md lists each behaviour with its source.
 """
 
 from __future__ import annotations
