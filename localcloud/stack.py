@@ -273,6 +273,8 @@ class Stack:
                 str(cfg.home / "healthcare"),
                 "--storage-endpoint",
                 self._storage.url,
+                "--pubsub-endpoint",
+                self._pubsub.url,
                 *cfg.healthcare_args,
             ],
         )

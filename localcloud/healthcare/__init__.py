@@ -29,6 +29,8 @@ def start_healthcare(
     port: int = 0,
     data_dir: Path | None = None,
     storage_endpoint: str | None = None,
+    pubsub_endpoint: str | None = None,
+    import_workers: int | None = None,
     **knobs: Any,
 ) -> HealthcareServer:
     """Start the emulator on loopback, serving from a background thread.
@@ -37,6 +39,10 @@ def start_healthcare(
         port: 0 for any free port.
         data_dir: where the index and blobs live; None uses a temp dir removed on stop.
         storage_endpoint: the fake-gcs-server URL; None means real Cloud Storage.
+        pubsub_endpoint: the Pub/Sub REST URL that store notifications go to; None
+            drops them with a warning.
+        import_workers: processes that read and parse import sources (None: one per
+            core, at least two; 0: in the operation's thread).
         **knobs: operation_latency, max_concurrent_ops, faults, latency (see ``knobs``).
 
     Raises:
@@ -47,4 +53,6 @@ def start_healthcare(
     settings.update(knobs)
     if port:
         pick_port(port, "Cloud Healthcare API emulator", "LOCALCLOUD_HEALTHCARE_PORT")
-    return HealthcareServer(port, data_dir, storage_endpoint, settings)
+    return HealthcareServer(
+        port, data_dir, storage_endpoint, settings, pubsub_endpoint, import_workers
+    )

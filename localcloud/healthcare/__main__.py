@@ -27,6 +27,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--storage-endpoint", default=None, help="fake-gcs-server URL")
+    parser.add_argument(
+        "--pubsub-endpoint", default=None, help="Pub/Sub REST URL for store notifications"
+    )
+    parser.add_argument(
+        "--import-workers", type=int, default=None, help="default: one per core, at least 2"
+    )
     parser.add_argument("--operation-latency", type=float, default=None, help="seconds")
     parser.add_argument("--max-concurrent-ops", type=int, default=None, help="0 = no limit")
     parser.add_argument("--faults", default=None, help="e.g. import=0.1:503,export=1.0:500")
@@ -48,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             knobs["faults"] = parse_faults(args.faults)
         if args.latency is not None:
             knobs["latency"] = parse_latency(args.latency)
-        server = start_healthcare(args.port, args.data_dir, args.storage_endpoint, **knobs)
+        server = start_healthcare(
+            args.port,
+            args.data_dir,
+            args.storage_endpoint,
+            args.pubsub_endpoint,
+            args.import_workers,
+            **knobs,
+        )
     except (LocalCloudError, ValueError) as exc:
         print(f"healthcare emulator: {exc}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ PatientName with ``*``/``?`` wildcards, StudyDate ranges, Modality,
 AccessionNumber and the other indexed attributes), and honour
 ``includefield``, ``limit`` and ``offset``. Attributes named in
 ``includefield`` that the index lacks are read from the stored file.
-Retrieves return the stored bytes unless the Accept header asks for another
-transfer syntax.
+Retrieves answer in Explicit VR Little Endian unless the Accept header asks
+for another transfer syntax, or for ``*`` (the stored bytes); an empty search
+is 204 No Content. docs/emulator.md lists each behaviour with its source.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 
 import pydicom.datadict
 
-from localcloud.healthcare.importer import InstanceWriter, examine
+from localcloud.healthcare.fetch import examine
+from localcloud.healthcare.importer import InstanceWriter
 from localcloud.healthcare.instances import (
+    EXPLICIT_LE,
     INDEX_KEYWORDS,
     INSTANCE_TAGS,
     SERIES_TAGS,
@@ -32,10 +35,12 @@ from localcloud.healthcare.instances import (
     InstanceRejected,
     full_json,
     raw_frames,
+    read_dataset,
     render_frames,
     tag_hex,
     transcode,
 )
+from localcloud.healthcare.notifications import STORE_ACTION
 from localcloud.healthcare.operations import Operations
 from localcloud.healthcare.repository import Repository, StoredInstance
 from localcloud.healthcare.status import ApiError, invalid, not_found
@@ -123,8 +128,24 @@ def _multipart(parts: Sequence[tuple[bytes, str]], part_type: str) -> Reply:
 
 
 def _accept_syntax(accept: str) -> str:
+    """The transfer syntax an Accept header asks for.
+
+    Google's DICOM conformance statement (Retrieve transaction) marks Explicit VR
+    Little Endian as the default, so an Accept without ``transfer-syntax``, or no
+    Accept at all, gets 1.2.840.10008.1.2.1; ``*`` keeps the stored bytes.
+    """
     match = re.search(r"transfer-syntax\s*=\s*\"?([0-9.*]+)", accept)
-    return match.group(1) if match else "*"
+    return match.group(1) if match else EXPLICIT_LE
+
+
+def _single_part(accept: str) -> bool:
+    """True when Accept asks for a bare ``application/dicom`` body rather than multipart.
+
+    The conformance statement lists single-part ``application/dicom`` (with any of
+    its transfer syntaxes, ``*`` included) for RetrieveInstance only.
+    """
+    media = [m.split(";", 1)[0].strip().lower() for m in accept.split(",") if m.strip()]
+    return "application/dicom" in media and "multipart/related" not in media
 
 
 def parse_multipart(body: bytes, content_type: str) -> list[bytes]:
@@ -227,6 +248,10 @@ class DicomWeb:
         else:
             results = [(row, self._instance_result(row, root)) for row in matching]
         page = results[offset : offset + limit]
+        if not page:
+            # Google answers an empty search with 204 No Content, as its DICOMweb
+            # samples and the gcloud CLI expect (PS3.18 has said 204 and 200 over time).
+            return Reply(204, b"", DICOM_JSON)
         return json_reply([self._include(row, result, includes, level) for row, result in page])
 
     def _group(
@@ -308,10 +333,14 @@ class DicomWeb:
                 blobs = [transcode(self._repository.read_blob(r.sha256), syntax) for r in rows]
             except InstanceRejected as exc:
                 raise ApiError("FAILED_PRECONDITION", exc.message, 406) from None
-            suffix = "" if syntax == "*" else f"; transfer-syntax={syntax}"
-            return _multipart(
-                [(b, "application/dicom" + suffix) for b in blobs], "application/dicom"
-            )
+            # Each part names the syntax it is in: the stored one when ``*`` kept it.
+            types = [
+                f"application/dicom; transfer-syntax={r.syntax if syntax == '*' else syntax}"
+                for r in rows
+            ]
+            if len(parts) == 6 and _single_part(accept):
+                return Reply(200, blobs[0], types[0])
+            return _multipart(list(zip(blobs, types, strict=True)), "application/dicom")
         if rest == ["metadata"]:
             return json_reply(
                 [
@@ -324,6 +353,8 @@ class DicomWeb:
             )
         image_type = "image/png" if "image/png" in accept else "image/jpeg"
         instance_level = len(parts) - len(rest) == 6
+        if instance_level and len(rest) == 2 and rest[0] == "bulkdata":
+            return self._bulkdata(rows[0], rest[1])
         if rest == ["rendered"] and instance_level:
             return self._rendered(rows[0], image_type, None)
         if len(rest) >= 2 and rest[0] == "frames" and instance_level:
@@ -345,6 +376,17 @@ class DicomWeb:
                     "application/octet-stream",
                 )
         raise not_found(f"DICOMweb path {'/'.join(parts)}")
+
+    def _bulkdata(self, row: StoredInstance, tag: str) -> Reply:
+        """The value behind a BulkDataURI that ``/metadata`` gave (``bulkdata/{tag}``)."""
+        if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
+            raise not_found(f"bulk data {tag}")
+        dataset = read_dataset(self._repository.read_blob(row.sha256))
+        key = int(tag, 16)
+        value = dataset[key].value if key in dataset else None
+        if not isinstance(value, bytes):
+            raise not_found(f"bulk data {tag}")
+        return _multipart([(value, "application/octet-stream")], "application/octet-stream")
 
     def _rendered(self, row: StoredInstance, image_type: str, frame: int | None) -> Reply:
         try:
@@ -380,7 +422,7 @@ class DicomWeb:
             else:
                 accepted.append(candidate)
         referenced = []
-        for outcome in self._writer.store(store, accepted):
+        for outcome in self._writer.store(store, accepted, STORE_ACTION):
             parsed = outcome.parsed
             if outcome.ok and parsed is not None:
                 url = (

@@ -1,36 +1,43 @@
 """Storing instances (shared by import and STOW-RS) and the import operation.
 
-Files are fetched and parsed in a small thread pool, then decided and indexed
-in source order, one SQLite transaction per chunk. The bytes are stored as
+An import lists the source, then has a pool of worker processes (``fetch``)
+read and parse the files in chunks while this process decides and indexes the
+finished chunks in source order: bytes and index rows of a chunk go in one
+SQLite transaction (WAL, no fsync per instance). The bytes are stored as
 received. Decisions per file:
 
 - new UIDs: stored;
 - same UIDs, same bytes: ignored, counted as success;
 - same UIDs, other bytes: failure, checksum mismatch;
-- not DICOM, truncated, or UIDs missing: failure.
+- not DICOM, truncated, UIDs missing or invalid: failure.
+
+Newly stored instances are announced on the store's Pub/Sub notification
+topics (``notifications``) before the chunk counts as done.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from localcloud.healthcare.fetch import Candidate, FetchPool, WorkerDied
 from localcloud.healthcare.gcs import StorageAccess
-from localcloud.healthcare.instances import (
-    CHECKSUM_MISMATCH,
-    InstanceRejected,
-    ParsedInstance,
-    parse_instance,
-)
-from localcloud.healthcare.operations import RunningOperation
+from localcloud.healthcare.instances import CHECKSUM_MISMATCH, ParsedInstance
+from localcloud.healthcare.notifications import IMPORT_ACTION, Notifier
+from localcloud.healthcare.operations import RunningOperation, now_rfc3339
 from localcloud.healthcare.repository import Repository
 from localcloud.healthcare.status import ApiError
 from localcloud.healthcare.wildcards import parse_gcs_source
 
-CHUNK = 128
+CHUNK = 250
+_OTHER_SERIES = (
+    "An instance with this SOPInstanceUID already exists in this DICOM Store under a "
+    "different study or series"
+)
 
 
 @dataclass(frozen=True)
@@ -49,29 +56,12 @@ class FileOutcome:
         return self.stored or self.duplicate
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    source: str
-    data: bytes
-    sha256: str
-    parsed: ParsedInstance | None
-    rejection: InstanceRejected | None
-
-
-def examine(source: str, data: bytes) -> _Candidate:
-    """Hash and parse one file (runs in worker threads)."""
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        return _Candidate(source, data, sha, parse_instance(data), None)
-    except InstanceRejected as exc:
-        return _Candidate(source, data, sha, None, exc)
-
-
 class InstanceWriter:
     """Decides and stores files for every store; one writer at a time per store."""
 
-    def __init__(self, repository: Repository) -> None:
+    def __init__(self, repository: Repository, notifier: Notifier) -> None:
         self._repository = repository
+        self._notifier = notifier
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -79,56 +69,44 @@ class InstanceWriter:
         with self._guard:
             return self._locks.setdefault(store, threading.Lock())
 
-    def store(self, store: str, candidates: Sequence[_Candidate]) -> list[FileOutcome]:
-        """Store a chunk of examined files in order; one transaction for the new ones."""
+    def store(self, store: str, candidates: Sequence[Candidate], action: str) -> list[FileOutcome]:
+        """Store a chunk of examined files in order; one transaction for the new ones.
+
+        ``action`` is the notification's (``StoreInstances`` or ``ImportDicomData``).
+        """
         outcomes: list[FileOutcome] = []
-        new_rows: list[tuple[ParsedInstance, str, int]] = []
-        seen: dict[str, tuple[ParsedInstance, str]] = {}
+        new_rows: list[tuple[ParsedInstance, str, bytes]] = []
         with self._lock_for(store):
+            known = self._repository.find_instances(
+                store, [c.parsed.sop_uid for c in candidates if c.parsed is not None]
+            )
             for item in candidates:
-                if item.parsed is None:
-                    rejection = item.rejection or InstanceRejected("not a DICOM file")
-                    outcomes.append(
-                        FileOutcome(
-                            item.source, False, code=rejection.code, message=rejection.message
-                        )
-                    )
-                    continue
                 parsed = item.parsed
-                existing: tuple[str, str, str] | None = None
-                if parsed.sop_uid in seen:
-                    earlier, earlier_sha = seen[parsed.sop_uid]
-                    existing = (earlier.study_uid, earlier.series_uid, earlier_sha)
-                else:
-                    row = self._repository.find_instance(store, parsed.sop_uid)
-                    if row is not None:
-                        existing = (row.study, row.series, row.sha256)
+                if parsed is None:
+                    code, message = item.error or (3, "not a DICOM file")
+                    outcomes.append(FileOutcome(item.source, False, code=code, message=message))
+                    continue
+                existing = known.get(parsed.sop_uid)
                 if existing is None:
-                    self._repository.write_blob(item.sha256, item.data)
-                    new_rows.append((parsed, item.sha256, len(item.data)))
-                    seen[parsed.sop_uid] = (parsed, item.sha256)
+                    new_rows.append((parsed, item.sha256, item.data))
+                    known[parsed.sop_uid] = (parsed.study_uid, parsed.series_uid, item.sha256)
                     outcomes.append(FileOutcome(item.source, True, parsed=parsed))
                 elif existing == (parsed.study_uid, parsed.series_uid, item.sha256):
                     outcomes.append(FileOutcome(item.source, False, True, parsed=parsed))
-                elif existing[:2] == (parsed.study_uid, parsed.series_uid):
-                    outcomes.append(
-                        FileOutcome(
-                            item.source, False, parsed=parsed, code=6, message=CHECKSUM_MISMATCH
-                        )
-                    )
                 else:
+                    same_place = existing[:2] == (parsed.study_uid, parsed.series_uid)
+                    message = CHECKSUM_MISMATCH if same_place else _OTHER_SERIES
                     outcomes.append(
-                        FileOutcome(
-                            item.source,
-                            False,
-                            parsed=parsed,
-                            code=6,
-                            message="An instance with this SOPInstanceUID already exists "
-                            "in this DICOM Store under a different study or series",
-                        )
+                        FileOutcome(item.source, False, parsed=parsed, code=6, message=message)
                     )
             if new_rows:
                 self._repository.add_instances(store, new_rows)
+        if new_rows:
+            try:
+                resource = self._repository.get_store(store)
+            except ApiError:
+                return outcomes  # deleted meanwhile: nobody to notify for
+            self._notifier.notify(resource, [p for p, _, _ in new_rows], action, now_rfc3339())
         return outcomes
 
 
@@ -137,13 +115,14 @@ def run_import(
     store: str,
     source_uri: str,
     storage: StorageAccess,
+    pool: FetchPool,
     writer: InstanceWriter,
     checkpoint: Callable[[RunningOperation], None],
 ) -> dict[str, Any] | None:
     """The body of a dicomStores.import operation.
 
     Raises:
-        ApiError: the bucket is missing or nothing matches the URI.
+        ApiError: the bucket is missing, nothing matches the URI, or a worker died.
     """
     try:
         pattern = parse_gcs_source(source_uri)
@@ -159,24 +138,32 @@ def run_import(
     operation.set_pending(len(names))
     checkpoint(operation)
 
-    def fetch(name: str) -> _Candidate:
-        source = f"gs://{pattern.bucket}/{name}"
-        try:
-            data = storage.download(pattern.bucket, name)
-        except Exception as exc:
-            # A vanished or unreadable object fails alone, like any other per-file error.
-            return _Candidate(source, b"", "", None, InstanceRejected(f"cannot read: {exc}", 5))
-        return examine(source, data)
-
-    for start in range(0, len(names), CHUNK):
-        if operation.cancelled.is_set():
-            break
-        candidates = list(storage.pool.map(fetch, names[start : start + CHUNK]))
-        outcomes = writer.store(store, candidates)
-        for outcome in outcomes:
-            if not outcome.ok:
-                operation.log_failure(outcome.source, outcome.code, outcome.message)
-        ok = sum(1 for o in outcomes if o.ok)
-        operation.count(success=ok, failure=len(outcomes) - ok)
-        checkpoint(operation)
+    chunks = [names[start : start + CHUNK] for start in range(0, len(names), CHUNK)]
+    # Keep every worker busy while this thread stores the chunk that finished first.
+    window = max(2, 2 * pool.workers)
+    pending: deque[Future[list[Candidate]]] = deque()
+    submitted = 0
+    try:
+        while submitted < len(chunks) or pending:
+            while submitted < len(chunks) and len(pending) < window:
+                pending.append(pool.submit(storage.endpoint, pattern.bucket, chunks[submitted]))
+                submitted += 1
+            if operation.cancelled.is_set():
+                break
+            try:
+                candidates = pending.popleft().result()
+            except WorkerDied as exc:
+                raise ApiError(
+                    "INTERNAL", f"an import worker of the emulator died: {exc}"
+                ) from None
+            outcomes = writer.store(store, candidates, IMPORT_ACTION)
+            for outcome in outcomes:
+                if not outcome.ok:
+                    operation.log_failure(outcome.source, outcome.code, outcome.message)
+            ok = sum(1 for o in outcomes if o.ok)
+            operation.count(success=ok, failure=len(outcomes) - ok)
+            checkpoint(operation)
+    finally:
+        for future in pending:
+            future.cancel()
     return None

@@ -9,6 +9,7 @@ also what lets a truncated file be told apart from a valid one.
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
+
+from localcloud.healthcare import lean
 
 NOT_DICOM = "not a DICOM file"
 CHECKSUM_MISMATCH = (
@@ -87,6 +90,7 @@ def tag_hex(keyword: str) -> str:
 STUDY_TAGS = frozenset(tag_hex(k) for k in STUDY_KEYWORDS)
 SERIES_TAGS = frozenset(tag_hex(k) for k in SERIES_KEYWORDS) | {tag_hex("StudyInstanceUID")}
 INSTANCE_TAGS = frozenset(tag_hex(k) for k in INSTANCE_KEYWORDS)
+_INDEX_TAGS = tuple(int(tag_hex(k), 16) for k in INDEX_KEYWORDS)
 
 _PYDICOM_LOCK = threading.RLock()
 
@@ -134,7 +138,104 @@ class ParsedInstance:
         return str(value)
 
 
-def _is_truncated(dataset: Dataset, data_length: int) -> bool:
+_TEXT_VRS = frozenset({"AE", "CS", "DA", "TM", "DT", "SH", "LO", "UI", "AS"})
+_PRINTABLE_ASCII = re.compile(rb"[ -~]+")
+_INTEGER_STRING = re.compile(r"[+-]?[0-9]{1,10}")
+_PLAIN_PHOTOMETRIC = frozenset({b"MONOCHROME1", b"MONOCHROME2", b"RGB", b"PALETTE COLOR"})
+
+
+def _fast_json(raw: RawDataElement) -> dict[str, Any] | None:
+    """The DICOM JSON of a plain raw element, or None when pydicom must convert it.
+
+    Converting through pydicom costs most of the parse time of a small file. The
+    plain cases (printable ASCII text with one value, unsigned shorts) give the
+    same JSON when done by hand; a unit test compares both over the sample corpus.
+    """
+    vr = raw.VR or pydicom.datadict.dictionary_VR(raw.tag)
+    value = raw.value
+    if value is None:
+        return None
+    if vr == "US":
+        if len(value) != 2:
+            return None
+        return {
+            "vr": vr,
+            "Value": [int.from_bytes(value, "little" if raw.is_little_endian else "big")],
+        }
+    if vr not in _TEXT_VRS and vr not in ("PN", "IS"):
+        return None
+    text = value.rstrip(b" \x00")
+    if not text:
+        return {"vr": vr}
+    if text[0] == 0x20 or b"\\" in text or not _PRINTABLE_ASCII.fullmatch(text):
+        return None
+    decoded = text.decode("ascii")
+    if vr == "PN":
+        if "=" in decoded:
+            return None
+        return {"vr": vr, "Value": [{"Alphabetic": decoded}]}
+    if vr == "IS":
+        if not _INTEGER_STRING.fullmatch(decoded):
+            return None
+        return {"vr": vr, "Value": [int(decoded)]}
+    return {"vr": vr, "Value": [decoded]}
+
+
+def _element_json(dataset: Dataset, tag: int) -> dict[str, Any] | None:
+    """The DICOM JSON of one top-level element (None when malformed)."""
+    raw = dataset.get_item(tag)
+    if isinstance(raw, RawDataElement):
+        fast = _fast_json(raw)
+        if fast is not None:
+            return fast
+    try:
+        result: dict[str, Any] = dataset[tag].to_json_dict(None, 1024)
+    except Exception:
+        # A malformed optional attribute is left out of the index, as a store keeps
+        # the file but cannot search on that value.
+        return None
+    return result
+
+
+def _first_int(attributes: dict[str, Any], keyword: str, default: int | None) -> int | None:
+    element = attributes.get(tag_hex(keyword))
+    values = element.get("Value") if element else None
+    if not values:
+        return default
+    return values[0] if isinstance(values[0], int) else None
+
+
+def _expected_pixel_bytes(dataset: Dataset, attributes: dict[str, Any]) -> int | None:
+    """Bytes of native pixel data the header promises; None when it cannot tell."""
+    photometric = dataset.get_item(0x00280004)
+    photometric_value = photometric.value if photometric is not None else None
+    counts = [
+        _first_int(attributes, "Rows", None),
+        _first_int(attributes, "Columns", None),
+        _first_int(attributes, "BitsAllocated", None),
+        _first_int(attributes, "NumberOfFrames", 1),
+    ]
+    samples_raw = dataset.get_item(0x00280002)
+    samples = None
+    if isinstance(samples_raw, RawDataElement) and samples_raw.value is not None:
+        samples_json = _fast_json(samples_raw)
+        if samples_json and samples_json.get("Value"):
+            samples = samples_json["Value"][0]
+    plain = (
+        isinstance(photometric_value, bytes)
+        and photometric_value.rstrip(b" \x00") in _PLAIN_PHOTOMETRIC
+    )
+    rows, columns, bits, frames = counts
+    if plain and None not in counts and isinstance(samples, int) and bits in (8, 16, 32, 64):
+        assert rows is not None and columns is not None and bits is not None and frames
+        return rows * columns * samples * frames * (bits // 8)
+    try:
+        return int(get_expected_length(dataset))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _is_truncated(dataset: Dataset, data_length: int, attributes: dict[str, Any]) -> bool:
     """True when a top-level element, or native pixel data, ends short of its length."""
     for tag in list(dataset.keys()):
         raw = dataset.get_item(tag)
@@ -147,16 +248,42 @@ def _is_truncated(dataset: Dataset, data_length: int) -> bool:
             elif len(raw.value) < raw.length:
                 return True
     syntax = dataset.file_meta.get("TransferSyntaxUID")
-    if "PixelData" in dataset and syntax is not None and not UID(syntax).is_compressed:
-        pixel_data = dataset.get_item("PixelData")
+    if 0x7FE00010 in dataset and syntax is not None and not UID(syntax).is_compressed:
+        pixel_data = dataset.get_item(0x7FE00010)
         value = pixel_data.value if isinstance(pixel_data, RawDataElement | DataElement) else None
         if isinstance(value, bytes):
-            try:
-                expected = int(get_expected_length(dataset))
-            except (AttributeError, KeyError, TypeError, ValueError):
-                return False
-            return len(value) < expected
+            expected = _expected_pixel_bytes(dataset, attributes)
+            return expected is not None and len(value) < expected
     return False
+
+
+# The rule is DICOM PS3.5 section 9.1: at most 64 characters, digit components
+# separated by single periods. Google's DICOM conformance statement
+# (cloud.google.com/healthcare-api/docs/dicom, "Store transaction") does not spell
+# out its UID check, so this follows PS3.5 for the characters and length, and lets
+# leading zeros inside a component pass: PS3.5 forbids them too, but many archives
+# hold such UIDs and how the service treats them is not documented.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def is_valid_uid(value: str) -> bool:
+    """True for a UID the store accepts: digits and single periods, at most 64 characters."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def _text(attributes: dict[str, Any], keyword: str) -> str:
+    """An indexed attribute's value as text, as the index keeps it ('' when absent).
+
+    A multi-valued UID reads as its list, which is not a valid UID either.
+    """
+    element = attributes.get(tag_hex(keyword))
+    values = element.get("Value") if element else None
+    if not values:
+        return ""
+    return str(values[0] if len(values) == 1 else values).strip()
 
 
 def parse_instance(data: bytes) -> ParsedInstance:
@@ -167,44 +294,50 @@ def parse_instance(data: bytes) -> ParsedInstance:
     """
     if len(data) < 132 or data[128:132] != b"DICM":
         raise InstanceRejected(NOT_DICOM)
+    quick = lean.parse(data, _INDEX_TAGS, _fast_json, is_valid_uid)
+    if quick is not None:
+        syntax, meta_class, found = quick
+        study, series, sop = (_text(found, k) for k in _UID_KEYWORDS)
+        sop_class = _text(found, "SOPClassUID") or meta_class
+        return ParsedInstance(study, series, sop, sop_class, syntax, found)
+    return parse_with_pydicom(data)
+
+
+def parse_with_pydicom(data: bytes) -> ParsedInstance:
+    """``parse_instance`` through a full pydicom read: the path that decides every rejection.
+
+    Raises:
+        InstanceRejected: not DICOM, truncated, or a required UID is missing or invalid.
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise InstanceRejected(NOT_DICOM)
     with quiet_pydicom():
         try:
             dataset = pydicom.dcmread(io.BytesIO(data))
             syntax = dataset.file_meta.get("TransferSyntaxUID")
-            if not syntax or _is_truncated(dataset, len(data)):
-                raise InstanceRejected(NOT_DICOM)
-            uids = [
-                str(dataset.get(k, "") or "").strip()
-                for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-            ]
-            sop_class = str(
-                dataset.get("SOPClassUID", "")
-                or dataset.file_meta.get("MediaStorageSOPClassUID", "")
-            )
             attributes: dict[str, Any] = {}
-            for keyword in INDEX_KEYWORDS:
-                if keyword in dataset:
-                    try:
-                        element = dataset[keyword]
-                        attributes[f"{element.tag:08X}"] = element.to_json_dict(None, 1024)
-                    except Exception:
-                        # A malformed optional attribute is left out of the index, as
-                        # a store keeps the file but cannot search on that value.
-                        continue
+            for tag in _INDEX_TAGS:
+                if tag in dataset:
+                    element = _element_json(dataset, tag)
+                    if element is not None:
+                        attributes[f"{tag:08X}"] = element
+            if not syntax or _is_truncated(dataset, len(data), attributes):
+                raise InstanceRejected(NOT_DICOM)
+            uids = [_text(attributes, k) for k in _UID_KEYWORDS]
+            sop_class = _text(attributes, "SOPClassUID") or str(
+                dataset.file_meta.get("MediaStorageSOPClassUID", "")
+            )
         except InstanceRejected:
             raise
         except Exception:
             # pydicom raises many kinds of errors on damaged files; all mean the same here.
             raise InstanceRejected(NOT_DICOM) from None
-    missing = [
-        k
-        for k, v in zip(
-            ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids, strict=True
-        )
-        if not v
-    ]
+    missing = [k for k, v in zip(_UID_KEYWORDS, uids, strict=True) if not v]
     if missing:
         raise InstanceRejected(f"invalid DICOM instance: missing {', '.join(missing)}")
+    for keyword, value in zip(_UID_KEYWORDS, uids, strict=True):
+        if not is_valid_uid(value):
+            raise InstanceRejected(f"invalid DICOM instance: {keyword} is not a valid UID")
     return ParsedInstance(uids[0], uids[1], uids[2], sop_class, str(syntax), attributes)
 
 

@@ -25,8 +25,9 @@ accepts these strings, or objects: ``{"faults": {"import": {"rate": 1.0,
 "status": 503}}, "latency": {"import": 0.5}, "operation_latency": 1.0,
 "max_concurrent_ops": 2}``; keys left out keep their value.
 
-Method names: ``datasets.create|get|list|delete``,
-``dicomStores.create|get|list|patch|delete``, ``import``, ``export``,
+Method names: ``datasets.create|get|list|patch|delete|getIamPolicy|setIamPolicy|
+testIamPermissions``, ``dicomStores.create|get|list|patch|delete|getIamPolicy|
+setIamPolicy|testIamPermissions``, ``import``, ``export``,
 ``operations.get|list|cancel``, ``dicomWeb.search|retrieve|store|delete``.
 """
 
@@ -42,11 +43,18 @@ METHODS = (
     "datasets.get",
     "datasets.list",
     "datasets.delete",
+    "datasets.patch",
+    "datasets.getIamPolicy",
+    "datasets.setIamPolicy",
+    "datasets.testIamPermissions",
     "dicomStores.create",
     "dicomStores.get",
     "dicomStores.list",
     "dicomStores.patch",
     "dicomStores.delete",
+    "dicomStores.getIamPolicy",
+    "dicomStores.setIamPolicy",
+    "dicomStores.testIamPermissions",
     "import",
     "export",
     "operations.get",

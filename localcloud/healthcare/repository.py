@@ -1,8 +1,12 @@
-"""Persistence: a SQLite index plus content-addressed blob files under the data directory.
+"""Persistence: a SQLite index plus content-addressed blobs under the data directory.
 
-Layout: ``DATA_DIR/index.sqlite3`` and ``DATA_DIR/blobs/ab/<sha256>``. Resource
-bodies are kept as JSON. One connection is shared under a lock; the emulator's
-write load is batch inserts, which a single writer handles best.
+Layout: ``DATA_DIR/index.sqlite3``; instance bytes up to ``INLINE_BLOB_BYTES``
+live in its ``blobs`` table, larger ones in ``DATA_DIR/blobs/ab/<sha256>``.
+Creating one file per instance costs more than parsing it, and SQLite stores
+small blobs faster than a file system does, in the same transaction as their
+index rows (WAL, synchronous=NORMAL: no fsync per transaction). Resource bodies
+are kept as JSON. One connection is shared under a lock; the emulator's write
+load is batch inserts, which a single writer handles best.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ CREATE TABLE IF NOT EXISTS instances (
     sha256 TEXT NOT NULL, size INTEGER NOT NULL, syntax TEXT NOT NULL, seq INTEGER,
     attributes TEXT NOT NULL, PRIMARY KEY (store, sop));
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (store, study, series);
+CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS iam_policies (resource TEXT PRIMARY KEY, body TEXT NOT NULL);
 """
+
+
+INLINE_BLOB_BYTES = 1 << 20
+# The etag Google gives a resource on which no policy was ever set.
+EMPTY_POLICY_ETAG = "ACAB"
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,12 @@ class Repository:
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def update_dataset(self, name: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE datasets SET body = ? WHERE name = ?", (json.dumps(body), name)
+            )
+
     def delete_dataset(self, name: str) -> None:
         self.get_dataset(name)
         stores = [s["name"] for s in self.list_stores(name)]
@@ -124,6 +141,7 @@ class Repository:
                 "DELETE FROM operation_logs WHERE operation = ?", [(o,) for o in ops]
             )
             self._db.execute("DELETE FROM operations WHERE dataset = ?", (name,))
+            self._db.execute("DELETE FROM iam_policies WHERE resource = ?", (name,))
 
     def create_store(self, name: str, dataset: str, body: dict[str, Any]) -> None:
         with self._lock:
@@ -163,7 +181,40 @@ class Repository:
         with self._lock:
             hashes = self._delete_instances("store = ?", (name,))
             self._db.execute("DELETE FROM dicom_stores WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM iam_policies WHERE resource = ?", (name,))
         self._drop_unreferenced(hashes)
+
+    # IAM policies of datasets and DICOM stores; a resource without a row has none set.
+
+    def get_policy(self, resource: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body FROM iam_policies WHERE resource = ?", (resource,)
+            ).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def set_policy(
+        self, resource: str, policy: dict[str, Any], expected_etag: str | None
+    ) -> dict[str, Any]:
+        """Store ``policy`` unless ``expected_etag`` is given and is not the current etag.
+
+        Raises:
+            ApiError: ABORTED when the policy changed since ``expected_etag`` was read.
+        """
+        with self._lock:
+            current = self.get_policy(resource)
+            current_etag = (current or {}).get("etag", EMPTY_POLICY_ETAG)
+            if expected_etag is not None and expected_etag != current_etag:
+                # The text IAM answers for a stale read-modify-write.
+                raise ApiError(
+                    "ABORTED",
+                    "There were concurrent policy changes. Please retry the whole "
+                    "read-modify-write with exponential backoff.",
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO iam_policies VALUES (?, ?)", (resource, json.dumps(policy))
+            )
+        return policy
 
     # Operations: the body is the Operation JSON; running ones are also held in memory.
 
@@ -217,7 +268,7 @@ class Repository:
     def blob_path(self, sha256: str) -> Path:
         return self.blob_dir / sha256[:2] / sha256
 
-    def write_blob(self, sha256: str, data: bytes) -> None:
+    def _write_blob_file(self, sha256: str, data: bytes) -> None:
         """Write the bytes once; a blob with this hash already holds the same bytes."""
         path = self.blob_path(sha256)
         if path.exists():
@@ -228,6 +279,10 @@ class Repository:
         os.replace(partial, path)
 
     def read_blob(self, sha256: str) -> bytes:
+        with self._lock:
+            row = self._db.execute("SELECT data FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is not None:
+            return bytes(row[0])
         return self.blob_path(sha256).read_bytes()
 
     def find_instance(self, store: str, sop: str) -> StoredInstance | None:
@@ -237,10 +292,37 @@ class Repository:
             ).fetchone()
         return None if row is None else _instance(row)
 
-    def add_instances(self, store: str, rows: Iterable[tuple[ParsedInstance, str, int]]) -> None:
-        """Index new instances in one transaction: (parsed, sha256, size) each."""
+    def find_instances(self, store: str, sops: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+        """SOP UID -> (study, series, sha256) of those of ``sops`` the store holds."""
+        found: dict[str, tuple[str, str, str]] = {}
+        # SQLite allows 32,766 bound parameters; stay well below.
+        for start in range(0, len(sops), 900):
+            part = list(sops[start : start + 900])
+            marks = ",".join("?" * len(part))
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT sop, study, series, sha256 FROM instances "
+                    f"WHERE store = ? AND sop IN ({marks})",
+                    [store, *part],
+                ).fetchall()
+            found.update({r[0]: (r[1], r[2], r[3]) for r in rows})
+        return found
+
+    def add_instances(self, store: str, rows: Iterable[tuple[ParsedInstance, str, bytes]]) -> None:
+        """Store new instances and their bytes in one transaction: (parsed, sha256, data) each.
+
+        Large blobs go to files first, so a row never points at missing bytes.
+        """
+        rows = list(rows)
+        for _parsed, sha, data in rows:
+            if len(data) > INLINE_BLOB_BYTES:
+                self._write_blob_file(sha, data)
         with self._lock, self._db:
             self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO blobs VALUES (?, ?)",
+                [(sha, data) for _p, sha, data in rows if len(data) <= INLINE_BLOB_BYTES],
+            )
             self._db.executemany(
                 "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -250,12 +332,12 @@ class Repository:
                         p.study_uid,
                         p.series_uid,
                         sha,
-                        size,
+                        len(data),
                         p.transfer_syntax,
                         self._next_seq(),
                         json.dumps(p.attributes),
                     )
-                    for p, sha, size in rows
+                    for p, sha, data in rows
                 ],
             )
 
@@ -304,6 +386,8 @@ class Repository:
                 used = self._db.execute(
                     "SELECT 1 FROM instances WHERE sha256 = ? LIMIT 1", (sha,)
                 ).fetchone()
+                if used is None:
+                    self._db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
             if used is None:
                 self.blob_path(sha).unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -23,11 +24,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from localcloud.healthcare import iam
 from localcloud.healthcare.dicomweb import DicomWeb, Reply, json_reply
 from localcloud.healthcare.exporter import parse_mime_type, run_export
+from localcloud.healthcare.fetch import FetchPool
 from localcloud.healthcare.gcs import StorageAccess, split_gcs_uri
 from localcloud.healthcare.importer import InstanceWriter, run_import
 from localcloud.healthcare.knobs import Knobs
+from localcloud.healthcare.notifications import Notifier
 from localcloud.healthcare.operations import Operations, now_rfc3339
 from localcloud.healthcare.repository import Repository
 from localcloud.healthcare.status import ApiError, invalid, not_found, status_for_http
@@ -40,6 +44,7 @@ JSON = "application/json; charset=UTF-8"
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
 _STORE_FIELDS = {"name", "labels", "notificationConfig", "notificationConfigs", "streamConfigs"}
 _PATCHABLE = _STORE_FIELDS - {"name"}
+_DATASET_PATCHABLE = {"timeZone"}
 _LOCATION = r"projects/(?P<p>[^/]+)/locations/(?P<l>[^/]+)"
 _DATASET = _LOCATION + r"/datasets/(?P<d>[^/:]+)"
 _STORE = _DATASET + r"/dicomStores/(?P<s>[^/:]+)"
@@ -49,12 +54,19 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("POST", _LOCATION + "/datasets", "datasets.create"),
         ("GET", _LOCATION + "/datasets", "datasets.list"),
         ("GET", _DATASET, "datasets.get"),
+        ("PATCH", _DATASET, "datasets.patch"),
         ("DELETE", _DATASET, "datasets.delete"),
+        ("GET", _DATASET + ":getIamPolicy", "datasets.getIamPolicy"),
+        ("POST", _DATASET + ":setIamPolicy", "datasets.setIamPolicy"),
+        ("POST", _DATASET + ":testIamPermissions", "datasets.testIamPermissions"),
         ("POST", _DATASET + "/dicomStores", "dicomStores.create"),
         ("GET", _DATASET + "/dicomStores", "dicomStores.list"),
         ("GET", _STORE, "dicomStores.get"),
         ("PATCH", _STORE, "dicomStores.patch"),
         ("DELETE", _STORE, "dicomStores.delete"),
+        ("GET", _STORE + ":getIamPolicy", "dicomStores.getIamPolicy"),
+        ("POST", _STORE + ":setIamPolicy", "dicomStores.setIamPolicy"),
+        ("POST", _STORE + ":testIamPermissions", "dicomStores.testIamPermissions"),
         ("POST", _STORE + ":import", "import"),
         ("POST", _STORE + ":export", "export"),
         ("GET", _DATASET + "/operations", "operations.list"),
@@ -62,8 +74,45 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("POST", _DATASET + r"/operations/(?P<o>[^/:]+):cancel", "operations.cancel"),
     )
 ]
+# Methods of the v1 discovery document that the emulator does not serve: they answer
+# 501 UNIMPLEMENTED naming the method, rather than a 404 that reads as "resource missing".
+UNIMPLEMENTED: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(f"^{pattern}$"), method)
+    for pattern, method in (
+        (_LOCATION, "locations.get"),
+        (r"projects/[^/]+/locations", "locations.list"),
+        (_DATASET + ":deidentify", "datasets.deidentify"),
+        (_STORE + ":deidentify", "dicomStores.deidentify"),
+        (_STORE + ":getDICOMStoreMetrics", "dicomStores.getDICOMStoreMetrics"),
+        (_STORE + ":setBlobStorageSettings", "dicomStores.setBlobStorageSettings"),
+        (_STORE + r"/dicomWeb/studies/[^/]+:getStudyMetrics", "dicomWeb.studies.getStudyMetrics"),
+        (
+            _STORE + r"/dicomWeb/studies/[^/]+:setBlobStorageSettings",
+            "dicomWeb.studies.setBlobStorageSettings",
+        ),
+        (
+            _STORE + r"/dicomWeb/studies/[^/]+/series/[^/]+:getSeriesMetrics",
+            "dicomWeb.studies.series.getSeriesMetrics",
+        ),
+        (
+            _STORE + r"/dicomWeb/studies/[^/]+/series/[^/]+/instances/[^/]+:getStorageInfo",
+            "dicomWeb.studies.series.instances.getStorageInfo",
+        ),
+        (
+            _DATASET + r"/(?P<kind>fhirStores|hl7V2Stores|consentStores|dataMapperWorkspaces)"
+            r"(/.*)?",
+            "{kind}",
+        ),
+        (_LOCATION + r"/services/.*", "services"),
+    )
+]
 _DICOMWEB = re.compile(f"^{_STORE}/dicomWeb/(?P<rest>.*)$")
 _DICOMWEB_METHODS = {"POST": "dicomWeb.store", "DELETE": "dicomWeb.delete"}
+
+
+def default_import_workers() -> int:
+    """Worker processes for imports: one per core, at least two."""
+    return max(2, os.cpu_count() or 1)
 
 
 def _page(
@@ -88,6 +137,13 @@ def _page(
     if start + size < len(items):
         body["nextPageToken"] = base64.urlsafe_b64encode(f"offset:{start + size}".encode()).decode()
     return body
+
+
+def _update_mask(call: Call) -> list[str]:
+    mask = [m.strip() for m in call.query.get("updateMask", [""])[-1].split(",") if m.strip()]
+    if not mask:
+        raise invalid("updateMask is required")
+    return mask
 
 
 def _check_id(kind: str, value: str | None) -> str:
@@ -124,17 +180,35 @@ class Call:
 class HealthcareApi:
     """The service behind the HTTP layer: resources, operations, DICOMweb and knobs."""
 
-    def __init__(self, repository: Repository, storage: StorageAccess, knobs: Knobs) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        storage: StorageAccess,
+        knobs: Knobs,
+        notifier: Notifier,
+        fetch_pool: FetchPool,
+    ) -> None:
         self.base_url = ""
         self.repository = repository
         self.storage = storage
         self.knobs = knobs
-        self.writer = InstanceWriter(repository)
+        self.notifier = notifier
+        self.fetch_pool = fetch_pool
+        self.writer = InstanceWriter(repository, notifier)
         self.operations = Operations(repository, knobs, lambda: self.base_url)
         self.dicomweb = DicomWeb(repository, self.writer, self.operations, lambda: self.base_url)
 
     def handle(self, call: Call) -> Reply:
         """Route a request under ``/{version}/`` to its method, applying the knobs."""
+        for pattern, unserved_method in UNIMPLEMENTED:
+            unserved = pattern.match(call.path)
+            if unserved:
+                name = unserved_method.format(**unserved.groupdict())
+                raise ApiError(
+                    "UNIMPLEMENTED",
+                    f"{name} is not implemented by the localcloud Healthcare emulator, "
+                    "which serves the DICOM surface of the API; see docs/emulator.md",
+                )
         dicomweb = _DICOMWEB.match(call.path)
         if dicomweb:
             method = _DICOMWEB_METHODS.get(call.http_method)
@@ -200,6 +274,38 @@ class HealthcareApi:
     def _datasets_get(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
         return self.repository.get_dataset(self._dataset_name(ids))
 
+    def _datasets_patch(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        name = self._dataset_name(ids)
+        resource = self.repository.get_dataset(name)
+        mask = _update_mask(call)
+        body = call.json()
+        for path in mask:
+            if path not in _DATASET_PATCHABLE:
+                raise invalid(
+                    f"updateMask path {path!r} cannot be updated; use {sorted(_DATASET_PATCHABLE)}"
+                )
+        for path in mask:
+            if body.get(path):
+                resource[path] = str(body[path])
+            else:
+                resource.pop(path, None)
+        self.repository.update_dataset(name, resource)
+        return resource
+
+    def _datasets_getIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        name = self._dataset_name(ids)
+        self.repository.get_dataset(name)
+        return iam.get_policy(self.repository, name, call.query)
+
+    def _datasets_setIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        name = self._dataset_name(ids)
+        self.repository.get_dataset(name)
+        return iam.set_policy(self.repository, name, call.json())
+
+    def _datasets_testIamPermissions(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        self.repository.get_dataset(self._dataset_name(ids))
+        return iam.granted_permissions(call.json())
+
     def _datasets_delete(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
         self.repository.delete_dataset(self._dataset_name(ids))
         return {}
@@ -230,9 +336,7 @@ class HealthcareApi:
     def _dicomStores_patch(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
         name = self._store_name(ids)
         resource = self.repository.get_store(name)
-        mask = [m.strip() for m in call.query.get("updateMask", [""])[-1].split(",") if m.strip()]
-        if not mask:
-            raise invalid("updateMask is required")
+        mask = _update_mask(call)
         body = call.json()
         for path in mask:
             if path not in _PATCHABLE:
@@ -246,6 +350,20 @@ class HealthcareApi:
                 resource.pop(path, None)
         self.repository.update_store(name, resource)
         return resource
+
+    def _dicomStores_getIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        name = self._store_name(ids)
+        self.repository.get_store(name)
+        return iam.get_policy(self.repository, name, call.query)
+
+    def _dicomStores_setIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        name = self._store_name(ids)
+        self.repository.get_store(name)
+        return iam.set_policy(self.repository, name, call.json())
+
+    def _dicomStores_testIamPermissions(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        self.repository.get_store(self._store_name(ids))
+        return iam.granted_permissions(call.json())
 
     def _dicomStores_delete(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
         self.repository.delete_store(self._store_name(ids))
@@ -265,7 +383,13 @@ class HealthcareApi:
             "import",
             call.version,
             lambda op: run_import(
-                op, store, uri, self.storage, self.writer, self.operations.checkpoint
+                op,
+                store,
+                uri,
+                self.storage,
+                self.fetch_pool,
+                self.writer,
+                self.operations.checkpoint,
             ),
             counted=True,
             limited=True,
@@ -405,12 +529,13 @@ class _Handler(BaseHTTPRequestHandler):
             error = ApiError("INTERNAL", "internal error in the emulator")
             reply = json_reply(error.body(), 500, JSON)
         self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
+        if reply.status != 204:  # RFC 9110: a 204 carries neither a body nor its length
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
         for key, value in reply.headers.items():
             self.send_header(key, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and reply.status != 204:
             self.wfile.write(reply.body)
 
 
@@ -432,6 +557,8 @@ class HealthcareServer:
         data_dir: Path | None,
         storage_endpoint: str | None,
         knobs: Knobs,
+        pubsub_endpoint: str | None = None,
+        import_workers: int | None = None,
     ) -> None:
         self._temp_dir: Path | None = None
         if data_dir is None:
@@ -440,10 +567,18 @@ class HealthcareServer:
         self.data_dir = data_dir
         self.knobs = knobs
         self.repository = Repository(data_dir)
-        self.api = HealthcareApi(self.repository, StorageAccess(storage_endpoint), knobs)
+        workers = default_import_workers() if import_workers is None else import_workers
+        self.api = HealthcareApi(
+            self.repository,
+            StorageAccess(storage_endpoint),
+            knobs,
+            Notifier(pubsub_endpoint),
+            FetchPool(workers),
+        )
         try:
             self._httpd = _Server((HOST, port), self.api)
         except BaseException:
+            self.api.fetch_pool.close()
             self.repository.close()
             raise
         self.port = int(self._httpd.server_address[1])
@@ -463,6 +598,8 @@ class HealthcareServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self.api.operations.stop()
+        self.api.fetch_pool.close()
+        self.api.notifier.close()
         self.api.storage.close()
         self.repository.close()
         if self._temp_dir is not None:

@@ -1,0 +1,233 @@
+"""Fetching and checking import sources in worker processes.
+
+Reading a file from Cloud Storage and parsing its header take most of an
+import's time and hold the GIL, so an import spreads them over a pool of
+processes; the parent only decides and records (``importer``). Each worker
+keeps one keep-alive connection to the storage endpoint and reads objects with
+plain JSON-API media GETs, which cost a fraction of a google-cloud-storage
+download. Without an endpoint (the real Cloud Storage) workers use
+google-cloud-storage with Application Default Credentials.
+
+A worker that dies is replaced; the chunk it held fails its import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import urllib.parse
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localcloud.healthcare.instances import InstanceRejected, ParsedInstance, parse_instance
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One examined file: its bytes, hash and index entry, or why it cannot be stored.
+
+    ``error`` is (gRPC code, message) of a per-file failure.
+    """
+
+    source: str
+    data: bytes
+    sha256: str
+    parsed: ParsedInstance | None
+    error: tuple[int, str] | None
+
+
+def examine(source: str, data: bytes) -> Candidate:
+    """Hash and parse one file."""
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return Candidate(source, data, sha, parse_instance(data), None)
+    except InstanceRejected as exc:
+        return Candidate(source, data, sha, None, (exc.code, exc.message))
+
+
+class _Reader:
+    """Reads objects of one storage endpoint over a kept-alive connection."""
+
+    def __init__(self, endpoint: str | None) -> None:
+        self.endpoint = endpoint
+        self._connection: http.client.HTTPConnection | None = None
+        self._client: Any = None
+
+    def read(self, bucket: str, name: str) -> bytes:
+        if self.endpoint is None:
+            if self._client is None:
+                from google.cloud import storage
+
+                self._client = storage.Client()
+            data: bytes = self._client.bucket(bucket).blob(name).download_as_bytes()
+            return data
+        path = (
+            f"{urllib.parse.urlsplit(self.endpoint).path.rstrip('/')}/storage/v1/b/"
+            f"{urllib.parse.quote(bucket, safe='')}/o/{urllib.parse.quote(name, safe='')}"
+            "?alt=media"
+        )
+        for attempt in (1, 2):
+            if self._connection is None:
+                url = urllib.parse.urlsplit(self.endpoint)
+                self._connection = http.client.HTTPConnection(url.netloc, timeout=60)
+            try:
+                self._connection.request("GET", path)
+                response = self._connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException):
+                # A kept-alive connection the server closed: reconnect once.
+                self._connection.close()
+                self._connection = None
+                if attempt == 2:
+                    raise
+                continue
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status} reading gs://{bucket}/{name}")
+            return body
+        raise AssertionError("unreachable")
+
+
+_READERS: dict[str | None, _Reader] = {}
+
+
+def fetch_chunk(endpoint: str | None, bucket: str, names: list[str]) -> list[Candidate]:
+    """Read and examine ``names`` in order (runs in a worker process)."""
+    reader = _READERS.get(endpoint)
+    if reader is None:
+        reader = _READERS[endpoint] = _Reader(endpoint)
+    found = []
+    for name in names:
+        source = f"gs://{bucket}/{name}"
+        try:
+            data = reader.read(bucket, name)
+        except Exception as exc:
+            # A vanished or unreadable object fails alone, like any other per-file error.
+            found.append(Candidate(source, b"", "", None, (5, f"cannot read: {exc}")))
+            continue
+        found.append(examine(source, data))
+    return found
+
+
+class _Worker:
+    """One worker process: pickled (endpoint, bucket, names) in, pickled result out."""
+
+    def __init__(self) -> None:
+        package_root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "localcloud.healthcare.fetch_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path},
+        )
+
+    def call(self, request: tuple[str | None, str, list[str]]) -> list[Candidate]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        pickle.dump(request, self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self.process.stdin.flush()
+        status, value = pickle.load(self.process.stdout)
+        if status != "ok":
+            raise RuntimeError(f"import worker failed: {value}")
+        result: list[Candidate] = value
+        return result
+
+    def stop(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class WorkerDied(Exception):
+    """A worker process exited or broke its pipe in the middle of a chunk."""
+
+
+class FetchPool:
+    """Worker processes for ``fetch_chunk``; ``workers`` 0 runs chunks in the calling thread.
+
+    The workers are plain ``python -m localcloud.healthcare.fetch_worker`` processes fed
+    through pipes, not multiprocessing's, which would re-import the embedding
+    program's ``__main__`` in each child. They start with the emulator, so the
+    first import does not wait for their imports, and they exit when their pipe
+    closes, including when the emulator dies.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._all: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fetch-pool")
+        for _ in range(workers):
+            self._idle.put(self._new_worker())
+
+    def _new_worker(self) -> _Worker:
+        worker = _Worker()
+        with self._lock:
+            self._all.append(worker)
+        return worker
+
+    def submit(
+        self, endpoint: str | None, bucket: str, names: list[str]
+    ) -> Future[list[Candidate]]:
+        if not self.workers:
+            done: Future[list[Candidate]] = Future()
+            done.set_result(fetch_chunk(endpoint, bucket, names))
+            return done
+        return self._threads.submit(self._run, (endpoint, bucket, names))
+
+    def _run(self, request: tuple[str | None, str, list[str]]) -> list[Candidate]:
+        worker = self._idle.get()
+        try:
+            result = worker.call(request)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            worker.process.kill()
+            with self._lock:
+                self._all.remove(worker)
+                closed = self._closed
+            if not closed:
+                self._idle.put(self._new_worker())
+            raise WorkerDied(str(exc) or type(exc).__name__) from None
+        self._idle.put(worker)
+        return result
+
+    def close(self) -> None:
+        """Let running chunks finish, then end every worker."""
+        with self._lock:
+            self._closed = True
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            workers, self._all = self._all, []
+        for worker in workers:
+            worker.stop()
+
+
+def serve() -> None:
+    """The worker loop: answer requests on stdin until it closes."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            endpoint, bucket, names = pickle.load(stdin)
+        except EOFError:
+            return
+        try:
+            reply: tuple[str, object] = ("ok", fetch_chunk(endpoint, bucket, names))
+        except Exception as exc:
+            # Reported to the parent, which fails the import with it.
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.flush()
