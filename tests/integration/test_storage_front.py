@@ -261,3 +261,46 @@ def test_a_resumable_upload_through_the_fault_proxy_stays_behind_it(
         proxy.stop()
     # The session start and all three chunks went through the proxy, none around it.
     assert proxy.snapshot()["counts"]["objects.insert"] == 4
+
+
+def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
+    gcs_server: StorageServer, bucket: storage.Bucket
+) -> None:
+    """objects.create and objects.swap, through a proxy that loses the answer of the first
+    write of each: the library's retry meets 412, and the token read back says it is ours."""
+    from dicomflow import objects
+
+    proxy = FaultProxy(gcs_server.url, seed=3).start()
+    faulty = client(proxy.url)
+    try:
+        target = faulty.bucket(bucket.name)
+        proxy.after_fault_rate = 1.0  # every write takes effect, then its answer is lost
+        original = objects._upload
+
+        def once(*args: object, **kwargs: object) -> int:
+            # The first attempt's answer is lost; the library's own retry then runs clean.
+            try:
+                return original(*args, **kwargs)  # type: ignore[arg-type]
+            finally:
+                proxy.after_fault_rate = 0.0
+
+        objects._upload = once  # type: ignore[assignment]
+        try:
+            created = objects.create(target, "mine.json", {"v": 1})
+            assert created is not None  # ours, not "someone else's"
+            proxy.after_fault_rate = 1.0
+            swapped = objects.swap(target, "mine.json", {"v": 2}, created)
+            assert swapped is not None and swapped != created
+        finally:
+            objects._upload = original  # type: ignore[assignment]
+        # Someone else's object is still told apart.
+        assert objects.create(target, "mine.json", {"v": 3}) is None
+        assert objects.swap(target, "mine.json", {"v": 4}, created) is None
+    finally:
+        faulty.close()  # type: ignore[no-untyped-call]
+        proxy.stop()
+    assert objects.read_json(bucket, "mine.json") == {
+        "v": 2,
+        objects.TOKEN: objects.read_json(bucket, "mine.json")[objects.TOKEN],  # type: ignore[index]
+    }
+    assert proxy.snapshot()["after_faults"] == {"objects.insert": 2}
