@@ -81,9 +81,10 @@ def main() -> int:
         "ok": result.ok,
         "problems": result.problems,
         # Files, not problem lines: each line starts with its count ("3 false alerts: ...").
-        # Lost: an upload with no final outcome.
+        # Lost: an upload with no final outcome (none at all, or still staged).
         "lost": _count(result.problems, "uploads without an outcome")
         + _count(result.problems, "outcomes not final"),
+        "notFinal": _count(result.problems, "outcomes not final"),
         "missingFromStore": _count(result.problems, "valid files missing from the store"),
         "falseAlerts": _count(result.problems, "false alerts"),
         "revivals": len(result.stats.get("revived") or []),
