@@ -110,7 +110,8 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     """Seal every due window that is not sealed; the batches they made."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
-    floor = window_id(now - timedelta(seconds=lookback_seconds(settings)), CURSOR_STEP_SECONDS)
+    # A time without the window kind (Z or L), so that both kinds of a start sort after it.
+    floor = window_id(now - timedelta(seconds=lookback_seconds(settings)), CURSOR_STEP_SECONDS)[:-1]
     stored = (objects.read_json(bucket, SEAL_CURSOR) or {}).get("window")
     cursor = str(stored or floor)
     # From the earlier of the two: a window whose first copy landed since the last tick

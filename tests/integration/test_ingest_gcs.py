@@ -352,6 +352,20 @@ def test_a_window_whose_first_copy_lands_while_ticks_stop_is_still_sealed(env: E
     assert [r.key for r in env.files(L1) or []] == [env.key(obj)]
 
 
+def test_a_late_window_that_starts_with_a_cursor_step_is_listed(env: Env) -> None:
+    """A late window (``...L``) that starts on a cursor step: the cursor holds a time, not a
+    window of one kind, so windows of both kinds that start then sort after it."""
+    obj = env.upload("step/a.dcm", make_instance(), created=env.clock().replace(minute=54))
+    env.at("12:55:30")  # W1 was sealed at 12:55:10: into the late window holding that, 12:55L
+    assert env.deliver(obj) == 200
+    late = "20261125T125500L"
+    assert [n for n in env.staged() if env.key(obj) in n] == [
+        staging.staged_name(late, env.key(obj))
+    ]
+    env.at("13:01:30")  # the first tick: its floor is 12:55:00, where the late window starts
+    assert batches.seal_due(env.ctx, env.clock()) == [late]
+
+
 def test_the_later_seal_keeps_a_late_copy_whose_home_list_lacks_the_key(env: Env) -> None:
     obj = env.upload("late/a.dcm", make_instance())
     env.at("12:54:15")

@@ -80,8 +80,9 @@ class Pipeline:
         """Seal every window that has copies (late windows too) and tick ingest until no
         import is running."""
         settings = self.ctx.settings
-        longest = max(settings.batch_window_seconds, settings.late_window_seconds)
-        self.clock.advance(longest + settings.seal_grace_seconds + 1)
+        # Past the seal of the late window that holds the seal of the current window.
+        late = settings.batch_window_seconds + settings.late_window_seconds
+        self.clock.advance(late + settings.seal_grace_seconds + 1)
         deadline = time.monotonic() + timeout
         while True:
             done = ingest.tick(self.ctx)
