@@ -77,6 +77,8 @@ from dicomflow.staging import (
 logger = logging.getLogger(__name__)
 
 STAGED = "staged"
+# The ``via`` of a record that ``dicomflow retry`` staged under a new key.
+REDRIVE = "retry"
 QUARANTINED = "quarantined"
 DROPPED = "dropped"
 
@@ -239,18 +241,21 @@ def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime)
     landed_by = now + timedelta(seconds=copy_deadline(settings))
     if record.via is None and landed_by < seal_time(record.home, settings):
         return _copied(ctx, source, staged_name(record.home, record.key), record, STAGED)
-    late = late_home(record, settings)
-    if landed_by < seal_time(late, settings):
-        with_late = _with(record, window=late, via=record.via or "late")
-        return _copied(ctx, source, staged_name(late, record.key), with_late, STAGED)
-    # Later still: unless one of the two windows a delivery may have copied into lists
-    # the file, a claim picks the window.
-    if now < seal_time(late, settings):
-        raise TransientError(f"{record.key}: its late window is being sealed; retry shortly")
-    if record.key in batches.listed_keys(ctx, record.home, now) or record.key in (
-        batches.listed_keys(ctx, late, now)
-    ):
-        return {"status": STAGED, "window": None, "reason": "listed-earlier", "repeat": True}
+    # A re-drive (``dicomflow retry``, a new key) always claims: the operator's settings
+    # need not be the functions', so it must not rely on computing their late window.
+    if record.via != REDRIVE:
+        late = late_home(record, settings)
+        if landed_by < seal_time(late, settings):
+            with_late = _with(record, window=late, via=record.via or "late")
+            return _copied(ctx, source, staged_name(late, record.key), with_late, STAGED)
+        # Later still: unless one of the two windows a delivery may have copied into
+        # lists the file, a claim picks the window.
+        if now < seal_time(late, settings):
+            raise TransientError(f"{record.key}: its late window is being sealed; retry shortly")
+        if record.key in batches.listed_keys(ctx, record.home, now) or record.key in (
+            batches.listed_keys(ctx, late, now)
+        ):
+            return {"status": STAGED, "window": None, "reason": "listed-earlier", "repeat": True}
     current = late_window_id(now, settings.late_window_seconds)
     window = late_window(ctx, record.key, current, now)
     if window is None:

@@ -15,11 +15,13 @@ that the old outcome is superseded::
   concurrent one, a resume after a crash) copies to the same name; the copy is
   create-if-absent, so the file gets one new record. If that record fails again, the
   next re-drive starts from it (its own key), and the chain never repeats a key.
-- The copy goes through ``ingest.stage`` with ``via = "retry"``: like a late delivery
-  it claims ``state/late/<retry key>`` for the current late window and copies there,
-  and the seal of that window lists it. A resume whose claim names a window already
-  sealed without the file moves the claim to the current one (``ingest.late_window``),
-  so a copy never lands after its seal.
+- The copy goes through ``ingest.stage`` with ``via = "retry"``: like a very late
+  delivery it claims ``state/late/<retry key>`` for the current late window and copies
+  there, and the seal of that window lists it. A resume whose claim names a window
+  already sealed without the file moves the claim to the current one
+  (``ingest.late_window``), so a copy never lands after its seal. A re-drive always
+  claims: the operator's settings need not be the functions', so it must not rely on
+  computing their windows.
 - Source: the landing object's generation while it exists, else the copy the old
   outcome kept (``batches/<window>/<key>.dcm`` or ``quarantine/<window>/<key>.dcm``).
   Old copies are left to the lifecycle rule: a copy is the claim of its key, and a
@@ -62,7 +64,7 @@ logger = logging.getLogger(__name__)
 RETRIES_PREFIX = f"{STATE_PREFIX}retries/"
 RETRYABLE = (FAILED, outcomes.QUARANTINED, CONFLICT)
 DEFAULT_STATUSES = (FAILED, outcomes.QUARANTINED)
-VIA = "retry"
+VIA = ingest.REDRIVE
 
 # Results of one re-drive.
 RESTAGED = "restaged"  # staged under its retry key; a later batch gives it an outcome
