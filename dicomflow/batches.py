@@ -88,6 +88,8 @@ SEAL_CURSOR = f"{STATE_PREFIX}cursors/seal.json"
 LOOKBACK_SECONDS = 300
 # Cursors move in steps this long (one write each), not at every tick.
 CURSOR_STEP_SECONDS = 300
+# An import an interrupted start may have begun: created this soon after its intent.
+ADOPT_SECONDS = 120
 
 
 def open_batches(bucket: storage.Bucket) -> list[str]:
@@ -425,10 +427,18 @@ def start(
 ) -> str:
     """Import ``batch`` once: ``started``, ``elsewhere`` (another tick has it),
     ``throttled`` (429), ``failed`` (refused for good: recorded as done) or ``retry``."""
+    from dicomflow import operations, verify
+
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     uri = import_uri(settings.staging_bucket, batch)
-    body = {"batch": batch, "uri": uri, "requestedAt": iso(now)}
+    # The note first, once (one QIDO per study): before the intent, so that a start cut
+    # short between the intent and the call has only the call in between.
+    if objects.read_json(bucket, verify.note_name(batch)) is None:
+        others = [b for b in open_batches(bucket) if b != batch]
+        note = verify.take_note(ctx, batch_records(bucket, batch), others)
+        objects.create(bucket, verify.note_name(batch), note)
+    body = {"batch": batch, "uri": uri, "requestedAt": iso(ctx.clock())}
     if intent is None:
         if not objects.create(bucket, intent_name(batch), body):
             return "elsewhere"
@@ -436,11 +446,7 @@ def start(
         logger.warning("restarting interrupted import", extra=log.fields(batch=batch))
         if objects.swap(bucket, intent_name(batch), body, intent[1]) is None:
             return "elsewhere"
-    from dicomflow import verify  # the note needs the store's QIDO helpers
-
-    records = batch_records(bucket, batch)
-    others = [b for b in open_batches(bucket) if b != batch]
-    objects.create(bucket, verify.note_name(batch), verify.take_note(ctx, records, others))
+        adopt_interrupted(ctx, batch, intent[0])
     try:
         operation = healthcare.start_import(ctx, uri)
     except healthcare.QuotaExceeded:
@@ -461,13 +467,48 @@ def start(
             {**body, "operation": None, "done": True, "error": error, "finishedAt": iso(now)},
         )
         return "failed"
+    # Ours first: a start cut short after it leaves an operation the report knows.
+    operations.record_ours(ctx, operation["name"], operations.IMPORT, batch)
     record = {**body, "operation": operation["name"], "startedAt": iso(now)}
     objects.create(bucket, operation_name(batch), record)
-    from dicomflow import operations
-
-    operations.record_ours(ctx, operation["name"], "import", batch)
     logger.info("import started", extra=log.fields(batch=batch, operation=operation["name"]))
     return "started"
+
+
+def adopt_interrupted(ctx: Context, batch: str, intent: dict[str, Any]) -> list[str]:
+    """Record as ours the imports an interrupted attempt may have started.
+
+    A start killed between the import call and its record leaves an operation nobody
+    knows: the Operation does not carry its request, so it cannot be matched to the
+    batch. Every unrecorded import created within ``ADOPT_SECONDS`` of the attempt's
+    intent is taken as the attempt's, so that its failures are not reported as an
+    import started outside dicomflow. Its files are the batch's, imported again now
+    and verified once. The cost: an import started outside dicomflow in that same
+    interval is not reported either. One ``operations.list``, on this path only.
+    """
+    from dicomflow import operations
+
+    requested = parse_time(intent.get("requestedAt"))
+    if requested is None:
+        return []
+    adopted = []
+    for op in operations.list_operations(ctx):
+        if op.kind != operations.IMPORT or op.created is None:
+            continue
+        if (
+            not requested - timedelta(seconds=5)
+            <= op.created
+            <= requested + timedelta(seconds=ADOPT_SECONDS)
+        ):
+            continue
+        if not operations.is_ours(ctx, op.name):
+            operations.record_ours(ctx, op.name, operations.IMPORT, f"{batch}/interrupted")
+            adopted.append(op.name)
+    if adopted:
+        logger.warning(
+            "interrupted import adopted", extra=log.fields(batch=batch, count=len(adopted))
+        )
+    return adopted
 
 
 # ---- stragglers --------------------------------------------------------------------------------

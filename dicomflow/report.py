@@ -10,9 +10,10 @@ two report instances at once::
     2. the dataset's operations (operations.list): stalled, once each; failed
        operations dicomflow did not start (no state/ops/<id>.json), once each
     3. exports (dicomflow.export.settle_exports)
-    4. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
-       per episode (state/report/backlog.json names the episode)
-    5. quarantined and dropped files, one alert per closed window (dicomflow.feeds)
+    4. quarantined and dropped files, one alert per closed window (dicomflow.feeds)
+    5. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
+       per episode (state/report/backlog.json names the episode); after step 1, whose
+       checks tell which batches wait
 
 Verdicts do not depend on which tick verifies a batch or in which order batches
 finish (see ``dicomflow.verify``), so there are no verification leases: two ticks
@@ -74,8 +75,9 @@ TICK_BUDGET_SECONDS = 300.0
 VERIFY_BATCHES_AT_ONCE = 4
 # Failed operations are looked at while they ended this recently; a tick runs every minute.
 OUTSIDE_HORIZON_SECONDS = 86_400
-# dicomflow records an operation it started right after the call; one this old without a
-# record is not ours (or its starter died in between: see _report_outside).
+# dicomflow records an operation it started right after the call, or adopts it when it
+# repairs an interrupted start (batches.adopt_interrupted); one this much older than the
+# repair delay without a record is not ours.
 RECORD_MARGIN_SECONDS = 60
 
 # One tick at a time per instance. The deployment serves one request per instance;
@@ -151,6 +153,11 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         exports = export.settle_exports(ctx, now)
         crashpoint("exports")
         lap("operations")
+        # Beside the verifications, not after them: a long one must not hold these back.
+        quarantined = feeds.report(ctx, feeds.QUARANTINE, now)
+        crashpoint("quarantine")
+        dropped = feeds.report(ctx, feeds.DROPPED, now)
+        lap("feeds")
     finally:
         pool.shutdown(wait=True)
     lap("verify")
@@ -158,10 +165,6 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         future.result()
     backlog = _report_backlog(ctx, waiting, now)
     crashpoint("backlog")
-    quarantined = feeds.report(ctx, feeds.QUARANTINE, now)
-    crashpoint("quarantine")
-    dropped = feeds.report(ctx, feeds.DROPPED, now)
-    lap("feeds")
 
     result = {
         "status": "tick",
@@ -335,12 +338,17 @@ def _report_outside(ctx: Any, listed: list[OperationView], now: datetime) -> lis
     """Alert ``operation_failed`` once for each failed import or export that dicomflow did
     not start, among those that ended within ``OUTSIDE_HORIZON_SECONDS``.
 
-    An import call retried after a 5xx that had in fact started an operation leaves
-    that first operation unrecorded (an Operation does not carry its request, so it
-    cannot be matched to the batch). If it fails it is reported as started outside
-    dicomflow; its files are the batch's, whose per-file verification stands.
+    An import call retried after a 5xx that had in fact started an operation, or a
+    start killed between the call and its record, leaves that operation unrecorded
+    (an Operation does not carry its request, so it cannot be matched to the batch).
+    The repair of an interrupted start adopts it (``batches.adopt_interrupted``); the
+    retry after a 5xx does not, and such an operation, if it fails, is reported as
+    started outside dicomflow. Its files are the batch's, whose verification stands.
     """
-    recorded_by = now - timedelta(seconds=RECORD_MARGIN_SECONDS)
+    # An interrupted start is repaired (and its import adopted) import_restart_seconds after it.
+    recorded_by = now - timedelta(
+        seconds=ctx.settings.import_restart_seconds + RECORD_MARGIN_SECONDS
+    )
     oldest = now - timedelta(seconds=OUTSIDE_HORIZON_SECONDS)
     reported: list[str] = []
     for op in listed:

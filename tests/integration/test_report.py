@@ -423,7 +423,7 @@ def test_failing_import_started_outside_is_reported_once(env: Env) -> None:
             time.sleep(0.1)
     assert env.report_tick() == 200
     assert env.pull() == []  # ingest may be about to record it as its own
-    env.clock.advance(report.RECORD_MARGIN_SECONDS + 1)
+    env.clock.advance(env.ctx.settings.import_restart_seconds + report.RECORD_MARGIN_SECONDS + 1)
     for _ in range(3):
         assert env.report_tick() == 200
     got = env.pull()
@@ -525,13 +525,13 @@ CRASHPOINTS = [
     "listed",
     "outside",
     "exports",
+    "quarantine",
     "restaged",
     "verified",
     "manifests",
     "alerts",
     "summary",
     "backlog",
-    "quarantine",
 ]
 
 
@@ -583,8 +583,14 @@ def crash_scenario(env: Env) -> None:
 
 
 def run_until_settled(env: Env, limit: int = 60) -> list[int]:
+    settings = env.ctx.settings
+    # Past the seals, and past the delay after which an unknown failed import is reported.
     env.clock.advance(
-        env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds + 120
+        settings.batch_window_seconds
+        + settings.seal_grace_seconds
+        + settings.import_restart_seconds
+        + report.RECORD_MARGIN_SECONDS
+        + 1
     )
     statuses: list[int] = []
     bucket = env.gcs.bucket(env.staging)
