@@ -75,8 +75,8 @@ def storage_area(method: str, path: str, query: str, body: bytes = b"") -> str:
     """Where in a bucket a Cloud Storage request goes: ``bucket:top`` (``bucket:state/x``).
 
     ``top`` is the object name's (or listing prefix's) first path part, two parts under
-    ``state/``; it breaks the call counts down by the kind of object (ledger entries,
-    staged copies, markers) for the benchmarks.
+    ``state/``; it breaks the call counts down by the kind of object (staging copies,
+    late claims, markers) for the benchmarks.
     """
     params = parse_qs(query)
     for lead in ("/upload/storage/v1/b/", "/download/storage/v1/b/", "/storage/v1/b/"):
