@@ -48,6 +48,19 @@ class Outcome:
     record: FileRecord | None = None
     line: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of_manifest(cls, batch: str, line: dict[str, Any]) -> Outcome:
+        """The outcome a manifest line of ``batch`` records."""
+        return cls(
+            key=line["key"],
+            status=line["status"],
+            reason=line.get("reason"),
+            batch=batch,
+            window=line.get("window"),
+            record=FileRecord.from_line(line),
+            line=line,
+        )
+
 
 def batch_ids(bucket: storage.Bucket) -> list[str]:
     """Every batch with a manifest folder (verified, or being verified), in order."""
@@ -74,15 +87,7 @@ def read_all(bucket: storage.Bucket) -> dict[str, Outcome]:
     ids = batch_ids(bucket)
     for batch, lines in zip(ids, pmap(lambda b: manifest_lines(bucket, b), ids), strict=True):
         for line in lines:
-            found[line["key"]] = Outcome(
-                key=line["key"],
-                status=line["status"],
-                reason=line.get("reason"),
-                batch=batch,
-                window=line.get("window"),
-                record=FileRecord.from_line(line),
-                line=line,
-            )
+            found[line["key"]] = Outcome.of_manifest(batch, line)
     for blob in objects.blobs(bucket, QUARANTINE_PREFIX):
         window = blob.name[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
         record = FileRecord.from_blob(blob, window)

@@ -391,15 +391,7 @@ class OutcomeReader:
                 if key in found:
                     self.doubles.setdefault(key, [str(found[key].batch)]).append(batch)
                     continue
-                found[key] = Outcome(
-                    key=key,
-                    status=line["status"],
-                    reason=line.get("reason"),
-                    batch=batch,
-                    window=line.get("window"),
-                    record=FileRecord.from_line(line),
-                    line=line,
-                )
+                found[key] = Outcome.of_manifest(batch, line)
         for blob in objects.blobs(self._bucket, QUARANTINE_PREFIX):
             window = blob.name[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
             record = FileRecord.from_blob(blob, window)
