@@ -225,9 +225,10 @@ def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) ->
     summary = manifests.read_summary(bucket, batch)
     if summary is None:
         queued = objects.read_json(bucket, open_name(batch)) or {"batch": batch}
-        window, _ = parse_batch(batch)
-        records = batches.batch_records(bucket, batch)
-        listed = frozenset(r.key for r in batches.read_files(bucket, window) or [])
+        window, bits = parse_batch(batch)
+        in_window = batches.read_files(bucket, window) or []
+        records = [r for r in in_window if r.key.startswith(bits)]
+        listed = frozenset(r.key for r in in_window)
         restaged = batches.restage_stragglers(ctx, batch, listed)
         crashpoint("restaged")
         note = objects.read_json(bucket, verify.note_name(batch))
