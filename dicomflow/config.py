@@ -156,6 +156,22 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("DICOMFLOW_BACKLOG_SECONDS", "900", "a sealed batch waiting longer raises 'backlog'"),
     ("DICOMFLOW_ALERT_OBJECT_NAMES", "hash", "object names in alerts: hash or plain"),
     ("DICOMFLOW_ALERT_SAMPLE_FILES", "10", "sample files listed in one alert"),
+    (
+        "DICOMFLOW_KEY_SECRET",
+        "unset",
+        "deployment key: Secret Manager version, projects/P/secrets/S/versions/latest",
+    ),
+    ("DICOMFLOW_KEY_FILE", "unset", "deployment key: a file holding it (localcloud)"),
+    ("DICOMFLOW_ALERT_UIDS", "hash", "DICOM UIDs in alerts: hash (keyed) or plain"),
+    ("DICOMFLOW_SWEEP_HOURS", "24", "hours between sweeps for missed events; 0 = off"),
+    (
+        "DICOMFLOW_LANDING_DELETE_AFTER_DAYS",
+        "0",
+        "delete a landing object this many days after it was imported; 0 = never",
+    ),
+    ("DICOMFLOW_RESTORE_DRILL_DAYS", "7", "days between restore drills; 0 = off"),
+    ("DICOMFLOW_RESTORE_DRILL_STUDIES", "50", "studies one restore drill restores"),
+    ("DICOMFLOW_DRILL_STORE", "unset", "scratch DICOM store of the restore drill"),
 )
 
 

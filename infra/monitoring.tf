@@ -7,6 +7,7 @@
 
 locals {
   function_services = [for fn in keys(local.functions) : "\"${var.name_prefix}-${fn}\""]
+  runbook           = coalesce(var.runbook_url, "docs/alerts.md")
   alert_metric_type = var.monitoring_alerts ? "logging.googleapis.com/user/${google_logging_metric.alerts[0].name}" : ""
 
   # One policy per severity group; each notification names the kind and links its runbook section.
@@ -121,7 +122,7 @@ resource "google_monitoring_alert_policy" "alerts" {
     content   = <<-EOT
       dicomflow published a **$${metric.label.kind}** alert ($${metric.label.severity}).
 
-      Runbook: ${var.runbook_url}#$${metric.label.kind}
+      Runbook: ${local.runbook}#$${metric.label.kind}
 
       The alert itself (subject, counts, sample labels; never PHI) is on the alerts topic
       `${google_pubsub_topic.alerts.id}` and, until read, in the subscription

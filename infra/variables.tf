@@ -398,11 +398,11 @@ variable "alert_webhook_url" {
 
 variable "runbook_url" {
   type        = string
-  description = "Where docs/alerts.md is published (e.g. the repository's web view of it). Each alert policy's documentation links <runbook_url>#<kind>."
-  default     = "https://github.com/dicomflow/dicomflow/blob/main/docs/alerts.md"
+  description = "Where your copy of docs/alerts.md is published, e.g. the web view of it in your repository. Each alert policy's documentation links <runbook_url>#<kind>. Null names the file docs/alerts.md instead of a URL."
+  default     = null
 
   validation {
-    condition     = can(regex("^https://", var.runbook_url))
+    condition     = var.runbook_url == null || can(regex("^https://", coalesce(var.runbook_url, "x")))
     error_message = "runbook_url must be an https:// URL."
   }
 }
