@@ -55,7 +55,9 @@ class Result:
         lines = [f"google {self.major}.x: {'valid' if self.ok else 'INVALID'}"]
         for d in self.diagnostics:
             where = d.get("range") or {}
-            at = f"{where.get('filename')}:{(where.get('start') or {}).get('line')}" if where else ""
+            at = (
+                f"{where.get('filename')}:{(where.get('start') or {}).get('line')}" if where else ""
+            )
             lines.append(f"  {d.get('severity')}: {d.get('summary')} {at} {d.get('detail', '')}")
         return "\n".join(lines)
 

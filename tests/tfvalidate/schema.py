@@ -117,7 +117,10 @@ def _block(entries: str, owner: str, segments: dict[str, str], in_set: bool = Fa
             continue
         if kind == "simple":
             cty: Any = _PRIMITIVE.get(storage, "dynamic")
-        elif storage.endswith(("List", "Map")) and storage[:-4 if storage.endswith("List") else -3] in _PRIMITIVE:
+        elif (
+            storage.endswith(("List", "Map"))
+            and storage[: -4 if storage.endswith("List") else -3] in _PRIMITIVE
+        ):
             base = storage[:-4] if storage.endswith("List") else storage[:-3]
             cty = [kind if kind in ("list", "set", "map") else "list", _PRIMITIVE[base]]
         else:
@@ -125,7 +128,9 @@ def _block(entries: str, owner: str, segments: dict[str, str], in_set: bool = Fa
         prop = _PROP.search(value)
         reset = "reset" + (prop.group(1)[:1].upper() + prop.group(1)[1:]) if prop else ""
         optional = not prop or f"{reset}()" in owner
-        attributes[name] = {"type": cty, "optional": True} if optional else {"type": cty, "required": True}
+        attributes[name] = (
+            {"type": cty, "optional": True} if optional else {"type": cty, "required": True}
+        )
     for name, spec in _computed(owner).items():
         if name not in attributes and name not in blocks:
             attributes[name] = spec

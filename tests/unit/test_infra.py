@@ -285,8 +285,10 @@ def check_roles(cfg: Config) -> list[str]:
         held = spec.get("store_permissions", []) + spec.get("drill_store_permissions", [])
         if fn != "export" and "healthcare.dicomStores.export" in held:
             problems.append(f"{fn} may start exports; only export may")
-    agent = cfg["resource"].get("google_storage_bucket_iam_member", {}).get(
-        "healthcare_agent_backups", {}
+    agent = (
+        cfg["resource"]
+        .get("google_storage_bucket_iam_member", {})
+        .get("healthcare_agent_backups", {})
     )
     conditions = _blocks(agent, "condition") if agent else []
     expression = str(conditions[0].get("expression", "")) if conditions else ""
@@ -323,7 +325,9 @@ def check_buckets(cfg: Config) -> list[str]:
             problems.append(f"bucket {name} lacks uniform bucket-level access")
         if body.get("public_access_prevention") != "enforced":
             problems.append(f"bucket {name} does not enforce public access prevention")
-        if name != "backups" and not any(v.get("enabled") is True for v in _blocks(body, "versioning")):
+        if name != "backups" and not any(
+            v.get("enabled") is True for v in _blocks(body, "versioning")
+        ):
             problems.append(f"bucket {name} is not versioned")
         encryption = [d.get("encryption", {}) for d in _blocks(body, "dynamic")]
         if not any("local.kms_keys" in str(e.get("for_each")) for e in encryption):
@@ -462,7 +466,7 @@ def check_wiring(cfg: Config) -> list[str]:
 
 
 def _alert_log_line() -> tuple[str, set[str]]:
-    """The message and field names of the log line dicomflow/alerts.py writes per published alert."""
+    """Message and field names of the log line dicomflow/alerts.py writes per published alert."""
     tree = ast.parse((ROOT / "dicomflow" / "alerts.py").read_text())
     for node in ast.walk(tree):
         if (
@@ -885,3 +889,206 @@ locals {
         "infra/README.md row for ingest does not mention healthcare.dicomStores.import"
     ]
     assert check_readme(cfg, "") == ["infra/README.md has no table row for ingest"]
+
+
+def test_check_roles_flags_exports_outside_export_and_an_unlimited_agent() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  functions = {
+    report = { store_permissions = ["healthcare.dicomStores.export"] }
+    export = { store_permissions = ["healthcare.dicomStores.export"] }
+  }
+}
+resource "google_storage_bucket_iam_member" "healthcare_agent_backups" {
+  bucket = google_storage_bucket.backups.name
+  role   = "roles/storage.objectAdmin"
+  member = local.healthcare_agent
+}
+"""
+        ]
+    )
+    problems = check_roles(cfg)
+    assert "report may start exports; only export may" in problems
+    assert "export may start exports; only export may" not in problems
+    assert "the Healthcare agent's backups grant is not limited to the backup prefix" in problems
+
+
+def test_check_buckets_flags_versioned_retained_backups_and_short_claims() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  max_event_age_seconds = 3600
+}
+resource "google_storage_bucket" "staging" {
+  lifecycle_rule {
+    condition {
+      age            = var.staging_copy_retention_days
+      matches_prefix = ["batches/", "quarantine/", "state/late/"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+resource "google_storage_bucket" "backups" {
+  location      = var.region
+  force_destroy = false
+  versioning {
+    enabled = true
+  }
+  dynamic "retention_policy" {
+    for_each = [1]
+    content {
+      retention_period = 30
+    }
+  }
+}
+"""
+        ]
+    )
+    problems = check_buckets(cfg)
+    assert "backups versioning must be on exactly when the retention policy is off" in problems
+    assert "backups bucket has no retention policy with var.backup_retention_lock" in problems
+    assert "the backups bucket's location is not var.backup_location" in problems
+    assert "bucket staging does not take the CMEK key" in problems
+    assert "a lifecycle rule of staging can delete live objects" in problems  # failed/ missing
+    assert "no precondition keeps staging claims longer than the maximum event age" in problems
+    assert any("does not default to SETTINGS_DOC's 90000" in p for p in problems)
+
+
+def test_check_security_flags_plain_topics_no_audit_logs_and_wide_secret_access() -> None:
+    cfg = parse(
+        [
+            """
+resource "google_pubsub_topic" "tick" {
+  name = "t"
+}
+resource "google_healthcare_dataset" "this" {
+  name = "d"
+}
+resource "google_project_iam_audit_config" "data_access" {
+  for_each = toset(["storage.googleapis.com"])
+  audit_log_config {
+    log_type = "ADMIN_READ"
+  }
+}
+resource "google_project_iam_member" "reader" {
+  project = "p"
+  role    = "roles/secretmanager.secretAccessor"
+  member  = "group:everyone@example.org"
+}
+"""
+        ]
+    )
+    problems = check_security(cfg)
+    assert "topic tick does not take the CMEK key" in problems
+    assert "dataset this does not take the CMEK key" in problems
+    assert "no Data Access audit logs for healthcare.googleapis.com" in problems
+    assert "audit config data_access ignores var.data_access_audit_logs" in problems
+    assert "audit config data_access lacks DATA_READ or DATA_WRITE" in problems
+    assert "no deployment key secret" in problems
+    assert (
+        "google_project_iam_member.reader grants secret access beyond the function accounts"
+        in problems
+    )
+
+
+def test_check_env_flags_a_wired_setting_from_the_wrong_place() -> None:
+    bad = GOOD_FUNCTION.replace(
+        'DICOMFLOW_ALERTS_TOPIC   = "t"',
+        'DICOMFLOW_ALERTS_TOPIC = "t"\n DICOMFLOW_SWEEP_HOURS = "24"\n'
+        ' DICOMFLOW_KEY_SECRET = "projects/p/secrets/s/versions/1"',
+    )
+    problems = check_env(parse([bad]))
+    assert "DICOMFLOW_SWEEP_HOURS is not set from var.sweep_hours" in problems
+    assert "DICOMFLOW_KEY_SECRET is not the deployment key secret's latest version" in problems
+
+
+def test_check_wiring_flags_unconditional_wide_landing_deletes_and_drill_writers() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  drill_store_id = "scratch"
+  functions = {
+    report = { drill_store_permissions = ["healthcare.dicomStores.import"] }
+  }
+}
+resource "google_project_iam_custom_role" "landing_delete" {
+  permissions = ["storage.objects.delete", "storage.objects.create"]
+}
+resource "google_storage_bucket_iam_member" "ingest_landing_delete" {
+  bucket = google_storage_bucket.staging.name
+  role   = google_project_iam_custom_role.landing_delete.name
+  member = google_service_account.fn["report"].member
+}
+resource "google_healthcare_dicom_store" "drill" {
+  name = "scratch"
+}
+"""
+        ]
+    )
+    problems = check_wiring(cfg)
+    assert "the landing delete grant is not conditional on the setting" in problems
+    assert "the landing delete grant is not on the landing bucket" in problems
+    assert "the landing delete grant is not ingest's" in problems
+    assert "the landing delete role holds more than storage.objects.delete" in problems
+    assert "the drill store is not conditional on the drill setting" in problems
+    assert "the drill store is not named <store>-drill" in problems
+    assert "report holds permissions on the drill store; only export runs drills" in problems
+    assert "the drill grants are not on the drill store" in problems
+
+
+def test_check_alerting_flags_a_metric_on_another_line_and_bare_policies() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  runbook = "docs/alerts.md"
+  alert_policies = { all = { severity = "ERROR" } }
+}
+resource "google_logging_metric" "alerts" {
+  filter = "jsonPayload.message=\\"alert sent\\""
+  label_extractors = {
+    kind = "EXTRACT(jsonPayload.type)"
+  }
+}
+resource "google_monitoring_alert_policy" "alerts" {
+  documentation {
+    content = "see the docs"
+  }
+}
+resource "google_pubsub_subscription" "alerts_push" {
+  push_config {
+    push_endpoint = "https://example.org"
+  }
+}
+"""
+        ]
+    )
+    problems = check_alerting(cfg, "alert published", {"kind", "severity"})
+    assert "local.runbook does not come from var.runbook_url" in problems
+    assert "the alert metric does not match the log line 'alert published'" in problems
+    assert "the alert metric's kind label does not read the line's kind field" in problems
+    assert "the alert metric's severity label does not read the line's severity" in problems
+    assert "the alert metric ignores var.monitoring_alerts" in problems
+    assert "there is not one alert policy for ERROR and one for WARNING" in problems
+    assert "alert policy alerts does not link the runbook section of the kind" in problems
+    assert "alert policy alerts does not notify the channels" in problems
+    assert "email channels do not come from var.alert_emails" in problems
+    assert "the push subscription is not optional or lacks OIDC" in problems
+    assert "the push subscription lacks a dead-letter topic or a retry policy" in problems
+    # The real log line carries both fields; a line without severity fails the label check.
+    assert any("severity" in p for p in check_alerting(parse([""]), "alert published", {"kind"}))
+
+
+def test_check_variables_used_flags_unread_and_undocumented_variables() -> None:
+    cfg = parse(['variable "a" {\n  type = string\n  description = "d"\n}\n'])
+    assert check_variables_used(cfg, "") == [
+        "variable a is never read",
+        "infra/README.md does not mention variable a",
+    ]
+    assert check_variables_used(cfg, "| `a` |") == ["variable a is never read"]
