@@ -169,6 +169,7 @@ def prepare(major: str) -> Path:
 def validate(infra: Path, major: str) -> Result:
     """terraform init + validate of a copy of `infra` (its siblings linked, as path.module/.. reads
     them) against google `major`.x."""
+    infra = infra.resolve()
     config = prepare(major)
     env = {
         **os.environ,
