@@ -5,12 +5,14 @@ resource "google_pubsub_topic" "tick" {
   name         = "${var.name_prefix}-tick"
   labels       = local.labels
   kms_key_name = var.kms_key_name
+  depends_on   = [google_kms_crypto_key_iam_member.agents]
 }
 
 resource "google_pubsub_topic" "export_schedule" {
   name         = "${var.name_prefix}-export-schedule"
   labels       = local.labels
   kms_key_name = var.kms_key_name
+  depends_on   = [google_kms_crypto_key_iam_member.agents]
 }
 
 # Alerts carry UIDs, counts and hashed object names, never PHI (DESIGN.md invariant 7).
@@ -19,6 +21,7 @@ resource "google_pubsub_topic" "alerts" {
   labels                     = local.labels
   message_retention_duration = "604800s"
   kms_key_name               = var.kms_key_name
+  depends_on                 = [google_kms_crypto_key_iam_member.agents]
 }
 
 resource "google_pubsub_topic" "alerts_dead_letter" {
@@ -26,6 +29,7 @@ resource "google_pubsub_topic" "alerts_dead_letter" {
   labels                     = local.labels
   message_retention_duration = "604800s"
   kms_key_name               = var.kms_key_name
+  depends_on                 = [google_kms_crypto_key_iam_member.agents]
 }
 
 # Alerts are kept here until someone reads them, so none is lost before an alerting pipeline is

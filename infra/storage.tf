@@ -27,6 +27,8 @@ resource "google_storage_bucket" "landing" {
       default_kms_key_name = encryption.value
     }
   }
+  # With CMEK, the Cloud Storage service agent must hold the key before the bucket can use it.
+  depends_on = [google_kms_crypto_key_iam_member.agents]
 
   # Versioning keeps the generation an event names even if the uploader overwrites the object
   # before ingest has copied it.
@@ -75,6 +77,8 @@ resource "google_storage_bucket" "staging" {
       default_kms_key_name = encryption.value
     }
   }
+  # With CMEK, the Cloud Storage service agent must hold the key before the bucket can use it.
+  depends_on = [google_kms_crypto_key_iam_member.agents]
 
   # A marker or manifest overwritten or deleted by mistake can be restored for a while.
   versioning {
@@ -141,6 +145,8 @@ resource "google_storage_bucket" "backups" {
       default_kms_key_name = encryption.value
     }
   }
+  # With CMEK, the Cloud Storage service agent must hold the key before the bucket can use it.
+  depends_on = [google_kms_crypto_key_iam_member.agents]
 
   versioning {
     enabled = !local.backup_retention_on
@@ -212,6 +218,8 @@ resource "google_storage_bucket" "source" {
       default_kms_key_name = encryption.value
     }
   }
+  # With CMEK, the Cloud Storage service agent must hold the key before the bucket can use it.
+  depends_on = [google_kms_crypto_key_iam_member.agents]
 
   versioning {
     enabled = true

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.tfvalidate import schema
 
@@ -113,17 +114,25 @@ def _compiled(python: Path, name: str, version: str) -> tuple[Path, str, str]:
     code = _fingerprint(Path(schema.__file__).read_text(), SERVE.read_text())
     base = CACHE / "schemas" / f"{name}-{version}-{code}"
     compiled, meta = Path(f"{base}.pb"), Path(f"{base}.meta.json")
-    if not compiled.exists():
+    if not (compiled.exists() and Path(f"{base}.json").exists()):
         base.parent.mkdir(parents=True, exist_ok=True)
         extracted = schema.extract(_wheel(name, version))
         as_json = Path(f"{base}.json")
         as_json.write_text(json.dumps(extracted))
         _run([str(python), str(SERVE), "compile", str(as_json), str(compiled) + ".tmp"])
-        as_json.unlink()
         meta.write_text(json.dumps({k: extracted[k] for k in ("source", "version")}))
         os.replace(str(compiled) + ".tmp", compiled)
     info = json.loads(meta.read_text())
     return compiled, info["source"], info["version"]
+
+
+def extracted(major: str) -> dict[str, Any]:
+    """The google `major`.x schema as extracted (JSON shape of `terraform providers schema`)."""
+    prepare(major)
+    name = BINDINGS[f"google{major}"]
+    code = _fingerprint(Path(schema.__file__).read_text(), SERVE.read_text())
+    found = CACHE / "schemas" / f"{name}-{pins()[name]}-{code}.json"
+    return json.loads(found.read_text())  # type: ignore[no-any-return]
 
 
 def _platform() -> str:

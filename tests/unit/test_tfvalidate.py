@@ -56,3 +56,30 @@ def test_a_misspelled_attribute_fails(tmp_path: Path) -> None:
     assert "public_acess_prevention" in summaries, summaries
     assert "days_since_noncurent_time" in summaries, summaries
     assert any(s == "Unsupported attribute" and '"idd"' in d for s, d in found), summaries
+
+
+@pytest.mark.parametrize("major", run.MAJORS)
+def test_the_extracted_schema_holds_what_the_provider_documents(major: str) -> None:
+    """Facts of the real google provider schema (its docs), read back from the extraction."""
+    extracted = run.extracted(major)
+    assert extracted["version"].startswith(f"{major}.")
+    bucket = extracted["resource_schemas"]["google_storage_bucket"]["block"]
+    assert bucket["attributes"]["name"] == {"type": "string", "required": True}
+    assert bucket["attributes"]["location"] == {"type": "string", "required": True}
+    assert bucket["attributes"]["labels"]["type"] == ["map", "string"]
+    assert bucket["attributes"]["self_link"] == {"type": "string", "computed": True}
+    rule = bucket["block_types"]["lifecycle_rule"]
+    assert rule["nesting_mode"] == "list" and "max_items" not in rule
+    action = rule["block"]["block_types"]["action"]
+    assert (action["nesting_mode"], action["min_items"], action["max_items"]) == ("set", 1, 1)
+    condition = rule["block"]["block_types"]["condition"]["block"]["attributes"]
+    assert condition["matches_prefix"]["type"] == ["list", "string"]
+    assert condition["age"]["type"] == "number"
+    assert bucket["block_types"]["retention_policy"]["max_items"] == 1
+    function = extracted["resource_schemas"]["google_cloudfunctions2_function"]["block"]
+    service = function["block_types"]["service_config"]["block"]["attributes"]
+    assert service["uri"] == {"type": "string", "computed": True}
+    account = extracted["data_source_schemas"]["google_storage_project_service_account"]
+    assert account["block"]["attributes"]["member"]["computed"] is True
+    assert "alias" not in extracted["provider"]["block"]["attributes"]
+    assert extracted["provider"]["block"]["attributes"]["project"]["optional"] is True
