@@ -98,6 +98,21 @@ class SchemaServicer(tf.provider.ProviderServicer):  # type: ignore[misc]
     def GetFunctions(self, request: Any, context: Any) -> Any:
         return pb.GetFunctions.Response()
 
+    def _refuse(self, request: Any, context: Any) -> Any:
+        import grpc
+
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "schema-only provider (tests/tfvalidate): it validates, it cannot plan or apply",
+        )
+
+    ConfigureProvider = _refuse
+    ReadResource = _refuse
+    PlanResourceChange = _refuse
+    ApplyResourceChange = _refuse
+    ImportResourceState = _refuse
+    ReadDataSource = _refuse
+
 
 class _Named:
     def __init__(self, full_name: str) -> None:
