@@ -1,0 +1,178 @@
+"""The restore side of the command line: ``restore``, ``erase`` and ``resolve``.
+
+Registered in ``dicomflow.cli.SUBCOMMANDS``; each handler takes the context factory
+and the parsed arguments and returns the exit status (0 ok, 1 the work failed or was
+refused, 2 usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from dicomflow.errors import DicomflowError
+from dicomflow.names import DicomStoreName
+from dicomflow.runtime import Context
+
+ContextFactory = Callable[[], Context]
+
+
+def _stderr() -> Console:
+    return Console(file=sys.stderr)
+
+
+def _print(renderable: RenderableType) -> None:
+    Console(width=max(120, Console().width)).print(renderable)
+
+
+def _day(text: str) -> Any:
+    from dicomflow import backup
+
+    try:
+        return backup.parse_day(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def target_store(text: str, live: DicomStoreName) -> DicomStoreName:
+    """``--into``: a full store name, or a store id in the live store's dataset.
+
+    Raises:
+        ValueError: neither.
+    """
+    if "/" not in text:
+        return DicomStoreName(live.dataset, text)
+    return DicomStoreName.from_string(text)
+
+
+# ---- restore ---------------------------------------------------------------------------------
+
+
+def add_restore(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    from dicomflow.restore import DEFAULT_VERIFY_BYTES
+
+    parser = subparsers.add_parser(
+        "restore",
+        parents=[common],
+        help="import a dated backup into a DICOM store and check it",
+        description=(
+            "Import the backup gs://BACKUP_BUCKET/PREFIX/<date>/ into STORE, then check it "
+            "against the backup: every instance by one QIDO per series, each series' count "
+            "against the backup's _MANIFEST.json, and a random sample byte for byte. Erased "
+            "studies (dicomflow erase) are left out. The live store is refused unless "
+            "--into-live."
+        ),
+    )
+    parser.add_argument("--date", type=_day, required=True, help="the backup's date, YYYY-MM-DD")
+    parser.add_argument(
+        "--into",
+        required=True,
+        metavar="STORE",
+        help="projects/P/locations/L/datasets/D/dicomStores/S, or S in the live store's dataset",
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="follow the import, then check the result"
+    )
+    parser.add_argument(
+        "--verify-bytes",
+        type=int,
+        default=DEFAULT_VERIFY_BYTES,
+        metavar="N",
+        help=f"instances compared byte for byte (default {DEFAULT_VERIFY_BYTES}; 0: none)",
+    )
+    parser.add_argument(
+        "--into-live", action="store_true", help="allow restoring into the live store"
+    )
+    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    parser.set_defaults(handler=cmd_restore)
+
+
+class _Bars:
+    """One progress bar per stage (copy, import, check, bytes)."""
+
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+def cmd_restore(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from dicomflow import restore
+
+    ctx = make_ctx()
+    try:
+        target = target_store(args.into, ctx.settings.dicom_store)
+    except ValueError as exc:
+        print(f"dicomflow restore: --into: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with Progress(console=_stderr(), transient=True) as progress:
+            result = restore.run(
+                ctx,
+                args.date,
+                target,
+                into_live=args.into_live,
+                wait=args.wait,
+                verify_bytes=max(0, args.verify_bytes),
+                progress=_Bars(progress),
+                timeout=args.timeout,
+            )
+    except restore.RestoreRefused as exc:
+        print(f"dicomflow restore: refused: {exc}", file=sys.stderr)
+        return 1
+    except DicomflowError as exc:
+        print(f"dicomflow restore: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close_clients()
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        _print(restore_table(result))
+    return 0 if result["status"] in ("restored", "started") else 1
+
+
+def restore_table(result: dict[str, Any]) -> RenderableType:
+    """The summary of ``restore.run`` as a table."""
+    table = Table(title=f"restore {result['restoreId']}", show_header=False, title_justify="left")
+    table.add_row("backup", str(result["backup"]))
+    table.add_row("into", str(result["target"]))
+    table.add_row("studies", str(result["studies"]))
+    if result.get("studiesSkipped"):
+        table.add_row("studies left out (erased)", str(result["studiesSkipped"]))
+    table.add_row("imported from", str(result.get("source", "-")))
+    table.add_row("operation", str(result.get("operation", "-")))
+    checked = result.get("check") or {}
+    for label, key in (
+        ("series checked", "series"),
+        ("instances in the backup", "instances"),
+        ("instances present", "present"),
+        ("instances missing", "missing"),
+        ("objects lost from the backup", "lostFromBackup"),
+        ("compared byte for byte", "bytesChecked"),
+        ("differing bytes", "bytesDifferent"),
+    ):
+        if key in checked:
+            table.add_row(label, str(checked[key]))
+    if "seconds" in result:
+        table.add_row("time", f"{result['seconds']} s")
+    status = str(result["status"])
+    style = "green" if status == "restored" else ("yellow" if status == "started" else "red")
+    lines = [Text(f"status: {status}", style=style)]
+    lines += [Text(f"problem: {p}", style="red") for p in result.get("problems") or []]
+    if status == "started":
+        lines.append(Text("the import runs on; add --wait to follow it and check the result"))
+    return Group(table, *lines)
