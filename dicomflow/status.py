@@ -15,6 +15,7 @@ dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sou
     operations.list                      running operations; imports and exports for the timeline
     state/alerts/*.json                  alerts published (kind, time), from their delivery markers
     state/exports/<date>.json            backups
+    drills/<date>.json                   restore drills (``dicomflow.drill``), the latest few
 
 File totals cover all time (invariant 1: they add up to the files ingested); each
 file counts once, a re-driven one by its retry's outcome. Everything else is limited
@@ -43,6 +44,7 @@ from google.cloud import storage
 from dicomflow import (
     alerts,
     batches,
+    drill,
     export,
     manifests,
     objects,
@@ -710,5 +712,6 @@ def gather(
         "operations": {"running": ops["running"]},
         "alerts": alert_info,
         "exports": exports_section(ctx, since),
+        "drills": drill.status_section(ctx),
         "timeline": timeline(points, items, ops["inWindow"], alert_info["recent"], since, now),
     }
