@@ -586,6 +586,7 @@ SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     add_backfill,
     add_export,
     cli_restore.add_restore,
+    cli_restore.add_resolve,
     add_status,
     add_batches,
     add_batch,

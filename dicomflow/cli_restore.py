@@ -176,3 +176,62 @@ def restore_table(result: dict[str, Any]) -> RenderableType:
     if status == "started":
         lines.append(Text("the import runs on; add --wait to follow it and check the result"))
     return Group(table, *lines)
+
+
+# ---- resolve ---------------------------------------------------------------------------------
+
+
+def add_resolve(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "resolve",
+        parents=[common],
+        help="settle a conflict: keep the stored instance, or replace it with the file",
+        description=(
+            "Settle the conflict of the file KEY (its key, as `dicomflow batch` lists it). "
+            "--keep-stored leaves the stored instance and records the decision; --replace "
+            "deletes the stored instance and imports the file again (a later batch verifies "
+            "it). Both are recorded in the batch's manifests/<batch>/resolutions/."
+        ),
+    )
+    parser.add_argument("key", metavar="KEY", help="the file's key")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep-stored", action="store_true", help="the stored version is right")
+    which.add_argument("--replace", action="store_true", help="the file's version is right")
+    parser.add_argument("--batch", help="the batch that holds the conflict (faster lookup)")
+    parser.set_defaults(handler=cmd_resolve)
+
+
+def cmd_resolve(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    from dicomflow import resolve
+
+    ctx = make_ctx()
+    action = resolve.REPLACE if args.replace else resolve.KEEP_STORED
+    try:
+        with _stderr().status(f"resolving {args.key} ({action})"):
+            done = resolve.resolve(ctx, args.key, action, args.batch)
+    except resolve.ResolveRefused as exc:
+        print(f"dicomflow resolve: refused: {exc}", file=sys.stderr)
+        return 1
+    except DicomflowError as exc:
+        print(f"dicomflow resolve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close_clients()
+    result = done.as_dict()
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    table = Table(title=f"conflict {done.key}", show_header=False, title_justify="left")
+    table.add_row("batch", done.batch)
+    table.add_row("action", done.action)
+    table.add_row("result", done.result)
+    record = done.record
+    if "deleted" in record:
+        table.add_row("stored instance", str(record["deleted"]))
+    reimport = record.get("reimport") or {}
+    if reimport:
+        table.add_row("re-import", f"{reimport.get('result')} as {reimport.get('retryKey')}")
+        table.add_row("window", str(reimport.get("window")))
+    table.add_row("record", resolve.record_name(done.batch, done.key))
+    _print(table)
+    return 0
