@@ -587,6 +587,7 @@ SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     add_export,
     cli_restore.add_restore,
     cli_restore.add_resolve,
+    cli_restore.add_erase,
     add_status,
     add_batches,
     add_batch,

@@ -41,6 +41,25 @@ def _day(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _key_file(path: str) -> Any:
+    """A deployment key from a file (``--previous-key-file``).
+
+    Raises:
+        ValueError: unreadable or too short.
+    """
+    from pathlib import Path
+
+    from dicomflow import keys
+
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--previous-key-file: cannot read {path}: {exc.strerror}") from None
+    if len(secret) < keys.MIN_KEY_BYTES:
+        raise ValueError(f"--previous-key-file: {path} holds fewer than {keys.MIN_KEY_BYTES} bytes")
+    return keys.DeploymentKey(secret)
+
+
 def target_store(text: str, live: DicomStoreName) -> DicomStoreName:
     """``--into``: a full store name, or a store id in the live store's dataset.
 
@@ -91,6 +110,13 @@ def add_restore(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--into-live", action="store_true", help="allow restoring into the live store"
     )
     parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    parser.add_argument(
+        "--previous-key-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a deployment key used before a rotation, for erasures recorded with it",
+    )
     parser.set_defaults(handler=cmd_restore)
 
 
@@ -115,8 +141,9 @@ def cmd_restore(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     ctx = make_ctx()
     try:
         target = target_store(args.into, ctx.settings.dicom_store)
+        previous = [_key_file(path) for path in args.previous_key_file]
     except ValueError as exc:
-        print(f"dicomflow restore: --into: {exc}", file=sys.stderr)
+        print(f"dicomflow restore: {exc}", file=sys.stderr)
         return 2
     try:
         with Progress(console=_stderr(), transient=True) as progress:
@@ -127,6 +154,7 @@ def cmd_restore(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
                 into_live=args.into_live,
                 wait=args.wait,
                 verify_bytes=max(0, args.verify_bytes),
+                previous_keys=previous,
                 progress=_Bars(progress),
                 timeout=args.timeout,
             )
@@ -235,3 +263,60 @@ def cmd_resolve(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     table.add_row("record", resolve.record_name(done.batch, done.key))
     _print(table)
     return 0
+
+
+# ---- erase -----------------------------------------------------------------------------------
+
+
+def add_erase(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "erase",
+        parents=[common],
+        help="delete a study from the live store, and from every later restore",
+        description=(
+            "Record a tombstone for the study (a keyed hash of its UID, with the key id, the "
+            "time and the reason; never the UID), then delete it from the live store "
+            "(studies.delete, followed to the end). Every restore and drill leaves "
+            "tombstoned studies out."
+        ),
+    )
+    parser.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    parser.add_argument("--reason", help="why (kept in the tombstone, never logged)")
+    parser.add_argument(
+        "--no-wait", action="store_true", help="start the deletion and return at once"
+    )
+    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    parser.set_defaults(handler=cmd_erase)
+
+
+def cmd_erase(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    from dicomflow import erase
+
+    ctx = make_ctx()
+    try:
+        with _stderr().status("erasing the study"):
+            result = erase.erase(
+                ctx, args.study, args.reason, wait=not args.no_wait, timeout=args.timeout
+            )
+    except DicomflowError as exc:
+        print(f"dicomflow erase: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close_clients()
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        table = Table(title="erasure", show_header=False, title_justify="left")
+        for label, key in (
+            ("status", "status"),
+            ("tombstone label", "label"),
+            ("key id", "keyId"),
+            ("operation", "operation"),
+            ("tombstone", "tombstone"),
+        ):
+            table.add_row(label, str(result.get(key) or "-"))
+        if result.get("notInStore"):
+            table.add_row("note", "not in the live store; the tombstone keeps it out of restores")
+        problems = [Text(f"problem: {p}", style="red") for p in result.get("problems") or []]
+        _print(Group(table, *problems))
+    return 0 if result["status"] in (erase.ERASED, erase.ERASING) else 1

@@ -41,7 +41,7 @@ from typing import Any
 
 from dicomflow import alerts, backup, export, healthcare, log, objects, restore, retry, verify
 from dicomflow.config import DRILLS_PREFIX, STATE_PREFIX
-from dicomflow.errors import DicomflowError, PermanentError, TransientError
+from dicomflow.errors import DicomflowError, PermanentError
 from dicomflow.names import DicomStoreName
 from dicomflow.staging import iso, parse_time
 
@@ -228,10 +228,10 @@ def _start(ctx: Any, today: date, doc: dict[str, Any], generation: int) -> dict[
         return {"status": CLEARING, "date": doc["date"]}
     try:
         source = restore.load_backup(ctx, date.fromisoformat(doc["backupDate"]))
+        every = source.studies()
+        skipped = restore.erased_studies(ctx, every)
     except restore.RestoreRefused as exc:
         return _fail(ctx, today, doc, generation, [str(exc)])
-    every = source.studies()
-    skipped = restore.erased_studies(ctx, every)
     eligible = [s for s in every if s not in skipped]
     rng = random.Random(doc["date"])
     studies = restore.sample_studies(eligible, int(doc.get("studiesWanted") or 0), rng)
@@ -278,7 +278,7 @@ def settle_drills(ctx: Any, now: datetime) -> list[dict[str, Any]]:
             continue
         try:
             results.append(settle_one(ctx, day, now))
-        except (TransientError, PermanentError) as exc:
+        except DicomflowError as exc:
             logger.error("restore drill step failed", extra=log.fields(date=day, error=str(exc)))
             results.append({"status": "error", "date": day.isoformat(), "error": str(exc)})
     return results

@@ -42,7 +42,7 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from dicomflow import backup, healthcare, log, objects, operations, retry, verify
+from dicomflow import backup, healthcare, keys, log, objects, operations, retry, tombstones, verify
 from dicomflow.config import RESTORES_PREFIX, parse_mime_type
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.names import DicomStoreName
@@ -151,9 +151,18 @@ def load_backup(ctx: Any, day: date) -> Backup:
     return Backup(day, settings.backup_bucket, folder, manifest, found)
 
 
-def erased_studies(ctx: Any, studies: list[str]) -> set[str]:
-    """The studies among ``studies`` that were erased and must never come back."""
-    return set()
+def erased_studies(
+    ctx: Any, studies: list[str], previous_keys: Iterable[keys.DeploymentKey] = ()
+) -> set[str]:
+    """The studies among ``studies`` that were erased and must never come back.
+
+    Raises:
+        RestoreRefused: a tombstone was made with a key that is not at hand.
+    """
+    try:
+        return tombstones.erased(ctx, studies, previous_keys)
+    except tombstones.UnknownKey as exc:
+        raise RestoreRefused(str(exc)) from None
 
 
 def check_target(ctx: Any, target: DicomStoreName, into_live: bool) -> None:
@@ -461,13 +470,15 @@ def run(
     into_live: bool = False,
     wait: bool = True,
     verify_bytes: int = DEFAULT_VERIFY_BYTES,
+    previous_keys: Iterable[keys.DeploymentKey] = (),
     progress: Progress | None = None,
     poll_seconds: float = 2.0,
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """``dicomflow restore``: import the backup dated ``day`` into ``target`` and check it.
 
-    Tombstoned studies (``erased_studies``) are left out.
+    Tombstoned studies (``erased_studies``) are left out; ``previous_keys`` are keys
+    used before a rotation, for tombstones made with them.
 
     Raises:
         RestoreRefused: see ``load_backup`` and ``check_target``.
@@ -479,7 +490,7 @@ def run(
     every = source.studies()
     if not every:
         raise RestoreRefused(f"the backup dated {day.isoformat()} holds no DICOM objects")
-    skipped = erased_studies(ctx, every)
+    skipped = erased_studies(ctx, every, previous_keys)
     studies = [s for s in every if s not in skipped]
     rid = restore_id(day)
     result: dict[str, Any] = {

@@ -326,6 +326,7 @@ def render(status: dict[str, Any]) -> str:
         ("running operations", len(status["operations"]["running"]), ""),
         ("alerts", al["total"], "warn" if al["total"] else ""),
     ]
+    cards.append(("erased studies", status.get("erasures", 0), ""))
     last_drill = ((status.get("drills") or {}).get("recent") or [None])[-1]
     if last_drill is not None:
         state = str(last_drill.get("state"))

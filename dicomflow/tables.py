@@ -104,6 +104,8 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
         for x in status["exports"]:
             backups.add_row(x["date"], str(x["state"]), str(x["attempt"]), str(x["destination"]))
         out.append(backups)
+    if status.get("erasures"):
+        out.append(Text(f"Erased studies (tombstones): {status['erasures']}"))
     drills = status.get("drills") or {}
     if drills.get("recent") or drills.get("everyDays"):
         table = Table(

@@ -215,3 +215,80 @@ def test_drill_healthy_then_corrupted_then_overdue(
     assert PATIENT not in text
     for g in made:
         assert g.study_uid not in text and g.sop_uid not in text
+
+
+# --- erasure ------------------------------------------------------------------------------------
+
+
+def test_an_erased_study_never_comes_back_with_a_restore(
+    make_env: Any,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicomflow import cli, keys, tombstones
+    from tests.deployment_key import KEY_FILE
+
+    caplog.set_level(logging.INFO, logger="dicomflow")
+    env = make_env(DICOMFLOW_KEY_FILE=KEY_FILE)
+    made = seed(env)
+    backed_up(env)  # the backup taken before the erasure
+    gone = made[0].study_uid
+    kept = {g.sop_uid for g in made if g.study_uid != gone}
+
+    argv = ["erase", "--study", gone, "--reason", "patient request 42", "--json"]
+    assert cli.main(argv, make_ctx=lambda: env.ctx) == 0
+    out, err = capsys.readouterr()
+    erased = json.loads(out)
+    key = keys.load(env.ctx.settings)
+    assert erased["status"] == "erased" and erased["operation"]
+    assert erased["label"] == tombstones.label_of(key, gone) and erased["keyId"] == key.key_id
+    live = env.ctx.settings.dicom_store
+    assert sops_in(env, live) == kept
+    # The tombstone: the label, the key id, the time and the reason; never the UID.
+    name = tombstones.name_of(erased["label"])
+    stone = env.gcs.bucket(env.staging).blob(name).download_as_text()
+    assert gone not in stone and "patient request 42" in stone and key.key_id in stone
+    assert tombstones.count(env.ctx) == 1
+    # A repeat finds it erased.
+    assert cli.main(argv, make_ctx=lambda: env.ctx) == 0
+    assert json.loads(capsys.readouterr().out)["repeat"] is True
+
+    # Restore the backup from before the erasure: the study never reaches the target.
+    imported: list[set[str]] = []
+    real_start = restore.start_import
+
+    def watched(ctx: Any, target: DicomStoreName, uri: str, subject: str) -> str:
+        prefix = uri.removeprefix(f"gs://{env.staging}/").removesuffix("**.dcm")
+        imported.append({n.split("/")[0] for n in _names(env, env.staging, prefix)})
+        return real_start(ctx, target, uri, subject)
+
+    monkeypatch.setattr(restore, "start_import", watched)
+    target = make_store(env, "restored")
+    code, result, err2 = run_cli(
+        env, capsys, "--date", DAY.isoformat(), "--into", "restored", "--wait", "--json"
+    )
+    assert code == 0 and result["status"] == "restored", result
+    assert result["source"] == "copy" and result["studiesSkipped"] == 1
+    assert imported == [{g.study_uid for g in made} - {gone}]
+    assert sops_in(env, target) == kept
+    assert restore.clean_up(env.ctx, result["restoreId"]) == 0
+    assert status.gather(env.ctx, env.clock(), env.clock())["erasures"] == 1
+
+    # A tombstone made with another key: the restore refuses rather than guess.
+    other = keys.DeploymentKey(b"k" * 32)
+    tombstones.write(env.ctx, tombstones.label_of(other, made[1].study_uid), {"keyId": "x"})
+    code, _, refused = run_cli(env, capsys, "--date", DAY.isoformat(), "--into", "restored")
+    assert code == 1 and other.key_id in refused and "--previous-key-file" in refused
+
+    # No log line, alert or printed result carries the erased UID.
+    ours = [r for r in caplog.records if r.name.startswith("dicomflow")]
+    text = out + err + err2 + refused + json.dumps(result) + json.dumps(env.alerts())
+    text += "\n".join(r.getMessage() for r in ours)
+    text += json.dumps([getattr(r, "fields", {}) for r in ours], default=str)
+    assert any(r.getMessage() == "study erased" for r in ours)
+    assert gone not in text and PATIENT not in text
+
+
+def _names(env: Env, bucket: str, prefix: str) -> list[str]:
+    return [b.name[len(prefix) :] for b in env.gcs.list_blobs(bucket, prefix=prefix)]
