@@ -25,20 +25,16 @@ ContextFactory = Callable[[], Context]
 
 
 def _stderr() -> Console:
-    return Console(file=sys.stderr)
+    from dicomflow import cli
+
+    console: Console = cli._stderr_console()
+    return console
 
 
 def _print(renderable: RenderableType) -> None:
-    Console(width=max(120, Console().width)).print(renderable)
+    from dicomflow import cli
 
-
-def _day(text: str) -> Any:
-    from dicomflow import backup
-
-    try:
-        return backup.parse_day(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    cli._print(renderable)
 
 
 def _key_file(path: str) -> Any:
@@ -89,7 +85,11 @@ def add_restore(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "--into-live."
         ),
     )
-    parser.add_argument("--date", type=_day, required=True, help="the backup's date, YYYY-MM-DD")
+    from dicomflow.cli import _export_date
+
+    parser.add_argument(
+        "--date", type=_export_date, required=True, help="the backup's date, YYYY-MM-DD"
+    )
     parser.add_argument(
         "--into",
         required=True,

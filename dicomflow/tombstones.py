@@ -41,9 +41,10 @@ def label_of(key: keys.DeploymentKey, study: str) -> str:
 
 def name_of(label: str) -> str:
     """The tombstone's object name for ``label``."""
-    prefix, key_id, digest = label.split(":", 2)
-    if prefix != "h" or not key_id or not digest:
+    parts = label.split(":", 2)
+    if len(parts) != 3 or parts[0] != "h" or not parts[1] or not parts[2]:
         raise ValueError(f"not a label: {label!r}")
+    key_id, digest = parts[1], parts[2]
     return f"{TOMBSTONES_PREFIX}{key_id}-{digest}.json"
 
 
