@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dicomflow import backup, drill, export, report, restore, status, status_page
+from dicomflow import backup, drill, export, healthcare, report, restore, status, status_page
 from dicomflow.names import DicomStoreName
 from localcloud.corpus import Generated, generate_studies
 from tests.integration.test_export import (  # noqa: F401  (fixtures)
@@ -245,6 +245,10 @@ def test_an_erased_study_never_comes_back_with_a_restore(
     assert erased["label"] == tombstones.label_of(key, gone) and erased["keyId"] == key.key_id
     live = env.ctx.settings.dicom_store
     assert sops_in(env, live) == kept
+    # studies.delete is a long-running operation of the store's dataset, followed to the end.
+    op = healthcare.get_operation(env.ctx, erased["operation"])
+    assert op["name"].startswith(env.dataset + "/operations/") and op["done"]
+    assert op["metadata"]["apiMethodName"].endswith("DeleteStudy") and "error" not in op
     # The tombstone: the label, the key id, the time and the reason; never the UID.
     name = tombstones.name_of(erased["label"])
     stone = env.gcs.bucket(env.staging).blob(name).download_as_text()
