@@ -239,7 +239,8 @@ def _start(ctx: Any, today: date, doc: dict[str, Any], generation: int) -> dict[
         return _fail(ctx, today, doc, generation, ["the backup holds no study to restore"])
     rid = f"drill-{doc['date']}"
     uri = restore.stage_source(ctx, source, studies, rid)
-    operation = restore.start_import(ctx, target, uri, f"drill/{doc['date']}")
+    # A 429 is not waited out inside a function: the lease hands the start to a later tick.
+    operation = restore.start_import(ctx, target, uri, f"drill/{doc['date']}", quota_wait=0)
     doc.update(
         state=IMPORTING,
         restoreId=rid,

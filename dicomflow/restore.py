@@ -251,14 +251,20 @@ def clean_up(ctx: Any, rid: str) -> int:
     return len(names)
 
 
-def start_import(ctx: Any, target: DicomStoreName, uri: str, subject: str) -> str:
+def start_import(
+    ctx: Any,
+    target: DicomStoreName,
+    uri: str,
+    subject: str,
+    quota_wait: float = QUOTA_WAIT_SECONDS,
+) -> str:
     """Start the import into ``target``, waiting out 429s; record it as ours. The name.
 
     Raises:
         PermanentError: the service refused the import (404: no such store...).
-        TransientError: 429 or 5xx for longer than ``QUOTA_WAIT_SECONDS``.
+        TransientError: 429 for longer than ``quota_wait`` seconds, or 5xx.
     """
-    deadline = time.monotonic() + QUOTA_WAIT_SECONDS
+    deadline = time.monotonic() + quota_wait
     while True:
         try:
             operation = healthcare.start_import(ctx, uri, store=target, deadline=60.0)

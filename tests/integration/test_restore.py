@@ -9,12 +9,15 @@ it: an export tick, then report's part settles it.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
+import warnings
 from datetime import date, timedelta
 from typing import Any
 
+import pydicom
 import pytest
 
 from dicomflow import backup, drill, export, healthcare, report, restore, status, status_page
@@ -157,9 +160,18 @@ def test_drill_healthy_then_corrupted_then_overdue(
     backed_up(env)  # the first tick: no complete backup yet, so no drill
 
     assert drill.read_record(env.ctx, DAY) is None
+    # A leftover in the scratch store (a drill cut short) is cleared before the import.
+    leftover = next(iter(generate_studies(1, 1, 1)))
+    scratch = restore.for_store(env.ctx, drill_store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stray = pydicom.dcmread(io.BytesIO(leftover.data))
+    scratch.dicomweb().store_instances(datasets=[stray])
+    scratch.close_clients()
     # 1. Healthy: the next day's tick drills the latest complete backup (DAY).
     day1 = DAY + timedelta(days=1)
     backed_up(env, day1)
+    assert drill.read_record(env.ctx, day1)[0]["state"] == drill.CLEARING  # type: ignore[index]
     record = settle_drill(env, day1, through_report=True)
     assert record["state"] == drill.PASSED, record["problems"]
     assert record["backupDate"] == DAY.isoformat() and len(record["studies"]) == 2
@@ -262,10 +274,10 @@ def test_an_erased_study_never_comes_back_with_a_restore(
     imported: list[set[str]] = []
     real_start = restore.start_import
 
-    def watched(ctx: Any, target: DicomStoreName, uri: str, subject: str) -> str:
+    def watched(ctx: Any, target: DicomStoreName, uri: str, subject: str, **kw: Any) -> str:
         prefix = uri.removeprefix(f"gs://{env.staging}/").removesuffix("**.dcm")
         imported.append({n.split("/")[0] for n in _names(env, env.staging, prefix)})
-        return real_start(ctx, target, uri, subject)
+        return real_start(ctx, target, uri, subject, **kw)
 
     monkeypatch.setattr(restore, "start_import", watched)
     target = make_store(env, "restored")
