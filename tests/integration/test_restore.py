@@ -14,13 +14,25 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import replace
 from datetime import date, timedelta
 from typing import Any
 
 import pydicom
 import pytest
+from rich.console import Console
 
-from dicomflow import backup, drill, export, healthcare, report, restore, status, status_page
+from dicomflow import (
+    backup,
+    drill,
+    export,
+    healthcare,
+    report,
+    restore,
+    status,
+    status_page,
+    tables,
+)
 from dicomflow.names import DicomStoreName
 from localcloud.corpus import Generated, generate_studies
 from tests.integration.test_export import (  # noqa: F401  (fixtures)
@@ -184,6 +196,9 @@ def test_drill_healthy_then_corrupted_then_overdue(
     shown = status.gather(env.ctx, env.clock(), env.clock() - timedelta(days=1))
     assert shown["drills"]["recent"][-1]["state"] == drill.PASSED
     assert shown["drills"]["recent"][-1]["studies"] == 2
+    console = Console(file=io.StringIO(), width=140)
+    console.print(tables.status_tables(shown))
+    assert "Restore drills (every 7 days)" in console.file.getvalue()  # type: ignore[attr-defined]
     page = status_page.render(shown)
     assert "Restore drills (every 7 days)" in page and "passed" in page
     assert all(g.study_uid not in json.dumps(shown) + page for g in made)
@@ -238,7 +253,8 @@ def test_an_erased_study_never_comes_back_with_a_restore(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dicomflow import cli, keys, tombstones
+    from dicomflow import cli, erase, keys, tombstones
+    from dicomflow.errors import ConfigError
     from tests.deployment_key import KEY_FILE
 
     caplog.set_level(logging.INFO, logger="dicomflow")
@@ -266,6 +282,10 @@ def test_an_erased_study_never_comes_back_with_a_restore(
     stone = env.gcs.bucket(env.staging).blob(name).download_as_text()
     assert gone not in stone and "patient request 42" in stone and key.key_id in stone
     assert tombstones.count(env.ctx) == 1
+    # Without a deployment key there is no erasure, and the error names both settings.
+    keyless = replace(env.ctx, settings=replace(env.ctx.settings, key_file=None))
+    with pytest.raises(ConfigError, match=r"DICOMFLOW_KEY_SECRET.*DICOMFLOW_KEY_FILE"):
+        erase.erase(keyless, made[1].study_uid)
     # A repeat finds it erased.
     assert cli.main(argv, make_ctx=lambda: env.ctx) == 0
     assert json.loads(capsys.readouterr().out)["repeat"] is True
