@@ -41,6 +41,7 @@ from datetime import date
 from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import backup, healthcare, keys, log, objects, operations, retry, tombstones, verify
 from dicomflow.config import RESTORES_PREFIX, parse_mime_type
@@ -216,17 +217,20 @@ def stage_source(
     if progress:
         progress("copy", 0, len(chosen))
 
+    policy = DEFAULT_RETRY.with_timeout(objects.DEADLINE)
+
     def copy(item: BackupObject) -> None:
         nonlocal done
-        relative = item.name[len(source.folder) :]
+        target = staging.blob(prefix + item.name[len(source.folder) :])
+        token: str | None = None
         try:
-            backups.copy_blob(
-                backups.blob(item.name),
-                staging,
-                prefix + relative,
-                retry=objects._retry(objects.DEADLINE),
-                timeout=objects.DEADLINE,
-            )
+            # A rewrite may need several calls (another location or storage class).
+            while True:
+                token, _, _ = target.rewrite(
+                    backups.blob(item.name), token=token, retry=policy, timeout=objects.DEADLINE
+                )
+                if token is None:
+                    break
         except (gexc.TooManyRequests, gexc.ServerError) as exc:
             raise TransientError(f"copy for restore failed: HTTP {exc.code}") from exc
         with lock:
@@ -432,7 +436,7 @@ def check(
     def same(item: BackupObject) -> bool:
         nonlocal checked
         original = backups.blob(item.name).download_as_bytes(
-            retry=objects._retry(objects.DEADLINE), timeout=objects.DEADLINE
+            retry=DEFAULT_RETRY.with_timeout(objects.DEADLINE), timeout=objects.DEADLINE
         )
         restored = verify.retrieve_bytes(target_ctx, item.study, item.series, item.sop)
         with lock:
