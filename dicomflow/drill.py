@@ -123,9 +123,10 @@ def on_export_tick(ctx: Any, tick: datetime) -> dict[str, Any]:
         if latest is None:
             return {"status": "no-backup", "overdue": overdue}
         return {**start(ctx, today, latest), "overdue": overdue}
-    except DicomflowError as exc:
-        logger.error("restore drill not started", extra=log.fields(date=today, error=str(exc)))
-        return {"status": "error", "error": str(exc)}
+    except Exception as exc:  # the day's export has started: report it and go on
+        error = _describe(exc)
+        logger.error("restore drill not started", extra=log.fields(date=today, error=error))
+        return {"status": "error", "error": error}
 
 
 def latest_complete_backup(ctx: Any, today: date) -> date | None:
@@ -266,6 +267,15 @@ def _swap(ctx: Any, day: date, doc: dict[str, Any], generation: int) -> int | No
     return objects.swap(_staging(ctx), record_name(day), doc, generation)
 
 
+def _describe(exc: BaseException) -> str:
+    """An error as logs may show it: dicomflow's own message, else the type and HTTP
+    status only (a DICOMweb error's text holds the request's URL, and so UIDs)."""
+    if isinstance(exc, DicomflowError):
+        return str(exc)
+    status = verify._http_status(exc)
+    return type(exc).__name__ + (f" (HTTP {status})" if status else "")
+
+
 # --- the report tick: settle -----------------------------------------------------------------
 
 
@@ -279,9 +289,10 @@ def settle_drills(ctx: Any, now: datetime) -> list[dict[str, Any]]:
             continue
         try:
             results.append(settle_one(ctx, day, now))
-        except DicomflowError as exc:
-            logger.error("restore drill step failed", extra=log.fields(date=day, error=str(exc)))
-            results.append({"status": "error", "date": day.isoformat(), "error": str(exc)})
+        except Exception as exc:  # the rest of the report tick must run
+            error = _describe(exc)
+            logger.error("restore drill step failed", extra=log.fields(date=day, error=error))
+            results.append({"status": "error", "date": day.isoformat(), "error": error})
     return results
 
 
