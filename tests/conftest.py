@@ -13,6 +13,41 @@ from googleapiclient.discovery import build
 
 from localcloud.healthcare import HealthcareServer, start_healthcare
 from localcloud.storage import StorageServer, start_storage
+from tests import alert_contract
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    alert_contract.install()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Fail a test whose fixtures built or read back an alert the schema refuses."""
+    alert_contract.CHECKER.take()  # what earlier tests left behind is theirs
+    yield
+    _fail_on_invalid_alerts()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail a test that built or read back an alert the schema refuses."""
+    yield
+    _fail_on_invalid_alerts()
+
+
+def _fail_on_invalid_alerts() -> None:
+    problems = alert_contract.CHECKER.take()
+    if problems:
+        pytest.fail("alerts not matching dicomflow/alert.schema.json:\n" + "\n".join(problems))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    checker = alert_contract.CHECKER
+    if checker.checked:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(checker.kinds.items()))
+        terminalreporter.write_line(
+            f"alert schema: {checker.checked} alerts checked; built by the pipeline: {kinds}"
+        )
 
 
 @pytest.fixture(autouse=True)
