@@ -21,17 +21,22 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 PIPELINE_MODULES = ("dicomflow.", "localcloud.", "main")
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "alerts.md"
+KIND_HEADING = re.compile(r"^## ([a-z][a-z_]*)$", re.MULTILINE)
 
 
 @functools.cache
@@ -232,3 +237,45 @@ def detail_fields(kind: str) -> set[str]:
         return found
 
     return fields(defs[f"details.{kind}"])
+
+
+def runbook_sections() -> dict[str, str]:
+    """Runbook sections by kind: the text under each ``## <kind>`` heading."""
+    text = DOCS.read_text(encoding="utf-8")
+    headings = list(re.finditer(r"^## .*$", text, re.MULTILINE))
+    found: dict[str, str] = {}
+    for here, after in zip(headings, [*headings[1:], None], strict=True):
+        match = KIND_HEADING.match(here.group(0))
+        if match:
+            found[match.group(1)] = text[here.end() : after.start() if after else len(text)]
+    return found
+
+
+def table_fields(section: str) -> set[str]:
+    """The names in the first column of a section's ``details`` table."""
+    return set(re.findall(r"^\| `([A-Za-z]+)` \|", section, re.MULTILINE))
+
+
+def section_example(section: str) -> dict[str, Any]:
+    match = re.search(r"```json\n(.*?)\n```", section, re.DOTALL)
+    assert match, "the section has no JSON example"
+    found: dict[str, Any] = json.loads(match.group(1))
+    return found
+
+
+def runbook_example(kind: str) -> dict[str, Any]:
+    """The example message of ``kind``'s runbook section."""
+    return section_example(runbook_sections()[kind])
+
+
+def build_args(kind: str) -> dict[str, Any]:
+    """``build_alert``'s arguments for the example of ``kind``'s runbook section."""
+    body = runbook_example(kind)
+    return {
+        "kind": body["kind"],
+        "subject": body["subject"],
+        "severity": body["severity"],
+        "store": body["dicomStore"],
+        "details": body["details"],
+        "now": datetime.fromisoformat(body["time"].replace("Z", "+00:00")),
+    }

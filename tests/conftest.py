@@ -14,6 +14,7 @@ from googleapiclient.discovery import build
 from localcloud.healthcare import HealthcareServer, start_healthcare
 from localcloud.storage import StorageServer, start_storage
 from tests import alert_contract
+from tests.http_recorder import Recorder
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -107,3 +108,17 @@ def healthcare_client() -> Iterator[Callable[..., Any]]:
     yield make
     for api in made:
         api.close()
+
+
+@pytest.fixture
+def recorder_factory() -> Iterator[Callable[[list[int]], Recorder]]:
+    """A factory of loopback HTTP endpoints (``Recorder``), stopped after the test."""
+    made: list[Recorder] = []
+
+    def make(statuses: list[int]) -> Recorder:
+        made.append(Recorder(statuses))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        recorder.stop()

@@ -9,8 +9,6 @@ and its examples, and that the checker can fail.
 from __future__ import annotations
 
 import copy
-import json
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,33 +18,6 @@ from jsonschema import Draft202012Validator
 
 from dicomflow import alerts
 from tests import alert_contract
-
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "alerts.md"
-KIND_HEADING = re.compile(r"^## ([a-z][a-z_]*)$", re.MULTILINE)
-
-
-def sections() -> dict[str, str]:
-    """Runbook sections by kind: the text under each ``## <kind>`` heading."""
-    text = DOCS.read_text(encoding="utf-8")
-    headings = list(re.finditer(r"^## .*$", text, re.MULTILINE))
-    found: dict[str, str] = {}
-    for here, after in zip(headings, [*headings[1:], None], strict=True):
-        match = KIND_HEADING.match(here.group(0))
-        if match:
-            found[match.group(1)] = text[here.end() : after.start() if after else len(text)]
-    return found
-
-
-def table_fields(section: str) -> set[str]:
-    """The names in the first column of a section's ``details`` table."""
-    return set(re.findall(r"^\| `([A-Za-z]+)` \|", section, re.MULTILINE))
-
-
-def example(section: str) -> dict[str, Any]:
-    match = re.search(r"```json\n(.*?)\n```", section, re.DOTALL)
-    assert match, "the section has no JSON example"
-    found: dict[str, Any] = json.loads(match.group(1))
-    return found
 
 
 def test_schema_is_a_valid_2020_12_schema() -> None:
@@ -66,7 +37,9 @@ def test_schema_id_carries_the_current_schema_version() -> None:
         "const": version,
     }
     assert schema["$defs"]["attributes"]["properties"]["schemaVersion"] == {"const": str(version)}
-    assert f"urn:dicomflow:alert:schemaVersion:{version}" in DOCS.read_text(encoding="utf-8")
+    assert f"urn:dicomflow:alert:schemaVersion:{version}" in alert_contract.DOCS.read_text(
+        encoding="utf-8"
+    )
 
 
 def test_code_schema_and_runbook_list_the_same_kinds() -> None:
@@ -74,7 +47,7 @@ def test_code_schema_and_runbook_list_the_same_kinds() -> None:
     in_code = list(alerts.ALERT_KINDS)
     in_schema = schema["$defs"]["kind"]["enum"]
     with_rules = [rule["if"]["properties"]["kind"]["const"] for rule in schema["allOf"]]
-    in_docs = list(sections())
+    in_docs = list(alert_contract.runbook_sections())
     assert sorted(in_schema) == sorted(in_code), "schema $defs/kind/enum vs alerts.ALERT_KINDS"
     assert sorted(with_rules) == sorted(in_code), "schema allOf: one if/then rule per kind"
     assert sorted(in_docs) == sorted(in_code), "docs/alerts.md: one '## <kind>' section per kind"
@@ -83,8 +56,8 @@ def test_code_schema_and_runbook_list_the_same_kinds() -> None:
 
 @pytest.mark.parametrize("kind", alerts.ALERT_KINDS)
 def test_runbook_section_describes_the_schema_fields(kind: str) -> None:
-    section = sections()[kind]
-    assert table_fields(section) == alert_contract.detail_fields(kind)
+    section = alert_contract.runbook_sections()[kind]
+    assert alert_contract.table_fields(section) == alert_contract.detail_fields(kind)
     for part in ("**Severity**", "**Subject**", "**When it fires.**", "**What to do.**"):
         assert part in section, f"{kind}: no {part}"
 
@@ -94,7 +67,7 @@ def test_runbook_example_is_what_build_alert_makes_and_passes_the_strict_schema(
     kind: str,
 ) -> None:
     """Every kind at least once, through the builder and the strict schema."""
-    shown = example(sections()[kind])
+    shown = alert_contract.runbook_example(kind)
     assert shown["kind"] == kind
     assert alert_contract.errors("strict", shown) == []
     built = alerts.build_alert(
@@ -110,7 +83,7 @@ def test_runbook_example_is_what_build_alert_makes_and_passes_the_strict_schema(
 
 
 def test_strict_schema_refuses_undescribed_or_missing_fields_the_published_one_allows() -> None:
-    shown = example(sections()["export_failed"])
+    shown = alert_contract.runbook_example("export_failed")
     extra = copy.deepcopy(shown)
     extra["details"]["operatorNote"] = "x"
     extra["sentBy"] = "y"
@@ -118,7 +91,7 @@ def test_strict_schema_refuses_undescribed_or_missing_fields_the_published_one_a
     strict = alert_contract.errors("strict", extra)
     assert any("operatorNote" in e for e in strict) and any("sentBy" in e for e in strict)
 
-    nested = copy.deepcopy(example(sections()["import_failed"]))
+    nested = copy.deepcopy(alert_contract.runbook_example("import_failed"))
     nested["details"]["sampleFiles"][0]["patientHint"] = "x"
     assert any("patientHint" in e for e in alert_contract.errors("strict", nested))
 
@@ -128,7 +101,7 @@ def test_strict_schema_refuses_undescribed_or_missing_fields_the_published_one_a
 
 
 def test_stalled_takes_either_shape_but_not_a_mix() -> None:
-    operation = example(sections()["stalled"])
+    operation = alert_contract.runbook_example("stalled")
     assert alert_contract.errors("strict", operation) == []
     store = operation["dicomStore"]
     starting = {
@@ -170,13 +143,13 @@ def test_stalled_takes_either_shape_but_not_a_mix() -> None:
     ],
 )
 def test_published_schema_refuses_a_broken_message(change: Any, fragment: str) -> None:
-    body = copy.deepcopy(example(sections()["backlog"]))
+    body = copy.deepcopy(alert_contract.runbook_example("backlog"))
     change(body)
     assert any(fragment in e for e in alert_contract.errors("published", body))
 
 
 def test_attributes_must_match_the_body() -> None:
-    alert = alerts.build_alert(**_args(example(sections()["quarantined"])))
+    alert = alerts.build_alert(**alert_contract.build_args("quarantined"))
     attributes = alert.attributes()
     assert alert_contract.message_errors(alert.body(), attributes) == []
     assert alert_contract.message_errors(alert.body(), {**attributes, "kind": "dropped"}) != []
@@ -187,7 +160,7 @@ def test_checker_catches_an_invalid_alert_built_by_the_pipeline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The conftest hook fails a test when the pipeline builds an alert the schema refuses."""
-    good = _args(example(sections()["quarantined"]))
+    good = alert_contract.build_args("quarantined")
     bad = {**good, "details": {**good["details"], "undocumented": 1}}
     checker = alert_contract.Checker()
     monkeypatch.setattr(alert_contract, "CHECKER", checker)
@@ -206,12 +179,13 @@ def test_checker_catches_an_invalid_alert_built_by_the_pipeline(
     assert checker.take() == []
 
 
-def _args(body: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "kind": body["kind"],
-        "subject": body["subject"],
-        "severity": body["severity"],
-        "store": body["dicomStore"],
-        "details": body["details"],
-        "now": datetime.fromisoformat(body["time"].replace("Z", "+00:00")),
-    }
+def test_the_demo_says_where_the_runbook_is(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from localcloud import demo
+
+    monkeypatch.chdir(alert_contract.DOCS.parents[1])
+    assert demo.runbook_line() == "alerts: what each kind means and what to do is in docs/alerts.md"
+    assert demo.RUNBOOK == alert_contract.DOCS and demo.RUNBOOK.is_file()
+    monkeypatch.chdir(tmp_path)
+    assert str(demo.RUNBOOK) in demo.runbook_line()
