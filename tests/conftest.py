@@ -84,6 +84,18 @@ def healthcare_server(gcs_server: StorageServer) -> Iterator[HealthcareServer]:
     server.stop()
 
 
+def _google_api(service: str, version: str, url: str) -> Any:
+    """A googleapiclient client for ``url``: the bundled discovery document, no credentials."""
+    return build(
+        service,
+        version,
+        static_discovery=True,
+        cache_discovery=False,
+        client_options={"api_endpoint": url},
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+    )
+
+
 @pytest.fixture
 def healthcare_client() -> Iterator[Callable[..., Any]]:
     """A factory of googleapiclient Healthcare clients: ``make(url, version="v1")``.
@@ -94,16 +106,22 @@ def healthcare_client() -> Iterator[Callable[..., Any]]:
     made: list[Any] = []
 
     def make(url: str, version: str = "v1") -> Any:
-        api = build(
-            "healthcare",
-            version,
-            static_discovery=True,
-            cache_discovery=False,
-            client_options={"api_endpoint": url},
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        )
-        made.append(api)
-        return api
+        made.append(_google_api("healthcare", version, url))
+        return made[-1]
+
+    yield make
+    for api in made:
+        api.close()
+
+
+@pytest.fixture
+def pubsub_client() -> Iterator[Callable[[str], Any]]:
+    """A factory of Pub/Sub v1 clients, ``make(url)``, closed after the test."""
+    made: list[Any] = []
+
+    def make(url: str) -> Any:
+        made.append(_google_api("pubsub", "v1", url + "/"))
+        return made[-1]
 
     yield make
     for api in made:

@@ -22,8 +22,6 @@ from typing import Any
 
 import functions_framework
 import pytest
-from google.auth.credentials import AnonymousCredentials
-from googleapiclient.discovery import build
 from werkzeug.serving import make_server
 
 from dicomflow import alerts
@@ -207,7 +205,9 @@ def test_concurrent_deliveries_forward_once(consumer: Callable[[list[int]], Cons
 
 
 def test_alerts_pushed_by_pubsub_after_dicomflow_published_them_twice(
-    consumer: Callable[[list[int]], Consumer], capsys: pytest.CaptureFixture[str]
+    consumer: Callable[[list[int]], Consumer],
+    pubsub_client: Callable[[str], Any],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The real envelope: dicomflow's Pub/Sub message, pushed to the consumer over HTTP."""
     c = consumer([200])
@@ -215,14 +215,7 @@ def test_alerts_pushed_by_pubsub_after_dicomflow_published_them_twice(
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     pubsub = start_pubsub(kind="fallback", project="local")
-    client = build(
-        "pubsub",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": pubsub.url + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-    )
+    client = pubsub_client(pubsub.url)
     try:
         topic, sub = "projects/local/topics/alerts", "projects/local/subscriptions/alerts-push"
         client.projects().topics().create(name=topic, body={}).execute()
@@ -247,7 +240,6 @@ def test_alerts_pushed_by_pubsub_after_dicomflow_published_them_twice(
         (text,) = c.forwarded()
         assert f"`stalled` {alert.subject}" in text
     finally:
-        client.close()
         pubsub.stop()
         server.shutdown()
         thread.join()
