@@ -25,9 +25,9 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import http.client
 import json
 import os
-import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -84,7 +84,7 @@ def receive(request: Request) -> tuple[str, int]:
     blob, generation = claim
     try:
         _post(alert)
-    except (urllib.error.URLError, TimeoutError) as exc:
+    except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
         # Let the redelivery send it; if the delete fails, the lease runs out instead.
         with contextlib.suppress(gexc.GoogleAPIError):
             blob.delete(if_generation_match=generation)
