@@ -33,6 +33,9 @@ from typing import Any
 from dicomflow.config import Settings
 from dicomflow.errors import ConfigError
 
+# Purposes of labels: the same text labelled for two purposes gives two labels.
+OBJECT = "object"  # a gs:// URI
+UID = "uid"  # a DICOM UID
 LABEL_PREFIX = "h:"
 LABEL_HEX = 32
 MIN_KEY_BYTES = 16

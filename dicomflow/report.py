@@ -284,7 +284,7 @@ def _file_alert_details(
                 "object": label(r.record),
                 "key": r.key,
                 "reason": r.reason,
-                "sopInstanceUid": r.record.sop,
+                "sopInstanceUid": alerts.uid_label(settings, r.record.sop),
             }
             for r in chosen[:limit]
         ],

@@ -164,7 +164,7 @@ def test_batches_and_batch_json(demo_run: DemoRun) -> None:
     assert detail["fileList"]["count"] == len(mine)
     lines = detail["manifest"]["failure"] + detail["manifest"]["success"]
     lines += detail["fileList"]["files"]
-    assert all(line["object"].startswith("sha256:") and "name" not in line for line in lines)
+    assert all(line["object"].startswith("h:") and "name" not in line for line in lines)
     assert detail["records"]["operationRecord"]["operation"] == with_failures[0]["operation"]
 
     text = _dicomflow(demo_run, "batch", batch, "--files")

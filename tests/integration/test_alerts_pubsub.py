@@ -18,6 +18,7 @@ from dicomflow.config import load_settings
 from dicomflow.errors import PermanentError
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from tests.deployment_key import KEY_FILE
 
 STORE = "projects/local/locations/us/datasets/d/dicomStores/s"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -43,6 +44,7 @@ def ctx(gcs_server: StorageServer, pubsub: PubSubServer) -> Iterator[runtime.Con
             "DICOMFLOW_STAGING_BUCKET": staging,
             "DICOMFLOW_BACKUP_BUCKET": "backups",
             "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+            "DICOMFLOW_KEY_FILE": KEY_FILE,
             "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
             "STORAGE_EMULATOR_HOST": gcs_server.url,
         }

@@ -13,6 +13,7 @@ import pytest
 
 from dicomflow import alerts
 from dicomflow.config import load_settings
+from tests.deployment_key import KEY_FILE
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 STORE = "projects/p/locations/l/datasets/d/dicomStores/s"
@@ -25,6 +26,7 @@ def _settings(**env: str) -> object:
         "DICOMFLOW_STAGING_BUCKET": "staging",
         "DICOMFLOW_BACKUP_BUCKET": "backups",
         "DICOMFLOW_ALERTS_TOPIC": "projects/p/topics/alerts",
+        "DICOMFLOW_KEY_FILE": KEY_FILE,
     }
     base.update(env)
     return load_settings(base)
@@ -72,7 +74,7 @@ def test_message_schema_and_attributes() -> None:
         "severity": "WARNING",
         "dicomStore": STORE,
         "alertId": alert.alert_id,
-        "schemaVersion": "1",
+        "schemaVersion": "2",
     }
     assert all(isinstance(v, str) for v in msg["attributes"].values())
 
@@ -145,7 +147,7 @@ def test_samples_are_capped() -> None:
 
 def test_object_label_hash_and_plain() -> None:
     hashed = alerts.object_label(_settings(), "landing", "Doe^John/ct.dcm")  # type: ignore[arg-type]
-    assert hashed.startswith("sha256:") and len(hashed) == len("sha256:") + 16
+    assert hashed.startswith("h:") and len(hashed) == len("h:12345678:") + 32
     assert "Doe" not in hashed
     assert hashed == alerts.object_label(_settings(), "landing", "Doe^John/ct.dcm")  # type: ignore[arg-type]
     assert hashed != alerts.object_label(_settings(), "landing", "Doe^John/mr.dcm")  # type: ignore[arg-type]
