@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import warnings
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,15 +41,9 @@ class Markers:
 
     kinds: Mapping[str, str]
 
-    def pattern(self) -> re.Pattern[str] | None:
-        """One case-insensitive pattern for every marker, bounded by non-alphanumerics."""
-        if not self.kinds:
-            return None
-        alternatives = "|".join(re.escape(m) for m in sorted(self.kinds, key=len, reverse=True))
-        return re.compile(rf"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])", re.IGNORECASE)
-
-    def count(self, kind: str) -> int:
-        return sum(1 for k in self.kinds.values() if k == kind)
+    def counts(self) -> dict[str, int]:
+        """How many markers of each kind."""
+        return dict(sorted(Counter(self.kinds.values()).items()))
 
 
 def corpus_markers(files: Iterable[tuple[str, bytes]]) -> Markers:
@@ -84,11 +80,11 @@ def _attributes(data: bytes) -> list[tuple[str, str]]:
 def _specific(value: str, kind: str) -> bool:
     """Long enough to identify someone or something rather than to occur by chance.
 
-    Skipped: values under 4 characters, numbers under 6 digits (they turn up in
+    Skipped: values with fewer than 4 letters or digits, numbers under 6 digits (they turn up in
     ports, sizes and tag numbers), UIDs under 10 characters (``1.2.3``), and the
     placeholder words sample files use.
     """
-    if len(value) < 4 or (value.isdigit() and len(value) < 6):
+    if sum(c.isalnum() for c in value) < 4 or (value.isdigit() and len(value) < 6):
         return False
     if kind in UID_ATTRIBUTES and len(value) < 10:
         return False
@@ -111,17 +107,31 @@ def alert_texts(alerts: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def scan(texts: Iterable[str], markers: Markers, where: str) -> list[str]:
-    """One problem line per kind of marker found in ``texts`` (none: no leak)."""
-    pattern = markers.pattern()
-    if pattern is None:
-        return []
+    """One problem line per kind of marker found in ``texts`` (none: no leak).
+
+    A marker counts where it stands alone: not inside a longer word or number, case
+    ignored. One ``find`` per marker over all the text, which is fast for thousands of
+    markers and lines alike.
+    """
+    lines = list(texts)
+    text = "\n".join(lines).lower()
+    starts = list(accumulate((len(line) + 1 for line in lines), initial=0))
     hits: dict[str, list[str]] = {}
-    lowered = {m.lower(): k for m, k in markers.kinds.items()}
-    for number, text in enumerate(texts, 1):
-        for match in pattern.finditer(text):
-            kind = lowered.get(match.group(0).lower(), "marker")
-            hits.setdefault(kind, []).append(f"{where} line {number}: {match.group(0)!r}")
+    for marker, kind in markers.kinds.items():
+        needle = marker.lower()
+        at = text.find(needle)
+        while at >= 0:
+            end = at + len(needle)
+            if not _alnum(text, at - 1) and not _alnum(text, end):
+                number = bisect_right(starts, at)
+                hits.setdefault(kind, []).append(f"{where} line {number}: {marker!r}")
+                break
+            at = text.find(needle, at + 1)
     return [f"{len(found)} {kind} values in {where}: {found[0]}" for kind, found in hits.items()]
+
+
+def _alnum(text: str, index: int) -> bool:
+    return 0 <= index < len(text) and text[index].isalnum() and text[index].isascii()
 
 
 def scan_run(home: Path, alerts: Iterable[Mapping[str, Any]], markers: Markers) -> list[str]:

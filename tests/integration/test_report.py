@@ -35,6 +35,7 @@ from dicomflow import (
     batches,
     feeds,
     ingest,
+    keys,
     log,
     manifests,
     objects,
@@ -1243,3 +1244,30 @@ def test_conflict_found_when_two_report_processes_verify_at_once(env: Env) -> No
         ticks = list(pool.map(tick, range(2)))
     assert sum(len(t["verified"]) for t in ticks) >= 2
     assert_one_imported_one_conflict(env, pair, winner=pair.a)
+
+
+def test_a_failing_qido_is_logged_with_labels_not_uids(env: Env) -> None:
+    """The report's error and its traceback (the QIDO URL holds the Study UID) reach the
+    log with the UID replaced by its keyed label."""
+    study = pydicom.uid.generate_uid()
+    files = [env.upload(f"q/{i}.dcm", make_instance(study)) for i in range(2)]
+    env.ingest(files)
+    env.clock.advance(env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds)
+    env.ingest_tick()
+    wait_finished(env, 30)
+    records = [env.outcome(f).record for f in files]
+    uids = {u for r in records if r is not None for u in (r.study, r.series, r.sop) if u}
+    assert len(uids) == 5  # one study, two series, two instances
+    stream = io.StringIO()
+    log.configure(logging.INFO, stream)
+    settings = env.ctx.settings
+    log.use_labels(log.Labels(keys.load(settings), settings.is_pipeline_object))
+    env.knobs(faults={"dicomWeb.search": {"rate": 1.0, "status": 400}})
+    try:
+        assert env.report_tick() == 500
+    finally:
+        env.knobs(faults={})
+        log.use_labels(None)
+    text = stream.getvalue()
+    assert "Traceback" in text and keys.load(settings).hash(keys.UID, study) in text
+    assert [u for u in uids if u in text] == []
