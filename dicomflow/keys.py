@@ -42,7 +42,7 @@ MIN_KEY_BYTES = 16
 
 _NEITHER = (
     "DICOMFLOW_KEY_SECRET",
-    "and DICOMFLOW_KEY_FILE are both unset",
+    "is not set, nor is DICOMFLOW_KEY_FILE",
     "set DICOMFLOW_KEY_SECRET=projects/P/secrets/S/versions/latest (Google Cloud) "
     "or DICOMFLOW_KEY_FILE=<path of a file of 32 random bytes> (localcloud writes one per home)",
 )

@@ -157,3 +157,31 @@ def test_file_setting_does_not_import_secret_manager(tmp_path: Path) -> None:
     sys.modules.pop("google.cloud.secretmanager", None)
     keys.load(load_settings({**BASE, "DICOMFLOW_KEY_FILE": _key_file(tmp_path)}))
     assert "google.cloud.secretmanager" not in sys.modules
+
+
+def test_functions_read_the_key_at_start_up_and_label_logs_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicomflow import log, runtime
+
+    for name, value in {**BASE, "K_SERVICE": "report"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    runtime.set_context(None)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            runtime.startup()
+        assert stopped.value.code == 3
+        assert "DICOMFLOW_KEY_SECRET: is not set, nor is DICOMFLOW_KEY_FILE" in (
+            capsys.readouterr().out
+        )
+        path = _key_file(tmp_path)
+        monkeypatch.setenv("DICOMFLOW_KEY_FILE", path)
+        runtime.startup()
+        labels = log.SCRUBBER.labels
+        assert labels is not None and labels.key.secret == Path(path).read_bytes()
+        assert labels.keep("staging", "batches/20261125T125300Z/x.dcm")
+        assert not labels.keep("landing", "batches/x.dcm")
+    finally:
+        runtime.set_context(None)
+        log.use_labels(None)

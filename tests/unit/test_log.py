@@ -50,6 +50,7 @@ def _lines(emit: Any, labels: log.Labels | None = None) -> list[dict[str, Any]]:
     root = logging.getLogger()
     before = (list(root.handlers), root.level, log.SCRUBBER.labels)
     try:
+        logging.captureWarnings(False)  # an earlier test's configure() may have left it on
         log.configure(stream=stream)
         log.use_labels(labels)
         emit()
