@@ -88,6 +88,7 @@ _API_OBJECT = re.compile(r"/b/([a-z0-9][a-z0-9._-]*)/o/([^/?#\s'\"]+)")
 _API_QUERY = re.compile(r"/b/([a-z0-9][a-z0-9._-]*)/o\?([^#\s'\"]*)")
 _QUERY_NAME = re.compile(r"(^|&)(name|prefix|startOffset|endOffset|matchGlob)=([^&]*)")
 _LABEL = re.compile(r"^h:[0-9a-f]{8}:[0-9a-f]{32}$")
+NAMING_MIN = 4
 UNKNOWN_UID = "<uid>"
 UNKNOWN_OBJECT = "<object>"
 
@@ -159,7 +160,9 @@ class Scrubber(logging.Filter):
     def scrub(self, text: str) -> str:
         """``text`` without UIDs or object names in clear."""
         for bucket, name in _naming.get():
-            if name and not self._keeps(bucket, name):
+            # A name of a few characters would replace parts of words; URIs and URLs
+            # that hold it are still found below.
+            if len(name) >= NAMING_MIN and not self._keeps(bucket, name):
                 label = self.object_label(bucket, name)
                 text = text.replace(f"gs://{bucket}/{name}", label)
                 for form in sorted({name, quote(name, safe=""), quote(name)}, key=len)[::-1]:

@@ -257,6 +257,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
     backup = summary["backup"]
     table.add_row("backup", f"{backup['prefix']} ({backup['objects']} objects)")
     table.add_row("backup manifest", "complete" if backup["complete"] else "NOT complete")
+    scan = summary["leakScan"]
+    table.add_row(
+        "patient data in logs and alerts",
+        f"{len(scan['found'])} kinds found in {scan['logLines']} log lines and "
+        f"{scan['alerts']} alerts ({sum(scan['markers'].values())} markers)",
+    )
     for name, seconds in summary["stages"].items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     return table
