@@ -110,10 +110,10 @@ def test_publishes_once_with_schema_and_attributes(ctx: runtime.Context) -> None
         "severity": "ERROR",
         "dicomStore": STORE,
         "alertId": alert.alert_id,
-        "schemaVersion": "1",
+        "schemaVersion": "2",
     }
     body = json.loads(base64.b64decode(msg["data"]))
-    assert body["schemaVersion"] == 1 and body["alertId"] == alert.alert_id
+    assert body["schemaVersion"] == 2 and body["alertId"] == alert.alert_id
     assert body["details"] == {"date": "2026-11-25", "found": 3}
     assert _marker(ctx, alert)["state"] == "published"
 

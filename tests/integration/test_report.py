@@ -343,8 +343,13 @@ def test_import_checks_alert_once_per_subject_and_manifests_match_the_store(env:
     assert failed["body"]["details"]["reasons"] == {"not-in-store": 1}
     assert conflict["body"]["details"]["samples"] == [env.label(files["twin"])]
     assert conflict["body"]["details"]["reasons"] == {"checksum-mismatch": 1}
+    # UIDs are keyed labels (DICOMFLOW_ALERT_UIDS=hash by default), never in clear.
+    twin = env.outcome(files["twin"]).record
+    assert twin is not None and twin.sop
+    [sample] = conflict["body"]["details"]["sampleFiles"]
+    assert sample["sopInstanceUid"] == alerts.uid_label(env.ctx.settings, twin.sop) != twin.sop
     for m in alerts_seen:
-        assert m["body"]["schemaVersion"] == 1
+        assert m["body"]["schemaVersion"] == 2
         assert m["attributes"]["dicomStore"] == env.store
         assert m["attributes"]["kind"] == m["body"]["kind"]
         assert m["attributes"]["alertId"] == m["body"]["alertId"]
