@@ -7,8 +7,10 @@ wait until every upload has a final outcome (``dicomflow.outcomes``: ingest batc
 and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
 quarantine window, a minute after the window ends); restore the backup into a
-second store and check it (every instance, a sample byte for byte); read the alerts. Then
-print a summary and check the invariants. The exit code is 1 when an invariant
+second store and check it (every instance, a sample byte for byte); read the alerts;
+scan the functions' logs and the alerts for the corpus's names, IDs, birth dates, UIDs
+and object names (``localcloud.leaks``). Then print a summary and check the
+invariants (a leak is a broken one). The exit code is 1 when an invariant
 is broken, 2 when the local cloud cannot start.
 """
 
@@ -35,6 +37,7 @@ from dicomflow.config import QUARANTINE_PREFIX, load_settings
 from dicomflow.outcomes import Outcome
 from dicomflow.staging import BATCH_STATE_PREFIX, OPEN_PREFIX
 from dicomflow.verify import DUPLICATE, IMPORTED
+from localcloud import leaks
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.scheduler import fire
 from localcloud.stack import Stack, StackConfig
@@ -48,6 +51,7 @@ DEMO_FUNCTION_ENV = {
 }
 TICK_SECONDS = 2.0
 SETTLE_TIMEOUT = 150.0
+RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "alerts.md"
 # The second store the demo restores its backup into.
 RESTORE_STORE = "restored"
 
@@ -230,6 +234,8 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         )
     finally:
         gcs.close()  # type: ignore[no-untyped-call]
+    markers = leaks.corpus_markers(corpus)
+    leaked = leaks.scan_run(stack.config.home, alerts, markers)
     totals = outcomes.totals(found.values())
     reasons = Counter(
         feeds.reason_code(o.reason) for o in found.values() if o.status == outcomes.QUARANTINED
@@ -250,10 +256,17 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         },
         "restore": _restore_summary(restored),
         "stages": {name: round(seconds, 2) for name, seconds in stages.seconds.items()},
+        "leakScan": {
+            "logLines": len(leaks.function_log_lines(stack.config.home)),
+            "alerts": len(alerts),
+            "markers": markers.counts(),
+            "found": leaked,
+        },
         "problems": check_invariants(
             len(corpus), list(found.values()), stored, len(batches), operations, manifest
         )
-        + [f"restore: {p}" for p in restored.get("problems") or []],
+        + [f"restore: {p}" for p in restored.get("problems") or []]
+        + leaked,
     }
 
 
@@ -294,6 +307,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
         f"{restored['status']}: {restored['present']} of {restored['instances']} instances, "
         f"{restored['bytesChecked']} compared byte for byte ({restored['bytesDifferent']} differ)",
     )
+    scan = summary["leakScan"]
+    table.add_row(
+        "patient data in logs and alerts",
+        f"{len(scan['found'])} kinds found in {scan['logLines']} log lines and "
+        f"{scan['alerts']} alerts ({sum(scan['markers'].values())} markers)",
+    )
     for name, seconds in summary["stages"].items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     return table
@@ -322,6 +341,7 @@ def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
 
     summary["stages"] = {name: round(seconds, 2) for name, seconds in stages.seconds.items()}
     console.print(summary_table(summary))
+    console.print(runbook_line())
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     for problem in summary["problems"]:
@@ -329,6 +349,12 @@ def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
     if not summary["problems"]:
         console.print("[green]every uploaded file is accounted for[/]")
     return 1 if summary["problems"] else 0
+
+
+def runbook_line() -> str:
+    """Where the alerts runbook is: relative to the working directory when inside it."""
+    where = RUNBOOK.relative_to(Path.cwd()) if RUNBOOK.is_relative_to(Path.cwd()) else RUNBOOK
+    return f"alerts: what each kind means and what to do is in {where}"
 
 
 def check_invariants(
