@@ -412,6 +412,7 @@ def _finish(
 
 def _alert_failed(ctx: Any, doc: Mapping[str, Any], now: datetime) -> None:
     store = str(ctx.settings.dicom_store)
+    checked = doc.get("check") or {}
     details = {
         "drillDate": doc["date"],
         "backupDate": doc.get("backupDate"),
@@ -420,7 +421,9 @@ def _alert_failed(ctx: Any, doc: Mapping[str, Any], now: datetime) -> None:
         "operation": doc.get("operation"),
         "studies": len(doc.get("studies") or []),
         "instances": doc.get("instances"),
-        "check": doc.get("check"),
+        "present": checked.get("present"),
+        "bytesChecked": checked.get("bytesChecked"),
+        "bytesDifferent": checked.get("bytesDifferent"),
         "problems": doc.get("problems"),
         "record": f"gs://{ctx.settings.staging_bucket}/{DRILLS_PREFIX}{doc['date']}.json",
     }
