@@ -19,6 +19,9 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
   records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
 - ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
   outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
+- ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
+  ``restore_drill_overdue`` (WARNING): no drill finished within its period
+  (``dicomflow.drill``).
 
 Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
 ``alertId`` and ``schemaVersion``.
@@ -91,6 +94,8 @@ ALERT_KINDS = (
     "operation_failed",
     "stalled",
     "backlog",
+    "restore_drill_failed",
+    "restore_drill_overdue",
 )
 SEVERITIES = ("INFO", "WARNING", "ERROR", "CRITICAL")
 SAMPLES_KEY = "samples"
