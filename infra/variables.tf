@@ -268,7 +268,7 @@ variable "settings" {
       "DICOMFLOW_ALERT_OBJECT_NAMES",
       "DICOMFLOW_ALERT_SAMPLE_FILES",
     ], name)])
-    error_message = "settings may only hold the tuning names of SETTINGS_DOC; the required ones, the endpoints, DICOMFLOW_BACKUP_PREFIX and DICOMFLOW_SEAL_GRACE_SECONDS are set by this module."
+    error_message = "settings may only hold the tuning names of SETTINGS_DOC; the required ones, the endpoints, the key, DICOMFLOW_BACKUP_PREFIX, DICOMFLOW_SEAL_GRACE_SECONDS and the settings with a variable of their own are set by this module."
   }
 }
 
@@ -356,12 +356,12 @@ variable "restore_drill_days" {
 
 variable "restore_drill_studies" {
   type        = number
-  description = "Studies a restore drill restores and compares. Sets DICOMFLOW_RESTORE_DRILL_STUDIES."
+  description = "Studies a restore drill restores and compares, sampled at random; 0 restores the whole backup. Sets DICOMFLOW_RESTORE_DRILL_STUDIES."
   default     = 50
 
   validation {
-    condition     = var.restore_drill_studies >= 1 && floor(var.restore_drill_studies) == var.restore_drill_studies
-    error_message = "restore_drill_studies must be a whole number, 1 or more."
+    condition     = var.restore_drill_studies >= 0 && floor(var.restore_drill_studies) == var.restore_drill_studies
+    error_message = "restore_drill_studies must be a whole number, 0 (the whole backup) or more."
   }
 }
 

@@ -31,6 +31,7 @@ from google.cloud import storage
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
+from dicomflow import keys
 from localcloud.delivery import Deliverer
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
@@ -52,6 +53,7 @@ ENV_NAMES = (
     "DICOMFLOW_BACKUP_BUCKET",
     "DICOMFLOW_ALERTS_TOPIC",
     "DICOMFLOW_ALERTS_SUBSCRIPTION",
+    "DICOMFLOW_KEY_FILE",
 )
 
 
@@ -141,6 +143,11 @@ class StackConfig:
     def dead_letter_path(self) -> Path:
         """Where event delivery keeps the events it gave up on (see ``localcloud.delivery``)."""
         return self.home / "dead-letter.ndjson"
+
+    @property
+    def key_path(self) -> Path:
+        """The deployment key of this home (labels in alerts and logs), made at first start."""
+        return self.home / "deployment.key"
 
     @property
     def store_name(self) -> str:
@@ -236,6 +243,7 @@ class Stack:
     def _start(self) -> None:
         cfg = self.config
         (cfg.home / "logs").mkdir(parents=True, exist_ok=True)
+        keys.write_key_file(str(cfg.key_path))
         ports = cfg.ports
 
         self._storage = start_storage(
@@ -352,7 +360,7 @@ class Stack:
             raise LocalCloudError(f"{exc}: {_reason(log_file)}") from None
 
     def _create_resources(self) -> None:
-        """The dataset, DICOM store, alerts topic and subscription, when missing."""
+        """The dataset, DICOM store, drill store, alerts topic and subscription, when missing."""
         cfg = self.config
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
         topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
@@ -362,6 +370,12 @@ class Stack:
                 datasets.create(parent=parent, datasetId=cfg.dataset, body={}),
                 datasets.dicomStores().create(
                     parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
+                ),
+                # The restore drill's scratch store (DICOMFLOW_DRILL_STORE's default).
+                datasets.dicomStores().create(
+                    parent=f"{parent}/datasets/{cfg.dataset}",
+                    dicomStoreId=f"{cfg.store}-drill",
+                    body={},
                 ),
                 pubsub.projects().topics().create(name=topic, body={}),
                 pubsub.projects()
@@ -431,6 +445,7 @@ class Stack:
             "DICOMFLOW_ALERTS_SUBSCRIPTION": (
                 f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail"
             ),
+            "DICOMFLOW_KEY_FILE": str(cfg.key_path),
         }
 
     def state(self) -> dict[str, Any]:
