@@ -61,7 +61,9 @@ locals {
   # Derived from the code: dicomflow/healthcare.py (import, operations.get), dicomflow/export.py
   # (QIDO count, dicomStores.export, markers, _MANIFEST.json). Only export may start an export.
   # drill_store_permissions are granted on the scratch store <store>-drill, which exists only when
-  # var.restore_drill_days > 0; export runs the restore drill there.
+  # var.restore_drill_days > 0: export starts a restore drill there (dicomflow/drill.py), report
+  # settles it (checks the restored studies, empties the store, and starts it again after a
+  # clearing or a dead start), so both hold the same drill permissions.
   functions = {
     ingest = {
       description = "Storage finalize events on the landing bucket, and the minute tick: claim, check, stage, seal, import."
@@ -105,7 +107,12 @@ locals {
       store_permissions = [
         "healthcare.dicomStores.dicomWebRead", # QIDO search and WADO retrieve to verify each file
       ]
-      drill_store_permissions = []
+      drill_store_permissions = [
+        "healthcare.dicomStores.get",            # the drill store exists (a restart after clearing)
+        "healthcare.dicomStores.import",         # restarts a drill after clearing or a dead start
+        "healthcare.dicomStores.dicomWebRead",   # checks the restored studies
+        "healthcare.dicomStores.dicomWebDelete", # empties the store after the check
+      ]
       dataset_permissions = [
         "healthcare.operations.get",
         "healthcare.operations.list",
@@ -119,7 +126,8 @@ locals {
       memory      = "512Mi"
       max_inst    = 1
       bucket_roles = {
-        staging = ["roles/storage.objectUser"] # per-date markers, the manifests (incremental) and the filter file
+        staging = ["roles/storage.objectUser"]   # per-date markers, the manifests (incremental), the filter file, drill copies
+        backups = ["roles/storage.objectViewer"] # the drill reads the latest backup's manifest, lists and copies its objects
       }
       manifest_roles = ["roles/storage.objectUser"] # a forced rerun marks the old manifest superseded
       topic_roles    = {}
@@ -128,12 +136,13 @@ locals {
         "healthcare.dicomStores.export",
       ]
       drill_store_permissions = [
+        "healthcare.dicomStores.get",            # the drill store exists
         "healthcare.dicomStores.import",         # restores a sample of the latest backup
-        "healthcare.dicomStores.dicomWebRead",   # compares it with the store
-        "healthcare.dicomStores.dicomWebDelete", # empties the scratch store after the drill
+        "healthcare.dicomStores.dicomWebRead",   # finds leftovers to clear first
+        "healthcare.dicomStores.dicomWebDelete", # clears them (studies.delete)
       ]
       dataset_permissions = [
-        "healthcare.operations.get", # the drill's import operation
+        "healthcare.operations.get", # the drill's clearing operations
       ]
       project_roles = []
     }

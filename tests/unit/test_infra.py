@@ -41,6 +41,7 @@ WIRED = {
 }
 KNOWN = {name for name, _, _ in SETTINGS_DOC}
 FUNCTIONS = {"ingest", "report", "export"}
+DRILL_RUNNERS = {"export", "report"}  # dicomflow/drill.py: export starts a drill, report settles it
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
 BACKUP_READ_ONLY = {"roles/storage.objectViewer"}
 SHIPPED = {"main.py", "requirements.txt", "dicomflow"}
@@ -436,8 +437,8 @@ def check_security(cfg: Config) -> list[str]:
 
 
 def check_wiring(cfg: Config) -> list[str]:
-    """Landing deletes only when turned on, only on landing; the scratch drill store is written by
-    export only."""
+    """Landing deletes only when turned on, only on landing; the scratch drill store is touched
+    only by the functions that run drill steps (export starts a drill, report settles it)."""
     problems = []
     resources = cfg["resource"]
     grant = resources.get("google_storage_bucket_iam_member", {}).get("ingest_landing_delete", {})
@@ -457,8 +458,8 @@ def check_wiring(cfg: Config) -> list[str]:
     if str(cfg["locals"].get("drill_store_id")) != "${var.dicom_store_id}-drill":
         problems.append("the drill store is not named <store>-drill")
     for fn, spec in cfg["locals"].get("functions", {}).items():
-        if fn != "export" and spec.get("drill_store_permissions"):
-            problems.append(f"{fn} holds permissions on the drill store; only export runs drills")
+        if fn not in DRILL_RUNNERS and spec.get("drill_store_permissions"):
+            problems.append(f"{fn} holds permissions on the drill store; it runs no drill step")
     member = resources.get("google_healthcare_dicom_store_iam_member", {}).get("drill", {})
     if member.get("dicom_store_id") != "${local.drill_iam_id}":
         problems.append("the drill grants are not on the drill store")
@@ -1014,7 +1015,7 @@ def test_check_wiring_flags_unconditional_wide_landing_deletes_and_drill_writers
 locals {
   drill_store_id = "scratch"
   functions = {
-    report = { drill_store_permissions = ["healthcare.dicomStores.import"] }
+    ingest = { drill_store_permissions = ["healthcare.dicomStores.import"] }
   }
 }
 resource "google_project_iam_custom_role" "landing_delete" {
@@ -1038,7 +1039,7 @@ resource "google_healthcare_dicom_store" "drill" {
     assert "the landing delete role holds more than storage.objects.delete" in problems
     assert "the drill store is not conditional on the drill setting" in problems
     assert "the drill store is not named <store>-drill" in problems
-    assert "report holds permissions on the drill store; only export runs drills" in problems
+    assert "ingest holds permissions on the drill store; it runs no drill step" in problems
     assert "the drill grants are not on the drill store" in problems
 
 
