@@ -63,3 +63,8 @@ output "drill_store" {
   description = "The restore drill's scratch DICOM store, or null when restore_drill_days is 0."
   value       = local.drill_on ? local.drill_store_name : null
 }
+
+output "alerts_push_service_account" {
+  description = "Identity in the OIDC token of pushed alerts, or null. Grant it roles/run.invoker on the receiving function or Cloud Run service."
+  value       = one(google_service_account.alert_push[*].email)
+}
