@@ -217,9 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("infra", nargs="?", default=str(REPO / "infra"), type=Path)
     parser.add_argument("--major", action="append", choices=MAJORS)
+    parser.add_argument(
+        "--prepare", action="store_true", help="only download and build the providers' mirrors"
+    )
     args = parser.parse_args(argv)
     if shutil.which("terraform") is None:
         print("terraform is not installed: skipping terraform validate")
+        return 0
+    if args.prepare:
+        for major in args.major or MAJORS:
+            print(f"google {major}.x provider mirror: {prepare(major)}")
         return 0
     failed = False
     for major in args.major or MAJORS:
