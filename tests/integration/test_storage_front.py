@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from google.api_core.exceptions import NotFound, PreconditionFailed, ServiceUnavailable
+from google.api_core.exceptions import (
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    ServiceUnavailable,
+)
 from google.cloud import storage
 
 from localcloud.faultproxy import FaultProxy
@@ -304,3 +309,36 @@ def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
         objects.TOKEN: objects.read_json(bucket, "mine.json")[objects.TOKEN],  # type: ignore[index]
     }
     assert proxy.snapshot()["after_faults"] == {"objects.insert": 2}
+
+
+def test_a_retention_policy_refuses_overwrite_and_delete_of_a_young_object(
+    bucket: storage.Bucket,
+) -> None:
+    bucket.retention_period = 3600
+    bucket.patch()
+    assert bucket.client.get_bucket(bucket.name).retention_period == 3600
+    kept = bucket.blob("backups/2026-11-25/_MANIFEST.json")
+    kept.upload_from_string(b"first", if_generation_match=0)
+    refused: list[Callable[[], object]] = [
+        lambda: bucket.blob(kept.name).upload_from_string(b"second"),  # overwrite
+        lambda: bucket.blob(kept.name).delete(),
+        lambda: bucket.copy_blob(bucket.blob("other"), bucket, kept.name),  # copy over it
+        lambda: bucket.blob(kept.name).rewrite(bucket.blob("other")),
+    ]
+    bucket.blob("other").upload_from_string(b"other")
+    for attempt in refused:
+        with pytest.raises(Forbidden) as caught:
+            attempt()
+        error = caught.value.response.json()["error"]
+        assert (error["code"], error["errors"][0]["reason"]) == (403, "retentionPolicyNotMet")
+        assert "is subject to bucket's retention policy" in error["message"]
+    assert bucket.blob(kept.name).download_as_bytes() == b"first"
+    # New names are created as usual; metadata may change, as on Cloud Storage.
+    bucket.blob("backups/2026-11-25/rerun-2/_MANIFEST.json").upload_from_string(b"rerun")
+    kept.metadata = {"note": "allowed"}
+    kept.patch()
+    # Without the policy (removed, or aged out) the same overwrite goes through.
+    bucket.retention_period = None
+    bucket.patch()
+    bucket.blob(kept.name).upload_from_string(b"second")
+    assert bucket.blob(kept.name).download_as_bytes() == b"second"
