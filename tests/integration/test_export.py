@@ -42,8 +42,11 @@ from dicomflow import (
     manifests,
     objects,
     operations,
+    report,
+    restore,
     runtime,
     staging,
+    status,
     verify,
 )
 from dicomflow.config import load_settings
@@ -419,22 +422,65 @@ def left_by_a_crash(env: Env, claim: dict[str, Any]) -> None:
     assert objects.create(env.gcs.bucket(env.staging), export.marker_name(DAY), claim)
 
 
-def test_start_that_crashed_after_its_claim_is_resumed_once(make_env: Any) -> None:
+def test_start_that_crashed_after_its_claim_is_taken_over_by_the_retry_once(
+    make_env: Any,
+) -> None:
     env = make_env()
     env.store_instances([image(4, 4) for _ in range(2)])
-    # A tick claimed the date and died before calling export (its lease still runs).
+    # Event "msg-crash" claimed the date and died before calling export (its lease runs).
     claim = export._new_marker(
         env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, env.clock()
     )
+    claim["eventId"] = "msg-crash"
     left_by_a_crash(env, claim)
-    assert env.tick(TICK, "retry-too-early") == 200
+    # Its redelivery asks the platform to retry later; another tick of the date does not.
+    assert env.tick(TICK, "msg-crash") == 500
+    assert env.tick(TICK, "another-tick") == 200
     export.settle_exports(env.ctx, env.clock())
     assert env.export_operations() == []  # a live claim is left alone
     env.clock.advance(export.START_LEASE_SECONDS + 1)
-    export.settle_exports(env.ctx, env.clock())  # report's tick takes it over
-    assert env.tick(TICK, "late-retry") == 200  # and a late retry does not start another
+    export.settle_exports(env.ctx, env.clock())  # report's tick never takes it over
+    assert env.export_operations() == []
+    assert env.tick(TICK, "msg-crash") == 200  # the platform's retry does
+    assert env.tick(TICK, "late-retry") == 200  # and a later one does not start another
     assert env.settle()["state"] == export.COMPLETE
     assert len(env.export_operations()) == 1
+    assert env.alerts() == []
+
+
+def test_report_never_starts_an_export_the_next_export_tick_takes_the_dead_start_over(
+    make_env: Any,
+) -> None:
+    """The report function's role has no dicomStores.export: here the emulator refuses
+    every export call with 403, as IAM would, while report's tick runs."""
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(2)])
+    claimed_at = env.clock()
+    claim = export._new_marker(
+        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
+    )
+    left_by_a_crash(env, claim)
+    env.clock.advance(export.STALLED_START_SECONDS + 1)  # lease over, and stuck
+    env.knobs(faults="export=1.0:403")
+    try:
+        for _ in range(2):
+            assert report.run_tick(env.ctx)["exports"] == [export.STARTING]
+    finally:
+        env.knobs(faults="")
+    found = export.read_marker(env.ctx, DAY)
+    assert found is not None
+    assert found[0]["state"] == export.STARTING and "error" not in found[0]  # no call made
+    assert [a["body"]["kind"] for a in env.alerts()] == ["stalled"]  # alerted once
+    assert env.export_operations() == []
+    # The next day's export tick starts its own date and takes the dead start over.
+    next_tick = TICK + timedelta(days=1)
+    env.clock.now = next_tick + timedelta(minutes=1)
+    assert env.tick(next_tick) == 200
+    assert len(env.export_operations()) == 2
+    marker = env.settle()
+    assert marker["state"] == export.COMPLETE and marker["takeovers"] == 1
+    assert marker["firstClaimedAt"] == staging.iso(claimed_at)
+    assert env.settle(DAY + timedelta(days=1))["state"] == export.COMPLETE
     assert env.alerts() == []
 
 
@@ -733,20 +779,25 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     def dies(*args: Any) -> Any:
         raise Killed
 
+    def retry_dies() -> None:
+        """The platform's retry of the tick takes the start over, and dies again."""
+        with pytest.raises(Killed):
+            export.handle_event(env.ctx, export_tick(TICK, "msg-1"))
+
     # Every takeover dies at the timeout while counting (a slow store, a huge scan).
     monkeypatch.setattr(export_plan, "plan", dies)
     env.clock.advance(export.START_LEASE_SECONDS + 1)
-    with pytest.raises(Killed):
-        export.settle_exports(env.ctx, env.clock())
+    retry_dies()
+    export.settle_exports(env.ctx, env.clock())
     assert env.alerts() == []  # one lease late: not yet
     env.clock.now = claimed_at + timedelta(seconds=export.STALLED_START_SECONDS - 1)
-    with pytest.raises(Killed):
-        export.settle_exports(env.ctx, env.clock())
+    retry_dies()
+    export.settle_exports(env.ctx, env.clock())
     assert env.alerts() == []
-    for _ in range(3):  # past two leases; every report tick still dies
+    for _ in range(3):  # past two leases; every retry still dies, report alerts once
         env.clock.advance(export.START_LEASE_SECONDS)
-        with pytest.raises(Killed):
-            export.settle_exports(env.ctx, env.clock())
+        retry_dies()
+        export.settle_exports(env.ctx, env.clock())
     got = env.alerts()
     assert [a["body"]["kind"] for a in got] == ["stalled"]
     alert = got[0]
@@ -765,6 +816,7 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     # The store recovers: the next takeover starts the export; no further alert.
     monkeypatch.setattr(export_plan, "plan", original)
     env.clock.advance(export.START_LEASE_SECONDS)
+    assert env.tick(TICK, "msg-1") == 200
     assert env.settle()["state"] == export.COMPLETE
     assert len(env.export_operations()) == 1
     assert env.alerts() == []
@@ -895,7 +947,8 @@ def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
     forced = json.loads(capsys.readouterr().out)
     assert forced["status"] == "complete" and forced["attempt"] == 2
     assert forced["operation"] != first["operation"]
-    assert env.manifest(date(2026, 11, 20))["attempt"] == 2
+    assert forced["manifest"] == f"gs://{env.backups}/backups/2026-11-20/rerun-2/_MANIFEST.json"
+    assert env.manifest(date(2026, 11, 20))["attempt"] == 1  # the first run's, untouched
     assert len(env.export_operations()) == 2
 
 
@@ -918,7 +971,8 @@ def test_run_command_waits_refuses_a_repeat_and_forces_a_rerun(make_env: Any) ->
     forced = export.run_command(env.ctx, wait=True, force=True, **options)
     assert forced["status"] == export.COMPLETE and forced["attempt"] == 2
     assert forced["operation"] != first["operation"]
-    assert env.manifest(day)["attempt"] == 2
+    assert env.manifest(day)["attempt"] == 1
+    assert json.loads(env.objects(day)["rerun-2/_MANIFEST.json"])["attempt"] == 2
     assert [operations.is_ours(env.ctx, o["name"]) for o in env.export_operations()] == [True] * 2
     assert export.open_days(env.ctx) == []
 
@@ -972,3 +1026,50 @@ def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
     ]
     assert got[0]["alertId"] != got[1]["alertId"]
     assert got[1]["subject"].endswith("/exports/2026-11-25/attempt-2")
+
+
+def test_forced_rerun_under_retention_writes_its_own_folder_and_restore_takes_it(
+    make_env: Any,
+) -> None:
+    """Under the backups bucket's retention policy nothing written can be overwritten:
+    the rerun goes to rerun-2/ with its own manifest, the first run stays as it was."""
+    env = make_env()
+    retained = env.gcs.bucket(env.backups)
+    retained.retention_period = 3600
+    retained.patch()
+    env.store_instances([image(4, 4) for _ in range(2)])
+    options: dict[str, Any] = {
+        "day": DAY,
+        "mode": "full",
+        "mime_type": env.ctx.settings.export_mime_type,
+        "poll_seconds": 0.1,
+        "wait": True,
+    }
+    first = export.run_command(env.ctx, **options)
+    assert (first["status"], first["attempt"]) == (export.COMPLETE, 1)
+    before = {b.name: (b.generation, b.md5_hash) for b in env.gcs.list_blobs(env.backups)}
+    assert len(before) == 3  # two instances and the manifest
+
+    env.store_instances([image(4, 4)])
+    forced = export.run_command(env.ctx, force=True, **options)
+    assert (forced["status"], forced["attempt"]) == (export.COMPLETE, 2), forced
+    folder = backup.dated_folder(env.ctx.settings, DAY)
+    after = {b.name: (b.generation, b.md5_hash) for b in env.gcs.list_blobs(env.backups)}
+    assert {n: after[n] for n in before} == before  # nothing of the first run rewritten
+    rerun = sorted(n.removeprefix(folder) for n in set(after) - set(before))
+    assert len(rerun) == 4 and all(n.startswith("rerun-2/") for n in rerun)
+    first_manifest = env.manifest()
+    assert first_manifest["attempt"] == 1 and first_manifest["found"]["instances"] == 2
+    second = json.loads(env.objects()["rerun-2/_MANIFEST.json"])
+    assert (second["attempt"], second["complete"], second["found"]["instances"]) == (2, True, 3)
+    # The first run's folder still counts as two instances: the rerun is not in it.
+    assert backup.found_counts(after, folder).instances == 2
+
+    source = restore.load_backup(env.ctx, DAY)
+    assert source.folder == f"{folder}rerun-2/" and source.manifest["attempt"] == 2
+    assert len(source.objects) == 3 and source.nested is False
+    marker = export.read_marker(env.ctx, DAY)
+    assert marker is not None and marker[0]["previous"][0]["folder"] == folder
+    shown = status.exports_section(env.ctx, TICK - timedelta(days=1))
+    assert [e["backup"] for e in shown] == [f"gs://{env.backups}/{folder}rerun-2/"]
+    assert env.alerts() == []
