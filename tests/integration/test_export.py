@@ -1028,15 +1028,17 @@ def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
     assert got[1]["subject"].endswith("/exports/2026-11-25/attempt-2")
 
 
-def test_forced_rerun_under_retention_writes_its_own_folder_and_restore_takes_it(
-    make_env: Any,
+def test_forced_reruns_under_retention_write_their_own_folders_and_restore_takes_the_latest(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under the backups bucket's retention policy nothing written can be overwritten:
-    the rerun goes to rerun-2/ with its own manifest, the first run stays as it was."""
+    each rerun goes to rerun-N/ with its own manifest, the first run stays as it was,
+    and a restore takes the latest complete attempt."""
     env = make_env()
     retained = env.gcs.bucket(env.backups)
     retained.retention_period = 3600
     retained.patch()
+    monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
     env.store_instances([image(4, 4) for _ in range(2)])
     options: dict[str, Any] = {
         "day": DAY,
@@ -1049,27 +1051,43 @@ def test_forced_rerun_under_retention_writes_its_own_folder_and_restore_takes_it
     assert (first["status"], first["attempt"]) == (export.COMPLETE, 1)
     before = {b.name: (b.generation, b.md5_hash) for b in env.gcs.list_blobs(env.backups)}
     assert len(before) == 3  # two instances and the manifest
+    folder = backup.dated_folder(env.ctx.settings, DAY)
 
     env.store_instances([image(4, 4)])
+    env.knobs(faults="export=1.0:500")
+    try:
+        failed = export.run_command(env.ctx, force=True, **options)
+    finally:
+        env.knobs(faults="")
+    assert (failed["status"], failed["attempt"]) == (export.FAILED, 2)
+    # The failed rerun leaves the first run in use; its folder now holds rerun-2/, so a
+    # whole restore copies the first run's objects instead of importing the folder.
+    source = restore.load_backup(env.ctx, DAY)
+    assert (source.folder, source.manifest["attempt"], source.nested) == (folder, 1, True)
+    assert len(source.objects) == 2
+    uri = restore.stage_source(env.ctx, source, source.studies(), "rerun-test")
+    assert restore.is_copy(env.ctx, uri) and restore.clean_up(env.ctx, "rerun-test") == 2
+
     forced = export.run_command(env.ctx, force=True, **options)
-    assert (forced["status"], forced["attempt"]) == (export.COMPLETE, 2), forced
-    folder = backup.dated_folder(env.ctx.settings, DAY)
+    assert (forced["status"], forced["attempt"]) == (export.COMPLETE, 3), forced
     after = {b.name: (b.generation, b.md5_hash) for b in env.gcs.list_blobs(env.backups)}
     assert {n: after[n] for n in before} == before  # nothing of the first run rewritten
-    rerun = sorted(n.removeprefix(folder) for n in set(after) - set(before))
-    assert len(rerun) == 4 and all(n.startswith("rerun-2/") for n in rerun)
+    added = sorted(n.removeprefix(folder) for n in set(after) - set(before))
+    assert added[0] == "rerun-2/_MANIFEST.json"
+    assert len(added) == 5 and all(n.startswith("rerun-3/") for n in added[1:])
     first_manifest = env.manifest()
     assert first_manifest["attempt"] == 1 and first_manifest["found"]["instances"] == 2
-    second = json.loads(env.objects()["rerun-2/_MANIFEST.json"])
-    assert (second["attempt"], second["complete"], second["found"]["instances"]) == (2, True, 3)
-    # The first run's folder still counts as two instances: the rerun is not in it.
+    third = json.loads(env.objects()["rerun-3/_MANIFEST.json"])
+    assert (third["attempt"], third["complete"], third["found"]["instances"]) == (3, True, 3)
+    # The first run's folder still counts as two instances: no rerun is in it.
     assert backup.found_counts(after, folder).instances == 2
 
     source = restore.load_backup(env.ctx, DAY)
-    assert source.folder == f"{folder}rerun-2/" and source.manifest["attempt"] == 2
+    assert source.folder == f"{folder}rerun-3/" and source.manifest["attempt"] == 3
     assert len(source.objects) == 3 and source.nested is False
     marker = export.read_marker(env.ctx, DAY)
-    assert marker is not None and marker[0]["previous"][0]["folder"] == folder
+    assert marker is not None
+    assert [p["folder"] for p in marker[0]["previous"]] == [folder, f"{folder}rerun-2/"]
     shown = status.exports_section(env.ctx, TICK - timedelta(days=1))
-    assert [e["backup"] for e in shown] == [f"gs://{env.backups}/{folder}rerun-2/"]
-    assert env.alerts() == []
+    assert [e["backup"] for e in shown] == [f"gs://{env.backups}/{folder}rerun-3/"]
+    assert [a["body"]["details"]["attempt"] for a in env.alerts()] == [2]  # export_failed
