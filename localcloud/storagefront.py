@@ -406,13 +406,8 @@ class StorageFront(LoopbackProxy):
                         self._retention[bucket] = (period, datetime.now(UTC))
                     else:
                         self._retention.pop(bucket, None)
-        if not self._retention or not request.path.startswith("/storage/v1/b"):
-            return reply
-        try:
-            value = reply.json()
-        except ValueError:
-            return reply
-        if not isinstance(value, dict):
+        value = _json_object(reply) if request.path.startswith("/storage/v1/b") else None
+        if not self._retention or value is None:
             return reply
         resources = [value, *(value.get("items") or [])]
         changed = False
@@ -504,13 +499,8 @@ class StorageFront(LoopbackProxy):
         """Write the counted metagenerations into the object resources of a JSON reply."""
         if request.param("alt") == "media" or request.path.startswith("/download/"):
             return reply
-        if not (reply.header("Content-Type") or "").startswith("application/json"):
-            return reply
-        try:
-            value = reply.json()
-        except ValueError:
-            return reply
-        if not isinstance(value, dict):
+        value = _json_object(reply)
+        if value is None:
             return reply
         resources: list[dict[str, Any]] = [value]
         if isinstance(value.get("resource"), dict):
@@ -528,6 +518,17 @@ class StorageFront(LoopbackProxy):
                     resource["metageneration"] = str(counted[1])
                     changed = True
         return reply.with_json(value) if changed else reply
+
+
+def _json_object(reply: Reply) -> dict[str, Any] | None:
+    """The reply's JSON object, or None when it carries none."""
+    if not (reply.header("Content-Type") or "").startswith("application/json"):
+        return None
+    try:
+        value = reply.json()
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _compose_parts(request: Request) -> list[tuple[ObjectKey, int]]:

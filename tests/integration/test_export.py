@@ -422,17 +422,24 @@ def left_by_a_crash(env: Env, claim: dict[str, Any]) -> None:
     assert objects.create(env.gcs.bucket(env.staging), export.marker_name(DAY), claim)
 
 
+def crashed_start(env: Env, **fields: Any) -> datetime:
+    """Two instances stored, and a full export of DAY claimed now by a starter that died
+    before the export call (``fields`` added to its claim); when it was claimed."""
+    env.store_instances([image(4, 4) for _ in range(2)])
+    claimed_at = env.clock()
+    claim = export._new_marker(
+        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
+    )
+    left_by_a_crash(env, {**claim, **fields})
+    return claimed_at
+
+
 def test_start_that_crashed_after_its_claim_is_taken_over_by_the_retry_once(
     make_env: Any,
 ) -> None:
     env = make_env()
-    env.store_instances([image(4, 4) for _ in range(2)])
     # Event "msg-crash" claimed the date and died before calling export (its lease runs).
-    claim = export._new_marker(
-        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, env.clock()
-    )
-    claim["eventId"] = "msg-crash"
-    left_by_a_crash(env, claim)
+    crashed_start(env, eventId="msg-crash")
     # Its redelivery asks the platform to retry later; another tick of the date does not.
     assert env.tick(TICK, "msg-crash") == 500
     assert env.tick(TICK, "another-tick") == 200
@@ -454,12 +461,7 @@ def test_report_never_starts_an_export_the_next_export_tick_takes_the_dead_start
     """The report function's role has no dicomStores.export: here the emulator refuses
     every export call with 403, as IAM would, while report's tick runs."""
     env = make_env()
-    env.store_instances([image(4, 4) for _ in range(2)])
-    claimed_at = env.clock()
-    claim = export._new_marker(
-        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
-    )
-    left_by_a_crash(env, claim)
+    claimed_at = crashed_start(env)
     env.clock.advance(export.STALLED_START_SECONDS + 1)  # lease over, and stuck
     env.knobs(faults="export=1.0:403")
     try:
@@ -768,12 +770,7 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     make_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = make_env()
-    env.store_instances([image(4, 4) for _ in range(2)])
-    claimed_at = env.clock()
-    claim = export._new_marker(
-        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
-    )
-    left_by_a_crash(env, claim)
+    claimed_at = crashed_start(env)
     original = export_plan.plan
 
     def dies(*args: Any) -> Any:
@@ -996,6 +993,12 @@ def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
     assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
 
 
+def wait_options(env: Env) -> dict[str, Any]:
+    """``run_command`` options: a full export of DAY, waited for."""
+    mime_type = env.ctx.settings.export_mime_type
+    return {"day": DAY, "mode": "full", "mime_type": mime_type, "poll_seconds": 0.1, "wait": True}
+
+
 def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
     make_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1003,13 +1006,7 @@ def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
     env = make_env()
     env.store_instances([image(4, 4)])
     monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
-    options: dict[str, Any] = {
-        "day": DAY,
-        "mode": "full",
-        "mime_type": env.ctx.settings.export_mime_type,
-        "poll_seconds": 0.1,
-        "wait": True,
-    }
+    options = wait_options(env)
     env.knobs(faults="export=1.0:500")
     try:
         first = export.run_command(env.ctx, **options)
@@ -1040,13 +1037,7 @@ def test_forced_reruns_under_retention_write_their_own_folders_and_restore_takes
     retained.patch()
     monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
     env.store_instances([image(4, 4) for _ in range(2)])
-    options: dict[str, Any] = {
-        "day": DAY,
-        "mode": "full",
-        "mime_type": env.ctx.settings.export_mime_type,
-        "poll_seconds": 0.1,
-        "wait": True,
-    }
+    options = wait_options(env)
     first = export.run_command(env.ctx, **options)
     assert (first["status"], first["attempt"]) == (export.COMPLETE, 1)
     before = {b.name: (b.generation, b.md5_hash) for b in env.gcs.list_blobs(env.backups)}
