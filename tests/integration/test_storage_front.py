@@ -24,6 +24,7 @@ from google.cloud import storage
 
 from localcloud.faultproxy import FaultProxy
 from localcloud.storage import StorageServer, client
+from localcloud.storagefront import StorageFront
 
 NINE_MIB = 9 * 1024 * 1024
 
@@ -342,3 +343,21 @@ def test_a_retention_policy_refuses_overwrite_and_delete_of_a_young_object(
     bucket.patch()
     bucket.blob(kept.name).upload_from_string(b"second")
     assert bucket.blob(kept.name).download_as_bytes() == b"second"
+
+
+def test_a_front_given_a_retention_period_at_start_enforces_it_and_shows_it(
+    gcs_server: StorageServer, bucket: storage.Bucket
+) -> None:
+    """What ``localcloud`` does with LOCALCLOUD_BACKUP_RETENTION_SECONDS (``--retention``)."""
+    front = StorageFront(gcs_server.upstream_url, 0, {bucket.name: 60}).start()
+    made = client(front.url)
+    try:
+        retained = made.get_bucket(bucket.name)
+        assert retained.retention_period == 60
+        retained.blob("young").upload_from_string(b"kept")
+        with pytest.raises(Forbidden):
+            retained.blob("young").delete()
+        assert retained.blob("young").download_as_bytes() == b"kept"
+    finally:
+        made.close()  # type: ignore[no-untyped-call]
+        front.stop()
