@@ -8,6 +8,7 @@ dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sou
     manifests/<batch>/summary.json       verified batches: counts by outcome, times
     manifests/<batch>/failure.ndjson     reasons, read only for batches with failures
     quarantine/<window>/, state/dropped/ quarantined and dropped files (listings)
+    failed/<window>/                     files ingest could not read or copy (a listing)
     state/retries/<key>.json             re-driven files (``dicomflow.redrive``)
     batches/<window>/ (not sealed)       files of open windows (listings, from the seal cursor)
     state/open/<batch>.json              sealed batches not verified yet, and their
@@ -161,6 +162,8 @@ class Holdings:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     quarantined: list[tuple[str, str, str | None]] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    # (key, window, reason) of the failure records ingest wrote.
+    failed: list[tuple[str, str, str | None]] = field(default_factory=list)
     open_windows: dict[str, dict[str, int]] = field(default_factory=dict)
     open_batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     markers: list[dict[str, Any]] = field(default_factory=list)
@@ -272,6 +275,7 @@ def read_holdings(ctx: Any, now: datetime, progress: Progress | None = None) -> 
         summaries=summaries,
         quarantined=read_quarantine(bucket),
         dropped=read_drops(bucket),
+        failed=[(r.key, w, r.reason) for w, r in outcomes.failure_records(bucket)],
         open_windows=open_windows(ctx, now),
         open_batches={b: d for b, d in opened.items() if b not in summaries},
         markers=redrive.markers(bucket),
@@ -307,6 +311,8 @@ def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, 
         add(window, outcomes.QUARANTINED, 1)
     for _, window in held.dropped:
         add(window, outcomes.DROPPED, 1)
+    for _, window, _ in held.failed:
+        add(window, FAILED, 1)
     for window, found in held.open_windows.items():
         add(window, outcomes.STAGED, found["files"])
     for batch, doc in held.open_batches.items():
@@ -326,6 +332,9 @@ def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, 
     for line in held.failures:
         if line.get("key") not in superseded and line.get("status") in reasons:
             reasons[line["status"]][reason_code(line.get("reason"))] += 1
+    for key, _, reason in held.failed:
+        if key not in superseded:
+            reasons[FAILED][reason_code(reason)] += 1
     section = {
         "files": sum(totals.values()),
         "totals": totals,

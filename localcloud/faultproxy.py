@@ -13,6 +13,11 @@ is lost on the way back: the retry meets the client's own write (a 412 on a
 create-if-absent, a 404 on a delete). Those are counted in ``after_faults``,
 apart from ``faults``.
 
+``refuse`` (settable while running) answers chosen requests itself, before
+forwarding, with a status of its choice: ``refuse = lambda method, path, operation:
+403 if operation == "objects.download" else None`` takes read permission away,
+as a changed IAM policy does. Those are counted in ``refused``.
+
 Point a client at ``proxy.url`` instead of the upstream (for the functions:
 ``STORAGE_EMULATOR_HOST`` or ``DICOMFLOW_HEALTHCARE_ENDPOINT``).
 """
@@ -151,6 +156,9 @@ class FaultProxy(LoopbackProxy):
         self.faults: Counter[str] = Counter()
         # Writes forwarded, then answered with 503 (``after_fault_rate``).
         self.after_faults: Counter[str] = Counter()
+        # (method, path, operation) -> a status to answer without forwarding, or None.
+        self.refuse: Callable[[str, str, str], int | None] | None = None
+        self.refused: Counter[str] = Counter()
         # "operation status" -> responses, injected ones included.
         self.statuses: Counter[str] = Counter()
         # "operation area" -> requests, when an ``area`` function is given (storage_area).
@@ -161,12 +169,14 @@ class FaultProxy(LoopbackProxy):
         return self
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        """Copies of ``counts``, ``faults``, ``after_faults``, ``statuses`` and ``areas``."""
+        """Copies of ``counts``, ``faults``, ``after_faults``, ``refused``, ``statuses`` and
+        ``areas``."""
         with self._lock:
             return {
                 "counts": dict(self.counts),
                 "faults": dict(self.faults),
                 "after_faults": dict(self.after_faults),
+                "refused": dict(self.refused),
                 "statuses": dict(self.statuses),
                 "areas": dict(self.areas),
             }
@@ -176,6 +186,7 @@ class FaultProxy(LoopbackProxy):
             self.counts.clear()
             self.faults.clear()
             self.after_faults.clear()
+            self.refused.clear()
             self.statuses.clear()
             self.areas.clear()
 
@@ -211,6 +222,14 @@ class FaultProxy(LoopbackProxy):
             if self._area
             else None
         )
+        refuse = self.refuse
+        refusal = refuse(request.method, request.path, operation) if refuse else None
+        if refusal is not None:
+            with self._lock:
+                self.counts[operation] += 1
+                self.refused[operation] += 1
+            self._answered(operation, refusal)
+            return google_error(refusal, "refused by the fault proxy")
         status = self._decide(operation, area)
         if status is not None:
             self._answered(operation, status)

@@ -1,0 +1,232 @@
+"""Permanent errors and foreign events end in a recorded outcome and exactly one alert.
+
+The refusals are real HTTP answers: a fault proxy (``localcloud.faultproxy``) stands
+between the functions and Cloud Storage or the Healthcare API and answers chosen
+requests with 403, as a changed IAM policy does; the client libraries see them as
+they would on Google Cloud. Functions run through functions-framework and alerts are
+pulled from the alerts topic (the environment of ``test_report``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dicomflow import batches, outcomes, redrive, report, staging, status
+from dicomflow.staging import stuck_name
+from localcloud.faultproxy import FaultProxy, healthcare_operation
+from localcloud.healthcare import HealthcareServer
+from localcloud.pubsub import PubSubServer
+from localcloud.storage import StorageServer, client
+from tests.ingest_support import PATIENT_NAME, finalize_event, make_instance, post, upload
+from tests.integration.test_report import (  # noqa: F401  (fixtures)
+    Env,
+    _close_clients,
+    apps,
+    make_env,
+    pubsub,
+    quarantine_close,
+)
+
+_clients: list[Any] = []
+
+
+@pytest.fixture
+def storage_proxy(gcs_server: StorageServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(gcs_server.url).start()
+    yield proxy
+    while _clients:
+        _clients.pop().close()
+    proxy.stop()
+
+
+@pytest.fixture
+def healthcare_proxy(healthcare_server: HealthcareServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(healthcare_server.url, classify=healthcare_operation).start()
+    yield proxy
+    proxy.stop()
+
+
+def through(env: Env, proxy: FaultProxy) -> None:
+    """Send the functions' Cloud Storage requests through ``proxy``."""
+    env.ctx.storage = client(proxy.url)
+    _clients.append(env.ctx.storage)
+
+
+def in_clear(env: Env, messages: list[dict[str, Any]], *names: str) -> list[str]:
+    """Which of ``names`` (and the sample patient name) appear in the alerts' text."""
+    text = json.dumps(messages)
+    return [n for n in (*names, PATIENT_NAME) if n in text]
+
+
+def test_a_403_on_the_header_read_is_a_failed_record_and_one_alert(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+    storage_proxy: FaultProxy,
+) -> None:
+    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    name = "Roe^Richard MRN-9999/x.dcm"
+    obj = env.upload(name, make_instance())
+    through(env, storage_proxy)
+    storage_proxy.refuse = lambda method, path, op: (
+        403 if op == "objects.download" and (env.landing in path) else None
+    )
+
+    # The function acknowledges the event (200): a retry cannot help, the record says why.
+    env.ingest([obj], repeats=2)
+    outcome = env.outcome(obj)
+    assert outcome.status == "failed"
+    assert outcome.reason == "permission-denied: HTTP 403 on the header read"
+    bucket = env.gcs.bucket(env.staging)
+    assert staging.has_record(bucket, outcome.key, outcome.window or "", env.ctx.settings)
+    assert [n.name for n in bucket.list_blobs(prefix="failed/")] == [
+        staging.failed_name(outcome.window or "", outcome.key)
+    ]
+
+    env.clock.advance(quarantine_close(env) + 60)
+    for _ in range(3):
+        assert env.report_tick() == 200
+        env.clock.advance(60)
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["permission_denied"]
+    details = got[0]["body"]["details"]
+    assert details["files"] == 1 and details["reasons"] == {"permission-denied": 1}
+    assert details["samples"] == [env.label(obj)]
+    assert got[0]["body"]["severity"] == "ERROR"
+    assert in_clear(env, got, name, "Roe^Richard") == []
+
+    # dicomflow status counts it, with its reason; retry re-drives it once read access is back.
+    held = status.read_holdings(env.ctx, env.clock())
+    section, _ = status.files_section(held)
+    assert section["totals"]["failed"] == 1
+    assert section["reasons"]["failed"] == {"permission-denied": 1}
+    storage_proxy.refuse = None
+    found = outcomes.read_all(bucket)
+    chosen = redrive.select(found, redrive.retried_keys(bucket))
+    assert [o.key for o in chosen] == [outcome.key]
+    result = redrive.redrive(env.ctx, chosen[0])
+    assert (result.result, result.status) == (redrive.RESTAGED, "staged")
+    assert outcomes.read_all(bucket)[result.retry_key or ""].status == "staged"
+    section, _ = status.files_section(status.read_holdings(env.ctx, env.clock()))
+    assert section["totals"]["failed"] == 0 and section["retried"] == 1
+
+
+def test_a_403_on_qido_raises_verification_stuck_once(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+    healthcare_proxy: FaultProxy,
+) -> None:
+    env = make_env(
+        gcs_server,
+        healthcare_server,
+        pubsub,
+        apps,
+        DICOMFLOW_HEALTHCARE_ENDPOINT=healthcare_proxy.url,
+        DICOMFLOW_VERIFY_STUCK_MINUTES="20",
+    )
+    study = "1.2.826.0.1.3680043.8.498.99"
+    files = [env.upload(f"s/{i}.dcm", make_instance(study=study)) for i in range(2)]
+    env.ingest(files)
+    env.clock.advance(
+        env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds + 1
+    )
+    env.ingest_tick()  # seal, note (one QIDO) and import
+    bucket = env.gcs.bucket(env.staging)
+    [batch] = batches.open_batches(bucket)
+    healthcare_proxy.refuse = lambda method, path, op: 403 if op == "dicomWeb.search" else None
+
+    # Poll until the import is done and the first verification meets the 403.
+    for _ in range(100):
+        assert env.report_tick() == 200  # a 403 is not raised to the platform
+        if bucket.blob(stuck_name(batch)).exists():
+            break
+    assert bucket.blob(stuck_name(batch)).exists()
+    assert env.pull() == []
+    for _ in range(3):  # past the threshold: one alert, however many ticks follow
+        env.clock.advance(10 * 60)
+        assert env.report_tick() == 200
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["verification_stuck"]
+    details = got[0]["body"]["details"]
+    assert details["batch"] == batch and details["httpStatus"] == 403
+    assert details["thresholdMinutes"] == 20 and details["stuckMinutes"] >= 20
+    assert study not in json.dumps(got)
+    assert {f.key for f in batches.batch_records(bucket, batch)} == {
+        staging.file_key(f.bucket, f.name, f.generation) for f in files
+    }
+    assert all(env.status(f) == "staged" for f in files)
+
+    # Access back: the batch is verified and nothing else is alerted.
+    healthcare_proxy.refuse = None
+    env.clock.advance(60)
+    assert env.report_tick() == 200
+    assert [env.status(f) for f in files] == ["imported", "imported"]
+    assert not bucket.blob(stuck_name(batch)).exists()
+    assert env.pull() == []
+
+
+def test_an_event_from_another_bucket_is_dropped_with_one_alert(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+    storage_proxy: FaultProxy,
+) -> None:
+    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    backups = env.ctx.settings.backup_bucket
+    name = "Roe^Richard/x.dcm"
+    obj = upload(env.gcs, backups, name, make_instance(), created=env.clock())
+    # The pipeline's own objects elsewhere are skipped unrecorded (no loop on its records).
+    own = upload(env.gcs, env.staging, "state/x.dcm", b"{}", created=env.clock())
+    through(env, storage_proxy)
+    # Nothing may touch the foreign bucket: any request to it would be refused, and counted.
+    storage_proxy.refuse = lambda method, path, op: 403 if backups in path else None
+    ingest_client = env.client("ingest")
+    for event in (finalize_event(obj, env.clock()), finalize_event(own, env.clock())):
+        assert post(ingest_client, event) == 200
+    assert post(ingest_client, finalize_event(obj, env.clock(), "again")) == 200
+    # The foreign object is not read (nor copied): only the record is written.
+    assert storage_proxy.snapshot()["refused"] == {}
+
+    outcome = env.outcome(obj)
+    assert (outcome.status, outcome.reason) == ("dropped", "foreign-bucket")
+    found = outcomes.read_all(env.gcs.bucket(env.staging))
+    assert staging.file_key(own.bucket, own.name, own.generation) not in found
+    env.clock.advance(quarantine_close(env) + 60)
+    for _ in range(3):
+        assert env.report_tick() == 200
+        env.clock.advance(60)
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["dropped"]
+    assert got[0]["body"]["details"]["reasons"] == {"foreign-bucket": 1}
+    assert in_clear(env, got, name, "Roe^Richard") == []
+
+
+def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+    storage_proxy: FaultProxy,
+) -> None:
+    """A 400 on the copy (not a permission): ``unreadable``, with the step named."""
+    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    obj = env.upload("c/x.dcm", make_instance())
+    through(env, storage_proxy)
+    storage_proxy.refuse = lambda method, path, op: 400 if op == "objects.rewrite" else None
+    env.ingest([obj])
+    assert (env.status(obj), env.outcome(obj).reason) == (
+        "failed",
+        "source-unreadable: HTTP 400 on the copy",
+    )
+    env.clock.advance(quarantine_close(env) + 60)
+    assert env.report_tick() == 200
+    assert [m["body"]["kind"] for m in env.pull()] == ["unreadable"]
+    assert report.feeds.failure_kind("permission-denied") == "permission_denied"
