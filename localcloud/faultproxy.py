@@ -16,7 +16,9 @@ apart from ``faults``.
 ``refuse`` (settable while running) answers chosen requests itself, before
 forwarding, with a status of its choice: ``refuse = lambda method, path, operation:
 403 if operation == "objects.download" else None`` takes read permission away,
-as a changed IAM policy does. Those are counted in ``refused``.
+as a changed IAM policy does. Those are counted in ``refused``. ``lose`` (settable
+too) picks writes whose answer is lost after they took effect, by operation and area
+(``lose = lambda operation, area: ...``), beside ``after_fault_rate``.
 
 Point a client at ``proxy.url`` instead of the upstream (for the functions:
 ``STORAGE_EMULATOR_HOST`` or ``DICOMFLOW_HEALTHCARE_ENDPOINT``).
@@ -159,6 +161,8 @@ class FaultProxy(LoopbackProxy):
         # (method, path, operation) -> a status to answer without forwarding, or None.
         self.refuse: Callable[[str, str, str], int | None] | None = None
         self.refused: Counter[str] = Counter()
+        # (operation, area) -> True to lose the answer of a write that took effect.
+        self.lose: Callable[[str, str | None], bool] | None = None
         # "operation status" -> responses, injected ones included.
         self.statuses: Counter[str] = Counter()
         # "operation area" -> requests, when an ``area`` function is given (storage_area).
@@ -204,10 +208,17 @@ class FaultProxy(LoopbackProxy):
                 return self._random.choice(self.fault_statuses)
             return None
 
-    def _lose_response(self, method: str, operation: str, status: int) -> bool:
+    def _lose_response(
+        self, method: str, operation: str, status: int, area: str | None = None
+    ) -> bool:
         # Only a write that took effect has an answer worth losing.
         if method not in _WRITES or not 200 <= status < 300:
             return False
+        lose = self.lose
+        if lose is not None and lose(operation, area):
+            with self._lock:
+                self.after_faults[operation] += 1
+            return True
         with self._lock:
             # No draw at rate 0, so the before-forwarding faults keep their seeded sequence.
             if self.after_fault_rate > 0 and self._random.random() < self.after_fault_rate:
@@ -235,7 +246,7 @@ class FaultProxy(LoopbackProxy):
             self._answered(operation, status)
             return google_error(status, "injected by the fault proxy")
         reply = super().handle(request, upstream)
-        if self._lose_response(request.method, operation, reply.status):
+        if self._lose_response(request.method, operation, reply.status, area):
             self._answered(operation, 503)
             return google_error(503, "injected by the fault proxy after the write took effect")
         self._answered(operation, reply.status)

@@ -17,7 +17,7 @@ import pytest
 
 from dicomflow import batches, outcomes, redrive, report, staging, status
 from dicomflow.staging import stuck_name
-from localcloud.faultproxy import FaultProxy, healthcare_operation
+from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_area
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer, client
@@ -230,3 +230,63 @@ def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
     assert env.report_tick() == 200
     assert [m["body"]["kind"] for m in env.pull()] == ["unreadable"]
     assert report.feeds.failure_kind("permission-denied") == "permission_denied"
+
+
+# --- writes that took effect but whose answer was lost ------------------------------------------
+
+
+def test_a_lost_answer_at_each_step_loses_no_file_and_raises_no_false_alert(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+) -> None:
+    """The first write of each kind (operation and area: staging copies, seal markers, file
+    lists, import intents and records, manifests, alert markers ...) takes effect and its
+    answer is lost (503); the client's retry meets its own write. Every file still ends in
+    its one outcome, and the only alert is the one the broken file explains."""
+    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    proxy = FaultProxy(gcs_server.url, area=storage_area).start()
+    lost: list[tuple[str, str]] = []
+
+    def first_of_each(operation: str, area: str | None) -> bool:
+        top = (area or "").split(":", 1)[-1]
+        if (operation, top) in lost:
+            return False
+        lost.append((operation, top))
+        return True
+
+    try:
+        study = "1.2.826.0.1.3680043.8.498.77"
+        good = [env.upload(f"g/{i}.dcm", make_instance(study=study)) for i in range(4)]
+        broken = env.upload("g/broken.dcm", b"not dicom" * 50)
+        through(env, proxy)
+        proxy.lose = first_of_each
+        env.ingest([*good, broken], repeats=2)
+        env.import_all()
+        env.clock.advance(quarantine_close(env) + 60)
+        for _ in range(2):
+            assert env.report_tick() == 200
+            env.clock.advance(60)
+        got = env.pull()
+        proxy.lose = None
+        assert [env.status(f) for f in good] == ["imported"] * 4
+        assert env.status(broken) == "quarantined"
+        assert [m["body"]["kind"] for m in got] == ["quarantined"]
+    finally:
+        proxy.lose = None
+        while _clients:
+            _clients.pop().close()
+        proxy.stop()
+    # Each step's first write lost its answer: ingest's copy, the seal, the import's
+    # intent and record, the verification's manifests, the alert's marker.
+    for step in (
+        ("objects.rewrite", "g"),
+        ("objects.insert", "state/sealed"),
+        ("objects.insert", "batches"),
+        ("objects.insert", "state/open"),
+        ("objects.insert", "state/batch"),
+        ("objects.insert", "manifests"),
+        ("objects.insert", "state/alerts"),
+    ):
+        assert step in lost, (step, lost)
