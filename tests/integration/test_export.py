@@ -49,9 +49,11 @@ from dicomflow import (
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from localcloud.corpus import sample_files
+from localcloud.faultproxy import FaultProxy, storage_area
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from localcloud.storage import client as storage_client
 from tests.ingest_support import PATIENT_NAME, Clock, make_instance, post
 
 PARENT = "projects/local/locations/us-central1"
@@ -937,3 +939,48 @@ def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
     assert any("not found" in p for p in marker["problems"])
     assert env.manifest()["complete"] is False
     assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
+
+
+def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_alert(
+    make_env: Any, gcs_server: StorageServer
+) -> None:
+    """The first write of each kind (the open entry, the date's marker and its updates,
+    the operation's record, the backup's manifest, deletes) takes effect and its answer
+    is lost (503): the retry meets the write, and the export is still started once and
+    found complete, with no alert."""
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(3)])
+    proxy = FaultProxy(gcs_server.url, area=storage_area).start()
+    lost: list[tuple[str, str]] = []
+
+    def first_of_each(operation: str, area: str | None) -> bool:
+        top = (area or "").split(":", 1)[-1]
+        if (operation, top) in lost:
+            return False
+        lost.append((operation, top))
+        return True
+
+    direct = env.ctx.storage
+    env.ctx.storage = storage_client(proxy.url)
+    try:
+        proxy.lose = first_of_each
+        assert env.tick(TICK) == 200
+        marker = env.settle()
+        proxy.lose = None
+        assert marker["state"] == export.COMPLETE
+        assert len(env.export_operations()) == 1
+        assert env.manifest()["found"] == {"instances": 3, "objects": 3}
+        assert export.open_days(env.ctx) == []
+        assert env.alerts() == []
+    finally:
+        env.ctx.storage.close()
+        env.ctx.storage = direct
+        proxy.stop()
+    for step in (
+        ("objects.insert", "state/exports-open"),
+        ("objects.insert", "state/exports"),
+        ("objects.insert", "state/ops"),
+        ("objects.insert", "backups"),
+        ("objects.delete", "state/exports-open"),
+    ):
+        assert step in lost, (step, lost)
