@@ -7,8 +7,8 @@ the states it can list without reading history::
 
     window   batches/<window>/ holding copies, not sealed  age from the window's start
              (no state/sealed/<window>.done): the ingest tick does not seal
-    batch    state/open/<batch>.json: sealed and not        age from its window's start
-             verified (waiting, importing or verifying)
+    batch    state/open/<batch>.json: sealed and not        age from its seal (read only
+             verified (waiting, importing or verifying)     when its window is older)
     export   state/exports-open/<date>.json whose marker    age from the first claim
              is not final
 
@@ -32,7 +32,14 @@ from typing import Any
 
 from dicomflow import alerts, batches, export, log, objects
 from dicomflow.config import BATCHES_PREFIX
-from dicomflow.staging import SEALED_PREFIX, iso, parse_batch, parse_time, parse_window
+from dicomflow.staging import (
+    SEALED_PREFIX,
+    iso,
+    open_name,
+    parse_batch,
+    parse_time,
+    parse_window,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +74,25 @@ def unsealed_windows(ctx: Any) -> dict[str, datetime]:
     return found
 
 
-def open_batches(batch_ids: Iterable[str]) -> dict[str, datetime]:
-    """Batch -> its window's start, for each open batch id."""
+def open_batches(ctx: Any, batch_ids: Iterable[str], older_than: datetime) -> dict[str, datetime]:
+    """Batch -> when it was sealed, for each open batch sealed before ``older_than``.
+
+    A batch is sealed after its window ends, so only batches whose window started
+    before ``older_than`` can qualify; their open records (``sealedAt``) are read.
+    """
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     found: dict[str, datetime] = {}
     for batch in batch_ids:
         try:
-            found[batch] = parse_window(parse_batch(batch)[0])
+            start = parse_window(parse_batch(batch)[0])
         except ValueError:
             continue
+        if start >= older_than:
+            continue
+        doc = objects.read_json(bucket, open_name(batch))
+        if doc is None:
+            continue  # verified since it was listed
+        found[batch] = parse_time(doc.get("sealedAt")) or start
     return found
 
 
@@ -96,7 +114,7 @@ def report(ctx: Any, now: datetime, open_batch_ids: Iterable[str]) -> list[str]:
     bound = timedelta(minutes=ctx.settings.stale_state_minutes)
     states = {
         "window": unsealed_windows(ctx),
-        "batch": open_batches(open_batch_ids),
+        "batch": open_batches(ctx, open_batch_ids, now - bound),
         "export": open_exports(ctx),
     }
     subjects: list[str] = []

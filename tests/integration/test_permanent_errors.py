@@ -290,3 +290,70 @@ def test_a_lost_answer_at_each_step_loses_no_file_and_raises_no_false_alert(
         ("objects.insert", "state/alerts"),
     ):
         assert step in lost, (step, lost)
+
+
+def test_a_window_left_unsealed_past_the_bound_raises_stale_state_once(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+) -> None:
+    """The ingest tick stops (no seal): the report names the oldest unsealed window, once."""
+    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_STALE_STATE_MINUTES="30")
+    env.ingest_tick()  # the seal cursor is written; then ticks stop
+    files = [env.upload(f"w/{i}.dcm", make_instance()) for i in range(2)]
+    env.ingest(files)
+    window = env.outcome(files[0]).window
+    assert env.report_tick() == 200
+    env.clock.advance(29 * 60)
+    assert env.report_tick() == 200
+    assert env.pull() == []
+    for _ in range(3):
+        env.clock.advance(2 * 60)
+        assert env.report_tick() == 200
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["stale_state"]
+    details = got[0]["body"]["details"]
+    assert (details["state"], details["oldest"], details["count"]) == ("window", window, 1)
+    assert details["thresholdMinutes"] == 30 and details["oldestAgeMinutes"] > 30
+    # Ticks resume: the window is sealed and imported, and nothing more is alerted.
+    env.import_all()
+    assert [env.status(f) for f in files] == ["imported", "imported"]
+    assert env.pull() == []
+
+
+def test_a_batch_that_never_imports_raises_stale_state_once(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+    healthcare_proxy: FaultProxy,
+) -> None:
+    """Every import call meets 429: the sealed batch waits. Its age counts from its seal."""
+    env = make_env(
+        gcs_server,
+        healthcare_server,
+        pubsub,
+        apps,
+        DICOMFLOW_HEALTHCARE_ENDPOINT=healthcare_proxy.url,
+        DICOMFLOW_STALE_STATE_MINUTES="30",
+        DICOMFLOW_BACKLOG_SECONDS="36000",
+    )
+    healthcare_proxy.refuse = lambda method, path, op: 429 if op == "import" else None
+    env.ingest_tick()  # the seal cursor is written
+    files = [env.upload(f"b/{i}.dcm", make_instance()) for i in range(2)]
+    env.ingest(files)
+    env.clock.advance(20 * 60)  # the window is old, but sealed only now
+    env.ingest_tick()
+    bucket = env.gcs.bucket(env.staging)
+    [batch] = batches.open_batches(bucket)
+    for minutes in (15, 14, 2, 2):
+        env.clock.advance(minutes * 60)
+        env.ingest_tick()
+        assert env.report_tick() == 200
+    got = env.pull()
+    assert [(m["body"]["kind"], m["body"]["details"]["state"]) for m in got] == [
+        ("stale_state", "batch")
+    ]
+    assert got[0]["body"]["details"]["oldest"] == batch
+    assert healthcare_proxy.snapshot()["refused"]["import"] >= 4
