@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -140,6 +142,28 @@ def record_names(key: str, home: str, settings: Settings) -> list[str]:
         failed_name(home, key),
         late_name(key),
     ]
+
+
+def recorded_keys(
+    bucket: storage.Bucket, settings: Settings, found: Iterable[tuple[str, str]]
+) -> set[str]:
+    """Which of the (key, home window) pairs ingest left a record of (``record_names``).
+
+    Listings only, however many keys: four per home window (staging copies, quarantine,
+    drop and failure records), one per late window holding a home window's seal, and
+    one of the late claims.
+    """
+    pairs = list(found)
+    homes = {home for _, home in pairs}
+    windows = homes | {late_home_window(home, settings) for home in homes}
+    prefixes = [f"{BATCHES_PREFIX}{w}/" for w in sorted(windows)]
+    for prefix in (QUARANTINE_PREFIX, DROPPED_PREFIX, FAILED_PREFIX):
+        prefixes += [f"{prefix}{w}/" for w in sorted(homes)]
+    prefixes.append(LATE_PREFIX)
+    with ThreadPoolExecutor(8, thread_name_prefix="records") as pool:
+        listed = list(pool.map(lambda prefix: objects.names(bucket, prefix), prefixes))
+    have = {name.rsplit("/", 1)[-1].split(".", 1)[0] for names in listed for name in names}
+    return {key for key, _ in pairs if key in have}
 
 
 def has_record(bucket: storage.Bucket, key: str, home: str, settings: Settings) -> bool:

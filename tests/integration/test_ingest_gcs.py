@@ -285,6 +285,9 @@ def test_a_late_delivery_copies_into_the_late_window_of_its_homes_seal_without_a
     assert not objects.exists(env.bucket, staging.late_name(key))
     record = env.record(staging.staged_name(L1, key))
     assert (record.home, record.window, record.via) == (W0, L1, "late")
+    # With no claim, the record is still found from the key and home window alone.
+    assert staging.has_record(env.bucket, key, W0, env.settings)
+    assert staging.recorded_keys(env.bucket, env.settings, [(key, W0)]) == {key}
     env.calls.reset()
     env.at("12:54:50")  # a redelivery, still before L1's seal: the same copy, a 412
     assert env.deliver(obj, event_id="again") == 200

@@ -84,6 +84,8 @@ def test_a_403_on_the_header_read_is_a_failed_record_and_one_alert(
     assert outcome.reason == "permission-denied: HTTP 403 on the header read"
     bucket = env.gcs.bucket(env.staging)
     assert staging.has_record(bucket, outcome.key, outcome.window or "", env.ctx.settings)
+    pairs = [(outcome.key, outcome.window or ""), ("0" * 46, outcome.window or "")]
+    assert staging.recorded_keys(bucket, env.ctx.settings, pairs) == {outcome.key}
     assert [n.name for n in bucket.list_blobs(prefix="failed/")] == [
         staging.failed_name(outcome.window or "", outcome.key)
     ]
