@@ -13,6 +13,7 @@ dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sou
     batches/<window>/ (not sealed)       files of open windows (listings, from the seal cursor)
     state/open/<batch>.json              sealed batches not verified yet, and their
     state/batch/<batch>/operation.json   import operations
+    state/batch/<batch>/stuck.json       verifications that keep failing (finished imports only)
     operations.list                      running operations; imports and exports for the timeline
     state/alerts/*.json                  alerts published (kind, time), from their delivery markers
     state/exports/<date>.json            backups
@@ -66,6 +67,7 @@ from dicomflow.staging import (
     parse_batch,
     parse_window,
     sealed_name,
+    stuck_name,
     success_name,
     summary_name,
     window_id,
@@ -252,6 +254,8 @@ def read_open_batches(
         doc["_operation"] = _read_json(bucket, operation_name(batch))
         if doc["_operation"] is None:
             doc["_intent"] = _read_json(bucket, intent_name(batch))
+        elif doc["_operation"].get("done"):
+            doc["_stuck"] = _read_json(bucket, stuck_name(batch))
         return doc
 
     return dict(zip(ids, _pmap(load, ids, progress, "open batches"), strict=True))
@@ -355,7 +359,9 @@ def batch_list(
     Pure.
 
     Each is ``{batch, state, files, bytes?, sealedAt?, operation?, startedAt?,
-    finishedAt?, verifiedAt?, counts?, error?, ageSeconds}``, where state is ``open``
+    finishedAt?, verifiedAt?, counts?, error?, verifyFailingSince?, verifyHttpStatus?,
+    ageSeconds}`` (``verifyFailing...``: a verification that keeps failing, from
+    ``state/batch/<batch>/stuck.json``), where state is ``open``
     (its window is not sealed yet), ``sealed`` (queued for import), ``importing``,
     ``verifying`` or ``verified``.
     """
@@ -379,6 +385,9 @@ def batch_list(
             if op.get("done"):
                 item["finishedAt"] = op.get("finishedAt")
                 item["error"] = bool(op.get("error")) or None
+                stuck = doc.get("_stuck") or {}
+                item["verifyFailingSince"] = stuck.get("since")
+                item["verifyHttpStatus"] = stuck.get("httpStatus")
         elif doc.get("_intent"):
             item["state"] = "importing"
             item["since"] = doc["_intent"].get("requestedAt")

@@ -164,6 +164,12 @@ def test_a_403_on_qido_raises_verification_stuck_once(
         staging.file_key(f.bucket, f.name, f.generation) for f in files
     }
     assert all(env.status(f) == "staged" for f in files)
+    [shown] = status.list_batches(env.ctx, env.clock(), None)
+    assert (shown["batch"], shown["state"], shown["verifyHttpStatus"]) == (
+        batch,
+        "verifying",
+        403,
+    )
 
     # Access back: the batch is verified and nothing else is alerted.
     healthcare_proxy.refuse = None
