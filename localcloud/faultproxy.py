@@ -133,6 +133,23 @@ def healthcare_operation(method: str, path: str, query: str) -> str:
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
+class FirstOfEach:
+    """A ``lose`` policy: the first write of each kind (operation and the area's object
+    part, buckets aside) loses its answer; ``lost`` lists those kinds in order."""
+
+    def __init__(self) -> None:
+        self.lost: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, operation: str, area: str | None) -> bool:
+        kind = (operation, (area or "").split(":", 1)[-1])
+        with self._lock:
+            if kind in self.lost:
+                return False
+            self.lost.append(kind)
+            return True
+
+
 class FaultProxy(LoopbackProxy):
     """Forwards loopback HTTP to ``upstream``; counts requests and injects 429/503 faults."""
 

@@ -49,7 +49,7 @@ from dicomflow import (
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from localcloud.corpus import sample_files
-from localcloud.faultproxy import FaultProxy, storage_area
+from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_area
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
@@ -951,14 +951,7 @@ def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_aler
     env = make_env()
     env.store_instances([image(4, 4) for _ in range(3)])
     proxy = FaultProxy(gcs_server.url, area=storage_area).start()
-    lost: list[tuple[str, str]] = []
-
-    def first_of_each(operation: str, area: str | None) -> bool:
-        top = (area or "").split(":", 1)[-1]
-        if (operation, top) in lost:
-            return False
-        lost.append((operation, top))
-        return True
+    first_of_each = FirstOfEach()
 
     direct = env.ctx.storage
     env.ctx.storage = storage_client(proxy.url)
@@ -983,4 +976,4 @@ def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_aler
         ("objects.insert", "backups"),
         ("objects.delete", "state/exports-open"),
     ):
-        assert step in lost, (step, lost)
+        assert step in first_of_each.lost, (step, first_of_each.lost)

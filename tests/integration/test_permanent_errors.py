@@ -10,14 +10,14 @@ pulled from the alerts topic (the environment of ``test_report``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from dicomflow import batches, outcomes, redrive, report, staging, status
 from dicomflow.staging import stuck_name
-from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_area
+from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_area
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer, client
@@ -50,6 +50,30 @@ def healthcare_proxy(healthcare_server: HealthcareServer) -> Iterator[FaultProxy
     proxy.stop()
 
 
+@pytest.fixture
+def new_env(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,  # noqa: F811
+    apps: dict[str, Any],  # noqa: F811
+) -> Callable[..., Env]:
+    """``make_env`` of ``test_report`` with these servers; keyword arguments are settings."""
+
+    def make(**settings: str) -> Env:
+        return make_env(gcs_server, healthcare_server, pubsub, apps, **settings)
+
+    return make
+
+
+def alerts_after_close(env: Env, ticks: int = 3) -> list[dict[str, Any]]:
+    """The alerts of ``ticks`` report ticks a minute apart, once the windows are closed."""
+    env.clock.advance(quarantine_close(env) + 60)
+    for _ in range(ticks):
+        assert env.report_tick() == 200
+        env.clock.advance(60)
+    return env.pull()
+
+
 def through(env: Env, proxy: FaultProxy) -> None:
     """Send the functions' Cloud Storage requests through ``proxy``."""
     env.ctx.storage = client(proxy.url)
@@ -63,13 +87,9 @@ def in_clear(env: Env, messages: list[dict[str, Any]], *names: str) -> list[str]
 
 
 def test_a_403_on_the_header_read_is_a_failed_record_and_one_alert(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
-    storage_proxy: FaultProxy,
+    new_env: Callable[..., Env], storage_proxy: FaultProxy
 ) -> None:
-    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    env = new_env()
     name = "Roe^Richard MRN-9999/x.dcm"
     obj = env.upload(name, make_instance())
     through(env, storage_proxy)
@@ -90,11 +110,7 @@ def test_a_403_on_the_header_read_is_a_failed_record_and_one_alert(
         staging.failed_name(outcome.window or "", outcome.key)
     ]
 
-    env.clock.advance(quarantine_close(env) + 60)
-    for _ in range(3):
-        assert env.report_tick() == 200
-        env.clock.advance(60)
-    got = env.pull()
+    got = alerts_after_close(env)
     assert [m["body"]["kind"] for m in got] == ["permission_denied"]
     details = got[0]["body"]["details"]
     assert details["files"] == 1 and details["reasons"] == {"permission-denied": 1}
@@ -119,17 +135,9 @@ def test_a_403_on_the_header_read_is_a_failed_record_and_one_alert(
 
 
 def test_a_403_on_qido_raises_verification_stuck_once(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
-    healthcare_proxy: FaultProxy,
+    new_env: Callable[..., Env], healthcare_proxy: FaultProxy
 ) -> None:
-    env = make_env(
-        gcs_server,
-        healthcare_server,
-        pubsub,
-        apps,
+    env = new_env(
         DICOMFLOW_HEALTHCARE_ENDPOINT=healthcare_proxy.url,
         DICOMFLOW_VERIFY_STUCK_MINUTES="20",
     )
@@ -181,13 +189,9 @@ def test_a_403_on_qido_raises_verification_stuck_once(
 
 
 def test_an_event_from_another_bucket_is_dropped_with_one_alert(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
-    storage_proxy: FaultProxy,
+    new_env: Callable[..., Env], storage_proxy: FaultProxy
 ) -> None:
-    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    env = new_env()
     backups = env.ctx.settings.backup_bucket
     name = "Roe^Richard/x.dcm"
     obj = upload(env.gcs, backups, name, make_instance(), created=env.clock())
@@ -207,25 +211,17 @@ def test_an_event_from_another_bucket_is_dropped_with_one_alert(
     assert (outcome.status, outcome.reason) == ("dropped", "foreign-bucket")
     found = outcomes.read_all(env.gcs.bucket(env.staging))
     assert staging.file_key(own.bucket, own.name, own.generation) not in found
-    env.clock.advance(quarantine_close(env) + 60)
-    for _ in range(3):
-        assert env.report_tick() == 200
-        env.clock.advance(60)
-    got = env.pull()
+    got = alerts_after_close(env)
     assert [m["body"]["kind"] for m in got] == ["dropped"]
     assert got[0]["body"]["details"]["reasons"] == {"foreign-bucket": 1}
     assert in_clear(env, got, name, "Roe^Richard") == []
 
 
 def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
-    storage_proxy: FaultProxy,
+    new_env: Callable[..., Env], storage_proxy: FaultProxy
 ) -> None:
     """A 400 on the copy (not a permission): ``unreadable``, with the step named."""
-    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    env = new_env()
     obj = env.upload("c/x.dcm", make_instance())
     through(env, storage_proxy)
     storage_proxy.refuse = lambda method, path, op: 400 if op == "objects.rewrite" else None
@@ -244,25 +240,15 @@ def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
 
 
 def test_a_lost_answer_at_each_step_loses_no_file_and_raises_no_false_alert(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
+    new_env: Callable[..., Env], gcs_server: StorageServer
 ) -> None:
     """The first write of each kind (operation and area: staging copies, seal markers, file
     lists, import intents and records, manifests, alert markers ...) takes effect and its
     answer is lost (503); the client's retry meets its own write. Every file still ends in
     its one outcome, and the only alert is the one the broken file explains."""
-    env = make_env(gcs_server, healthcare_server, pubsub, apps)
+    env = new_env()
     proxy = FaultProxy(gcs_server.url, area=storage_area).start()
-    lost: list[tuple[str, str]] = []
-
-    def first_of_each(operation: str, area: str | None) -> bool:
-        top = (area or "").split(":", 1)[-1]
-        if (operation, top) in lost:
-            return False
-        lost.append((operation, top))
-        return True
+    first_of_each = FirstOfEach()
 
     try:
         study = "1.2.826.0.1.3680043.8.498.77"
@@ -297,17 +283,14 @@ def test_a_lost_answer_at_each_step_loses_no_file_and_raises_no_false_alert(
         ("objects.insert", "manifests"),
         ("objects.insert", "state/alerts"),
     ):
-        assert step in lost, (step, lost)
+        assert step in first_of_each.lost, (step, first_of_each.lost)
 
 
 def test_a_window_left_unsealed_past_the_bound_raises_stale_state_once(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
+    new_env: Callable[..., Env],
 ) -> None:
     """The ingest tick stops (no seal): the report names the oldest unsealed window, once."""
-    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_STALE_STATE_MINUTES="30")
+    env = new_env(DICOMFLOW_STALE_STATE_MINUTES="30")
     env.ingest_tick()  # the seal cursor is written; then ticks stop
     files = [env.upload(f"w/{i}.dcm", make_instance()) for i in range(2)]
     env.ingest(files)
@@ -331,18 +314,10 @@ def test_a_window_left_unsealed_past_the_bound_raises_stale_state_once(
 
 
 def test_a_batch_that_never_imports_raises_stale_state_once(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
-    healthcare_proxy: FaultProxy,
+    new_env: Callable[..., Env], healthcare_proxy: FaultProxy
 ) -> None:
     """Every import call meets 429: the sealed batch waits. Its age counts from its seal."""
-    env = make_env(
-        gcs_server,
-        healthcare_server,
-        pubsub,
-        apps,
+    env = new_env(
         DICOMFLOW_HEALTHCARE_ENDPOINT=healthcare_proxy.url,
         DICOMFLOW_STALE_STATE_MINUTES="30",
         DICOMFLOW_BACKLOG_SECONDS="36000",
