@@ -103,6 +103,15 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         return 2
     ctx = make_ctx()
     settings = ctx.settings
+    if bucket != settings.landing_bucket:
+        # Ingest records objects of other buckets as dropped (foreign-bucket), unread.
+        print(
+            f"dicomflow backfill: gs://{bucket} is not the landing bucket "
+            f"(DICOMFLOW_LANDING_BUCKET={settings.landing_bucket}); copy the objects there "
+            "instead: their uploads are ingested as they land",
+            file=sys.stderr,
+        )
+        return 2
     listed = [
         _storage_object(bucket, b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
     ]

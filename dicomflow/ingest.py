@@ -7,7 +7,8 @@ One object generation, two Storage calls (``dicomflow.staging`` has the layout):
     header check failed          -> copy to quarantine/<home>/<key>.dcm with the reason
     source gone (404)            -> drop record state/dropped/<home>/<key>.json
     event older than the maximum -> late claim, then a drop record in the current window
-    bucket not the landing one   -> drop record state/dropped/<home>/<key>.json
+    bucket not the landing one   -> drop record state/dropped/<home>/<key>.json (or, when
+                                    the event is too old, as above)
     read or copy refused (4xx)   -> failure record failed/<home>/<key>.json
 
 The copy is the claim: ``if_generation_match=0`` lets one delivery of an object
@@ -245,10 +246,11 @@ def _ingest(
     if created is None:
         raise PermanentError("the event has neither timeCreated nor a time")
     record = record_of(ctx, obj, event_id, created)
-    if obj.bucket != settings.landing_bucket:
-        return _drop(ctx, record, record.home, FOREIGN_BUCKET, now)
+    foreign = obj.bucket != settings.landing_bucket
     if is_too_old(event_time, now, settings.max_event_age_seconds):
-        return _drop_late(ctx, record, "event-too-old", now)
+        return _drop_late(ctx, record, FOREIGN_BUCKET if foreign else "event-too-old", now)
+    if foreign:
+        return _drop(ctx, record, record.home, FOREIGN_BUCKET, now)
     source = _source_blob(ctx, obj)
     try:
         uids = header.check(range_reader(source), obj.size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -340,3 +341,24 @@ def test_a_batch_that_never_imports_raises_stale_state_once(
     ]
     assert got[0]["body"]["details"]["oldest"] == batch
     assert healthcare_proxy.snapshot()["refused"]["import"] >= 4
+
+
+def test_a_foreign_event_older_than_the_maximum_is_recorded_in_the_current_window(
+    new_env: Callable[..., Env],
+) -> None:
+    """Its object's window may be reported long ago: the record goes where it is alerted."""
+    env = new_env(DICOMFLOW_MAX_EVENT_AGE_SECONDS="3600")
+    created = env.clock() - timedelta(days=2)
+    obj = upload(env.gcs, env.ctx.settings.backup_bucket, "x.dcm", make_instance(), created)
+    assert post(env.client("ingest"), finalize_event(obj, created)) == 200
+    outcome = env.outcome(obj)
+    now_window = staging.window_id(env.clock(), env.ctx.settings.batch_window_seconds)
+    assert (outcome.status, outcome.reason, outcome.window) == (
+        "dropped",
+        "foreign-bucket",
+        now_window,
+    )
+    got = alerts_after_close(env)
+    assert [(m["body"]["kind"], m["body"]["details"]["window"]) for m in got] == [
+        ("dropped", now_window)
+    ]
