@@ -9,14 +9,16 @@ pulled from the alerts topic (the environment of ``test_report``).
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from dicomflow import batches, outcomes, redrive, report, staging, status
+from dicomflow import batches, log, outcomes, redrive, report, staging, status
 from dicomflow.staging import stuck_name
 from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_area
 from localcloud.healthcare import HealthcareServer
@@ -143,6 +145,8 @@ def test_a_403_on_qido_raises_verification_stuck_once(
         DICOMFLOW_VERIFY_STUCK_MINUTES="20",
     )
     study = "1.2.826.0.1.3680043.8.498.99"
+    stream = io.StringIO()
+    log.configure(logging.INFO, stream)  # as the functions run
     files = [env.upload(f"s/{i}.dcm", make_instance(study=study)) for i in range(2)]
     env.ingest(files)
     env.clock.advance(
@@ -169,6 +173,10 @@ def test_a_403_on_qido_raises_verification_stuck_once(
     assert details["batch"] == batch and details["httpStatus"] == 403
     assert details["thresholdMinutes"] == 20 and details["stuckMinutes"] >= 20
     assert study not in json.dumps(got)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r for r in lines if study in json.dumps(r)] == []
+    failing = [r for r in lines if r["message"] == "batch check failed"]
+    assert failing and {(r["batch"], r["httpStatus"]) for r in failing} == {(batch, 403)}
     assert {f.key for f in batches.batch_records(bucket, batch)} == {
         staging.file_key(f.bucket, f.name, f.generation) for f in files
     }
@@ -362,3 +370,20 @@ def test_a_foreign_event_older_than_the_maximum_is_recorded_in_the_current_windo
     assert [(m["body"]["kind"], m["body"]["details"]["window"]) for m in got] == [
         ("dropped", now_window)
     ]
+
+
+def test_a_refused_sniff_leaves_the_decision_to_the_header_read(
+    new_env: Callable[..., Env], storage_proxy: FaultProxy
+) -> None:
+    """A name no glob matches is sniffed; a 403 there cannot tell, so the header read
+    meets it too and records the failure (a DICOM file is never skipped unseen)."""
+    env = new_env()
+    obj = env.upload("scanner/IM0001", make_instance())
+    through(env, storage_proxy)
+    storage_proxy.refuse = lambda method, path, op: 403 if op == "objects.download" else None
+    env.ingest([obj])
+    assert (env.status(obj), env.outcome(obj).reason) == (
+        "failed",
+        "permission-denied: HTTP 403 on the header read",
+    )
+    assert storage_proxy.snapshot()["refused"] == {"objects.download": 2}
