@@ -317,8 +317,10 @@ def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool
         return False
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     what = {"errorType": type(exc).__name__, "httpStatus": status}
-    objects.create(bucket, stuck_name(batch), {"batch": batch, "since": iso(now), **what})
-    since = parse_time((objects.read_json(bucket, stuck_name(batch)) or {}).get("since")) or now
+    since = now
+    if not objects.create(bucket, stuck_name(batch), {"batch": batch, "since": iso(now), **what}):
+        found = objects.read_json(bucket, stuck_name(batch)) or {}
+        since = parse_time(found.get("since")) or now
     minutes = (now - since).total_seconds() / 60
     # The type and status only: the messages of DICOMweb errors quote the study's URL.
     logger.warning(
