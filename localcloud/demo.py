@@ -47,6 +47,7 @@ DEMO_FUNCTION_ENV = {
 }
 TICK_SECONDS = 2.0
 SETTLE_TIMEOUT = 150.0
+RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "alerts.md"
 
 
 @dataclass
@@ -273,6 +274,7 @@ def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
 
     summary["stages"] = {name: round(seconds, 2) for name, seconds in stages.seconds.items()}
     console.print(summary_table(summary))
+    console.print(runbook_line())
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     for problem in summary["problems"]:
@@ -280,6 +282,12 @@ def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
     if not summary["problems"]:
         console.print("[green]every uploaded file is accounted for[/]")
     return 1 if summary["problems"] else 0
+
+
+def runbook_line() -> str:
+    """Where the alerts runbook is: relative to the working directory when inside it."""
+    where = RUNBOOK.relative_to(Path.cwd()) if RUNBOOK.is_relative_to(Path.cwd()) else RUNBOOK
+    return f"alerts: what each kind means and what to do is in {where}"
 
 
 def check_invariants(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from google.cloud import storage
 
-from dicomflow import alerts, runtime
+from dicomflow import alerts, log, runtime
 from dicomflow.config import load_settings
 from dicomflow.errors import PermanentError
 from localcloud.pubsub import PubSubServer, start_pubsub
@@ -192,3 +193,24 @@ def test_missing_topic_is_permanent_and_releases_the_claim(ctx: runtime.Context)
     broken.pubsub().close()
     # The claim is gone, so a fixed configuration publishes at once.
     assert alerts.publish_once(ctx, alert) is True
+
+
+def test_each_published_alert_is_one_log_line_at_its_severity(
+    ctx: runtime.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line a log-based metric counts (docs/alerts.md, "The log line")."""
+    alert = alerts.build_alert(
+        "backlog", "backlog/20261125T124000Z", "WARNING", STORE, {"batches": 1}, NOW
+    )
+    with caplog.at_level(logging.INFO, logger="dicomflow.alerts"):
+        assert alerts.publish_once(ctx, alert) is True
+        assert alerts.publish_once(ctx, alert) is False  # a repeat logs nothing
+    lines = [json.loads(log.JsonFormatter().format(r)) for r in caplog.records]
+    published = [line for line in lines if line["message"] == "alert published"]
+    assert len(published) == 1
+    assert {k: published[0][k] for k in ("severity", "kind", "alertId")} == {
+        "severity": "WARNING",
+        "kind": "backlog",
+        "alertId": alert.alert_id,
+    }
+    assert published[0]["messageId"]

@@ -941,6 +941,38 @@ def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
     assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
 
 
+def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed attempt is one incident; the next failed attempt of the date is another."""
+    env = make_env()
+    env.store_instances([image(4, 4)])
+    monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
+    options: dict[str, Any] = {
+        "day": DAY,
+        "mode": "full",
+        "mime_type": env.ctx.settings.export_mime_type,
+        "poll_seconds": 0.1,
+        "wait": True,
+    }
+    env.knobs(faults="export=1.0:500")
+    try:
+        first = export.run_command(env.ctx, **options)
+        export.settle_exports(env.ctx, env.clock())  # a repeat of the same attempt
+        forced = export.run_command(env.ctx, force=True, **options)
+    finally:
+        env.knobs(faults="")
+    assert (first["status"], first["attempt"]) == (export.FAILED, 1)
+    assert (forced["status"], forced["attempt"]) == (export.FAILED, 2)
+    got = [a["body"] for a in env.alerts()]
+    assert [(a["kind"], a["details"]["attempt"]) for a in got] == [
+        ("export_failed", 1),
+        ("export_failed", 2),
+    ]
+    assert got[0]["alertId"] != got[1]["alertId"]
+    assert got[1]["subject"].endswith("/exports/2026-11-25/attempt-2")
+
+
 def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_alert(
     make_env: Any, gcs_server: StorageServer
 ) -> None:

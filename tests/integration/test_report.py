@@ -1241,3 +1241,42 @@ def test_conflict_found_when_two_report_processes_verify_at_once(env: Env) -> No
         ticks = list(pool.map(tick, range(2)))
     assert sum(len(t["verified"]) for t in ticks) >= 2
     assert_one_imported_one_conflict(env, pair, winner=pair.a)
+
+
+# --- backlog -----------------------------------------------------------------------------------
+
+
+def test_each_backlog_episode_raises_one_alert_with_its_own_id(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,
+    apps: dict[str, Any],
+) -> None:
+    """A backlog recurs: the second episode is a new incident, not a repeat of the first."""
+    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_BACKLOG_SECONDS="60")
+    settings = env.ctx.settings
+
+    def sealed_waiting_batch(name: str) -> str:
+        """A file ingested and its window sealed, with no ingest tick to start the import."""
+        env.ingest([env.upload(name, make_instance())])
+        env.clock.advance(settings.batch_window_seconds + settings.seal_grace_seconds + 1)
+        (batch,) = batches.seal_due(env.ctx, env.clock())
+        return batch
+
+    episodes = []
+    for name in ("first/a.dcm", "second/a.dcm"):
+        batch = sealed_waiting_batch(name)
+        assert env.report_tick() == 200
+        assert env.pull() == []  # waiting, not yet for too long
+        env.clock.advance(settings.backlog_seconds + 1)
+        for _ in range(2):  # the episode goes on: one alert
+            assert env.report_tick() == 200
+        (alert,) = [m["body"] for m in env.pull()]
+        assert (alert["kind"], alert["subject"]) == ("backlog", f"backlog/{batch}")
+        assert alert["details"]["episode"] == alert["details"]["oldestBatch"] == batch
+        assert alert["details"]["batches"] == alert["details"]["files"] == 1
+        episodes.append(alert["alertId"])
+        env.import_all()  # the import runs: the episode ends
+        assert env.pull() == []
+        assert not env.gcs.bucket(env.staging).blob(report.BACKLOG_MARKER).exists()
+    assert len(set(episodes)) == 2
