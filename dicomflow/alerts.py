@@ -15,7 +15,8 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
 - ``quarantined`` (WARNING): files that failed the header check, one per window.
 - ``dropped`` (WARNING): files ingest gave up on without importing them (reason
   ``event-too-old``: the event came later than ``DICOMFLOW_MAX_EVENT_AGE_SECONDS``;
-  ``source-missing``: the object was gone), one per window, from ingest's drop
+  ``source-missing``: the object was gone; ``foreign-bucket``: the event named another
+  bucket), one per window, from ingest's drop
   records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
 - ``permission_denied`` (ERROR): files ingest could not read or copy for want of
   permission (401, 403); ``unreadable`` (ERROR): files whose read or copy met another
