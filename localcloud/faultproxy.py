@@ -78,32 +78,59 @@ def storage_operation(method: str, path: str, query: str) -> str:
 _MULTIPART_NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
-def storage_area(method: str, path: str, query: str, body: bytes = b"") -> str:
-    """Where in a bucket a Cloud Storage request goes: ``bucket:top`` (``bucket:state/x``).
-
-    ``top`` is the object name's (or listing prefix's) first path part, two parts under
-    ``state/``; it breaks the call counts down by the kind of object (staging copies,
-    late claims, markers) for the benchmarks.
-    """
+def storage_object(method: str, path: str, query: str, body: bytes = b"") -> tuple[str, str]:
+    """(bucket, object name) of a Cloud Storage request: a listing's prefix, and for a
+    rewrite or copy its destination; ("", "") for requests that name no bucket."""
     params = parse_qs(query)
     for lead in ("/upload/storage/v1/b/", "/download/storage/v1/b/", "/storage/v1/b/"):
         if path.startswith(lead):
             rest = path[len(lead) :].split("/")
             break
     else:
-        return "other"
+        return "", ""
+    for verb in ("rewriteTo", "copyTo"):
+        if verb in rest and len(rest) > rest.index(verb) + 4:
+            rest = rest[rest.index(verb) + 2 :]
     bucket = unquote(rest[0])
     if len(rest) >= 3 and rest[1] == "o" and rest[2]:
-        name = unquote(rest[2])
-    else:
-        name = (params.get("name") or params.get("prefix") or [""])[0]
-        # A multipart upload names its object in the JSON metadata part of the body.
-        found = _MULTIPART_NAME.search(body[:4096]) if not name and body else None
-        if found:
-            name = json.loads(b'"' + found.group(1) + b'"')
+        return bucket, unquote(rest[2])
+    name = (params.get("name") or params.get("prefix") or [""])[0]
+    # A multipart upload names its object in the JSON metadata part of the body.
+    found = _MULTIPART_NAME.search(body[:4096]) if not name and body else None
+    if found:
+        name = json.loads(b'"' + found.group(1) + b'"')
+    return bucket, name
+
+
+def storage_area(method: str, path: str, query: str, body: bytes = b"") -> str:
+    """Where in a bucket a Cloud Storage request goes: ``bucket:top`` (``bucket:state/x``).
+
+    ``top`` is the object name's (or listing prefix's) first path part, two parts under
+    ``state/``; it breaks the call counts down by the kind of object (staging copies,
+    late claims, markers) for the benchmarks. A rewrite or copy counts at its source.
+    """
+    if "/rewriteTo/" in path or "/copyTo/" in path:
+        path = path.split("/rewriteTo/", 1)[0].split("/copyTo/", 1)[0]
+    bucket, name = storage_object(method, path, query, body)
+    if not bucket:
+        return "other"
     parts = name.split("/")
     top = "/".join(parts[:2]) if parts[0] == "state" and len(parts) > 2 else parts[0]
     return f"{bucket}:{top}"
+
+
+_WINDOW_OR_BATCH = re.compile(r"\d{8}T\d{6}[ZL](-[01]{1,6})?")
+_KEY_OR_ID = re.compile(r"\b[01]{6}[0-9a-f]{40}\b|\b[0-9a-f]{32}\b")
+
+
+def storage_shape(method: str, path: str, query: str, body: bytes = b"") -> str:
+    """``bucket:name`` of a Cloud Storage request with window and batch ids, file keys
+    and alert ids written as ``<w>`` and ``<id>``: one string per kind of object
+    (``staging:state/batch/<w>/operation.json``), for faults aimed at each step."""
+    bucket, name = storage_object(method, path, query, body)
+    if not bucket:
+        return "other"
+    return f"{bucket}:{_KEY_OR_ID.sub('<id>', _WINDOW_OR_BATCH.sub('<w>', name))}"
 
 
 def healthcare_operation(method: str, path: str, query: str) -> str:

@@ -49,7 +49,7 @@ from dicomflow import (
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from localcloud.corpus import sample_files
-from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_area
+from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_shape
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
@@ -982,7 +982,7 @@ def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_aler
     found complete, with no alert."""
     env = make_env()
     env.store_instances([image(4, 4) for _ in range(3)])
-    proxy = FaultProxy(gcs_server.url, area=storage_area).start()
+    proxy = FaultProxy(gcs_server.url, area=storage_shape).start()
     first_of_each = FirstOfEach()
 
     direct = env.ctx.storage
@@ -1002,10 +1002,11 @@ def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_aler
         env.ctx.storage = direct
         proxy.stop()
     for step in (
-        ("objects.insert", "state/exports-open"),
-        ("objects.insert", "state/exports"),
-        ("objects.insert", "state/ops"),
-        ("objects.insert", "backups"),
-        ("objects.delete", "state/exports-open"),
+        ("objects.insert", "state/exports-open/2026-11-25.json"),
+        ("objects.insert", "state/exports/2026-11-25.json"),
+        ("objects.insert", "backups/2026-11-25/_MANIFEST.json"),
+        ("objects.delete", "state/exports-open/2026-11-25.json"),
     ):
         assert step in first_of_each.lost, (step, first_of_each.lost)
+    # The record that the operation is dicomflow's own (state/ops/<operation id>.json).
+    assert any(n.startswith("state/ops/") for op, n in first_of_each.lost if op == "objects.insert")

@@ -20,7 +20,7 @@ import pytest
 
 from dicomflow import batches, log, outcomes, redrive, report, staging, status
 from dicomflow.staging import stuck_name
-from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_area
+from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_shape
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer, client
@@ -251,12 +251,12 @@ def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
 def test_a_lost_answer_at_each_step_loses_no_file_and_raises_no_false_alert(
     new_env: Callable[..., Env], gcs_server: StorageServer
 ) -> None:
-    """The first write of each kind (operation and area: staging copies, seal markers, file
-    lists, import intents and records, manifests, alert markers ...) takes effect and its
+    """The first write of each kind of object (staging copies, seal markers, file lists,
+    import intents and records, manifests, alert markers ...) takes effect and its
     answer is lost (503); the client's retry meets its own write. Every file still ends in
     its one outcome, and the only alert is the one the broken file explains."""
     env = new_env()
-    proxy = FaultProxy(gcs_server.url, area=storage_area).start()
+    proxy = FaultProxy(gcs_server.url, area=storage_shape).start()
     first_of_each = FirstOfEach()
 
     try:
@@ -281,16 +281,24 @@ def test_a_lost_answer_at_each_step_loses_no_file_and_raises_no_false_alert(
         while _clients:
             _clients.pop().close()
         proxy.stop()
-    # Each step's first write lost its answer: ingest's copy, the seal, the import's
-    # intent and record, the verification's manifests, the alert's marker.
+    # Each step's first write lost its answer: ingest's copy, the seal (its marker, the
+    # file list, the queue record, its last step), the import (note, intent, slot,
+    # operation record), the verification (manifests, summary) and the alert's marker.
     for step in (
-        ("objects.rewrite", "g"),
-        ("objects.insert", "state/sealed"),
-        ("objects.insert", "batches"),
-        ("objects.insert", "state/open"),
-        ("objects.insert", "state/batch"),
-        ("objects.insert", "manifests"),
-        ("objects.insert", "state/alerts"),
+        ("objects.rewrite", "batches/<w>/<id>.dcm"),
+        ("objects.rewrite", "quarantine/<w>/<id>.dcm"),
+        ("objects.insert", "state/sealed/<w>.json"),
+        ("objects.insert", "batches/<w>/_files.ndjson"),
+        ("objects.insert", "state/open/<w>.json"),
+        ("objects.insert", "state/sealed/<w>.done"),
+        ("objects.insert", "state/batch/<w>/note.json"),
+        ("objects.insert", "state/batch/<w>/intent.json"),
+        ("objects.insert", "state/slots/000.json"),
+        ("objects.insert", "state/batch/<w>/operation.json"),
+        ("objects.insert", "manifests/<w>/success.ndjson"),
+        ("objects.insert", "manifests/<w>/summary.json"),
+        ("objects.delete", "state/open/<w>.json"),
+        ("objects.insert", "state/alerts/<id>.json"),
     ):
         assert step in first_of_each.lost, (step, first_of_each.lost)
 
