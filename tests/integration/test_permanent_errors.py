@@ -18,8 +18,19 @@ from typing import Any
 
 import pytest
 
-from dicomflow import batches, log, outcomes, redrive, report, staging, status
-from dicomflow.staging import stuck_name
+from dicomflow import (
+    batches,
+    export,
+    log,
+    objects,
+    outcomes,
+    redrive,
+    report,
+    staging,
+    stale,
+    status,
+)
+from dicomflow.staging import iso, stuck_name
 from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_shape
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer
@@ -395,3 +406,28 @@ def test_a_refused_sniff_leaves_the_decision_to_the_header_read(
         "permission-denied: HTTP 403 on the header read",
     )
     assert storage_proxy.snapshot()["refused"] == {"objects.download": 2}
+
+
+def test_an_export_not_final_past_the_bound_is_a_stale_state(new_env: Callable[..., Env]) -> None:
+    """stale.report alone (the tick's export step would settle this made-up export)."""
+    env = new_env(DICOMFLOW_STALE_STATE_MINUTES="60")
+    bucket = env.gcs.bucket(env.staging)
+    claimed = env.clock() - timedelta(minutes=61)
+    day = claimed.date()
+    objects.create(bucket, export.open_entry_name(day), {"date": day.isoformat(), "attempt": 1})
+    marker = {"state": export.RUNNING, "date": day.isoformat(), "attempt": 1}
+    objects.create(bucket, export.marker_name(day), {**marker, "firstClaimedAt": iso(claimed)})
+    subjects = [stale.report(env.ctx, env.clock(), []) for _ in range(2)]
+    assert subjects == [[f"stale/export/{day.isoformat()}"]] * 2
+    got = env.pull()
+    assert [(m["body"]["kind"], m["body"]["details"]["state"]) for m in got] == [
+        ("stale_state", "export")
+    ]
+    # A final marker is not stale, however old.
+    objects.write_text(
+        bucket,
+        export.marker_name(day),
+        objects.dumps({**marker, "state": export.COMPLETE}),
+        "application/json",
+    )
+    assert stale.report(env.ctx, env.clock(), []) == []
