@@ -55,6 +55,8 @@ EXPORT_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
 )
 ALERT_OBJECT_NAMES = ("hash", "plain")
+ALERT_UIDS = ("hash", "plain")
+_SECRET_VERSION = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
 
@@ -91,6 +93,9 @@ class Settings:
     stale_state_minutes: int = 360
     alert_object_names: str = "hash"
     alert_sample_files: int = 10
+    alert_uids: str = "hash"
+    key_secret: str | None = None
+    key_file: str | None = None
     sniff: bool = True
     ignored_prefixes: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
@@ -171,6 +176,17 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ),
     ("DICOMFLOW_ALERT_OBJECT_NAMES", "hash", "object names in alerts: hash or plain"),
     ("DICOMFLOW_ALERT_SAMPLE_FILES", "10", "sample files listed in one alert"),
+    ("DICOMFLOW_ALERT_UIDS", "hash", "DICOM UIDs in alerts: hash (keyed labels) or plain"),
+    (
+        "DICOMFLOW_KEY_SECRET",
+        "unset",
+        "deployment key for labels, a Secret Manager version projects/P/secrets/S/versions/V",
+    ),
+    (
+        "DICOMFLOW_KEY_FILE",
+        "unset",
+        "... or a file holding it (localcloud); one of the two is required",
+    ),
 )
 
 
@@ -361,5 +377,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         alert_sample_files=_int(
             env, "DICOMFLOW_ALERT_SAMPLE_FILES", Settings.alert_sample_files, 1
         ),
+        alert_uids=_choice(env, "DICOMFLOW_ALERT_UIDS", Settings.alert_uids, ALERT_UIDS),
+        key_secret=_key_secret(env.get("DICOMFLOW_KEY_SECRET", "")),
+        key_file=env.get("DICOMFLOW_KEY_FILE", "").strip() or None,
         ignored_prefixes=tuple(ignored),
     )
+
+
+def _key_secret(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not _SECRET_VERSION.match(value):
+        raise ConfigError(
+            "DICOMFLOW_KEY_SECRET",
+            f"{value!r} is not a secret version name",
+            "use projects/P/secrets/S/versions/latest",
+        )
+    return value

@@ -367,7 +367,7 @@ def _file_alert_details(
                 "object": label(r.record),
                 "key": r.key,
                 "reason": r.reason,
-                "sopInstanceUid": r.record.sop,
+                "sopInstanceUid": alerts.uid_label(settings, r.record.sop),
             }
             for r in chosen[:limit]
         ],
@@ -378,17 +378,20 @@ def _file_alert_details(
     if record.get("error"):
         details["operationError"] = {
             "code": record["error"].get("code"),
-            "message": operations.redact(str(record["error"].get("message", "")), _uri_label(ctx)),
+            "message": _redact(ctx, str(record["error"].get("message", ""))),
         }
     return details
 
 
-def _uri_label(ctx: Any) -> Any:
+def _redact(ctx: Any, text: str) -> str:
+    """An operation's error message with objects and UIDs as the alert settings name them."""
+
     def label(uri: str) -> str:
         bucket, _, name = uri.removeprefix("gs://").partition("/")
         return alerts.object_label(ctx.settings, bucket, name)
 
-    return label
+    text = operations.redact(text, label)
+    return log.UID_PATTERN.sub(lambda m: str(alerts.uid_label(ctx.settings, m.group(0))), text)
 
 
 def _alert_batch(
@@ -457,7 +460,7 @@ def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
         "operationCounter": dict(op.counter),
         "operationError": {
             "code": op.error_code,
-            "message": operations.redact(op.error_message, _uri_label(ctx)),
+            "message": _redact(ctx, op.error_message),
         },
         "startedBy": "outside dicomflow",
     }

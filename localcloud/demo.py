@@ -6,8 +6,10 @@ named ``*.dcm``, so the broken ones are checked and quarantined, not skipped);
 wait until every upload has a final outcome (``dicomflow.outcomes``: ingest batches
 and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
-quarantine window, a minute after the window ends); read the alerts. Then
-print a summary and check the invariants. The exit code is 1 when an invariant
+quarantine window, a minute after the window ends); read the alerts; scan the
+functions' logs and the alerts for the corpus's names, IDs, birth dates, UIDs
+and object names (``localcloud.leaks``). Then print a summary and check the
+invariants (a leak is a broken one). The exit code is 1 when an invariant
 is broken, 2 when the local cloud cannot start.
 """
 
@@ -34,6 +36,7 @@ from dicomflow.config import QUARANTINE_PREFIX, load_settings
 from dicomflow.outcomes import Outcome
 from dicomflow.staging import BATCH_STATE_PREFIX, OPEN_PREFIX
 from dicomflow.verify import DUPLICATE, IMPORTED
+from localcloud import leaks
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.scheduler import fire
 from localcloud.stack import Stack, StackConfig
@@ -202,6 +205,8 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         )
     finally:
         gcs.close()  # type: ignore[no-untyped-call]
+    markers = leaks.corpus_markers(corpus)
+    leaked = leaks.scan_run(stack.config.home, alerts, markers)
     totals = outcomes.totals(found.values())
     reasons = Counter(
         feeds.reason_code(o.reason) for o in found.values() if o.status == outcomes.QUARANTINED
@@ -221,9 +226,16 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
             "complete": bool(manifest and manifest.get("complete")),
         },
         "stages": {name: round(seconds, 2) for name, seconds in stages.seconds.items()},
+        "leakScan": {
+            "logLines": len(leaks.function_log_lines(stack.config.home)),
+            "alerts": len(alerts),
+            "markers": markers.counts(),
+            "found": leaked,
+        },
         "problems": check_invariants(
             len(corpus), list(found.values()), stored, len(batches), operations, manifest
-        ),
+        )
+        + leaked,
     }
 
 
@@ -246,6 +258,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
     backup = summary["backup"]
     table.add_row("backup", f"{backup['prefix']} ({backup['objects']} objects)")
     table.add_row("backup manifest", "complete" if backup["complete"] else "NOT complete")
+    scan = summary["leakScan"]
+    table.add_row(
+        "patient data in logs and alerts",
+        f"{len(scan['found'])} kinds found in {scan['logLines']} log lines and "
+        f"{scan['alerts']} alerts ({sum(scan['markers'].values())} markers)",
+    )
     for name, seconds in summary["stages"].items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     return table

@@ -17,6 +17,7 @@ from googleapiclient.discovery import build
 
 from dicomflow import alerts, feeds, manifests, outcomes
 from dicomflow.staging import failure_name, file_key, quarantine_name
+from localcloud import leaks
 from tests.e2e.conftest import DemoRun
 
 # The session fixture runs the whole demo flow; on a loaded machine that takes minutes.
@@ -145,4 +146,9 @@ def test_the_summary_accounts_for_every_uploaded_file(demo_run: DemoRun) -> None
         "alert on quarantined files",
     }
     assert sum(summary["stages"].values()) < 170
+
+    # No patient data in the functions' logs or the alerts: every line and alert scanned.
+    scan = summary["leakScan"]
+    assert scan["found"] == [] and scan["logLines"] > 100 and scan["alerts"] >= 3
+    assert all(scan["markers"][kind] > 0 for kind in leaks.UID_ATTRIBUTES + leaks.PHI_ATTRIBUTES)
     assert "ingest, import and verify" in demo_run.output

@@ -19,6 +19,7 @@ from dicomflow.config import load_settings
 from dicomflow.errors import PermanentError
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from tests.deployment_key import KEY_FILE
 
 STORE = "projects/local/locations/us/datasets/d/dicomStores/s"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -44,6 +45,7 @@ def ctx(gcs_server: StorageServer, pubsub: PubSubServer) -> Iterator[runtime.Con
             "DICOMFLOW_STAGING_BUCKET": staging,
             "DICOMFLOW_BACKUP_BUCKET": "backups",
             "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+            "DICOMFLOW_KEY_FILE": KEY_FILE,
             "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
             "STORAGE_EMULATOR_HOST": gcs_server.url,
         }
@@ -109,10 +111,10 @@ def test_publishes_once_with_schema_and_attributes(ctx: runtime.Context) -> None
         "severity": "ERROR",
         "dicomStore": STORE,
         "alertId": alert.alert_id,
-        "schemaVersion": "1",
+        "schemaVersion": "2",
     }
     body = json.loads(base64.b64decode(msg["data"]))
-    assert body["schemaVersion"] == 1 and body["alertId"] == alert.alert_id
+    assert body["schemaVersion"] == 2 and body["alertId"] == alert.alert_id
     assert body["details"] == {"date": "2026-11-25", "found": 3}
     assert _marker(ctx, alert)["state"] == "published"
 

@@ -54,6 +54,7 @@ from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
 from localcloud.storage import client as storage_client
+from tests.deployment_key import KEY_FILE
 from tests.ingest_support import PATIENT_NAME, Clock, make_instance, post
 
 PARENT = "projects/local/locations/us-central1"
@@ -229,6 +230,7 @@ def make_env(
                 "DICOMFLOW_STAGING_BUCKET": staging,
                 "DICOMFLOW_BACKUP_BUCKET": backups,
                 "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+                "DICOMFLOW_KEY_FILE": KEY_FILE,
                 "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
                 "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
                 "STORAGE_EMULATOR_HOST": gcs_server.url,

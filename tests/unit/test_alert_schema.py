@@ -137,7 +137,7 @@ def test_stalled_takes_either_shape_but_not_a_mix() -> None:
         (lambda b: b.update(subject="backlog"), "$.subject"),
         (lambda b: b.update(alertId="ABC"), "$.alertId"),
         (lambda b: b.update(time="2026-11-25 13:02"), "$.time"),
-        (lambda b: b.update(schemaVersion=2), "$.schemaVersion"),
+        (lambda b: b.update(schemaVersion=b["schemaVersion"] + 1), "$.schemaVersion"),
         (lambda b: b["details"].update(batches="7"), "$.details.batches"),
         (lambda b: b.pop("dicomStore"), "'dicomStore' is a required property"),
     ],
