@@ -322,9 +322,13 @@ def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool
         found = objects.read_json(bucket, stuck_name(batch)) or {}
         since = parse_time(found.get("since")) or now
     minutes = (now - since).total_seconds() / 60
-    # The type and status only: the messages of DICOMweb errors quote the study's URL.
+    permanent = status is not None and retry.is_permanent_status(status)
+    # A permanent error is not raised, so its traceback is logged here (the platform logs
+    # a raised one); the log filter puts labels in place of the URL's UIDs.
     logger.warning(
-        "batch check failed", extra=log.fields(batch=batch, stuckMinutes=int(minutes), **what)
+        "batch check failed",
+        exc_info=exc if permanent else None,
+        extra=log.fields(batch=batch, stuckMinutes=int(minutes), **what),
     )
     if minutes >= ctx.settings.verify_stuck_minutes:
         details = {
@@ -344,7 +348,7 @@ def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool
             now,
         )
         alerts.publish_once(ctx, alert)
-    return status is not None and retry.is_permanent_status(status)
+    return permanent
 
 
 def _file_alert_details(
