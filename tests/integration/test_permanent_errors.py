@@ -94,6 +94,17 @@ def through(env: Env, proxy: FaultProxy) -> None:
     _clients.append(env.ctx.storage)
 
 
+def ingest_refused(env: Env, proxy: FaultProxy, name: str, operation: str, status: int) -> str:
+    """Upload a valid file as ``name`` and ingest it while ``proxy`` answers every
+    ``operation`` request with ``status``; the file's outcome as ``status: reason``."""
+    obj = env.upload(name, make_instance())
+    through(env, proxy)
+    proxy.refuse = lambda method, path, op: status if op == operation else None
+    env.ingest([obj])
+    outcome = env.outcome(obj)
+    return f"{outcome.status}: {outcome.reason}"
+
+
 def in_clear(env: Env, messages: list[dict[str, Any]], *names: str) -> list[str]:
     """Which of ``names`` (and the sample patient name) appear in the alerts' text."""
     text = json.dumps(messages)
@@ -242,14 +253,8 @@ def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
 ) -> None:
     """A 400 on the copy (not a permission): ``unreadable``, with the step named."""
     env = new_env()
-    obj = env.upload("c/x.dcm", make_instance())
-    through(env, storage_proxy)
-    storage_proxy.refuse = lambda method, path, op: 400 if op == "objects.rewrite" else None
-    env.ingest([obj])
-    assert (env.status(obj), env.outcome(obj).reason) == (
-        "failed",
-        "source-unreadable: HTTP 400 on the copy",
-    )
+    outcome = ingest_refused(env, storage_proxy, "c/x.dcm", "objects.rewrite", 400)
+    assert outcome == "failed: source-unreadable: HTTP 400 on the copy"
     env.clock.advance(quarantine_close(env) + 60)
     assert env.report_tick() == 200
     assert [m["body"]["kind"] for m in env.pull()] == ["unreadable"]
@@ -397,14 +402,8 @@ def test_a_refused_sniff_leaves_the_decision_to_the_header_read(
     """A name no glob matches is sniffed; a 403 there cannot tell, so the header read
     meets it too and records the failure (a DICOM file is never skipped unseen)."""
     env = new_env()
-    obj = env.upload("scanner/IM0001", make_instance())
-    through(env, storage_proxy)
-    storage_proxy.refuse = lambda method, path, op: 403 if op == "objects.download" else None
-    env.ingest([obj])
-    assert (env.status(obj), env.outcome(obj).reason) == (
-        "failed",
-        "permission-denied: HTTP 403 on the header read",
-    )
+    outcome = ingest_refused(env, storage_proxy, "scanner/IM0001", "objects.download", 403)
+    assert outcome == "failed: permission-denied: HTTP 403 on the header read"
     assert storage_proxy.snapshot()["refused"] == {"objects.download": 2}
 
 
