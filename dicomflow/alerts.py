@@ -28,6 +28,9 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
   than ``DICOMFLOW_STALE_STATE_MINUTES``, once per episode of each (``dicomflow.stale``).
 - ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
   outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
+- ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
+  ``restore_drill_overdue`` (WARNING): no drill finished within its period
+  (``dicomflow.drill``).
 
 Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
 ``alertId`` and ``schemaVersion``.
@@ -104,6 +107,8 @@ ALERT_KINDS = (
     "unreadable",
     "verification_stuck",
     "stale_state",
+    "restore_drill_failed",
+    "restore_drill_overdue",
 )
 SEVERITIES = ("INFO", "WARNING", "ERROR", "CRITICAL")
 SAMPLES_KEY = "samples"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import ingest, log, staging
+from dicomflow import cli_restore, ingest, log, staging
 from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
@@ -613,6 +613,9 @@ def cmd_label(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     add_backfill,
     add_export,
+    cli_restore.add_restore,
+    cli_restore.add_resolve,
+    cli_restore.add_erase,
     add_status,
     add_batches,
     add_batch,

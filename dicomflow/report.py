@@ -61,6 +61,7 @@ from cloudevents.http import CloudEvent
 from dicomflow import (
     alerts,
     batches,
+    drill,
     export,
     feeds,
     log,
@@ -178,6 +179,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         crashpoint("outside")
         exports = export.settle_exports(ctx, now)
         crashpoint("exports")
+        drills = drill.settle_drills(ctx, now)
         lap("operations")
         # Beside the verifications, not after them: a long one must not hold these back.
         quarantined = feeds.report(ctx, feeds.QUARANTINE, now)
@@ -198,6 +200,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         "status": "tick",
         "operations": len(listed),
         "exports": [e.get("status") for e in exports],
+        "drills": [d.get("status") for d in drills],
         "verified": verified,
         "pending": len(pending) - len(verified),
         "outside": outside,

@@ -241,6 +241,9 @@ variable "settings" {
       "DICOMFLOW_STALE_STATE_MINUTES",
       "DICOMFLOW_ALERT_OBJECT_NAMES",
       "DICOMFLOW_ALERT_SAMPLE_FILES",
+      "DICOMFLOW_RESTORE_DRILL_DAYS",
+      "DICOMFLOW_RESTORE_DRILL_STUDIES",
+      "DICOMFLOW_DRILL_STORE",
     ], name)])
     error_message = "settings may only hold the tuning names of SETTINGS_DOC; the required ones, the endpoints, DICOMFLOW_BACKUP_PREFIX and DICOMFLOW_SEAL_GRACE_SECONDS are set by this module."
   }

@@ -6,8 +6,9 @@ named ``*.dcm``, so the broken ones are checked and quarantined, not skipped);
 wait until every upload has a final outcome (``dicomflow.outcomes``: ingest batches
 and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
-quarantine window, a minute after the window ends); read the alerts; scan the
-functions' logs and the alerts for the corpus's names, IDs, birth dates, UIDs
+quarantine window, a minute after the window ends); restore the backup into a
+second store and check it (every instance, a sample byte for byte); read the alerts;
+scan the functions' logs and the alerts for the corpus's names, IDs, birth dates, UIDs
 and object names (``localcloud.leaks``). Then print a summary and check the
 invariants (a leak is a broken one). The exit code is 1 when an invariant
 is broken, 2 when the local cloud cannot start.
@@ -22,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ DEMO_FUNCTION_ENV = {
 TICK_SECONDS = 2.0
 SETTLE_TIMEOUT = 150.0
 RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "alerts.md"
+# The second store the demo restores its backup into.
+RESTORE_STORE = "restored"
 
 
 @dataclass
@@ -127,6 +130,27 @@ def _export(stack: Stack, gcs: storage.Client) -> tuple[str, int, dict[str, Any]
     return f"gs://{stack.config.backup_bucket}/{folder}", count, manifest
 
 
+def _restore(stack: Stack, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """Restore the demo's backup into a second store and check it (``dicomflow restore``)."""
+    from dicomflow import restore
+    from dicomflow.names import DicomStoreName
+    from dicomflow.runtime import make_context
+
+    if manifest is None:
+        return {"status": "no-backup", "problems": ["there is no backup to restore"]}
+    day = date.fromisoformat(str(manifest["date"]))
+    ctx = make_context(load_settings(stack.env()))
+    live = ctx.settings.dicom_store
+    target = DicomStoreName(live.dataset, RESTORE_STORE)
+    try:
+        stores = ctx.healthcare().projects().locations().datasets().dicomStores()
+        stores.create(parent=str(live.dataset), dicomStoreId=RESTORE_STORE, body={}).execute()
+        return restore.run(ctx, day, target, wait=True, poll_seconds=0.5, timeout=SETTLE_TIMEOUT)
+    finally:
+        ctx.close_clients()
+        ctx.storage.close()  # type: ignore[no-untyped-call]
+
+
 def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
     """Wait until the report has alerted on every quarantined file (a minute after its
     window ends): each window's progress record holds all its keys."""
@@ -196,6 +220,11 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         stages.run(
             console, "alert on quarantined files", lambda: _wait_quarantine_alerts(stack, gcs)
         )
+        restored = stages.run(
+            console,
+            "restore the backup into a second store",
+            lambda: _restore(stack, manifest),
+        )
         alerts = stack.drain_alerts()
         stored = _store_instances(stack)
         staging = gcs.bucket(stack.config.staging_bucket)
@@ -225,6 +254,7 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
             "objects": exported,
             "complete": bool(manifest and manifest.get("complete")),
         },
+        "restore": _restore_summary(restored),
         "stages": {name: round(seconds, 2) for name, seconds in stages.seconds.items()},
         "leakScan": {
             "logLines": len(leaks.function_log_lines(stack.config.home)),
@@ -235,7 +265,20 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         "problems": check_invariants(
             len(corpus), list(found.values()), stored, len(batches), operations, manifest
         )
+        + [f"restore: {p}" for p in restored.get("problems") or []]
         + leaked,
+    }
+
+
+def _restore_summary(result: dict[str, Any]) -> dict[str, Any]:
+    checked = result.get("check") or {}
+    return {
+        "status": result.get("status"),
+        "target": result.get("target"),
+        "instances": checked.get("instances"),
+        "present": checked.get("present"),
+        "bytesChecked": checked.get("bytesChecked"),
+        "bytesDifferent": checked.get("bytesDifferent"),
     }
 
 
@@ -258,6 +301,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
     backup = summary["backup"]
     table.add_row("backup", f"{backup['prefix']} ({backup['objects']} objects)")
     table.add_row("backup manifest", "complete" if backup["complete"] else "NOT complete")
+    restored = summary["restore"]
+    table.add_row(
+        "restored into a second store",
+        f"{restored['status']}: {restored['present']} of {restored['instances']} instances, "
+        f"{restored['bytesChecked']} compared byte for byte ({restored['bytesDifferent']} differ)",
+    )
     scan = summary["leakScan"]
     table.add_row(
         "patient data in logs and alerts",

@@ -360,7 +360,7 @@ class Stack:
             raise LocalCloudError(f"{exc}: {_reason(log_file)}") from None
 
     def _create_resources(self) -> None:
-        """The dataset, DICOM store, alerts topic and subscription, when missing."""
+        """The dataset, DICOM store, drill store, alerts topic and subscription, when missing."""
         cfg = self.config
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
         topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
@@ -370,6 +370,12 @@ class Stack:
                 datasets.create(parent=parent, datasetId=cfg.dataset, body={}),
                 datasets.dicomStores().create(
                     parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
+                ),
+                # The restore drill's scratch store (DICOMFLOW_DRILL_STORE's default).
+                datasets.dicomStores().create(
+                    parent=f"{parent}/datasets/{cfg.dataset}",
+                    dicomStoreId=f"{cfg.store}-drill",
+                    body={},
                 ),
                 pubsub.projects().topics().create(name=topic, body={}),
                 pubsub.projects()

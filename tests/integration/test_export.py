@@ -235,6 +235,7 @@ def make_env(
                 "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
                 "STORAGE_EMULATOR_HOST": gcs_server.url,
                 "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
+                "DICOMFLOW_RESTORE_DRILL_DAYS": "0",  # the drill tests turn it on
                 **extra,
             }
         )
