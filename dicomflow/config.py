@@ -209,6 +209,12 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "studies a drill restores, sampled at random; 0 restores the whole backup",
     ),
     ("DICOMFLOW_DRILL_STORE", "<store>-drill", "the drill's scratch DICOM store, emptied after"),
+    ("DICOMFLOW_SWEEP_HOURS", "24", "hours between sweeps for missed events; 0 = off"),
+    (
+        "DICOMFLOW_LANDING_DELETE_AFTER_DAYS",
+        "0",
+        "delete a landing object this many days after it was imported; 0 = never",
+    ),
 )
 
 
