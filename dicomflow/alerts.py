@@ -15,8 +15,17 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
 - ``quarantined`` (WARNING): files that failed the header check, one per window.
 - ``dropped`` (WARNING): files ingest gave up on without importing them (reason
   ``event-too-old``: the event came later than ``DICOMFLOW_MAX_EVENT_AGE_SECONDS``;
-  ``source-missing``: the object was gone), one per window, from ingest's drop
+  ``source-missing``: the object was gone; ``foreign-bucket``: the event named another
+  bucket), one per window, from ingest's drop
   records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
+- ``permission_denied`` (ERROR): files ingest could not read or copy for want of
+  permission (401, 403); ``unreadable`` (ERROR): files whose read or copy met another
+  permanent answer (400, 416 ...). One per kind and window, from the failure records
+  ``failed/<window>/<key>.json``.
+- ``verification_stuck`` (ERROR): a finished import whose verification kept failing
+  for ``DICOMFLOW_VERIFY_STUCK_MINUTES``, once per batch.
+- ``stale_state`` (WARNING): an unsealed window, an open batch or an open export older
+  than ``DICOMFLOW_STALE_STATE_MINUTES``, once per episode of each (``dicomflow.stale``).
 - ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
   outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
 - ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
@@ -94,6 +103,10 @@ ALERT_KINDS = (
     "operation_failed",
     "stalled",
     "backlog",
+    "permission_denied",
+    "unreadable",
+    "verification_stuck",
+    "stale_state",
     "restore_drill_failed",
     "restore_drill_overdue",
 )

@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import cli_restore, ingest, log, objects
-from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX, load_settings
+from dicomflow import cli_restore, ingest, log, staging
+from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
 from dicomflow.runtime import Context, make_context
-from dicomflow.staging import LATE_PREFIX, file_key, window_id
+from dicomflow.staging import file_key, window_id
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "Send every object under gs://BUCKET/PREFIX that the pipeline has no record of "
             "through the ingest path, as if its finalize event had arrived: filtered, "
             "checked, staged or quarantined. Objects with a record (a staging or quarantine "
-            "copy, a late claim or a drop record) are counted and left as they are."
+            "copy, a late claim, a drop or failure record) are counted and left as they are."
         ),
     )
     parser.add_argument("uri", help="gs://BUCKET/PREFIX")
@@ -92,30 +92,6 @@ def _storage_object(bucket: str, blob: Any) -> StorageObject:
     )
 
 
-def recorded_keys(ctx: Context, found: list[tuple[str, str]]) -> set[str]:
-    """Which of the (key, home window) pairs the pipeline has a record of.
-
-    A record is a staging copy in the home window, a quarantine copy or a drop record
-    there, or a late claim (a late copy or drop went to a later window). Listings only:
-    three per home window and one of the late claims, however many objects.
-    """
-    from dicomflow.verify import pmap
-
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-
-    def keys_in(window: str) -> set[str]:
-        names: list[str] = []
-        for prefix in (BATCHES_PREFIX, QUARANTINE_PREFIX, DROPPED_PREFIX):
-            names += objects.names(bucket, f"{prefix}{window}/")
-        return {n.rsplit("/", 1)[-1].split(".", 1)[0] for n in names}
-
-    windows = sorted({home for _, home in found})
-    have: set[str] = set().union(*pmap(keys_in, windows)) if windows else set()
-    late = objects.names(bucket, LATE_PREFIX)
-    have |= {n[len(LATE_PREFIX) :].removesuffix(".json") for n in late}
-    return {key for key, _ in found if key in have}
-
-
 def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     """List the objects, ingest those without a record with a progress bar, print the totals."""
     from rich.progress import Progress
@@ -127,6 +103,15 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         return 2
     ctx = make_ctx()
     settings = ctx.settings
+    if bucket != settings.landing_bucket:
+        # Ingest records objects of other buckets as dropped (foreign-bucket), unread.
+        print(
+            f"dicomflow backfill: gs://{bucket} is not the landing bucket "
+            f"(DICOMFLOW_LANDING_BUCKET={settings.landing_bucket}); copy the objects there "
+            "instead: their uploads are ingested as they land",
+            file=sys.stderr,
+        )
+        return 2
     listed = [
         _storage_object(bucket, b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
     ]
@@ -142,7 +127,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         for obj, key in wanted
         if obj.time_created
     ]
-    recorded = recorded_keys(ctx, homes)
+    recorded = staging.recorded_keys(ctx.storage.bucket(settings.staging_bucket), settings, homes)
     if recorded:
         counts[RECORDED] += len(recorded)
     todo = [(obj, key) for obj, key in wanted if key not in recorded]

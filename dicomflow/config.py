@@ -27,6 +27,8 @@ MANIFESTS_PREFIX = "manifests/"
 STATE_PREFIX = "state/"
 # Per-window records of files ingest dropped (state/dropped/<window>/<key>.json).
 DROPPED_PREFIX = f"{STATE_PREFIX}dropped/"
+# Per-window records of files ingest could not read or copy (failed/<window>/<key>.json).
+FAILED_PREFIX = "failed/"
 # Restores and drills: the copies a restore imports from, the drill records, and the
 # erasure tombstones (which no lifecycle rule may expire).
 RESTORES_PREFIX = "restores/"
@@ -37,6 +39,7 @@ PIPELINE_PREFIXES = (
     QUARANTINE_PREFIX,
     MANIFESTS_PREFIX,
     STATE_PREFIX,
+    FAILED_PREFIX,
     RESTORES_PREFIX,
     DRILLS_PREFIX,
     TOMBSTONES_PREFIX,
@@ -94,6 +97,8 @@ class Settings:
     export_mode: str = "full"
     stalled_seconds: int = 3_600
     backlog_seconds: int = 900
+    verify_stuck_minutes: int = 30
+    stale_state_minutes: int = 360
     alert_object_names: str = "hash"
     alert_sample_files: int = 10
     alert_uids: str = "hash"
@@ -170,6 +175,16 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("DICOMFLOW_EXPORT_MODE", "full", "full or incremental"),
     ("DICOMFLOW_STALLED_SECONDS", "3600", "an operation running longer raises 'stalled'"),
     ("DICOMFLOW_BACKLOG_SECONDS", "900", "a sealed batch waiting longer raises 'backlog'"),
+    (
+        "DICOMFLOW_VERIFY_STUCK_MINUTES",
+        "30",
+        "a finished import whose verification keeps failing this long raises 'verification_stuck'",
+    ),
+    (
+        "DICOMFLOW_STALE_STATE_MINUTES",
+        "360",
+        "an unsealed window, open batch or open export older than this raises 'stale_state'",
+    ),
     ("DICOMFLOW_ALERT_OBJECT_NAMES", "hash", "object names in alerts: hash or plain"),
     ("DICOMFLOW_ALERT_SAMPLE_FILES", "10", "sample files listed in one alert"),
     ("DICOMFLOW_ALERT_UIDS", "hash", "DICOM UIDs in alerts: hash (keyed labels) or plain"),
@@ -379,6 +394,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         export_mode=_choice(env, "DICOMFLOW_EXPORT_MODE", Settings.export_mode, EXPORT_MODES),
         stalled_seconds=_int(env, "DICOMFLOW_STALLED_SECONDS", Settings.stalled_seconds, 1),
         backlog_seconds=_int(env, "DICOMFLOW_BACKLOG_SECONDS", Settings.backlog_seconds, 1),
+        verify_stuck_minutes=_int(
+            env, "DICOMFLOW_VERIFY_STUCK_MINUTES", Settings.verify_stuck_minutes, 1
+        ),
+        stale_state_minutes=_int(
+            env, "DICOMFLOW_STALE_STATE_MINUTES", Settings.stale_state_minutes, 1
+        ),
         alert_object_names=_choice(
             env, "DICOMFLOW_ALERT_OBJECT_NAMES", Settings.alert_object_names, ALERT_OBJECT_NAMES
         ),

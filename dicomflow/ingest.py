@@ -7,6 +7,9 @@ One object generation, two Storage calls (``dicomflow.staging`` has the layout):
     header check failed          -> copy to quarantine/<home>/<key>.dcm with the reason
     source gone (404)            -> drop record state/dropped/<home>/<key>.json
     event older than the maximum -> late claim, then a drop record in the current window
+    bucket not the landing one   -> drop record state/dropped/<home>/<key>.json (or, when
+                                    the event is too old, as above)
+    read or copy refused (4xx)   -> failure record failed/<home>/<key>.json
 
 The copy is the claim: ``if_generation_match=0`` lets one delivery of an object
 generation win, and a 412 means an earlier delivery has claimed it already, so the
@@ -32,8 +35,17 @@ claim names another window, so each generation keeps one record (``dicomflow.bat
 
 Errors. Object names can carry patient names, so logs and raised errors name the
 object by ``alerts.object_label`` (a hash by default) and its key, never by URI.
-Errors other than ``PermanentError`` are raised again as ``TransientError`` without
-the original message, for the platform to retry the event.
+A permanent answer to the header read or the copy (4xx other than 404, 408, 412 and
+429: no permission, a bad request or range) is the file's outcome: a failure record
+with the reason (``permission-denied`` for 401 and 403, ``source-unreadable`` for the
+rest), which the report alerts once per window (``dicomflow.feeds``), and the event
+is acknowledged. Other errors, except ``PermanentError``, are raised again as
+``TransientError`` without the original message, for the platform to retry the event.
+
+Events for objects of other buckets (a trigger on the wrong bucket) are recorded as
+dropped (``foreign-bucket``) without reading the object; the pipeline's own objects
+(``Settings.is_pipeline_object``) are skipped unrecorded before that, so records that
+ingest writes can never feed back into it.
 """
 
 from __future__ import annotations
@@ -64,8 +76,10 @@ from dicomflow.sniff import sniffed_skip_reason
 from dicomflow.staging import (
     FileRecord,
     dropped_name,
+    failed_name,
     file_key,
     iso,
+    late_home_window,
     late_name,
     late_window_id,
     quarantine_name,
@@ -81,6 +95,11 @@ STAGED = "staged"
 REDRIVE = "retry"
 QUARANTINED = "quarantined"
 DROPPED = "dropped"
+FAILED = "failed"
+# Reason codes of failure records; ``feeds.failure_kind`` maps them to alert kinds.
+PERMISSION_DENIED = "permission-denied"
+SOURCE_UNREADABLE = "source-unreadable"
+FOREIGN_BUCKET = "foreign-bucket"
 
 
 def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
@@ -135,7 +154,11 @@ def ingest_object(
     settings = ctx.settings
     label = alerts.object_label(settings, obj.bucket, obj.name)
     key = file_key(obj.bucket, obj.name, obj.generation)
-    skipped = sniffed_skip_reason(settings, ctx.storage, obj)
+    # A foreign object is recorded (in _ingest) without being read, unless it is one of
+    # the pipeline's own: those are skipped, so ingest's records never loop back to it.
+    foreign = obj.bucket != settings.landing_bucket
+    pipeline = settings.is_pipeline_object(obj.bucket, obj.name)
+    skipped = _skip_reason(ctx, obj) if pipeline or not foreign else None
     if skipped:
         logger.info(
             "skipped", extra=log.fields(eventId=event_id, object=label, key=key, reason=skipped)
@@ -167,6 +190,18 @@ def ingest_object(
         ),
     )
     return result
+
+
+def _skip_reason(ctx: Context, obj: StorageObject) -> str | None:
+    """Why ``obj`` is not ingested, sniffing its first bytes where its name decides
+    nothing. A sniff refused for good (403 ...) cannot tell: the header read decides,
+    and records that failure."""
+    try:
+        return sniffed_skip_reason(ctx.settings, ctx.storage, obj)
+    except gexc.ClientError as exc:
+        if not retry.is_permanent(exc):
+            raise
+        return None
 
 
 def redacted(exc: BaseException) -> dict[str, Any]:
@@ -212,8 +247,11 @@ def _ingest(
     if created is None:
         raise PermanentError("the event has neither timeCreated nor a time")
     record = record_of(ctx, obj, event_id, created)
+    foreign = obj.bucket != settings.landing_bucket
     if is_too_old(event_time, now, settings.max_event_age_seconds):
-        return _drop_late(ctx, record, "event-too-old", now)
+        return _drop_late(ctx, record, FOREIGN_BUCKET if foreign else "event-too-old", now)
+    if foreign:
+        return _drop(ctx, record, record.home, FOREIGN_BUCKET, now)
     source = _source_blob(ctx, obj)
     try:
         uids = header.check(range_reader(source), obj.size)
@@ -223,14 +261,18 @@ def _ingest(
         return _copied(ctx, source, target, bad, QUARANTINED, bad.reason)
     except gexc.NotFound:
         return _drop(ctx, record, record.home, "source-missing", now)
+    except gexc.ClientError as exc:
+        if not retry.is_permanent(exc):
+            raise
+        return _fail(ctx, record, exc, "header read")
     good = _with(record, study=uids.study, series=uids.series, sop=uids.sop)
     return stage(ctx, source, good, ctx.clock())
 
 
 def late_home(record: FileRecord, settings: Settings) -> str:
-    """The late window of a file that misses its home window's seal: the one holding that
-    seal. Every delivery computes the same one, so no claim is needed to go there."""
-    return late_window_id(seal_time(record.home, settings), settings.late_window_seconds)
+    """The late window of a file that misses its home window's seal (see
+    ``staging.late_home_window``)."""
+    return late_home_window(record.home, settings)
 
 
 def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> dict[str, Any]:
@@ -367,6 +409,10 @@ def _copied(
         created = copy_object(ctx, source, target, record)
     except gexc.NotFound:
         return _drop(ctx, record, record.home, "source-missing", ctx.clock())
+    except gexc.ClientError as exc:
+        if not retry.is_permanent(exc):
+            raise
+        return _fail(ctx, _with(record, window=record.home), exc, "copy")
     return {
         "status": status,
         "window": record.window,
@@ -402,3 +448,24 @@ def _drop(
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     created = objects.create(bucket, dropped_name(window, record.key), doc)
     return {"status": DROPPED, "reason": reason, "window": window, "repeat": not created}
+
+
+def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) -> dict[str, Any]:
+    """Write the failure record of ``record`` in its home window (create-if-absent): the
+    ``step`` (header read, copy) met a permanent answer. Its object metadata is the file
+    record with the reason, so listings (status, the report's feed) need no reads.
+    """
+    status = retry.status_of(exc)
+    code = PERMISSION_DENIED if status in (401, 403) else SOURCE_UNREADABLE
+    failed = _with(record, window=record.home, reason=f"{code}: HTTP {status} on the {step}")
+    doc = {
+        **failed.line(),
+        "objectLabel": alerts.object_label(ctx.settings, record.bucket, record.name),
+        "httpStatus": status,
+        "step": step,
+        "failedAt": iso(ctx.clock()),
+    }
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    name = failed_name(record.home, record.key)
+    created = objects.create(bucket, name, doc, metadata=failed.metadata())
+    return {"status": FAILED, "reason": failed.reason, "window": record.home, "repeat": not created}

@@ -69,9 +69,16 @@ def read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
 
 
 def _upload(
-    bucket: storage.Bucket, name: str, body: str, generation: int, content_type: str
+    bucket: storage.Bucket,
+    name: str,
+    body: str,
+    generation: int,
+    content_type: str,
+    metadata: Mapping[str, str] | None = None,
 ) -> int:
     blob = bucket.blob(name)
+    if metadata:
+        blob.metadata = dict(metadata)
     try:
         blob.upload_from_string(
             body,
@@ -85,16 +92,22 @@ def _upload(
     return int(blob.generation or 0)
 
 
-def create(bucket: storage.Bucket, name: str, doc: Mapping[str, Any]) -> int | None:
+def create(
+    bucket: storage.Bucket,
+    name: str,
+    doc: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+) -> int | None:
     """Create ``name`` holding ``doc`` if absent; the generation written when the stored
     object is ours, None when someone else's was there first.
 
-    ``doc`` is stored with a fresh ``_token`` (it replaces any token in ``doc``).
+    ``doc`` is stored with a fresh ``_token`` (it replaces any token in ``doc``);
+    ``metadata`` becomes the object's custom metadata, which listings return.
     """
     token = uuid.uuid4().hex
     body = {**doc, TOKEN: token}
     try:
-        return _upload(bucket, name, dumps(body), 0, "application/json")
+        return _upload(bucket, name, dumps(body), 0, "application/json", metadata)
     except gexc.PreconditionFailed:
         found = read(bucket, name)
         return found[1] if found is not None and found[0].get(TOKEN) == token else None

@@ -285,6 +285,9 @@ def test_a_late_delivery_copies_into_the_late_window_of_its_homes_seal_without_a
     assert not objects.exists(env.bucket, staging.late_name(key))
     record = env.record(staging.staged_name(L1, key))
     assert (record.home, record.window, record.via) == (W0, L1, "late")
+    # With no claim, the record is still found from the key and home window alone.
+    assert staging.has_record(env.bucket, key, W0, env.settings)
+    assert staging.recorded_keys(env.bucket, env.settings, [(key, W0)]) == {key}
     env.calls.reset()
     env.at("12:54:50")  # a redelivery, still before L1's seal: the same copy, a 412
     assert env.deliver(obj, event_id="again") == 200
@@ -679,21 +682,27 @@ def test_logs_never_name_the_object(env: Env, monkeypatch: pytest.MonkeyPatch) -
     env.at("12:54:15")
     late = env.upload("incoming/DOE^JOHN_19700101d.dcm", make_instance(), created=good.time_created)
     assert env.deliver(late, event_id="900005") == 200
-    # A storage error whose message quotes the request URL, as google-cloud-storage's do.
+    # Storage errors whose messages quote the request URL, as google-cloud-storage's do:
+    # a 403 (the file's failure record) and an unexpected error (retried by the platform).
     failing = env.upload("incoming/DOE^JOHN_19700101c.dcm", make_instance())
+    erring = env.upload("incoming/DOE^JOHN_19700101e.dcm", make_instance())
     original = storage.Blob.download_as_bytes
 
     def forbidden(self: storage.Blob, *args: Any, **kwargs: Any) -> bytes:
         if self.bucket.name == env.landing:
-            raise api_exceptions.Forbidden(
+            url = (
                 f"GET {env.gcs._connection.API_BASE_URL}/download/storage/v1/b/"
                 f"{env.landing}/o/{quote(self.name, safe='')}?alt=media: no access to {self.name}"
             )
+            if self.name == erring.name:
+                raise RuntimeError(url)
+            raise api_exceptions.Forbidden(url)
         result: bytes = original(self, *args, **kwargs)
         return result
 
     monkeypatch.setattr(storage.Blob, "download_as_bytes", forbidden)
-    assert env.deliver(failing, event_id="900009") == 500
+    assert env.deliver(failing, event_id="900009") == 200
+    assert env.deliver(erring, event_id="900010") == 500
     monkeypatch.setattr(storage.Blob, "download_as_bytes", original)
 
     lines = stream.getvalue().splitlines()
@@ -705,6 +714,7 @@ def test_logs_never_name_the_object(env: Env, monkeypatch: pytest.MonkeyPatch) -
         "staged",
         "quarantined",
         "skipped",
+        "failed",
         "ingest failed; the event will be retried",
     }
     label = alerts.object_label(env.settings, env.landing, good.name)
@@ -712,8 +722,11 @@ def test_logs_never_name_the_object(env: Env, monkeypatch: pytest.MonkeyPatch) -
     assert any(r.get("object") == label and r.get("key") == env.key(good) for r in records)
     staged_late = [r for r in records if r.get("key") == env.key(late)]
     assert [r.get("window") for r in staged_late] == [L1]
-    failed = next(r for r in records if r["message"].startswith("ingest failed"))
-    assert (failed["errorType"], failed["httpStatus"]) == ("Forbidden", 403)
+    failed = next(r for r in records if r["message"] == "failed")
+    assert failed["reason"] == "permission-denied: HTTP 403 on the header read"
+    assert failed["key"] == env.key(failing)
+    erred = next(r for r in records if r["message"].startswith("ingest failed"))
+    assert (erred["errorType"], erred.get("httpStatus")) == ("RuntimeError", None)
     assert any("exception" in r for r in records)  # the platform's log of the 500
 
 
