@@ -355,6 +355,16 @@ def test_a_window_whose_first_copy_lands_while_ticks_stop_is_still_sealed(env: E
     assert [r.key for r in env.files(L1) or []] == [env.key(obj)]
 
 
+def test_the_first_tick_of_a_deployment_seals_windows_older_than_its_lookback(env: Env) -> None:
+    """No tick has run yet (no cursor): uploads from hours ago are sealed, not left behind."""
+    obj = env.upload("first/a.dcm", make_instance())
+    assert env.deliver(obj) == 200  # 12:53:05, into W0
+    assert [n for n in env.staged() if env.key(obj) in n] == [staging.staged_name(W0, env.key(obj))]
+    env.at("18:00:00")  # the first ingest tick comes five hours later
+    assert batches.seal_due(env.ctx, env.clock()) == [W0]
+    assert [r.key for r in env.files(W0) or []] == [env.key(obj)]
+
+
 def test_a_late_window_that_starts_with_a_cursor_step_is_listed(env: Env) -> None:
     """A late window (``...L``) that starts on a cursor step: the cursor holds a time, not a
     window of one kind, so windows of both kinds that start then sort after it."""
