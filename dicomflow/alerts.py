@@ -19,6 +19,9 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
   records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
 - ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
   outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
+- ``missed_event`` (WARNING): uploads whose finalize event never came, found and
+  ingested by the reconciliation sweep (``dicomflow.sweep``); one per sweep, with the
+  count and no names.
 
 Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
 ``alertId`` and ``schemaVersion``.
@@ -79,6 +82,7 @@ ALERT_KINDS = (
     "operation_failed",
     "stalled",
     "backlog",
+    "missed_event",
 )
 SEVERITIES = ("INFO", "WARNING", "ERROR", "CRITICAL")
 SAMPLES_KEY = "samples"

@@ -163,14 +163,19 @@ def create_text(bucket: storage.Bucket, name: str, text: str, content_type: str)
     return True
 
 
-def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> None:
-    """Delete ``name`` (only ``generation`` when given); absent or moved on is fine."""
+def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> bool:
+    """Delete ``name`` (only ``generation`` when given); absent or moved on is fine.
+
+    True when this call deleted it (a retry after a lost answer reads as absent: False).
+    """
     blob = bucket.blob(name)
     with contextlib.suppress(gexc.NotFound, gexc.PreconditionFailed):
         try:
             blob.delete(if_generation_match=generation, retry=_retry(DEADLINE), timeout=DEADLINE)
         except (gexc.TooManyRequests, gexc.ServerError) as exc:
             raise _transient(exc) from exc
+        return True
+    return False
 
 
 def exists(bucket: storage.Bucket, name: str) -> bool:

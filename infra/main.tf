@@ -37,6 +37,8 @@ locals {
     DICOMFLOW_BACKUP_PREFIX  = var.backup_prefix
     # The design seals a batch only after a grace longer than the ingest timeout.
     DICOMFLOW_SEAL_GRACE_SECONDS = tostring(var.ingest_timeout_seconds + 10)
+    # The sweep looks only at uploads whose staging copies the lifecycle rule still keeps.
+    DICOMFLOW_STAGING_COPY_RETENTION_DAYS = tostring(var.staging_copy_retention_days)
   }
   function_env = merge(var.settings, local.function_env_fixed)
 
