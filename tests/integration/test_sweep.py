@@ -138,6 +138,7 @@ def test_landing_retention_deletes_verified_uploads_but_never_a_new_generation(
     # The quarantined upload stays (for retry), and so does the new generation.
     assert left == {"bad/x.dcm": _generation(uploads, "bad/x.dcm"), "keep/0.dcm": again.generation}
     assert daily(p)["retention"]["deleted"] == 0
+    assert not missed(sent)  # every upload had its event
 
 
 def _generation(uploads: list[Uploaded], name: str) -> int:
@@ -182,6 +183,7 @@ def test_a_pass_runs_once_per_period_and_is_taken_over_after_its_lease(
     assert taken is not None and taken["attempt"] == 2
     assert sweep.run_due(p.ctx, p.clock()) is None  # done for the period
     assert (objects.read_json(bucket, sweep.marker_name(period)) or {})["state"] == "done"
+    assert not sent
 
 
 def _iso(moment: datetime) -> str:
