@@ -1,4 +1,5 @@
-"""Reading alerts back from a Pub/Sub pull subscription (``dicomflow alerts tail``).
+"""Reading alerts back from a Pub/Sub pull subscription (``dicomflow alerts tail``), and
+counting the events waiting on a dead-letter subscription (``dicomflow status``).
 
 ``pull(ctx, subscription, ...)`` returns decoded alert bodies (see
 ``dicomflow.alerts``), each with its routing attributes, and acknowledges them
@@ -62,6 +63,16 @@ def _call(request: Any) -> dict[str, Any]:
     except (TimeoutError, OSError) as exc:
         raise TransientError(f"Pub/Sub unreachable: {exc}") from exc
     return result
+
+
+def count_waiting(ctx: Any, subscription: str) -> int:
+    """How many messages wait on ``subscription``; each is handed back at once.
+
+    Raises:
+        PermanentError: the subscription does not exist or is not readable.
+        TransientError: Pub/Sub answered 429/5xx or could not be reached.
+    """
+    return len(pull(ctx, subscription, ack=False))
 
 
 def pull(
