@@ -254,10 +254,22 @@ class Deliverer:
             try:
                 self._attempt(session, event)
             except Exception as exc:
-                # Only a bug here gets this far (_attempt handles the send's errors). The
-                # worker must outlive it and the event must still end somewhere: it is kept
-                # as a dead letter rather than retried, since a retry would meet the same bug.
-                self._give_up(event, f"worker error {type(exc).__name__}", log.fields())
+                # Only a bug gets this far (_attempt handles the send's errors). The worker
+                # must outlive it: it is logged and counts as a failed attempt, so the event
+                # is retried until its age runs out and then kept as a dead letter.
+                self._unexpected(event, exc)
+
+    def _unexpected(self, event: Event, exc: Exception) -> None:
+        kind = type(exc).__name__
+        logger.error(
+            "delivery worker error %s; counted as a failed attempt",
+            kind,
+            extra=log.fields(ceId=event.headers.get("ce-id"), target=event.target),
+        )
+        try:
+            self._retry(event, kind)
+        except Exception:
+            self._give_up(event, f"worker error {kind}", log.fields())
 
     def _attempt(self, session: requests.Session, event: Event) -> None:
         event.attempts += 1
