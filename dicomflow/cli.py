@@ -79,19 +79,6 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
 RECORDED = "recorded"
 
 
-def _storage_object(bucket: str, blob: Any) -> StorageObject:
-    return StorageObject(
-        bucket=bucket,
-        name=blob.name,
-        generation=str(blob.generation),
-        size=int(blob.size or 0),
-        md5_hash=blob.md5_hash,
-        crc32c=blob.crc32c,
-        content_type=blob.content_type,
-        time_created=blob.time_created,
-    )
-
-
 def recorded_keys(ctx: Context, found: list[tuple[str, str]]) -> set[str]:
     """Which of the (key, home window) pairs the pipeline has a record of.
 
@@ -128,7 +115,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     ctx = make_ctx()
     settings = ctx.settings
     listed = [
-        _storage_object(bucket, b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
+        StorageObject.from_blob(b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
     ]
     counts: Counter[str] = Counter()
     wanted: list[tuple[StorageObject, str]] = []

@@ -194,20 +194,6 @@ def landing_objects(ctx: Context) -> list[storage.Blob]:
     return found
 
 
-def storage_object(blob: storage.Blob) -> StorageObject:
-    """The event payload fields of a listed object."""
-    return StorageObject(
-        bucket=blob.bucket.name,
-        name=blob.name,
-        generation=str(blob.generation),
-        size=int(blob.size or 0),
-        md5_hash=blob.md5_hash,
-        crc32c=blob.crc32c,
-        content_type=blob.content_type,
-        time_created=blob.time_created,
-    )
-
-
 def recorded_keys(ctx: Context, since: datetime) -> set[str]:
     """Keys with a record in a window starting at ``since`` or later, or a late claim.
 
@@ -236,7 +222,7 @@ def sweep(ctx: Context, now: datetime, period: str) -> SweepResult:
     result.landing = len(listed)
     candidates = [
         o
-        for o in map(storage_object, listed)
+        for o in map(StorageObject.from_blob, listed)
         if o.time_created is not None
         and oldest < o.time_created <= newest
         and (skip_reason(settings, o) is None or needs_sniff(settings, o))
