@@ -33,6 +33,9 @@ from dicomflow.errors import TransientError
 
 TOKEN = "_token"
 DEADLINE = 60.0
+# Objects per listing call: Cloud Storage's default and most. Asked for explicitly so that
+# fake-gcs-server, which otherwise answers a listing in one page, pages as the service does.
+PAGE = 1000
 
 
 def _retry(deadline: float) -> Any:
@@ -200,6 +203,7 @@ def blobs(
                 prefix=prefix,
                 start_offset=start_offset,
                 end_offset=end_offset,
+                page_size=PAGE,
                 retry=_retry(DEADLINE),
                 timeout=DEADLINE,
             )
@@ -222,6 +226,7 @@ def folders(bucket: storage.Bucket, prefix: str, start_offset: str | None = None
             prefix=prefix,
             delimiter="/",
             start_offset=start_offset,
+            page_size=PAGE,
             retry=_retry(DEADLINE),
             timeout=DEADLINE,
         )
