@@ -55,7 +55,7 @@ from dicomflow.config import (
     STATE_PREFIX,
     Settings,
 )
-from dicomflow.errors import TransientError
+from dicomflow.errors import PermanentError, TransientError
 from dicomflow.events import StorageObject, skip_reason
 from dicomflow.runtime import Context
 from dicomflow.sniff import has_dicom_magic, needs_sniff
@@ -254,7 +254,11 @@ def _ingest(ctx: Context, obj: StorageObject, period: str) -> str:
     try:
         outcome = ingest.ingest_object(ctx, obj, f"sweep-{period}", None, via=ingest.SWEPT)
     except TransientError:
-        return "error"  # logged by ingest, without the name
+        return "error"  # logged by ingest, without the name; the pass is repeated
+    except PermanentError as exc:
+        # A repeat cannot help; the pass goes on with the other files.
+        logger.error("sweep: ingest refused a file: %s", exc, extra=log.fields())
+        return "permanent-error"
     return str(outcome["status"])
 
 
