@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint infra-check unit demo up down status bench clean
+.PHONY: setup test lint infra-check infra-validate unit demo up down status bench clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ infra-check: $(CHECKOV_STAMP)
 	env -u BC_API_KEY BC_SKIP_MAPPING=TRUE CKV_SKIP_PACKAGE_UPDATE_CHECK=true \
 	  $(CHECKOV_VENV)/bin/checkov --directory infra --framework terraform --skip-download --compact --quiet
 
+# terraform init && terraform validate for google 6.x and 7.x, offline (also run by `make test`
+# through tests/unit/test_tfvalidate.py). Its virtualenv, wheels and schemas are cached in
+# .cache/tfvalidate/, pinned by requirements-tfvalidate.txt.
+infra-validate: $(STAMP)
+	$(PY) -m tests.tfvalidate.run infra
+
 demo: $(STAMP)
 	$(PY) -m localcloud demo
 
@@ -68,4 +74,4 @@ BENCH_BURST ?= 150
 BENCH_CHAOS ?= 200
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .localcloud .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .cache/tfvalidate .localcloud .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import ingest, log, objects
+from dicomflow import cli_restore, ingest, log, objects
 from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX, load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
@@ -586,16 +586,63 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- label -----------------------------------------------------------------------------------
+
+
+def add_label(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "label",
+        parents=[common],
+        help="resolve labels from alerts or logs to their objects and UIDs",
+        description=(
+            "Alerts and logs name objects and DICOM UIDs by keyed labels "
+            "(h:<key id>:<32 hex>). This recomputes the labels of every file record in the "
+            "staging bucket with the deployment key (DICOMFLOW_KEY_SECRET or "
+            "DICOMFLOW_KEY_FILE) and prints the records that match: the gs:// URI or the "
+            "UID, with the file's key, outcome and batch. It needs read access to the "
+            "staging bucket and to the key, and reads every record, so it takes a while "
+            "on a large deployment."
+        ),
+    )
+    parser.add_argument("labels", nargs="+", metavar="LABEL", help="h:<key id>:<32 hex>")
+    parser.set_defaults(handler=cmd_label)
+
+
+def cmd_label(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """Print what each label stands for; exit 1 when one is unknown, 2 when one is malformed."""
+    from dicomflow import keys, labels
+
+    ctx = make_ctx()
+    key = keys.load(ctx.settings)
+    bad = {label: why for label in args.labels if (why := labels.check(label, key))}
+    for label, why in bad.items():
+        print(f"dicomflow label: {label}: {why}", file=sys.stderr)
+    matches = labels.resolve(ctx, [label for label in args.labels if label not in bad])
+    unknown = sorted(set(args.labels) - set(bad) - {m.label for m in matches})
+    for label in unknown:
+        print(f"dicomflow label: {label}: no file record carries it", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"matches": [m.as_dict() for m in matches], "unknown": unknown}))
+    else:
+        for m in matches:
+            print(f"{m.label}  {m.field}  {m.value}  key={m.key} {m.status} {m.batch or '-'}")
+    return 2 if bad else 1 if unknown else 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     add_backfill,
     add_export,
+    cli_restore.add_restore,
+    cli_restore.add_resolve,
+    cli_restore.add_erase,
     add_status,
     add_batches,
     add_batch,
     add_retry,
     add_alerts,
+    add_label,
 ]
 
 

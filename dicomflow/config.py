@@ -29,12 +29,20 @@ STATE_PREFIX = "state/"
 DROPPED_PREFIX = f"{STATE_PREFIX}dropped/"
 # Per-window records of files ingest could not read or copy (failed/<window>/<key>.json).
 FAILED_PREFIX = "failed/"
+# Restores and drills: the copies a restore imports from, the drill records, and the
+# erasure tombstones (which no lifecycle rule may expire).
+RESTORES_PREFIX = "restores/"
+DRILLS_PREFIX = "drills/"
+TOMBSTONES_PREFIX = "tombstones/"
 PIPELINE_PREFIXES = (
     BATCHES_PREFIX,
     QUARANTINE_PREFIX,
     MANIFESTS_PREFIX,
     STATE_PREFIX,
     FAILED_PREFIX,
+    RESTORES_PREFIX,
+    DRILLS_PREFIX,
+    TOMBSTONES_PREFIX,
 )
 
 EXPORT_MODES = ("full", "incremental")
@@ -55,6 +63,8 @@ EXPORT_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
 )
 ALERT_OBJECT_NAMES = ("hash", "plain")
+ALERT_UIDS = ("hash", "plain")
+_SECRET_VERSION = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
 
@@ -92,7 +102,13 @@ class Settings:
     backlog_seconds: int = 900
     alert_object_names: str = "hash"
     alert_sample_files: int = 10
+    alert_uids: str = "hash"
+    key_secret: str | None = None
+    key_file: str | None = None
     sniff: bool = True
+    restore_drill_days: int = 7
+    restore_drill_studies: int = 50
+    drill_store: DicomStoreName | None = None
     ignored_prefixes: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -220,6 +236,28 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("DICOMFLOW_BACKLOG_SECONDS", "900", "a sealed batch waiting longer raises 'backlog'"),
     ("DICOMFLOW_ALERT_OBJECT_NAMES", "hash", "object names in alerts: hash or plain"),
     ("DICOMFLOW_ALERT_SAMPLE_FILES", "10", "sample files listed in one alert"),
+    ("DICOMFLOW_ALERT_UIDS", "hash", "DICOM UIDs in alerts: hash (keyed labels) or plain"),
+    (
+        "DICOMFLOW_KEY_SECRET",
+        "unset",
+        "deployment key for labels, a Secret Manager version projects/P/secrets/S/versions/V",
+    ),
+    (
+        "DICOMFLOW_KEY_FILE",
+        "unset",
+        "... or a file holding it (localcloud); one of the two is required",
+    ),
+    (
+        "DICOMFLOW_RESTORE_DRILL_DAYS",
+        "7",
+        "restore the latest backup into the drill store this often (days); 0 turns drills off",
+    ),
+    (
+        "DICOMFLOW_RESTORE_DRILL_STUDIES",
+        "50",
+        "studies a drill restores, sampled at random; 0 restores the whole backup",
+    ),
+    ("DICOMFLOW_DRILL_STORE", "<store>-drill", "the drill's scratch DICOM store, emptied after"),
 )
 
 
@@ -361,6 +399,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "use e.g. %Y-%m-%d or %Y/%m/%d",
         )
 
+    drill_store = _drill_store(env.get("DICOMFLOW_DRILL_STORE", ""), store)
     ignored = [(staging, p) for p in PIPELINE_PREFIXES] + [(backup, backup_prefix + "/")]
     return Settings(
         dicom_store=store,
@@ -414,5 +453,46 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         alert_sample_files=_int(
             env, "DICOMFLOW_ALERT_SAMPLE_FILES", Settings.alert_sample_files, 1
         ),
+        alert_uids=_choice(env, "DICOMFLOW_ALERT_UIDS", Settings.alert_uids, ALERT_UIDS),
+        key_secret=_key_secret(env.get("DICOMFLOW_KEY_SECRET", "")),
+        key_file=env.get("DICOMFLOW_KEY_FILE", "").strip() or None,
+        restore_drill_days=_int(env, "DICOMFLOW_RESTORE_DRILL_DAYS", Settings.restore_drill_days),
+        restore_drill_studies=_int(
+            env, "DICOMFLOW_RESTORE_DRILL_STUDIES", Settings.restore_drill_studies
+        ),
+        drill_store=drill_store,
         ignored_prefixes=tuple(ignored),
     )
+
+
+def _key_secret(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not _SECRET_VERSION.match(value):
+        raise ConfigError(
+            "DICOMFLOW_KEY_SECRET",
+            f"{value!r} is not a secret version name",
+            "use projects/P/secrets/S/versions/latest",
+        )
+    return value
+
+
+def _drill_store(raw: str, store: DicomStoreName) -> DicomStoreName:
+    """``DICOMFLOW_DRILL_STORE``, by default ``<store>-drill`` in the store's dataset."""
+    raw = raw.strip()
+    if not raw:
+        return DicomStoreName(store.dataset, f"{store.store}-drill")
+    try:
+        drill = DicomStoreName.from_string(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            "DICOMFLOW_DRILL_STORE", str(exc), "use projects/P/locations/L/datasets/D/dicomStores/S"
+        ) from None
+    if drill == store:
+        raise ConfigError(
+            "DICOMFLOW_DRILL_STORE",
+            "names the live store",
+            "name a scratch store: a drill empties it after each run",
+        )
+    return drill

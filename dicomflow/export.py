@@ -73,6 +73,7 @@ from dicomflow.backup import (
     found_counts,
     parse_day,
     running_manifest,
+    series_counts,
     tick_time,
 )
 from dicomflow.config import STATE_PREFIX, Settings, parse_mime_type
@@ -197,9 +198,12 @@ def _poll(ctx: Any, name: str) -> dict[str, Any] | None:
 
 
 def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
-    """The export function: start the tick's export unless its date already has one."""
+    """The export function: start the tick's export unless its date already has one; then
+    start a restore drill when one is due."""
+    from dicomflow import drill  # drill builds on this module
+
     scheduled = tick_time(event)
-    return start_export(
+    result = start_export(
         ctx,
         export_day(scheduled),
         mode=ctx.settings.export_mode,
@@ -207,6 +211,9 @@ def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
         tick=scheduled,
         event_id=event["id"],
     )
+    # The restore drill of the latest complete backup, when one is due (``dicomflow.drill``).
+    result["drill"] = drill.on_export_tick(ctx, scheduled)
+    return result
 
 
 def _new_marker(
@@ -474,7 +481,8 @@ def _finish(
         names = objects.names(backups, folder)
     except gexc.NotFound:
         names = []
-    manifest = build_manifest(doc, operation, found_counts(names, folder), ctx.clock())
+    counted = found_counts(names, folder)
+    manifest = build_manifest(doc, operation, counted, ctx.clock(), series_counts(names, folder))
     manifest_uri: str | None = f"gs://{settings.backup_bucket}/{folder}{MANIFEST_NAME}"
     try:
         manifest = _put_manifest(backups, folder + MANIFEST_NAME, manifest)

@@ -98,7 +98,8 @@ def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
     event_id = cloud_event["id"]
     if kind == FINALIZED:
         obj = StorageObject.from_data(cloud_event.data)
-        return ingest_object(ctx, obj, event_id, parse_time(cloud_event.get("time")))
+        with log.naming(obj.bucket, obj.name):
+            return ingest_object(ctx, obj, event_id, parse_time(cloud_event.get("time")))
     if kind == MESSAGE_PUBLISHED:
         return tick(ctx, event_id)
     logger.info("ignored event type", extra=log.fields(eventId=event_id, eventType=kind))

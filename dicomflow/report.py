@@ -50,7 +50,18 @@ from typing import Any
 
 from cloudevents.http import CloudEvent
 
-from dicomflow import alerts, batches, export, feeds, log, manifests, objects, operations, verify
+from dicomflow import (
+    alerts,
+    batches,
+    drill,
+    export,
+    feeds,
+    log,
+    manifests,
+    objects,
+    operations,
+    verify,
+)
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import TransientError
 from dicomflow.operations import OperationView
@@ -152,6 +163,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         crashpoint("outside")
         exports = export.settle_exports(ctx, now)
         crashpoint("exports")
+        drills = drill.settle_drills(ctx, now)
         lap("operations")
         # Beside the verifications, not after them: a long one must not hold these back.
         quarantined = feeds.report(ctx, feeds.QUARANTINE, now)
@@ -170,6 +182,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         "status": "tick",
         "operations": len(listed),
         "exports": [e.get("status") for e in exports],
+        "drills": [d.get("status") for d in drills],
         "verified": verified,
         "pending": len(pending) - len(verified),
         "outside": outside,
@@ -284,7 +297,7 @@ def _file_alert_details(
                 "object": label(r.record),
                 "key": r.key,
                 "reason": r.reason,
-                "sopInstanceUid": r.record.sop,
+                "sopInstanceUid": alerts.uid_label(settings, r.record.sop),
             }
             for r in chosen[:limit]
         ],
@@ -295,17 +308,20 @@ def _file_alert_details(
     if record.get("error"):
         details["operationError"] = {
             "code": record["error"].get("code"),
-            "message": operations.redact(str(record["error"].get("message", "")), _uri_label(ctx)),
+            "message": _redact(ctx, str(record["error"].get("message", ""))),
         }
     return details
 
 
-def _uri_label(ctx: Any) -> Any:
+def _redact(ctx: Any, text: str) -> str:
+    """An operation's error message with objects and UIDs as the alert settings name them."""
+
     def label(uri: str) -> str:
         bucket, _, name = uri.removeprefix("gs://").partition("/")
         return alerts.object_label(ctx.settings, bucket, name)
 
-    return label
+    text = operations.redact(text, label)
+    return log.UID_PATTERN.sub(lambda m: str(alerts.uid_label(ctx.settings, m.group(0))), text)
 
 
 def _alert_batch(
@@ -374,7 +390,7 @@ def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
         "operationCounter": dict(op.counter),
         "operationError": {
             "code": op.error_code,
-            "message": operations.redact(op.error_message, _uri_label(ctx)),
+            "message": _redact(ctx, op.error_message),
         },
         "startedBy": "outside dicomflow",
     }

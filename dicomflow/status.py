@@ -15,6 +15,8 @@ dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sou
     operations.list                      running operations; imports and exports for the timeline
     state/alerts/*.json                  alerts published (kind, time), from their delivery markers
     state/exports/<date>.json            backups
+    drills/<date>.json                   restore drills (``dicomflow.drill``), the latest few
+    tombstones/                          erased studies (``dicomflow.tombstones``): a count
 
 File totals cover all time (invariant 1: they add up to the files ingested); each
 file counts once, a re-driven one by its retry's outcome. Everything else is limited
@@ -43,6 +45,7 @@ from google.cloud import storage
 from dicomflow import (
     alerts,
     batches,
+    drill,
     export,
     manifests,
     objects,
@@ -50,6 +53,7 @@ from dicomflow import (
     outcomes,
     redrive,
     staging,
+    tombstones,
 )
 from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX
 from dicomflow.staging import (
@@ -710,5 +714,7 @@ def gather(
         "operations": {"running": ops["running"]},
         "alerts": alert_info,
         "exports": exports_section(ctx, since),
+        "drills": drill.status_section(ctx),
+        "erasures": tombstones.count(ctx),
         "timeline": timeline(points, items, ops["inWindow"], alert_info["recent"], since, now),
     }

@@ -31,6 +31,7 @@ from google.cloud import storage
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
+from dicomflow import keys
 from localcloud.delivery import Deliverer, pubsub_dead_letters
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
@@ -52,6 +53,7 @@ ENV_NAMES = (
     "DICOMFLOW_BACKUP_BUCKET",
     "DICOMFLOW_ALERTS_TOPIC",
     "DICOMFLOW_ALERTS_SUBSCRIPTION",
+    "DICOMFLOW_KEY_FILE",
 )
 
 
@@ -141,6 +143,11 @@ class StackConfig:
     def dead_letter_path(self) -> Path:
         """Where event delivery keeps the events it gave up on (see ``localcloud.delivery``)."""
         return self.home / "dead-letter.ndjson"
+
+    @property
+    def key_path(self) -> Path:
+        """The deployment key of this home (labels in alerts and logs), made at first start."""
+        return self.home / "deployment.key"
 
     @property
     def store_name(self) -> str:
@@ -236,6 +243,7 @@ class Stack:
     def _start(self) -> None:
         cfg = self.config
         (cfg.home / "logs").mkdir(parents=True, exist_ok=True)
+        keys.write_key_file(str(cfg.key_path))
         ports = cfg.ports
 
         self._storage = start_storage(
@@ -360,7 +368,7 @@ class Stack:
         return f"projects/{self.config.project}/topics/dicomflow-dead-letters"
 
     def _create_resources(self) -> None:
-        """The dataset, DICOM store, the alerts and dead-letter topics and their
+        """The dataset, DICOM store, drill store, the alerts and dead-letter topics and their
         subscriptions, when missing."""
         cfg = self.config
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
@@ -372,6 +380,12 @@ class Stack:
                 datasets.create(parent=parent, datasetId=cfg.dataset, body={}),
                 datasets.dicomStores().create(
                     parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
+                ),
+                # The restore drill's scratch store (DICOMFLOW_DRILL_STORE's default).
+                datasets.dicomStores().create(
+                    parent=f"{parent}/datasets/{cfg.dataset}",
+                    dicomStoreId=f"{cfg.store}-drill",
+                    body={},
                 ),
                 pubsub.projects().topics().create(name=topic, body={}),
                 pubsub.projects()
@@ -451,6 +465,7 @@ class Stack:
             "DICOMFLOW_DEAD_LETTER_SUBSCRIPTION": (
                 f"projects/{cfg.project}/subscriptions/dicomflow-dead-letters-keep"
             ),
+            "DICOMFLOW_KEY_FILE": str(cfg.key_path),
         }
 
     def state(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from localcloud.corpus import sample_files
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from tests.deployment_key import KEY_FILE
 from tests.ingest_support import PATIENT_NAME, Clock, make_instance, post
 
 PARENT = "projects/local/locations/us-central1"
@@ -227,10 +228,12 @@ def make_env(
                 "DICOMFLOW_STAGING_BUCKET": staging,
                 "DICOMFLOW_BACKUP_BUCKET": backups,
                 "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+                "DICOMFLOW_KEY_FILE": KEY_FILE,
                 "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
                 "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
                 "STORAGE_EMULATOR_HOST": gcs_server.url,
                 "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
+                "DICOMFLOW_RESTORE_DRILL_DAYS": "0",  # the drill tests turn it on
                 **extra,
             }
         )
@@ -937,3 +940,35 @@ def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
     assert any("not found" in p for p in marker["problems"])
     assert env.manifest()["complete"] is False
     assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
+
+
+def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed attempt is one incident; the next failed attempt of the date is another."""
+    env = make_env()
+    env.store_instances([image(4, 4)])
+    monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
+    options: dict[str, Any] = {
+        "day": DAY,
+        "mode": "full",
+        "mime_type": env.ctx.settings.export_mime_type,
+        "poll_seconds": 0.1,
+        "wait": True,
+    }
+    env.knobs(faults="export=1.0:500")
+    try:
+        first = export.run_command(env.ctx, **options)
+        export.settle_exports(env.ctx, env.clock())  # a repeat of the same attempt
+        forced = export.run_command(env.ctx, force=True, **options)
+    finally:
+        env.knobs(faults="")
+    assert (first["status"], first["attempt"]) == (export.FAILED, 1)
+    assert (forced["status"], forced["attempt"]) == (export.FAILED, 2)
+    got = [a["body"] for a in env.alerts()]
+    assert [(a["kind"], a["details"]["attempt"]) for a in got] == [
+        ("export_failed", 1),
+        ("export_failed", 2),
+    ]
+    assert got[0]["alertId"] != got[1]["alertId"]
+    assert got[1]["subject"].endswith("/exports/2026-11-25/attempt-2")

@@ -708,7 +708,7 @@ def test_logs_never_name_the_object(env: Env, monkeypatch: pytest.MonkeyPatch) -
         "ingest failed; the event will be retried",
     }
     label = alerts.object_label(env.settings, env.landing, good.name)
-    assert label.startswith("sha256:")
+    assert label.startswith("h:")
     assert any(r.get("object") == label and r.get("key") == env.key(good) for r in records)
     staged_late = [r for r in records if r.get("key") == env.key(late)]
     assert [r.get("window") for r in staged_late] == [L1]

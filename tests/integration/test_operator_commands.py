@@ -35,6 +35,7 @@ from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
 from tests import browser
+from tests.deployment_key import KEY_FILE
 from tests.ingest_support import Clock, Uploaded, make_instance, upload
 
 PARENT = "projects/local/locations/us-central1"
@@ -137,6 +138,7 @@ def p(
             "DICOMFLOW_STAGING_BUCKET": staging,
             "DICOMFLOW_BACKUP_BUCKET": backups,
             "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+            "DICOMFLOW_KEY_FILE": KEY_FILE,
             "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
             "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
             "STORAGE_EMULATOR_HOST": gcs_server.url,
