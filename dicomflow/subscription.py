@@ -66,13 +66,37 @@ def _call(request: Any) -> dict[str, Any]:
 
 
 def count_waiting(ctx: Any, subscription: str) -> int:
-    """How many messages wait on ``subscription``; each is handed back at once.
+    """How many messages wait on ``subscription`` (any messages, not only alerts); each
+    is handed back at once, so the count consumes nothing.
 
     Raises:
         PermanentError: the subscription does not exist or is not readable.
         TransientError: Pub/Sub answered 429/5xx or could not be reached.
     """
-    return len(pull(ctx, subscription, ack=False))
+    subs = ctx.pubsub().projects().subscriptions()
+    seen: set[str] = set()
+    empty = 0
+    while empty < EMPTY_POLLS:
+        body = {"maxMessages": _PAGE, "returnImmediately": True}
+        received = (
+            _call(subs.pull(subscription=subscription, body=body)).get("receivedMessages") or []
+        )
+        if not received:
+            empty += 1
+            time.sleep(POLL_SECONDS)
+            continue
+        ids = [item["ackId"] for item in received]
+        _call(
+            subs.modifyAckDeadline(
+                subscription=subscription, body={"ackIds": ids, "ackDeadlineSeconds": 0}
+            )
+        )
+        fresh = {str((item.get("message") or {}).get("messageId")) for item in received} - seen
+        if not fresh:
+            break  # only messages counted already, handed back by this count
+        seen |= fresh
+        empty = 0
+    return len(seen)
 
 
 def pull(
