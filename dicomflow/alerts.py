@@ -31,6 +31,9 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
 - ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
   ``restore_drill_overdue`` (WARNING): no drill finished within its period
   (``dicomflow.drill``).
+- ``missed_event`` (WARNING): uploads whose finalize event never came, found and
+  ingested by the reconciliation sweep (``dicomflow.sweep``); one per sweep, with the
+  count and no names.
 
 Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
 ``alertId`` and ``schemaVersion``.
@@ -109,6 +112,7 @@ ALERT_KINDS = (
     "stale_state",
     "restore_drill_failed",
     "restore_drill_overdue",
+    "missed_event",
 )
 SEVERITIES = ("INFO", "WARNING", "ERROR", "CRITICAL")
 SAMPLES_KEY = "samples"

@@ -79,17 +79,6 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
 RECORDED = "recorded"
 
 
-def _storage_object(bucket: str, blob: Any) -> StorageObject:
-    return StorageObject(
-        bucket=bucket,
-        name=blob.name,
-        generation=str(blob.generation),
-        size=int(blob.size or 0),
-        md5_hash=blob.md5_hash,
-        crc32c=blob.crc32c,
-        content_type=blob.content_type,
-        time_created=blob.time_created,
-    )
 
 
 def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
@@ -113,7 +102,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         )
         return 2
     listed = [
-        _storage_object(bucket, b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
+        StorageObject.from_blob(b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
     ]
     counts: Counter[str] = Counter()
     wanted: list[tuple[StorageObject, str]] = []
@@ -331,8 +320,20 @@ def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "--html FILE also writes a self-contained page with a timeline."
         ),
     )
+    import os
+
     _window_args(parser)
     parser.add_argument("--html", metavar="FILE", help="write the status page (HTML) to FILE")
+    # The CLI's own setting (the functions never read it), hence read here.
+    parser.add_argument(
+        "--dead-letters",
+        metavar="SUBSCRIPTION",
+        default=os.environ.get("DICOMFLOW_DEAD_LETTER_SUBSCRIPTION"),
+        help=(
+            "subscription on the ingest trigger's dead-letter topic, whose waiting events "
+            "are counted (default: DICOMFLOW_DEAD_LETTER_SUBSCRIPTION)"
+        ),
+    )
     parser.set_defaults(handler=cmd_status)
 
 
@@ -340,13 +341,20 @@ def cmd_status(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     """Gather the status dict once; print it as tables or JSON, and optionally as a page."""
     from pathlib import Path
 
-    from dicomflow import status, status_page, tables
+    from dicomflow import status, status_page, subscription, tables
 
     ctx = make_ctx()
     now, since = _window(ctx, args)
     try:
         with _Bar() as bar:
             result = status.gather(ctx, now, since, progress=bar)
+        result["deadLetters"] = None
+        if args.dead_letters:
+            path = subscription.subscription_path(
+                args.dead_letters, ctx.settings.alerts_topic.project
+            )
+            waiting = subscription.count_waiting(ctx, path)
+            result["deadLetters"] = {"subscription": path, "count": waiting}
     finally:
         ctx.close_clients()
     if args.html:

@@ -33,6 +33,13 @@ it then; a copy may take half the grace (``copy_deadline``), chosen just before 
 The seal of a window drops a late copy whose home window listed the key, or whose
 claim names another window, so each generation keeps one record (``dicomflow.batches``).
 
+Swept files (``dicomflow.sweep``: uploads older than the maximum event age that have no
+record) come with ``via="sweep"`` and no event time. Any event of theirs still to come
+is too old, and a too-old event meets ``state/late/<key>`` first, so every record of a
+swept file goes under that claim: a good file takes the very-late path above; a bad
+one claims the current window and is quarantined there, where the report still alerts
+it; one gone since the listing is dropped like a too-old event.
+
 Errors. Object names can carry patient names, so logs and raised errors name the
 object by ``alerts.object_label`` (a hash by default) and its key, never by URI.
 A permanent answer to the header read or the copy (4xx other than 404, 408, 412 and
@@ -100,6 +107,8 @@ FAILED = "failed"
 PERMISSION_DENIED = "permission-denied"
 SOURCE_UNREADABLE = "source-unreadable"
 FOREIGN_BUCKET = "foreign-bucket"
+# The ``via`` of a file the reconciliation sweep found without a record.
+SWEPT = "sweep"
 
 
 def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
@@ -134,10 +143,16 @@ def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
 
 def run_tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
     """One tick, without the per-instance lock (two instances tick at once like this)."""
+    from dicomflow import sweep
+
     now = ctx.clock()
     sealed = batches.seal_due(ctx, now)
     queue = batches.run_imports(ctx, now)
     result = {"status": "tick", "sealed": sealed, **queue.summary()}
+    # The daily pass (the reconciliation sweep, landing retention) rides on this tick.
+    swept = sweep.run_due(ctx, now)
+    if swept is not None:
+        result["daily"] = swept
     logger.info("tick", extra=log.fields(eventId=event_id, sealed=len(sealed), **queue.counts()))
     return result
 
@@ -148,9 +163,16 @@ def copy_deadline(settings: Settings) -> float:
 
 
 def ingest_object(
-    ctx: Context, obj: StorageObject, event_id: str, event_time: datetime | None
+    ctx: Context,
+    obj: StorageObject,
+    event_id: str,
+    event_time: datetime | None,
+    via: str | None = None,
 ) -> dict[str, Any]:
-    """Take one object generation through filter, check and staging (or quarantine)."""
+    """Take one object generation through filter, check and staging (or quarantine).
+
+    ``via`` is ``SWEPT`` for a file the sweep found (see the module docstring).
+    """
     settings = ctx.settings
     label = alerts.object_label(settings, obj.bucket, obj.name)
     key = file_key(obj.bucket, obj.name, obj.generation)
@@ -165,7 +187,7 @@ def ingest_object(
         )
         return {"status": "skipped", "reason": skipped}
     try:
-        result = _ingest(ctx, obj, key, event_id, event_time)
+        result = _ingest(ctx, obj, key, event_id, event_time, via)
     except PermanentError:
         raise
     except Exception as exc:
@@ -221,7 +243,9 @@ def redacted(exc: BaseException) -> dict[str, Any]:
     return {"error": text, "errorType": type(exc).__name__, "httpStatus": status, "where": where}
 
 
-def record_of(ctx: Context, obj: StorageObject, event_id: str, created: datetime) -> FileRecord:
+def record_of(
+    ctx: Context, obj: StorageObject, event_id: str, created: datetime, via: str | None = None
+) -> FileRecord:
     key = file_key(obj.bucket, obj.name, obj.generation)
     home = window_id(created, ctx.settings.batch_window_seconds)
     return FileRecord(
@@ -235,18 +259,24 @@ def record_of(ctx: Context, obj: StorageObject, event_id: str, created: datetime
         event=event_id,
         md5=obj.md5_hash,
         crc32c=obj.crc32c,
+        via=via,
     )
 
 
 def _ingest(
-    ctx: Context, obj: StorageObject, key: str, event_id: str, event_time: datetime | None
+    ctx: Context,
+    obj: StorageObject,
+    key: str,
+    event_id: str,
+    event_time: datetime | None,
+    via: str | None,
 ) -> dict[str, Any]:
     settings = ctx.settings
     now = ctx.clock()
     created = obj.time_created or event_time
     if created is None:
         raise PermanentError("the event has neither timeCreated nor a time")
-    record = record_of(ctx, obj, event_id, created)
+    record = record_of(ctx, obj, event_id, created, via)
     foreign = obj.bucket != settings.landing_bucket
     if is_too_old(event_time, now, settings.max_event_age_seconds):
         return _drop_late(ctx, record, FOREIGN_BUCKET if foreign else "event-too-old", now)
@@ -256,10 +286,14 @@ def _ingest(
     try:
         uids = header.check(range_reader(source), obj.size)
     except header.Rejected as rejected:
-        target = quarantine_name(record.home, key)
-        bad = _with(record, reason=str(rejected))
-        return _copied(ctx, source, target, bad, QUARANTINED, bad.reason)
+        window = record.home if via != SWEPT else _swept_window(ctx, key, now)
+        if window is None:
+            return {"status": QUARANTINED, "reason": "recorded-earlier", "repeat": True}
+        bad = _with(record, reason=str(rejected), window=window)
+        return _copied(ctx, source, quarantine_name(window, key), bad, QUARANTINED, bad.reason)
     except gexc.NotFound:
+        if via == SWEPT:
+            return _drop_late(ctx, record, "source-missing", now)
         return _drop(ctx, record, record.home, "source-missing", now)
     except gexc.ClientError as exc:
         if not retry.is_permanent(exc):
@@ -286,7 +320,8 @@ def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime)
         return _copied(ctx, source, staged_name(record.home, record.key), record, STAGED)
     # A re-drive (``dicomflow retry``, a new key) always claims: the operator's settings
     # need not be the functions', so it must not rely on computing their late window.
-    if record.via != REDRIVE:
+    # So does a swept file: a too-old event of it meets that claim.
+    if record.via not in (REDRIVE, SWEPT):
         late = late_home(record, settings)
         if landed_by < seal_time(late, settings):
             with_late = _with(record, window=late, via=record.via or "late")
@@ -345,6 +380,19 @@ def late_window(ctx: Context, key: str, window: str, now: datetime) -> str | Non
         if objects.swap(staging_bucket, name, moved, generation) is not None:
             return window
     raise TransientError(f"late claim of {key} keeps changing")
+
+
+def _swept_window(ctx: Context, key: str, now: datetime) -> str | None:
+    """Claim ``state/late/<key>`` for the quarantine copy of a swept file: the window to
+    copy into (the current one, or the one an interrupted sweep claimed), or None when
+    another record of the file holds the claim."""
+    window = window_id(now, ctx.settings.batch_window_seconds)
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    name = late_name(key)
+    if objects.create(bucket, name, {"window": window, "swept": True, "at": iso(now)}):
+        return window
+    found = objects.read_json(bucket, name) or {}
+    return str(found["window"]) if found.get("swept") else None
 
 
 def _with(record: FileRecord, **changes: Any) -> FileRecord:

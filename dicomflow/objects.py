@@ -33,6 +33,9 @@ from dicomflow.errors import TransientError
 
 TOKEN = "_token"
 DEADLINE = 60.0
+# Objects per listing call: Cloud Storage's default and most. Asked for explicitly so that
+# fake-gcs-server, which otherwise answers a listing in one page, pages as the service does.
+PAGE = 1000
 
 
 def _retry(deadline: float) -> Any:
@@ -176,14 +179,19 @@ def create_text(bucket: storage.Bucket, name: str, text: str, content_type: str)
     return True
 
 
-def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> None:
-    """Delete ``name`` (only ``generation`` when given); absent or moved on is fine."""
+def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> bool:
+    """Delete ``name`` (only ``generation`` when given); absent or moved on is fine.
+
+    True when this call deleted it (a retry after a lost answer reads as absent: False).
+    """
     blob = bucket.blob(name)
     with contextlib.suppress(gexc.NotFound, gexc.PreconditionFailed):
         try:
             blob.delete(if_generation_match=generation, retry=_retry(DEADLINE), timeout=DEADLINE)
         except (gexc.TooManyRequests, gexc.ServerError) as exc:
             raise _transient(exc) from exc
+        return True
+    return False
 
 
 def exists(bucket: storage.Bucket, name: str) -> bool:
@@ -208,6 +216,7 @@ def blobs(
                 prefix=prefix,
                 start_offset=start_offset,
                 end_offset=end_offset,
+                page_size=PAGE,
                 retry=_retry(DEADLINE),
                 timeout=DEADLINE,
             )
@@ -230,6 +239,7 @@ def folders(bucket: storage.Bucket, prefix: str, start_offset: str | None = None
             prefix=prefix,
             delimiter="/",
             start_offset=start_offset,
+            page_size=PAGE,
             retry=_retry(DEADLINE),
             timeout=DEADLINE,
         )

@@ -778,22 +778,25 @@ def test_nasty_files_under_nasty_names_end_in_their_outcome(env: Env) -> None:
         # name: (bytes, (outcome, reason code), or ("skipped", skip reason))
         "in/NASTY*?[a-z]\\x.dcm": (bytes(range(256)) * 12, (outcomes.QUARANTINED, "not-dicom")),
         "../NASTY up.dcm": (preamble + b"\xff" * 64, (outcomes.QUARANTINED, "no-file-meta")),
-        "in/../../NASTY\nline.dcm": (good[:300], (outcomes.QUARANTINED, "truncated")),
-        "in/**/NASTY\r.dcm": (good[:-1], (outcomes.QUARANTINED, "truncated")),
+        "in/../../NASTY\tline.dcm": (good[:300], (outcomes.QUARANTINED, "truncated")),
+        "in/**/NASTY\x7f\x1b.dcm": (good[:-1], (outcomes.QUARANTINED, "truncated")),
         "in/NASTY Müller Ωmega 患者\u2028.DCM": (good, (outcomes.STAGED, None)),
         "in/%2e%2e/NASTY.dcm": (b"", ("skipped", "empty")),
         # No glob matches, but the sniff finds DICM at byte 128 (DICOMFLOW_SNIFF, on).
-        "in/NASTY.dcm\n": (good, (outcomes.STAGED, None)),
+        "in/NASTY.dcm\u0085": (good, (outcomes.STAGED, None)),
         "in/NASTY.txt": (b"plain text, no DICOM preamble" * 10, ("skipped", "pattern")),
     }
     client = env.app.test_client()
 
     def deliver(data: dict[str, Any]) -> int:
-        # The name only in the payload: HTTP headers cannot carry a newline (nor can a real
-        # object name; fake-gcs-server accepts one all the same).
+        # The name only in the payload, as the payload is what ingest reads.
         attributes = finalize_event(Uploaded(env.landing, "x", 1, 9, "", None), env.clock())
         return post(client, CloudEvent(attributes.get_attributes(), data))
 
+    # Cloud Storage refuses names with CR or LF (and so does localcloud's storage front).
+    for refused in ("in/NASTY\nline.dcm", "in/NASTY\r.dcm"):
+        with pytest.raises(api_exceptions.BadRequest):
+            env.upload(refused, good)
     for name, (content, _) in corpus.items():
         obj = env.upload(name, content)
         assert deliver(dict(finalize_event(obj, env.clock()).get_data() or {})) == 200
