@@ -197,10 +197,12 @@ def _is_phi_key(key: str) -> bool:
     return False
 
 
-def alert_id(kind: str, subject: str) -> str:
-    """The deterministic id of the alert for ``subject``: 32 hex digits of SHA-256."""
-    digest = hashlib.sha256(f"dicomflow-alert\n{kind}\n{subject}".encode()).hexdigest()
-    return digest[:32]
+def alert_id(kind: str, subject: str, store: str) -> str:
+    """The deterministic id of the alert for ``subject``: 32 hex digits of SHA-256 over the
+    kind, the subject and the DICOM store, so that two deployments whose windows and batches
+    have the same names never share an id."""
+    digest = hashlib.sha256(f"dicomflow-alert\n{kind}\n{subject}\n{store}".encode())
+    return digest.hexdigest()[:32]
 
 
 def object_label(settings: Settings, bucket: str, name: str) -> str:
@@ -334,7 +336,7 @@ def build_alert(
     if max_samples is not None and isinstance(listed, list) and len(listed) > max_samples:
         checked[SAMPLES_KEY] = listed[:max_samples]
         checked.setdefault("sampleTotal", len(listed))
-    return Alert(alert_id(kind, subject), kind, severity, store, subject, now, checked)
+    return Alert(alert_id(kind, subject, store), kind, severity, store, subject, now, checked)
 
 
 def marker_name(alert_id_: str) -> str:

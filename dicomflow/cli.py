@@ -79,8 +79,6 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
 RECORDED = "recorded"
 
 
-
-
 def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     """List the objects, ingest those without a record with a progress bar, print the totals."""
     from rich.progress import Progress
