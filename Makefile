@@ -69,6 +69,7 @@ status: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/emulator_import.py
 	$(PY) bench/export.py
+	$(PY) bench/sweep.py
 	$(PY) bench/ingest_burst.py --instances $(BENCH_BURST) --baseline-timeout 300
 	$(PY) bench/chaos.py --files $(BENCH_CHAOS)
 

@@ -15,13 +15,25 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
 - ``quarantined`` (WARNING): files that failed the header check, one per window.
 - ``dropped`` (WARNING): files ingest gave up on without importing them (reason
   ``event-too-old``: the event came later than ``DICOMFLOW_MAX_EVENT_AGE_SECONDS``;
-  ``source-missing``: the object was gone), one per window, from ingest's drop
+  ``source-missing``: the object was gone; ``foreign-bucket``: the event named another
+  bucket), one per window, from ingest's drop
   records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
+- ``permission_denied`` (ERROR): files ingest could not read or copy for want of
+  permission (401, 403); ``unreadable`` (ERROR): files whose read or copy met another
+  permanent answer (400, 416 ...). One per kind and window, from the failure records
+  ``failed/<window>/<key>.json``.
+- ``verification_stuck`` (ERROR): a finished import whose verification kept failing
+  for ``DICOMFLOW_VERIFY_STUCK_MINUTES``, once per batch.
+- ``stale_state`` (WARNING): an unsealed window, an open batch or an open export older
+  than ``DICOMFLOW_STALE_STATE_MINUTES``, once per episode of each (``dicomflow.stale``).
 - ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
   outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
 - ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
   ``restore_drill_overdue`` (WARNING): no drill finished within its period
   (``dicomflow.drill``).
+- ``missed_event`` (WARNING): uploads whose finalize event never came, found and
+  ingested by the reconciliation sweep (``dicomflow.sweep``); one per sweep, with the
+  count and no names.
 
 Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
 ``alertId`` and ``schemaVersion``.
@@ -94,8 +106,13 @@ ALERT_KINDS = (
     "operation_failed",
     "stalled",
     "backlog",
+    "permission_denied",
+    "unreadable",
+    "verification_stuck",
+    "stale_state",
     "restore_drill_failed",
     "restore_drill_overdue",
+    "missed_event",
 )
 SEVERITIES = ("INFO", "WARNING", "ERROR", "CRITICAL")
 SAMPLES_KEY = "samples"
@@ -180,10 +197,12 @@ def _is_phi_key(key: str) -> bool:
     return False
 
 
-def alert_id(kind: str, subject: str) -> str:
-    """The deterministic id of the alert for ``subject``: 32 hex digits of SHA-256."""
-    digest = hashlib.sha256(f"dicomflow-alert\n{kind}\n{subject}".encode()).hexdigest()
-    return digest[:32]
+def alert_id(kind: str, subject: str, store: str) -> str:
+    """The deterministic id of the alert for ``subject``: 32 hex digits of SHA-256 over the
+    kind, the subject and the DICOM store, so that two deployments whose windows and batches
+    have the same names never share an id."""
+    digest = hashlib.sha256(f"dicomflow-alert\n{kind}\n{subject}\n{store}".encode())
+    return digest.hexdigest()[:32]
 
 
 def object_label(settings: Settings, bucket: str, name: str) -> str:
@@ -317,7 +336,7 @@ def build_alert(
     if max_samples is not None and isinstance(listed, list) and len(listed) > max_samples:
         checked[SAMPLES_KEY] = listed[:max_samples]
         checked.setdefault("sampleTotal", len(listed))
-    return Alert(alert_id(kind, subject), kind, severity, store, subject, now, checked)
+    return Alert(alert_id(kind, subject, store), kind, severity, store, subject, now, checked)
 
 
 def marker_name(alert_id_: str) -> str:

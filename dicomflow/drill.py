@@ -273,7 +273,7 @@ def _describe(exc: BaseException) -> str:
     status only (a DICOMweb error's text holds the request's URL, and so UIDs)."""
     if isinstance(exc, DicomflowError):
         return str(exc)
-    status = verify._http_status(exc)
+    status = verify.http_status(exc)
     return type(exc).__name__ + (f" (HTTP {status})" if status else "")
 
 

@@ -127,7 +127,8 @@ def _day_of(name: str, prefix: str) -> date | None:
         return None
 
 
-def _is_final(doc: Mapping[str, Any]) -> bool:
+def is_final(doc: Mapping[str, Any]) -> bool:
+    """True when the marker's export is over (complete, empty, or failed and finished)."""
     state = doc.get("state")
     return state in (EMPTY, COMPLETE) or (state == FAILED and "finishedAt" in doc)
 
@@ -475,7 +476,7 @@ def settle_exports(
     listed = days is None
     for day in open_days(ctx) if days is None else list(days):
         found = read_marker(ctx, day)
-        if found is None or _is_final(found[0]):
+        if found is None or is_final(found[0]):
             if listed:
                 _close(ctx, day, int(found[0].get("attempt") or 0) if found else 0, now)
             continue
@@ -645,7 +646,7 @@ def run_command(
             return result
         doc = found[0]
         state = doc.get("state")
-        if _is_final(doc):
+        if is_final(doc):
             return {**_summary(doc, str(state)), "problems": doc.get("problems", [])}
         if state == RUNNING:
             operation = _poll(ctx, doc["operation"]) or {"done": True}

@@ -194,7 +194,7 @@ def _delete_stored(ctx: Any, sop: str | None, checksum: str | None) -> str:
             lambda: client.delete_instance(where[0], where[1], sop), predicate=verify.transient
         )
     except requests.HTTPError as exc:
-        status = verify._http_status(exc)
+        status = verify.http_status(exc)
         if status == 404:
             return "absent"
         raise PermanentError(f"Healthcare API {status} deleting the stored instance") from exc

@@ -35,6 +35,10 @@ ALERT_COLORS = {
     "operation_failed": "#c0392b",
     "stalled": "#8e6c3a",
     "backlog": "#6c7a89",
+    "permission_denied": "#d64541",
+    "unreadable": "#b03060",
+    "verification_stuck": "#c0392b",
+    "stale_state": "#6c7a89",
 }
 _STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200)
 _FAVICON = (

@@ -97,6 +97,14 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
         alert_table.add_row(kind, str(n), latest.get(kind, "-"))
     out.append(alert_table)
 
+    dead = status.get("deadLetters")
+    if dead is None:
+        out.append(Text("Dead letters: not counted (set DICOMFLOW_DEAD_LETTER_SUBSCRIPTION)"))
+    else:
+        count, where = dead["count"], dead["subscription"]
+        line = f"Dead letters: {count} event(s) delivery gave up on ({where})"
+        out.append(Text(line, style="bold red" if count else ""))
+
     if status["exports"]:
         backups = Table(title="Backups", title_justify="left")
         for column in ("date", "state", "attempt", "destination"):

@@ -49,6 +49,8 @@ locals {
     DICOMFLOW_RESTORE_DRILL_STUDIES     = tostring(var.restore_drill_studies)
     # Empty when the drill is off: there is no scratch store then.
     DICOMFLOW_DRILL_STORE = local.drill_on ? local.drill_store_name : ""
+    # The sweep looks only at uploads whose staging copies the lifecycle rule still keeps.
+    DICOMFLOW_STAGING_COPY_RETENTION_DAYS = tostring(var.staging_copy_retention_days)
   }
   function_env = merge(var.settings, local.function_env_fixed)
 

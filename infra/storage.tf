@@ -8,8 +8,11 @@ locals {
   # The functions drop events older than this; a claim must outlive it (see the staging bucket).
   # The default is DICOMFLOW_MAX_EVENT_AGE_SECONDS's in dicomflow/config.py SETTINGS_DOC.
   max_event_age_seconds = tonumber(lookup(var.settings, "DICOMFLOW_MAX_EVENT_AGE_SECONDS", "90000"))
-  backup_retention_on   = var.backup_retention_policy_days > 0
-  kms_keys              = var.kms_key_name == null ? [] : [var.kms_key_name]
+  # What the sweep and landing retention need (dicomflow/config.py _check_housekeeping): an upload must be
+  # older than the event age and the seal grace, and still recorded, for one whole sweep period.
+  sweep_needs_seconds = local.max_event_age_seconds + var.ingest_timeout_seconds + 10 + var.sweep_hours * 3600
+  backup_retention_on = var.backup_retention_policy_days > 0
+  kms_keys            = var.kms_key_name == null ? [] : [var.kms_key_name]
 }
 
 resource "google_storage_bucket" "landing" {
@@ -132,6 +135,14 @@ resource "google_storage_bucket" "staging" {
     precondition {
       condition     = var.staging_copy_retention_days * 86400 > local.max_event_age_seconds
       error_message = "staging_copy_retention_days must be longer than DICOMFLOW_MAX_EVENT_AGE_SECONDS: an expired claim lets a redelivered event import its file again."
+    }
+    precondition {
+      condition     = var.sweep_hours == 0 || (var.staging_copy_retention_days - 1) * 86400 > local.sweep_needs_seconds
+      error_message = "staging_copy_retention_days leaves the sweep no whole sweep_hours period between the maximum event age and the copies' expiry (less a day): raise it, or shorten sweep_hours."
+    }
+    precondition {
+      condition     = var.landing_delete_after_days == 0 || var.landing_delete_after_days * 86400 >= local.sweep_needs_seconds
+      error_message = "landing_delete_after_days is sooner than a late event or the sweep may need the upload: at least the maximum event age, the seal grace and one sweep period, or 0."
     }
   }
 }

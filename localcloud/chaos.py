@@ -85,7 +85,7 @@ from dicomflow.staging import (
     staged_name,
     summary_name,
 )
-from dicomflow.verify import CONFLICT, SUCCESS, pmap
+from dicomflow.verify import CONFLICT, FAILED, SUCCESS, pmap
 from localcloud import leaks
 from localcloud.corpus import generate_studies
 from localcloud.delivery import STORAGE_FINALIZED, Deliverer, Event
@@ -427,6 +427,10 @@ class OutcomeReader:
             record = FileRecord.from_blob(blob, window)
             if record is not None and record.key not in found:
                 found[record.key] = Outcome(record.key, outcomes.STAGED, None, None, window, record)
+        # A file ingest could not read or copy (none is expected here: a failure to explain).
+        for window, record in outcomes.failure_records(self._bucket):
+            if record.key not in found:
+                found[record.key] = Outcome(record.key, FAILED, record.reason, None, window, record)
         return found
 
 

@@ -1,8 +1,9 @@
 """``make demo``: the whole pipeline on real sample data, on a fresh local cloud.
 
 Stages, each timed: start the local cloud; upload pydicom's sample files, the
-``pydicom-data`` files and a few generated multi-series studies (every file
-named ``*.dcm``, so the broken ones are checked and quarantined, not skipped);
+``pydicom-data`` files and a few generated multi-series studies (the sample
+files named ``*.dcm``, so the broken ones are checked and quarantined, not
+skipped; some generated ones under awkward names, two without an extension);
 wait until every upload has a final outcome (``dicomflow.outcomes``: ingest batches
 and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
@@ -71,14 +72,35 @@ class Stages:
         return result
 
 
+# Names imaging folders and users really produce, each on a generated (valid) instance:
+# Latin-1, CJK and emoji, spaces, and the characters a URL, a header or a percent-decoder
+# could get wrong. The last two have no extension, as modalities write them (the sniff
+# finds DICM at byte 128).
+AWKWARD_NAMES = (
+    "demo/names/ünïcødé 名前.dcm",
+    "demo/names/café résumé ÿ.dcm",
+    "demo/names/患者/画像 001.dcm",
+    "demo/names/🩻 scan 😀.dcm",
+    "demo/names/a b  c .dcm",
+    "demo/names/#1#.dcm",
+    "demo/names/what?now=1&x=2.dcm",
+    "demo/names/100% %41%2F%zz.dcm",
+    "demo/names/a+b+c.dcm",
+    "demo/names/mixed é 名 😀 # ? % +.dcm",
+    "demo/modality/IM000001",
+    "demo/modality/IM000002",
+)
+
+
 def _corpus() -> list[tuple[str, bytes]]:
     files = [(f"demo/samples/{p.parent.name}/{p.stem}.dcm", p.read_bytes()) for p in sample_files()]
     generated = [
         (f"demo/generated/{g.study_uid[-8:]}/{g.series_uid[-8:]}/{g.sop_uid[-8:]}.dcm", g.data)
         for g in generate_studies(3, 2, 5, patient_name="DEMO^GENERATED", patient_id="GEN-0001")
     ]
+    awkward = [(name, data) for name, (_, data) in zip(AWKWARD_NAMES, generated, strict=False)]
     # Names are unique per upload; records are keyed by (bucket, name, generation).
-    return sorted(dict(files + generated).items())
+    return sorted(dict(files + awkward + generated[len(awkward) :]).items())
 
 
 def _upload(stack: Stack, gcs: storage.Client, corpus: list[tuple[str, bytes]]) -> None:

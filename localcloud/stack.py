@@ -32,7 +32,7 @@ from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
 from dicomflow import keys
-from localcloud.delivery import Deliverer
+from localcloud.delivery import Deliverer, pubsub_dead_letters
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
 from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
@@ -327,7 +327,10 @@ class Stack:
         for function in FUNCTIONS:
             self._wait(function, self.urls[function])
 
-        self.deliverer = Deliverer(dead_letter=cfg.dead_letter_path)
+        self.deliverer = Deliverer(
+            dead_letter=cfg.dead_letter_path,
+            on_dead_letter=pubsub_dead_letters(self.urls["pubsub"], self.dead_letter_topic),
+        )
         self._watch_client = self._storage.client()
         self.watcher = BucketWatcher(
             self._watch_client,
@@ -363,11 +366,18 @@ class Stack:
         except LocalCloudError as exc:
             raise LocalCloudError(f"{exc}: {_reason(log_file)}") from None
 
+    @property
+    def dead_letter_topic(self) -> str:
+        """Where event delivery publishes the events it gave up on."""
+        return f"projects/{self.config.project}/topics/dicomflow-dead-letters"
+
     def _create_resources(self) -> None:
-        """The dataset, DICOM store, drill store, alerts topic and subscription, when missing."""
+        """The dataset, DICOM store, drill store, the alerts and dead-letter topics and their
+        subscriptions, when missing."""
         cfg = self.config
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
         topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
+        env = self.env()
         with self.api("healthcare") as healthcare, self.api("pubsub") as pubsub:
             datasets = healthcare.projects().locations().datasets()
             for call in (
@@ -385,8 +395,15 @@ class Stack:
                 pubsub.projects()
                 .subscriptions()
                 .create(
-                    name=self.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"],
+                    name=env["DICOMFLOW_ALERTS_SUBSCRIPTION"],
                     body={"topic": topic, "ackDeadlineSeconds": 30},
+                ),
+                pubsub.projects().topics().create(name=self.dead_letter_topic, body={}),
+                pubsub.projects()
+                .subscriptions()
+                .create(
+                    name=env["DICOMFLOW_DEAD_LETTER_SUBSCRIPTION"],
+                    body={"topic": self.dead_letter_topic, "ackDeadlineSeconds": 30},
                 ),
             ):
                 try:
@@ -448,6 +465,9 @@ class Stack:
             "DICOMFLOW_ALERTS_TOPIC": f"projects/{cfg.project}/topics/{cfg.alerts_topic}",
             "DICOMFLOW_ALERTS_SUBSCRIPTION": (
                 f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail"
+            ),
+            "DICOMFLOW_DEAD_LETTER_SUBSCRIPTION": (
+                f"projects/{cfg.project}/subscriptions/dicomflow-dead-letters-keep"
             ),
             "DICOMFLOW_KEY_FILE": str(cfg.key_path),
         }

@@ -35,6 +35,10 @@ bucket's resource. An upload, rewrite, copy or compose over a live object, or a
 delete of one, younger than the period answers 403 ``retentionPolicyNotMet`` as
 Cloud Storage does; a metadata change is allowed, as there.
 
+Object names holding a carriage return or a line feed are refused (400, as Cloud
+Storage words it) on every request that creates an object; fake-gcs-server would
+store them.
+
 fake-gcs-server leaves an object's metageneration at 1 when its metadata
 changes, so the front counts metadata changes itself, per object generation,
 and writes that count into every object resource it returns. The count lives
@@ -131,6 +135,25 @@ def retention_not_met(bucket: str, name: str, until: datetime) -> Reply:
 
 def _rfc3339(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# Cloud Storage refuses object names holding a carriage return or a line feed, in these
+# words (JSON API, 400, reason "invalid"); fake-gcs-server stores them.
+_FORBIDDEN_NAME = "Disallowed unicode characters present in object name"
+
+
+def forbidden_name(name: str) -> bool:
+    """True for an object name Cloud Storage refuses to create (CR or LF in it)."""
+    return "\r" in name or "\n" in name
+
+
+def invalid_name() -> Reply:
+    """400 as Cloud Storage answers a write of a forbidden name."""
+    return google_error(
+        400,
+        _FORBIDDEN_NAME,
+        [{"message": _FORBIDDEN_NAME, "domain": "global", "reason": "invalid"}],
+    )
 
 
 def _conditions(request: Request, names: dict[str, str]) -> dict[str, int]:
@@ -273,6 +296,8 @@ class StorageFront(LoopbackProxy):
 
     def handle(self, request: Request, upstream: Upstream) -> Reply:
         operation = self._parse(request)
+        if operation is not None and operation.creates and forbidden_name(operation.target[1]):
+            return invalid_name()
         if operation is None:
             reply = super().handle(request, upstream)
             if 200 <= reply.status < 300:

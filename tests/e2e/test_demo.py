@@ -18,6 +18,7 @@ from googleapiclient.discovery import build
 from dicomflow import alerts, feeds, manifests, outcomes
 from dicomflow.staging import failure_name, file_key, quarantine_name
 from localcloud import leaks
+from localcloud.demo import AWKWARD_NAMES
 from tests.e2e.conftest import DemoRun
 
 # The session fixture runs the whole demo flow; on a loaded machine that takes minutes.
@@ -89,6 +90,12 @@ def test_the_summary_accounts_for_every_uploaded_file(demo_run: DemoRun) -> None
     assert reasons == Counter(summary["quarantineReasons"])
     copies = {b.name for b in gcs.list_blobs(config.staging_bucket, prefix="quarantine/")}
     assert all(quarantine_name(str(o.window), o.key) in copies for o in quarantined)
+
+    # Every awkward name (Unicode, spaces, #, ?, %, +, no extension) reached the store.
+    by_name = {o.record.name: o.status for o in found.values() if o.record is not None}
+    assert {name: by_name.get(name) for name in AWKWARD_NAMES} == dict.fromkeys(
+        AWKWARD_NAMES, "imported"
+    )
 
     # The store holds exactly the instances of the files marked imported.
     stored = _store_sops(demo_run)

@@ -247,7 +247,9 @@ def _tail_test(ctx: runtime.Context, capsys: pytest.CaptureFixture[str]) -> None
         followed = tail("--follow", "--timeout", "8")
     finally:
         timer.join()
-    assert alerts.alert_id("backlog", f"test/{name}/2") in [a["alertId"] for a in followed]
+    assert alerts.alert_id("backlog", f"test/{name}/2", str(ctx.settings.dicom_store)) in [
+        a["alertId"] for a in followed
+    ]
 
     assert cli.main(["alerts", "tail", "--subscription", "no-such-sub"], make_ctx=lambda: ctx) == 1
     assert "no-such-sub" in capsys.readouterr().err

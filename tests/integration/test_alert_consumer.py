@@ -120,16 +120,16 @@ def test_an_unknown_kind_is_forwarded_under_its_raw_name(
     c = consumer([200])
     alert = {
         **alert_contract.runbook_example("backlog"),
-        "kind": "restore_drill_failed",
-        "subject": "drill/2026-11-25",
+        "kind": "replica_lag_high",
+        "subject": "replica/2026-11-25",
         "details": {"studies": 50, "mismatched": {"count": 2}},
     }
     assert alert["kind"] not in alerts.ALERT_KINDS
     assert c.push(alert) == 204
     (text,) = c.forwarded()
-    assert "`restore_drill_failed` drill/2026-11-25" in text
+    assert "`replica_lag_high` replica/2026-11-25" in text
     assert "newer than this consumer's schema" in text
-    assert "#restore_drill_failed" in text and "studies: 50" in text
+    assert "#replica_lag_high" in text and "studies: 50" in text
     (line,) = log_lines(capsys.readouterr().out)
     assert (line["message"], line["known"]) == ("alert forwarded", False)
 
@@ -155,7 +155,10 @@ def bad_key(alert: dict[str, Any]) -> None:
         (lambda: "not base64!", "data is not base64-encoded JSON"),
         (lambda: b64([1, 2]), "$ fails type"),
         (lambda: changed(lambda a: a.pop("alertId")), "$: 'alertId' is a required property"),
-        (lambda: changed(lambda a: a.update(schemaVersion=2)), "$.schemaVersion fails const 1"),
+        (
+            lambda: changed(lambda a: a.update(schemaVersion=alerts.SCHEMA_VERSION + 1)),
+            f"$.schemaVersion fails const {alerts.SCHEMA_VERSION}",
+        ),
         (lambda: changed(lambda a: a.update(kind=7)), "$.kind fails enum"),
         (lambda: changed(bad_key), "$.details.sampleFiles[0].key fails pattern"),
     ],

@@ -52,9 +52,11 @@ from dicomflow import (
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from localcloud.corpus import sample_files
+from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_shape
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from localcloud.storage import client as storage_client
 from tests.deployment_key import KEY_FILE
 from tests.ingest_support import PATIENT_NAME, Clock, make_instance, post
 
@@ -1082,3 +1084,42 @@ def test_forced_reruns_under_retention_write_their_own_folders_and_restore_takes
     shown = status.exports_section(env.ctx, TICK - timedelta(days=1))
     assert [e["backup"] for e in shown] == [f"gs://{env.backups}/{folder}rerun-3/"]
     assert [a["body"]["details"]["attempt"] for a in env.alerts()] == [2]  # export_failed
+
+
+def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_alert(
+    make_env: Any, gcs_server: StorageServer
+) -> None:
+    """The first write of each kind (the open entry, the date's marker and its updates,
+    the operation's record, the backup's manifest, deletes) takes effect and its answer
+    is lost (503): the retry meets the write, and the export is still started once and
+    found complete, with no alert."""
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(3)])
+    proxy = FaultProxy(gcs_server.url, area=storage_shape).start()
+    first_of_each = FirstOfEach()
+
+    direct = env.ctx.storage
+    env.ctx.storage = storage_client(proxy.url)
+    try:
+        proxy.lose = first_of_each
+        assert env.tick(TICK) == 200
+        marker = env.settle()
+        proxy.lose = None
+        assert marker["state"] == export.COMPLETE
+        assert len(env.export_operations()) == 1
+        assert env.manifest()["found"] == {"instances": 3, "objects": 3}
+        assert export.open_days(env.ctx) == []
+        assert env.alerts() == []
+    finally:
+        env.ctx.storage.close()
+        env.ctx.storage = direct
+        proxy.stop()
+    for step in (
+        ("objects.insert", "state/exports-open/2026-11-25.json"),
+        ("objects.insert", "state/exports/2026-11-25.json"),
+        ("objects.insert", "backups/2026-11-25/_MANIFEST.json"),
+        ("objects.delete", "state/exports-open/2026-11-25.json"),
+    ):
+        assert step in first_of_each.lost, (step, first_of_each.lost)
+    # The record that the operation is dicomflow's own (state/ops/<operation id>.json).
+    assert any(n.startswith("state/ops/") for op, n in first_of_each.lost if op == "objects.insert")

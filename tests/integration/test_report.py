@@ -1336,7 +1336,7 @@ def test_a_failing_qido_is_logged_with_labels_not_uids(env: Env) -> None:
     log.use_labels(log.Labels(keys.load(settings), settings.is_pipeline_object))
     env.knobs(faults={"dicomWeb.search": {"rate": 1.0, "status": 400}})
     try:
-        assert env.report_tick() == 500
+        assert env.report_tick() == 200  # a 400 is logged, not raised: retrying cannot help
     finally:
         env.knobs(faults={})
         log.use_labels(None)
