@@ -559,6 +559,7 @@ class HealthcareServer:
         knobs: Knobs,
         pubsub_endpoint: str | None = None,
         import_workers: int | None = None,
+        storage_root: Path | None = None,
     ) -> None:
         self._temp_dir: Path | None = None
         if data_dir is None:
@@ -570,7 +571,7 @@ class HealthcareServer:
         workers = default_import_workers() if import_workers is None else import_workers
         self.api = HealthcareApi(
             self.repository,
-            StorageAccess(storage_endpoint),
+            StorageAccess(storage_endpoint, root=str(storage_root) if storage_root else None),
             knobs,
             Notifier(pubsub_endpoint),
             FetchPool(workers),
