@@ -17,10 +17,12 @@ measures, one after the other on the same files:
 
 Each emulator run is a fresh process and data directory; one
 ``dicomStores.import`` of ``gs://BUCKET/in/**.dcm`` is timed from the call until
-the operation is done. The emulator runs the same header and UID checks as in
-the tests. The table gives the median of each, the ratio of the medians, CPU
-seconds per instance of every process involved, and Orthanc's configuration,
-which is pinned here. Writes ``bench/results/emulator_import.json``.
+the operation is done, once the emulator answers and its import workers have
+started (Orthanc too is timed once it answers). The emulator runs the same
+header and UID checks as in the tests. The table gives the median of each, the
+ratio of the medians, CPU milliseconds per instance of every process involved,
+and Orthanc's configuration, which is pinned here. Writes
+``bench/results/emulator_import.json``.
 
 Usage: ``python bench/emulator_import.py [--instances N] [--stow-batch B] [--runs R]``
 """
@@ -162,6 +164,18 @@ def upload(storage: StorageServer, files: list[bytes]) -> str:
     return str(bucket.name)
 
 
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until the emulator answers and its import workers have started, as Orthanc is waited for."""
+    wait_http(f"{url}/_emulator/health", timeout, "the emulator", lambda: process.poll() is None)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = requests.get(f"{url}/_emulator/health", timeout=10).json()
+        if health["importWorkersReady"] == health["importWorkers"]:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the emulator's import workers did not start in {timeout} s")
+
+
 @dataclass
 class Measured:
     seconds: float
@@ -189,7 +203,7 @@ def bench_emulator(storage: StorageServer, bucket: str, count: int, read_files: 
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/_emulator/health", 60, "the emulator", lambda: process.poll() is None)
+            wait_ready(url, process)
             api = build(
                 "healthcare",
                 "v1",

@@ -33,9 +33,8 @@ import sys
 import threading
 import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from localcloud.healthcare.instances import InstanceRejected, ParsedInstance, parse_instance
 
@@ -43,11 +42,11 @@ from localcloud.healthcare.instances import InstanceRejected, ParsedInstance, pa
 Source = tuple[str, int, str]
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """One examined file: its bytes, hash and index entry, or why it cannot be stored.
 
-    ``error`` is (gRPC code, message) of a per-file failure.
+    ``error`` is (gRPC code, message) of a per-file failure. A tuple, since a
+    worker pickles hundreds of them per chunk.
     """
 
     source: str
@@ -174,7 +173,11 @@ def fetch_chunk(
 
 
 class _Worker:
-    """One worker process: a pickled ``Request`` in, pickled result out."""
+    """One worker process: a pickled ``Request`` in, pickled result out.
+
+    The worker says it is ready once its imports are done; ``ready`` is set then
+    (or when it dies first, so that a call fails instead of waiting).
+    """
 
     def __init__(self) -> None:
         package_root = str(Path(__file__).resolve().parents[2])
@@ -185,9 +188,23 @@ class _Worker:
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": path},
         )
+        self.ready = threading.Event()
+        self.started = False
+        threading.Thread(target=self._await_ready, name="fetch-worker-start", daemon=True).start()
+
+    def _await_ready(self) -> None:
+        assert self.process.stdout is not None
+        try:
+            self.started = pickle.load(self.process.stdout) == ("ready", None)
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
+            self.started = False
+        self.ready.set()
 
     def call(self, request: Request) -> list[Candidate]:
         assert self.process.stdin is not None and self.process.stdout is not None
+        self.ready.wait()
+        if not self.started:
+            raise EOFError("the worker ended before it was ready")
         pickle.dump(request, self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         self.process.stdin.flush()
         status, value = pickle.load(self.process.stdout)
@@ -260,6 +277,11 @@ class FetchPool:
         self._idle.put(worker)
         return result
 
+    def ready_workers(self) -> int:
+        """Workers that have finished starting and can take a chunk now."""
+        with self._lock:
+            return sum(1 for worker in self._all if worker.ready.is_set() and worker.started)
+
     def close(self) -> None:
         """Let running chunks finish, then end every worker."""
         with self._lock:
@@ -272,8 +294,10 @@ class FetchPool:
 
 
 def serve() -> None:
-    """The worker loop: answer requests on stdin until it closes."""
+    """The worker loop: say it is ready, then answer requests on stdin until it closes."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    pickle.dump(("ready", None), stdout, protocol=pickle.HIGHEST_PROTOCOL)
+    stdout.flush()
     while True:
         try:
             request: Request = pickle.load(stdin)

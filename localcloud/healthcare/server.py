@@ -462,7 +462,13 @@ class HealthcareApi:
             name = call.path.removeprefix("logs/")
             return json_reply({"entries": self.operations.logs(name)}, content_type=JSON)
         if call.path == "health":
-            return json_reply({"status": "ok", "time": now_rfc3339()}, content_type=JSON)
+            health = {
+                "status": "ok",
+                "time": now_rfc3339(),
+                "importWorkers": self.fetch_pool.workers,
+                "importWorkersReady": self.fetch_pool.ready_workers(),
+            }
+            return json_reply(health, content_type=JSON)
         raise not_found(f"emulator endpoint {call.path}")
 
 
