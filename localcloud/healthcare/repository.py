@@ -16,6 +16,7 @@ that crosses its threshold, and an import would wait for those fsyncs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -55,7 +56,10 @@ EMPTY_POLICY_ETAG = "ACAB"
 
 @dataclass(frozen=True)
 class StoredInstance:
-    """One row of the instance index."""
+    """One row of the instance index; its attributes are decoded when first asked for.
+
+    An export reads every row of a store and needs none of them.
+    """
 
     store: str
     sop: str
@@ -64,7 +68,13 @@ class StoredInstance:
     sha256: str
     size: int
     syntax: str
-    attributes: dict[str, Any]
+    attributes_json: str
+
+    @functools.cached_property
+    def attributes(self) -> dict[str, Any]:
+        """DICOM JSON of the indexed attributes, by 8-hex-digit tag."""
+        decoded: dict[str, Any] = json.loads(self.attributes_json)
+        return decoded
 
 
 class Repository:
@@ -434,4 +444,4 @@ def _like_prefix(prefix: str) -> str:
 
 def _instance(row: Sequence[Any]) -> StoredInstance:
     store, sop, study, series, sha, size, syntax, _seq, attributes = row
-    return StoredInstance(store, sop, study, series, sha, int(size), syntax, json.loads(attributes))
+    return StoredInstance(store, sop, study, series, sha, int(size), syntax, attributes)
