@@ -88,6 +88,12 @@ class _Reader:
         self._connection: http.client.HTTPConnection | None = None
         self._client: Any = None
 
+    def close(self) -> None:
+        """Close the kept-alive connection; the next read opens another."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
     def read(self, bucket: str, source: Source) -> bytes:
         name, size, md5 = source
         if self.root is not None and md5:
@@ -150,6 +156,12 @@ class _Reader:
 _READERS: dict[tuple[str | None, str | None], _Reader] = {}
 # What a worker is asked: (endpoint, storage root, bucket, the listed objects).
 Request = tuple[str | None, str | None, str, list[Source]]
+
+
+def close_readers() -> None:
+    """Close this process's storage connections (chunks read in the calling thread)."""
+    for reader in list(_READERS.values()):
+        reader.close()
 
 
 def fetch_chunk(
@@ -287,6 +299,8 @@ class FetchPool:
         with self._lock:
             self._closed = True
         self._threads.shutdown(wait=True, cancel_futures=True)
+        if not self.workers:
+            close_readers()
         with self._lock:
             workers, self._all = self._all, []
         for worker in workers:

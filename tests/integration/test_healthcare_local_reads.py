@@ -10,22 +10,19 @@ import base64
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from google.auth.credentials import AnonymousCredentials
-from googleapiclient.discovery import build
 
 from localcloud.corpus import generate_studies
 from localcloud.faultproxy import FaultProxy
 from localcloud.healthcare import HealthcareServer, start_healthcare
-from localcloud.healthcare.fetch import fetch_chunk, local_object_path
+from localcloud.healthcare.fetch import close_readers, fetch_chunk, local_object_path
 from localcloud.storage import StorageServer, start_storage
-
-PARENT = "projects/test-project/locations/us-central1"
+from tests.integration.test_healthcare_import_export import new_store, run
 
 
 @pytest.fixture(scope="module")
@@ -56,36 +53,11 @@ def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
-def _import(server: HealthcareServer, uri: str) -> dict[str, Any]:
-    api = build(
-        "healthcare",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": server.url},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-    )
-    datasets = api.projects().locations().datasets()
-    dataset_id = f"ds-{uuid.uuid4().hex[:10]}"
-    datasets.create(parent=PARENT, datasetId=dataset_id, body={}).execute()
-    store = f"{PARENT}/datasets/{dataset_id}/dicomStores/s"
-    datasets.dicomStores().create(
-        parent=f"{PARENT}/datasets/{dataset_id}", dicomStoreId="s", body={}
-    ).execute()
-    operation = (
-        datasets.dicomStores().import_(name=store, body={"gcsSource": {"uri": uri}}).execute()
-    )
-    deadline = time.monotonic() + 60
-    while not operation.get("done"):
-        assert time.monotonic() < deadline, operation
-        time.sleep(0.02)
-        operation = datasets.operations().get(name=operation["name"]).execute()
-    api.close()
-    return {"store": store, "operation": operation}
-
-
 def test_an_import_reads_the_files_and_stores_the_listed_bytes(
-    emulator: HealthcareServer, fs_storage: StorageServer, counted: FaultProxy
+    emulator: HealthcareServer,
+    fs_storage: StorageServer,
+    counted: FaultProxy,
+    healthcare_client: Callable[..., Any],
 ) -> None:
     files = {f"in/{i:02d}.dcm": g.data for i, g in enumerate(generate_studies(2, 2, 3))}
     files["in/sub dir/not-dicom.dcm"] = b"plain text, not DICOM"
@@ -97,15 +69,20 @@ def test_an_import_reads_the_files_and_stores_the_listed_bytes(
     gcs.close()
     counted.reset()
 
-    result = _import(emulator, f"gs://{bucket.name}/in/**.dcm")
+    api = healthcare_client(emulator.url)
+    store = new_store(api)
+    body = {"gcsSource": {"uri": f"gs://{bucket.name}/in/**.dcm"}}
+    operation, _ = run(
+        api, api.projects().locations().datasets().dicomStores().import_(name=store, body=body)
+    )
 
-    assert result["operation"]["metadata"]["counter"] == {"success": "13", "failure": "1"}
+    assert operation["metadata"]["counter"] == {"success": "13", "failure": "1"}
     # One listing, and not one object read through the API: every byte came from the files.
     assert counted.snapshot()["counts"] == {"objects.list": 1}
-    stored = {i.sha256 for i in emulator.repository.query_instances(result["store"])}
+    stored = {i.sha256 for i in emulator.repository.query_instances(store)}
     valid = [d for n, d in files.items() if "not-dicom" not in n]
     assert stored == {hashlib.sha256(d).hexdigest() for d in valid}
-    assert len(emulator.repository.query_instances(result["store"])) == 12
+    assert len(emulator.repository.query_instances(store)) == 12
 
 
 def test_bytes_that_differ_from_the_listing_are_read_through_the_endpoint(
@@ -134,6 +111,7 @@ def test_bytes_that_differ_from_the_listing_are_read_through_the_endpoint(
         # Only the mismatch, the missing file and the one without an MD5 went to the server.
         assert proxy.snapshot()["counts"] == {"objects.download": 3}
     finally:
+        close_readers()
         proxy.stop()
 
 
@@ -142,6 +120,7 @@ def test_a_matching_file_needs_no_endpoint(tmp_path: Path) -> None:
     (tmp_path / "b" / "x y" / "z.dcm").write_bytes(b"bytes")
     unreachable = "http://127.0.0.1:9"
     [found] = fetch_chunk(unreachable, str(tmp_path), "b", [("x y/z.dcm", 5, _md5(b"bytes"))])
+    close_readers()
     assert found.data == b"bytes"
 
 
