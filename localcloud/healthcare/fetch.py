@@ -14,8 +14,9 @@ file from that root instead of asking the server for it: an HTTP round trip
 through the storage front and fake-gcs-server costs about 0.5 ms of CPU per
 object, several times the parse. The bytes count only when their length and
 MD5 equal those the listing gave for the object; anything else (no such file,
-another layout, a write in between, an object without an MD5) reads through
-the endpoint as before, so both ways return the listed object's bytes.
+another layout, a write in between, an object without an MD5 or with a
+Content-Encoding: ``gcs.StorageAccess.list_objects``) reads through the
+endpoint as before, so both ways return what a read of the listed object does.
 
 A worker that dies is replaced; the chunk it held fails its import.
 """

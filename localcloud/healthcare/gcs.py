@@ -37,6 +37,13 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
     return bucket, path
 
 
+def _plain_md5(md5: str | None, content_encoding: str | None) -> str:
+    """The listed MD5 when it is that of what a read returns, else ""."""
+    if content_encoding and content_encoding.strip().lower() != "identity":
+        return ""
+    return md5 or ""
+
+
 class StorageAccess:
     """Per-thread storage clients for one endpoint."""
 
@@ -78,10 +85,14 @@ class StorageAccess:
         return found
 
     def list_objects(self, bucket: str, prefix: str) -> list[tuple[str, int, str]]:
-        """(name, size, base64 MD5 or "") of every object under ``prefix``.
+        """(name, size, base64 MD5) of every object under ``prefix``.
 
-        Against an endpoint, plain JSON-API pages with only those fields, at the
-        server's page size: fake-gcs-server walks the whole bucket for every page.
+        The MD5 is "" when the listing gives none, and for an object with a
+        Content-Encoding: a read serves it decoded (fake-gcs-server, like Cloud
+        Storage, decompresses gzip for a client that does not ask for it), so the
+        MD5 of the stored bytes says nothing about what a read returns. Against an
+        endpoint, plain JSON-API pages with only those fields, at the server's page
+        size: fake-gcs-server walks the whole bucket for every page.
 
         Raises:
             ApiError: NOT_FOUND when the bucket does not exist.
@@ -89,7 +100,7 @@ class StorageAccess:
         if not self.endpoint:
             try:
                 return [
-                    (b.name, int(b.size or 0), b.md5_hash or "")
+                    (b.name, int(b.size or 0), _plain_md5(b.md5_hash, b.content_encoding))
                     for b in self.client().list_blobs(bucket, prefix=prefix)
                 ]
             except gexc.NotFound:
@@ -97,7 +108,8 @@ class StorageAccess:
         found: list[tuple[str, int, str]] = []
         token = ""
         while True:
-            query = {"prefix": prefix, "fields": "items(name,size,md5Hash),nextPageToken"}
+            fields = "items(name,size,md5Hash,contentEncoding),nextPageToken"
+            query = {"prefix": prefix, "fields": fields}
             if token:
                 query["pageToken"] = token
             path = f"{self._base_path}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
@@ -108,7 +120,11 @@ class StorageAccess:
                 raise OSError(f"HTTP {status} listing gs://{bucket}/{prefix}: {body[:200]!r}")
             page = json.loads(body)
             found.extend(
-                (item["name"], int(item.get("size") or 0), item.get("md5Hash") or "")
+                (
+                    item["name"],
+                    int(item.get("size") or 0),
+                    _plain_md5(item.get("md5Hash"), item.get("contentEncoding")),
+                )
                 for item in page.get("items", [])
             )
             token = page.get("nextPageToken") or ""

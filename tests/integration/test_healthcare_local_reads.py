@@ -7,6 +7,7 @@ which objects it asked the server for and which it read from the files.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import time
 import uuid
@@ -66,6 +67,10 @@ def test_an_import_reads_the_files_and_stores_the_listed_bytes(
     bucket = gcs.create_bucket(f"local-{uuid.uuid4().hex[:8]}")
     for name, data in files.items():
         bucket.blob(name).upload_from_string(data)
+    # Stored compressed, read decoded: its file's bytes are not what a read returns.
+    compressed = bucket.blob("in/gzip.dcm")
+    compressed.content_encoding = "gzip"
+    compressed.upload_from_string(gzip.compress(files["in/01.dcm"]))
     gcs.close()
     counted.reset()
 
@@ -76,9 +81,9 @@ def test_an_import_reads_the_files_and_stores_the_listed_bytes(
         api, api.projects().locations().datasets().dicomStores().import_(name=store, body=body)
     )
 
-    assert operation["metadata"]["counter"] == {"success": "13", "failure": "1"}
-    # One listing, and not one object read through the API: every byte came from the files.
-    assert counted.snapshot()["counts"] == {"objects.list": 1}
+    assert operation["metadata"]["counter"] == {"success": "14", "failure": "1"}
+    # One listing and one read through the API, of the gzip object; the rest came from files.
+    assert counted.snapshot()["counts"] == {"objects.list": 1, "objects.download": 1}
     stored = {i.sha256 for i in emulator.repository.query_instances(store)}
     valid = [d for n, d in files.items() if "not-dicom" not in n]
     assert stored == {hashlib.sha256(d).hexdigest() for d in valid}
