@@ -31,7 +31,8 @@ from google.cloud import storage
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
-from localcloud.delivery import Deliverer
+from dicomflow import keys
+from localcloud.delivery import Deliverer, pubsub_dead_letters
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
 from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
@@ -52,6 +53,7 @@ ENV_NAMES = (
     "DICOMFLOW_BACKUP_BUCKET",
     "DICOMFLOW_ALERTS_TOPIC",
     "DICOMFLOW_ALERTS_SUBSCRIPTION",
+    "DICOMFLOW_KEY_FILE",
 )
 
 
@@ -141,6 +143,11 @@ class StackConfig:
     def dead_letter_path(self) -> Path:
         """Where event delivery keeps the events it gave up on (see ``localcloud.delivery``)."""
         return self.home / "dead-letter.ndjson"
+
+    @property
+    def key_path(self) -> Path:
+        """The deployment key of this home (labels in alerts and logs), made at first start."""
+        return self.home / "deployment.key"
 
     @property
     def store_name(self) -> str:
@@ -236,6 +243,7 @@ class Stack:
     def _start(self) -> None:
         cfg = self.config
         (cfg.home / "logs").mkdir(parents=True, exist_ok=True)
+        keys.write_key_file(str(cfg.key_path))
         ports = cfg.ports
 
         self._storage = start_storage(
@@ -317,7 +325,10 @@ class Stack:
         for function in FUNCTIONS:
             self._wait(function, self.urls[function])
 
-        self.deliverer = Deliverer(dead_letter=cfg.dead_letter_path)
+        self.deliverer = Deliverer(
+            dead_letter=cfg.dead_letter_path,
+            on_dead_letter=pubsub_dead_letters(self.urls["pubsub"], self.dead_letter_topic),
+        )
         self._watch_client = self._storage.client()
         self.watcher = BucketWatcher(
             self._watch_client,
@@ -353,11 +364,18 @@ class Stack:
         except LocalCloudError as exc:
             raise LocalCloudError(f"{exc}: {_reason(log_file)}") from None
 
+    @property
+    def dead_letter_topic(self) -> str:
+        """Where event delivery publishes the events it gave up on."""
+        return f"projects/{self.config.project}/topics/dicomflow-dead-letters"
+
     def _create_resources(self) -> None:
-        """The dataset, DICOM store, alerts topic and subscription, when missing."""
+        """The dataset, DICOM store, drill store, the alerts and dead-letter topics and their
+        subscriptions, when missing."""
         cfg = self.config
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
         topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
+        env = self.env()
         with self.api("healthcare") as healthcare, self.api("pubsub") as pubsub:
             datasets = healthcare.projects().locations().datasets()
             for call in (
@@ -365,12 +383,25 @@ class Stack:
                 datasets.dicomStores().create(
                     parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
                 ),
+                # The restore drill's scratch store (DICOMFLOW_DRILL_STORE's default).
+                datasets.dicomStores().create(
+                    parent=f"{parent}/datasets/{cfg.dataset}",
+                    dicomStoreId=f"{cfg.store}-drill",
+                    body={},
+                ),
                 pubsub.projects().topics().create(name=topic, body={}),
                 pubsub.projects()
                 .subscriptions()
                 .create(
-                    name=self.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"],
+                    name=env["DICOMFLOW_ALERTS_SUBSCRIPTION"],
                     body={"topic": topic, "ackDeadlineSeconds": 30},
+                ),
+                pubsub.projects().topics().create(name=self.dead_letter_topic, body={}),
+                pubsub.projects()
+                .subscriptions()
+                .create(
+                    name=env["DICOMFLOW_DEAD_LETTER_SUBSCRIPTION"],
+                    body={"topic": self.dead_letter_topic, "ackDeadlineSeconds": 30},
                 ),
             ):
                 try:
@@ -433,6 +464,10 @@ class Stack:
             "DICOMFLOW_ALERTS_SUBSCRIPTION": (
                 f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail"
             ),
+            "DICOMFLOW_DEAD_LETTER_SUBSCRIPTION": (
+                f"projects/{cfg.project}/subscriptions/dicomflow-dead-letters-keep"
+            ),
+            "DICOMFLOW_KEY_FILE": str(cfg.key_path),
         }
 
     def state(self) -> dict[str, Any]:
