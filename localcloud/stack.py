@@ -285,6 +285,8 @@ class Stack:
                 str(cfg.home / "healthcare"),
                 "--storage-endpoint",
                 self._storage.url,
+                "--storage-root",
+                str(self._storage.root),
                 "--pubsub-endpoint",
                 self._pubsub.url,
                 *cfg.healthcare_args,
