@@ -9,6 +9,12 @@ message, so a retry lands on the tick's date even after midnight. The wall
 clock is never used for the date of a tick (so the schedule should stay clear of
 midnight UTC). The folder is ``gs://BACKUP/PREFIX/<date in export_date_layout>/``.
 
+Attempts. A forced rerun (attempt N > 1) writes into ``<folder>rerun-N/`` with a
+manifest of its own, never over the first run: under the backups bucket's retention
+policy no object can be overwritten or deleted until it ages out. The first run's
+counts leave the rerun sub-prefixes out (``relative_name``); a reader takes the
+latest complete attempt (``pick_attempt``).
+
 Expected counts. For ``application/dicom`` one object per instance is expected.
 For images (``image/png``, ``image/jpeg``, ``application/octet-stream``) only
 instances with pixel data (``Rows`` present) count, with one object per frame
@@ -35,6 +41,7 @@ from dicomflow.staging import iso, parse_time
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_MANIFEST.json"
+RERUN_PREFIX = "rerun-"
 _EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")
 ROWS_TAG = "00280010"
 FRAMES_TAG = "00280008"
@@ -82,9 +89,46 @@ def dated_folder(settings: Settings, day: date) -> str:
     return f"{settings.backup_prefix}/{day.strftime(settings.export_date_layout)}/"
 
 
-def destination_uri(settings: Settings, day: date) -> str:
-    """``gs://BACKUP_BUCKET/PREFIX/<date>/``: the export's ``uriPrefix``."""
-    return f"gs://{settings.backup_bucket}/{dated_folder(settings, day)}"
+def attempt_folder(settings: Settings, day: date, attempt: int = 1) -> str:
+    """Where attempt ``attempt`` of ``day``'s export writes: the dated folder for the
+    first, ``<dated folder>rerun-<attempt>/`` for a forced rerun."""
+    folder = dated_folder(settings, day)
+    return folder if attempt <= 1 else f"{folder}{RERUN_PREFIX}{attempt}/"
+
+
+def destination_uri(settings: Settings, day: date, attempt: int = 1) -> str:
+    """``gs://BACKUP_BUCKET/PREFIX/<date>/[rerun-N/]``: the export's ``uriPrefix``."""
+    return f"gs://{settings.backup_bucket}/{attempt_folder(settings, day, attempt)}"
+
+
+def attempt_of(relative: str) -> int | None:
+    """The attempt of a manifest named relative to the dated folder: 1 for
+    ``_MANIFEST.json``, N for ``rerun-N/_MANIFEST.json``; None for anything else."""
+    if relative == MANIFEST_NAME:
+        return 1
+    head, _, leaf = relative.partition("/")
+    number = head.removeprefix(RERUN_PREFIX)
+    if leaf != MANIFEST_NAME or not head.startswith(RERUN_PREFIX) or not number.isdigit():
+        return None
+    return int(number) if int(number) > 1 else None
+
+
+def relative_name(name: str, folder: str) -> str | None:
+    """``name`` below ``folder``, or None when it is outside it or in a rerun's sub-prefix
+    (a rerun's objects are never counted into the folder that holds them)."""
+    if not name.startswith(folder):
+        return None
+    relative = name[len(folder) :]
+    return None if relative.startswith(RERUN_PREFIX) else relative
+
+
+def pick_attempt(manifests: Mapping[int, Mapping[str, Any]]) -> int | None:
+    """The attempt a reader should use: the latest whose manifest is finished and
+    complete, else the latest that has a manifest (whose state then says why not). Pure."""
+    complete = [
+        n for n, m in manifests.items() if m.get("state") == "finished" and m.get("complete")
+    ]
+    return max(complete or manifests, default=None)
 
 
 def check_mode(mode: str) -> str:
@@ -189,10 +233,8 @@ def found_counts(names: Iterable[str], folder: str) -> Counts:
     objects = 0
     keys: set[str] = set()
     for name in names:
-        if not name.startswith(folder):
-            continue
-        relative = name[len(folder) :]
-        if relative == MANIFEST_NAME or relative.endswith("/"):
+        relative = relative_name(name, folder)
+        if relative is None or relative == MANIFEST_NAME or relative.endswith("/"):
             continue
         objects += 1
         key = instance_key(relative)
@@ -205,9 +247,8 @@ def series_counts(names: Iterable[str], folder: str) -> dict[str, int]:
     """``study/series`` -> objects under ``folder``: what a restore checks each series against."""
     found: dict[str, int] = {}
     for name in names:
-        if not name.startswith(folder):
-            continue
-        key = instance_key(name[len(folder) :])
+        relative = relative_name(name, folder)
+        key = instance_key(relative) if relative is not None else None
         if key:
             series = key.rsplit("/", 1)[0]
             found[series] = found.get(series, 0) + 1
@@ -298,20 +339,4 @@ def build_manifest(
         "found": found.as_dict(),
         "series": dict(series or {}),
         "writtenAt": iso(now),
-    }
-
-
-def running_manifest(marker: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest a forced rerun puts in place while the folder's objects change."""
-    return {
-        "schemaVersion": SCHEMA_VERSION,
-        "state": "running",
-        "complete": False,
-        "problems": [f"attempt {marker['attempt']} is running"],
-        "date": marker["date"],
-        "attempt": marker["attempt"],
-        "dicomStore": marker["store"],
-        "mode": marker["mode"],
-        "mimeType": marker["mimeType"],
-        "destination": marker["destination"],
     }

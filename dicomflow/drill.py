@@ -136,7 +136,7 @@ def latest_complete_backup(ctx: Any, today: date) -> date | None:
         if day > today:
             continue
         found = export.read_marker(ctx, day)
-        if found is not None and found[0].get("state") == export.COMPLETE:
+        if found is not None and export.complete_attempt(found[0]) is not None:
             return day
     return None
 
@@ -245,6 +245,7 @@ def _start(ctx: Any, today: date, doc: dict[str, Any], generation: int) -> dict[
     doc.update(
         state=IMPORTING,
         restoreId=rid,
+        backup=source.uri,
         source="copy" if restore.is_copy(ctx, uri) else "folder",
         operation=operation,
         studies=studies,
@@ -416,7 +417,8 @@ def _alert_failed(ctx: Any, doc: Mapping[str, Any], now: datetime) -> None:
     details = {
         "drillDate": doc["date"],
         "backupDate": doc.get("backupDate"),
-        "backup": backup.destination_uri(ctx.settings, date.fromisoformat(doc["backupDate"])),
+        "backup": doc.get("backup")
+        or backup.destination_uri(ctx.settings, date.fromisoformat(doc["backupDate"])),
         "drillStore": doc.get("drillStore"),
         "operation": doc.get("operation"),
         "studies": len(doc.get("studies") or []),

@@ -6,12 +6,14 @@ Flow::
         state/exports-open/<date>.json  <- {attempt}        (what the report tick lists)
         claim  state/exports/<date>.json  (create-if-absent: one export per date)
         plan what to export and count it (dicomflow.export_plan)
-        dicomStores.export(gs://BACKUP/PREFIX/<date>/, mimeType[, filterConfig])
+        dicomStores.export(gs://BACKUP/PREFIX/<date>/[rerun-N/], mimeType[, filterConfig])
         state/ops/<id>.json (ours), marker <- operation name (state "running")
+        resume_starts: take over other dates whose start died (lease over)
     report(tick) --> settle_exports (lists state/exports-open/ only)
-        operation done? list the dated folder, compare with the expected counts,
-        write <folder>/_MANIFEST.json, alert export_failed unless complete,
+        operation done? list the attempt's folder, compare with the expected counts,
+        create <folder>/_MANIFEST.json, alert export_failed unless complete,
         marker <- "complete" | "failed", delete the open entry
+        a start stuck too long: one ``stalled`` alert (report never starts an export)
 
 ``dicomflow.backup`` has the date, the folder, the counts and the manifest.
 
@@ -24,15 +26,24 @@ Each later change is a compare-and-swap (``dicomflow.objects``). States::
         |   `--> empty        (incremental, nothing settled since the last export)
         `------> failed       (the export call failed after retries)
 
-A crash between the claim and the export call leaves ``starting``; once its lease
-(``START_LEASE_SECONDS``) ran out, the next tick or ``settle_exports`` takes it
-over, keeping the attempt and its ``firstClaimedAt``. A marker still ``starting``
-more than ``STALLED_START_SECONDS`` after that first claim gets one ``stalled``
-alert per date and attempt, before the takeover is tried again: a start that dies
-at the function timeout on every try is still reported, and a final failure later
-raises its own ``export_failed``. A crash between the export call and recording
-the operation can start a second export of the date; it writes the same objects.
-``force`` starts a new attempt for a date whose marker is final.
+Only the export function (and ``dicomflow export``, run by an operator) may start
+an export: the report function's role has no ``dicomStores.export``. A crash
+between the claim and the export call leaves ``starting``; once its lease
+(``START_LEASE_SECONDS``) ran out, the export function takes it over, keeping the
+attempt and its ``firstClaimedAt``: the platform's retry of the event that claimed
+it (``handle_event`` asks for one while the lease runs), and every later export
+tick for any open date (``resume_starts``). A marker still ``starting`` more than
+``STALLED_START_SECONDS`` after that first claim gets one ``stalled`` alert per
+date and attempt from the report tick: a start that dies at the function timeout
+on every try is still reported, and a final failure later raises its own
+``export_failed``. A crash between the export call and recording the operation can
+start a second export of the date; it writes the same objects.
+
+``force`` starts a new attempt N for a date whose marker is final. It writes into
+``<folder>rerun-N/`` with its own manifest (``backup.attempt_folder``): the backups
+bucket's retention policy refuses any overwrite or delete of the first run's objects,
+and readers take the latest complete attempt. Every write under the backups prefix
+is create-once: the manifest is created if absent, and a repeat keeps the first.
 
 The open entry (``state/exports-open/<date>.json``) is what keeps the report tick
 from listing history: the tick lists that prefix alone, so an idle tick is one
@@ -64,15 +75,14 @@ from dicomflow import alerts, export_plan, healthcare, log, objects, operations,
 from dicomflow.backup import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
+    attempt_folder,
     build_manifest,
     check_mode,
-    dated_folder,
     destination_uri,
     export_day,
     export_request,
     found_counts,
     parse_day,
-    running_manifest,
     series_counts,
     tick_time,
 )
@@ -93,6 +103,8 @@ START_RETRY_SECONDS = 60.0
 
 STARTING, RUNNING, EMPTY, COMPLETE, FAILED = "starting", "running", "empty", "complete", "failed"
 FINAL_STATES = frozenset({EMPTY, COMPLETE, FAILED})
+# Kept of each earlier attempt: where it wrote, and what the next incremental export needs.
+_PLANNED = ("destination", "tickTime", "scan")
 
 
 def marker_name(day: date) -> str:
@@ -199,22 +211,81 @@ def _poll(ctx: Any, name: str) -> dict[str, Any] | None:
 
 
 def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
-    """The export function: start the tick's export unless its date already has one; then
-    start a restore drill when one is due."""
+    """The export function: start the tick's export unless its date already has one, take
+    over other dates' dead starts, then start a restore drill when one is due.
+
+    Raises:
+        TransientError: this event's own earlier delivery claimed the date and its lease
+            still runs (it died, or still runs): the platform's retry takes it over later.
+    """
     from dicomflow import drill  # drill builds on this module
 
     scheduled = tick_time(event)
+    day = export_day(scheduled)
     result = start_export(
         ctx,
-        export_day(scheduled),
+        day,
         mode=ctx.settings.export_mode,
         mime_type=ctx.settings.export_mime_type,
         tick=scheduled,
         event_id=event["id"],
     )
+    result["resumed"] = resume_starts(ctx, ctx.clock(), skip=day, event_id=event["id"])
     # The restore drill of the latest complete backup, when one is due (``dicomflow.drill``).
     result["drill"] = drill.on_export_tick(ctx, scheduled)
+    if result["status"] == "exists" and result["state"] == STARTING:
+        found = read_marker(ctx, day)
+        if found is not None and _claimed_by(found[0], event["id"], ctx.clock()):
+            raise TransientError(
+                f"the start of the export of {day} by this event is still leased; "
+                "a retry takes it over once the lease runs out"
+            )
     return result
+
+
+def _claimed_by(doc: Mapping[str, Any], event_id: str, now: datetime) -> bool:
+    """Whether ``doc`` is a start claimed by ``event_id`` whose lease still runs."""
+    return (
+        doc.get("state") == STARTING
+        and doc.get("eventId") == event_id
+        and not _lease_over(doc, now)
+    )
+
+
+def resume_starts(
+    ctx: Any, now: datetime, skip: date | None = None, event_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Take over every open date (but ``skip``) whose start died and whose lease ran out.
+
+    One listing of the open entries. Errors are logged, not raised: an old date's
+    trouble must not hold back the tick's own export (report alerts a stuck start).
+    """
+    results: list[dict[str, Any]] = []
+    for day in open_days(ctx):
+        if day == skip:
+            continue
+        found = read_marker(ctx, day)
+        if found is None or not _lease_over(found[0], now):
+            continue
+        doc = found[0]
+        try:
+            results.append(
+                start_export(
+                    ctx,
+                    day,
+                    mode=doc["mode"],
+                    mime_type=doc["mimeType"],
+                    tick=parse_time(doc.get("tickTime")) or now,
+                    event_id=event_id,
+                )
+            )
+        except (TransientError, PermanentError, gexc.GoogleAPIError) as exc:
+            logger.error(
+                "export takeover failed",
+                extra=log.fields(date=day.isoformat(), error=type(exc).__name__, eventId=event_id),
+            )
+            results.append({"status": "error", "date": day.isoformat()})
+    return results
 
 
 def _new_marker(
@@ -229,7 +300,7 @@ def _new_marker(
         "mode": mode,
         "mimeType": mime_type,
         "destination": destination_uri(settings, day),
-        "folder": dated_folder(settings, day),
+        "folder": attempt_folder(settings, day),
         "tickTime": iso(tick),
         "claimedAt": iso(now),
         "firstClaimedAt": iso(now),
@@ -281,7 +352,7 @@ def start_export(
             doc, current = found
             if force and doc.get("state") in FINAL_STATES:
                 claim["attempt"] = int(doc.get("attempt") or 1) + 1
-                keep = ("attempt", "state", "operation", "manifest", "mode")
+                keep = ("attempt", "state", "operation", "manifest", "mode", "folder", *_PLANNED)
                 claim["previous"] = [*doc.get("previous", []), {k: doc.get(k) for k in keep}]
             elif force:
                 raise PermanentError(
@@ -306,11 +377,25 @@ def start_export(
                     ),
                 )
                 return _summary(doc, "exists")
+        claim["folder"] = attempt_folder(ctx.settings, day, int(claim["attempt"]))
+        claim["destination"] = destination_uri(ctx.settings, day, int(claim["attempt"]))
+        claim["eventId"] = event_id
         _open(ctx, day, int(claim["attempt"]), now)
         generation = _update(ctx, day, claim, current)
         if generation is not None:
             _open(ctx, day, int(claim["attempt"]), now)
             return _run_claimed(ctx, day, claim, generation, event_id)
+
+
+def complete_attempt(doc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The marker as of its latest complete attempt: itself when complete, else its latest
+    complete earlier attempt (a forced rerun that failed keeps the first run's backup)."""
+    if doc.get("state") == COMPLETE:
+        return dict(doc)
+    for earlier in reversed(doc.get("previous") or []):
+        if earlier.get("state") == COMPLETE:
+            return {**doc, **earlier}
+    return None
 
 
 def _last_complete(ctx: Any, before: date) -> dict[str, Any] | None:
@@ -320,8 +405,9 @@ def _last_complete(ctx: Any, before: date) -> dict[str, Any] | None:
         if day >= before:
             continue
         found = read_marker(ctx, day)
-        if found is not None and found[0].get("state") == COMPLETE:
-            return found[0]
+        complete = complete_attempt(found[0]) if found is not None else None
+        if complete is not None:
+            return complete
     return None
 
 
@@ -347,11 +433,6 @@ def _run_claimed(
             _close(ctx, day, int(doc["attempt"]))
         logger.info("incremental export: nothing settled", extra=log.fields(**where))
         return _summary(doc, EMPTY)
-    if int(doc["attempt"]) > 1:
-        # A forced rerun: the folder's manifest stops saying complete while objects change.
-        backups = ctx.storage.bucket(ctx.settings.backup_bucket)
-        text = objects.dumps(running_manifest(doc))
-        objects.write_text(backups, doc["folder"] + MANIFEST_NAME, text, "application/json")
     body = export_request(doc["destination"], doc["mimeType"], planned.paths_uri)
     try:
         operation = _start_operation(ctx, body)
@@ -387,8 +468,9 @@ def settle_exports(
     """Move every export that is not final along; one summary per marker looked at.
 
     Looks at the open entries only (or ``days``). Finishes exports whose operation is
-    done (manifest, ``export_failed`` unless complete), resumes starts whose claimer
-    crashed, alerts starts stuck too long, and deletes the entries of final exports.
+    done (manifest, ``export_failed`` unless complete), alerts starts stuck too long,
+    and deletes the entries of final exports. Never starts an export: the report
+    function may not, so a start whose claimer crashed waits for the export function.
     """
     results: list[dict[str, Any]] = []
     listed = days is None
@@ -401,18 +483,8 @@ def settle_exports(
         doc, generation = found
         state = doc.get("state")
         if state == STARTING:
-            # Before the takeover: a takeover that dies at the timeout must not stop the alert.
             _alert_stuck_start(ctx, doc, now)
-            if _lease_over(doc, now):
-                results.append(
-                    start_export(
-                        ctx,
-                        day,
-                        mode=doc["mode"],
-                        mime_type=doc["mimeType"],
-                        tick=parse_time(doc["tickTime"]) or now,
-                    )
-                )
+            results.append(_summary(doc, STARTING))
         elif state == RUNNING:
             operation = _poll(ctx, doc["operation"])
             if operation is None:
@@ -532,16 +604,12 @@ def _finish(
 
 
 def _put_manifest(bucket: Any, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write the manifest once per attempt; a repeat keeps what the first writer wrote."""
-    while True:
-        found = objects.read(bucket, name)
-        generation = 0
-        if found is not None:
-            old, generation = found
-            if old.get("attempt") == manifest["attempt"] and old.get("state") == "finished":
-                return old
-        if objects.swap(bucket, name, manifest, generation) is not None:
-            return manifest
+    """Create the attempt's manifest once (the bucket may refuse any overwrite: retention);
+    a repeat keeps what the first writer wrote."""
+    if objects.create(bucket, name, manifest) is not None:
+        return manifest
+    found = objects.read(bucket, name)
+    return found[0] if found is not None else manifest
 
 
 # --- by hand (``python -m dicomflow export``) ---------------------------------------------------
@@ -595,7 +663,11 @@ def run_command(
             if operation.get("done"):
                 settle_exports(ctx, ctx.clock(), days=[day])
                 continue
-        elif state in (STARTING, FAILED):
+        elif state == STARTING:
+            # A dead start is taken over here as by the export function (lease over).
+            tick = parse_time(doc.get("tickTime")) or now
+            start_export(ctx, day, mode=doc["mode"], mime_type=doc["mimeType"], tick=tick)
+        elif state == FAILED:
             settle_exports(ctx, ctx.clock(), days=[day])
         if deadline is not None and time.monotonic() > deadline:
             return {**_summary(doc, "timeout"), "problems": ["still running at the timeout"]}

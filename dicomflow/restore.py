@@ -2,12 +2,15 @@
 
 Flow (``dicomflow restore`` and the scheduled drill, ``dicomflow.drill``)::
 
-    load_backup       _MANIFEST.json and one listing of gs://BACKUP/PREFIX/<date>/
+    load_backup       one listing of gs://BACKUP/PREFIX/<date>/, the manifests of the
+                      first run and of each rerun (rerun-N/); the latest complete
+                      attempt is restored.
                       refused: no backup that date, an export still running, or a
                       mimeType that is not DICOM (rendered images cannot be imported)
     plan              the studies to restore: all, or a sample; tombstoned studies
                       (``dicomflow.tombstones``) are always left out
-    stage_source      the dated folder itself when it is restored whole; otherwise a
+    stage_source      the attempt's folder itself when it is restored whole (and holds
+                      no rerun's sub-prefix); otherwise a
                       server-side copy of the wanted objects to
                       gs://STAGING/restores/<id>/, so that no left-out study (an erased
                       one above all) ever reaches the target, not even for a moment
@@ -83,6 +86,8 @@ class Backup:
     folder: str
     manifest: dict[str, Any]
     objects: list[BackupObject]
+    # The folder also holds reruns' sub-prefixes, so it cannot be imported as a whole.
+    nested: bool = False
 
     @property
     def uri(self) -> str:
@@ -107,25 +112,34 @@ class Backup:
 
 
 def load_backup(ctx: Any, day: date) -> Backup:
-    """The backup dated ``day``: its manifest and one listing of its folder.
+    """The backup dated ``day``: its latest complete attempt (``backup.pick_attempt``), with
+    its manifest and the objects its folder holds, from one listing of the dated folder.
 
     Raises:
         RestoreRefused: no backup that date, an export still writing it, or a backup
             in a rendered-image mimeType.
     """
     settings = ctx.settings
-    folder = backup.dated_folder(settings, day)
+    dated = backup.dated_folder(settings, day)
     bucket = ctx.storage.bucket(settings.backup_bucket)
-    uri = f"gs://{settings.backup_bucket}/{folder}"
+    uri = f"gs://{settings.backup_bucket}/{dated}"
     try:
-        manifest = objects.read_json(bucket, folder + backup.MANIFEST_NAME)
-        blobs = objects.blobs(bucket, folder)
+        blobs = list(objects.blobs(bucket, dated))
+        manifests: dict[int, dict[str, Any]] = {}
+        for blob in blobs:
+            number = backup.attempt_of(blob.name[len(dated) :])
+            doc = objects.read_json(bucket, blob.name) if number is not None else None
+            if number is not None and doc is not None:
+                manifests[number] = doc
     except gexc.NotFound:
         raise RestoreRefused(f"backup bucket {settings.backup_bucket} not found") from None
-    if manifest is None:
+    attempt = backup.pick_attempt(manifests)
+    if attempt is None:
         dates = objects.folders(bucket, f"{settings.backup_prefix}/")[-5:]
         have = f"; latest backups: {', '.join(dates)}" if dates else "; there are no backups"
         raise RestoreRefused(f"no backup dated {day.isoformat()}: {uri} has no manifest{have}")
+    manifest = manifests[attempt]
+    folder = backup.attempt_folder(settings, day, attempt)
     if manifest.get("state") != "finished":
         raise RestoreRefused(
             f"the backup dated {day.isoformat()} is still being written "
@@ -143,13 +157,16 @@ def load_backup(ctx: Any, day: date) -> Backup:
             "application/dicom"
         )
     found: list[BackupObject] = []
+    nested = False
     for blob in blobs:
-        key = backup.instance_key(blob.name[len(folder) :])
+        relative = backup.relative_name(blob.name, folder)
+        nested = nested or (blob.name.startswith(folder) and relative is None)
+        key = backup.instance_key(relative) if relative is not None else None
         if key is None or not blob.name.lower().endswith(".dcm"):
             continue
         study, series, sop = key.split("/")
         found.append(BackupObject(blob.name, study, series, sop))
-    return Backup(day, settings.backup_bucket, folder, manifest, found)
+    return Backup(day, settings.backup_bucket, folder, manifest, found, nested)
 
 
 def erased_studies(
@@ -203,9 +220,10 @@ def stage_source(
     rid: str,
     progress: Progress | None = None,
 ) -> str:
-    """The import URI for ``studies`` of ``source``: the dated folder when that is all of
-    it, else a copy of just those objects under ``restores/<rid>/`` (server side)."""
-    if set(studies) == set(source.studies()):
+    """The import URI for ``studies`` of ``source``: the attempt's folder when that is all
+    of it (and holds no rerun), else a copy of just those objects under
+    ``restores/<rid>/`` (server side)."""
+    if not source.nested and set(studies) == set(source.studies()):
         return f"{source.uri}**.dcm"
     wanted = set(studies)
     chosen = [o for o in source.objects if o.study in wanted]

@@ -606,6 +606,7 @@ def exports_section(ctx: Any, since: datetime) -> list[dict[str, Any]]:
             continue
         doc = found[0]
         manifest = doc.get("manifest")
+        usable = export.complete_attempt(doc)
         out.append(
             {
                 "date": day.isoformat(),
@@ -614,6 +615,8 @@ def exports_section(ctx: Any, since: datetime) -> list[dict[str, Any]]:
                 "operation": doc.get("operation"),
                 "destination": doc.get("destination"),
                 "manifest": manifest if isinstance(manifest, str) else None,
+                # What a restore of the date takes: the latest complete attempt's folder.
+                "backup": usable.get("destination") if usable else None,
             }
         )
     return out

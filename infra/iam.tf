@@ -74,8 +74,9 @@ resource "google_storage_bucket_iam_member" "fn" {
   member   = google_service_account.fn[each.value.fn].member
 }
 
-# Backup manifests only: an IAM condition limits these grants to PREFIX/**/_MANIFEST.json, so the
-# functions can write and replace manifests but never delete or overwrite exported data.
+# Backup manifests only: an IAM condition limits these grants to PREFIX/**/_MANIFEST.json, and the
+# role (objectCreator) creates objects only, so the functions create each attempt's manifest once
+# and can never delete or overwrite a manifest or exported data.
 resource "google_storage_bucket_iam_member" "fn_manifests" {
   for_each = local.manifest_grants
   bucket   = google_storage_bucket.backups.name

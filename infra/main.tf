@@ -58,10 +58,12 @@ locals {
   # iam.tf turns this table into bindings; infra/README.md shows it as a table.
   # Roles on buckets and topics are granted on that bucket or topic only. manifest_roles are
   # granted on the backups bucket with an IAM condition: objects PREFIX/.../_MANIFEST.json only,
-  # so nothing in the pipeline can delete or overwrite backup data. Healthcare permissions are
+  # and create only (a manifest is created once per attempt; a forced rerun writes its own under
+  # PREFIX/DATE/rerun-N/), so nothing in the pipeline can delete or overwrite backup data. Healthcare permissions are
   # custom roles granted on the DICOM store or the dataset only.
   # Derived from the code: dicomflow/healthcare.py (import, operations.get), dicomflow/export.py
-  # (QIDO count, dicomStores.export, markers, _MANIFEST.json). Only export may start an export.
+  # (QIDO count, dicomStores.export, markers, _MANIFEST.json). Only export may start an export:
+  # report's tick alerts a start whose claimer died, and the export function takes it over.
   # drill_store_permissions are granted on the scratch store <store>-drill, which exists only when
   # var.restore_drill_days > 0: export starts a restore drill there (dicomflow/drill.py), report
   # settles it (checks the restored studies, empties the store, and starts it again after a
@@ -102,7 +104,7 @@ locals {
         staging = ["roles/storage.objectUser"]   # batch files, results, state; deletes checked staging copies
         backups = ["roles/storage.objectViewer"] # lists a dated folder to count what an export wrote
       }
-      manifest_roles = ["roles/storage.objectUser"] # writes (and on a rerun, replaces) _MANIFEST.json
+      manifest_roles = ["roles/storage.objectCreator"] # creates each attempt's _MANIFEST.json, once
       topic_roles = {
         alerts = ["roles/pubsub.publisher"]
       }
@@ -131,7 +133,7 @@ locals {
         staging = ["roles/storage.objectUser"]   # per-date markers, the manifests (incremental), the filter file, drill copies
         backups = ["roles/storage.objectViewer"] # the drill reads the latest backup's manifest, lists and copies its objects
       }
-      manifest_roles = ["roles/storage.objectUser"] # a forced rerun marks the old manifest superseded
+      manifest_roles = ["roles/storage.objectCreator"] # the manifest of an attempt whose export call failed
       topic_roles    = {}
       store_permissions = [
         "healthcare.dicomStores.dicomWebRead", # QIDO count of what the export should write

@@ -59,12 +59,14 @@ resource "google_storage_bucket" "landing" {
   }
 }
 
-# The pipeline's own state: batches/, quarantine/, failed/, manifests/, state/. A staging copy is the
-# claim of its object generation (create-if-absent), so the pipeline never deletes one: it must
-# outlive the maximum event age, or a redelivered event would claim the file again. The lifecycle
-# deletes the copies, quarantine copies, failure records and late claims (all may hold PHI)
-# staging_copy_retention_days after they were written; a precondition keeps that longer than the
-# maximum event age.
+# The pipeline's own state: batches/, quarantine/, failed/, manifests/, state/, restores/, drills/,
+# tombstones/. A staging copy is the claim of its object generation (create-if-absent), so the
+# pipeline never deletes one: it must outlive the maximum event age, or a redelivered event would
+# claim the file again. The lifecycle deletes the copies, quarantine copies, failure records and
+# late claims (all may hold PHI) staging_copy_retention_days after they were written; a
+# precondition keeps that longer than the maximum event age. Restore copies (restores/, copies of
+# backups that a restore or drill imports from; a restore run without --wait leaves them) go after
+# the same number of days. Tombstones (erased studies) never expire.
 resource "google_storage_bucket" "staging" {
   #checkov:skip=CKV_GCP_62:Access is audited with Cloud Audit Logs (Data Access); a log bucket would itself need a log bucket.
   name                        = local.bucket_names.staging
@@ -92,6 +94,17 @@ resource "google_storage_bucket" "staging" {
     condition {
       age            = var.staging_copy_retention_days
       matches_prefix = ["batches/", "quarantine/", "failed/", "state/late/"]
+      with_state     = "LIVE"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  lifecycle_rule {
+    condition {
+      age            = var.staging_copy_retention_days
+      matches_prefix = ["restores/"]
       with_state     = "LIVE"
     }
     action {

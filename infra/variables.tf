@@ -157,7 +157,7 @@ variable "noncurrent_retention_days" {
 
 variable "staging_copy_retention_days" {
   type        = number
-  description = "Days staging copies, quarantine copies, failure records (failed/) and late claims are kept; they hold PHI. Each is the claim of its file, so this must be longer than DICOMFLOW_MAX_EVENT_AGE_SECONDS (25 h by default; checked at plan time)."
+  description = "Days staging copies, quarantine copies, failure records (failed/), late claims and restore copies (restores/) are kept; they hold PHI. Each is the claim of its file, so this must be longer than DICOMFLOW_MAX_EVENT_AGE_SECONDS (25 h by default; checked at plan time)."
   default     = 7
 
   validation {

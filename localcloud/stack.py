@@ -99,6 +99,8 @@ class StackConfig:
     ports: dict[str, int] = field(default_factory=dict)
     function_env: dict[str, str] = field(default_factory=dict)
     healthcare_args: tuple[str, ...] = ()
+    # The backups bucket's retention period, enforced by the storage front (0: none).
+    backup_retention_seconds: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
@@ -135,6 +137,7 @@ class StackConfig:
             minute_interval=_float(env, "LOCALCLOUD_MINUTE_SECONDS", 60.0),
             export_interval=_float(env, "LOCALCLOUD_EXPORT_SECONDS", 86_400.0),
             poll_interval=_float(env, "LOCALCLOUD_POLL_SECONDS", 0.2),
+            backup_retention_seconds=int(_float(env, "LOCALCLOUD_BACKUP_RETENTION_SECONDS", 0)),
             functions_source=source.resolve(),
             ports=ports,
         )
@@ -251,6 +254,7 @@ class Stack:
             data_dir=cfg.home / "storage",
             buckets=(cfg.landing_bucket, cfg.staging_bucket, cfg.backup_bucket),
             log=self._log("storage"),
+            retention={cfg.backup_bucket: cfg.backup_retention_seconds},
         )
         self.urls["storage"] = self._storage.url
 

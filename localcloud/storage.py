@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -108,6 +109,7 @@ def start_storage(
     data_dir: Path | None = None,
     buckets: tuple[str, ...] = (),
     log: IO[bytes] | None = None,
+    retention: Mapping[str, int] | None = None,
 ) -> StorageServer:
     """Start fake-gcs-server and its front on loopback and create ``buckets``.
 
@@ -119,6 +121,8 @@ def start_storage(
         data_dir: filesystem backend root; None keeps everything in memory.
         buckets: created at start-up when missing.
         log: where the servers' output goes (default: discarded).
+        retention: bucket -> retention period in seconds, enforced by the front
+            (a bucket's policy can also be set later, as on Cloud Storage, by a patch).
     """
     port = pick_port(port, "Cloud Storage (fake-gcs-server)", "LOCALCLOUD_STORAGE_PORT")
     upstream_port = free_port()
@@ -154,6 +158,7 @@ def start_storage(
                 f"http://{HOST}:{upstream_port}",
                 "--port",
                 str(port),
+                *(f"--retention={b}={s}" for b, s in (retention or {}).items() if s > 0),
             ],
             log,
         )

@@ -27,6 +27,14 @@ version". A delete or patch of a ``generation`` that is not the live one
 answers 404, as in a bucket without versioning (fake-gcs-server would
 delete the live version).
 
+Retention policies, which fake-gcs-server ignores: a bucket's
+``retentionPolicy.retentionPeriod`` (seconds), set when the bucket is created or
+patched (``bucket.retention_period = N; bucket.patch()``) or given to the front at
+start (``--retention BUCKET=SECONDS``), is kept by the front and shown in the
+bucket's resource. An upload, rewrite, copy or compose over a live object, or a
+delete of one, younger than the period answers 403 ``retentionPolicyNotMet`` as
+Cloud Storage does; a metadata change is allowed, as there.
+
 Object names holding a carriage return or a line feed are refused (400, as Cloud
 Storage words it) on every request that creates an object; fake-gcs-server would
 store them.
@@ -44,9 +52,10 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -66,6 +75,8 @@ _HEADER_CONDITIONS = {
 _STRIPPED = frozenset({*CONDITIONS, *_SOURCE_CONDITIONS})
 # Cloud Storage's own words for a failed precondition.
 _NOT_MET = "At least one of the pre-conditions you specified did not hold."
+# What replaces or deletes a live object (a retention policy refuses it while young).
+_REPLACING = frozenset({"insert", "finalize", "rewrite", "copy", "compose", "delete"})
 
 ObjectKey = tuple[str, str]
 
@@ -106,6 +117,24 @@ def precondition_failed() -> Reply:
             }
         ],
     )
+
+
+def retention_not_met(bucket: str, name: str, until: datetime) -> Reply:
+    """403 as Cloud Storage answers a replace or delete of an object under retention."""
+    stamp = until.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    message = (
+        f"Object '{bucket}/{name}' is subject to bucket's retention policy and cannot be "
+        f"deleted, overwritten or archived until {stamp}"
+    )
+    return google_error(
+        403,
+        message,
+        [{"message": message, "domain": "global", "reason": "retentionPolicyNotMet"}],
+    )
+
+
+def _rfc3339(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 # Cloud Storage refuses object names holding a carriage return or a line feed, in these
@@ -220,9 +249,16 @@ def _object_path(bucket: str, name: str) -> str:
 class StorageFront(LoopbackProxy):
     """Forwards to fake-gcs-server and enforces Cloud Storage's preconditions on the way."""
 
-    def __init__(self, upstream: str, port: int = 0) -> None:
+    def __init__(
+        self, upstream: str, port: int = 0, retention: Mapping[str, int] | None = None
+    ) -> None:
         super().__init__(upstream, port)
         self._guard = threading.Lock()
+        # bucket -> (retention period in seconds, when the policy took effect)
+        now = datetime.now(UTC)
+        self._retention: dict[str, tuple[int, datetime]] = {
+            bucket: (seconds, now) for bucket, seconds in (retention or {}).items() if seconds > 0
+        }
         self._locks: dict[ObjectKey, tuple[threading.Lock, int]] = {}
         self._sessions: dict[str, _Session] = {}
         # (bucket, name) -> (generation, metageneration), for objects whose metadata changed.
@@ -264,6 +300,8 @@ class StorageFront(LoopbackProxy):
             return invalid_name()
         if operation is None:
             reply = super().handle(request, upstream)
+            if 200 <= reply.status < 300:
+                reply = self._bucket_retention(request, reply)
         else:
             with self._hold(operation.keys()):
                 reply = self._guarded(operation, request, upstream)
@@ -357,7 +395,65 @@ class StorageFront(LoopbackProxy):
             metageneration = counted[1]
         return Live(generation, metageneration)
 
+    def _retained_until(self, upstream: Upstream, key: ObjectKey) -> datetime | None:
+        """Until when the live object ``key`` is under its bucket's retention policy, or
+        None when it is not (no policy, no live object, or old enough)."""
+        with self._guard:
+            policy = self._retention.get(key[0])
+        if policy is None:
+            return None
+        reply = upstream.send("GET", _object_path(*key), [])
+        if reply.status != 200:
+            return None
+        created = reply.json().get("timeCreated")
+        if not isinstance(created, str):
+            return None
+        until = _rfc3339(created) + timedelta(seconds=policy[0])
+        return until if until > datetime.now(UTC) else None
+
+    def _bucket_retention(self, request: Request, reply: Reply) -> Reply:
+        """Keep a bucket's ``retentionPolicy`` from its insert, patch or update, and show it
+        in the bucket resources of the reply."""
+        parts = _path_parts(request.path, "/storage/v1/b/") if request.path else []
+        writes = request.method in ("POST", "PATCH", "PUT") and request.path.startswith(
+            "/storage/v1/b"
+        )
+        if writes and (request.path.rstrip("/") == "/storage/v1/b" or len(parts) == 1):
+            try:
+                body = json.loads(request.body or b"{}")
+            except ValueError:
+                body = {}
+            bucket = body.get("name") if request.method == "POST" else parts[0]
+            if isinstance(body, dict) and "retentionPolicy" in body and isinstance(bucket, str):
+                period = int((body["retentionPolicy"] or {}).get("retentionPeriod") or 0)
+                with self._guard:
+                    if period > 0:
+                        self._retention[bucket] = (period, datetime.now(UTC))
+                    else:
+                        self._retention.pop(bucket, None)
+        value = _json_object(reply) if request.path.startswith("/storage/v1/b") else None
+        if not self._retention or value is None:
+            return reply
+        resources = [value, *(value.get("items") or [])]
+        changed = False
+        with self._guard:
+            for resource in resources:
+                if not isinstance(resource, dict) or resource.get("kind") != "storage#bucket":
+                    continue
+                policy = self._retention.get(str(resource.get("name")))
+                if policy is not None:
+                    resource["retentionPolicy"] = {
+                        "retentionPeriod": str(policy[0]),
+                        "effectiveTime": policy[1].isoformat().replace("+00:00", "Z"),
+                    }
+                    changed = True
+        return reply.with_json(value) if changed else reply
+
     def _guarded(self, operation: _Operation, request: Request, upstream: Upstream) -> Reply:
+        if operation.kind in _REPLACING:
+            until = self._retained_until(upstream, operation.target)
+            if until is not None:
+                return retention_not_met(*operation.target, until)
         live: Live | None = None
         if operation.conditions or operation.kind == "patch" or operation.generation is not None:
             live = self._live(upstream, operation.target)
@@ -428,13 +524,8 @@ class StorageFront(LoopbackProxy):
         """Write the counted metagenerations into the object resources of a JSON reply."""
         if request.param("alt") == "media" or request.path.startswith("/download/"):
             return reply
-        if not (reply.header("Content-Type") or "").startswith("application/json"):
-            return reply
-        try:
-            value = reply.json()
-        except ValueError:
-            return reply
-        if not isinstance(value, dict):
+        value = _json_object(reply)
+        if value is None:
             return reply
         resources: list[dict[str, Any]] = [value]
         if isinstance(value.get("resource"), dict):
@@ -452,6 +543,17 @@ class StorageFront(LoopbackProxy):
                     resource["metageneration"] = str(counted[1])
                     changed = True
         return reply.with_json(value) if changed else reply
+
+
+def _json_object(reply: Reply) -> dict[str, Any] | None:
+    """The reply's JSON object, or None when it carries none."""
+    if not (reply.header("Content-Type") or "").startswith("application/json"):
+        return None
+    try:
+        value = reply.json()
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _compose_parts(request: Request) -> list[tuple[ObjectKey, int]]:
@@ -474,8 +576,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--upstream", required=True, help="fake-gcs-server, http://HOST:PORT")
     parser.add_argument("--port", type=int, default=0, help="the port clients use")
+    parser.add_argument(
+        "--retention",
+        action="append",
+        default=[],
+        metavar="BUCKET=SECONDS",
+        help="a bucket's retention period (repeatable)",
+    )
     args = parser.parse_args(argv)
-    front = StorageFront(args.upstream, args.port)
+    retention = {}
+    for item in args.retention:
+        bucket, _, seconds = item.partition("=")
+        if not bucket or not seconds.isdigit():
+            parser.error(f"--retention {item!r}: use BUCKET=SECONDS")
+        retention[bucket] = int(seconds)
+    front = StorageFront(args.upstream, args.port, retention)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         front.serve()

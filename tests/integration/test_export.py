@@ -42,8 +42,11 @@ from dicomflow import (
     manifests,
     objects,
     operations,
+    report,
+    restore,
     runtime,
     staging,
+    status,
     verify,
 )
 from dicomflow.config import load_settings
@@ -421,22 +424,67 @@ def left_by_a_crash(env: Env, claim: dict[str, Any]) -> None:
     assert objects.create(env.gcs.bucket(env.staging), export.marker_name(DAY), claim)
 
 
-def test_start_that_crashed_after_its_claim_is_resumed_once(make_env: Any) -> None:
-    env = make_env()
+def crashed_start(env: Env, **fields: Any) -> datetime:
+    """Two instances stored, and a full export of DAY claimed now by a starter that died
+    before the export call (``fields`` added to its claim); when it was claimed."""
     env.store_instances([image(4, 4) for _ in range(2)])
-    # A tick claimed the date and died before calling export (its lease still runs).
+    claimed_at = env.clock()
     claim = export._new_marker(
-        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, env.clock()
+        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
     )
-    left_by_a_crash(env, claim)
-    assert env.tick(TICK, "retry-too-early") == 200
+    left_by_a_crash(env, {**claim, **fields})
+    return claimed_at
+
+
+def test_start_that_crashed_after_its_claim_is_taken_over_by_the_retry_once(
+    make_env: Any,
+) -> None:
+    env = make_env()
+    # Event "msg-crash" claimed the date and died before calling export (its lease runs).
+    crashed_start(env, eventId="msg-crash")
+    # Its redelivery asks the platform to retry later; another tick of the date does not.
+    assert env.tick(TICK, "msg-crash") == 500
+    assert env.tick(TICK, "another-tick") == 200
     export.settle_exports(env.ctx, env.clock())
     assert env.export_operations() == []  # a live claim is left alone
     env.clock.advance(export.START_LEASE_SECONDS + 1)
-    export.settle_exports(env.ctx, env.clock())  # report's tick takes it over
-    assert env.tick(TICK, "late-retry") == 200  # and a late retry does not start another
+    export.settle_exports(env.ctx, env.clock())  # report's tick never takes it over
+    assert env.export_operations() == []
+    assert env.tick(TICK, "msg-crash") == 200  # the platform's retry does
+    assert env.tick(TICK, "late-retry") == 200  # and a later one does not start another
     assert env.settle()["state"] == export.COMPLETE
     assert len(env.export_operations()) == 1
+    assert env.alerts() == []
+
+
+def test_report_never_starts_an_export_the_next_export_tick_takes_the_dead_start_over(
+    make_env: Any,
+) -> None:
+    """The report function's role has no dicomStores.export: here the emulator refuses
+    every export call with 403, as IAM would, while report's tick runs."""
+    env = make_env()
+    claimed_at = crashed_start(env)
+    env.clock.advance(export.STALLED_START_SECONDS + 1)  # lease over, and stuck
+    env.knobs(faults="export=1.0:403")
+    try:
+        for _ in range(2):
+            assert report.run_tick(env.ctx)["exports"] == [export.STARTING]
+    finally:
+        env.knobs(faults="")
+    found = export.read_marker(env.ctx, DAY)
+    assert found is not None
+    assert found[0]["state"] == export.STARTING and "error" not in found[0]  # no call made
+    assert [a["body"]["kind"] for a in env.alerts()] == ["stalled"]  # alerted once
+    assert env.export_operations() == []
+    # The next day's export tick starts its own date and takes the dead start over.
+    next_tick = TICK + timedelta(days=1)
+    env.clock.now = next_tick + timedelta(minutes=1)
+    assert env.tick(next_tick) == 200
+    assert len(env.export_operations()) == 2
+    marker = env.settle()
+    assert marker["state"] == export.COMPLETE and marker["takeovers"] == 1
+    assert marker["firstClaimedAt"] == staging.iso(claimed_at)
+    assert env.settle(DAY + timedelta(days=1))["state"] == export.COMPLETE
     assert env.alerts() == []
 
 
@@ -724,31 +772,31 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     make_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = make_env()
-    env.store_instances([image(4, 4) for _ in range(2)])
-    claimed_at = env.clock()
-    claim = export._new_marker(
-        env.ctx.settings, DAY, "full", env.ctx.settings.export_mime_type, TICK, claimed_at
-    )
-    left_by_a_crash(env, claim)
+    claimed_at = crashed_start(env)
     original = export_plan.plan
 
     def dies(*args: Any) -> Any:
         raise Killed
 
+    def retry_dies() -> None:
+        """The platform's retry of the tick takes the start over, and dies again."""
+        with pytest.raises(Killed):
+            export.handle_event(env.ctx, export_tick(TICK, "msg-1"))
+
     # Every takeover dies at the timeout while counting (a slow store, a huge scan).
     monkeypatch.setattr(export_plan, "plan", dies)
     env.clock.advance(export.START_LEASE_SECONDS + 1)
-    with pytest.raises(Killed):
-        export.settle_exports(env.ctx, env.clock())
+    retry_dies()
+    export.settle_exports(env.ctx, env.clock())
     assert env.alerts() == []  # one lease late: not yet
     env.clock.now = claimed_at + timedelta(seconds=export.STALLED_START_SECONDS - 1)
-    with pytest.raises(Killed):
-        export.settle_exports(env.ctx, env.clock())
+    retry_dies()
+    export.settle_exports(env.ctx, env.clock())
     assert env.alerts() == []
-    for _ in range(3):  # past two leases; every report tick still dies
+    for _ in range(3):  # past two leases; every retry still dies, report alerts once
         env.clock.advance(export.START_LEASE_SECONDS)
-        with pytest.raises(Killed):
-            export.settle_exports(env.ctx, env.clock())
+        retry_dies()
+        export.settle_exports(env.ctx, env.clock())
     got = env.alerts()
     assert [a["body"]["kind"] for a in got] == ["stalled"]
     alert = got[0]
@@ -767,6 +815,7 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     # The store recovers: the next takeover starts the export; no further alert.
     monkeypatch.setattr(export_plan, "plan", original)
     env.clock.advance(export.START_LEASE_SECONDS)
+    assert env.tick(TICK, "msg-1") == 200
     assert env.settle()["state"] == export.COMPLETE
     assert len(env.export_operations()) == 1
     assert env.alerts() == []
@@ -897,7 +946,8 @@ def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
     forced = json.loads(capsys.readouterr().out)
     assert forced["status"] == "complete" and forced["attempt"] == 2
     assert forced["operation"] != first["operation"]
-    assert env.manifest(date(2026, 11, 20))["attempt"] == 2
+    assert forced["manifest"] == f"gs://{env.backups}/backups/2026-11-20/rerun-2/_MANIFEST.json"
+    assert env.manifest(date(2026, 11, 20))["attempt"] == 1  # the first run's, untouched
     assert len(env.export_operations()) == 2
 
 
@@ -920,7 +970,8 @@ def test_run_command_waits_refuses_a_repeat_and_forces_a_rerun(make_env: Any) ->
     forced = export.run_command(env.ctx, wait=True, force=True, **options)
     assert forced["status"] == export.COMPLETE and forced["attempt"] == 2
     assert forced["operation"] != first["operation"]
-    assert env.manifest(day)["attempt"] == 2
+    assert env.manifest(day)["attempt"] == 1
+    assert json.loads(env.objects(day)["rerun-2/_MANIFEST.json"])["attempt"] == 2
     assert [operations.is_ours(env.ctx, o["name"]) for o in env.export_operations()] == [True] * 2
     assert export.open_days(env.ctx) == []
 
@@ -944,6 +995,12 @@ def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
     assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
 
 
+def wait_options(env: Env) -> dict[str, Any]:
+    """``run_command`` options: a full export of DAY, waited for."""
+    mime_type = env.ctx.settings.export_mime_type
+    return {"day": DAY, "mode": "full", "mime_type": mime_type, "poll_seconds": 0.1, "wait": True}
+
+
 def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
     make_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -951,13 +1008,7 @@ def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
     env = make_env()
     env.store_instances([image(4, 4)])
     monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
-    options: dict[str, Any] = {
-        "day": DAY,
-        "mode": "full",
-        "mime_type": env.ctx.settings.export_mime_type,
-        "poll_seconds": 0.1,
-        "wait": True,
-    }
+    options = wait_options(env)
     env.knobs(faults="export=1.0:500")
     try:
         first = export.run_command(env.ctx, **options)
@@ -974,6 +1025,65 @@ def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
     ]
     assert got[0]["alertId"] != got[1]["alertId"]
     assert got[1]["subject"].endswith("/exports/2026-11-25/attempt-2")
+
+
+def test_forced_reruns_under_retention_write_their_own_folders_and_restore_takes_the_latest(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the backups bucket's retention policy nothing written can be overwritten:
+    each rerun goes to rerun-N/ with its own manifest, the first run stays as it was,
+    and a restore takes the latest complete attempt."""
+    env = make_env()
+    retained = env.gcs.bucket(env.backups)
+    retained.retention_period = 3600
+    retained.patch()
+    monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
+    env.store_instances([image(4, 4) for _ in range(2)])
+    options = wait_options(env)
+    first = export.run_command(env.ctx, **options)
+    assert (first["status"], first["attempt"]) == (export.COMPLETE, 1)
+    before = {b.name: (b.generation, b.md5_hash) for b in env.gcs.list_blobs(env.backups)}
+    assert len(before) == 3  # two instances and the manifest
+    folder = backup.dated_folder(env.ctx.settings, DAY)
+
+    env.store_instances([image(4, 4)])
+    env.knobs(faults="export=1.0:500")
+    try:
+        failed = export.run_command(env.ctx, force=True, **options)
+    finally:
+        env.knobs(faults="")
+    assert (failed["status"], failed["attempt"]) == (export.FAILED, 2)
+    # The failed rerun leaves the first run in use; its folder now holds rerun-2/, so a
+    # whole restore copies the first run's objects instead of importing the folder.
+    source = restore.load_backup(env.ctx, DAY)
+    assert (source.folder, source.manifest["attempt"], source.nested) == (folder, 1, True)
+    assert len(source.objects) == 2
+    uri = restore.stage_source(env.ctx, source, source.studies(), "rerun-test")
+    assert restore.is_copy(env.ctx, uri) and restore.clean_up(env.ctx, "rerun-test") == 2
+
+    forced = export.run_command(env.ctx, force=True, **options)
+    assert (forced["status"], forced["attempt"]) == (export.COMPLETE, 3), forced
+    after = {b.name: (b.generation, b.md5_hash) for b in env.gcs.list_blobs(env.backups)}
+    assert {n: after[n] for n in before} == before  # nothing of the first run rewritten
+    added = sorted(n.removeprefix(folder) for n in set(after) - set(before))
+    assert added[0] == "rerun-2/_MANIFEST.json"
+    assert len(added) == 5 and all(n.startswith("rerun-3/") for n in added[1:])
+    first_manifest = env.manifest()
+    assert first_manifest["attempt"] == 1 and first_manifest["found"]["instances"] == 2
+    third = json.loads(env.objects()["rerun-3/_MANIFEST.json"])
+    assert (third["attempt"], third["complete"], third["found"]["instances"]) == (3, True, 3)
+    # The first run's folder still counts as two instances: no rerun is in it.
+    assert backup.found_counts(after, folder).instances == 2
+
+    source = restore.load_backup(env.ctx, DAY)
+    assert source.folder == f"{folder}rerun-3/" and source.manifest["attempt"] == 3
+    assert len(source.objects) == 3 and source.nested is False
+    marker = export.read_marker(env.ctx, DAY)
+    assert marker is not None
+    assert [p["folder"] for p in marker[0]["previous"]] == [folder, f"{folder}rerun-2/"]
+    shown = status.exports_section(env.ctx, TICK - timedelta(days=1))
+    assert [e["backup"] for e in shown] == [f"gs://{env.backups}/{folder}rerun-3/"]
+    assert [a["body"]["details"]["attempt"] for a in env.alerts()] == [2]  # export_failed
 
 
 def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_alert(

@@ -33,6 +33,7 @@ from googleapiclient.discovery import build
 from dicomflow import (
     alerts,
     batches,
+    export,
     feeds,
     ingest,
     keys,
@@ -475,6 +476,33 @@ def test_export_held_past_the_threshold_raises_one_stalled_alert(
     assert [m["body"]["kind"] for m in got] == ["stalled"]
     assert got[0]["body"]["details"]["operation"] == op["name"]
     assert got[0]["body"]["details"]["operationKind"] == "export"
+
+
+def test_a_dead_export_start_is_alerted_once_and_report_never_starts_an_export(env: Env) -> None:
+    """Report's role has no dicomStores.export: here the emulator refuses every export call
+    with 403, as IAM would. The export function takes a dead start over, not report."""
+    day = env.clock().date()
+    mime = env.ctx.settings.export_mime_type
+    claim = export._new_marker(env.ctx.settings, day, "full", mime, env.clock(), env.clock())
+    export._open(env.ctx, day, 1, env.clock())
+    assert objects.create(env.gcs.bucket(env.staging), export.marker_name(day), claim)
+    env.clock.advance(export.STALLED_START_SECONDS + 1)  # its lease is long over
+    env.knobs(faults="export=1.0:403")
+    try:
+        for _ in range(3):
+            assert env.report_tick() == 200
+    finally:
+        env.knobs(faults="")
+    found = export.read_marker(env.ctx, day)
+    assert found is not None
+    assert {k: found[0][k] for k in claim} == claim  # neither taken over nor failed
+    got = env.pull()
+    assert [m["body"]["kind"] for m in got] == ["stalled"]
+    assert got[0]["body"]["subject"] == f"{env.store}/exports/{day}/attempt-1/starting"
+    dataset = env.store.rsplit("/dicomStores/", 1)[0]
+    ops = healthcare_api(env.healthcare_url).projects().locations().datasets().operations()
+    listed = ops.list(name=dataset, pageSize=100).execute().get("operations", [])
+    assert [o for o in listed if "Export" in o["metadata"].get("apiMethodName", "")] == []
 
 
 # --- healthy burst -----------------------------------------------------------------------------

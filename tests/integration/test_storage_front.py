@@ -16,6 +16,7 @@ import pytest
 import requests
 from google.api_core.exceptions import (
     BadRequest,
+    Forbidden,
     NotFound,
     PreconditionFailed,
     ServiceUnavailable,
@@ -24,6 +25,7 @@ from google.cloud import storage
 
 from localcloud.faultproxy import FaultProxy
 from localcloud.storage import StorageServer, client
+from localcloud.storagefront import StorageFront
 
 NINE_MIB = 9 * 1024 * 1024
 
@@ -309,6 +311,57 @@ def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
         objects.TOKEN: objects.read_json(bucket, "mine.json")[objects.TOKEN],  # type: ignore[index]
     }
     assert proxy.snapshot()["after_faults"] == {"objects.insert": 2}
+
+
+def test_a_retention_policy_refuses_overwrite_and_delete_of_a_young_object(
+    bucket: storage.Bucket,
+) -> None:
+    bucket.retention_period = 3600
+    bucket.patch()
+    assert bucket.client.get_bucket(bucket.name).retention_period == 3600
+    kept = bucket.blob("backups/2026-11-25/_MANIFEST.json")
+    kept.upload_from_string(b"first", if_generation_match=0)
+    refused: list[Callable[[], object]] = [
+        lambda: bucket.blob(kept.name).upload_from_string(b"second"),  # overwrite
+        lambda: bucket.blob(kept.name).delete(),
+        lambda: bucket.copy_blob(bucket.blob("other"), bucket, kept.name),  # copy over it
+        lambda: bucket.blob(kept.name).rewrite(bucket.blob("other")),
+    ]
+    bucket.blob("other").upload_from_string(b"other")
+    for attempt in refused:
+        with pytest.raises(Forbidden) as caught:
+            attempt()
+        error = caught.value.response.json()["error"]
+        assert (error["code"], error["errors"][0]["reason"]) == (403, "retentionPolicyNotMet")
+        assert "is subject to bucket's retention policy" in error["message"]
+    assert bucket.blob(kept.name).download_as_bytes() == b"first"
+    # New names are created as usual; metadata may change, as on Cloud Storage.
+    bucket.blob("backups/2026-11-25/rerun-2/_MANIFEST.json").upload_from_string(b"rerun")
+    kept.metadata = {"note": "allowed"}
+    kept.patch()
+    # Without the policy (removed, or aged out) the same overwrite goes through.
+    bucket.retention_period = None
+    bucket.patch()
+    bucket.blob(kept.name).upload_from_string(b"second")
+    assert bucket.blob(kept.name).download_as_bytes() == b"second"
+
+
+def test_a_front_given_a_retention_period_at_start_enforces_it_and_shows_it(
+    gcs_server: StorageServer, bucket: storage.Bucket
+) -> None:
+    """What ``localcloud`` does with LOCALCLOUD_BACKUP_RETENTION_SECONDS (``--retention``)."""
+    front = StorageFront(gcs_server.upstream_url, 0, {bucket.name: 60}).start()
+    made = client(front.url)
+    try:
+        retained = made.get_bucket(bucket.name)
+        assert retained.retention_period == 60
+        retained.blob("young").upload_from_string(b"kept")
+        with pytest.raises(Forbidden):
+            retained.blob("young").delete()
+        assert retained.blob("young").download_as_bytes() == b"kept"
+    finally:
+        made.close()  # type: ignore[no-untyped-call]
+        front.stop()
 
 
 @pytest.mark.parametrize("name", ["a\nb.dcm", "a\rb.dcm", "dir/\r\n.dcm"])

@@ -16,7 +16,7 @@ from typing import Any
 import hcl2
 import pytest
 
-from dicomflow.config import SETTINGS_DOC
+from dicomflow.config import SETTINGS_DOC, TOMBSTONES_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -375,20 +375,28 @@ def check_buckets(cfg: Config) -> list[str]:
     default = DEFAULTS.get("DICOMFLOW_MAX_EVENT_AGE_SECONDS")
     if f'"DICOMFLOW_MAX_EVENT_AGE_SECONDS", "{default}"' not in age:
         problems.append(f"local.max_event_age_seconds does not default to SETTINGS_DOC's {default}")
+    # Restore copies (restores/) hold PHI and a restore without --wait leaves them: they expire
+    # after the same days. Tombstones (tombstones/) must outlive every backup: no rule reaches them.
+    expiring: set[str] = set()
     for name in ("landing", "staging"):
         for rule in _blocks(buckets.get(name, {}), "lifecycle_rule"):
             action = _blocks(rule, "action")[0].get("type")
             condition = _blocks(rule, "condition")[0]
-            expires_claims = (
-                name == "staging"
-                and condition.get("matches_prefix") == claims
-                and "var.staging_copy_retention_days" in str(condition.get("age"))
-            )
+            prefixes = condition.get("matches_prefix")
+            aged = "var.staging_copy_retention_days" in str(condition.get("age"))
+            allowed = name == "staging" and aged and prefixes in (claims, ["restores/"])
             live = condition.get("with_state") != "ARCHIVED"
-            if action == "Delete" and live and not expires_claims:
-                problems.append(f"a lifecycle rule of {name} can delete live objects")
+            if action == "Delete" and live:
+                if not allowed:
+                    problems.append(f"a lifecycle rule of {name} can delete live objects")
+                if name == "staging":
+                    expiring.update(prefixes if isinstance(prefixes, list) else [""])
             if action not in ("Delete", "AbortIncompleteMultipartUpload"):
                 problems.append(f"a lifecycle rule of {name} does {action}")
+    if "restores/" not in expiring:
+        problems.append("no lifecycle rule expires the restore copies (restores/)")
+    if any(TOMBSTONES_PREFIX.startswith(prefix) for prefix in expiring):
+        problems.append("a lifecycle rule of staging expires tombstones/")
     return problems
 
 
@@ -956,6 +964,7 @@ resource "google_storage_bucket" "backups" {
     assert "the backups bucket's location is not var.backup_location" in problems
     assert "bucket staging does not take the CMEK key" in problems
     assert "a lifecycle rule of staging can delete live objects" in problems  # failed/ missing
+    assert "no lifecycle rule expires the restore copies (restores/)" in problems
     assert "no precondition keeps staging claims longer than the maximum event age" in problems
     assert any("does not default to SETTINGS_DOC's 90000" in p for p in problems)
 
@@ -1093,3 +1102,27 @@ def test_check_variables_used_flags_unread_and_undocumented_variables() -> None:
         "infra/README.md does not mention variable a",
     ]
     assert check_variables_used(cfg, "| `a` |") == ["variable a is never read"]
+
+
+def test_check_buckets_flags_a_staging_rule_that_reaches_tombstones() -> None:
+    cfg = parse(
+        [
+            """
+resource "google_storage_bucket" "staging" {
+  lifecycle_rule {
+    condition {
+      age        = var.staging_copy_retention_days
+      with_state = "LIVE"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+"""
+        ]
+    )
+    problems = check_buckets(cfg)
+    assert "a lifecycle rule of staging can delete live objects" in problems
+    assert "a lifecycle rule of staging expires tombstones/" in problems
+    assert "no lifecycle rule expires the restore copies (restores/)" in problems

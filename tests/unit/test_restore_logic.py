@@ -25,6 +25,61 @@ def test_sample_studies_is_all_or_a_seeded_sample() -> None:
     assert picked == restore.sample_studies(studies[::-1], 3, random.Random("2026-11-25"))
 
 
+def test_a_rerun_has_its_own_folder_and_is_never_counted_into_the_first() -> None:
+    settings = load_settings(
+        {
+            "DICOMFLOW_DICOM_STORE": STORE,
+            "DICOMFLOW_LANDING_BUCKET": "land",
+            "DICOMFLOW_STAGING_BUCKET": "stage",
+            "DICOMFLOW_BACKUP_BUCKET": "back",
+            "DICOMFLOW_ALERTS_TOPIC": "projects/p/topics/t",
+        }
+    )
+    day = datetime(2026, 11, 25, tzinfo=UTC).date()
+    first = backup.attempt_folder(settings, day)
+    assert first == backup.dated_folder(settings, day) == "backups/2026-11-25/"
+    assert backup.attempt_folder(settings, day, 3) == "backups/2026-11-25/rerun-3/"
+    assert backup.destination_uri(settings, day, 2) == "gs://back/backups/2026-11-25/rerun-2/"
+    names = [
+        f"{first}1.2/1.3/1.4.dcm",
+        f"{first}_MANIFEST.json",
+        f"{first}rerun-2/1.2/1.3/1.4.dcm",
+        f"{first}rerun-2/1.2/1.3/1.5.dcm",
+        f"{first}rerun-2/_MANIFEST.json",
+    ]
+    assert backup.found_counts(names, first) == backup.Counts(1, 1)
+    assert backup.series_counts(names, first) == {"1.2/1.3": 1}
+    assert backup.found_counts(names, f"{first}rerun-2/") == backup.Counts(2, 2)
+    attempts = [backup.attempt_of(n.removeprefix(first)) for n in names]
+    assert attempts == [None, 1, None, None, 2]
+    assert backup.attempt_of("rerun-1/_MANIFEST.json") is None
+    assert backup.attempt_of("rerun-x/_MANIFEST.json") is None
+
+
+@pytest.mark.parametrize(
+    ("manifests", "picked"),
+    [
+        ({}, None),
+        ({1: {"state": "finished", "complete": True}}, 1),
+        # The rerun failed: the first run's complete backup is the one to restore.
+        ({1: {"state": "finished", "complete": True}, 2: {"state": "finished"}}, 1),
+        (
+            {
+                1: {"state": "finished", "complete": True},
+                3: {"state": "finished", "complete": True},
+            },
+            3,
+        ),
+        # None complete: the latest, whose state tells the reader why it cannot be used.
+        ({1: {"state": "finished"}, 2: {"state": "finished", "complete": False}}, 2),
+    ],
+)
+def test_a_reader_takes_the_latest_complete_attempt(
+    manifests: dict[int, dict[str, object]], picked: int | None
+) -> None:
+    assert backup.pick_attempt(manifests) == picked
+
+
 def test_series_counts_and_the_manifest_keep_them() -> None:
     folder = "backups/2026-11-25/"
     names = [
