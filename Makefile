@@ -60,7 +60,7 @@ status: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/emulator_import.py
 	$(PY) bench/export.py
-	$(PY) bench/ingest_burst.py --instances $(BENCH_BURST) --baseline-timeout 300
+	$(PY) bench/ingest_burst.py --instances $(BENCH_BURST) --timeout 300 --idle 10
 	$(PY) bench/chaos.py --files $(BENCH_CHAOS)
 
 BENCH_BURST ?= 150
