@@ -43,7 +43,7 @@ fixed cost.
 
 Usage: ``python bench/ingest_burst.py [--instances N] [--only STRATEGY ...]``;
 the default is the full size, 5,000 instances (results ``ingest_burst_5000.json``;
-more than 500 are named by their size); ``make bench`` runs 150 (``ingest_burst.json``).
+more than 500 are named by their size); ``make bench`` runs 100 (``ingest_burst.json``).
 With ``--only``, those strategies run and write ``ingest_burst_<N>_<strategies>.json``.
 ``--recost RESULT`` derives the costs and the table again from a result's measurements.
 """

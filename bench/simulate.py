@@ -314,7 +314,8 @@ def _cell(r: dict[str, Any]) -> str:
     """``p99 s  imports/h`` of one run (``saturated`` when ingest cannot keep up)."""
     if r.get("saturated"):
         return "saturated"
-    return f"{_fmt(r['p99'])} s {r['importsPerHour']:>4}/h"
+    p99 = "never" if math.isinf(r["p99"]) else f"{r['p99']:,.0f} s"
+    return f"{p99} {r['importsPerHour']:>4}/h"
 
 
 def _finite(value: Any) -> Any:
