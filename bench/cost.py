@@ -16,6 +16,11 @@ Durations measured on a shared 2-core machine are longer than Cloud Run's, so
 compute is an upper bound; the CPU time the functions used is its lower bound
 (``computeCpuBound``).
 
+Healthcare data volume: the price list charges DICOM imports and STOW-RS per
+request (import and export are multi-operation requests); the copies read list
+no per-GB charge for them, so none is modelled. The bytes in the store are the
+same for every strategy.
+
 Kept bytes: dicomflow's staging copy of each file stays
 ``STAGING_COPY_DAYS`` (the lifecycle rule), then ``NONCURRENT_DAYS`` as a
 noncurrent version and ``SOFT_DELETE_DAYS`` in soft delete. The baselines keep
@@ -215,11 +220,11 @@ def fixed_per_month(per_tick: dict[str, Any], tick_seconds: float) -> float:
 def table(result: dict[str, Any]) -> str:
     """The cost lines of an ``ingest_burst.py`` result, as text."""
     lines = [f"USD per million files (list prices read {PRICES_READ}; see bench/cost.py)"]
-    for strategy, costs in result.get("costPerMillionFilesUsd", {}).items():
-        for case, by_size in costs.items():
-            for size, parts in by_size.items():
+    for strategy, entry in result.get("strategies", {}).items():
+        for case in ("contended", "uncontended"):
+            for size, parts in entry.get(case, {}).get("usd", {}).items():
                 shown = ", ".join(f"{k} {v}" for k, v in parts.items())
-                lines.append(f"  {strategy:10} {case:12} {size:>6} MB: {shown}")
+                lines.append(f"  {strategy:10} {case:12} {size:>4} MB: {shown}")
     return "\n".join(lines)
 
 
