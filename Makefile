@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint infra-check unit demo up down status bench clean
+.PHONY: setup test lint infra-check infra-validate unit demo up down status bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The provider mirrors for terraform validate are built (downloads included) before pytest, so
+# the suite's time is the tests' own.
 test: lint infra-check
+	$(PY) -m tests.tfvalidate.run --prepare
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # checkov has its own venv: its dependencies clash with the pins above. It runs offline
@@ -41,6 +44,12 @@ infra-check: $(CHECKOV_STAMP)
 	  else echo "terraform not installed: skipping terraform fmt -check"; fi
 	env -u BC_API_KEY BC_SKIP_MAPPING=TRUE CKV_SKIP_PACKAGE_UPDATE_CHECK=true \
 	  $(CHECKOV_VENV)/bin/checkov --directory infra --framework terraform --skip-download --compact --quiet
+
+# terraform init && terraform validate for google 6.x and 7.x, offline (also run by `make test`
+# through tests/unit/test_tfvalidate.py). Its virtualenv, wheels and schemas are cached in
+# .cache/tfvalidate/, pinned by requirements-tfvalidate.txt.
+infra-validate: $(STAMP)
+	$(PY) -m tests.tfvalidate.run infra
 
 demo: $(STAMP)
 	$(PY) -m localcloud demo
@@ -61,6 +70,7 @@ status: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/emulator_import.py
 	$(PY) bench/export.py
+	$(PY) bench/sweep.py
 	$(PY) bench/ingest_burst.py --instances $(BENCH_BURST) --timeout 300 --idle 10 --steady-seconds 20
 	$(PY) bench/chaos.py --files $(BENCH_CHAOS)
 
@@ -68,4 +78,4 @@ BENCH_BURST ?= 100
 BENCH_CHAOS ?= 200
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .localcloud .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .cache/tfvalidate .localcloud .pytest_cache .mypy_cache .ruff_cache

@@ -1,15 +1,28 @@
 """Import throughput of the Healthcare emulator, against Orthanc's STOW-RS as a yardstick.
 
-Generates N small CT instances (default 5,000 of about 9 KB), imports them
-from fake-gcs-server with one ``dicomStores.import`` operation, then pushes
-the same files to a fresh Orthanc (Debian packages ``orthanc`` and
-``orthanc-dicomweb``, installed with apt-get when missing; skipped, and said
-so, when that fails) by STOW-RS, B files per request from one client. Both
-store what they are given after checking it: the emulator runs the same header
-and UID checks as in the tests. Each of ``--runs`` rounds measures both, one
-after the other, on the same files; the table gives the median of each and the
-ratio of the medians, and prints Orthanc's configuration, which is pinned here.
-Writes ``bench/results/emulator_import.json``.
+Generates N small CT instances (default 5,000 of about 9 KB) and uploads them
+once to a fake-gcs-server with the filesystem backend behind localcloud's
+storage front, as ``localcloud up`` runs it (its root on tmpfs when there is
+one, since only the upload writes there). Each of ``--runs`` rounds then
+measures, one after the other on the same files:
+
+- the emulator as ``localcloud up`` runs it: its own process (``python -m
+  localcloud.healthcare``) with ``--storage-root``, so imports read the object
+  files checked against the listing's size and MD5;
+- Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``, installed with
+  apt-get when missing; skipped, and said so, when that fails), fresh, given
+  the same files by STOW-RS, B per request from one client;
+- the emulator without ``--storage-root``, reading every object through the
+  storage front, for comparison.
+
+Each emulator run is a fresh process and data directory; one
+``dicomStores.import`` of ``gs://BUCKET/in/**.dcm`` is timed from the call until
+the operation is done (polled every 50 ms), once the emulator answers and its import workers have
+started (Orthanc too is timed once it answers). The emulator runs the same
+header and UID checks as in the tests. The table gives the median of each, the
+ratio of the medians, CPU milliseconds per instance of every process involved,
+and Orthanc's configuration, which is pinned here. Writes
+``bench/results/emulator_import.json``.
 
 Usage: ``python bench/emulator_import.py [--instances N] [--stow-batch B] [--runs R]``
 """
@@ -28,6 +41,8 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +54,17 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from localcloud.healthcare import start_healthcare
 from localcloud.ports import free_port, wait_http
-from localcloud.storage import start_storage
+from localcloud.storage import StorageServer, start_storage
 
 RESULTS = Path(__file__).parent / "results" / "emulator_import.json"
 PLUGINS = "/usr/share/orthanc/plugins"
+ROOT = Path(__file__).resolve().parents[1]
+TICKS = os.sysconf("SC_CLK_TCK")
+# Operation polls cost the client and the emulator CPU on the same 2 cores; one every
+# 50 ms adds at most 50 ms to the emulator's time, against it.
+POLL_SECONDS = 0.05
+FILES, ORTHANC, API = "emulator", "orthanc", "emulator through the front"
 
 
 def orthanc_config(workdir: str, http_port: int, dicom_port: int) -> dict[str, object]:
@@ -110,51 +130,129 @@ def generate(count: int) -> list[bytes]:
     return files
 
 
-def bench_emulator(files: list[bytes]) -> float:
-    """Seconds from the import call to its operation being done."""
-    storage = start_storage()
-    healthcare = start_healthcare(storage_endpoint=storage.url)
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (0 once it is gone)."""
     try:
-        gcs = storage.client()
-        bucket = gcs.create_bucket(f"bench-{uuid.uuid4().hex[:8]}")
-        for index, data in enumerate(files):
-            bucket.blob(f"in/{index:06d}.dcm").upload_from_string(data)
-        gcs.close()
-        api = build(
-            "healthcare",
-            "v1",
-            static_discovery=True,
-            cache_discovery=False,
-            client_options={"api_endpoint": healthcare.url},
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        )
-        datasets = api.projects().locations().datasets()
-        parent = "projects/bench/locations/local"
-        datasets.create(parent=parent, datasetId="bench", body={}).execute()
-        datasets.dicomStores().create(
-            parent=f"{parent}/datasets/bench", dicomStoreId="s", body={}
-        ).execute()
-        started = time.perf_counter()
-        operation = (
-            datasets.dicomStores()
-            .import_(
-                name=f"{parent}/datasets/bench/dicomStores/s",
-                body={"gcsSource": {"uri": f"gs://{bucket.name}/in/**.dcm"}},
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def upload(storage: StorageServer, files: list[bytes]) -> str:
+    """Upload every file as ``in/NNNNNN.dcm`` to a new bucket; returns its name."""
+    gcs = storage.client()
+    bucket = gcs.create_bucket(f"bench-{uuid.uuid4().hex[:8]}")
+
+    def one(index: int) -> None:
+        bucket.blob(f"in/{index:06d}.dcm").upload_from_string(files[index])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(len(files))))
+    gcs.close()
+    return str(bucket.name)
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until the emulator answers and its import workers have started, as Orthanc is waited for."""
+    wait_http(f"{url}/_emulator/health", timeout, "the emulator", lambda: process.poll() is None)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = requests.get(f"{url}/_emulator/health", timeout=10).json()
+        if health["importWorkersReady"] == health["importWorkers"]:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the emulator's import workers did not start in {timeout} s")
+
+
+@dataclass
+class Measured:
+    seconds: float
+    cpu: dict[str, float]
+
+
+def bench_emulator(storage: StorageServer, bucket: str, count: int, read_files: bool) -> Measured:
+    """One import into a fresh emulator process; seconds from the call to the operation done."""
+    with tempfile.TemporaryDirectory(prefix="bench-emulator-") as workdir:
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "localcloud.healthcare",
+            "--port",
+            str(port),
+            "--data-dir",
+            f"{workdir}/data",
+            "--storage-endpoint",
+            storage.url,
+        ]
+        if read_files:
+            command += ["--storage-root", str(storage.root)]
+        with open(Path(workdir) / "emulator.log", "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, process)
+            api = build(
+                "healthcare",
+                "v1",
+                static_discovery=True,
+                cache_discovery=False,
+                client_options={"api_endpoint": url},
+                credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             )
-            .execute()
-        )
-        while not operation.get("done"):
-            time.sleep(0.01)
-            operation = datasets.operations().get(name=operation["name"]).execute()
-        elapsed = time.perf_counter() - started
-        counter = operation["metadata"]["counter"]
-        if counter.get("success") != str(len(files)):
-            raise RuntimeError(f"emulator import incomplete: {operation}")
-        api.close()
-        return elapsed
-    finally:
-        healthcare.stop()
-        storage.stop()
+            datasets = api.projects().locations().datasets()
+            parent = "projects/bench/locations/local"
+            datasets.create(parent=parent, datasetId="bench", body={}).execute()
+            datasets.dicomStores().create(
+                parent=f"{parent}/datasets/bench", dicomStoreId="s", body={}
+            ).execute()
+            pids = {
+                "emulator": process.pid,
+                "fake-gcs-server": storage.process.pid,
+                "storage front": storage.front.pid,
+            }
+            for index, pid in enumerate(child_pids(process.pid), 1):
+                pids[f"import worker {index}"] = pid
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            client_before = time.process_time()
+            started = time.perf_counter()
+            operation = (
+                datasets.dicomStores()
+                .import_(
+                    name=f"{parent}/datasets/bench/dicomStores/s",
+                    body={"gcsSource": {"uri": f"gs://{bucket}/in/**.dcm"}},
+                )
+                .execute()
+            )
+            while not operation.get("done"):
+                time.sleep(POLL_SECONDS)
+                operation = datasets.operations().get(name=operation["name"]).execute()
+            elapsed = time.perf_counter() - started
+            cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+            cpu["client"] = time.process_time() - client_before
+            counter = operation["metadata"]["counter"]
+            if counter.get("success") != str(count) or "failure" in counter:
+                raise RuntimeError(f"emulator import incomplete: {operation}")
+            api.close()
+            return Measured(elapsed, cpu)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def ensure_orthanc() -> str | None:
@@ -180,7 +278,7 @@ def orthanc_version(binary: str) -> str:
     return (output.stdout.splitlines() or ["unknown"])[0]
 
 
-def bench_orthanc(binary: str, files: list[bytes], batch: int) -> float:
+def bench_orthanc(binary: str, files: list[bytes], batch: int) -> Measured:
     """Seconds to STOW every file to a fresh Orthanc, ``batch`` files per request."""
     with tempfile.TemporaryDirectory(prefix="bench-orthanc-") as workdir:
         port = free_port()
@@ -197,6 +295,8 @@ def bench_orthanc(binary: str, files: list[bytes], batch: int) -> float:
             )
             url = f"http://127.0.0.1:{port}/dicom-web/studies"
             with requests.Session() as session:
+                before = cpu_seconds(process.pid)
+                client_before = time.process_time()
                 started = time.perf_counter()
                 for start in range(0, len(files), batch):
                     boundary = uuid.uuid4().hex
@@ -221,13 +321,31 @@ def bench_orthanc(binary: str, files: list[bytes], batch: int) -> float:
                     )
                     response.raise_for_status()
                 elapsed = time.perf_counter() - started
+                cpu = {
+                    "Orthanc": cpu_seconds(process.pid) - before,
+                    "client": time.process_time() - client_before,
+                }
                 stored = session.get(f"http://127.0.0.1:{port}/statistics", timeout=30).json()
             if stored["CountInstances"] != len(files):
                 raise RuntimeError(f"Orthanc stored {stored['CountInstances']} of {len(files)}")
-            return elapsed
+            return Measured(elapsed, cpu)
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def storage_root() -> str | None:
+    """tmpfs for fake-gcs-server's files when there is one (its uploads fsync every object)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def per_instance_ms(runs: list[Measured], count: int) -> dict[str, float]:
+    """Median CPU milliseconds per instance of each process over ``runs``."""
+    return {
+        name: round(1000 * statistics.median(r.cpu[name] for r in runs) / count, 3)
+        for name in runs[0].cpu
+    }
 
 
 def main() -> int:
@@ -236,51 +354,75 @@ def main() -> int:
     parser.add_argument("--stow-batch", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    load_at_start = os.getloadavg()
     files = generate(args.instances)
     binary = ensure_orthanc()
-    emulator_runs: list[float] = []
-    orthanc_runs: list[float] = []
-    for run in range(1, args.runs + 1):
-        emulator_runs.append(bench_emulator(files))
-        line = f"run {run}: emulator {emulator_runs[-1]:.2f} s"
-        if binary is not None:
-            orthanc_runs.append(bench_orthanc(binary, files, args.stow_batch))
-            line += f", Orthanc {orthanc_runs[-1]:.2f} s"
-        print(line, flush=True)
-    emulator = statistics.median(emulator_runs)
-    rows = [("localcloud emulator, dicomStores.import from fake-gcs-server", emulator)]
-    orthanc = statistics.median(orthanc_runs) if orthanc_runs else None
-    if orthanc is not None:
-        rows.append((f"Orthanc STOW-RS, {args.stow_batch} per request", orthanc))
+    runs: dict[str, list[Measured]] = {FILES: [], ORTHANC: [], API: []}
+    with tempfile.TemporaryDirectory(prefix="bench-gcs-", dir=storage_root()) as gcs_dir:
+        storage = start_storage(data_dir=Path(gcs_dir) / "root")
+        try:
+            bucket = upload(storage, files)
+            for run in range(1, args.runs + 1):
+                runs[FILES].append(bench_emulator(storage, bucket, len(files), read_files=True))
+                if binary is not None:
+                    runs[ORTHANC].append(bench_orthanc(binary, files, args.stow_batch))
+                runs[API].append(bench_emulator(storage, bucket, len(files), read_files=False))
+                print(
+                    f"run {run}: "
+                    + ", ".join(f"{label} {r[-1].seconds:.2f} s" for label, r in runs.items() if r),
+                    flush=True,
+                )
+        finally:
+            storage.stop()
+    load_at_end = os.getloadavg()
+    medians = {label: statistics.median(m.seconds for m in r) for label, r in runs.items() if r}
+    labels = {
+        FILES: "localcloud emulator, dicomStores.import (--storage-root)",
+        ORTHANC: f"Orthanc STOW-RS, {args.stow_batch} per request",
+        API: "localcloud emulator, import reading through the storage front",
+    }
     print(f"\n{args.instances} instances of {len(files[0])} bytes, median of {args.runs} runs")
-    print(f"{'system':<62} {'seconds':>8} {'instances/s':>12}")
-    for label, seconds in rows:
-        print(f"{label:<62} {seconds:>8.2f} {args.instances / seconds:>12.1f}")
+    print(f"{'system':<64} {'seconds':>8} {'instances/s':>12} {'CPU ms/instance':>16}")
+    for label, seconds in medians.items():
+        cpu = sum(per_instance_ms(runs[label], args.instances).values())
+        print(f"{labels[label]:<64} {seconds:>8.2f} {args.instances / seconds:>12.1f} {cpu:>16.3f}")
     result: dict[str, object] = {
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "command": "python " + " ".join(["bench/emulator_import.py", *sys.argv[1:]]),
+        "load_average_at_start": [round(x, 2) for x in load_at_start],
+        "load_average_at_end": [round(x, 2) for x in load_at_end],
         "instances": args.instances,
         "instance_bytes": len(files[0]),
         "runs": args.runs,
-        "emulator_seconds_runs": [round(x, 3) for x in emulator_runs],
-        "emulator_seconds": round(emulator, 3),
-        "emulator_instances_per_s": round(args.instances / emulator, 1),
     }
-    if orthanc is not None and binary is not None:
-        ratio = orthanc / emulator
+    for label, key in ((FILES, "emulator"), (API, "emulator_through_front")):
+        result.update(
+            {
+                f"{key}_seconds_runs": [round(m.seconds, 3) for m in runs[label]],
+                f"{key}_seconds": round(medians[label], 3),
+                f"{key}_instances_per_s": round(args.instances / medians[label], 1),
+                f"{key}_cpu_ms_per_instance": per_instance_ms(runs[label], args.instances),
+            }
+        )
+    if binary is not None:
+        ratio = medians[ORTHANC] / medians[FILES]
+        through_front = medians[ORTHANC] / medians[API]
         print(f"emulator / Orthanc throughput ratio (medians): {ratio:.2f}")
+        print(f"the same, reading through the storage front: {through_front:.2f}")
         config = orthanc_config("TMPDIR", 0, 0)
         print(f"Orthanc: {orthanc_version(binary)}, configuration: {json.dumps(config)}")
         result.update(
             {
                 "orthanc_version": orthanc_version(binary),
                 "orthanc_config": config,
-                "orthanc_seconds_runs": [round(x, 3) for x in orthanc_runs],
-                "orthanc_seconds": round(orthanc, 3),
-                "orthanc_instances_per_s": round(args.instances / orthanc, 1),
+                "orthanc_seconds_runs": [round(m.seconds, 3) for m in runs[ORTHANC]],
+                "orthanc_seconds": round(medians[ORTHANC], 3),
+                "orthanc_instances_per_s": round(args.instances / medians[ORTHANC], 1),
+                "orthanc_cpu_ms_per_instance": per_instance_ms(runs[ORTHANC], args.instances),
                 "orthanc_stow_batch": args.stow_batch,
                 "emulator_to_orthanc_ratio": round(ratio, 2),
+                "emulator_through_front_to_orthanc_ratio": round(through_front, 2),
             }
         )
     else:

@@ -4,7 +4,7 @@ An alert is built by the pure ``build_alert`` and sent by ``publish_once``.
 
 Message (the Pub/Sub ``data``, JSON)::
 
-    {"schemaVersion": 1, "alertId": "...", "kind": "export_failed", "severity": "ERROR",
+    {"schemaVersion": 2, "alertId": "...", "kind": "export_failed", "severity": "ERROR",
      "dicomStore": "projects/.../dicomStores/S", "subject": "...", "time": "...Z",
      "details": {...}}
 
@@ -15,10 +15,25 @@ Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
 - ``quarantined`` (WARNING): files that failed the header check, one per window.
 - ``dropped`` (WARNING): files ingest gave up on without importing them (reason
   ``event-too-old``: the event came later than ``DICOMFLOW_MAX_EVENT_AGE_SECONDS``;
-  ``source-missing``: the object was gone), one per window, from ingest's drop
+  ``source-missing``: the object was gone; ``foreign-bucket``: the event named another
+  bucket), one per window, from ingest's drop
   records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
+- ``permission_denied`` (ERROR): files ingest could not read or copy for want of
+  permission (401, 403); ``unreadable`` (ERROR): files whose read or copy met another
+  permanent answer (400, 416 ...). One per kind and window, from the failure records
+  ``failed/<window>/<key>.json``.
+- ``verification_stuck`` (ERROR): a finished import whose verification kept failing
+  for ``DICOMFLOW_VERIFY_STUCK_MINUTES``, once per batch.
+- ``stale_state`` (WARNING): an unsealed window, an open batch or an open export older
+  than ``DICOMFLOW_STALE_STATE_MINUTES``, once per episode of each (``dicomflow.stale``).
 - ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
   outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
+- ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
+  ``restore_drill_overdue`` (WARNING): no drill finished within its period
+  (``dicomflow.drill``).
+- ``missed_event`` (WARNING): uploads whose finalize event never came, found and
+  ingested by the reconciliation sweep (``dicomflow.sweep``); one per sweep, with the
+  count and no names.
 
 Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
 ``alertId`` and ``schemaVersion``.
@@ -40,10 +55,22 @@ staging bucket and works as a lease:
 So concurrent callers publish once, and a crash anywhere leads to a repeat
 with the same ``alertId`` at the next call (at-least-once), never to a loss.
 
-No PHI: details hold UIDs, counts, and object names through ``object_label``
-(hashed by default). ``build_alert`` rejects detail keys that are DICOM PHI
+No PHI: details hold counts, object names through ``object_label`` and DICOM UIDs
+through ``uid_label``. ``build_alert`` rejects detail keys that are DICOM PHI
 attributes (patient module, person names, dates of care and the like) and
 values that are not plain JSON.
+
+Labels (schema version 2). By default an object is named by its label
+``h:<key id>:<32 hex>``, an HMAC-SHA256 of its ``gs://`` URI under the
+deployment key (``dicomflow.keys``), and so is a UID (``DICOMFLOW_ALERT_UIDS``).
+Labels are stable within a deployment (the same object or UID always gets the
+same label, across functions and restarts) and differ between deployments;
+they change when the key is rotated, and ``<key id>`` says which key made
+them. Without the key a label cannot be checked against a guessed path or UID.
+Operators who can read staging resolve one with ``dicomflow label LABEL``.
+``DICOMFLOW_ALERT_OBJECT_NAMES=plain`` and ``DICOMFLOW_ALERT_UIDS=plain`` put
+names and UIDs in clear instead. Version 1 labelled objects with an unkeyed
+``sha256:<16 hex>`` and carried UIDs in clear.
 """
 
 from __future__ import annotations
@@ -62,13 +89,13 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from googleapiclient.errors import HttpError
 
-from dicomflow import log, objects
+from dicomflow import keys, log, objects
 from dicomflow.config import STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ALERTS_PREFIX = f"{STATE_PREFIX}alerts/"
 ALERT_KINDS = (
     "import_failed",
@@ -79,6 +106,13 @@ ALERT_KINDS = (
     "operation_failed",
     "stalled",
     "backlog",
+    "permission_denied",
+    "unreadable",
+    "verification_stuck",
+    "stale_state",
+    "restore_drill_failed",
+    "restore_drill_overdue",
+    "missed_event",
 )
 SEVERITIES = ("INFO", "WARNING", "ERROR", "CRITICAL")
 SAMPLES_KEY = "samples"
@@ -163,23 +197,32 @@ def _is_phi_key(key: str) -> bool:
     return False
 
 
-def alert_id(kind: str, subject: str) -> str:
-    """The deterministic id of the alert for ``subject``: 32 hex digits of SHA-256."""
-    digest = hashlib.sha256(f"dicomflow-alert\n{kind}\n{subject}".encode()).hexdigest()
-    return digest[:32]
+def alert_id(kind: str, subject: str, store: str) -> str:
+    """The deterministic id of the alert for ``subject``: 32 hex digits of SHA-256 over the
+    kind, the subject and the DICOM store, so that two deployments whose windows and batches
+    have the same names never share an id."""
+    digest = hashlib.sha256(f"dicomflow-alert\n{kind}\n{subject}\n{store}".encode())
+    return digest.hexdigest()[:32]
 
 
 def object_label(settings: Settings, bucket: str, name: str) -> str:
-    """How an object is named in an alert: ``sha256:<16 hex>`` (default) or ``gs://b/n``.
+    """How an object is named in an alert: its keyed label (default) or ``gs://b/n``.
 
     Object names can carry patient names (uploaders name files after patients),
-    so the default is a hash of the full ``gs://`` URI. Operators map a hash back by
-    hashing their own listing the same way.
+    so the default is an HMAC of the full ``gs://`` URI under the deployment key
+    (``keys.OBJECT``); ``dicomflow label`` maps a label back to its object.
     """
     uri = f"gs://{bucket}/{name}"
     if settings.alert_object_names == "plain":
         return uri
-    return "sha256:" + hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return keys.load(settings).hash(keys.OBJECT, uri)
+
+
+def uid_label(settings: Settings, uid: str | None) -> str | None:
+    """How a DICOM UID appears in an alert: its keyed label (default) or the UID."""
+    if not uid or settings.alert_uids == "plain":
+        return uid
+    return keys.load(settings).hash(keys.UID, uid)
 
 
 def samples(settings: Settings, objects: Iterable[tuple[str, str]]) -> dict[str, Any]:
@@ -293,7 +336,7 @@ def build_alert(
     if max_samples is not None and isinstance(listed, list) and len(listed) > max_samples:
         checked[SAMPLES_KEY] = listed[:max_samples]
         checked.setdefault("sampleTotal", len(listed))
-    return Alert(alert_id(kind, subject), kind, severity, store, subject, now, checked)
+    return Alert(alert_id(kind, subject, store), kind, severity, store, subject, now, checked)
 
 
 def marker_name(alert_id_: str) -> str:

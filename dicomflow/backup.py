@@ -201,6 +201,19 @@ def found_counts(names: Iterable[str], folder: str) -> Counts:
     return Counts(len(keys), objects)
 
 
+def series_counts(names: Iterable[str], folder: str) -> dict[str, int]:
+    """``study/series`` -> objects under ``folder``: what a restore checks each series against."""
+    found: dict[str, int] = {}
+    for name in names:
+        if not name.startswith(folder):
+            continue
+        key = instance_key(name[len(folder) :])
+        if key:
+            series = key.rsplit("/", 1)[0]
+            found[series] = found.get(series, 0) + 1
+    return dict(sorted(found.items()))
+
+
 def _counter(operation: Mapping[str, Any], name: str) -> int | None:
     raw = ((operation.get("metadata") or {}).get("counter") or {}).get(name)
     try:
@@ -233,8 +246,12 @@ def build_manifest(
     operation: Mapping[str, Any] | None,
     found: Counts,
     now: datetime,
+    series: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``_MANIFEST.json`` of a finished export attempt.
+
+    ``series`` (``series_counts``) is kept in the manifest, so that a restore can tell
+    the objects the export wrote from those still in the folder.
 
     ``complete`` is True only when the operation finished without error or
     failures and what was found matches what the store should have exported.
@@ -279,6 +296,7 @@ def build_manifest(
         "operation": None if operation is None else _operation_view(operation),
         "expected": dict(expected),
         "found": found.as_dict(),
+        "series": dict(series or {}),
         "writtenAt": iso(now),
     }
 

@@ -117,8 +117,9 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     stored = (objects.read_json(bucket, SEAL_CURSOR) or {}).get("window")
     cursor = str(stored or floor)
     # From the earlier of the two: a window whose first copy landed since the last tick
-    # starts after that tick's floor, however long ago that tick ran.
-    start = min(cursor, floor)
+    # starts after that tick's floor, however long ago that tick ran. The first tick of a
+    # deployment has no earlier tick: it looks at every window, however old.
+    start = min(cursor, floor) if stored is not None else ""
     windows = [
         w
         for w in objects.folders(bucket, BATCHES_PREFIX, f"{BATCHES_PREFIX}{start}")

@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import ingest, log, objects
-from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX, load_settings
+from dicomflow import cli_restore, ingest, log, staging
+from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
 from dicomflow.runtime import Context, make_context
-from dicomflow.staging import LATE_PREFIX, file_key, window_id
+from dicomflow.staging import file_key, window_id
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "Send every object under gs://BUCKET/PREFIX that the pipeline has no record of "
             "through the ingest path, as if its finalize event had arrived: filtered, "
             "checked, staged or quarantined. Objects with a record (a staging or quarantine "
-            "copy, a late claim or a drop record) are counted and left as they are."
+            "copy, a late claim, a drop or failure record) are counted and left as they are."
         ),
     )
     parser.add_argument("uri", help="gs://BUCKET/PREFIX")
@@ -79,43 +79,6 @@ def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
 RECORDED = "recorded"
 
 
-def _storage_object(bucket: str, blob: Any) -> StorageObject:
-    return StorageObject(
-        bucket=bucket,
-        name=blob.name,
-        generation=str(blob.generation),
-        size=int(blob.size or 0),
-        md5_hash=blob.md5_hash,
-        crc32c=blob.crc32c,
-        content_type=blob.content_type,
-        time_created=blob.time_created,
-    )
-
-
-def recorded_keys(ctx: Context, found: list[tuple[str, str]]) -> set[str]:
-    """Which of the (key, home window) pairs the pipeline has a record of.
-
-    A record is a staging copy in the home window, a quarantine copy or a drop record
-    there, or a late claim (a late copy or drop went to a later window). Listings only:
-    three per home window and one of the late claims, however many objects.
-    """
-    from dicomflow.verify import pmap
-
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-
-    def keys_in(window: str) -> set[str]:
-        names: list[str] = []
-        for prefix in (BATCHES_PREFIX, QUARANTINE_PREFIX, DROPPED_PREFIX):
-            names += objects.names(bucket, f"{prefix}{window}/")
-        return {n.rsplit("/", 1)[-1].split(".", 1)[0] for n in names}
-
-    windows = sorted({home for _, home in found})
-    have: set[str] = set().union(*pmap(keys_in, windows)) if windows else set()
-    late = objects.names(bucket, LATE_PREFIX)
-    have |= {n[len(LATE_PREFIX) :].removesuffix(".json") for n in late}
-    return {key for key, _ in found if key in have}
-
-
 def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     """List the objects, ingest those without a record with a progress bar, print the totals."""
     from rich.progress import Progress
@@ -127,8 +90,17 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         return 2
     ctx = make_ctx()
     settings = ctx.settings
+    if bucket != settings.landing_bucket:
+        # Ingest records objects of other buckets as dropped (foreign-bucket), unread.
+        print(
+            f"dicomflow backfill: gs://{bucket} is not the landing bucket "
+            f"(DICOMFLOW_LANDING_BUCKET={settings.landing_bucket}); copy the objects there "
+            "instead: their uploads are ingested as they land",
+            file=sys.stderr,
+        )
+        return 2
     listed = [
-        _storage_object(bucket, b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
+        StorageObject.from_blob(b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
     ]
     counts: Counter[str] = Counter()
     wanted: list[tuple[StorageObject, str]] = []
@@ -142,7 +114,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         for obj, key in wanted
         if obj.time_created
     ]
-    recorded = recorded_keys(ctx, homes)
+    recorded = staging.recorded_keys(ctx.storage.bucket(settings.staging_bucket), settings, homes)
     if recorded:
         counts[RECORDED] += len(recorded)
     todo = [(obj, key) for obj, key in wanted if key not in recorded]
@@ -346,8 +318,20 @@ def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "--html FILE also writes a self-contained page with a timeline."
         ),
     )
+    import os
+
     _window_args(parser)
     parser.add_argument("--html", metavar="FILE", help="write the status page (HTML) to FILE")
+    # The CLI's own setting (the functions never read it), hence read here.
+    parser.add_argument(
+        "--dead-letters",
+        metavar="SUBSCRIPTION",
+        default=os.environ.get("DICOMFLOW_DEAD_LETTER_SUBSCRIPTION"),
+        help=(
+            "subscription on the ingest trigger's dead-letter topic, whose waiting events "
+            "are counted (default: DICOMFLOW_DEAD_LETTER_SUBSCRIPTION)"
+        ),
+    )
     parser.set_defaults(handler=cmd_status)
 
 
@@ -355,13 +339,20 @@ def cmd_status(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     """Gather the status dict once; print it as tables or JSON, and optionally as a page."""
     from pathlib import Path
 
-    from dicomflow import status, status_page, tables
+    from dicomflow import status, status_page, subscription, tables
 
     ctx = make_ctx()
     now, since = _window(ctx, args)
     try:
         with _Bar() as bar:
             result = status.gather(ctx, now, since, progress=bar)
+        result["deadLetters"] = None
+        if args.dead_letters:
+            path = subscription.subscription_path(
+                args.dead_letters, ctx.settings.alerts_topic.project
+            )
+            waiting = subscription.count_waiting(ctx, path)
+            result["deadLetters"] = {"subscription": path, "count": waiting}
     finally:
         ctx.close_clients()
     if args.html:
@@ -580,16 +571,63 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- label -----------------------------------------------------------------------------------
+
+
+def add_label(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "label",
+        parents=[common],
+        help="resolve labels from alerts or logs to their objects and UIDs",
+        description=(
+            "Alerts and logs name objects and DICOM UIDs by keyed labels "
+            "(h:<key id>:<32 hex>). This recomputes the labels of every file record in the "
+            "staging bucket with the deployment key (DICOMFLOW_KEY_SECRET or "
+            "DICOMFLOW_KEY_FILE) and prints the records that match: the gs:// URI or the "
+            "UID, with the file's key, outcome and batch. It needs read access to the "
+            "staging bucket and to the key, and reads every record, so it takes a while "
+            "on a large deployment."
+        ),
+    )
+    parser.add_argument("labels", nargs="+", metavar="LABEL", help="h:<key id>:<32 hex>")
+    parser.set_defaults(handler=cmd_label)
+
+
+def cmd_label(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """Print what each label stands for; exit 1 when one is unknown, 2 when one is malformed."""
+    from dicomflow import keys, labels
+
+    ctx = make_ctx()
+    key = keys.load(ctx.settings)
+    bad = {label: why for label in args.labels if (why := labels.check(label, key))}
+    for label, why in bad.items():
+        print(f"dicomflow label: {label}: {why}", file=sys.stderr)
+    matches = labels.resolve(ctx, [label for label in args.labels if label not in bad])
+    unknown = sorted(set(args.labels) - set(bad) - {m.label for m in matches})
+    for label in unknown:
+        print(f"dicomflow label: {label}: no file record carries it", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"matches": [m.as_dict() for m in matches], "unknown": unknown}))
+    else:
+        for m in matches:
+            print(f"{m.label}  {m.field}  {m.value}  key={m.key} {m.status} {m.batch or '-'}")
+    return 2 if bad else 1 if unknown else 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     add_backfill,
     add_export,
+    cli_restore.add_restore,
+    cli_restore.add_resolve,
+    cli_restore.add_erase,
     add_status,
     add_batches,
     add_batch,
     add_retry,
     add_alerts,
+    add_label,
 ]
 
 

@@ -27,11 +27,22 @@ MANIFESTS_PREFIX = "manifests/"
 STATE_PREFIX = "state/"
 # Per-window records of files ingest dropped (state/dropped/<window>/<key>.json).
 DROPPED_PREFIX = f"{STATE_PREFIX}dropped/"
+# Per-window records of files ingest could not read or copy (failed/<window>/<key>.json).
+FAILED_PREFIX = "failed/"
+# Restores and drills: the copies a restore imports from, the drill records, and the
+# erasure tombstones (which no lifecycle rule may expire).
+RESTORES_PREFIX = "restores/"
+DRILLS_PREFIX = "drills/"
+TOMBSTONES_PREFIX = "tombstones/"
 PIPELINE_PREFIXES = (
     BATCHES_PREFIX,
     QUARANTINE_PREFIX,
     MANIFESTS_PREFIX,
     STATE_PREFIX,
+    FAILED_PREFIX,
+    RESTORES_PREFIX,
+    DRILLS_PREFIX,
+    TOMBSTONES_PREFIX,
 )
 
 EXPORT_MODES = ("full", "incremental")
@@ -52,6 +63,8 @@ EXPORT_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
 )
 ALERT_OBJECT_NAMES = ("hash", "plain")
+ALERT_UIDS = ("hash", "plain")
+_SECRET_VERSION = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
 
@@ -71,6 +84,9 @@ class Settings:
     include_globs: tuple[str, ...] = ("*.dcm",)
     include_prefixes: tuple[str, ...] = ()
     max_event_age_seconds: int = 90_000
+    sweep_hours: int = 24
+    staging_copy_retention_days: int = 7
+    landing_delete_after_days: int = 0
     batch_window_seconds: int = 60
     batch_max_files: int = 5_000
     batch_max_bytes: int = 20 * 1024**3
@@ -84,10 +100,21 @@ class Settings:
     export_mode: str = "full"
     stalled_seconds: int = 3_600
     backlog_seconds: int = 900
+    verify_stuck_minutes: int = 30
+    stale_state_minutes: int = 360
     alert_object_names: str = "hash"
     alert_sample_files: int = 10
+    alert_uids: str = "hash"
+    key_secret: str | None = None
+    key_file: str | None = None
     sniff: bool = True
+    restore_drill_days: int = 7
+    restore_drill_studies: int = 50
+    drill_store: DicomStoreName | None = None
     ignored_prefixes: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        _check_housekeeping(self)
 
     @property
     def healthcare_api_root(self) -> str:
@@ -97,6 +124,43 @@ class Settings:
     def is_pipeline_object(self, bucket: str, name: str) -> bool:
         """True for objects the pipeline itself writes (never ingested)."""
         return any(bucket == b and name.startswith(p) for b, p in self.ignored_prefixes)
+
+
+DAY_SECONDS = 86_400
+
+
+def _check_housekeeping(settings: Settings) -> None:
+    """Check the sweep's and landing retention's settings against each other.
+
+    The sweep looks at an upload once it is older than the maximum event age (plus the
+    seal grace, so no delivery is still running) and while its staging copy is sure to
+    be kept (the retention less a day). Landing retention must not delete an upload
+    before a late event for it can come, nor before a sweep has looked at it.
+
+    Raises:
+        ConfigError: naming the setting to change and its least value.
+    """
+    hours = settings.sweep_hours
+    # Every upload must be old enough for the sweep, and still recorded, for at least
+    # one whole sweep period.
+    needed = settings.max_event_age_seconds + settings.seal_grace_seconds + hours * 3600
+    kept = settings.staging_copy_retention_days
+    if hours and (kept - 1) * DAY_SECONDS <= needed:
+        raise ConfigError(
+            "DICOMFLOW_STAGING_COPY_RETENTION_DAYS",
+            f"{kept} days leave the sweep no whole period between the maximum event age "
+            "and the copies' expiry",
+            f"set it (and Terraform's staging_copy_retention_days) to "
+            f"{needed // DAY_SECONDS + 2} or more, or shorten DICOMFLOW_SWEEP_HOURS",
+        )
+    delete_after = settings.landing_delete_after_days
+    if delete_after and delete_after * DAY_SECONDS < needed:
+        raise ConfigError(
+            "DICOMFLOW_LANDING_DELETE_AFTER_DAYS",
+            f"{delete_after} days is sooner than a late event or the sweep may need the upload",
+            f"set it to {-(-needed // DAY_SECONDS)} or more (the maximum event age, the seal "
+            "grace and one sweep period), or to 0 to keep landing objects",
+        )
 
 
 # (env name, default shown in the README, description); the README table is built from this.
@@ -121,6 +185,24 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "also ingest names no glob matches whose bytes 128-131 are DICM (one 4-byte read each)",
     ),
     ("DICOMFLOW_MAX_EVENT_AGE_SECONDS", "90000", "older events are recorded and dropped"),
+    (
+        "DICOMFLOW_SWEEP_HOURS",
+        "24",
+        "the ingest tick lists the landing bucket this often and ingests uploads whose event "
+        "never came (0: off)",
+    ),
+    (
+        "DICOMFLOW_STAGING_COPY_RETENTION_DAYS",
+        "7",
+        "days the staging lifecycle rule keeps staging and quarantine copies (Terraform's "
+        "staging_copy_retention_days); the sweep looks at uploads younger than this less a day",
+    ),
+    (
+        "DICOMFLOW_LANDING_DELETE_AFTER_DAYS",
+        "0",
+        "delete landing objects this many days after their file was verified imported or "
+        "duplicate (0: keep them)",
+    ),
     (
         "DICOMFLOW_BATCH_WINDOW_SECONDS",
         "60",
@@ -154,8 +236,40 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("DICOMFLOW_EXPORT_MODE", "full", "full or incremental"),
     ("DICOMFLOW_STALLED_SECONDS", "3600", "an operation running longer raises 'stalled'"),
     ("DICOMFLOW_BACKLOG_SECONDS", "900", "a sealed batch waiting longer raises 'backlog'"),
+    (
+        "DICOMFLOW_VERIFY_STUCK_MINUTES",
+        "30",
+        "a finished import whose verification keeps failing this long raises 'verification_stuck'",
+    ),
+    (
+        "DICOMFLOW_STALE_STATE_MINUTES",
+        "360",
+        "an unsealed window, open batch or open export older than this raises 'stale_state'",
+    ),
     ("DICOMFLOW_ALERT_OBJECT_NAMES", "hash", "object names in alerts: hash or plain"),
     ("DICOMFLOW_ALERT_SAMPLE_FILES", "10", "sample files listed in one alert"),
+    ("DICOMFLOW_ALERT_UIDS", "hash", "DICOM UIDs in alerts: hash (keyed labels) or plain"),
+    (
+        "DICOMFLOW_KEY_SECRET",
+        "unset",
+        "deployment key for labels, a Secret Manager version projects/P/secrets/S/versions/V",
+    ),
+    (
+        "DICOMFLOW_KEY_FILE",
+        "unset",
+        "... or a file holding it (localcloud); one of the two is required",
+    ),
+    (
+        "DICOMFLOW_RESTORE_DRILL_DAYS",
+        "7",
+        "restore the latest backup into the drill store this often (days); 0 turns drills off",
+    ),
+    (
+        "DICOMFLOW_RESTORE_DRILL_STUDIES",
+        "50",
+        "studies a drill restores, sampled at random; 0 restores the whole backup",
+    ),
+    ("DICOMFLOW_DRILL_STORE", "<store>-drill", "the drill's scratch DICOM store, emptied after"),
 )
 
 
@@ -297,6 +411,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "use e.g. %Y-%m-%d or %Y/%m/%d",
         )
 
+    drill_store = _drill_store(env.get("DICOMFLOW_DRILL_STORE", ""), store)
     ignored = [(staging, p) for p in PIPELINE_PREFIXES] + [(backup, backup_prefix + "/")]
     return Settings(
         dicom_store=store,
@@ -312,6 +427,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sniff=_bool(env, "DICOMFLOW_SNIFF", Settings.sniff),
         max_event_age_seconds=_int(
             env, "DICOMFLOW_MAX_EVENT_AGE_SECONDS", Settings.max_event_age_seconds, 1
+        ),
+        sweep_hours=_int(env, "DICOMFLOW_SWEEP_HOURS", Settings.sweep_hours),
+        staging_copy_retention_days=_int(
+            env,
+            "DICOMFLOW_STAGING_COPY_RETENTION_DAYS",
+            Settings.staging_copy_retention_days,
+            2,
+        ),
+        landing_delete_after_days=_int(
+            env, "DICOMFLOW_LANDING_DELETE_AFTER_DAYS", Settings.landing_delete_after_days
         ),
         batch_window_seconds=_int(
             env, "DICOMFLOW_BATCH_WINDOW_SECONDS", Settings.batch_window_seconds, 1
@@ -334,11 +459,58 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         export_mode=_choice(env, "DICOMFLOW_EXPORT_MODE", Settings.export_mode, EXPORT_MODES),
         stalled_seconds=_int(env, "DICOMFLOW_STALLED_SECONDS", Settings.stalled_seconds, 1),
         backlog_seconds=_int(env, "DICOMFLOW_BACKLOG_SECONDS", Settings.backlog_seconds, 1),
+        verify_stuck_minutes=_int(
+            env, "DICOMFLOW_VERIFY_STUCK_MINUTES", Settings.verify_stuck_minutes, 1
+        ),
+        stale_state_minutes=_int(
+            env, "DICOMFLOW_STALE_STATE_MINUTES", Settings.stale_state_minutes, 1
+        ),
         alert_object_names=_choice(
             env, "DICOMFLOW_ALERT_OBJECT_NAMES", Settings.alert_object_names, ALERT_OBJECT_NAMES
         ),
         alert_sample_files=_int(
             env, "DICOMFLOW_ALERT_SAMPLE_FILES", Settings.alert_sample_files, 1
         ),
+        alert_uids=_choice(env, "DICOMFLOW_ALERT_UIDS", Settings.alert_uids, ALERT_UIDS),
+        key_secret=_key_secret(env.get("DICOMFLOW_KEY_SECRET", "")),
+        key_file=env.get("DICOMFLOW_KEY_FILE", "").strip() or None,
+        restore_drill_days=_int(env, "DICOMFLOW_RESTORE_DRILL_DAYS", Settings.restore_drill_days),
+        restore_drill_studies=_int(
+            env, "DICOMFLOW_RESTORE_DRILL_STUDIES", Settings.restore_drill_studies
+        ),
+        drill_store=drill_store,
         ignored_prefixes=tuple(ignored),
     )
+
+
+def _key_secret(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not _SECRET_VERSION.match(value):
+        raise ConfigError(
+            "DICOMFLOW_KEY_SECRET",
+            f"{value!r} is not a secret version name",
+            "use projects/P/secrets/S/versions/latest",
+        )
+    return value
+
+
+def _drill_store(raw: str, store: DicomStoreName) -> DicomStoreName:
+    """``DICOMFLOW_DRILL_STORE``, by default ``<store>-drill`` in the store's dataset."""
+    raw = raw.strip()
+    if not raw:
+        return DicomStoreName(store.dataset, f"{store.store}-drill")
+    try:
+        drill = DicomStoreName.from_string(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            "DICOMFLOW_DRILL_STORE", str(exc), "use projects/P/locations/L/datasets/D/dicomStores/S"
+        ) from None
+    if drill == store:
+        raise ConfigError(
+            "DICOMFLOW_DRILL_STORE",
+            "names the live store",
+            "name a scratch store: a drill empties it after each run",
+        )
+    return drill

@@ -39,6 +39,20 @@ class StorageObject:
     time_created: datetime | None = None
 
     @classmethod
+    def from_blob(cls, blob: Any) -> StorageObject:
+        """The payload fields of a listed ``storage.Blob`` (what its event would carry)."""
+        return cls(
+            bucket=blob.bucket.name,
+            name=blob.name,
+            generation=str(blob.generation),
+            size=int(blob.size or 0),
+            md5_hash=blob.md5_hash,
+            crc32c=blob.crc32c,
+            content_type=blob.content_type,
+            time_created=blob.time_created,
+        )
+
+    @classmethod
     def from_data(cls, data: Any) -> StorageObject:
         """Decode a StorageObjectData dict (numbers travel as strings).
 

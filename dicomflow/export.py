@@ -73,6 +73,7 @@ from dicomflow.backup import (
     found_counts,
     parse_day,
     running_manifest,
+    series_counts,
     tick_time,
 )
 from dicomflow.config import STATE_PREFIX, Settings, parse_mime_type
@@ -114,7 +115,8 @@ def _day_of(name: str, prefix: str) -> date | None:
         return None
 
 
-def _is_final(doc: Mapping[str, Any]) -> bool:
+def is_final(doc: Mapping[str, Any]) -> bool:
+    """True when the marker's export is over (complete, empty, or failed and finished)."""
     state = doc.get("state")
     return state in (EMPTY, COMPLETE) or (state == FAILED and "finishedAt" in doc)
 
@@ -197,9 +199,12 @@ def _poll(ctx: Any, name: str) -> dict[str, Any] | None:
 
 
 def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
-    """The export function: start the tick's export unless its date already has one."""
+    """The export function: start the tick's export unless its date already has one; then
+    start a restore drill when one is due."""
+    from dicomflow import drill  # drill builds on this module
+
     scheduled = tick_time(event)
-    return start_export(
+    result = start_export(
         ctx,
         export_day(scheduled),
         mode=ctx.settings.export_mode,
@@ -207,6 +212,9 @@ def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
         tick=scheduled,
         event_id=event["id"],
     )
+    # The restore drill of the latest complete backup, when one is due (``dicomflow.drill``).
+    result["drill"] = drill.on_export_tick(ctx, scheduled)
+    return result
 
 
 def _new_marker(
@@ -386,7 +394,7 @@ def settle_exports(
     listed = days is None
     for day in open_days(ctx) if days is None else list(days):
         found = read_marker(ctx, day)
-        if found is None or _is_final(found[0]):
+        if found is None or is_final(found[0]):
             if listed:
                 _close(ctx, day, int(found[0].get("attempt") or 0) if found else 0, now)
             continue
@@ -474,7 +482,8 @@ def _finish(
         names = objects.names(backups, folder)
     except gexc.NotFound:
         names = []
-    manifest = build_manifest(doc, operation, found_counts(names, folder), ctx.clock())
+    counted = found_counts(names, folder)
+    manifest = build_manifest(doc, operation, counted, ctx.clock(), series_counts(names, folder))
     manifest_uri: str | None = f"gs://{settings.backup_bucket}/{folder}{MANIFEST_NAME}"
     try:
         manifest = _put_manifest(backups, folder + MANIFEST_NAME, manifest)
@@ -569,7 +578,7 @@ def run_command(
             return result
         doc = found[0]
         state = doc.get("state")
-        if _is_final(doc):
+        if is_final(doc):
             return {**_summary(doc, str(state)), "problems": doc.get("problems", [])}
         if state == RUNNING:
             operation = _poll(ctx, doc["operation"]) or {"done": True}

@@ -1,10 +1,16 @@
-"""Quarantined and dropped files, alerted once per closed window (a burst is one alert).
+"""Quarantined, dropped and failed files, alerted once per closed window (a burst is one
+alert).
 
 Ingest writes one object per such file, grouped by window:
 
 - ``quarantine/<window>/<key>.dcm``: the quarantine copy; its metadata is the file
   record with the reason (``staging.FileRecord``), so the listing carries everything.
-- ``state/dropped/<window>/<key>.json``: a drop record (event too old, source gone).
+- ``state/dropped/<window>/<key>.json``: a drop record (event too old, source gone,
+  foreign bucket).
+- ``failed/<window>/<key>.json``: a failure record (the source could not be read or
+  copied); its metadata is the file record with the reason, as for quarantine. The
+  alert kind follows the reason: ``permission_denied`` (401, 403) or ``unreadable``,
+  one alert per kind present, subject ``<subject>/<kind>``.
 
 Each window has a progress record ``state/report/<root>/<window>.json``:
 ``{window, keys, alerts, pending}``, changed only by compare-and-swap. ``keys`` are
@@ -26,13 +32,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from dicomflow import alerts, objects
 from dicomflow.batches import CURSOR_STEP_SECONDS
-from dicomflow.config import DROPPED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
+from dicomflow.config import DROPPED_PREFIX, FAILED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
 from dicomflow.staging import FileRecord, iso, parse_window, window_id
 from dicomflow.verify import pmap
 
@@ -50,6 +57,10 @@ class Feed:
     prefix: str
     suffix: str
     prefix_detail: str
+    # The record is the listed object's metadata (else the object's JSON body).
+    in_metadata: bool = False
+    # The alert kind of a reason code, when records of one feed raise several kinds.
+    kind_of: Callable[[str], str] | None = None
 
     @property
     def markers(self) -> str:
@@ -64,8 +75,18 @@ class Feed:
         return f"{REPORT_PREFIX}{self.root}-cursor.json"
 
 
-QUARANTINE = Feed("quarantined", "quarantine", QUARANTINE_PREFIX, ".dcm", "quarantinePrefix")
+def failure_kind(reason_code: str) -> str:
+    """The alert kind of a failure record's reason code."""
+    return "permission_denied" if reason_code == "permission-denied" else "unreadable"
+
+
+QUARANTINE = Feed(
+    "quarantined", "quarantine", QUARANTINE_PREFIX, ".dcm", "quarantinePrefix", in_metadata=True
+)
 DROPPED = Feed("dropped", "dropped", DROPPED_PREFIX, ".json", "recordPrefix")
+FAILED = Feed(
+    "failed", "failed", FAILED_PREFIX, ".json", "recordPrefix", True, kind_of=failure_kind
+)
 
 
 def horizon(settings: Any) -> timedelta:
@@ -177,7 +198,7 @@ def _record(ctx: Any, feed: Feed, window: str, key: str, blob: Any) -> dict[str,
     """What the alert says of one file: its reason and object label, never its name."""
     if blob is None:
         return {"key": key, "reason": "record-missing", "object": None}
-    if feed is QUARANTINE:
+    if feed.in_metadata:
         record = FileRecord.from_blob(blob, window)
         if record is None:
             return {"key": key, "reason": "record-missing", "object": None}
@@ -194,9 +215,29 @@ def reason_code(reason: Any) -> str:
 
 
 def _alert(ctx: Any, feed: Feed, window: str, subject: str, keys: list[str], now: datetime) -> None:
-    settings = ctx.settings
     files = _files(ctx, feed, window)
     records = pmap(lambda k: _record(ctx, feed, window, k, files.get(k)), keys)
+    if feed.kind_of is None:
+        _publish(ctx, feed, feed.kind, window, subject, subject, records, now)
+        return
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        kinds.setdefault(feed.kind_of(reason_code(record["reason"])), []).append(record)
+    for kind, chosen in sorted(kinds.items()):
+        _publish(ctx, feed, kind, window, subject, f"{subject}/{kind}", chosen, now)
+
+
+def _publish(
+    ctx: Any,
+    feed: Feed,
+    kind: str,
+    window: str,
+    subject: str,
+    alert_subject: str,
+    records: list[dict[str, Any]],
+    now: datetime,
+) -> None:
+    settings = ctx.settings
     labels = [r["object"] for r in records if r["object"]]
     details: dict[str, Any] = {
         "window": window,
@@ -212,9 +253,10 @@ def _alert(ctx: Any, feed: Feed, window: str, subject: str, keys: list[str], now
         "sampleTotal": len(labels),
     }
     alert = alerts.build_alert(
-        feed.kind,
-        subject,
-        "WARNING",
+        kind,
+        alert_subject,
+        # A failed file is not imported until someone acts: an error, not a warning.
+        "ERROR" if feed.kind_of is not None else "WARNING",
         str(settings.dicom_store),
         details,
         now,

@@ -1,4 +1,4 @@
-"""Calls to the Cloud Healthcare API that ingest makes: start an import, read an operation.
+"""Calls to the Cloud Healthcare API: start an import, read an operation, delete a study.
 
 Both go through ``retry.call``: 5xx and timeouts are retried with backoff
 until a short deadline, then surface as ``TransientError``. A 429 on import
@@ -16,6 +16,7 @@ from googleapiclient.errors import HttpError
 
 from dicomflow import retry
 from dicomflow.errors import PermanentError
+from dicomflow.names import DicomStoreName
 from dicomflow.runtime import Context
 
 
@@ -44,8 +45,11 @@ def _execute(
     return result
 
 
-def start_import(ctx: Context, uri: str, deadline: float = 10.0) -> dict[str, Any]:
-    """Start ``dicomStores.import`` of ``uri`` into the configured store; return the Operation.
+def start_import(
+    ctx: Context, uri: str, deadline: float = 10.0, store: DicomStoreName | None = None
+) -> dict[str, Any]:
+    """Start ``dicomStores.import`` of ``uri`` into ``store`` (default: the configured store);
+    return the Operation.
 
     Raises:
         QuotaExceeded: the service answered 429 (too many operations running).
@@ -54,7 +58,7 @@ def start_import(ctx: Context, uri: str, deadline: float = 10.0) -> dict[str, An
     """
     stores = ctx.healthcare().projects().locations().datasets().dicomStores()
     request = stores.import_(
-        name=str(ctx.settings.dicom_store),
+        name=str(store or ctx.settings.dicom_store),
         body={
             "gcsSource": {"uri": uri},
             "blobStorageSettings": {"blobStorageClass": "STANDARD"},
@@ -72,3 +76,30 @@ def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> dict[str, 
     """
     request = ctx.healthcare().projects().locations().datasets().operations().get(name=name)
     return _execute(request, deadline)
+
+
+def delete_study(
+    ctx: Context, store: DicomStoreName, study: str, deadline: float = 10.0
+) -> dict[str, Any]:
+    """Start ``studies.delete`` of ``study`` in ``store``; return the Operation.
+
+    Raises:
+        QuotaExceeded, TransientError, PermanentError: as ``start_import``; a study the
+            store does not hold is a ``PermanentError`` caused by a 404.
+    """
+    studies = ctx.healthcare().projects().locations().datasets().dicomStores().studies()
+    request = studies.delete(parent=str(store), dicomWebPath=f"studies/{study}")
+    return _execute(request, deadline)
+
+
+def get_store(ctx: Context, store: DicomStoreName, deadline: float = 10.0) -> dict[str, Any]:
+    """``dicomStores.get``: the store resource (a ``PermanentError`` caused by a 404 when
+    the store does not exist)."""
+    request = ctx.healthcare().projects().locations().datasets().dicomStores().get(name=str(store))
+    return _execute(request, deadline)
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """True for a ``PermanentError`` raised by a 404 answer."""
+    cause = exc.__cause__
+    return isinstance(cause, HttpError) and retry.status_of(cause) == 404

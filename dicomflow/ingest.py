@@ -7,6 +7,9 @@ One object generation, two Storage calls (``dicomflow.staging`` has the layout):
     header check failed          -> copy to quarantine/<home>/<key>.dcm with the reason
     source gone (404)            -> drop record state/dropped/<home>/<key>.json
     event older than the maximum -> late claim, then a drop record in the current window
+    bucket not the landing one   -> drop record state/dropped/<home>/<key>.json (or, when
+                                    the event is too old, as above)
+    read or copy refused (4xx)   -> failure record failed/<home>/<key>.json
 
 The copy is the claim: ``if_generation_match=0`` lets one delivery of an object
 generation win, and a 412 means an earlier delivery has claimed it already, so the
@@ -30,10 +33,26 @@ it then; a copy may take half the grace (``copy_deadline``), chosen just before 
 The seal of a window drops a late copy whose home window listed the key, or whose
 claim names another window, so each generation keeps one record (``dicomflow.batches``).
 
+Swept files (``dicomflow.sweep``: uploads older than the maximum event age that have no
+record) come with ``via="sweep"`` and no event time. Any event of theirs still to come
+is too old, and a too-old event meets ``state/late/<key>`` first, so every record of a
+swept file goes under that claim: a good file takes the very-late path above; a bad
+one claims the current window and is quarantined there, where the report still alerts
+it; one gone since the listing is dropped like a too-old event.
+
 Errors. Object names can carry patient names, so logs and raised errors name the
 object by ``alerts.object_label`` (a hash by default) and its key, never by URI.
-Errors other than ``PermanentError`` are raised again as ``TransientError`` without
-the original message, for the platform to retry the event.
+A permanent answer to the header read or the copy (4xx other than 404, 408, 412 and
+429: no permission, a bad request or range) is the file's outcome: a failure record
+with the reason (``permission-denied`` for 401 and 403, ``source-unreadable`` for the
+rest), which the report alerts once per window (``dicomflow.feeds``), and the event
+is acknowledged. Other errors, except ``PermanentError``, are raised again as
+``TransientError`` without the original message, for the platform to retry the event.
+
+Events for objects of other buckets (a trigger on the wrong bucket) are recorded as
+dropped (``foreign-bucket``) without reading the object; the pipeline's own objects
+(``Settings.is_pipeline_object``) are skipped unrecorded before that, so records that
+ingest writes can never feed back into it.
 """
 
 from __future__ import annotations
@@ -64,8 +83,10 @@ from dicomflow.sniff import sniffed_skip_reason
 from dicomflow.staging import (
     FileRecord,
     dropped_name,
+    failed_name,
     file_key,
     iso,
+    late_home_window,
     late_name,
     late_window_id,
     quarantine_name,
@@ -81,6 +102,13 @@ STAGED = "staged"
 REDRIVE = "retry"
 QUARANTINED = "quarantined"
 DROPPED = "dropped"
+FAILED = "failed"
+# Reason codes of failure records; ``feeds.failure_kind`` maps them to alert kinds.
+PERMISSION_DENIED = "permission-denied"
+SOURCE_UNREADABLE = "source-unreadable"
+FOREIGN_BUCKET = "foreign-bucket"
+# The ``via`` of a file the reconciliation sweep found without a record.
+SWEPT = "sweep"
 
 
 def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
@@ -89,7 +117,8 @@ def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
     event_id = cloud_event["id"]
     if kind == FINALIZED:
         obj = StorageObject.from_data(cloud_event.data)
-        return ingest_object(ctx, obj, event_id, parse_time(cloud_event.get("time")))
+        with log.naming(obj.bucket, obj.name):
+            return ingest_object(ctx, obj, event_id, parse_time(cloud_event.get("time")))
     if kind == MESSAGE_PUBLISHED:
         return tick(ctx, event_id)
     logger.info("ignored event type", extra=log.fields(eventId=event_id, eventType=kind))
@@ -114,10 +143,16 @@ def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
 
 def run_tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
     """One tick, without the per-instance lock (two instances tick at once like this)."""
+    from dicomflow import sweep
+
     now = ctx.clock()
     sealed = batches.seal_due(ctx, now)
     queue = batches.run_imports(ctx, now)
     result = {"status": "tick", "sealed": sealed, **queue.summary()}
+    # The daily pass (the reconciliation sweep, landing retention) rides on this tick.
+    swept = sweep.run_due(ctx, now)
+    if swept is not None:
+        result["daily"] = swept
     logger.info("tick", extra=log.fields(eventId=event_id, sealed=len(sealed), **queue.counts()))
     return result
 
@@ -128,20 +163,31 @@ def copy_deadline(settings: Settings) -> float:
 
 
 def ingest_object(
-    ctx: Context, obj: StorageObject, event_id: str, event_time: datetime | None
+    ctx: Context,
+    obj: StorageObject,
+    event_id: str,
+    event_time: datetime | None,
+    via: str | None = None,
 ) -> dict[str, Any]:
-    """Take one object generation through filter, check and staging (or quarantine)."""
+    """Take one object generation through filter, check and staging (or quarantine).
+
+    ``via`` is ``SWEPT`` for a file the sweep found (see the module docstring).
+    """
     settings = ctx.settings
     label = alerts.object_label(settings, obj.bucket, obj.name)
     key = file_key(obj.bucket, obj.name, obj.generation)
-    skipped = sniffed_skip_reason(settings, ctx.storage, obj)
+    # A foreign object is recorded (in _ingest) without being read, unless it is one of
+    # the pipeline's own: those are skipped, so ingest's records never loop back to it.
+    foreign = obj.bucket != settings.landing_bucket
+    pipeline = settings.is_pipeline_object(obj.bucket, obj.name)
+    skipped = _skip_reason(ctx, obj) if pipeline or not foreign else None
     if skipped:
         logger.info(
             "skipped", extra=log.fields(eventId=event_id, object=label, key=key, reason=skipped)
         )
         return {"status": "skipped", "reason": skipped}
     try:
-        result = _ingest(ctx, obj, key, event_id, event_time)
+        result = _ingest(ctx, obj, key, event_id, event_time, via)
     except PermanentError:
         raise
     except Exception as exc:
@@ -168,6 +214,18 @@ def ingest_object(
     return result
 
 
+def _skip_reason(ctx: Context, obj: StorageObject) -> str | None:
+    """Why ``obj`` is not ingested, sniffing its first bytes where its name decides
+    nothing. A sniff refused for good (403 ...) cannot tell: the header read decides,
+    and records that failure."""
+    try:
+        return sniffed_skip_reason(ctx.settings, ctx.storage, obj)
+    except gexc.ClientError as exc:
+        if not retry.is_permanent(exc):
+            raise
+        return None
+
+
 def redacted(exc: BaseException) -> dict[str, Any]:
     """What can be logged of ``exc`` without PHI: its type, HTTP status and where it arose.
 
@@ -185,7 +243,9 @@ def redacted(exc: BaseException) -> dict[str, Any]:
     return {"error": text, "errorType": type(exc).__name__, "httpStatus": status, "where": where}
 
 
-def record_of(ctx: Context, obj: StorageObject, event_id: str, created: datetime) -> FileRecord:
+def record_of(
+    ctx: Context, obj: StorageObject, event_id: str, created: datetime, via: str | None = None
+) -> FileRecord:
     key = file_key(obj.bucket, obj.name, obj.generation)
     home = window_id(created, ctx.settings.batch_window_seconds)
     return FileRecord(
@@ -199,37 +259,54 @@ def record_of(ctx: Context, obj: StorageObject, event_id: str, created: datetime
         event=event_id,
         md5=obj.md5_hash,
         crc32c=obj.crc32c,
+        via=via,
     )
 
 
 def _ingest(
-    ctx: Context, obj: StorageObject, key: str, event_id: str, event_time: datetime | None
+    ctx: Context,
+    obj: StorageObject,
+    key: str,
+    event_id: str,
+    event_time: datetime | None,
+    via: str | None,
 ) -> dict[str, Any]:
     settings = ctx.settings
     now = ctx.clock()
     created = obj.time_created or event_time
     if created is None:
         raise PermanentError("the event has neither timeCreated nor a time")
-    record = record_of(ctx, obj, event_id, created)
+    record = record_of(ctx, obj, event_id, created, via)
+    foreign = obj.bucket != settings.landing_bucket
     if is_too_old(event_time, now, settings.max_event_age_seconds):
-        return _drop_late(ctx, record, "event-too-old", now)
+        return _drop_late(ctx, record, FOREIGN_BUCKET if foreign else "event-too-old", now)
+    if foreign:
+        return _drop(ctx, record, record.home, FOREIGN_BUCKET, now)
     source = _source_blob(ctx, obj)
     try:
         uids = header.check(range_reader(source), obj.size)
     except header.Rejected as rejected:
-        target = quarantine_name(record.home, key)
-        bad = _with(record, reason=str(rejected))
-        return _copied(ctx, source, target, bad, QUARANTINED, bad.reason)
+        window = record.home if via != SWEPT else _swept_window(ctx, key, now)
+        if window is None:
+            return {"status": QUARANTINED, "reason": "recorded-earlier", "repeat": True}
+        bad = _with(record, reason=str(rejected), window=window)
+        return _copied(ctx, source, quarantine_name(window, key), bad, QUARANTINED, bad.reason)
     except gexc.NotFound:
+        if via == SWEPT:
+            return _drop_late(ctx, record, "source-missing", now)
         return _drop(ctx, record, record.home, "source-missing", now)
+    except gexc.ClientError as exc:
+        if not retry.is_permanent(exc):
+            raise
+        return _fail(ctx, record, exc, "header read")
     good = _with(record, study=uids.study, series=uids.series, sop=uids.sop)
     return stage(ctx, source, good, ctx.clock())
 
 
 def late_home(record: FileRecord, settings: Settings) -> str:
-    """The late window of a file that misses its home window's seal: the one holding that
-    seal. Every delivery computes the same one, so no claim is needed to go there."""
-    return late_window_id(seal_time(record.home, settings), settings.late_window_seconds)
+    """The late window of a file that misses its home window's seal (see
+    ``staging.late_home_window``)."""
+    return late_home_window(record.home, settings)
 
 
 def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> dict[str, Any]:
@@ -243,7 +320,8 @@ def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime)
         return _copied(ctx, source, staged_name(record.home, record.key), record, STAGED)
     # A re-drive (``dicomflow retry``, a new key) always claims: the operator's settings
     # need not be the functions', so it must not rely on computing their late window.
-    if record.via != REDRIVE:
+    # So does a swept file: a too-old event of it meets that claim.
+    if record.via not in (REDRIVE, SWEPT):
         late = late_home(record, settings)
         if landed_by < seal_time(late, settings):
             with_late = _with(record, window=late, via=record.via or "late")
@@ -302,6 +380,19 @@ def late_window(ctx: Context, key: str, window: str, now: datetime) -> str | Non
         if objects.swap(staging_bucket, name, moved, generation) is not None:
             return window
     raise TransientError(f"late claim of {key} keeps changing")
+
+
+def _swept_window(ctx: Context, key: str, now: datetime) -> str | None:
+    """Claim ``state/late/<key>`` for the quarantine copy of a swept file: the window to
+    copy into (the current one, or the one an interrupted sweep claimed), or None when
+    another record of the file holds the claim."""
+    window = window_id(now, ctx.settings.batch_window_seconds)
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    name = late_name(key)
+    if objects.create(bucket, name, {"window": window, "swept": True, "at": iso(now)}):
+        return window
+    found = objects.read_json(bucket, name) or {}
+    return str(found["window"]) if found.get("swept") else None
 
 
 def _with(record: FileRecord, **changes: Any) -> FileRecord:
@@ -366,6 +457,10 @@ def _copied(
         created = copy_object(ctx, source, target, record)
     except gexc.NotFound:
         return _drop(ctx, record, record.home, "source-missing", ctx.clock())
+    except gexc.ClientError as exc:
+        if not retry.is_permanent(exc):
+            raise
+        return _fail(ctx, _with(record, window=record.home), exc, "copy")
     return {
         "status": status,
         "window": record.window,
@@ -401,3 +496,24 @@ def _drop(
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     created = objects.create(bucket, dropped_name(window, record.key), doc)
     return {"status": DROPPED, "reason": reason, "window": window, "repeat": not created}
+
+
+def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) -> dict[str, Any]:
+    """Write the failure record of ``record`` in its home window (create-if-absent): the
+    ``step`` (header read, copy) met a permanent answer. Its object metadata is the file
+    record with the reason, so listings (status, the report's feed) need no reads.
+    """
+    status = retry.status_of(exc)
+    code = PERMISSION_DENIED if status in (401, 403) else SOURCE_UNREADABLE
+    failed = _with(record, window=record.home, reason=f"{code}: HTTP {status} on the {step}")
+    doc = {
+        **failed.line(),
+        "objectLabel": alerts.object_label(ctx.settings, record.bucket, record.name),
+        "httpStatus": status,
+        "step": step,
+        "failedAt": iso(ctx.clock()),
+    }
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    name = failed_name(record.home, record.key)
+    created = objects.create(bucket, name, doc, metadata=failed.metadata())
+    return {"status": FAILED, "reason": failed.reason, "window": record.home, "repeat": not created}

@@ -33,6 +33,9 @@ from dicomflow.errors import TransientError
 
 TOKEN = "_token"
 DEADLINE = 60.0
+# Objects per listing call: Cloud Storage's default and most. Asked for explicitly so that
+# fake-gcs-server, which otherwise answers a listing in one page, pages as the service does.
+PAGE = 1000
 
 
 def _retry(deadline: float) -> Any:
@@ -69,9 +72,16 @@ def read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
 
 
 def _upload(
-    bucket: storage.Bucket, name: str, body: str, generation: int, content_type: str
+    bucket: storage.Bucket,
+    name: str,
+    body: str,
+    generation: int,
+    content_type: str,
+    metadata: Mapping[str, str] | None = None,
 ) -> int:
     blob = bucket.blob(name)
+    if metadata:
+        blob.metadata = dict(metadata)
     try:
         blob.upload_from_string(
             body,
@@ -85,16 +95,22 @@ def _upload(
     return int(blob.generation or 0)
 
 
-def create(bucket: storage.Bucket, name: str, doc: Mapping[str, Any]) -> int | None:
+def create(
+    bucket: storage.Bucket,
+    name: str,
+    doc: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+) -> int | None:
     """Create ``name`` holding ``doc`` if absent; the generation written when the stored
     object is ours, None when someone else's was there first.
 
-    ``doc`` is stored with a fresh ``_token`` (it replaces any token in ``doc``).
+    ``doc`` is stored with a fresh ``_token`` (it replaces any token in ``doc``);
+    ``metadata`` becomes the object's custom metadata, which listings return.
     """
     token = uuid.uuid4().hex
     body = {**doc, TOKEN: token}
     try:
-        return _upload(bucket, name, dumps(body), 0, "application/json")
+        return _upload(bucket, name, dumps(body), 0, "application/json", metadata)
     except gexc.PreconditionFailed:
         found = read(bucket, name)
         return found[1] if found is not None and found[0].get(TOKEN) == token else None
@@ -163,14 +179,19 @@ def create_text(bucket: storage.Bucket, name: str, text: str, content_type: str)
     return True
 
 
-def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> None:
-    """Delete ``name`` (only ``generation`` when given); absent or moved on is fine."""
+def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> bool:
+    """Delete ``name`` (only ``generation`` when given); absent or moved on is fine.
+
+    True when this call deleted it (a retry after a lost answer reads as absent: False).
+    """
     blob = bucket.blob(name)
     with contextlib.suppress(gexc.NotFound, gexc.PreconditionFailed):
         try:
             blob.delete(if_generation_match=generation, retry=_retry(DEADLINE), timeout=DEADLINE)
         except (gexc.TooManyRequests, gexc.ServerError) as exc:
             raise _transient(exc) from exc
+        return True
+    return False
 
 
 def exists(bucket: storage.Bucket, name: str) -> bool:
@@ -195,6 +216,7 @@ def blobs(
                 prefix=prefix,
                 start_offset=start_offset,
                 end_offset=end_offset,
+                page_size=PAGE,
                 retry=_retry(DEADLINE),
                 timeout=DEADLINE,
             )
@@ -217,6 +239,7 @@ def folders(bucket: storage.Bucket, prefix: str, start_offset: str | None = None
             prefix=prefix,
             delimiter="/",
             start_offset=start_offset,
+            page_size=PAGE,
             retry=_retry(DEADLINE),
             timeout=DEADLINE,
         )

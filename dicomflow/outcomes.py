@@ -6,7 +6,11 @@ put it (``dicomflow.staging`` has the layout):
 - ``manifests/<batch>/success.ndjson`` and ``failure.ndjson``: imported, duplicate,
   conflict, failed (with the reason);
 - ``quarantine/<window>/<key>.dcm``: quarantined (the reason is in its metadata);
-- ``state/dropped/<window>/<key>.json``: dropped (event too old, source gone);
+- ``state/dropped/<window>/<key>.json``: dropped (event too old, source gone, foreign
+  bucket);
+- ``failed/<window>/<key>.json``: failed before staging (the source could not be read or
+  copied; the reason is in its metadata). A later record of the same key (a redelivery
+  after the fix) takes its place;
 - ``batches/<window>/<key>.dcm`` with no outcome yet: ``staged`` (in progress).
 
 ``read_all`` lists all of them: one listing per 1,000 objects plus one read per
@@ -24,9 +28,15 @@ from typing import Any
 from google.cloud import storage
 
 from dicomflow import objects
-from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, MANIFESTS_PREFIX, QUARANTINE_PREFIX
+from dicomflow.config import (
+    BATCHES_PREFIX,
+    DROPPED_PREFIX,
+    FAILED_PREFIX,
+    MANIFESTS_PREFIX,
+    QUARANTINE_PREFIX,
+)
 from dicomflow.staging import FileRecord
-from dicomflow.verify import OUTCOMES, pmap
+from dicomflow.verify import FAILED, OUTCOMES, pmap
 
 STAGED = "staged"
 QUARANTINED = "quarantined"
@@ -109,6 +119,22 @@ def read_all(bucket: storage.Bucket) -> dict[str, Outcome]:
         record = FileRecord.from_blob(blob, window)
         if record is not None and record.key not in found:
             found[record.key] = Outcome(record.key, STAGED, None, None, window, record)
+    for window, record in failure_records(bucket):
+        if record.key not in found:
+            found[record.key] = Outcome(
+                record.key, FAILED, record.reason, None, window, record, record.line()
+            )
+    return found
+
+
+def failure_records(bucket: storage.Bucket) -> list[tuple[str, FileRecord]]:
+    """(window, record) of every failure record, from one listing (its metadata)."""
+    found = []
+    for blob in objects.blobs(bucket, FAILED_PREFIX):
+        window = blob.name[len(FAILED_PREFIX) :].split("/", 1)[0]
+        record = FileRecord.from_blob(blob, window)
+        if record is not None and blob.name.endswith(".json"):
+            found.append((window, record))
     return found
 
 

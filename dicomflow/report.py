@@ -7,13 +7,20 @@ two report instances at once::
        (dicomflow.verify), in threads beside steps 2 to 5:
          re-stage stragglers -> manifests success/failure.ndjson -> alerts import_failed
          and conflict -> summary.json -> delete state/open/<batch>.json
+       A batch whose poll or verification fails with an answer of the services (403 on
+       QIDO, 5xx ...) notes when it first failed (state/batch/<batch>/stuck.json) and,
+       DICOMFLOW_VERIFY_STUCK_MINUTES later, raises verification_stuck once. A 4xx is
+       logged, not raised (the next tick tries again; a platform retry would not help).
     2. the dataset's operations (operations.list): stalled, once each; failed
        operations dicomflow did not start (no state/ops/<id>.json), once each
     3. exports (dicomflow.export.settle_exports)
-    4. quarantined and dropped files, one alert per closed window (dicomflow.feeds)
+    4. quarantined, dropped and failed files, one alert per closed window (and kind)
+       (dicomflow.feeds)
     5. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
        per episode (state/report/backlog.json names the episode); after step 1, whose
        checks tell which batches wait
+    6. windows, batches and exports older than DICOMFLOW_STALE_STATE_MINUTES:
+       stale_state, once per episode (dicomflow.stale)
 
 Verdicts do not depend on which tick verifies a batch or in which order batches
 finish (see ``dicomflow.verify``), so there are no verification leases: two ticks
@@ -22,6 +29,7 @@ each alert is published once (``alerts.publish_once``, keyed by kind and subject
 Subjects::
 
     import_failed   batch/<id>/import_failed        conflict   batch/<id>/conflict
+    verification_stuck  batch/<id>/verification_stuck
     operation_failed  <operation name>               stalled    <operation name>/stalled
     backlog         backlog/<first batch of episode> quarantined, dropped: dicomflow.feeds
 
@@ -50,7 +58,20 @@ from typing import Any
 
 from cloudevents.http import CloudEvent
 
-from dicomflow import alerts, batches, export, feeds, log, manifests, objects, operations, verify
+from dicomflow import (
+    alerts,
+    batches,
+    drill,
+    export,
+    feeds,
+    log,
+    manifests,
+    objects,
+    operations,
+    retry,
+    stale,
+    verify,
+)
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import TransientError
 from dicomflow.operations import OperationView
@@ -62,6 +83,7 @@ from dicomflow.staging import (
     operation_name,
     parse_batch,
     parse_time,
+    stuck_name,
 )
 from dicomflow.verify import CONFLICT, FAILED, FileResult
 
@@ -129,7 +151,12 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         try:
             if time.monotonic() - started > TICK_BUDGET_SECONDS:
                 return
-            outcome = check_batch(ctx, batch, now)
+            try:
+                outcome = check_batch(ctx, batch, now)
+            except Exception as exc:
+                if not stuck_batch(ctx, batch, exc, now):
+                    raise
+                return
             if outcome is None:
                 return
             if "counts" in outcome:
@@ -152,11 +179,13 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         crashpoint("outside")
         exports = export.settle_exports(ctx, now)
         crashpoint("exports")
+        drills = drill.settle_drills(ctx, now)
         lap("operations")
         # Beside the verifications, not after them: a long one must not hold these back.
         quarantined = feeds.report(ctx, feeds.QUARANTINE, now)
         crashpoint("quarantine")
         dropped = feeds.report(ctx, feeds.DROPPED, now)
+        failed = feeds.report(ctx, feeds.FAILED, now)
         lap("feeds")
     finally:
         pool.shutdown(wait=True)
@@ -165,11 +194,13 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         future.result()
     backlog = _report_backlog(ctx, waiting, now)
     crashpoint("backlog")
+    stale_states = stale.report(ctx, now, pending)
 
     result = {
         "status": "tick",
         "operations": len(listed),
         "exports": [e.get("status") for e in exports],
+        "drills": [d.get("status") for d in drills],
         "verified": verified,
         "pending": len(pending) - len(verified),
         "outside": outside,
@@ -177,6 +208,8 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
         "backlog": backlog,
         "quarantine": quarantined,
         "dropped": dropped,
+        "failed": failed,
+        "stale": stale_states,
     }
     logger.info(
         "report tick",
@@ -190,6 +223,8 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
             backlog=backlog,
             quarantineWindows=len(quarantined),
             droppedWindows=len(dropped),
+            failedWindows=len(failed),
+            stale=len(stale_states),
             ms=round((time.monotonic() - started) * 1000),
             stepsMs=steps_ms,
         ),
@@ -260,8 +295,63 @@ def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) ->
             ),
         )
     objects.delete(bucket, open_name(batch))
+    objects.delete(bucket, stuck_name(batch))
     batches.release_slot(ctx, batch)
     return {"batch": batch, "operation": op_name, "counts": summary["counts"]}
+
+
+def _service_status(exc: BaseException) -> int | None:
+    """The HTTP status of a service's answer behind ``exc`` (DICOMweb, the APIs)."""
+    for err in (exc, exc.__cause__):
+        if err is not None and (status := verify.http_status(err)) is not None:
+            return status
+    return None
+
+
+def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool:
+    """Note that checking ``batch`` failed with ``exc``; alert ``verification_stuck`` once
+    when it first failed ``verify_stuck_minutes`` ago. True when the caller need not
+    raise ``exc``: a permanent answer (4xx), which a platform retry of the tick cannot
+    help (the next tick tries again). Transient errors are noted and raised; errors
+    that are no service's answer (a bug, a crash) are raised without a note.
+    """
+    status = _service_status(exc)
+    if status is None and not isinstance(exc, TransientError):
+        return False
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    what = {"errorType": type(exc).__name__, "httpStatus": status}
+    since = now
+    if not objects.create(bucket, stuck_name(batch), {"batch": batch, "since": iso(now), **what}):
+        found = objects.read_json(bucket, stuck_name(batch)) or {}
+        since = parse_time(found.get("since")) or now
+    minutes = (now - since).total_seconds() / 60
+    permanent = status is not None and retry.is_permanent_status(status)
+    # A permanent error is not raised, so its traceback is logged here (the platform logs
+    # a raised one); the log filter puts labels in place of the URL's UIDs.
+    logger.warning(
+        "batch check failed",
+        exc_info=exc if permanent else None,
+        extra=log.fields(batch=batch, stuckMinutes=int(minutes), **what),
+    )
+    if minutes >= ctx.settings.verify_stuck_minutes:
+        details = {
+            "batch": batch,
+            "operation": (objects.read_json(bucket, operation_name(batch)) or {}).get("operation"),
+            "since": iso(since),
+            "stuckMinutes": int(minutes),
+            "thresholdMinutes": ctx.settings.verify_stuck_minutes,
+            **what,
+        }
+        alert = alerts.build_alert(
+            "verification_stuck",
+            f"batch/{batch}/verification_stuck",
+            "ERROR",
+            str(ctx.settings.dicom_store),
+            details,
+            now,
+        )
+        alerts.publish_once(ctx, alert)
+    return permanent
 
 
 def _file_alert_details(
@@ -284,7 +374,7 @@ def _file_alert_details(
                 "object": label(r.record),
                 "key": r.key,
                 "reason": r.reason,
-                "sopInstanceUid": r.record.sop,
+                "sopInstanceUid": alerts.uid_label(settings, r.record.sop),
             }
             for r in chosen[:limit]
         ],
@@ -295,17 +385,20 @@ def _file_alert_details(
     if record.get("error"):
         details["operationError"] = {
             "code": record["error"].get("code"),
-            "message": operations.redact(str(record["error"].get("message", "")), _uri_label(ctx)),
+            "message": _redact(ctx, str(record["error"].get("message", ""))),
         }
     return details
 
 
-def _uri_label(ctx: Any) -> Any:
+def _redact(ctx: Any, text: str) -> str:
+    """An operation's error message with objects and UIDs as the alert settings name them."""
+
     def label(uri: str) -> str:
         bucket, _, name = uri.removeprefix("gs://").partition("/")
         return alerts.object_label(ctx.settings, bucket, name)
 
-    return label
+    text = operations.redact(text, label)
+    return log.UID_PATTERN.sub(lambda m: str(alerts.uid_label(ctx.settings, m.group(0))), text)
 
 
 def _alert_batch(
@@ -374,7 +467,7 @@ def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
         "operationCounter": dict(op.counter),
         "operationError": {
             "code": op.error_code,
-            "message": operations.redact(op.error_message, _uri_label(ctx)),
+            "message": _redact(ctx, op.error_message),
         },
         "startedBy": "outside dicomflow",
     }

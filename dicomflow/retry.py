@@ -2,7 +2,8 @@
 
 As in python-storage, the rule is one predicate, ``should_retry(exc)``: 429,
 5xx, timeouts and dropped connections from Cloud Storage or the Healthcare
-API are transient; everything else (400, 403, 404, 412, ...) is not.
+API are transient; everything else (400, 403, 404, 412, ...) is not, and
+``is_permanent(exc)`` names the 4xx answers that a later attempt meets again.
 ``call(fn)`` retries ``fn`` on transient errors with jittered exponential
 backoff until a deadline, then raises ``TransientError`` so that the caller
 (or the platform, on a function) can retry later. That error's message names
@@ -61,6 +62,21 @@ def should_retry(exc: BaseException) -> bool:
     if status is not None:
         return status in _TRANSIENT_STATUS or status >= 500
     return isinstance(exc, _TRANSIENT_TYPES)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for a 4xx answer other than 408 and 429: the same request will fail again.
+
+    412 (a precondition) and 404 are answers the callers act on, not failures; they
+    are permanent too, and callers catch them before asking.
+    """
+    status = status_of(exc)
+    return status is not None and is_permanent_status(status)
+
+
+def is_permanent_status(status: int) -> bool:
+    """True for 4xx other than 408 and 429 (see ``is_permanent``)."""
+    return 400 <= status < 500 and status not in _TRANSIENT_STATUS
 
 
 def call(

@@ -25,7 +25,7 @@ from cloudevents.http import CloudEvent
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import storage
 
-from dicomflow import log
+from dicomflow import keys, log
 from dicomflow.config import Settings, load_settings
 from dicomflow.errors import ConfigError, PermanentError
 from dicomflow.events import decode_attributes
@@ -158,7 +158,11 @@ def context() -> Context:
     with _context_lock:
         if _context is None:
             log.configure()
-            _context = make_context(load_settings())
+            settings = load_settings()
+            # The key is read at start-up: a missing or unreadable one fails it, and from
+            # here on the logs carry keyed labels, the same as the alerts.
+            log.use_labels(log.Labels(keys.load(settings), settings.is_pipeline_object))
+            _context = make_context(settings)
         return _context
 
 

@@ -7,13 +7,17 @@ generation computes the same names::
     batches/<window>/<key>.dcm          staging copy; its object metadata is the file record
     batches/<window>/_files.ndjson      the window's file list (written once, after its seal)
     quarantine/<window>/<key>.dcm       quarantine copy; the record carries the reason
-    state/dropped/<window>/<key>.json   drop record (event too old, source gone)
+    state/dropped/<window>/<key>.json   drop record (event too old, source gone, foreign bucket)
+    failed/<window>/<key>.json          failure record: the source could not be read or copied
+                                        (a permanent error: 400, 401, 403, 416 ...); the file
+                                        record with the reason is also its object metadata
     state/late/<key>.json               claim of a very late delivery: {window} it copies into
     state/sealed/<window>.json          seal marker, create-if-absent, before the listing
     state/sealed/<window>.done          the seal's last step: file list and batches written
     state/open/<batch>.json             a sealed batch not verified yet (what ticks list)
     state/batch/<batch>/intent.json     import intent and the note of SOPs already stored
     state/batch/<batch>/operation.json  the import operation's name
+    state/batch/<batch>/stuck.json      first failed verification of a finished import
     state/slots/<n>.json                one of K import slots, held by a running import
     manifests/<batch>/{success,failure}.ndjson, summary.json
 
@@ -34,15 +38,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.cloud import storage
 
+from dicomflow import objects
 from dicomflow.config import (
     BATCHES_PREFIX,
     DROPPED_PREFIX,
+    FAILED_PREFIX,
     MANIFESTS_PREFIX,
     QUARANTINE_PREFIX,
     STATE_PREFIX,
@@ -114,6 +122,60 @@ def seal_time(window: str, settings: Settings) -> datetime:
     return parse_window(window) + timedelta(seconds=seconds + settings.seal_grace_seconds)
 
 
+def late_home_window(home: str, settings: Settings) -> str:
+    """The late window of a file that misses its home window's seal: the one holding that
+    seal. Every delivery computes the same one, so no claim is needed to go there."""
+    return late_window_id(seal_time(home, settings), settings.late_window_seconds)
+
+
+def record_names(key: str, home: str, settings: Settings) -> list[str]:
+    """Every name where ingest may have put the record of ``key`` (home window ``home``).
+
+    A late claim (``state/late/<key>.json``) stands for the copy or drop record in the
+    window it names, wherever that is.
+    """
+    return [
+        staged_name(home, key),
+        staged_name(late_home_window(home, settings), key),
+        quarantine_name(home, key),
+        dropped_name(home, key),
+        failed_name(home, key),
+        late_name(key),
+    ]
+
+
+def recorded_keys(
+    bucket: storage.Bucket, settings: Settings, found: Iterable[tuple[str, str]]
+) -> set[str]:
+    """Which of the (key, home window) pairs ingest left a record of (``record_names``).
+
+    Listings only, however many keys: four per home window (staging copies, quarantine,
+    drop and failure records), one per late window holding a home window's seal, and
+    one of the late claims.
+    """
+    pairs = list(found)
+    homes = {home for _, home in pairs}
+    windows = homes | {late_home_window(home, settings) for home in homes}
+    prefixes = [f"{BATCHES_PREFIX}{w}/" for w in sorted(windows)]
+    for prefix in (QUARANTINE_PREFIX, DROPPED_PREFIX, FAILED_PREFIX):
+        prefixes += [f"{prefix}{w}/" for w in sorted(homes)]
+    prefixes.append(LATE_PREFIX)
+    with ThreadPoolExecutor(8, thread_name_prefix="records") as pool:
+        listed = list(pool.map(lambda prefix: objects.names(bucket, prefix), prefixes))
+    have = {name.rsplit("/", 1)[-1].split(".", 1)[0] for names in listed for name in names}
+    return {key for key, _ in pairs if key in have}
+
+
+def has_record(bucket: storage.Bucket, key: str, home: str, settings: Settings) -> bool:
+    """True when ingest left any record of ``key`` (``record_names``): staged, quarantined,
+    dropped, failed or claimed late. One existence check per name, stopping at the first.
+
+    Valid while staging copies are kept, which the lifecycle rule does for longer than
+    the maximum event age.
+    """
+    return any(objects.exists(bucket, name) for name in record_names(key, home, settings))
+
+
 def batch_id(window: str, bits: str = "") -> str:
     return f"{window}-{bits}" if bits else window
 
@@ -146,6 +208,10 @@ def dropped_name(window: str, key: str) -> str:
     return f"{DROPPED_PREFIX}{window}/{key}.json"
 
 
+def failed_name(window: str, key: str) -> str:
+    return f"{FAILED_PREFIX}{window}/{key}.json"
+
+
 def late_name(key: str) -> str:
     return f"{LATE_PREFIX}{key}.json"
 
@@ -169,6 +235,11 @@ def intent_name(batch: str) -> str:
 
 def operation_name(batch: str) -> str:
     return f"{BATCH_STATE_PREFIX}{batch}/operation.json"
+
+
+def stuck_name(batch: str) -> str:
+    """When the verification of ``batch`` first failed (deleted once it is verified)."""
+    return f"{BATCH_STATE_PREFIX}{batch}/stuck.json"
 
 
 def slot_name(slot: int) -> str:

@@ -8,13 +8,17 @@ dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sou
     manifests/<batch>/summary.json       verified batches: counts by outcome, times
     manifests/<batch>/failure.ndjson     reasons, read only for batches with failures
     quarantine/<window>/, state/dropped/ quarantined and dropped files (listings)
+    failed/<window>/                     files ingest could not read or copy (a listing)
     state/retries/<key>.json             re-driven files (``dicomflow.redrive``)
     batches/<window>/ (not sealed)       files of open windows (listings, from the seal cursor)
     state/open/<batch>.json              sealed batches not verified yet, and their
     state/batch/<batch>/operation.json   import operations
+    state/batch/<batch>/stuck.json       verifications that keep failing (finished imports only)
     operations.list                      running operations; imports and exports for the timeline
     state/alerts/*.json                  alerts published (kind, time), from their delivery markers
     state/exports/<date>.json            backups
+    drills/<date>.json                   restore drills (``dicomflow.drill``), the latest few
+    tombstones/                          erased studies (``dicomflow.tombstones``): a count
 
 File totals cover all time (invariant 1: they add up to the files ingested); each
 file counts once, a re-driven one by its retry's outcome. Everything else is limited
@@ -43,6 +47,7 @@ from google.cloud import storage
 from dicomflow import (
     alerts,
     batches,
+    drill,
     export,
     manifests,
     objects,
@@ -50,6 +55,7 @@ from dicomflow import (
     outcomes,
     redrive,
     staging,
+    tombstones,
 )
 from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX
 from dicomflow.staging import (
@@ -65,6 +71,7 @@ from dicomflow.staging import (
     parse_batch,
     parse_window,
     sealed_name,
+    stuck_name,
     success_name,
     summary_name,
     window_id,
@@ -161,6 +168,8 @@ class Holdings:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     quarantined: list[tuple[str, str, str | None]] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    # (key, window, reason) of the failure records ingest wrote.
+    failed: list[tuple[str, str, str | None]] = field(default_factory=list)
     open_windows: dict[str, dict[str, int]] = field(default_factory=dict)
     open_batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     markers: list[dict[str, Any]] = field(default_factory=list)
@@ -249,6 +258,8 @@ def read_open_batches(
         doc["_operation"] = _read_json(bucket, operation_name(batch))
         if doc["_operation"] is None:
             doc["_intent"] = _read_json(bucket, intent_name(batch))
+        elif doc["_operation"].get("done"):
+            doc["_stuck"] = _read_json(bucket, stuck_name(batch))
         return doc
 
     return dict(zip(ids, _pmap(load, ids, progress, "open batches"), strict=True))
@@ -272,6 +283,7 @@ def read_holdings(ctx: Any, now: datetime, progress: Progress | None = None) -> 
         summaries=summaries,
         quarantined=read_quarantine(bucket),
         dropped=read_drops(bucket),
+        failed=[(r.key, w, r.reason) for w, r in outcomes.failure_records(bucket)],
         open_windows=open_windows(ctx, now),
         open_batches={b: d for b, d in opened.items() if b not in summaries},
         markers=redrive.markers(bucket),
@@ -307,6 +319,8 @@ def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, 
         add(window, outcomes.QUARANTINED, 1)
     for _, window in held.dropped:
         add(window, outcomes.DROPPED, 1)
+    for _, window, _ in held.failed:
+        add(window, FAILED, 1)
     for window, found in held.open_windows.items():
         add(window, outcomes.STAGED, found["files"])
     for batch, doc in held.open_batches.items():
@@ -326,6 +340,9 @@ def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, 
     for line in held.failures:
         if line.get("key") not in superseded and line.get("status") in reasons:
             reasons[line["status"]][reason_code(line.get("reason"))] += 1
+    for key, _, reason in held.failed:
+        if key not in superseded:
+            reasons[FAILED][reason_code(reason)] += 1
     section = {
         "files": sum(totals.values()),
         "totals": totals,
@@ -346,7 +363,9 @@ def batch_list(
     Pure.
 
     Each is ``{batch, state, files, bytes?, sealedAt?, operation?, startedAt?,
-    finishedAt?, verifiedAt?, counts?, error?, ageSeconds}``, where state is ``open``
+    finishedAt?, verifiedAt?, counts?, error?, verifyFailingSince?, verifyHttpStatus?,
+    ageSeconds}`` (``verifyFailing...``: a verification that keeps failing, from
+    ``state/batch/<batch>/stuck.json``), where state is ``open``
     (its window is not sealed yet), ``sealed`` (queued for import), ``importing``,
     ``verifying`` or ``verified``.
     """
@@ -370,6 +389,9 @@ def batch_list(
             if op.get("done"):
                 item["finishedAt"] = op.get("finishedAt")
                 item["error"] = bool(op.get("error")) or None
+                stuck = doc.get("_stuck") or {}
+                item["verifyFailingSince"] = stuck.get("since")
+                item["verifyHttpStatus"] = stuck.get("httpStatus")
         elif doc.get("_intent"):
             item["state"] = "importing"
             item["since"] = doc["_intent"].get("requestedAt")
@@ -710,5 +732,7 @@ def gather(
         "operations": {"running": ops["running"]},
         "alerts": alert_info,
         "exports": exports_section(ctx, since),
+        "drills": drill.status_section(ctx),
+        "erasures": tombstones.count(ctx),
         "timeline": timeline(points, items, ops["inWindow"], alert_info["recent"], since, now),
     }

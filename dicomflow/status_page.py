@@ -35,6 +35,10 @@ ALERT_COLORS = {
     "operation_failed": "#c0392b",
     "stalled": "#8e6c3a",
     "backlog": "#6c7a89",
+    "permission_denied": "#d64541",
+    "unreadable": "#b03060",
+    "verification_stuck": "#c0392b",
+    "stale_state": "#6c7a89",
 }
 _STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200)
 _FAVICON = (
@@ -326,6 +330,12 @@ def render(status: dict[str, Any]) -> str:
         ("running operations", len(status["operations"]["running"]), ""),
         ("alerts", al["total"], "warn" if al["total"] else ""),
     ]
+    cards.append(("erased studies", status.get("erasures", 0), ""))
+    last_drill = ((status.get("drills") or {}).get("recent") or [None])[-1]
+    if last_drill is not None:
+        state = str(last_drill.get("state"))
+        kind = {"passed": "good", "failed": "bad"}.get(state, "")
+        cards.append((f"drill {last_drill['date']}", state, kind))
     card_html = "".join(
         f'<div class="card {cls}"><div class="n">{_e(n)}</div><div class="l">{_e(label)}</div>'
         "</div>"
@@ -378,6 +388,20 @@ def render(status: dict[str, Any]) -> str:
         ]
         for x in status["exports"]
     ]
+    drills = status.get("drills") or {}
+    drill_rows = [
+        [
+            _e(d["date"]),
+            _e(d.get("backupDate")),
+            _e(d.get("state")),
+            _e(d.get("studies")),
+            _e(d.get("instances")),
+            _e(d.get("present")),
+            _e(duration(d.get("seconds"))),
+        ]
+        for d in reversed(drills.get("recent") or [])
+    ]
+    drill_title = f"Restore drills (every {_e(drills.get('everyDays') or '-')} days)"
     window = status["window"]
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -409,6 +433,9 @@ def render(status: dict[str, Any]) -> str:
 </section>
 <section><h2>Latest alerts</h2>{_table(["time", "kind", "alert id"], recent_rows)}</section>
 <section><h2>Backups</h2>{_table(["date", "state", "attempt", "destination"], export_rows)}
+</section>
+<section><h2>{drill_title}</h2>
+{_table(["date", "backup", "state", "studies", "instances", "present", "time"], drill_rows)}
 </section>
 </div>
 <footer>Object names are never shown; file keys, batch ids and alert ids lead to the manifests.

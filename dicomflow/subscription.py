@@ -1,4 +1,5 @@
-"""Reading alerts back from a Pub/Sub pull subscription (``dicomflow alerts tail``).
+"""Reading alerts back from a Pub/Sub pull subscription (``dicomflow alerts tail``), and
+counting the events waiting on a dead-letter subscription (``dicomflow status``).
 
 ``pull(ctx, subscription, ...)`` returns decoded alert bodies (see
 ``dicomflow.alerts``), each with its routing attributes, and acknowledges them
@@ -62,6 +63,40 @@ def _call(request: Any) -> dict[str, Any]:
     except (TimeoutError, OSError) as exc:
         raise TransientError(f"Pub/Sub unreachable: {exc}") from exc
     return result
+
+
+def count_waiting(ctx: Any, subscription: str) -> int:
+    """How many messages wait on ``subscription`` (any messages, not only alerts); each
+    is handed back at once, so the count consumes nothing.
+
+    Raises:
+        PermanentError: the subscription does not exist or is not readable.
+        TransientError: Pub/Sub answered 429/5xx or could not be reached.
+    """
+    subs = ctx.pubsub().projects().subscriptions()
+    seen: set[str] = set()
+    empty = 0
+    while empty < EMPTY_POLLS:
+        body = {"maxMessages": _PAGE, "returnImmediately": True}
+        received = (
+            _call(subs.pull(subscription=subscription, body=body)).get("receivedMessages") or []
+        )
+        if not received:
+            empty += 1
+            time.sleep(POLL_SECONDS)
+            continue
+        ids = [item["ackId"] for item in received]
+        _call(
+            subs.modifyAckDeadline(
+                subscription=subscription, body={"ackIds": ids, "ackDeadlineSeconds": 0}
+            )
+        )
+        fresh = {str((item.get("message") or {}).get("messageId")) for item in received} - seen
+        if not fresh:
+            break  # only messages counted already, handed back by this count
+        seen |= fresh
+        empty = 0
+    return len(seen)
 
 
 def pull(

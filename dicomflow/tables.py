@@ -23,6 +23,9 @@ _STYLE = {
 }
 
 
+_DRILL_STYLE = {"passed": "green", "failed": "red"}
+
+
 def _short(operation: Any) -> str:
     return str(operation or "").rsplit("/", 1)[-1]
 
@@ -94,6 +97,14 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
         alert_table.add_row(kind, str(n), latest.get(kind, "-"))
     out.append(alert_table)
 
+    dead = status.get("deadLetters")
+    if dead is None:
+        out.append(Text("Dead letters: not counted (set DICOMFLOW_DEAD_LETTER_SUBSCRIPTION)"))
+    else:
+        count, where = dead["count"], dead["subscription"]
+        line = f"Dead letters: {count} event(s) delivery gave up on ({where})"
+        out.append(Text(line, style="bold red" if count else ""))
+
     if status["exports"]:
         backups = Table(title="Backups", title_justify="left")
         for column in ("date", "state", "attempt", "destination"):
@@ -101,6 +112,29 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
         for x in status["exports"]:
             backups.add_row(x["date"], str(x["state"]), str(x["attempt"]), str(x["destination"]))
         out.append(backups)
+    if status.get("erasures"):
+        out.append(Text(f"Erased studies (tombstones): {status['erasures']}"))
+    drills = status.get("drills") or {}
+    if drills.get("recent") or drills.get("everyDays"):
+        table = Table(
+            title=f"Restore drills (every {drills.get('everyDays') or '-'} days)",
+            title_justify="left",
+        )
+        for column in ("date", "backup", "state", "studies", "instances", "present", "time"):
+            table.add_column(column)
+        for d in drills.get("recent") or []:
+            table.add_row(
+                d["date"],
+                str(d.get("backupDate")),
+                Text(str(d.get("state")), style=_DRILL_STYLE.get(str(d.get("state")), "")),
+                str(d.get("studies")),
+                str(d.get("instances") if d.get("instances") is not None else "-"),
+                str(d.get("present") if d.get("present") is not None else "-"),
+                duration(d.get("seconds")),
+            )
+        if not drills.get("recent"):
+            table.add_row("-", "-", "no drill yet", "", "", "", "")
+        out.append(table)
     return Group(*out)
 
 

@@ -169,7 +169,8 @@ def name_successes(
 # --- store access -----------------------------------------------------------------------------
 
 
-def _http_status(exc: BaseException) -> int | None:
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a DICOMweb (requests) or API error, if any."""
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return int(exc.response.status_code)
     return retry.status_of(exc)
@@ -177,7 +178,7 @@ def _http_status(exc: BaseException) -> int | None:
 
 def transient(exc: BaseException) -> bool:
     """429, 5xx and connection errors from DICOMweb or the APIs."""
-    status = _http_status(exc)
+    status = http_status(exc)
     if status is not None:
         return status in (408, 429) or status >= 500
     return retry.should_retry(exc)

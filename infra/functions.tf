@@ -116,6 +116,8 @@ resource "google_cloudfunctions2_function" "fn" {
     # identity to receive events, before the trigger is created.
     google_project_iam_member.storage_agent_publisher,
     google_project_iam_member.fn,
+    # Each function reads the deployment key when it starts.
+    google_secret_manager_secret_iam_member.deployment_key,
   ]
 }
 

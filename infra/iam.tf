@@ -56,11 +56,13 @@ locals {
   ]...)
 
   store_roles   = { for fn, spec in local.functions : fn => spec.store_permissions if length(spec.store_permissions) > 0 }
+  drill_roles   = { for fn, spec in local.functions : fn => spec.drill_store_permissions if local.drill_on && length(spec.drill_store_permissions) > 0 }
   dataset_roles = { for fn, spec in local.functions : fn => spec.dataset_permissions if length(spec.dataset_permissions) > 0 }
 
   # The DICOM store and dataset as the IAM resources expect them (project/location/dataset[/store]).
   dataset_iam_id = "${var.project_id}/${local.healthcare_location}/${var.dataset_id}"
   store_iam_id   = "${local.dataset_iam_id}/${var.dicom_store_id}"
+  drill_iam_id   = "${local.dataset_iam_id}/${local.drill_store_id}"
 }
 
 # --- Cloud Storage: bucket-level grants only ---
@@ -123,6 +125,23 @@ resource "google_healthcare_dicom_store_iam_member" "fn" {
   depends_on = [google_healthcare_dicom_store.this]
 }
 
+resource "google_project_iam_custom_role" "drill" {
+  for_each    = local.drill_roles
+  role_id     = "${replace(var.name_prefix, "-", "_")}_${each.key}_drill"
+  title       = "dicomflow ${each.key}: restore drill store"
+  description = "Restore a sample into the scratch DICOM store, compare it and empty it; granted on that store only."
+  permissions = each.value
+}
+
+resource "google_healthcare_dicom_store_iam_member" "drill" {
+  for_each       = local.drill_roles
+  dicom_store_id = local.drill_iam_id
+  role           = google_project_iam_custom_role.drill[each.key].name
+  member         = google_service_account.fn[each.key].member
+
+  depends_on = [google_healthcare_dicom_store.drill]
+}
+
 resource "google_healthcare_dataset_iam_member" "fn" {
   for_each   = local.dataset_roles
   dataset_id = local.dataset_iam_id
@@ -130,6 +149,25 @@ resource "google_healthcare_dataset_iam_member" "fn" {
   member     = google_service_account.fn[each.key].member
 
   depends_on = [google_healthcare_dataset.this]
+}
+
+# --- Landing clean-up: delete only, on the landing bucket only, only when it is turned on ---
+
+# roles/storage.objectUser would also let ingest create and overwrite uploads; this role holds the
+# one permission the clean-up needs.
+resource "google_project_iam_custom_role" "landing_delete" {
+  count       = var.landing_delete_after_days > 0 ? 1 : 0
+  role_id     = "${replace(var.name_prefix, "-", "_")}_landing_delete"
+  title       = "dicomflow ingest: delete landing objects"
+  description = "Delete landing objects that were imported and verified; granted on the landing bucket only."
+  permissions = ["storage.objects.delete"]
+}
+
+resource "google_storage_bucket_iam_member" "ingest_landing_delete" {
+  count  = var.landing_delete_after_days > 0 ? 1 : 0
+  bucket = google_storage_bucket.landing.name
+  role   = google_project_iam_custom_role.landing_delete[0].name
+  member = google_service_account.fn["ingest"].member
 }
 
 # --- Project level: only what cannot be granted lower ---
@@ -174,14 +212,21 @@ resource "google_storage_bucket_iam_member" "healthcare_agent_staging" {
   depends_on = [google_healthcare_dataset.this]
 }
 
-# Export writes gs://BACKUPS/PREFIX/DATE/... and overwrites objects already there (a rerun of a
-# date, or the second export a crash between start and record can cause). The dicomStores.export
-# reference requires roles/storage.objectAdmin on the destination; object create alone fails on
-# those overwrites. Granted on the backups bucket only.
+# Export writes gs://BACKUPS/PREFIX/DATE/... (and the drill imports from there). The
+# dicomStores.export reference asks for roles/storage.objectAdmin on the destination; an IAM
+# condition limits it to objects under PREFIX/ and to listings of that prefix, so the agent, and so
+# any export someone starts, cannot touch the rest of the bucket. Under the retention policy it can
+# create objects there but not overwrite or delete them.
 resource "google_storage_bucket_iam_member" "healthcare_agent_backups" {
   bucket = google_storage_bucket.backups.name
   role   = "roles/storage.objectAdmin"
   member = local.healthcare_agent
+
+  condition {
+    title       = "dicomflow-backup-prefix"
+    description = "Only objects under the backup prefix, and listings of it."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.backups.name}/objects/${var.backup_prefix}/\") || api.getAttribute(\"storage.googleapis.com/objectListPrefix\", \"\").startsWith(\"${var.backup_prefix}/\")"
+  }
 
   depends_on = [google_healthcare_dataset.this]
 }

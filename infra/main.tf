@@ -16,6 +16,9 @@ locals {
 
   dataset_id       = "projects/${var.project_id}/locations/${local.healthcare_location}/datasets/${var.dataset_id}"
   dicom_store_name = "${local.dataset_id}/dicomStores/${var.dicom_store_id}"
+  drill_store_id   = "${var.dicom_store_id}-drill"
+  drill_store_name = "${local.dataset_id}/dicomStores/${local.drill_store_id}"
+  drill_on         = var.restore_drill_days > 0
 
   labels = merge({ app = "dicomflow" }, var.labels)
 
@@ -25,7 +28,7 @@ locals {
   pubsub_agent     = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
 
   # The environment of all three functions: they load the same Settings, so each needs the five
-  # required names. Endpoint settings (DICOMFLOW_HEALTHCARE_ENDPOINT, DICOMFLOW_PUBSUB_ENDPOINT,
+  # required names and the deployment key's secret. Endpoint settings (DICOMFLOW_HEALTHCARE_ENDPOINT, DICOMFLOW_PUBSUB_ENDPOINT,
   # STORAGE_EMULATOR_HOST) are for localcloud only and stay unset here. Names are checked against
   # dicomflow/config.py SETTINGS_DOC by tests/unit/test_infra.py.
   function_env_fixed = {
@@ -37,6 +40,17 @@ locals {
     DICOMFLOW_BACKUP_PREFIX  = var.backup_prefix
     # The design seals a batch only after a grace longer than the ingest timeout.
     DICOMFLOW_SEAL_GRACE_SECONDS = tostring(var.ingest_timeout_seconds + 10)
+    DICOMFLOW_KEY_SECRET         = "${google_secret_manager_secret.deployment_key.id}/versions/latest"
+    DICOMFLOW_ALERT_UIDS         = var.alert_uids
+    DICOMFLOW_SWEEP_HOURS        = tostring(var.sweep_hours)
+    # ingest holds storage.objects.delete on landing only when this is above 0 (iam.tf).
+    DICOMFLOW_LANDING_DELETE_AFTER_DAYS = tostring(var.landing_delete_after_days)
+    DICOMFLOW_RESTORE_DRILL_DAYS        = tostring(var.restore_drill_days)
+    DICOMFLOW_RESTORE_DRILL_STUDIES     = tostring(var.restore_drill_studies)
+    # Empty when the drill is off: there is no scratch store then.
+    DICOMFLOW_DRILL_STORE = local.drill_on ? local.drill_store_name : ""
+    # The sweep looks only at uploads whose staging copies the lifecycle rule still keeps.
+    DICOMFLOW_STAGING_COPY_RETENTION_DAYS = tostring(var.staging_copy_retention_days)
   }
   function_env = merge(var.settings, local.function_env_fixed)
 
@@ -47,8 +61,11 @@ locals {
   # so nothing in the pipeline can delete or overwrite backup data. Healthcare permissions are
   # custom roles granted on the DICOM store or the dataset only.
   # Derived from the code: dicomflow/healthcare.py (import, operations.get), dicomflow/export.py
-  # (QIDO count, dicomStores.export, markers, _MANIFEST.json; report's settle_exports also resumes
-  # an export start whose claimer crashed, hence dicomStores.export on report).
+  # (QIDO count, dicomStores.export, markers, _MANIFEST.json). Only export may start an export.
+  # drill_store_permissions are granted on the scratch store <store>-drill, which exists only when
+  # var.restore_drill_days > 0: export starts a restore drill there (dicomflow/drill.py), report
+  # settles it (checks the restored studies, empties the store, and starts it again after a
+  # clearing or a dead start), so both hold the same drill permissions.
   functions = {
     ingest = {
       description = "Storage finalize events on the landing bucket, and the minute tick: claim, check, stage, seal, import."
@@ -67,6 +84,7 @@ locals {
       store_permissions = [
         "healthcare.dicomStores.import",
       ]
+      drill_store_permissions = []
       dataset_permissions = [
         "healthcare.operations.get",
       ]
@@ -90,7 +108,12 @@ locals {
       }
       store_permissions = [
         "healthcare.dicomStores.dicomWebRead", # QIDO search and WADO retrieve to verify each file
-        "healthcare.dicomStores.export",       # resumes an export start whose claimer crashed
+      ]
+      drill_store_permissions = [
+        "healthcare.dicomStores.get",            # the drill store exists (a restart after clearing)
+        "healthcare.dicomStores.import",         # restarts a drill after clearing or a dead start
+        "healthcare.dicomStores.dicomWebRead",   # checks the restored studies
+        "healthcare.dicomStores.dicomWebDelete", # empties the store after the check
       ]
       dataset_permissions = [
         "healthcare.operations.get",
@@ -105,7 +128,8 @@ locals {
       memory      = "512Mi"
       max_inst    = 1
       bucket_roles = {
-        staging = ["roles/storage.objectUser"] # per-date markers, the manifests (incremental) and the filter file
+        staging = ["roles/storage.objectUser"]   # per-date markers, the manifests (incremental), the filter file, drill copies
+        backups = ["roles/storage.objectViewer"] # the drill reads the latest backup's manifest, lists and copies its objects
       }
       manifest_roles = ["roles/storage.objectUser"] # a forced rerun marks the old manifest superseded
       topic_roles    = {}
@@ -113,8 +137,16 @@ locals {
         "healthcare.dicomStores.dicomWebRead", # QIDO count of what the export should write
         "healthcare.dicomStores.export",
       ]
-      dataset_permissions = []
-      project_roles       = []
+      drill_store_permissions = [
+        "healthcare.dicomStores.get",            # the drill store exists
+        "healthcare.dicomStores.import",         # restores a sample of the latest backup
+        "healthcare.dicomStores.dicomWebRead",   # finds leftovers to clear first
+        "healthcare.dicomStores.dicomWebDelete", # clears them (studies.delete)
+      ]
+      dataset_permissions = [
+        "healthcare.operations.get", # the drill's clearing operations
+      ]
+      project_roles = []
     }
   }
 }
@@ -124,6 +156,16 @@ resource "google_healthcare_dataset" "this" {
   name      = var.dataset_id
   location  = local.healthcare_location
   time_zone = "UTC"
+
+  # CMEK is set when the dataset is created and cannot change afterwards.
+  dynamic "encryption_spec" {
+    for_each = local.kms_keys
+    content {
+      kms_key_name = encryption_spec.value
+    }
+  }
+
+  depends_on = [google_kms_crypto_key_iam_member.agents]
 
   lifecycle {
     # Deleting the dataset deletes its stores; see README "Tear down".
@@ -141,4 +183,13 @@ resource "google_healthcare_dicom_store" "this" {
     # The store holds the clinical data; deleting it must be a deliberate act outside Terraform.
     prevent_destroy = true
   }
+}
+
+# The restore drill's scratch store: export imports a sample of the latest backup here, compares it
+# with the store, and empties it. Nothing else may write to it; it holds PHI only during a drill.
+resource "google_healthcare_dicom_store" "drill" {
+  count   = local.drill_on ? 1 : 0
+  name    = local.drill_store_id
+  dataset = var.create_dataset ? google_healthcare_dataset.this[0].id : local.dataset_id
+  labels  = merge(local.labels, { role = "restore-drill" })
 }

@@ -43,3 +43,28 @@ output "source_object" {
   description = "The deployed source archive, named by its SHA-256."
   value       = "gs://${google_storage_bucket.source.name}/${google_storage_bucket_object.source.name}"
 }
+
+output "deployment_key_secret" {
+  description = "Secret Manager secret of the deployment key. Add its first version before the first upload (README \"Deployment key\")."
+  value       = google_secret_manager_secret.deployment_key.id
+}
+
+output "alert_policies" {
+  description = "Cloud Monitoring alert policies (ERROR, WARNING), when monitoring_alerts is on."
+  value       = { for k, p in google_monitoring_alert_policy.alerts : k => p.name }
+}
+
+output "alerts_push_subscription" {
+  description = "The push subscription to alert_push_endpoint, or null."
+  value       = one(google_pubsub_subscription.alerts_push[*].id)
+}
+
+output "drill_store" {
+  description = "The restore drill's scratch DICOM store, or null when restore_drill_days is 0."
+  value       = local.drill_on ? local.drill_store_name : null
+}
+
+output "alerts_push_service_account" {
+  description = "Identity in the OIDC token of pushed alerts, or null. Grant it roles/run.invoker on the receiving function or Cloud Run service."
+  value       = one(google_service_account.alert_push[*].email)
+}

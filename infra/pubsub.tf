@@ -1,31 +1,35 @@
-# Topics, the alerts inbox, and the Cloud Scheduler jobs that drive the ticks.
-# Topics use Google-managed encryption; CMEK is an organisation choice left to the deployer.
+# Topics, the alerts inbox, the optional push subscription, and the Cloud Scheduler jobs that drive
+# the ticks. Topics use var.kms_key_name when it is set (CMEK), Google-managed encryption otherwise.
 
 resource "google_pubsub_topic" "tick" {
-  #checkov:skip=CKV_GCP_83:Google-managed encryption; the tick carries no data. CMEK is the deployer's choice.
-  name   = "${var.name_prefix}-tick"
-  labels = local.labels
+  name         = "${var.name_prefix}-tick"
+  labels       = local.labels
+  kms_key_name = var.kms_key_name
+  depends_on   = [google_kms_crypto_key_iam_member.agents]
 }
 
 resource "google_pubsub_topic" "export_schedule" {
-  #checkov:skip=CKV_GCP_83:Google-managed encryption; the tick carries no data. CMEK is the deployer's choice.
-  name   = "${var.name_prefix}-export-schedule"
-  labels = local.labels
+  name         = "${var.name_prefix}-export-schedule"
+  labels       = local.labels
+  kms_key_name = var.kms_key_name
+  depends_on   = [google_kms_crypto_key_iam_member.agents]
 }
 
 # Alerts carry UIDs, counts and hashed object names, never PHI (DESIGN.md invariant 7).
 resource "google_pubsub_topic" "alerts" {
-  #checkov:skip=CKV_GCP_83:Google-managed encryption; alerts hold no PHI by design. CMEK is the deployer's choice.
   name                       = "${var.name_prefix}-alerts"
   labels                     = local.labels
   message_retention_duration = "604800s"
+  kms_key_name               = var.kms_key_name
+  depends_on                 = [google_kms_crypto_key_iam_member.agents]
 }
 
 resource "google_pubsub_topic" "alerts_dead_letter" {
-  #checkov:skip=CKV_GCP_83:Google-managed encryption; alerts hold no PHI by design. CMEK is the deployer's choice.
   name                       = "${var.name_prefix}-alerts-dead-letter"
   labels                     = local.labels
   message_retention_duration = "604800s"
+  kms_key_name               = var.kms_key_name
+  depends_on                 = [google_kms_crypto_key_iam_member.agents]
 }
 
 # Alerts are kept here until someone reads them, so none is lost before an alerting pipeline is

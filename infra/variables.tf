@@ -105,15 +105,43 @@ variable "backup_prefix" {
   }
 }
 
+variable "backup_location" {
+  type        = string
+  description = "Location of the backups bucket. Null means region. A dual-region (e.g. NAM4, EUR4) or multi-region (US, EU, ASIA) keeps the backups when one region is lost; see README."
+  default     = null
+
+  validation {
+    condition     = var.backup_location == null || can(regex("^[A-Za-z]+[A-Za-z0-9-]*[A-Za-z0-9]$", var.backup_location))
+    error_message = "backup_location must be a Cloud Storage location such as US, EU, NAM4 or europe-west4."
+  }
+}
+
 variable "backup_retention_days" {
   type        = number
-  description = "Days a backup is kept before the lifecycle rule deletes it (then noncurrent_retention_days more as a noncurrent version)."
+  description = "Days a backup is kept before the lifecycle rule deletes it. At least backup_retention_policy_days (objects under a retention policy cannot be deleted sooner)."
   default     = 90
 
   validation {
     condition     = var.backup_retention_days >= 1 && floor(var.backup_retention_days) == var.backup_retention_days
     error_message = "backup_retention_days must be a whole number of days, 1 or more."
   }
+}
+
+variable "backup_retention_policy_days" {
+  type        = number
+  description = "Retention policy of the backups bucket: no backup object can be deleted or overwritten, by anyone, for this many days after it was written. 0 turns the policy off (and object versioning on instead: Cloud Storage does not allow both on one bucket)."
+  default     = 30
+
+  validation {
+    condition     = var.backup_retention_policy_days >= 0 && floor(var.backup_retention_policy_days) == var.backup_retention_policy_days && var.backup_retention_policy_days <= 36500
+    error_message = "backup_retention_policy_days must be a whole number of days, 0 (off) to 36500."
+  }
+}
+
+variable "backup_retention_lock" {
+  type        = bool
+  description = "Lock the backups bucket's retention policy. A locked policy can never be shortened or removed, and the bucket cannot be deleted until every object has aged out. Irreversible; see README."
+  default     = false
 }
 
 variable "noncurrent_retention_days" {
@@ -129,7 +157,7 @@ variable "noncurrent_retention_days" {
 
 variable "staging_copy_retention_days" {
   type        = number
-  description = "Days staging copies, quarantine copies and late claims are kept. Each is the claim of its file, so this must be longer than DICOMFLOW_MAX_EVENT_AGE_SECONDS (25 h by default)."
+  description = "Days staging copies, quarantine copies, failure records (failed/) and late claims are kept; they hold PHI. Each is the claim of its file, so this must be longer than DICOMFLOW_MAX_EVENT_AGE_SECONDS (25 h by default; checked at plan time)."
   default     = 7
 
   validation {
@@ -237,10 +265,12 @@ variable "settings" {
       "DICOMFLOW_EXPORT_MODE",
       "DICOMFLOW_STALLED_SECONDS",
       "DICOMFLOW_BACKLOG_SECONDS",
+      "DICOMFLOW_VERIFY_STUCK_MINUTES",
+      "DICOMFLOW_STALE_STATE_MINUTES",
       "DICOMFLOW_ALERT_OBJECT_NAMES",
       "DICOMFLOW_ALERT_SAMPLE_FILES",
     ], name)])
-    error_message = "settings may only hold the tuning names of SETTINGS_DOC; the required ones, the endpoints, DICOMFLOW_BACKUP_PREFIX and DICOMFLOW_SEAL_GRACE_SECONDS are set by this module."
+    error_message = "settings may only hold the tuning names of SETTINGS_DOC; the required ones, the endpoints, the key, DICOMFLOW_BACKUP_PREFIX, DICOMFLOW_SEAL_GRACE_SECONDS and the settings with a variable of their own are set by this module."
   }
 }
 
@@ -259,4 +289,139 @@ variable "labels" {
   type        = map(string)
   description = "Labels added to every resource that takes labels."
   default     = {}
+}
+
+# --- Security: keys, encryption, audit logs ---
+
+variable "kms_key_name" {
+  type        = string
+  description = "Cloud KMS key (projects/P/locations/L/keyRings/R/cryptoKeys/K) that encrypts the buckets, the topics and the Healthcare dataset (CMEK). Null uses Google-managed encryption. The key must be in a location that covers region, the backups location and healthcare_location; the service agents get encrypt/decrypt on it."
+  default     = null
+
+  validation {
+    condition     = var.kms_key_name == null || can(regex("^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$", var.kms_key_name))
+    error_message = "kms_key_name must look like projects/P/locations/L/keyRings/R/cryptoKeys/K."
+  }
+}
+
+variable "data_access_audit_logs" {
+  type        = bool
+  description = "Turn on Cloud Audit Logs Data Access logs (ADMIN_READ, DATA_READ, DATA_WRITE) for the Healthcare API and Cloud Storage in the project. They record who read or changed each object and DICOM instance; they cost log storage."
+  default     = true
+}
+
+variable "alert_uids" {
+  type        = string
+  description = "How DICOM UIDs appear in alerts: hash (keyed with the deployment key, default) or plain. Sets DICOMFLOW_ALERT_UIDS."
+  default     = "hash"
+
+  validation {
+    condition     = contains(["hash", "plain"], var.alert_uids)
+    error_message = "alert_uids must be hash or plain."
+  }
+}
+
+# --- Sweep, landing clean-up, restore drill ---
+
+variable "sweep_hours" {
+  type        = number
+  description = "Hours between sweeps that look for landing objects no event was delivered for (0 = off). Sets DICOMFLOW_SWEEP_HOURS."
+  default     = 24
+
+  validation {
+    condition     = var.sweep_hours >= 0 && floor(var.sweep_hours) == var.sweep_hours
+    error_message = "sweep_hours must be a whole number, 0 (off) or more."
+  }
+}
+
+variable "landing_delete_after_days" {
+  type        = number
+  description = "Delete a landing object this many days after it was imported and verified (0 = never). When above 0, ingest is granted storage.objects.delete on the landing bucket, and nothing more. Sets DICOMFLOW_LANDING_DELETE_AFTER_DAYS."
+  default     = 0
+
+  validation {
+    condition     = var.landing_delete_after_days >= 0 && floor(var.landing_delete_after_days) == var.landing_delete_after_days
+    error_message = "landing_delete_after_days must be a whole number of days, 0 (never) or more."
+  }
+}
+
+variable "restore_drill_days" {
+  type        = number
+  description = "Days between restore drills, in which export imports a sample of the latest backup into the scratch store <dicom_store_id>-drill and compares it (0 = off: no scratch store, no grants). Sets DICOMFLOW_RESTORE_DRILL_DAYS."
+  default     = 7
+
+  validation {
+    condition     = var.restore_drill_days >= 0 && floor(var.restore_drill_days) == var.restore_drill_days
+    error_message = "restore_drill_days must be a whole number of days, 0 (off) or more."
+  }
+}
+
+variable "restore_drill_studies" {
+  type        = number
+  description = "Studies a restore drill restores and compares, sampled at random; 0 restores the whole backup. Sets DICOMFLOW_RESTORE_DRILL_STUDIES."
+  default     = 50
+
+  validation {
+    condition     = var.restore_drill_studies >= 0 && floor(var.restore_drill_studies) == var.restore_drill_studies
+    error_message = "restore_drill_studies must be a whole number, 0 (the whole backup) or more."
+  }
+}
+
+# --- Alerting: Cloud Monitoring and an optional push subscription ---
+
+variable "monitoring_alerts" {
+  type        = bool
+  description = "Create the log-based metric of published alerts and the two Cloud Monitoring alert policies (ERROR kinds, WARNING kinds)."
+  default     = true
+}
+
+variable "alert_emails" {
+  type        = list(string)
+  description = "Email addresses the alert policies notify (one notification channel each)."
+  default     = []
+
+  validation {
+    condition     = alltrue([for e in var.alert_emails : can(regex("^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$", e))])
+    error_message = "alert_emails must hold email addresses."
+  }
+}
+
+variable "alert_webhook_url" {
+  type        = string
+  description = "Optional HTTPS URL the alert policies also notify (a webhook notification channel)."
+  default     = null
+  sensitive   = true
+
+  validation {
+    condition     = var.alert_webhook_url == null || startswith(coalesce(var.alert_webhook_url, "x"), "https://")
+    error_message = "alert_webhook_url must be an https:// URL."
+  }
+}
+
+variable "runbook_url" {
+  type        = string
+  description = "Where your copy of docs/alerts.md is published, e.g. the web view of it in your repository. Each alert policy's documentation links <runbook_url>#<kind>. Null names the file docs/alerts.md instead of a URL."
+  default     = null
+
+  validation {
+    condition     = var.runbook_url == null || can(regex("^https://", coalesce(var.runbook_url, "x")))
+    error_message = "runbook_url must be an https:// URL."
+  }
+}
+
+variable "alert_push_endpoint" {
+  type        = string
+  description = "Optional HTTPS endpoint that receives every alert as a Pub/Sub push, authenticated with an OIDC token of a dedicated service account (see examples/alert_consumer). Null: no push subscription."
+  default     = null
+
+  validation {
+    condition     = var.alert_push_endpoint == null || startswith(coalesce(var.alert_push_endpoint, "x"), "https://")
+    error_message = "alert_push_endpoint must be an https:// URL."
+  }
+}
+
+variable "alert_push_audience" {
+  type        = string
+  description = "Audience of the push subscription's OIDC token. Null means the endpoint URL."
+  default     = null
 }

@@ -27,7 +27,9 @@ the stored ones, the other is a ``conflict`` whose staging copy is kept and whic
 ``conflict`` alert names; every broken file is quarantined with its reason and a
 ``quarantined`` alert names it; every upload has one final outcome and nothing
 else has one; no event was dead-lettered; no alert was raised that the corpus
-does not explain; and no function had to be revived after the kills.
+does not explain; and no function had to be revived after the kills. Last, it
+scans every line the three functions logged and every alert for the corpus's
+patient names, UIDs and object names (``localcloud.leaks``): a hit is a problem.
 
 Import faults are 429 only. A kill of ingest between the import intent and the
 operation record leaves the batch to dicomflow's crash repair, which imports it
@@ -83,7 +85,8 @@ from dicomflow.staging import (
     staged_name,
     summary_name,
 )
-from dicomflow.verify import CONFLICT, SUCCESS, pmap
+from dicomflow.verify import CONFLICT, FAILED, SUCCESS, pmap
+from localcloud import leaks
 from localcloud.corpus import generate_studies
 from localcloud.delivery import STORAGE_FINALIZED, Deliverer, Event
 from localcloud.errors import LocalCloudError
@@ -424,6 +427,10 @@ class OutcomeReader:
             record = FileRecord.from_blob(blob, window)
             if record is not None and record.key not in found:
                 found[record.key] = Outcome(record.key, outcomes.STAGED, None, None, window, record)
+        # A file ingest could not read or copy (none is expected here: a failure to explain).
+        for window, record in outcomes.failure_records(self._bucket):
+            if record.key not in found:
+                found[record.key] = Outcome(record.key, FAILED, record.reason, None, window, record)
         return found
 
 
@@ -587,6 +594,15 @@ def run_chaos(
         )
         if stats["revived"]:
             problems.append(f"{len(stats['revived'])} revivals: {', '.join(stats['revived'])}")
+        markers = leaks.corpus_markers((u.name, u.data) for u in uploads)
+        leaked = leaks.scan_run(stack.config.home, alerts, markers)
+        stats["leakScan"] = {
+            "logLines": len(leaks.function_log_lines(stack.config.home)),
+            "alerts": len(alerts),
+            "markers": markers.counts(),
+            "found": len(leaked),
+        }
+        problems += leaked
         pairs = {u.pair for u in uploads if u.pair is not None}
         stats["outcomes"] = outcomes.totals(found[k] for k in expected_keys if k in found)
         stats["conflictPairs"] = len(pairs)

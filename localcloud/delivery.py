@@ -12,8 +12,10 @@ topic keeps it) and logged as an error, never dropped silently.
 Dead letters are JSON lines ``{"headers": {...}, "body": "..."}`` appended to
 the ``dead_letter`` file (``<LOCALCLOUD_HOME>/dead-letter.ndjson`` in the
 stack); ``count_dead_letters(path)`` counts them for ``localcloud status``.
-The file holds object names, like the messages of a dead-letter topic; logs
-never do.
+The stack also publishes each one to a dead-letter topic (``on_dead_letter``,
+``pubsub_dead_letters``), where ``dicomflow status`` counts them as it would on
+Google Cloud. The file and the messages hold object names, like the messages
+of a dead-letter topic; logs never do.
 
 ``routes`` maps one target URL to several instances of a function (N Cloud
 Run instances behind one URL): each attempt goes to the instance with the fewest
@@ -34,7 +36,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +94,24 @@ def count_dead_letters(path: Path) -> int:
             return sum(1 for line in lines if line.strip())
     except FileNotFoundError:
         return 0
+
+
+def pubsub_dead_letters(pubsub_url: str, topic: str) -> Callable[[dict[str, Any]], None]:
+    """A sink for ``Deliverer(on_dead_letter=...)`` that publishes each dead letter to
+    ``topic`` (``projects/P/topics/T``), as an Eventarc trigger's dead-letter topic keeps
+    it. The record is the message data; its attributes carry only the event's id."""
+
+    def publish(record: dict[str, Any]) -> None:
+        data = base64.b64encode(json.dumps(record, ensure_ascii=False).encode()).decode()
+        attributes = {"ceId": str(record["headers"].get("ce-id", ""))}
+        response = requests.post(
+            f"{pubsub_url.rstrip('/')}/v1/{topic}:publish",
+            json={"messages": [{"data": data, "attributes": attributes}]},
+            timeout=30,
+        )
+        response.raise_for_status()
+
+    return publish
 
 
 def rfc3339(moment: datetime) -> str:
@@ -166,6 +186,7 @@ class Deliverer:
         min_backoff: float = 0.2,
         jitter: float = 0.0,
         routes: Mapping[str, Sequence[str]] | None = None,
+        on_dead_letter: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if not 0.0 <= jitter <= 1.0:
             raise ValueError(f"jitter={jitter}: a fraction, 0 to 1")
@@ -181,6 +202,7 @@ class Deliverer:
         # Seconds each attempt took, by target URL: what Cloud Run bills an instance for.
         self.attempt_seconds: dict[str, list[float]] = {}
         self._dead_letter = dead_letter
+        self._on_dead_letter = on_dead_letter
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._retry_timers: set[threading.Timer] = set()
@@ -251,10 +273,22 @@ class Deliverer:
             try:
                 self._attempt(session, event)
             except Exception as exc:
-                # Only a bug here gets this far (_attempt handles the send's errors). The
-                # worker must outlive it and the event must still end somewhere: it is kept
-                # as a dead letter rather than retried, since a retry would meet the same bug.
-                self._give_up(event, f"worker error {type(exc).__name__}", log.fields())
+                # Only a bug gets this far (_attempt handles the send's errors). The worker
+                # must outlive it: it is logged and counts as a failed attempt, so the event
+                # is retried until its age runs out and then kept as a dead letter.
+                self._unexpected(event, exc)
+
+    def _unexpected(self, event: Event, exc: Exception) -> None:
+        kind = type(exc).__name__
+        logger.error(
+            "delivery worker error %s; counted as a failed attempt",
+            kind,
+            extra=log.fields(ceId=event.headers.get("ce-id"), target=event.target),
+        )
+        try:
+            self._retry(event, kind)
+        except Exception:
+            self._give_up(event, f"worker error {kind}", log.fields())
 
     def backoff(self, attempt: int) -> float:
         """The pause before retrying after failed attempt number ``attempt`` (1-based)."""
@@ -336,11 +370,13 @@ class Deliverer:
                     return
                 self.dead += 1
             logger.error("event dead-lettered: %s", why, extra=fields)
+            record = {"headers": event.headers, "body": event.body.decode("utf-8", "replace")}
             if self._dead_letter is not None:
-                record = {"headers": event.headers, "body": event.body.decode("utf-8", "replace")}
                 line = json.dumps(record, ensure_ascii=False) + "\n"
                 with self._lock, self._dead_letter.open("a", encoding="utf-8") as out:
                     out.write(line)
+            if self._on_dead_letter is not None:
+                self._on_dead_letter(record)
         except Exception as exc:
             logger.error("dead letter not written", extra=log.fields(errorType=type(exc).__name__))
         finally:

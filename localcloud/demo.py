@@ -1,13 +1,17 @@
 """``make demo``: the whole pipeline on real sample data, on a fresh local cloud.
 
 Stages, each timed: start the local cloud; upload pydicom's sample files, the
-``pydicom-data`` files and a few generated multi-series studies (every file
-named ``*.dcm``, so the broken ones are checked and quarantined, not skipped);
+``pydicom-data`` files and a few generated multi-series studies (the sample
+files named ``*.dcm``, so the broken ones are checked and quarantined, not
+skipped; some generated ones under awkward names, two without an extension);
 wait until every upload has a final outcome (``dicomflow.outcomes``: ingest batches
 and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
-quarantine window, a minute after the window ends); read the alerts. Then
-print a summary and check the invariants. The exit code is 1 when an invariant
+quarantine window, a minute after the window ends); restore the backup into a
+second store and check it (every instance, a sample byte for byte); read the alerts;
+scan the functions' logs and the alerts for the corpus's names, IDs, birth dates, UIDs
+and object names (``localcloud.leaks``). Then print a summary and check the
+invariants (a leak is a broken one). The exit code is 1 when an invariant
 is broken, 2 when the local cloud cannot start.
 """
 
@@ -20,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from dicomflow.config import QUARANTINE_PREFIX, load_settings
 from dicomflow.outcomes import Outcome
 from dicomflow.staging import BATCH_STATE_PREFIX, OPEN_PREFIX
 from dicomflow.verify import DUPLICATE, IMPORTED
+from localcloud import leaks
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.scheduler import fire
 from localcloud.stack import Stack, StackConfig
@@ -47,6 +52,9 @@ DEMO_FUNCTION_ENV = {
 }
 TICK_SECONDS = 2.0
 SETTLE_TIMEOUT = 150.0
+RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "alerts.md"
+# The second store the demo restores its backup into.
+RESTORE_STORE = "restored"
 
 
 @dataclass
@@ -64,14 +72,35 @@ class Stages:
         return result
 
 
+# Names imaging folders and users really produce, each on a generated (valid) instance:
+# Latin-1, CJK and emoji, spaces, and the characters a URL, a header or a percent-decoder
+# could get wrong. The last two have no extension, as modalities write them (the sniff
+# finds DICM at byte 128).
+AWKWARD_NAMES = (
+    "demo/names/ünïcødé 名前.dcm",
+    "demo/names/café résumé ÿ.dcm",
+    "demo/names/患者/画像 001.dcm",
+    "demo/names/🩻 scan 😀.dcm",
+    "demo/names/a b  c .dcm",
+    "demo/names/#1#.dcm",
+    "demo/names/what?now=1&x=2.dcm",
+    "demo/names/100% %41%2F%zz.dcm",
+    "demo/names/a+b+c.dcm",
+    "demo/names/mixed é 名 😀 # ? % +.dcm",
+    "demo/modality/IM000001",
+    "demo/modality/IM000002",
+)
+
+
 def _corpus() -> list[tuple[str, bytes]]:
     files = [(f"demo/samples/{p.parent.name}/{p.stem}.dcm", p.read_bytes()) for p in sample_files()]
     generated = [
         (f"demo/generated/{g.study_uid[-8:]}/{g.series_uid[-8:]}/{g.sop_uid[-8:]}.dcm", g.data)
         for g in generate_studies(3, 2, 5, patient_name="DEMO^GENERATED", patient_id="GEN-0001")
     ]
+    awkward = [(name, data) for name, (_, data) in zip(AWKWARD_NAMES, generated, strict=False)]
     # Names are unique per upload; records are keyed by (bucket, name, generation).
-    return sorted(dict(files + generated).items())
+    return sorted(dict(files + awkward + generated[len(awkward) :]).items())
 
 
 def _upload(stack: Stack, gcs: storage.Client, corpus: list[tuple[str, bytes]]) -> None:
@@ -121,6 +150,27 @@ def _export(stack: Stack, gcs: storage.Client) -> tuple[str, int, dict[str, Any]
         1 for b in backups.list_blobs(prefix=folder) if not b.name.endswith("_MANIFEST.json")
     )
     return f"gs://{stack.config.backup_bucket}/{folder}", count, manifest
+
+
+def _restore(stack: Stack, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """Restore the demo's backup into a second store and check it (``dicomflow restore``)."""
+    from dicomflow import restore
+    from dicomflow.names import DicomStoreName
+    from dicomflow.runtime import make_context
+
+    if manifest is None:
+        return {"status": "no-backup", "problems": ["there is no backup to restore"]}
+    day = date.fromisoformat(str(manifest["date"]))
+    ctx = make_context(load_settings(stack.env()))
+    live = ctx.settings.dicom_store
+    target = DicomStoreName(live.dataset, RESTORE_STORE)
+    try:
+        stores = ctx.healthcare().projects().locations().datasets().dicomStores()
+        stores.create(parent=str(live.dataset), dicomStoreId=RESTORE_STORE, body={}).execute()
+        return restore.run(ctx, day, target, wait=True, poll_seconds=0.5, timeout=SETTLE_TIMEOUT)
+    finally:
+        ctx.close_clients()
+        ctx.storage.close()  # type: ignore[no-untyped-call]
 
 
 def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
@@ -192,6 +242,11 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         stages.run(
             console, "alert on quarantined files", lambda: _wait_quarantine_alerts(stack, gcs)
         )
+        restored = stages.run(
+            console,
+            "restore the backup into a second store",
+            lambda: _restore(stack, manifest),
+        )
         alerts = stack.drain_alerts()
         stored = _store_instances(stack)
         staging = gcs.bucket(stack.config.staging_bucket)
@@ -201,6 +256,8 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
         )
     finally:
         gcs.close()  # type: ignore[no-untyped-call]
+    markers = leaks.corpus_markers(corpus)
+    leaked = leaks.scan_run(stack.config.home, alerts, markers)
     totals = outcomes.totals(found.values())
     reasons = Counter(
         feeds.reason_code(o.reason) for o in found.values() if o.status == outcomes.QUARANTINED
@@ -219,10 +276,31 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
             "objects": exported,
             "complete": bool(manifest and manifest.get("complete")),
         },
+        "restore": _restore_summary(restored),
         "stages": {name: round(seconds, 2) for name, seconds in stages.seconds.items()},
+        "leakScan": {
+            "logLines": len(leaks.function_log_lines(stack.config.home)),
+            "alerts": len(alerts),
+            "markers": markers.counts(),
+            "found": leaked,
+        },
         "problems": check_invariants(
             len(corpus), list(found.values()), stored, len(batches), operations, manifest
-        ),
+        )
+        + [f"restore: {p}" for p in restored.get("problems") or []]
+        + leaked,
+    }
+
+
+def _restore_summary(result: dict[str, Any]) -> dict[str, Any]:
+    checked = result.get("check") or {}
+    return {
+        "status": result.get("status"),
+        "target": result.get("target"),
+        "instances": checked.get("instances"),
+        "present": checked.get("present"),
+        "bytesChecked": checked.get("bytesChecked"),
+        "bytesDifferent": checked.get("bytesDifferent"),
     }
 
 
@@ -245,6 +323,18 @@ def summary_table(summary: dict[str, Any]) -> Table:
     backup = summary["backup"]
     table.add_row("backup", f"{backup['prefix']} ({backup['objects']} objects)")
     table.add_row("backup manifest", "complete" if backup["complete"] else "NOT complete")
+    restored = summary["restore"]
+    table.add_row(
+        "restored into a second store",
+        f"{restored['status']}: {restored['present']} of {restored['instances']} instances, "
+        f"{restored['bytesChecked']} compared byte for byte ({restored['bytesDifferent']} differ)",
+    )
+    scan = summary["leakScan"]
+    table.add_row(
+        "patient data in logs and alerts",
+        f"{len(scan['found'])} kinds found in {scan['logLines']} log lines and "
+        f"{scan['alerts']} alerts ({sum(scan['markers'].values())} markers)",
+    )
     for name, seconds in summary["stages"].items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     return table
@@ -273,6 +363,7 @@ def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
 
     summary["stages"] = {name: round(seconds, 2) for name, seconds in stages.seconds.items()}
     console.print(summary_table(summary))
+    console.print(runbook_line())
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     for problem in summary["problems"]:
@@ -280,6 +371,12 @@ def run_demo(keep: bool = False, json_path: Path | None = None) -> int:
     if not summary["problems"]:
         console.print("[green]every uploaded file is accounted for[/]")
     return 1 if summary["problems"] else 0
+
+
+def runbook_line() -> str:
+    """Where the alerts runbook is: relative to the working directory when inside it."""
+    where = RUNBOOK.relative_to(Path.cwd()) if RUNBOOK.is_relative_to(Path.cwd()) else RUNBOOK
+    return f"alerts: what each kind means and what to do is in {where}"
 
 
 def check_invariants(

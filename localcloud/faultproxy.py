@@ -13,6 +13,13 @@ is lost on the way back: the retry meets the client's own write (a 412 on a
 create-if-absent, a 404 on a delete). Those are counted in ``after_faults``,
 apart from ``faults``.
 
+``refuse`` (settable while running) answers chosen requests itself, before
+forwarding, with a status of its choice: ``refuse = lambda method, path, operation:
+403 if operation == "objects.download" else None`` takes read permission away,
+as a changed IAM policy does. Those are counted in ``refused``. ``lose`` (settable
+too) picks writes whose answer is lost after they took effect, by operation and area
+(``lose = lambda operation, area: ...``), beside ``after_fault_rate``.
+
 Point a client at ``proxy.url`` instead of the upstream (for the functions:
 ``STORAGE_EMULATOR_HOST`` or ``DICOMFLOW_HEALTHCARE_ENDPOINT``).
 """
@@ -71,32 +78,59 @@ def storage_operation(method: str, path: str, query: str) -> str:
 _MULTIPART_NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
-def storage_area(method: str, path: str, query: str, body: bytes = b"") -> str:
-    """Where in a bucket a Cloud Storage request goes: ``bucket:top`` (``bucket:state/x``).
-
-    ``top`` is the object name's (or listing prefix's) first path part, two parts under
-    ``state/``; it breaks the call counts down by the kind of object (staging copies,
-    late claims, markers) for the benchmarks.
-    """
+def storage_object(method: str, path: str, query: str, body: bytes = b"") -> tuple[str, str]:
+    """(bucket, object name) of a Cloud Storage request: a listing's prefix, and for a
+    rewrite or copy its destination; ("", "") for requests that name no bucket."""
     params = parse_qs(query)
     for lead in ("/upload/storage/v1/b/", "/download/storage/v1/b/", "/storage/v1/b/"):
         if path.startswith(lead):
             rest = path[len(lead) :].split("/")
             break
     else:
-        return "other"
+        return "", ""
+    for verb in ("rewriteTo", "copyTo"):
+        if verb in rest and len(rest) > rest.index(verb) + 4:
+            rest = rest[rest.index(verb) + 2 :]
     bucket = unquote(rest[0])
     if len(rest) >= 3 and rest[1] == "o" and rest[2]:
-        name = unquote(rest[2])
-    else:
-        name = (params.get("name") or params.get("prefix") or [""])[0]
-        # A multipart upload names its object in the JSON metadata part of the body.
-        found = _MULTIPART_NAME.search(body[:4096]) if not name and body else None
-        if found:
-            name = json.loads(b'"' + found.group(1) + b'"')
+        return bucket, unquote(rest[2])
+    name = (params.get("name") or params.get("prefix") or [""])[0]
+    # A multipart upload names its object in the JSON metadata part of the body.
+    found = _MULTIPART_NAME.search(body[:4096]) if not name and body else None
+    if found:
+        name = json.loads(b'"' + found.group(1) + b'"')
+    return bucket, name
+
+
+def storage_area(method: str, path: str, query: str, body: bytes = b"") -> str:
+    """Where in a bucket a Cloud Storage request goes: ``bucket:top`` (``bucket:state/x``).
+
+    ``top`` is the object name's (or listing prefix's) first path part, two parts under
+    ``state/``; it breaks the call counts down by the kind of object (staging copies,
+    late claims, markers) for the benchmarks. A rewrite or copy counts at its source.
+    """
+    if "/rewriteTo/" in path or "/copyTo/" in path:
+        path = path.split("/rewriteTo/", 1)[0].split("/copyTo/", 1)[0]
+    bucket, name = storage_object(method, path, query, body)
+    if not bucket:
+        return "other"
     parts = name.split("/")
     top = "/".join(parts[:2]) if parts[0] == "state" and len(parts) > 2 else parts[0]
     return f"{bucket}:{top}"
+
+
+_WINDOW_OR_BATCH = re.compile(r"\d{8}T\d{6}[ZL](-[01]{1,6})?")
+_KEY_OR_ID = re.compile(r"\b[01]{6}[0-9a-f]{40}\b|\b[0-9a-f]{32}\b")
+
+
+def storage_shape(method: str, path: str, query: str, body: bytes = b"") -> str:
+    """``bucket:name`` of a Cloud Storage request with window and batch ids, file keys
+    and alert ids written as ``<w>`` and ``<id>``: one string per kind of object
+    (``staging:state/batch/<w>/operation.json``), for faults aimed at each step."""
+    bucket, name = storage_object(method, path, query, body)
+    if not bucket:
+        return "other"
+    return f"{bucket}:{_KEY_OR_ID.sub('<id>', _WINDOW_OR_BATCH.sub('<w>', name))}"
 
 
 def healthcare_operation(method: str, path: str, query: str) -> str:
@@ -126,6 +160,23 @@ def healthcare_operation(method: str, path: str, query: str) -> str:
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
+class FirstOfEach:
+    """A ``lose`` policy: the first write of each kind (operation and the area's object
+    part, buckets aside) loses its answer; ``lost`` lists those kinds in order."""
+
+    def __init__(self) -> None:
+        self.lost: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, operation: str, area: str | None) -> bool:
+        kind = (operation, (area or "").split(":", 1)[-1])
+        with self._lock:
+            if kind in self.lost:
+                return False
+            self.lost.append(kind)
+            return True
+
+
 class FaultProxy(LoopbackProxy):
     """Forwards loopback HTTP to ``upstream``; counts requests and injects 429/503 faults."""
 
@@ -151,6 +202,11 @@ class FaultProxy(LoopbackProxy):
         self.faults: Counter[str] = Counter()
         # Writes forwarded, then answered with 503 (``after_fault_rate``).
         self.after_faults: Counter[str] = Counter()
+        # (method, path, operation) -> a status to answer without forwarding, or None.
+        self.refuse: Callable[[str, str, str], int | None] | None = None
+        self.refused: Counter[str] = Counter()
+        # (operation, area) -> True to lose the answer of a write that took effect.
+        self.lose: Callable[[str, str | None], bool] | None = None
         # "operation status" -> responses, injected ones included.
         self.statuses: Counter[str] = Counter()
         # "operation area" -> requests, when an ``area`` function is given (storage_area).
@@ -161,12 +217,14 @@ class FaultProxy(LoopbackProxy):
         return self
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        """Copies of ``counts``, ``faults``, ``after_faults``, ``statuses`` and ``areas``."""
+        """Copies of ``counts``, ``faults``, ``after_faults``, ``refused``, ``statuses`` and
+        ``areas``."""
         with self._lock:
             return {
                 "counts": dict(self.counts),
                 "faults": dict(self.faults),
                 "after_faults": dict(self.after_faults),
+                "refused": dict(self.refused),
                 "statuses": dict(self.statuses),
                 "areas": dict(self.areas),
             }
@@ -176,6 +234,7 @@ class FaultProxy(LoopbackProxy):
             self.counts.clear()
             self.faults.clear()
             self.after_faults.clear()
+            self.refused.clear()
             self.statuses.clear()
             self.areas.clear()
 
@@ -193,10 +252,17 @@ class FaultProxy(LoopbackProxy):
                 return self._random.choice(self.fault_statuses)
             return None
 
-    def _lose_response(self, method: str, operation: str, status: int) -> bool:
+    def _lose_response(
+        self, method: str, operation: str, status: int, area: str | None = None
+    ) -> bool:
         # Only a write that took effect has an answer worth losing.
         if method not in _WRITES or not 200 <= status < 300:
             return False
+        lose = self.lose
+        if lose is not None and lose(operation, area):
+            with self._lock:
+                self.after_faults[operation] += 1
+            return True
         with self._lock:
             # No draw at rate 0, so the before-forwarding faults keep their seeded sequence.
             if self.after_fault_rate > 0 and self._random.random() < self.after_fault_rate:
@@ -211,12 +277,20 @@ class FaultProxy(LoopbackProxy):
             if self._area
             else None
         )
+        refuse = self.refuse
+        refusal = refuse(request.method, request.path, operation) if refuse else None
+        if refusal is not None:
+            with self._lock:
+                self.counts[operation] += 1
+                self.refused[operation] += 1
+            self._answered(operation, refusal)
+            return google_error(refusal, "refused by the fault proxy")
         status = self._decide(operation, area)
         if status is not None:
             self._answered(operation, status)
             return google_error(status, "injected by the fault proxy")
         reply = super().handle(request, upstream)
-        if self._lose_response(request.method, operation, reply.status):
+        if self._lose_response(request.method, operation, reply.status, area):
             self._answered(operation, 503)
             return google_error(503, "injected by the fault proxy after the write took effect")
         self._answered(operation, reply.status)

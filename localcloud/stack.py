@@ -37,7 +37,8 @@ from google.cloud import storage
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
-from localcloud.delivery import Deliverer
+from dicomflow import keys
+from localcloud.delivery import Deliverer, pubsub_dead_letters
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
 from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
@@ -58,6 +59,7 @@ ENV_NAMES = (
     "DICOMFLOW_BACKUP_BUCKET",
     "DICOMFLOW_ALERTS_TOPIC",
     "DICOMFLOW_ALERTS_SUBSCRIPTION",
+    "DICOMFLOW_KEY_FILE",
 )
 
 
@@ -160,6 +162,11 @@ class StackConfig:
         return self.home / "dead-letter.ndjson"
 
     @property
+    def key_path(self) -> Path:
+        """The deployment key of this home (labels in alerts and logs), made at first start."""
+        return self.home / "deployment.key"
+
+    @property
     def store_name(self) -> str:
         return (
             f"projects/{self.project}/locations/{self.location}/datasets/{self.dataset}"
@@ -255,6 +262,7 @@ class Stack:
     def _start(self) -> None:
         cfg = self.config
         (cfg.home / "logs").mkdir(parents=True, exist_ok=True)
+        keys.write_key_file(str(cfg.key_path))
         ports = cfg.ports
 
         self._storage = start_storage(
@@ -292,6 +300,8 @@ class Stack:
                 str(cfg.home / "healthcare"),
                 "--storage-endpoint",
                 self._storage.url,
+                "--storage-root",
+                str(self._storage.root),
                 "--pubsub-endpoint",
                 self._pubsub.url,
                 *cfg.healthcare_args,
@@ -346,14 +356,21 @@ class Stack:
 
         routes = {self.urls["ingest"]: self.ingest_urls}
         first, largest, jitter = cfg.event_retry
+        dead_letters = pubsub_dead_letters(self.urls["pubsub"], self.dead_letter_topic)
         self.deliverer = Deliverer(
             dead_letter=cfg.dead_letter_path,
+            on_dead_letter=dead_letters,
             min_backoff=first,
             max_backoff=largest,
             jitter=jitter,
             routes=routes,
         )
-        self.tick_deliverer = Deliverer(workers=2, dead_letter=cfg.dead_letter_path, routes=routes)
+        self.tick_deliverer = Deliverer(
+            workers=2,
+            dead_letter=cfg.dead_letter_path,
+            on_dead_letter=dead_letters,
+            routes=routes,
+        )
         self._watch_client = self._storage.client()
         self.watcher = BucketWatcher(
             self._watch_client,
@@ -389,11 +406,18 @@ class Stack:
         except LocalCloudError as exc:
             raise LocalCloudError(f"{exc}: {_reason(log_file)}") from None
 
+    @property
+    def dead_letter_topic(self) -> str:
+        """Where event delivery publishes the events it gave up on."""
+        return f"projects/{self.config.project}/topics/dicomflow-dead-letters"
+
     def _create_resources(self) -> None:
-        """The dataset, DICOM store, alerts topic and subscription, when missing."""
+        """The dataset, DICOM store, drill store, the alerts and dead-letter topics and their
+        subscriptions, when missing."""
         cfg = self.config
         parent = f"projects/{cfg.project}/locations/{cfg.location}"
         topic = f"projects/{cfg.project}/topics/{cfg.alerts_topic}"
+        env = self.env()
         with self.api("healthcare") as healthcare, self.api("pubsub") as pubsub:
             datasets = healthcare.projects().locations().datasets()
             for call in (
@@ -401,12 +425,25 @@ class Stack:
                 datasets.dicomStores().create(
                     parent=f"{parent}/datasets/{cfg.dataset}", dicomStoreId=cfg.store, body={}
                 ),
+                # The restore drill's scratch store (DICOMFLOW_DRILL_STORE's default).
+                datasets.dicomStores().create(
+                    parent=f"{parent}/datasets/{cfg.dataset}",
+                    dicomStoreId=f"{cfg.store}-drill",
+                    body={},
+                ),
                 pubsub.projects().topics().create(name=topic, body={}),
                 pubsub.projects()
                 .subscriptions()
                 .create(
-                    name=self.env()["DICOMFLOW_ALERTS_SUBSCRIPTION"],
+                    name=env["DICOMFLOW_ALERTS_SUBSCRIPTION"],
                     body={"topic": topic, "ackDeadlineSeconds": 30},
+                ),
+                pubsub.projects().topics().create(name=self.dead_letter_topic, body={}),
+                pubsub.projects()
+                .subscriptions()
+                .create(
+                    name=env["DICOMFLOW_DEAD_LETTER_SUBSCRIPTION"],
+                    body={"topic": self.dead_letter_topic, "ackDeadlineSeconds": 30},
                 ),
             ):
                 try:
@@ -469,6 +506,10 @@ class Stack:
             "DICOMFLOW_ALERTS_SUBSCRIPTION": (
                 f"projects/{cfg.project}/subscriptions/{cfg.alerts_topic}-tail"
             ),
+            "DICOMFLOW_DEAD_LETTER_SUBSCRIPTION": (
+                f"projects/{cfg.project}/subscriptions/dicomflow-dead-letters-keep"
+            ),
+            "DICOMFLOW_KEY_FILE": str(cfg.key_path),
         }
 
     def state(self) -> dict[str, Any]:

@@ -72,6 +72,8 @@ class StorageServer:
     front: subprocess.Popen[bytes]
     port: int
     upstream_port: int
+    root: Path | None = None
+    """fake-gcs-server's filesystem root; None with the memory backend."""
 
     @property
     def url(self) -> str:
@@ -158,7 +160,7 @@ def start_storage(
     except BaseException:
         _stop(process)
         raise
-    server = StorageServer(process, front, port, upstream_port)
+    server = StorageServer(process, front, port, upstream_port, data_dir)
     try:
         wait_http(
             f"{server.upstream_url}/storage/v1/b",

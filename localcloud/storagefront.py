@@ -27,6 +27,10 @@ version". A delete or patch of a ``generation`` that is not the live one
 answers 404, as in a bucket without versioning (fake-gcs-server would
 delete the live version).
 
+Object names holding a carriage return or a line feed are refused (400, as Cloud
+Storage words it) on every request that creates an object; fake-gcs-server would
+store them.
+
 fake-gcs-server leaves an object's metageneration at 1 when its metadata
 changes, so the front counts metadata changes itself, per object generation,
 and writes that count into every object resource it returns. The count lives
@@ -101,6 +105,25 @@ def precondition_failed() -> Reply:
                 "location": "If-Match",
             }
         ],
+    )
+
+
+# Cloud Storage refuses object names holding a carriage return or a line feed, in these
+# words (JSON API, 400, reason "invalid"); fake-gcs-server stores them.
+_FORBIDDEN_NAME = "Disallowed unicode characters present in object name"
+
+
+def forbidden_name(name: str) -> bool:
+    """True for an object name Cloud Storage refuses to create (CR or LF in it)."""
+    return "\r" in name or "\n" in name
+
+
+def invalid_name() -> Reply:
+    """400 as Cloud Storage answers a write of a forbidden name."""
+    return google_error(
+        400,
+        _FORBIDDEN_NAME,
+        [{"message": _FORBIDDEN_NAME, "domain": "global", "reason": "invalid"}],
     )
 
 
@@ -237,6 +260,8 @@ class StorageFront(LoopbackProxy):
 
     def handle(self, request: Request, upstream: Upstream) -> Reply:
         operation = self._parse(request)
+        if operation is not None and operation.creates and forbidden_name(operation.target[1]):
+            return invalid_name()
         if operation is None:
             reply = super().handle(request, upstream)
         else:

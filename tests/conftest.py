@@ -13,6 +13,42 @@ from googleapiclient.discovery import build
 
 from localcloud.healthcare import HealthcareServer, start_healthcare
 from localcloud.storage import StorageServer, start_storage
+from tests import alert_contract
+from tests.http_recorder import Recorder
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    alert_contract.install()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Fail a test whose fixtures built or read back an alert the schema refuses."""
+    alert_contract.CHECKER.take()  # what earlier tests left behind is theirs
+    yield
+    _fail_on_invalid_alerts()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail a test that built or read back an alert the schema refuses."""
+    yield
+    _fail_on_invalid_alerts()
+
+
+def _fail_on_invalid_alerts() -> None:
+    problems = alert_contract.CHECKER.take()
+    if problems:
+        pytest.fail("alerts not matching dicomflow/alert.schema.json:\n" + "\n".join(problems))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    checker = alert_contract.CHECKER
+    if checker.checked:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(checker.kinds.items()))
+        terminalreporter.write_line(
+            f"alert schema: {checker.checked} alerts checked; built by the pipeline: {kinds}"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +84,18 @@ def healthcare_server(gcs_server: StorageServer) -> Iterator[HealthcareServer]:
     server.stop()
 
 
+def _google_api(service: str, version: str, url: str) -> Any:
+    """A googleapiclient client for ``url``: the bundled discovery document, no credentials."""
+    return build(
+        service,
+        version,
+        static_discovery=True,
+        cache_discovery=False,
+        client_options={"api_endpoint": url},
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+    )
+
+
 @pytest.fixture
 def healthcare_client() -> Iterator[Callable[..., Any]]:
     """A factory of googleapiclient Healthcare clients: ``make(url, version="v1")``.
@@ -58,17 +106,37 @@ def healthcare_client() -> Iterator[Callable[..., Any]]:
     made: list[Any] = []
 
     def make(url: str, version: str = "v1") -> Any:
-        api = build(
-            "healthcare",
-            version,
-            static_discovery=True,
-            cache_discovery=False,
-            client_options={"api_endpoint": url},
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        )
-        made.append(api)
-        return api
+        made.append(_google_api("healthcare", version, url))
+        return made[-1]
 
     yield make
     for api in made:
         api.close()
+
+
+@pytest.fixture
+def pubsub_client() -> Iterator[Callable[[str], Any]]:
+    """A factory of Pub/Sub v1 clients, ``make(url)``, closed after the test."""
+    made: list[Any] = []
+
+    def make(url: str) -> Any:
+        made.append(_google_api("pubsub", "v1", url + "/"))
+        return made[-1]
+
+    yield make
+    for api in made:
+        api.close()
+
+
+@pytest.fixture
+def recorder_factory() -> Iterator[Callable[[list[int]], Recorder]]:
+    """A factory of loopback HTTP endpoints (``Recorder``), stopped after the test."""
+    made: list[Recorder] = []
+
+    def make(statuses: list[int]) -> Recorder:
+        made.append(Recorder(statuses))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        recorder.stop()

@@ -30,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from dicomflow.config import Settings, load_settings
 from dicomflow.events import FINALIZED, MESSAGE_PUBLISHED
 from localcloud.faultproxy import storage_operation
+from tests.deployment_key import KEY_FILE
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -100,6 +101,7 @@ def settings_env(landing: str, staging: str, **extra: str) -> dict[str, str]:
         "DICOMFLOW_STAGING_BUCKET": staging,
         "DICOMFLOW_BACKUP_BUCKET": "backups-bucket",
         "DICOMFLOW_ALERTS_TOPIC": "projects/p/topics/alerts",
+        "DICOMFLOW_KEY_FILE": KEY_FILE,
     }
     env.update(extra)
     return env

@@ -31,6 +31,7 @@ def start_healthcare(
     storage_endpoint: str | None = None,
     pubsub_endpoint: str | None = None,
     import_workers: int | None = None,
+    storage_root: Path | None = None,
     **knobs: Any,
 ) -> HealthcareServer:
     """Start the emulator on loopback, serving from a background thread.
@@ -43,6 +44,9 @@ def start_healthcare(
             drops them with a warning.
         import_workers: processes that read and parse import sources (None: one per
             core, at least two; 0: in the operation's thread).
+        storage_root: the filesystem root of the fake-gcs-server at ``storage_endpoint``
+            (``-backend filesystem``); imports then read its object files directly,
+            checked against the listing's size and MD5 (see ``fetch``).
         **knobs: operation_latency, max_concurrent_ops, faults, latency (see ``knobs``).
 
     Raises:
@@ -54,5 +58,5 @@ def start_healthcare(
     if port:
         pick_port(port, "Cloud Healthcare API emulator", "LOCALCLOUD_HEALTHCARE_PORT")
     return HealthcareServer(
-        port, data_dir, storage_endpoint, settings, pubsub_endpoint, import_workers
+        port, data_dir, storage_endpoint, settings, pubsub_endpoint, import_workers, storage_root
     )

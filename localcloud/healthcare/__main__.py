@@ -28,6 +28,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--storage-endpoint", default=None, help="fake-gcs-server URL")
     parser.add_argument(
+        "--storage-root",
+        type=Path,
+        default=None,
+        help="filesystem root of that fake-gcs-server, for imports to read its files directly",
+    )
+    parser.add_argument(
         "--pubsub-endpoint", default=None, help="Pub/Sub REST URL for store notifications"
     )
     parser.add_argument(
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             args.storage_endpoint,
             args.pubsub_endpoint,
             args.import_workers,
+            args.storage_root,
             **knobs,
         )
     except (LocalCloudError, ValueError) as exc:

@@ -1,7 +1,9 @@
 """Cloud Storage access for import and export, through google-cloud-storage.
 
 With an endpoint (fake-gcs-server) the client is anonymous; without one it is
-the real service with Application Default Credentials. Transfers run on one
+the real service with Application Default Credentials. ``root`` is the
+filesystem root of that fake-gcs-server when the emulator may read its object
+files directly (see ``fetch``). Transfers run on one
 long-lived pool of worker threads, each with its own client (the library does
 not promise that one is safe to share); ``close()`` ends both.
 """
@@ -9,6 +11,7 @@ not promise that one is safe to share); ``close()`` ends both.
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +37,19 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
     return bucket, path
 
 
+def _plain_md5(md5: str | None, content_encoding: str | None) -> str:
+    """The listed MD5 when it is that of what a read returns, else ""."""
+    if content_encoding and content_encoding.strip().lower() != "identity":
+        return ""
+    return md5 or ""
+
+
 class StorageAccess:
     """Per-thread storage clients for one endpoint."""
 
-    def __init__(self, endpoint: str | None, workers: int = 8) -> None:
+    def __init__(self, endpoint: str | None, workers: int = 8, root: str | None = None) -> None:
         self.endpoint = endpoint
+        self.root = root if endpoint else None
         self._base_path = urllib.parse.urlsplit(endpoint).path.rstrip("/") if endpoint else ""
         self._local = threading.local()
         self._clients: list[storage.Client] = []
@@ -73,16 +84,52 @@ class StorageAccess:
                 self._clients.append(found)
         return found
 
-    def list_names(self, bucket: str, prefix: str) -> list[str]:
-        """Every object name under ``prefix``.
+    def list_objects(self, bucket: str, prefix: str) -> list[tuple[str, int, str]]:
+        """(name, size, base64 MD5) of every object under ``prefix``.
+
+        The MD5 is "" when the listing gives none, and for an object with a
+        Content-Encoding: a read serves it decoded (fake-gcs-server, like Cloud
+        Storage, decompresses gzip for a client that does not ask for it), so the
+        MD5 of the stored bytes says nothing about what a read returns. Against an
+        endpoint, plain JSON-API pages with only those fields, at the server's page
+        size: fake-gcs-server walks the whole bucket for every page.
 
         Raises:
             ApiError: NOT_FOUND when the bucket does not exist.
         """
-        try:
-            return [b.name for b in self.client().list_blobs(bucket, prefix=prefix)]
-        except gexc.NotFound:
-            raise ApiError("NOT_FOUND", f"Cloud Storage bucket {bucket} not found") from None
+        if not self.endpoint:
+            try:
+                return [
+                    (b.name, int(b.size or 0), _plain_md5(b.md5_hash, b.content_encoding))
+                    for b in self.client().list_blobs(bucket, prefix=prefix)
+                ]
+            except gexc.NotFound:
+                raise ApiError("NOT_FOUND", f"Cloud Storage bucket {bucket} not found") from None
+        found: list[tuple[str, int, str]] = []
+        token = ""
+        while True:
+            fields = "items(name,size,md5Hash,contentEncoding),nextPageToken"
+            query = {"prefix": prefix, "fields": fields}
+            if token:
+                query["pageToken"] = token
+            path = f"{self._base_path}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
+            status, body = self._request("GET", f"{path}?{urllib.parse.urlencode(query)}")
+            if status == 404:
+                raise ApiError("NOT_FOUND", f"Cloud Storage bucket {bucket} not found")
+            if status != 200:
+                raise OSError(f"HTTP {status} listing gs://{bucket}/{prefix}: {body[:200]!r}")
+            page = json.loads(body)
+            found.extend(
+                (
+                    item["name"],
+                    int(item.get("size") or 0),
+                    _plain_md5(item.get("md5Hash"), item.get("contentEncoding")),
+                )
+                for item in page.get("items", [])
+            )
+            token = page.get("nextPageToken") or ""
+            if not token:
+                return found
 
     def download(self, bucket: str, name: str) -> bytes:
         data: bytes = self.client().bucket(bucket).blob(name).download_as_bytes()
@@ -107,7 +154,9 @@ class StorageAccess:
         if status != 200:
             raise OSError(f"HTTP {status} writing gs://{bucket}/{name}: {body[:200]!r}")
 
-    def _request(self, method: str, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    def _request(
+        self, method: str, path: str, body: bytes = b"", content_type: str = ""
+    ) -> tuple[int, bytes]:
         """One request on this thread's kept-alive connection to the endpoint."""
         for attempt in (1, 2):
             connection: http.client.HTTPConnection | None = getattr(self._local, "http", None)
@@ -117,7 +166,8 @@ class StorageAccess:
                 with self._lock:
                     self._connections.append(connection)
             try:
-                connection.request(method, path, body, {"Content-Type": content_type})
+                headers = {"Content-Type": content_type} if content_type else {}
+                connection.request(method, path, body or None, headers)
                 response = connection.getresponse()
                 return response.status, response.read()
             except (OSError, http.client.HTTPException):

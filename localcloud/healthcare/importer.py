@@ -128,17 +128,17 @@ def run_import(
         pattern = parse_gcs_source(source_uri)
     except ValueError as exc:
         raise ApiError("INVALID_ARGUMENT", str(exc)) from None
-    names = sorted(
-        n
-        for n in storage.list_names(pattern.bucket, pattern.prefix)
-        if not n.endswith("/") and pattern.matches(n)
+    sources = sorted(
+        s
+        for s in storage.list_objects(pattern.bucket, pattern.prefix)
+        if not s[0].endswith("/") and pattern.matches(s[0])
     )
-    if not names:
+    if not sources:
         raise ApiError("NOT_FOUND", f"no Cloud Storage objects match {source_uri}")
-    operation.set_pending(len(names))
+    operation.set_pending(len(sources))
     checkpoint(operation)
 
-    chunks = [names[start : start + CHUNK] for start in range(0, len(names), CHUNK)]
+    chunks = [sources[start : start + CHUNK] for start in range(0, len(sources), CHUNK)]
     # Keep every worker busy while this thread stores the chunk that finished first.
     window = max(2, 2 * pool.workers)
     pending: deque[Future[list[Candidate]]] = deque()
@@ -146,7 +146,8 @@ def run_import(
     try:
         while submitted < len(chunks) or pending:
             while submitted < len(chunks) and len(pending) < window:
-                pending.append(pool.submit(storage.endpoint, pattern.bucket, chunks[submitted]))
+                request = (storage.endpoint, storage.root, pattern.bucket, chunks[submitted])
+                pending.append(pool.submit(request))
                 submitted += 1
             if operation.cancelled.is_set():
                 break

@@ -9,12 +9,12 @@ also what lets a truncated file be told apart from a valid one.
 from __future__ import annotations
 
 import io
+import json
 import re
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -116,16 +116,74 @@ class InstanceRejected(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
 class ParsedInstance:
-    """What the index keeps of one valid instance."""
+    """What the index keeps of one valid instance.
 
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    attributes: dict[str, Any]
+    Its attributes go between processes as the DICOM JSON text the index stores:
+    an import worker sends that text, which the emulator writes as it is and
+    decodes only when asked for ``attributes``.
+    """
+
+    __slots__ = (
+        "_attributes",
+        "_attributes_json",
+        "series_uid",
+        "sop_class_uid",
+        "sop_uid",
+        "study_uid",
+        "transfer_syntax",
+    )
+
+    def __init__(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class_uid: str,
+        transfer_syntax: str,
+        attributes: dict[str, Any] | None = None,
+        attributes_json: str | None = None,
+    ) -> None:
+        if attributes is None and attributes_json is None:
+            raise ValueError("ParsedInstance needs its attributes or their JSON text")
+        self.study_uid = study_uid
+        self.series_uid = series_uid
+        self.sop_uid = sop_uid
+        self.sop_class_uid = sop_class_uid
+        self.transfer_syntax = transfer_syntax
+        self._attributes = attributes
+        self._attributes_json = attributes_json
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """DICOM JSON of the indexed attributes, by 8-hex-digit tag."""
+        if self._attributes is None:
+            assert self._attributes_json is not None
+            self._attributes = json.loads(self._attributes_json)
+        return self._attributes
+
+    @property
+    def attributes_json(self) -> str:
+        """``attributes`` as JSON text, as the index stores it."""
+        if self._attributes_json is None:
+            self._attributes_json = json.dumps(self._attributes)
+        return self._attributes_json
+
+    def _key(self) -> tuple[Any, ...]:
+        uids = (self.study_uid, self.series_uid, self.sop_uid, self.sop_class_uid)
+        return (*uids, self.transfer_syntax, self.attributes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParsedInstance) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ParsedInstance{self._key()!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        uids = (self.study_uid, self.series_uid, self.sop_uid, self.sop_class_uid)
+        return (ParsedInstance, (*uids, self.transfer_syntax, None, self.attributes_json))
 
     def text(self, keyword: str) -> str:
         """The first value of an indexed attribute as text ('' when absent)."""

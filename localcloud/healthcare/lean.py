@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag
 
 _UNPACK_TAG_LENGTH = struct.Struct("<HHL").unpack_from
 _UNPACK_EXPLICIT = struct.Struct("<HH2sH").unpack_from
@@ -167,7 +167,7 @@ def _parse(
                 return None
             raw_value = data[value:end] if length != _UNDEFINED else None
             found[tag] = RawDataElement(
-                Tag(tag), vr.decode() if vr else None, length, raw_value, value, implicit, True
+                BaseTag(tag), vr.decode() if vr else None, length, raw_value, value, implicit, True
             )
         pos = end
     attributes: dict[str, Any] = {}

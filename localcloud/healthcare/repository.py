@@ -7,10 +7,16 @@ small blobs faster than a file system does, in the same transaction as their
 index rows (WAL, synchronous=NORMAL: no fsync per transaction). Resource bodies
 are kept as JSON. One connection is shared under a lock; the emulator's write
 load is batch inserts, which a single writer handles best.
+
+Checkpoints (copying the WAL into the database file, with an fsync of each)
+run on a thread of their own with its own connection, once the WAL holds
+``CHECKPOINT_BYTES``: SQLite's automatic checkpoint would run inside the commit
+that crosses its threshold, and an import would wait for those fsyncs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -42,13 +48,18 @@ CREATE TABLE IF NOT EXISTS iam_policies (resource TEXT PRIMARY KEY, body TEXT NO
 
 
 INLINE_BLOB_BYTES = 1 << 20
+CHECKPOINT_BYTES = 4 << 20
+CHECKPOINT_INTERVAL_SECONDS = 0.5
 # The etag Google gives a resource on which no policy was ever set.
 EMPTY_POLICY_ETAG = "ACAB"
 
 
 @dataclass(frozen=True)
 class StoredInstance:
-    """One row of the instance index."""
+    """One row of the instance index; its attributes are decoded when first asked for.
+
+    An export reads every row of a store and needs none of them.
+    """
 
     store: str
     sop: str
@@ -57,7 +68,13 @@ class StoredInstance:
     sha256: str
     size: int
     syntax: str
-    attributes: dict[str, Any]
+    attributes_json: str
+
+    @functools.cached_property
+    def attributes(self) -> dict[str, Any]:
+        """DICOM JSON of the indexed attributes, by 8-hex-digit tag."""
+        decoded: dict[str, Any] = json.loads(self.attributes_json)
+        return decoded
 
 
 class Repository:
@@ -73,12 +90,40 @@ class Repository:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
         self._seq = self._max_seq()
+        self._closing = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     def close(self) -> None:
+        self._closing.set()
+        self._checkpointer.join()
         with self._lock:
-            self._db.close()
+            self._db.close()  # the last connection to close checkpoints what is left
+
+    def _checkpoint_loop(self) -> None:
+        """Checkpoint the WAL whenever it has grown past ``CHECKPOINT_BYTES`` and changed."""
+        wal = self.data_dir / "index.sqlite3-wal"
+        connection = sqlite3.connect(self.data_dir / "index.sqlite3", isolation_level=None)
+        checkpointed = 0
+        try:
+            connection.execute("PRAGMA synchronous=NORMAL")
+            while not self._closing.wait(CHECKPOINT_INTERVAL_SECONDS):
+                try:
+                    state = wal.stat()
+                    if state.st_size < CHECKPOINT_BYTES or state.st_mtime_ns == checkpointed:
+                        continue
+                    # PASSIVE: copies what it can without waiting for, or blocking, writers.
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    checkpointed = state.st_mtime_ns
+                except (OSError, sqlite3.Error):
+                    continue  # no WAL yet, or busy: the next round tries again
+        finally:
+            connection.close()
 
     def _max_seq(self) -> int:
         highest = 0
@@ -335,7 +380,7 @@ class Repository:
                         len(data),
                         p.transfer_syntax,
                         self._next_seq(),
-                        json.dumps(p.attributes),
+                        p.attributes_json,
                     )
                     for p, sha, data in rows
                 ],
@@ -399,4 +444,4 @@ def _like_prefix(prefix: str) -> str:
 
 def _instance(row: Sequence[Any]) -> StoredInstance:
     store, sop, study, series, sha, size, syntax, _seq, attributes = row
-    return StoredInstance(store, sop, study, series, sha, int(size), syntax, json.loads(attributes))
+    return StoredInstance(store, sop, study, series, sha, int(size), syntax, attributes)

@@ -462,7 +462,13 @@ class HealthcareApi:
             name = call.path.removeprefix("logs/")
             return json_reply({"entries": self.operations.logs(name)}, content_type=JSON)
         if call.path == "health":
-            return json_reply({"status": "ok", "time": now_rfc3339()}, content_type=JSON)
+            health = {
+                "status": "ok",
+                "time": now_rfc3339(),
+                "importWorkers": self.fetch_pool.workers,
+                "importWorkersReady": self.fetch_pool.ready_workers(),
+            }
+            return json_reply(health, content_type=JSON)
         raise not_found(f"emulator endpoint {call.path}")
 
 
@@ -559,6 +565,7 @@ class HealthcareServer:
         knobs: Knobs,
         pubsub_endpoint: str | None = None,
         import_workers: int | None = None,
+        storage_root: Path | None = None,
     ) -> None:
         self._temp_dir: Path | None = None
         if data_dir is None:
@@ -570,7 +577,7 @@ class HealthcareServer:
         workers = default_import_workers() if import_workers is None else import_workers
         self.api = HealthcareApi(
             self.repository,
-            StorageAccess(storage_endpoint),
+            StorageAccess(storage_endpoint, root=str(storage_root) if storage_root else None),
             knobs,
             Notifier(pubsub_endpoint),
             FetchPool(workers),

@@ -56,6 +56,11 @@ def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert pairs >= 2
     assert result.stats["conflictsDetected"] == pairs
     assert result.stats["storedInstances"] == result.uploads - result.broken - pairs
+    # The leak scan (a hit is a problem above) read every function's log and the alerts.
+    scan = result.stats["leakScan"]
+    assert scan["found"] == 0 and scan["logLines"] > 100 and scan["alerts"] > 0
+    assert scan["markers"]["SOPInstanceUID"] >= result.uploads - result.broken - pairs
+    assert scan["markers"]["object name"] >= result.uploads
 
 
 def test_the_checker_sees_a_lost_file_and_a_false_alert() -> None:

@@ -164,7 +164,7 @@ def test_batches_and_batch_json(demo_run: DemoRun) -> None:
     assert detail["fileList"]["count"] == len(mine)
     lines = detail["manifest"]["failure"] + detail["manifest"]["success"]
     lines += detail["fileList"]["files"]
-    assert all(line["object"].startswith("sha256:") and "name" not in line for line in lines)
+    assert all(line["object"].startswith("h:") and "name" not in line for line in lines)
     assert detail["records"]["operationRecord"]["operation"] == with_failures[0]["operation"]
 
     text = _dicomflow(demo_run, "batch", batch, "--files")
@@ -247,7 +247,9 @@ def _tail_test(ctx: runtime.Context, capsys: pytest.CaptureFixture[str]) -> None
         followed = tail("--follow", "--timeout", "8")
     finally:
         timer.join()
-    assert alerts.alert_id("backlog", f"test/{name}/2") in [a["alertId"] for a in followed]
+    assert alerts.alert_id("backlog", f"test/{name}/2", str(ctx.settings.dicom_store)) in [
+        a["alertId"] for a in followed
+    ]
 
     assert cli.main(["alerts", "tail", "--subscription", "no-such-sub"], make_ctx=lambda: ctx) == 1
     assert "no-such-sub" in capsys.readouterr().err
@@ -305,3 +307,34 @@ def _retry_test(
     status = json.loads(_dicomflow(demo_run, "status", "--json", "--hours", "2").stdout)
     assert status["files"]["files"] == len(before)
     assert status["files"]["retried"] == len(keys)
+
+
+def test_label_resolves_labels_from_logs_and_alerts_to_their_objects(
+    demo_run: DemoRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = load_settings(demo_run.env)
+    ctx = runtime.make_context(settings)
+    lines = (demo_run.stack.config.home / "logs" / "ingest.log").read_text().splitlines()
+    staged = next(x for x in map(json.loads, lines) if x.get("message") == "staged")
+    imported = next(o for o in _outcomes(demo_run).values() if o.status == "imported")
+    assert imported.record is not None and imported.record.sop
+    sop_label = alerts.uid_label(settings, imported.record.sop)
+    assert sop_label is not None
+
+    def label(*labels: str) -> tuple[int, dict[str, Any]]:
+        code = cli.main(["label", *labels, "--json"], make_ctx=lambda: ctx)
+        return code, json.loads(capsys.readouterr().out)
+
+    code, found = label(staged["object"], sop_label)
+    assert code == 0 and found["unknown"] == []
+    by_field = {m["field"]: m for m in found["matches"]}
+    assert by_field["object"]["key"] == staged["key"]
+    assert by_field["object"]["value"].startswith(f"gs://{settings.landing_bucket}/demo/")
+    assert by_field["sop"]["value"] == imported.record.sop
+    assert imported.key in {m["key"] for m in found["matches"] if m["field"] == "sop"}
+
+    key_id = staged["object"].split(":")[1]
+    code, found = label(f"h:{key_id}:{'0' * 32}")
+    assert code == 1 and found == {"matches": [], "unknown": [f"h:{key_id}:{'0' * 32}"]}
+    assert cli.main(["label", f"h:{'f' * 8}:{'0' * 32}"], make_ctx=lambda: ctx) == 2
+    assert "made by key ffffffff" in capsys.readouterr().err

@@ -27,6 +27,7 @@ with atheris.instrument_imports(include=["dicomflow.events", "localcloud.healthc
     from dicomflow.config import load_settings
     from dicomflow.errors import PermanentError
     from localcloud.healthcare.wildcards import parse_gcs_source
+    from tests.deployment_key import KEY_FILE
 
 SETTINGS = load_settings(
     {
@@ -35,6 +36,7 @@ SETTINGS = load_settings(
         "DICOMFLOW_STAGING_BUCKET": "staging",
         "DICOMFLOW_BACKUP_BUCKET": "backups",
         "DICOMFLOW_ALERTS_TOPIC": "projects/p/topics/alerts",
+        "DICOMFLOW_KEY_FILE": KEY_FILE,
     }
 )
 NOW = datetime(2026, 11, 25, 12, 53, tzinfo=UTC)

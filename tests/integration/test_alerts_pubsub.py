@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ from typing import Any
 import pytest
 from google.cloud import storage
 
-from dicomflow import alerts, runtime
+from dicomflow import alerts, log, runtime
 from dicomflow.config import load_settings
 from dicomflow.errors import PermanentError
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from tests.deployment_key import KEY_FILE
 
 STORE = "projects/local/locations/us/datasets/d/dicomStores/s"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -43,6 +45,7 @@ def ctx(gcs_server: StorageServer, pubsub: PubSubServer) -> Iterator[runtime.Con
             "DICOMFLOW_STAGING_BUCKET": staging,
             "DICOMFLOW_BACKUP_BUCKET": "backups",
             "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+            "DICOMFLOW_KEY_FILE": KEY_FILE,
             "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
             "STORAGE_EMULATOR_HOST": gcs_server.url,
         }
@@ -108,10 +111,10 @@ def test_publishes_once_with_schema_and_attributes(ctx: runtime.Context) -> None
         "severity": "ERROR",
         "dicomStore": STORE,
         "alertId": alert.alert_id,
-        "schemaVersion": "1",
+        "schemaVersion": "2",
     }
     body = json.loads(base64.b64decode(msg["data"]))
-    assert body["schemaVersion"] == 1 and body["alertId"] == alert.alert_id
+    assert body["schemaVersion"] == 2 and body["alertId"] == alert.alert_id
     assert body["details"] == {"date": "2026-11-25", "found": 3}
     assert _marker(ctx, alert)["state"] == "published"
 
@@ -192,3 +195,24 @@ def test_missing_topic_is_permanent_and_releases_the_claim(ctx: runtime.Context)
     broken.pubsub().close()
     # The claim is gone, so a fixed configuration publishes at once.
     assert alerts.publish_once(ctx, alert) is True
+
+
+def test_each_published_alert_is_one_log_line_at_its_severity(
+    ctx: runtime.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line a log-based metric counts (docs/alerts.md, "The log line")."""
+    alert = alerts.build_alert(
+        "backlog", "backlog/20261125T124000Z", "WARNING", STORE, {"batches": 1}, NOW
+    )
+    with caplog.at_level(logging.INFO, logger="dicomflow.alerts"):
+        assert alerts.publish_once(ctx, alert) is True
+        assert alerts.publish_once(ctx, alert) is False  # a repeat logs nothing
+    lines = [json.loads(log.JsonFormatter().format(r)) for r in caplog.records]
+    published = [line for line in lines if line["message"] == "alert published"]
+    assert len(published) == 1
+    assert {k: published[0][k] for k in ("severity", "kind", "alertId")} == {
+        "severity": "WARNING",
+        "kind": "backlog",
+        "alertId": alert.alert_id,
+    }
+    assert published[0]["messageId"]

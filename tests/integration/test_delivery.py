@@ -293,6 +293,38 @@ def test_dead_letters_show_in_localcloud_status(
     assert "lost/" not in text  # the count only, never the names
 
 
+def test_an_unexpected_error_counts_as_a_failed_attempt_and_no_worker_dies(
+    recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug outside the send (here: the first two attempts of every event raise) is logged
+    and retried like a 5xx; each event is then delivered, and all 8 workers live."""
+    dead = tmp_path / "dead.ndjson"
+    deliverer = Deliverer(workers=8, max_age=30.0, max_backoff=0.05, dead_letter=dead)
+    attempt = Deliverer._attempt
+
+    def flaky(self: Deliverer, session: Any, event: Event) -> None:
+        if event.attempts < 2:
+            event.attempts += 1
+            raise KeyError("a bug")
+        attempt(self, session, event)
+
+    monkeypatch.setattr(Deliverer, "_attempt", flaky)
+    try:
+        for generation in range(1, 21):
+            deliverer.submit(
+                storage_event(
+                    recorder.url, {"bucket": "b", "name": "x.dcm", "generation": generation}
+                )
+            )
+        assert deliverer.wait_idle(60)
+        assert deliverer.alive_workers() == 8
+    finally:
+        deliverer.stop()
+    assert deliverer.delivered == 20 and deliverer.dead == 0
+    assert deliverer.failed_attempts == 40
+    assert len(recorder.requests) == 20 and count_dead_letters(dead) == 0
+
+
 def test_backoff_follows_the_schedule_with_jitter_below_it() -> None:
     """Eventarc's schedule: from the first delay, doubling, capped; jitter only shortens."""
     exact = Deliverer(workers=1, min_backoff=10.0, max_backoff=600.0)

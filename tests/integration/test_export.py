@@ -49,9 +49,12 @@ from dicomflow import (
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from localcloud.corpus import sample_files
+from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_shape
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from localcloud.storage import client as storage_client
+from tests.deployment_key import KEY_FILE
 from tests.ingest_support import PATIENT_NAME, Clock, make_instance, post
 
 PARENT = "projects/local/locations/us-central1"
@@ -227,10 +230,12 @@ def make_env(
                 "DICOMFLOW_STAGING_BUCKET": staging,
                 "DICOMFLOW_BACKUP_BUCKET": backups,
                 "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+                "DICOMFLOW_KEY_FILE": KEY_FILE,
                 "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
                 "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
                 "STORAGE_EMULATOR_HOST": gcs_server.url,
                 "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
+                "DICOMFLOW_RESTORE_DRILL_DAYS": "0",  # the drill tests turn it on
                 **extra,
             }
         )
@@ -937,3 +942,74 @@ def test_vanished_operation_is_settled_as_failed(make_env: Any) -> None:
     assert any("not found" in p for p in marker["problems"])
     assert env.manifest()["complete"] is False
     assert [a["body"]["kind"] for a in env.alerts()] == ["export_failed"]
+
+
+def test_a_forced_rerun_that_fails_again_raises_its_own_alert(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed attempt is one incident; the next failed attempt of the date is another."""
+    env = make_env()
+    env.store_instances([image(4, 4)])
+    monkeypatch.setattr(export, "START_RETRY_SECONDS", 1.0)
+    options: dict[str, Any] = {
+        "day": DAY,
+        "mode": "full",
+        "mime_type": env.ctx.settings.export_mime_type,
+        "poll_seconds": 0.1,
+        "wait": True,
+    }
+    env.knobs(faults="export=1.0:500")
+    try:
+        first = export.run_command(env.ctx, **options)
+        export.settle_exports(env.ctx, env.clock())  # a repeat of the same attempt
+        forced = export.run_command(env.ctx, force=True, **options)
+    finally:
+        env.knobs(faults="")
+    assert (first["status"], first["attempt"]) == (export.FAILED, 1)
+    assert (forced["status"], forced["attempt"]) == (export.FAILED, 2)
+    got = [a["body"] for a in env.alerts()]
+    assert [(a["kind"], a["details"]["attempt"]) for a in got] == [
+        ("export_failed", 1),
+        ("export_failed", 2),
+    ]
+    assert got[0]["alertId"] != got[1]["alertId"]
+    assert got[1]["subject"].endswith("/exports/2026-11-25/attempt-2")
+
+
+def test_lost_answers_of_the_exports_writes_make_one_complete_backup_and_no_alert(
+    make_env: Any, gcs_server: StorageServer
+) -> None:
+    """The first write of each kind (the open entry, the date's marker and its updates,
+    the operation's record, the backup's manifest, deletes) takes effect and its answer
+    is lost (503): the retry meets the write, and the export is still started once and
+    found complete, with no alert."""
+    env = make_env()
+    env.store_instances([image(4, 4) for _ in range(3)])
+    proxy = FaultProxy(gcs_server.url, area=storage_shape).start()
+    first_of_each = FirstOfEach()
+
+    direct = env.ctx.storage
+    env.ctx.storage = storage_client(proxy.url)
+    try:
+        proxy.lose = first_of_each
+        assert env.tick(TICK) == 200
+        marker = env.settle()
+        proxy.lose = None
+        assert marker["state"] == export.COMPLETE
+        assert len(env.export_operations()) == 1
+        assert env.manifest()["found"] == {"instances": 3, "objects": 3}
+        assert export.open_days(env.ctx) == []
+        assert env.alerts() == []
+    finally:
+        env.ctx.storage.close()
+        env.ctx.storage = direct
+        proxy.stop()
+    for step in (
+        ("objects.insert", "state/exports-open/2026-11-25.json"),
+        ("objects.insert", "state/exports/2026-11-25.json"),
+        ("objects.insert", "backups/2026-11-25/_MANIFEST.json"),
+        ("objects.delete", "state/exports-open/2026-11-25.json"),
+    ):
+        assert step in first_of_each.lost, (step, first_of_each.lost)
+    # The record that the operation is dicomflow's own (state/ops/<operation id>.json).
+    assert any(n.startswith("state/ops/") for op, n in first_of_each.lost if op == "objects.insert")

@@ -32,6 +32,9 @@ def test_backfill_twice_gives_one_outcome_per_object(
     upload(client, landing, "elsewhere/x.dcm", make_instance())
     os.environ.update(settings_env(landing, staging, STORAGE_EMULATOR_HOST=gcs_server.url))
 
+    # Another bucket is refused: ingest would record its objects as foreign, unread.
+    assert cli.main(["backfill", f"gs://{staging}/old/", "--json"]) == 2
+    assert f"gs://{staging} is not the landing bucket" in capsys.readouterr().err
     assert cli.main(["backfill", f"gs://{landing}/old/", "--json"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first == {

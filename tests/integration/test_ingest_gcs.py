@@ -285,6 +285,9 @@ def test_a_late_delivery_copies_into_the_late_window_of_its_homes_seal_without_a
     assert not objects.exists(env.bucket, staging.late_name(key))
     record = env.record(staging.staged_name(L1, key))
     assert (record.home, record.window, record.via) == (W0, L1, "late")
+    # With no claim, the record is still found from the key and home window alone.
+    assert staging.has_record(env.bucket, key, W0, env.settings)
+    assert staging.recorded_keys(env.bucket, env.settings, [(key, W0)]) == {key}
     env.calls.reset()
     env.at("12:54:50")  # a redelivery, still before L1's seal: the same copy, a 412
     assert env.deliver(obj, event_id="again") == 200
@@ -350,6 +353,16 @@ def test_a_window_whose_first_copy_lands_while_ticks_stop_is_still_sealed(env: E
     env.at("13:30:00")  # no tick for half an hour
     assert batches.seal_due(env.ctx, env.clock()) == [L1]
     assert [r.key for r in env.files(L1) or []] == [env.key(obj)]
+
+
+def test_the_first_tick_of_a_deployment_seals_windows_older_than_its_lookback(env: Env) -> None:
+    """No tick has run yet (no cursor): uploads from hours ago are sealed, not left behind."""
+    obj = env.upload("first/a.dcm", make_instance())
+    assert env.deliver(obj) == 200  # 12:53:05, into W0
+    assert [n for n in env.staged() if env.key(obj) in n] == [staging.staged_name(W0, env.key(obj))]
+    env.at("18:00:00")  # the first ingest tick comes five hours later
+    assert batches.seal_due(env.ctx, env.clock()) == [W0]
+    assert [r.key for r in env.files(W0) or []] == [env.key(obj)]
 
 
 def test_a_late_window_that_starts_with_a_cursor_step_is_listed(env: Env) -> None:
@@ -679,21 +692,27 @@ def test_logs_never_name_the_object(env: Env, monkeypatch: pytest.MonkeyPatch) -
     env.at("12:54:15")
     late = env.upload("incoming/DOE^JOHN_19700101d.dcm", make_instance(), created=good.time_created)
     assert env.deliver(late, event_id="900005") == 200
-    # A storage error whose message quotes the request URL, as google-cloud-storage's do.
+    # Storage errors whose messages quote the request URL, as google-cloud-storage's do:
+    # a 403 (the file's failure record) and an unexpected error (retried by the platform).
     failing = env.upload("incoming/DOE^JOHN_19700101c.dcm", make_instance())
+    erring = env.upload("incoming/DOE^JOHN_19700101e.dcm", make_instance())
     original = storage.Blob.download_as_bytes
 
     def forbidden(self: storage.Blob, *args: Any, **kwargs: Any) -> bytes:
         if self.bucket.name == env.landing:
-            raise api_exceptions.Forbidden(
+            url = (
                 f"GET {env.gcs._connection.API_BASE_URL}/download/storage/v1/b/"
                 f"{env.landing}/o/{quote(self.name, safe='')}?alt=media: no access to {self.name}"
             )
+            if self.name == erring.name:
+                raise RuntimeError(url)
+            raise api_exceptions.Forbidden(url)
         result: bytes = original(self, *args, **kwargs)
         return result
 
     monkeypatch.setattr(storage.Blob, "download_as_bytes", forbidden)
-    assert env.deliver(failing, event_id="900009") == 500
+    assert env.deliver(failing, event_id="900009") == 200
+    assert env.deliver(erring, event_id="900010") == 500
     monkeypatch.setattr(storage.Blob, "download_as_bytes", original)
 
     lines = stream.getvalue().splitlines()
@@ -705,15 +724,19 @@ def test_logs_never_name_the_object(env: Env, monkeypatch: pytest.MonkeyPatch) -
         "staged",
         "quarantined",
         "skipped",
+        "failed",
         "ingest failed; the event will be retried",
     }
     label = alerts.object_label(env.settings, env.landing, good.name)
-    assert label.startswith("sha256:")
+    assert label.startswith("h:")
     assert any(r.get("object") == label and r.get("key") == env.key(good) for r in records)
     staged_late = [r for r in records if r.get("key") == env.key(late)]
     assert [r.get("window") for r in staged_late] == [L1]
-    failed = next(r for r in records if r["message"].startswith("ingest failed"))
-    assert (failed["errorType"], failed["httpStatus"]) == ("Forbidden", 403)
+    failed = next(r for r in records if r["message"] == "failed")
+    assert failed["reason"] == "permission-denied: HTTP 403 on the header read"
+    assert failed["key"] == env.key(failing)
+    erred = next(r for r in records if r["message"].startswith("ingest failed"))
+    assert (erred["errorType"], erred.get("httpStatus")) == ("RuntimeError", None)
     assert any("exception" in r for r in records)  # the platform's log of the 500
 
 
@@ -755,22 +778,25 @@ def test_nasty_files_under_nasty_names_end_in_their_outcome(env: Env) -> None:
         # name: (bytes, (outcome, reason code), or ("skipped", skip reason))
         "in/NASTY*?[a-z]\\x.dcm": (bytes(range(256)) * 12, (outcomes.QUARANTINED, "not-dicom")),
         "../NASTY up.dcm": (preamble + b"\xff" * 64, (outcomes.QUARANTINED, "no-file-meta")),
-        "in/../../NASTY\nline.dcm": (good[:300], (outcomes.QUARANTINED, "truncated")),
-        "in/**/NASTY\r.dcm": (good[:-1], (outcomes.QUARANTINED, "truncated")),
+        "in/../../NASTY\tline.dcm": (good[:300], (outcomes.QUARANTINED, "truncated")),
+        "in/**/NASTY\x7f\x1b.dcm": (good[:-1], (outcomes.QUARANTINED, "truncated")),
         "in/NASTY Müller Ωmega 患者\u2028.DCM": (good, (outcomes.STAGED, None)),
         "in/%2e%2e/NASTY.dcm": (b"", ("skipped", "empty")),
         # No glob matches, but the sniff finds DICM at byte 128 (DICOMFLOW_SNIFF, on).
-        "in/NASTY.dcm\n": (good, (outcomes.STAGED, None)),
+        "in/NASTY.dcm\u0085": (good, (outcomes.STAGED, None)),
         "in/NASTY.txt": (b"plain text, no DICOM preamble" * 10, ("skipped", "pattern")),
     }
     client = env.app.test_client()
 
     def deliver(data: dict[str, Any]) -> int:
-        # The name only in the payload: HTTP headers cannot carry a newline (nor can a real
-        # object name; fake-gcs-server accepts one all the same).
+        # The name only in the payload, as the payload is what ingest reads.
         attributes = finalize_event(Uploaded(env.landing, "x", 1, 9, "", None), env.clock())
         return post(client, CloudEvent(attributes.get_attributes(), data))
 
+    # Cloud Storage refuses names with CR or LF (and so does localcloud's storage front).
+    for refused in ("in/NASTY\nline.dcm", "in/NASTY\r.dcm"):
+        with pytest.raises(api_exceptions.BadRequest):
+            env.upload(refused, good)
     for name, (content, _) in corpus.items():
         obj = env.upload(name, content)
         assert deliver(dict(finalize_event(obj, env.clock()).get_data() or {})) == 200

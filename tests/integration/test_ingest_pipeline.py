@@ -677,3 +677,28 @@ def test_an_idle_tick_costs_the_same_after_0_files_and_after_hundreds(
     print(f"\nidle ingest tick: {dict(fresh)} (0 files), {dict(busy)} (300 files)")
     assert busy == fresh
     assert sum(fresh.values()) <= 6
+
+
+# ---- files without an extension (the sniff) ------------------------------------------
+
+
+def test_extensionless_dicom_is_imported_and_other_files_ignored_one_read_each(
+    make: Callable[..., Pipeline],
+) -> None:
+    p = make()
+    dicom = {f"modality/IM{i:06d}": make_instance() for i in range(5)}
+    other = {f"modality/NOTES{i}": b"plain text, no preamble " * (16 + i) for i in range(5)}
+    uploads = p.upload_many({**dicom, **other})
+    p.calls.reset()
+    for obj in uploads:
+        assert p.deliver(obj) == 200
+    sniffs = [
+        c
+        for c in p.calls.taken()
+        if c.operation == "objects.download" and c.headers.get("range") == "bytes=128-131"
+    ]
+    assert len(sniffs) == 10  # one 4-byte read per extensionless object, DICOM or not
+    p.drain()
+    found = {o.record.name: o.status for o in p.outcomes().values() if o.record}
+    assert found == dict.fromkeys(dicom, "imported")  # the others left no record
+    assert len(p.stored_sops()) == 5

@@ -11,6 +11,7 @@ deleted after the import and before the verification.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
 from tests import browser
+from tests.deployment_key import KEY_FILE
 from tests.ingest_support import Clock, Uploaded, make_instance, upload
 
 PARENT = "projects/local/locations/us-central1"
@@ -136,6 +138,7 @@ def p(
             "DICOMFLOW_STAGING_BUCKET": staging,
             "DICOMFLOW_BACKUP_BUCKET": backups,
             "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+            "DICOMFLOW_KEY_FILE": KEY_FILE,
             "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
             "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
             "STORAGE_EMULATOR_HOST": gcs_server.url,
@@ -374,3 +377,62 @@ def test_status_batches_and_batch_json_follow_the_pipeline(
     )
     assert rendered.errors == []
     assert rendered.values == {"seals": 1, "alerts": 2, "operations": 1}
+
+
+def test_dead_letters_are_counted_in_both_status_views(
+    p: Pipeline, pubsub: PubSubServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Events delivery gives up on are kept in the file ``localcloud status`` counts and on
+    the dead-letter topic whose subscription ``dicomflow status`` counts; neither view
+    prints an object name."""
+    from localcloud import __main__ as localcloud_cli
+    from localcloud.delivery import Deliverer, pubsub_dead_letters, storage_event
+    from localcloud.stack import StackConfig
+    from tests.integration.test_delivery import Recorder
+
+    suffix = uuid.uuid4().hex[:8]
+    topic = f"projects/local/topics/dead-{suffix}"
+    keep = f"projects/local/subscriptions/dead-{suffix}-keep"
+    subs = p.ctx.pubsub().projects()
+    subs.topics().create(name=topic, body={}).execute()
+    subs.subscriptions().create(name=keep, body={"topic": topic}).execute()
+    home = tmp_path / "home"
+    home.mkdir()
+    os.environ["LOCALCLOUD_HOME"] = str(home)  # restored after the test
+    config = StackConfig.from_env()
+    target = Recorder(fail_first=10**6, status=500)
+    # What a running stack writes; the recorder stands in for its services.
+    state = {"pid": os.getpid(), "pubsubKind": "fallback", "urls": {"ingest": target.url}}
+    (home / "state.json").write_text(json.dumps({**state, "home": str(home)}))
+
+    def views() -> tuple[int, int]:
+        assert localcloud_cli.main(["status", "--json"]) == 0
+        local = json.loads(capsys.readouterr().out)["deadLetters"]
+        cloud = p.status(capsys, "--dead-letters", keep)["deadLetters"]
+        assert cloud["subscription"] == keep
+        return local, cloud["count"]
+
+    assert views() == (0, 0)
+    deliverer = Deliverer(
+        workers=2,
+        max_age=0.3,
+        max_backoff=0.05,
+        dead_letter=config.dead_letter_path,
+        on_dead_letter=pubsub_dead_letters(pubsub.url, topic),
+    )
+    try:
+        for i in range(3):
+            resource = {"bucket": p.landing, "name": f"lost/患者 {i}.dcm", "generation": 1}
+            deliverer.submit(storage_event(target.url, resource))
+        assert deliverer.wait_idle(30)
+        assert views() == (3, 3)
+        assert views() == (3, 3)  # counting hands the messages back
+        assert localcloud_cli.main(["status"]) == 0
+        assert cli.main(["status", "--dead-letters", keep], make_ctx=lambda: p.ctx) == 0
+    finally:
+        deliverer.stop()
+        target.close()
+    text = capsys.readouterr().out
+    assert "dead letters: 3 event(s) delivery gave up on" in text  # localcloud status
+    assert "Dead letters: 3 event(s) delivery gave up on" in text  # dicomflow status
+    assert "lost/" not in text and "患者" not in text

@@ -35,6 +35,7 @@ from dicomflow import (
     batches,
     feeds,
     ingest,
+    keys,
     log,
     manifests,
     objects,
@@ -50,6 +51,7 @@ from localcloud.corpus import generate_studies, sample_files
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
+from tests.deployment_key import KEY_FILE
 from tests.ingest_support import (
     PATIENT_NAME,
     Clock,
@@ -249,6 +251,7 @@ def make_env(
         "DICOMFLOW_STAGING_BUCKET": staging,
         "DICOMFLOW_BACKUP_BUCKET": backups,
         "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
+        "DICOMFLOW_KEY_FILE": KEY_FILE,
         "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
         "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
         "STORAGE_EMULATOR_HOST": gcs_server.url,
@@ -340,8 +343,13 @@ def test_import_checks_alert_once_per_subject_and_manifests_match_the_store(env:
     assert failed["body"]["details"]["reasons"] == {"not-in-store": 1}
     assert conflict["body"]["details"]["samples"] == [env.label(files["twin"])]
     assert conflict["body"]["details"]["reasons"] == {"checksum-mismatch": 1}
+    # UIDs are keyed labels (DICOMFLOW_ALERT_UIDS=hash by default), never in clear.
+    twin = env.outcome(files["twin"]).record
+    assert twin is not None and twin.sop
+    [sample] = conflict["body"]["details"]["sampleFiles"]
+    assert sample["sopInstanceUid"] == alerts.uid_label(env.ctx.settings, twin.sop) != twin.sop
     for m in alerts_seen:
-        assert m["body"]["schemaVersion"] == 1
+        assert m["body"]["schemaVersion"] == 2
         assert m["attributes"]["dicomStore"] == env.store
         assert m["attributes"]["kind"] == m["body"]["kind"]
         assert m["attributes"]["alertId"] == m["body"]["alertId"]
@@ -1241,3 +1249,69 @@ def test_conflict_found_when_two_report_processes_verify_at_once(env: Env) -> No
         ticks = list(pool.map(tick, range(2)))
     assert sum(len(t["verified"]) for t in ticks) >= 2
     assert_one_imported_one_conflict(env, pair, winner=pair.a)
+
+
+# --- backlog -----------------------------------------------------------------------------------
+
+
+def test_each_backlog_episode_raises_one_alert_with_its_own_id(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub: PubSubServer,
+    apps: dict[str, Any],
+) -> None:
+    """A backlog recurs: the second episode is a new incident, not a repeat of the first."""
+    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_BACKLOG_SECONDS="60")
+    settings = env.ctx.settings
+
+    def sealed_waiting_batch(name: str) -> str:
+        """A file ingested and its window sealed, with no ingest tick to start the import."""
+        env.ingest([env.upload(name, make_instance())])
+        env.clock.advance(settings.batch_window_seconds + settings.seal_grace_seconds + 1)
+        (batch,) = batches.seal_due(env.ctx, env.clock())
+        return batch
+
+    episodes = []
+    for name in ("first/a.dcm", "second/a.dcm"):
+        batch = sealed_waiting_batch(name)
+        assert env.report_tick() == 200
+        assert env.pull() == []  # waiting, not yet for too long
+        env.clock.advance(settings.backlog_seconds + 1)
+        for _ in range(2):  # the episode goes on: one alert
+            assert env.report_tick() == 200
+        (alert,) = [m["body"] for m in env.pull()]
+        assert (alert["kind"], alert["subject"]) == ("backlog", f"backlog/{batch}")
+        assert alert["details"]["episode"] == alert["details"]["oldestBatch"] == batch
+        assert alert["details"]["batches"] == alert["details"]["files"] == 1
+        episodes.append(alert["alertId"])
+        env.import_all()  # the import runs: the episode ends
+        assert env.pull() == []
+        assert not env.gcs.bucket(env.staging).blob(report.BACKLOG_MARKER).exists()
+    assert len(set(episodes)) == 2
+
+
+def test_a_failing_qido_is_logged_with_labels_not_uids(env: Env) -> None:
+    """The report's error and its traceback (the QIDO URL holds the Study UID) reach the
+    log with the UID replaced by its keyed label."""
+    study = pydicom.uid.generate_uid()
+    files = [env.upload(f"q/{i}.dcm", make_instance(study)) for i in range(2)]
+    env.ingest(files)
+    env.clock.advance(env.ctx.settings.batch_window_seconds + env.ctx.settings.seal_grace_seconds)
+    env.ingest_tick()
+    wait_finished(env, 30)
+    records = [env.outcome(f).record for f in files]
+    uids = {u for r in records if r is not None for u in (r.study, r.series, r.sop) if u}
+    assert len(uids) == 5  # one study, two series, two instances
+    stream = io.StringIO()
+    log.configure(logging.INFO, stream)
+    settings = env.ctx.settings
+    log.use_labels(log.Labels(keys.load(settings), settings.is_pipeline_object))
+    env.knobs(faults={"dicomWeb.search": {"rate": 1.0, "status": 400}})
+    try:
+        assert env.report_tick() == 200  # a 400 is logged, not raised: retrying cannot help
+    finally:
+        env.knobs(faults={})
+        log.use_labels(None)
+    text = stream.getvalue()
+    assert "Traceback" in text and keys.load(settings).hash(keys.UID, study) in text
+    assert [u for u in uids if u in text] == []

@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from google.api_core.exceptions import NotFound, PreconditionFailed, ServiceUnavailable
+from google.api_core.exceptions import (
+    BadRequest,
+    NotFound,
+    PreconditionFailed,
+    ServiceUnavailable,
+)
 from google.cloud import storage
 
 from localcloud.faultproxy import FaultProxy
@@ -304,3 +309,42 @@ def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
         objects.TOKEN: objects.read_json(bucket, "mine.json")[objects.TOKEN],  # type: ignore[index]
     }
     assert proxy.snapshot()["after_faults"] == {"objects.insert": 2}
+
+
+@pytest.mark.parametrize("name", ["a\nb.dcm", "a\rb.dcm", "dir/\r\n.dcm"])
+def test_a_name_with_cr_or_lf_is_refused_as_cloud_storage_refuses_it(
+    bucket: storage.Bucket, name: str
+) -> None:
+    """Every way of creating an object: simple, resumable and JSON uploads, rewrite, copy
+    and compose. The client raises BadRequest with Cloud Storage's words; nothing lands."""
+    source = bucket.blob("source.dcm")
+    source.upload_from_string(b"x" * 10)
+    writes: list[Callable[[], object]] = [
+        lambda: bucket.blob(name).upload_from_string(b"data"),
+        lambda: bucket.blob(name).upload_from_string(b"\x01" * NINE_MIB),  # resumable
+        lambda: bucket.blob(name).rewrite(source),
+        lambda: bucket.copy_blob(source, bucket, name),
+        lambda: bucket.blob(name).compose([source]),
+    ]
+    for write in writes:
+        with pytest.raises(BadRequest) as info:
+            write()
+        assert info.value.code == 400
+        assert "Disallowed unicode characters present in object name" in info.value.message
+    assert [b.name for b in bucket.list_blobs()] == ["source.dcm"]
+    # The JSON error shape of the service, for clients that read it.
+    base = bucket.client._connection.API_BASE_URL
+    answer = requests.post(
+        f"{base}/upload/storage/v1/b/{bucket.name}/o",
+        params={"uploadType": "media", "name": name},
+        data=b"data",
+        timeout=60,
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["errors"][0] == {
+        "message": "Disallowed unicode characters present in object name",
+        "domain": "global",
+        "reason": "invalid",
+    }
+    # Names with other control characters, tabs and any Unicode are fine.
+    bucket.blob("tab\there é 名前 😀.dcm").upload_from_string(b"ok")

@@ -13,6 +13,7 @@ import pytest
 
 from dicomflow import alerts
 from dicomflow.config import load_settings
+from tests.deployment_key import KEY_FILE
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 STORE = "projects/p/locations/l/datasets/d/dicomStores/s"
@@ -25,6 +26,7 @@ def _settings(**env: str) -> object:
         "DICOMFLOW_STAGING_BUCKET": "staging",
         "DICOMFLOW_BACKUP_BUCKET": "backups",
         "DICOMFLOW_ALERTS_TOPIC": "projects/p/topics/alerts",
+        "DICOMFLOW_KEY_FILE": KEY_FILE,
     }
     base.update(env)
     return load_settings(base)
@@ -72,7 +74,7 @@ def test_message_schema_and_attributes() -> None:
         "severity": "WARNING",
         "dicomStore": STORE,
         "alertId": alert.alert_id,
-        "schemaVersion": "1",
+        "schemaVersion": "2",
     }
     assert all(isinstance(v, str) for v in msg["attributes"].values())
 
@@ -145,7 +147,7 @@ def test_samples_are_capped() -> None:
 
 def test_object_label_hash_and_plain() -> None:
     hashed = alerts.object_label(_settings(), "landing", "Doe^John/ct.dcm")  # type: ignore[arg-type]
-    assert hashed.startswith("sha256:") and len(hashed) == len("sha256:") + 16
+    assert hashed.startswith("h:") and len(hashed) == len("h:12345678:") + 32
     assert "Doe" not in hashed
     assert hashed == alerts.object_label(_settings(), "landing", "Doe^John/ct.dcm")  # type: ignore[arg-type]
     assert hashed != alerts.object_label(_settings(), "landing", "Doe^John/mr.dcm")  # type: ignore[arg-type]
@@ -193,3 +195,27 @@ def test_alert_built_from_sample_files_never_holds_their_patient_names() -> None
 def test_pipeline_dates_are_not_mistaken_for_phi() -> None:
     details = {"date": "2026-11-25", "time": "x", "createTime": "y", "endTime": "z"}
     assert alerts.build_alert("export_failed", "s", "ERROR", STORE, details, NOW).details == details
+
+
+def test_uid_label_hash_and_plain() -> None:
+    sop = "1.2.826.0.1.3680043.8.498.1"
+    hashed = alerts.uid_label(_settings(), sop)  # type: ignore[arg-type]
+    assert hashed is not None and hashed.startswith("h:") and sop not in hashed
+    assert hashed == alerts.uid_label(_settings(), sop)  # type: ignore[arg-type]
+    plain = _settings(DICOMFLOW_ALERT_UIDS="plain")
+    assert alerts.uid_label(plain, sop) == sop  # type: ignore[arg-type]
+    assert alerts.uid_label(_settings(), None) is None  # type: ignore[arg-type]
+
+
+def test_operation_errors_in_alerts_name_objects_and_uids_by_label() -> None:
+    from types import SimpleNamespace
+
+    from dicomflow import report
+
+    settings = _settings()
+    sop = "1.2.826.0.1.3680043.8.498.1"
+    text = f"reading gs://landing/Doe^John/ct.dcm (instance {sop}) failed"
+    redacted = report._redact(SimpleNamespace(settings=settings), text)
+    label = alerts.object_label(settings, "landing", "Doe^John/ct.dcm")  # type: ignore[arg-type]
+    uid = alerts.uid_label(settings, sop)  # type: ignore[arg-type]
+    assert redacted == f"reading {label} (instance {uid}) failed"

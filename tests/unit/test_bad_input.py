@@ -333,7 +333,7 @@ def test_event_decoder_on_any_payload(data: Any) -> None:
         assert optional is None or isinstance(optional, str)
     assert skip_reason(settings, obj) in SKIP_REASONS | {None}
     label = alerts.object_label(settings, obj.bucket, obj.name)
-    assert label.startswith("sha256:") and SECRET not in label
+    assert label.startswith("h:") and SECRET not in label
     key = staging.file_key(obj.bucket, obj.name, obj.generation)
     assert staging.is_key(key)
     record = staging.FileRecord(

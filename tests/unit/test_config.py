@@ -158,3 +158,26 @@ def test_readme_documents_every_setting_with_its_default() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for env_name, default, _ in SETTINGS_DOC:
         assert f"| `{env_name}` | `{default}` |" in readme, env_name
+
+
+def test_sweep_and_landing_retention_defaults_and_bounds() -> None:
+    s = load_settings(BASE)
+    assert (s.sweep_hours, s.staging_copy_retention_days, s.landing_delete_after_days) == (24, 7, 0)
+    # 3 days cover the event age (25 h), the seal grace and one sweep period (24 h).
+    assert load_settings({**BASE, "DICOMFLOW_LANDING_DELETE_AFTER_DAYS": "3"})
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, "DICOMFLOW_LANDING_DELETE_AFTER_DAYS": "2"})
+    assert str(info.value).startswith("DICOMFLOW_LANDING_DELETE_AFTER_DAYS:")
+    assert "set it to 3 or more" in str(info.value)
+    # With the sweep off, one day less: the event age and the grace only.
+    off = {**BASE, "DICOMFLOW_SWEEP_HOURS": "0", "DICOMFLOW_LANDING_DELETE_AFTER_DAYS": "2"}
+    assert load_settings(off).landing_delete_after_days == 2
+    # The sweep needs a whole period between the event age and the copies' expiry.
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, "DICOMFLOW_STAGING_COPY_RETENTION_DAYS": "3"})
+    assert str(info.value).startswith("DICOMFLOW_STAGING_COPY_RETENTION_DAYS:")
+    assert "to 4 or more" in str(info.value)
+    assert load_settings({**BASE, "DICOMFLOW_STAGING_COPY_RETENTION_DAYS": "4"})
+    assert load_settings(
+        {**BASE, "DICOMFLOW_SWEEP_HOURS": "6", "DICOMFLOW_STAGING_COPY_RETENTION_DAYS": "3"}
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import pickle
 import warnings
 
 import pydicom
@@ -84,3 +86,14 @@ def test_fast_element_conversion_matches_pydicom_on_every_indexed_sample_value()
                 assert fast == dataset[tag].to_json_dict(None, 1024), (path.name, hex(tag))
             compared += 1
     assert compared > 1000
+
+
+def test_a_parsed_instance_travels_as_its_index_json() -> None:
+    # Import workers pickle what they parsed; the emulator writes the JSON text as it comes.
+    parsed = instances.parse_instance(_instance())
+    copy = pickle.loads(pickle.dumps(parsed, protocol=pickle.HIGHEST_PROTOCOL))
+    assert copy == parsed
+    assert copy.attributes_json == json.dumps(parsed.attributes)
+    assert copy.attributes == parsed.attributes
+    assert copy.text("PatientID") == parsed.text("PatientID") != ""
+    assert copy != instances.parse_instance(_instance())

@@ -22,9 +22,26 @@ ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 
 REQUIRED = {name for name, default, _ in SETTINGS_DOC if default == "required"}
-ENDPOINTS = {"DICOMFLOW_HEALTHCARE_ENDPOINT", "DICOMFLOW_PUBSUB_ENDPOINT", "STORAGE_EMULATOR_HOST"}
+DEFAULTS = {name: default for name, default, _ in SETTINGS_DOC}
+# Settings for localcloud only: emulator endpoints, and the key file (Google Cloud uses the secret).
+ENDPOINTS = {
+    "DICOMFLOW_HEALTHCARE_ENDPOINT",
+    "DICOMFLOW_PUBSUB_ENDPOINT",
+    "STORAGE_EMULATOR_HOST",
+    "DICOMFLOW_KEY_FILE",
+}
+# Settings the module sets from a variable of its own: env name -> the variable.
+WIRED = {
+    "DICOMFLOW_BACKUP_PREFIX": "backup_prefix",
+    "DICOMFLOW_ALERT_UIDS": "alert_uids",
+    "DICOMFLOW_SWEEP_HOURS": "sweep_hours",
+    "DICOMFLOW_LANDING_DELETE_AFTER_DAYS": "landing_delete_after_days",
+    "DICOMFLOW_RESTORE_DRILL_DAYS": "restore_drill_days",
+    "DICOMFLOW_RESTORE_DRILL_STUDIES": "restore_drill_studies",
+}
 KNOWN = {name for name, _, _ in SETTINGS_DOC}
 FUNCTIONS = {"ingest", "report", "export"}
+DRILL_RUNNERS = {"export", "report"}  # dicomflow/drill.py: export starts a drill, report settles it
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
 BACKUP_READ_ONLY = {"roles/storage.objectViewer"}
 SHIPPED = {"main.py", "requirements.txt", "dicomflow"}
@@ -118,9 +135,17 @@ def check_env(cfg: Config) -> list[str]:
             f"{name} is set on the functions but not in dicomflow/config.py SETTINGS_DOC"
         )
     for name in sorted(set(fixed) & ENDPOINTS):
-        problems.append(f"{name} is an emulator endpoint and must stay unset on Google Cloud")
+        problems.append(f"{name} is for localcloud only and must stay unset on Google Cloud")
     for name in sorted(REQUIRED - set(fixed)):
         problems.append(f"required setting {name} is not set on the functions")
+    for name, variable in WIRED.items():
+        if name in fixed and f"var.{variable}" not in str(fixed[name]):
+            problems.append(f"{name} is not set from var.{variable}")
+    if "DICOMFLOW_KEY_SECRET" in fixed and not re.search(
+        r"google_secret_manager_secret\.deployment_key\.id\}/versions/latest",
+        str(fixed["DICOMFLOW_KEY_SECRET"]),
+    ):
+        problems.append("DICOMFLOW_KEY_SECRET is not the deployment key secret's latest version")
     if cfg["locals"].get("function_env") != "${merge(var.settings, local.function_env_fixed)}":
         problems.append("local.function_env must be merge(var.settings, local.function_env_fixed)")
 
@@ -247,10 +272,29 @@ def check_roles(cfg: Config) -> list[str]:
     for role in _project_roles(cfg):
         if role.startswith("roles/storage.") or role in PRIMITIVE_ROLES:
             problems.append(f"project-level grant of {role}")
+    # A custom role with storage permissions is granted on one bucket only, never on the project.
+    project_grants = str(cfg["resource"].get("google_project_iam_member", {}))
+    bucket_grants = str(cfg["resource"].get("google_storage_bucket_iam_member", {}))
     for rname, body in cfg["resource"].get("google_project_iam_custom_role", {}).items():
         permissions = [p for p in _strings(body.get("permissions")) if "${" not in p]
-        if any(p.startswith("storage.") for p in permissions):
+        ref = f"google_project_iam_custom_role.{rname}"
+        on_bucket_only = ref in bucket_grants and ref not in project_grants
+        if any(p.startswith("storage.") for p in permissions) and not on_bucket_only:
             problems.append(f"custom role {rname} carries storage permissions")
+    # Only export may start an export (dicomStores.export writes wherever it is told).
+    for fn, spec in cfg["locals"].get("functions", {}).items():
+        held = spec.get("store_permissions", []) + spec.get("drill_store_permissions", [])
+        if fn != "export" and "healthcare.dicomStores.export" in held:
+            problems.append(f"{fn} may start exports; only export may")
+    agent = (
+        cfg["resource"]
+        .get("google_storage_bucket_iam_member", {})
+        .get("healthcare_agent_backups", {})
+    )
+    conditions = _blocks(agent, "condition") if agent else []
+    expression = str(conditions[0].get("expression", "")) if conditions else ""
+    if agent and "/objects/${var.backup_prefix}/" not in expression:
+        problems.append("the Healthcare agent's backups grant is not limited to the backup prefix")
     for fn, spec in cfg["locals"].get("functions", {}).items():
         for perm in spec.get("store_permissions", []) + spec.get("dataset_permissions", []):
             if not str(perm).startswith("healthcare."):
@@ -282,9 +326,27 @@ def check_buckets(cfg: Config) -> list[str]:
             problems.append(f"bucket {name} lacks uniform bucket-level access")
         if body.get("public_access_prevention") != "enforced":
             problems.append(f"bucket {name} does not enforce public access prevention")
-        if not any(v.get("enabled") is True for v in _blocks(body, "versioning")):
+        if name != "backups" and not any(
+            v.get("enabled") is True for v in _blocks(body, "versioning")
+        ):
             problems.append(f"bucket {name} is not versioned")
+        encryption = [d.get("encryption", {}) for d in _blocks(body, "dynamic")]
+        if not any("local.kms_keys" in str(e.get("for_each")) for e in encryption):
+            problems.append(f"bucket {name} does not take the CMEK key")
     backups = buckets.get("backups", {})
+    # Retention policy and versioning exclude each other; one of the two is always on.
+    versioning = [str(v.get("enabled")) for v in _blocks(backups, "versioning")]
+    if versioning != ["${!local.backup_retention_on}"]:
+        problems.append("backups versioning must be on exactly when the retention policy is off")
+    policy = [d.get("retention_policy") for d in _blocks(backups, "dynamic")]
+    policy = [p for p in policy if p]
+    content = _blocks(policy[0], "content")[0] if policy else {}
+    if not policy or "var.backup_retention_lock" not in str(content.get("is_locked")):
+        problems.append("backups bucket has no retention policy with var.backup_retention_lock")
+    elif "86400" not in str(content.get("retention_period")):
+        problems.append("the backups retention policy is not in days")
+    if "var.backup_location" not in str(backups.get("location")):
+        problems.append("the backups bucket's location is not var.backup_location")
     if backups.get("force_destroy") is not False:
         problems.append("backups bucket must set force_destroy = false")
     if not any(lc.get("prevent_destroy") is True for lc in _blocks(backups, "lifecycle")):
@@ -297,9 +359,22 @@ def check_buckets(cfg: Config) -> list[str]:
     ]
     if not retention:
         problems.append("backups bucket has no retention rule driven by var.backup_retention_days")
-    # Staging copies, quarantine copies and late claims are the claims of their files: a
-    # rule may expire them, only by their own prefixes and only after the retention days.
-    claims = ["batches/", "quarantine/", "state/late/"]
+    # Staging copies, quarantine copies, failure records and late claims are the claims of their
+    # files: a rule may expire them, only by their own prefixes and only after the retention days,
+    # which a precondition keeps longer than the maximum event age.
+    claims = ["batches/", "quarantine/", "failed/", "state/late/"]
+    staging = buckets.get("staging", {})
+    if not any(
+        "var.staging_copy_retention_days * 86400 > local.max_event_age_seconds"
+        in str(pre.get("condition"))
+        for lc in _blocks(staging, "lifecycle")
+        for pre in _blocks(lc, "precondition")
+    ):
+        problems.append("no precondition keeps staging claims longer than the maximum event age")
+    age = str(cfg["locals"].get("max_event_age_seconds"))
+    default = DEFAULTS.get("DICOMFLOW_MAX_EVENT_AGE_SECONDS")
+    if f'"DICOMFLOW_MAX_EVENT_AGE_SECONDS", "{default}"' not in age:
+        problems.append(f"local.max_event_age_seconds does not default to SETTINGS_DOC's {default}")
     for name in ("landing", "staging"):
         for rule in _blocks(buckets.get(name, {}), "lifecycle_rule"):
             action = _blocks(rule, "action")[0].get("type")
@@ -314,6 +389,151 @@ def check_buckets(cfg: Config) -> list[str]:
                 problems.append(f"a lifecycle rule of {name} can delete live objects")
             if action not in ("Delete", "AbortIncompleteMultipartUpload"):
                 problems.append(f"a lifecycle rule of {name} does {action}")
+    return problems
+
+
+def check_security(cfg: Config) -> list[str]:
+    """CMEK on topics and the dataset, Data Access audit logs, and the deployment key's secret
+    readable by the three function service accounts only."""
+    problems = []
+    resources = cfg["resource"]
+    for name, body in resources.get("google_pubsub_topic", {}).items():
+        if body.get("kms_key_name") != "${var.kms_key_name}":
+            problems.append(f"topic {name} does not take the CMEK key")
+    for name, body in resources.get("google_healthcare_dataset", {}).items():
+        specs = [d.get("encryption_spec") for d in _blocks(body, "dynamic")]
+        if not any(s and "local.kms_keys" in str(s.get("for_each")) for s in specs):
+            problems.append(f"dataset {name} does not take the CMEK key")
+    audits = resources.get("google_project_iam_audit_config", {})
+    services = " ".join(str(a.get("for_each")) for a in audits.values())
+    for service in ("healthcare.googleapis.com", "storage.googleapis.com"):
+        if service not in services:
+            problems.append(f"no Data Access audit logs for {service}")
+    for name, body in audits.items():
+        if "var.data_access_audit_logs" not in str(body.get("for_each")):
+            problems.append(f"audit config {name} ignores var.data_access_audit_logs")
+        kinds = {c.get("log_type") for c in _blocks(body, "audit_log_config")}
+        if not {"DATA_READ", "DATA_WRITE"} <= kinds:
+            problems.append(f"audit config {name} lacks DATA_READ or DATA_WRITE")
+    if "deployment_key" not in resources.get("google_secret_manager_secret", {}):
+        problems.append("no deployment key secret")
+    accessors = []
+    for kind in ("google_secret_manager_secret_iam_member", "google_project_iam_member"):
+        for name, body in resources.get(kind, {}).items():
+            if "secretmanager" in str(body.get("role")):
+                accessors.append((kind, name, body))
+    for kind, name, body in accessors:
+        if (
+            kind != "google_secret_manager_secret_iam_member"
+            or body.get("secret_id") != "${google_secret_manager_secret.deployment_key.id}"
+            or body.get("for_each") != "${local.functions}"
+            or body.get("member") != "${google_service_account.fn[each.key].member}"
+            or body.get("role") != "roles/secretmanager.secretAccessor"
+        ):
+            problems.append(f"{kind}.{name} grants secret access beyond the function accounts")
+    if not accessors:
+        problems.append("the functions cannot read the deployment key")
+    return problems
+
+
+def check_wiring(cfg: Config) -> list[str]:
+    """Landing deletes only when turned on, only on landing; the scratch drill store is touched
+    only by the functions that run drill steps (export starts a drill, report settles it)."""
+    problems = []
+    resources = cfg["resource"]
+    grant = resources.get("google_storage_bucket_iam_member", {}).get("ingest_landing_delete", {})
+    role = resources.get("google_project_iam_custom_role", {}).get("landing_delete", {})
+    for what, body in (("grant", grant), ("custom role", role)):
+        if "var.landing_delete_after_days > 0" not in str(body.get("count")):
+            problems.append(f"the landing delete {what} is not conditional on the setting")
+    if grant.get("bucket") != "${google_storage_bucket.landing.name}":
+        problems.append("the landing delete grant is not on the landing bucket")
+    if '["ingest"]' not in str(grant.get("member")):
+        problems.append("the landing delete grant is not ingest's")
+    if role.get("permissions") != ["storage.objects.delete"]:
+        problems.append("the landing delete role holds more than storage.objects.delete")
+    drill = resources.get("google_healthcare_dicom_store", {}).get("drill", {})
+    if "local.drill_on" not in str(drill.get("count")):
+        problems.append("the drill store is not conditional on the drill setting")
+    if str(cfg["locals"].get("drill_store_id")) != "${var.dicom_store_id}-drill":
+        problems.append("the drill store is not named <store>-drill")
+    for fn, spec in cfg["locals"].get("functions", {}).items():
+        if fn not in DRILL_RUNNERS and spec.get("drill_store_permissions"):
+            problems.append(f"{fn} holds permissions on the drill store; it runs no drill step")
+    member = resources.get("google_healthcare_dicom_store_iam_member", {}).get("drill", {})
+    if member.get("dicom_store_id") != "${local.drill_iam_id}":
+        problems.append("the drill grants are not on the drill store")
+    return problems
+
+
+def _alert_log_line() -> tuple[str, set[str]]:
+    """Message and field names of the log line dicomflow/alerts.py writes per published alert."""
+    tree = ast.parse((ROOT / "dicomflow" / "alerts.py").read_text())
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "info"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and "published" in str(node.args[0].value)
+        ):
+            fields = {kw.arg for kw in ast.walk(node) if isinstance(kw, ast.keyword) and kw.arg}
+            return str(node.args[0].value), fields
+    return "", set()
+
+
+def check_alerting(cfg: Config, message: str, fields: set[str]) -> list[str]:
+    """The alert metric reads the line the code writes; policies per severity link the runbook;
+    channels come from variables; the push subscription authenticates and dead-letters."""
+    problems = []
+    resources = cfg["resource"]
+    if "var.runbook_url" not in str(cfg["locals"].get("runbook")):
+        problems.append("local.runbook does not come from var.runbook_url")
+    metric = resources.get("google_logging_metric", {}).get("alerts", {})
+    if not message or f'jsonPayload.message=\\"{message}\\"' not in str(metric.get("filter")):
+        problems.append(f"the alert metric does not match the log line {message!r}")
+    extractors = metric.get("label_extractors", {})
+    if extractors.get("kind") != "EXTRACT(jsonPayload.kind)" or "kind" not in fields:
+        problems.append("the alert metric's kind label does not read the line's kind field")
+    if extractors.get("severity") != "EXTRACT(severity)" or "severity" not in fields:
+        problems.append("the alert metric's severity label does not read the line's severity")
+    if "var.monitoring_alerts" not in str(metric.get("count")):
+        problems.append("the alert metric ignores var.monitoring_alerts")
+    policies = cfg["locals"].get("alert_policies", {})
+    if {p.get("severity") for p in policies.values()} != {"ERROR", "WARNING"}:
+        problems.append("there is not one alert policy for ERROR and one for WARNING")
+    for name, body in resources.get("google_monitoring_alert_policy", {}).items():
+        docs = " ".join(str(d.get("content")) for d in _blocks(body, "documentation"))
+        if "${local.runbook}#$${metric.label.kind}" not in docs:
+            problems.append(f"alert policy {name} does not link the runbook section of the kind")
+        if body.get("notification_channels") != "${local.notification_channels}":
+            problems.append(f"alert policy {name} does not notify the channels")
+    channels = resources.get("google_monitoring_notification_channel", {})
+    if "var.alert_emails" not in str(channels.get("email", {}).get("for_each")):
+        problems.append("email channels do not come from var.alert_emails")
+    if "var.alert_webhook_url" not in str(channels.get("webhook", {})):
+        problems.append("the webhook channel does not come from var.alert_webhook_url")
+    push = resources.get("google_pubsub_subscription", {}).get("alerts_push", {})
+    config = _blocks(push, "push_config")[0] if push.get("push_config") else {}
+    if "var.alert_push_endpoint" not in str(push.get("count")) or not config.get("oidc_token"):
+        problems.append("the push subscription is not optional or lacks OIDC")
+    if not push.get("dead_letter_policy") or not push.get("retry_policy"):
+        problems.append("the push subscription lacks a dead-letter topic or a retry policy")
+    return problems
+
+
+def check_variables_used(cfg: Config, readme: str) -> list[str]:
+    """Every variable is read somewhere, and infra/README.md names it."""
+    problems = []
+    used = " ".join(
+        _strings([cfg["resource"], cfg["data"], cfg["locals"], cfg["output"], cfg["variable"]])
+    )
+    for name in cfg["variable"]:
+        if f"var.{name}" not in used.replace(f'variable "{name}"', ""):
+            problems.append(f"variable {name} is never read")
+        if f"`{name}`" not in readme:
+            problems.append(f"infra/README.md does not mention variable {name}")
     return problems
 
 
@@ -344,6 +564,7 @@ def check_readme(cfg: Config, readme: str) -> list[str]:
         grants += list(_strings(spec.get("manifest_roles", [])))
         grants += list(_strings(spec.get("topic_roles", {})))
         grants += [str(p) for p in spec.get("store_permissions", [])]
+        grants += [str(p) for p in spec.get("drill_store_permissions", [])]
         grants += [str(p) for p in spec.get("dataset_permissions", [])]
         grants += [str(r) for r in spec.get("project_roles", [])]
         for grant in grants:
@@ -413,6 +634,24 @@ def test_buckets_are_safe(config: Config) -> None:
     assert check_buckets(config) == []
 
 
+def test_security_settings(config: Config) -> None:
+    assert check_security(config) == []
+
+
+def test_wiring_of_landing_deletes_and_the_drill_store(config: Config) -> None:
+    assert check_wiring(config) == []
+
+
+def test_alerting_reads_the_published_alert_log_line(config: Config) -> None:
+    message, fields = _alert_log_line()
+    assert message
+    assert check_alerting(config, message, fields) == []
+
+
+def test_every_variable_is_read_and_documented(config: Config) -> None:
+    assert check_variables_used(config, (INFRA / "README.md").read_text()) == []
+
+
 def test_checkov_skips_have_reasons(config: Config) -> None:
     assert any("checkov:skip" in c for c in config["comments"])
     assert check_skips(config) == []
@@ -471,7 +710,7 @@ def test_check_env_flags_unknown_missing_and_endpoint_names() -> None:
     problems = check_env(parse([bad]))
     assert any("DICOMFLOW_ALERT_TOPIC is set" in p for p in problems)
     assert any("required setting DICOMFLOW_ALERTS_TOPIC" in p for p in problems)
-    assert any("STORAGE_EMULATOR_HOST is an emulator endpoint" in p for p in problems)
+    assert any("STORAGE_EMULATOR_HOST is for localcloud only" in p for p in problems)
 
 
 def test_check_env_flags_a_function_without_the_env() -> None:
@@ -651,3 +890,206 @@ locals {
         "infra/README.md row for ingest does not mention healthcare.dicomStores.import"
     ]
     assert check_readme(cfg, "") == ["infra/README.md has no table row for ingest"]
+
+
+def test_check_roles_flags_exports_outside_export_and_an_unlimited_agent() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  functions = {
+    report = { store_permissions = ["healthcare.dicomStores.export"] }
+    export = { store_permissions = ["healthcare.dicomStores.export"] }
+  }
+}
+resource "google_storage_bucket_iam_member" "healthcare_agent_backups" {
+  bucket = google_storage_bucket.backups.name
+  role   = "roles/storage.objectAdmin"
+  member = local.healthcare_agent
+}
+"""
+        ]
+    )
+    problems = check_roles(cfg)
+    assert "report may start exports; only export may" in problems
+    assert "export may start exports; only export may" not in problems
+    assert "the Healthcare agent's backups grant is not limited to the backup prefix" in problems
+
+
+def test_check_buckets_flags_versioned_retained_backups_and_short_claims() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  max_event_age_seconds = 3600
+}
+resource "google_storage_bucket" "staging" {
+  lifecycle_rule {
+    condition {
+      age            = var.staging_copy_retention_days
+      matches_prefix = ["batches/", "quarantine/", "state/late/"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+resource "google_storage_bucket" "backups" {
+  location      = var.region
+  force_destroy = false
+  versioning {
+    enabled = true
+  }
+  dynamic "retention_policy" {
+    for_each = [1]
+    content {
+      retention_period = 30
+    }
+  }
+}
+"""
+        ]
+    )
+    problems = check_buckets(cfg)
+    assert "backups versioning must be on exactly when the retention policy is off" in problems
+    assert "backups bucket has no retention policy with var.backup_retention_lock" in problems
+    assert "the backups bucket's location is not var.backup_location" in problems
+    assert "bucket staging does not take the CMEK key" in problems
+    assert "a lifecycle rule of staging can delete live objects" in problems  # failed/ missing
+    assert "no precondition keeps staging claims longer than the maximum event age" in problems
+    assert any("does not default to SETTINGS_DOC's 90000" in p for p in problems)
+
+
+def test_check_security_flags_plain_topics_no_audit_logs_and_wide_secret_access() -> None:
+    cfg = parse(
+        [
+            """
+resource "google_pubsub_topic" "tick" {
+  name = "t"
+}
+resource "google_healthcare_dataset" "this" {
+  name = "d"
+}
+resource "google_project_iam_audit_config" "data_access" {
+  for_each = toset(["storage.googleapis.com"])
+  audit_log_config {
+    log_type = "ADMIN_READ"
+  }
+}
+resource "google_project_iam_member" "reader" {
+  project = "p"
+  role    = "roles/secretmanager.secretAccessor"
+  member  = "group:everyone@example.org"
+}
+"""
+        ]
+    )
+    problems = check_security(cfg)
+    assert "topic tick does not take the CMEK key" in problems
+    assert "dataset this does not take the CMEK key" in problems
+    assert "no Data Access audit logs for healthcare.googleapis.com" in problems
+    assert "audit config data_access ignores var.data_access_audit_logs" in problems
+    assert "audit config data_access lacks DATA_READ or DATA_WRITE" in problems
+    assert "no deployment key secret" in problems
+    assert (
+        "google_project_iam_member.reader grants secret access beyond the function accounts"
+        in problems
+    )
+
+
+def test_check_env_flags_a_wired_setting_from_the_wrong_place() -> None:
+    bad = GOOD_FUNCTION.replace(
+        'DICOMFLOW_ALERTS_TOPIC   = "t"',
+        'DICOMFLOW_ALERTS_TOPIC = "t"\n DICOMFLOW_SWEEP_HOURS = "24"\n'
+        ' DICOMFLOW_KEY_SECRET = "projects/p/secrets/s/versions/1"',
+    )
+    problems = check_env(parse([bad]))
+    assert "DICOMFLOW_SWEEP_HOURS is not set from var.sweep_hours" in problems
+    assert "DICOMFLOW_KEY_SECRET is not the deployment key secret's latest version" in problems
+
+
+def test_check_wiring_flags_unconditional_wide_landing_deletes_and_drill_writers() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  drill_store_id = "scratch"
+  functions = {
+    ingest = { drill_store_permissions = ["healthcare.dicomStores.import"] }
+  }
+}
+resource "google_project_iam_custom_role" "landing_delete" {
+  permissions = ["storage.objects.delete", "storage.objects.create"]
+}
+resource "google_storage_bucket_iam_member" "ingest_landing_delete" {
+  bucket = google_storage_bucket.staging.name
+  role   = google_project_iam_custom_role.landing_delete.name
+  member = google_service_account.fn["report"].member
+}
+resource "google_healthcare_dicom_store" "drill" {
+  name = "scratch"
+}
+"""
+        ]
+    )
+    problems = check_wiring(cfg)
+    assert "the landing delete grant is not conditional on the setting" in problems
+    assert "the landing delete grant is not on the landing bucket" in problems
+    assert "the landing delete grant is not ingest's" in problems
+    assert "the landing delete role holds more than storage.objects.delete" in problems
+    assert "the drill store is not conditional on the drill setting" in problems
+    assert "the drill store is not named <store>-drill" in problems
+    assert "ingest holds permissions on the drill store; it runs no drill step" in problems
+    assert "the drill grants are not on the drill store" in problems
+
+
+def test_check_alerting_flags_a_metric_on_another_line_and_bare_policies() -> None:
+    cfg = parse(
+        [
+            """
+locals {
+  runbook = "docs/alerts.md"
+  alert_policies = { all = { severity = "ERROR" } }
+}
+resource "google_logging_metric" "alerts" {
+  filter = "jsonPayload.message=\\"alert sent\\""
+  label_extractors = {
+    kind = "EXTRACT(jsonPayload.type)"
+  }
+}
+resource "google_monitoring_alert_policy" "alerts" {
+  documentation {
+    content = "see the docs"
+  }
+}
+resource "google_pubsub_subscription" "alerts_push" {
+  push_config {
+    push_endpoint = "https://example.org"
+  }
+}
+"""
+        ]
+    )
+    problems = check_alerting(cfg, "alert published", {"kind", "severity"})
+    assert "local.runbook does not come from var.runbook_url" in problems
+    assert "the alert metric does not match the log line 'alert published'" in problems
+    assert "the alert metric's kind label does not read the line's kind field" in problems
+    assert "the alert metric's severity label does not read the line's severity" in problems
+    assert "the alert metric ignores var.monitoring_alerts" in problems
+    assert "there is not one alert policy for ERROR and one for WARNING" in problems
+    assert "alert policy alerts does not link the runbook section of the kind" in problems
+    assert "alert policy alerts does not notify the channels" in problems
+    assert "email channels do not come from var.alert_emails" in problems
+    assert "the push subscription is not optional or lacks OIDC" in problems
+    assert "the push subscription lacks a dead-letter topic or a retry policy" in problems
+    # The real log line carries both fields; a line without severity fails the label check.
+    assert any("severity" in p for p in check_alerting(parse([""]), "alert published", {"kind"}))
+
+
+def test_check_variables_used_flags_unread_and_undocumented_variables() -> None:
+    cfg = parse(['variable "a" {\n  type = string\n  description = "d"\n}\n'])
+    assert check_variables_used(cfg, "") == [
+        "variable a is never read",
+        "infra/README.md does not mention variable a",
+    ]
+    assert check_variables_used(cfg, "| `a` |") == ["variable a is never read"]

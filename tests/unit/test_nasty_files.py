@@ -279,4 +279,4 @@ def test_skipped_nasty_names_are_logged_by_hash(name: str) -> None:
     assert result["status"] == "skipped"
     (line,) = stream.getvalue().rstrip("\n").split("\n")
     assert "NASTY" not in line
-    assert json.loads(line)["object"].startswith("sha256:")
+    assert json.loads(line)["object"].startswith("h:")

@@ -1,0 +1,107 @@
+"""Landing retention: delete uploads some days after their file was verified in the store.
+
+With ``DICOMFLOW_LANDING_DELETE_AFTER_DAYS`` = N (default 0: off), the sweep's daily
+pass (``dicomflow.sweep``) deletes the landing object of every file a batch manifest
+records as ``imported`` or ``duplicate``, once N days have passed since the batch was
+verified (its summary's ``verifiedAt``). Conflicts, failures, quarantined and dropped
+files keep their uploads, for ``dicomflow retry`` and for inspection.
+
+- Each delete names the generation the record holds (``ifGenerationMatch``), so an
+  upload made later under the same name is never deleted.
+- ``config`` refuses an N shorter than the maximum event age, the seal grace and one
+  sweep period together: a late event would find its upload gone (and record a
+  drop), and the sweep could not have looked at it.
+
+Batches are walked in id order (their window's time) from a cursor
+``state/retention/cursor.json``: ``{"after": <batch>, "done": [...]}``. ``after`` is
+the last batch before the first one not yet due (unverified, or verified less than N
+days ago); batches after it that were due are listed in ``done``. A pass reads the
+summary of each batch after the cursor whose window began N days ago or earlier, and
+one success manifest per due batch, and makes one delete call per file: the cost
+follows what was verified, never the history.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from google.cloud import storage
+
+from dicomflow import log, manifests, objects
+from dicomflow.config import DAY_SECONDS, MANIFESTS_PREFIX, STATE_PREFIX
+from dicomflow.runtime import Context
+from dicomflow.staging import parse_batch, parse_time, parse_window, success_name
+from dicomflow.verify import SUCCESS, pmap
+
+logger = logging.getLogger(__name__)
+
+CURSOR_NAME = f"{STATE_PREFIX}retention/cursor.json"
+
+
+def due(summary: dict[str, Any] | None, now: datetime, days: int) -> bool:
+    """True when the batch of ``summary`` was verified ``days`` or more ago."""
+    if summary is None:
+        return False
+    verified = parse_time((summary.get("times") or {}).get("verifiedAt"))
+    return verified is not None and verified + timedelta(seconds=days * DAY_SECONDS) <= now
+
+
+def run(ctx: Context, now: datetime) -> dict[str, int]:
+    """One pass over the batches after the cursor; counts of what it did.
+
+    Raises:
+        TransientError: Cloud Storage kept failing; the next pass repeats the work
+            (a delete already done is a 404, which is fine).
+    """
+    settings = ctx.settings
+    bucket = ctx.storage.bucket(settings.staging_bucket)
+    found = objects.read(bucket, CURSOR_NAME)
+    cursor, generation = found if found is not None else ({}, 0)
+    after = str(cursor.get("after") or "")
+    done = set(cursor.get("done") or [])
+    start = f"{MANIFESTS_PREFIX}{after}/" if after else None
+    days = settings.landing_delete_after_days
+    batches = [
+        b for b in objects.folders(bucket, MANIFESTS_PREFIX, start) if b > after and b not in done
+    ]
+    # A batch is verified after its window starts: a younger window cannot be due yet.
+    latest = now - timedelta(seconds=days * DAY_SECONDS)
+    old = [b for b in batches if parse_window(parse_batch(b)[0]) <= latest]
+    summaries = pmap(lambda b: manifests.read_summary(bucket, b), old)
+    ready = [b for b, s in zip(old, summaries, strict=True) if due(s, now, days)]
+    deleted = sum(pmap(lambda b: _delete_uploads(ctx, b), ready))
+    done.update(ready)
+    waiting = [b for b in batches if b not in done]
+    if waiting:
+        after = max([after, *(b for b in done if b < waiting[0])])
+    elif done:
+        after = max(done)
+    cursor = {"after": after, "done": sorted(b for b in done if b > after)}
+    if ready:
+        objects.swap(bucket, CURSOR_NAME, cursor, generation)
+    counts = {"batches": len(ready), "deleted": deleted, "waiting": len(waiting)}
+    logger.info("landing retention", extra=log.fields(**counts))
+    return counts
+
+
+def _delete_uploads(ctx: Context, batch: str) -> int:
+    """Delete the uploads of ``batch``'s imported and duplicate files; how many went."""
+    settings = ctx.settings
+    staging = ctx.storage.bucket(settings.staging_bucket)
+    landing = ctx.storage.bucket(settings.landing_bucket)
+    lines = [
+        line
+        for line in manifests.read_lines(staging, success_name(batch))
+        if line.get("status") in SUCCESS
+        and line.get("bucket") == settings.landing_bucket
+        and str(line.get("generation", "")).isdigit()
+    ]
+    return sum(pmap(lambda line: _delete(landing, line), lines))
+
+
+def _delete(landing: storage.Bucket, line: dict[str, Any]) -> int:
+    """Delete this generation of the upload only (a new upload under the name stays);
+    1 when this call deleted it."""
+    return int(objects.delete(landing, line["name"], int(line["generation"])))

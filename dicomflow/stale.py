@@ -1,0 +1,146 @@
+"""Non-final states older than a bound: one ``stale_state`` alert per episode of each kind.
+
+Every state the pipeline passes through on the way to an outcome ends by itself within
+minutes; one that outlives ``DICOMFLOW_STALE_STATE_MINUTES`` means a step has stopped
+(a tick no longer runs, a permission was taken away, a bug). The report tick looks at
+the states it can list without reading history::
+
+    window   batches/<window>/ holding copies, not sealed  age from the window's start
+             (no state/sealed/<window>.done): the ingest tick does not seal
+    batch    state/open/<batch>.json: sealed and not        age from its seal (read only
+             verified (waiting, importing or verifying)     when its window is older)
+    export   state/exports-open/<date>.json whose marker    age from the first claim
+             is not final
+
+Each kind raises one alert per episode: the subject is ``stale/<kind>/<oldest id>``, so
+a state that stays stuck is reported once, and a new alert needs a new oldest one. The
+bound is the backstop behind the alerts that name a cause sooner (``backlog``,
+``stalled``, ``verification_stuck``), so its default (6 hours) lies well above theirs.
+
+Left to others: running operations (``stalled``, from operations.list); a late claim
+whose copy never landed (a missed object: the sweep compares the landing bucket with
+``staging.has_record``); re-drives (``dicomflow status`` shows an interrupted one);
+alert markers and feed progress records, which each tick resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from dicomflow import alerts, batches, export, log, objects
+from dicomflow.config import BATCHES_PREFIX
+from dicomflow.staging import (
+    SEALED_PREFIX,
+    iso,
+    open_name,
+    parse_batch,
+    parse_time,
+    parse_window,
+)
+
+logger = logging.getLogger(__name__)
+
+KIND = "stale_state"
+
+
+def _age_minutes(since: datetime, now: datetime) -> int:
+    return int((now - since).total_seconds() // 60)
+
+
+def unsealed_windows(ctx: Any) -> dict[str, datetime]:
+    """Window -> start of each window holding copies but not sealed, from the seal cursor
+    (one read, two listings)."""
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    cursor = str((objects.read_json(bucket, batches.SEAL_CURSOR) or {}).get("window") or "")
+    start = cursor or None
+    sealed = {
+        n[len(SEALED_PREFIX) : -len(".done")]
+        for n in objects.names(bucket, SEALED_PREFIX, f"{SEALED_PREFIX}{cursor}" if start else None)
+        if n.endswith(".done")
+    }
+    found: dict[str, datetime] = {}
+    for window in objects.folders(
+        bucket, BATCHES_PREFIX, f"{BATCHES_PREFIX}{cursor}" if start else None
+    ):
+        if window < cursor or window in sealed:
+            continue
+        try:
+            found[window] = parse_window(window)
+        except ValueError:
+            continue
+    return found
+
+
+def open_batches(ctx: Any, batch_ids: Iterable[str], older_than: datetime) -> dict[str, datetime]:
+    """Batch -> when it was sealed, for each open batch sealed before ``older_than``.
+
+    A batch is sealed after its window ends, so only batches whose window started
+    before ``older_than`` can qualify; their open records (``sealedAt``) are read.
+    """
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    found: dict[str, datetime] = {}
+    for batch in batch_ids:
+        try:
+            start = parse_window(parse_batch(batch)[0])
+        except ValueError:
+            continue
+        if start >= older_than:
+            continue
+        doc = objects.read_json(bucket, open_name(batch))
+        if doc is None:
+            continue  # verified since it was listed
+        found[batch] = parse_time(doc.get("sealedAt")) or start
+    return found
+
+
+def open_exports(ctx: Any) -> dict[str, datetime]:
+    """Date -> first claim of each export that is not final (one listing, one read each)."""
+    found: dict[str, datetime] = {}
+    for day in export.open_days(ctx):
+        marker = export.read_marker(ctx, day)
+        if marker is None or export.is_final(marker[0]):
+            continue
+        claimed = parse_time(marker[0].get("firstClaimedAt") or marker[0].get("claimedAt"))
+        if claimed is not None:
+            found[day.isoformat()] = claimed
+    return found
+
+
+def report(ctx: Any, now: datetime, open_batch_ids: Iterable[str]) -> list[str]:
+    """Alert each kind of state whose oldest item is older than the bound; the subjects."""
+    bound = timedelta(minutes=ctx.settings.stale_state_minutes)
+    states = {
+        "window": unsealed_windows(ctx),
+        "batch": open_batches(ctx, open_batch_ids, now - bound),
+        "export": open_exports(ctx),
+    }
+    subjects: list[str] = []
+    for state, items in states.items():
+        old = sorted((since, item) for item, since in items.items() if now - since > bound)
+        if not old:
+            continue
+        since, oldest = old[0]
+        subject = f"stale/{state}/{oldest}"
+        details = {
+            "state": state,
+            "oldest": oldest,
+            "oldestSince": iso(since),
+            "oldestAgeMinutes": _age_minutes(since, now),
+            "count": len(old),
+            "thresholdMinutes": ctx.settings.stale_state_minutes,
+        }
+        alert = alerts.build_alert(
+            KIND, subject, "WARNING", str(ctx.settings.dicom_store), details, now
+        )
+        if alerts.publish_once(ctx, alert):
+            logger.warning(
+                "stale state",
+                extra=log.fields(
+                    state=state, oldest=oldest, count=len(old), alertId=alert.alert_id
+                ),
+            )
+        subjects.append(subject)
+    return subjects
