@@ -68,8 +68,8 @@ def main() -> int:
         gcs = storage.client()
         source = gcs.create_bucket("bench-export-source")
         backups = gcs.create_bucket("bench-export-backups")
-        for name, data in files:
-            source.blob(name).upload_from_string(data)
+        for item in files:
+            source.blob(item.name).upload_from_string(item.data)
         api = build(
             "healthcare",
             "v1",
@@ -123,7 +123,7 @@ def main() -> int:
                 "date": datetime.now(UTC).date().isoformat(),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
                 "instances": len(files),
-                "instanceBytes": round(sum(len(d) for _, d in files) / len(files)),
+                "instanceBytes": round(sum(len(f.data) for f in files) / len(files)),
                 "exports": results,
             },
             indent=2,

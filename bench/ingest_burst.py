@@ -1,32 +1,51 @@
-"""A burst of uploads: dicomflow against the per-file-import baseline, in the same run.
+"""dicomflow against two per-file baselines: a burst of uploads, then a steady load.
 
-N generated CT instances are uploaded at once to the landing bucket of a
-fresh local cloud whose Healthcare emulator models a per-operation start
-latency and a concurrency quota (429 beyond it). First dicomflow ingests them
-(``main.py``), then, on another fresh local cloud with the same knobs and the
-same files, the baseline (``bench/baseline/main.py``: one import per
-finalize event, raise on 429 so the event is redelivered).
+Three strategies, each on a fresh local cloud with the same files and the same
+emulator settings (a per-operation start latency and a concurrency quota, 429
+beyond it):
 
-Measured for each: seconds from the first upload until every instance is in
-the store; the upload time alone; import operations started and 429s met;
-Storage and Healthcare calls per file (counted by a proxy in front of each
-service, see ``localcloud.harness``); ingest CPU ms per file and peak RSS of
-the ingest function's processes. dicomflow's counts include the report
-function's verification and clean-up, measured until every ledger entry is
-final. Then a cost model per million files from the call counts and public
-list prices. Writes ``bench/results/ingest_burst.json`` and
-``ingest_burst.png``.
+- ``dicomflow`` (``main.py``): staging copies, windows sealed into batches, at
+  most K imports at once;
+- ``import`` (``bench/baseline/main.py``): one ``dicomStores.import`` per
+  finalize event, raise on 429 so that the event is redelivered;
+- ``stow`` (``bench/baseline/stow.py``): download each object and POST it to the
+  store (STOW-RS); it never meets the import quota.
 
-Usage: ``python bench/ingest_burst.py [--instances N] [--latency S] [--quota K]
-[--timeout S] [--baseline-timeout S] [--idle S] [--setting NAME=VALUE ...]
-[--only dicomflow|baseline]``. The
-default is the full size, 5,000 instances (results ``ingest_burst_5000.json``);
-``make bench`` runs 150 (``ingest_burst.json``).
+Upload events are redelivered on Eventarc's schedule (exponential from 10 s,
+capped at 600 s, with jitter) scaled by ``TIME_SCALE`` like dicomflow's windows
+and the emulator's operation latency: everything runs ten times faster than on
+Google Cloud, so the ratios between strategies hold.
 
-Calls per file are given twice: all calls divided by the files, and without the
-schedule's fixed cost (the calls of idle ticks, measured for ``--idle`` seconds
-after the run, times the seconds counted). The cost model prices the second, and
-the fixed cost per month of one tick a minute apart.
+Two phases per strategy:
+
+- burst: ``--instances`` uploads at once, with ``--workers`` ingest processes
+  (``LOCALCLOUD_INGEST_WORKERS``; the table shows 1 and 4). Measured: seconds
+  until every instance is in the store (dicomflow: and its outcomes are final),
+  import operations, 429s, Storage and Healthcare calls per file (counted by a
+  proxy in front of each service, ``localcloud.harness``), invocations and the
+  seconds each took, CPU ms per event. A strategy that does not finish within
+  ``--timeout`` is shown with how far it got and the rate it reached.
+- steady: ``--rate`` uploads a second for ``--steady-seconds`` (below every
+  strategy's saturation), one ingest process. Measured per file: seconds from
+  its upload to its instance in the store (p50, p99), ingest request seconds,
+  CPU ms per event, and the lag from the last upload until all are in the store
+  minus the parts that are configuration (dicomflow: the rest of the window,
+  the seal grace, one tick, the operation latency; import: the operation
+  latency; STOW-RS: nothing).
+
+Then the cost model (``bench/cost.py``) per million files, contended (the
+burst) and uncontended (the steady load), for 0.5 MB and 20 MB files.
+
+dicomflow's ticks cost calls whether files arrive or not: the calls of idle
+ticks, counted for ``--idle`` seconds after its burst, times the seconds
+counted, are taken out of its per-file figures and priced apart as a monthly
+fixed cost.
+
+Usage: ``python bench/ingest_burst.py [--instances N] [--only STRATEGY ...]``;
+the default is the full size, 5,000 instances (results ``ingest_burst_5000.json``;
+more than 500 are named by their size); ``make bench`` runs 100 (``ingest_burst.json``).
+With ``--only``, those strategies run and write ``ingest_burst_<N>_<strategies>.json``.
+``--recost RESULT`` derives the costs and the table again from a result's measurements.
 """
 
 from __future__ import annotations
@@ -37,14 +56,19 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cost
 
 from dicomflow import log, outcomes
 from localcloud.corpus import generate_studies
@@ -52,50 +76,61 @@ from localcloud.harness import MeasuredStack, process_usage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-BASELINE = ROOT / "bench" / "baseline" / "main.py"
+SOURCES = {
+    "dicomflow": ROOT / "main.py",
+    "import": ROOT / "bench" / "baseline" / "main.py",
+    "stow": ROOT / "bench" / "baseline" / "stow.py",
+}
+LABELS = {"dicomflow": "dicomflow", "import": "per-file import", "stow": "per-file STOW-RS"}
 TICK_SECONDS = 2.0
-# dicomflow's windows scaled down with the emulator's start latency (seconds, not minutes):
-# a tenth of the defaults (60 s windows, 600 s late windows).
+# Every time of the rig is a tenth of Google Cloud's: dicomflow's windows (60 s -> 6 s),
+# the emulator's operation latency, the tick (60 s -> 2 s is faster still) and
+# Eventarc's redelivery schedule (Pub/Sub push: 10 s doubling to 600 s, with jitter).
+TIME_SCALE = 0.1
+EVENTARC_RETRY = (10.0 * TIME_SCALE, 600.0 * TIME_SCALE, 0.5)
 DICOMFLOW_ENV = {
     "DICOMFLOW_BATCH_WINDOW_SECONDS": "6",
     "DICOMFLOW_LATE_WINDOW_SECONDS": "60",
     "DICOMFLOW_SEAL_GRACE_SECONDS": "4",
 }
-
-# Public list prices in USD, read on 2026-11-25 (the date of this benchmark's results).
-PRICES_DATE = "2026-11-25"
-PRICES = {
-    # https://cloud.google.com/storage/pricing (Standard storage, regional)
-    "storage_class_a_per_1000": 0.005,  # insert, rewrite/copy, list, patch
-    "storage_class_b_per_1000": 0.0004,  # get (metadata and media)
-    # https://cloud.google.com/functions/pricing (Cloud Run functions), beyond the free tier
-    "function_invocations_per_million": 0.40,
-    # https://cloud.google.com/healthcare-api/pricing: standard and multi-operation
-    # requests, 25,000 to 1 billion a month
-    "healthcare_requests_per_100000": 0.39,
-}
-CLASS_A = ("objects.insert", "objects.rewrite", "objects.copy", "objects.list", "objects.patch")
-CLASS_B = ("objects.get", "objects.download")
+CLASS_A = cost.CLASS_A
+CLASS_B = cost.CLASS_B
 
 
-def corpus(count: int) -> list[tuple[str, bytes]]:
+@dataclass(frozen=True)
+class File:
+    name: str
+    data: bytes
+    sop: str
+
+
+def corpus(count: int, tag: str = "burst") -> list[File]:
     """``count`` small CT instances in studies of 2 series x 50 instances."""
     studies = -(-count // 100)
     files = [
-        (f"burst/{g.study_uid[-10:]}/{g.series_uid[-10:]}/{g.sop_uid[-12:]}.dcm", g.data)
-        for g in generate_studies(studies, 2, 50, patient_name="BENCH^BURST")
+        File(
+            f"{tag}/{g.study_uid[-10:]}/{g.series_uid[-10:]}/{g.sop_uid[-12:]}.dcm",
+            g.data,
+            g.sop_uid,
+        )
+        for g in generate_studies(studies, 2, 50, patient_name=f"BENCH^{tag.upper()}")
     ]
     return files[:count]
 
 
-def upload(stack: MeasuredStack, files: list[tuple[str, bytes]], workers: int = 8) -> None:
+def _put(stack: MeasuredStack) -> Callable[[File], float]:
     bucket = stack.stack.storage_client().bucket(stack.stack.config.landing_bucket)
 
-    def put(item: tuple[str, bytes]) -> None:
-        bucket.blob(item[0]).upload_from_string(item[1], content_type="application/dicom")
+    def put(item: File) -> float:
+        bucket.blob(item.name).upload_from_string(item.data, content_type="application/dicom")
+        return time.time()
 
+    return put
+
+
+def upload(stack: MeasuredStack, files: list[File], workers: int = 8) -> None:
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(put, files))
+        list(pool.map(_put(stack), files))
 
 
 def _operations(stack: MeasuredStack) -> int:
@@ -113,48 +148,68 @@ def _operations(stack: MeasuredStack) -> int:
         db.close()
 
 
-def run(
-    strategy: str,
-    files: list[tuple[str, bytes]],
-    latency: float,
-    quota: int,
-    timeout: float,
-    settled: Callable[[MeasuredStack], bool] | None,
-    idle_seconds: float = 0.0,
-) -> dict[str, Any]:
-    """One strategy on a fresh local cloud; returns its measurements.
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of ``values``, nearest rank; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
 
-    With ``idle_seconds``, the calls of the idle ticks that follow are counted too: the
-    fixed cost of the schedule, apart from the cost per file (``fixed_and_marginal``).
-    """
-    home = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
+
+def _start(
+    strategy: str, args: argparse.Namespace, workers: int, tag: str
+) -> tuple[MeasuredStack, Path]:
+    home = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-{tag}-"))
     measured = MeasuredStack.start(
         home,
         function_env=DICOMFLOW_ENV if strategy == "dicomflow" else {},
-        functions_source=BASELINE if strategy == "baseline" else None,
+        functions_source=SOURCES[strategy],
         minute_interval=TICK_SECONDS,
-        operation_latency=latency,
-        max_concurrent_ops=quota,
+        operation_latency=args.latency,
+        max_concurrent_ops=args.quota,
+        ingest_workers=workers,
+        event_retry=EVENTARC_RETRY,
     )
+    if strategy == "dicomflow":
+        # The first ticks of a deployment write its cursors once; they are not the
+        # fixed cost, nor any file's.
+        time.sleep(3 * TICK_SECONDS)
+    return measured, home
+
+
+def _request_seconds(measured: MeasuredStack) -> dict[str, list[float]]:
+    """Seconds of every delivery attempt so far: upload events, and ticks by function."""
     stack = measured.stack
+    assert stack.deliverer is not None and stack.tick_deliverer is not None
+    ingest = stack.urls["ingest"]
+    events = list(stack.deliverer.attempt_seconds.get(ingest, []))
+    ticks = [
+        d for durations in list(stack.tick_deliverer.attempt_seconds.values()) for d in durations
+    ]
+    return {"events": events, "ticks": ticks}
+
+
+def burst(
+    strategy: str, files: list[File], args: argparse.Namespace, workers: int
+) -> dict[str, Any]:
+    """All files at once on a fresh local cloud; the burst's measurements."""
+    measured, _ = _start(strategy, args, workers, f"burst{workers}")
+    stack = measured.stack
+    settled = outcomes_final(len(files)) if strategy == "dicomflow" else None
+    idle_seconds = args.idle if strategy == "dicomflow" and workers == 1 else 0.0
     try:
-        assert stack.deliverer is not None
-        # The idle ticks of a fresh deployment: the fixed cost after 0 files. The first
-        # ticks of a deployment write its cursors once; they are not the fixed cost.
-        if idle_seconds:
-            time.sleep(3 * TICK_SECONDS)
         idle_before = idle_ticks(measured, idle_seconds) if idle_seconds else None
         before = process_usage(stack.process_ids("ingest"))
         measured.storage_proxy.reset()
         measured.healthcare_proxy.reset()
-        attempts0 = stack.deliverer.delivered + stack.deliverer.failed_attempts
+        invocations0 = measured.invocations()
+        requests0 = {k: len(v) for k, v in _request_seconds(measured).items()}
         timeline: list[tuple[float, int]] = [(0.0, 0)]
         started = time.monotonic()
+        upload_seconds = complete_seconds = None
         with ThreadPoolExecutor(1) as pool:
             uploading = pool.submit(upload, measured, files)
-            upload_seconds = None
-            complete_seconds = None
-            while time.monotonic() - started < timeout:
+            while time.monotonic() - started < args.timeout:
                 time.sleep(0.5)
                 now = time.monotonic() - started
                 if upload_seconds is None and uploading.done():
@@ -165,73 +220,169 @@ def run(
                 if count >= len(files) and upload_seconds is not None:
                     complete_seconds = now
                     break
-        usage = process_usage(stack.process_ids("ingest"))
         # dicomflow's work is not over when the store is full: report verifies and cleans up.
         settle_seconds = None
         if settled is not None and complete_seconds is not None:
-            while time.monotonic() - started < timeout:
+            while time.monotonic() - started < args.timeout:
                 if settled(measured):
                     settle_seconds = time.monotonic() - started
                     break
                 time.sleep(1.0)
-            usage = process_usage(stack.process_ids("ingest"))
+        usage = process_usage(stack.process_ids("ingest"))
         report_usage = process_usage(stack.process_ids("report"))
         storage = measured.storage_proxy.snapshot()
         healthcare = measured.healthcare_proxy.snapshot()
-        attempts = stack.deliverer.delivered + stack.deliverer.failed_attempts - attempts0
+        invocations = measured.invocations() - invocations0
+        seconds = {k: v[requests0[k] :] for k, v in _request_seconds(measured).items()}
         busy_seconds = time.monotonic() - started
-        idle: dict[str, Any] | None = None
+        idle = None
         if idle_seconds and settle_seconds is not None:
             idle = idle_ticks(measured, idle_seconds)
         operations = _operations(measured)
-        events = stack.watcher.events if stack.watcher else 0
     finally:
         measured.stop()
     n = len(files)
-    storage_calls = sum(storage["counts"].values())
-    healthcare_calls = sum(healthcare["counts"].values())
+    in_store = timeline[-1][1]
+    measured_for = timeline[-1][0]
     return {
         "strategy": strategy,
+        "workers": workers,
         "files": n,
         "complete": complete_seconds is not None,
         "uploadSeconds": round(upload_seconds or 0.0, 2),
         "secondsUntilAllInStore": round(complete_seconds, 2) if complete_seconds else None,
-        "inStoreAtEnd": timeline[-1][1],
-        "secondsMeasured": round(timeline[-1][0], 2),
-        "secondsUntilLedgerFinal": round(settle_seconds, 2) if settle_seconds else None,
+        "inStoreAtEnd": in_store,
+        "secondsMeasured": round(measured_for, 2),
+        "filesPerSecondReached": round(in_store / measured_for, 2) if measured_for else None,
+        "secondsUntilOutcomesFinal": round(settle_seconds, 2) if settle_seconds else None,
         "importOperationsStarted": operations,
         "import429": healthcare["statuses"].get("import 429", 0),
         "storageCalls": storage["counts"],
-        # The twenty busiest (operation, bucket:object kind) pairs; see faultproxy.storage_area.
         "storageCallsByArea": dict(sorted(storage["areas"].items(), key=lambda kv: -kv[1])[:20]),
+        "healthcareCalls": healthcare["counts"],
         "secondsCounted": round(busy_seconds, 2),
         "idleBefore": idle_before,
         "idle": idle,
-        "healthcareCalls": healthcare["counts"],
-        "storageCallsPerFile": round(storage_calls / n, 2),
-        "healthcareCallsPerFile": round(healthcare_calls / n, 3),
-        "functionInvocations": attempts,
-        "finalizeEvents": events,
+        "storageCallsPerFile": round(sum(storage["counts"].values()) / n, 2),
+        "healthcareCallsPerFile": round(sum(healthcare["counts"].values()) / n, 3),
+        "functionInvocations": invocations,
+        "eventRequests": len(seconds["events"]),
+        "billedSeconds": {k: round(cost.billed_seconds(v), 2) for k, v in seconds.items()},
         "ingestCpuMsPerFile": round((usage["cpuMs"] - before["cpuMs"]) / n, 2),
-        "reportCpuMsPerFile": round(report_usage["cpuMs"] / n, 2)
-        if strategy == "dicomflow"
-        else None,
+        "reportCpuMsPerFile": round(report_usage["cpuMs"] / n, 2),
         "ingestRssPeakMiB": round(usage["rssPeakMiB"], 1),
+        "loadAverage": os.getloadavg()[0],
         "timeline": timeline,
     }
 
 
+def steady(strategy: str, files: list[File], args: argparse.Namespace) -> dict[str, Any]:
+    """``args.rate`` uploads a second on a fresh local cloud; per-file latencies."""
+    measured, _ = _start(strategy, args, 1, "steady")
+    stack = measured.stack
+    uploaded: dict[str, float] = {}
+    stored: dict[str, float] = {}
+    try:
+        before = process_usage(stack.process_ids("ingest"))
+        measured.storage_proxy.reset()
+        measured.healthcare_proxy.reset()
+        invocations0 = measured.invocations()
+        requests0 = {k: len(v) for k, v in _request_seconds(measured).items()}
+        put = _put(measured)
+        started = time.monotonic()
+
+        def feed() -> None:
+            with ThreadPoolExecutor(4) as pool:
+                for i, item in enumerate(files):
+                    time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
+                    pool.submit(lambda f: uploaded.__setitem__(f.sop, put(f)), item)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        deadline = started + len(files) / args.rate + args.timeout
+        while time.monotonic() < deadline and len(stored) < len(files):
+            now = time.time()
+            for sop in measured.store_instances():
+                stored.setdefault(sop, now)
+            time.sleep(0.25)
+        feeder.join(timeout=60)
+        elapsed = time.monotonic() - started
+        usage = process_usage(stack.process_ids("ingest"))
+        storage = measured.storage_proxy.snapshot()
+        healthcare = measured.healthcare_proxy.snapshot()
+        invocations = measured.invocations() - invocations0
+        seconds = {k: v[requests0[k] :] for k, v in _request_seconds(measured).items()}
+        operations = _operations(measured)
+    finally:
+        measured.stop()
+    n = len(files)
+    latencies = [
+        stored[f.sop] - uploaded[f.sop] for f in files if f.sop in stored and f.sop in uploaded
+    ]
+    last_upload = max(uploaded.values()) if uploaded else None
+    all_stored = max(stored.values()) if len(stored) >= n else None
+    lag = all_stored - last_upload if all_stored and last_upload else None
+    configured = _configured_lag(strategy, last_upload, args) if last_upload else None
+    return {
+        "strategy": strategy,
+        "files": n,
+        "rate": args.rate,
+        "complete": len(stored) >= n,
+        "inStoreAtEnd": len(stored),
+        "secondsCounted": round(elapsed, 2),
+        "latencySeconds": {
+            "p50": _round(percentile(latencies, 0.5)),
+            "p99": _round(percentile(latencies, 0.99)),
+            "max": _round(max(latencies) if latencies else None),
+        },
+        "ingestRequestSeconds": {
+            "p50": _round(percentile(seconds["events"], 0.5), 3),
+            "p99": _round(percentile(seconds["events"], 0.99), 3),
+        },
+        "lastUploadToAllInStoreSeconds": _round(lag),
+        "configuredPartSeconds": _round(configured),
+        "lagBeyondConfiguredSeconds": _round(lag - configured)
+        if lag and configured is not None
+        else None,
+        "importOperationsStarted": operations,
+        "import429": healthcare["statuses"].get("import 429", 0),
+        "storageCalls": storage["counts"],
+        "healthcareCalls": healthcare["counts"],
+        "functionInvocations": invocations,
+        "eventRequests": len(seconds["events"]),
+        "billedSeconds": {k: round(cost.billed_seconds(v), 2) for k, v in seconds.items()},
+        "ingestCpuMsPerFile": round((usage["cpuMs"] - before["cpuMs"]) / n, 2),
+        "loadAverage": os.getloadavg()[0],
+    }
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _configured_lag(strategy: str, last_upload: float, args: argparse.Namespace) -> float:
+    """Seconds from the last upload until all are in store that the settings account for."""
+    if strategy == "stow":
+        return 0.0
+    if strategy == "import":
+        return args.latency
+    window = float(DICOMFLOW_ENV["DICOMFLOW_BATCH_WINDOW_SECONDS"])
+    rest_of_window = window - last_upload % window
+    grace = float(DICOMFLOW_ENV["DICOMFLOW_SEAL_GRACE_SECONDS"])
+    return rest_of_window + grace + TICK_SECONDS + args.latency
+
+
 def idle_ticks(measured: MeasuredStack, seconds: float) -> dict[str, Any]:
     """The calls of ``seconds`` of idle ticks (ingest and report every TICK_SECONDS)."""
-    stack = measured.stack
-    assert stack.deliverer is not None
     measured.storage_proxy.reset()
     measured.healthcare_proxy.reset()
-    invocations0 = stack.deliverer.delivered + stack.deliverer.failed_attempts
+    invocations0 = measured.invocations()
+    ticks0 = len(_request_seconds(measured)["ticks"])
     time.sleep(seconds)
     storage = measured.storage_proxy.snapshot()["counts"]
     healthcare = measured.healthcare_proxy.snapshot()["counts"]
-    invocations = stack.deliverer.delivered + stack.deliverer.failed_attempts - invocations0
+    invocations = measured.invocations() - invocations0
+    tick_seconds = _request_seconds(measured)["ticks"][ticks0:]
     # A tick is one ingest and one report invocation; the daily export tick never falls in.
     ticks = max(1.0, invocations / 2)
     return {
@@ -242,6 +393,7 @@ def idle_ticks(measured: MeasuredStack, seconds: float) -> dict[str, Any]:
         "storageCallsByOperation": storage,
         "healthcareCalls": sum(healthcare.values()),
         "healthcareCallsByOperation": healthcare,
+        "billedSeconds": round(cost.billed_seconds(tick_seconds), 2),
         "perTick": {
             "storage": {op: round(n / ticks, 2) for op, n in sorted(storage.items())},
             "healthcare": {op: round(n / ticks, 2) for op, n in sorted(healthcare.items())},
@@ -264,95 +416,184 @@ def outcomes_final(expected: int) -> Callable[[MeasuredStack], bool]:
     return check
 
 
-def marginal(result: dict[str, Any]) -> dict[str, Any]:
+def marginal(result: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any]:
     """Calls per file with the schedule's fixed cost taken out.
 
-    The idle ticks measured after the run (``idle``) give the fixed call rate; that rate
-    times the seconds counted is subtracted before dividing by the files. The baseline
-    has no ticks. ``fixedPerTick``: the calls of one idle tick interval (all functions),
-    which on the deployed schedule (one tick a minute) is the cost of being deployed.
+    ``idle`` (dicomflow's idle ticks) gives the fixed rate of calls, invocations and
+    billed tick seconds; that rate times the seconds counted is subtracted before
+    dividing by the files. The baselines have no ticks (``idle`` None).
+    ``fixedPerTick``: one idle tick interval (all functions), which on the deployed
+    schedule (one tick a minute) is the cost of being deployed.
     """
     n = result["files"]
-    idle = result.get("idle")
     seconds = result["secondsCounted"]
-    rate = (lambda count: count / idle["seconds"]) if idle else (lambda count: 0.0)
+
+    def rate(count: float) -> float:
+        return count / idle["seconds"] if idle else 0.0
+
     idle_ops = idle["storageCallsByOperation"] if idle else {}
+    idle_hc = idle["healthcareCallsByOperation"] if idle else {}
     storage = {
         op: max(0.0, (count - rate(idle_ops.get(op, 0)) * seconds) / n)
         for op, count in result["storageCalls"].items()
     }
-    healthcare_total = sum(result["healthcareCalls"].values())
-    idle_healthcare = idle["healthcareCalls"] if idle else 0
-    idle_invocations = idle["invocations"] if idle else 0
+    healthcare = {
+        op: max(0.0, (count - rate(idle_hc.get(op, 0)) * seconds) / n)
+        for op, count in result["healthcareCalls"].items()
+    }
+    billed = result["billedSeconds"]
+    # dicomflow's ticks do per-file work (seals, imports); the baselines' ticks reach
+    # functions that ignore them and would not be deployed: only their events count.
+    tick_billed = max(0.0, billed["ticks"] - rate(idle["billedSeconds"]) * seconds) if idle else 0.0
+    invocations = (
+        result["functionInvocations"] - rate(idle["invocations"]) * seconds
+        if idle
+        else result["eventRequests"]
+    )
     return {
         "storageCallsPerFile": {op: round(v, 3) for op, v in storage.items()},
         "storageCallsPerFileTotal": round(sum(storage.values()), 3),
         "classAPerFile": round(sum(v for op, v in storage.items() if op in CLASS_A), 3),
         "classBPerFile": round(sum(v for op, v in storage.items() if op in CLASS_B), 3),
-        "healthcareCallsPerFile": round(
-            max(0.0, healthcare_total - rate(idle_healthcare) * seconds) / n, 3
-        ),
-        "invocationsPerFile": round(
-            max(0.0, result["functionInvocations"] - rate(idle_invocations) * seconds) / n, 3
-        ),
+        "healthcareCallsPerFile": {op: round(v, 4) for op, v in healthcare.items()},
+        "healthcareCallsPerFileTotal": round(sum(healthcare.values()), 4),
+        "invocationsPerFile": round(max(0.0, invocations) / n, 3),
+        "billedSecondsPerFile": round((billed["events"] + tick_billed) / n, 4),
         "fixedPerTick": {
             "storageCalls": {
                 op: round(rate(c) * TICK_SECONDS, 2) for op, c in sorted(idle_ops.items())
             },
-            "healthcareCalls": round(rate(idle_healthcare) * TICK_SECONDS, 2),
-            "invocations": round(rate(idle_invocations) * TICK_SECONDS, 2),
+            "healthcareCalls": round(
+                rate(idle["healthcareCalls"] if idle else 0) * TICK_SECONDS, 2
+            ),
+            "invocations": round(rate(idle["invocations"] if idle else 0) * TICK_SECONDS, 2),
+            "billedSeconds": round(rate(idle["billedSeconds"] if idle else 0) * TICK_SECONDS, 3),
         },
     }
 
 
-def _storage_usd(calls: dict[str, float]) -> float:
-    class_a = sum(calls.get(k, 0) for k in CLASS_A)
-    class_b = sum(calls.get(k, 0) for k in CLASS_B)
-    return (
-        class_a * PRICES["storage_class_a_per_1000"] + class_b * PRICES["storage_class_b_per_1000"]
-    ) / 1000
-
-
-def cost_per_million(result: dict[str, Any]) -> dict[str, float]:
-    """USD per million files (marginal calls per file and PRICES), and the fixed cost per
-    month of the schedule's ticks (one a minute when deployed), which does not grow
-    with files."""
-    per_file = marginal(result)
-    storage = _storage_usd(per_file["storageCallsPerFile"]) * 1e6
-    invocations = per_file["invocationsPerFile"] * PRICES["function_invocations_per_million"]
-    healthcare = per_file["healthcareCallsPerFile"] * PRICES["healthcare_requests_per_100000"] * 10
-    fixed = per_file["fixedPerTick"]
-    ticks_per_month = 60 * 24 * 30
-    fixed_month = ticks_per_month * (
-        _storage_usd(fixed["storageCalls"])
-        + fixed["invocations"] * PRICES["function_invocations_per_million"] / 1e6
-        + fixed["healthcareCalls"] * PRICES["healthcare_requests_per_100000"] / 1e5
+def costs(strategy: str, result: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any]:
+    """USD per million files for each file size, from ``result``'s marginal counts."""
+    per = marginal(result, idle)
+    per_file = cost.PerFile(
+        storage=per["storageCallsPerFile"],
+        healthcare=per["healthcareCallsPerFile"],
+        invocations=per["invocationsPerFile"],
+        billed_seconds=per["billedSecondsPerFile"],
+        cpu_ms=result["ingestCpuMsPerFile"],
+        keeps_copy=strategy == "dicomflow",
+        bytes_through=2.0 if strategy == "stow" else 0.0,
     )
     return {
-        "storageOperations": round(storage, 2),
-        "functionInvocations": round(invocations, 2),
-        "healthcareRequests": round(healthcare, 2),
-        "total": round(storage + invocations + healthcare, 2),
-        "fixedPerMonthUsd": round(fixed_month, 2),
+        "marginal": per,
+        "usd": {f"{mb:g}": cost.usd_per_million(per_file, mb) for mb in cost.FILE_SIZES_MB},
     }
 
 
-def chart(results: list[dict[str, Any]], path: Path, title: str) -> None:
+def _shown(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _time_in_store(run: dict[str, Any]) -> str:
+    if run["secondsUntilAllInStore"] is not None:
+        return _shown(run["secondsUntilAllInStore"])
+    # Did not finish: how far it got, and the rate it reached.
+    return (
+        f">{run['secondsMeasured']:.0f} ({run['inStoreAtEnd']}/{run['files']}, "
+        f"{run['filesPerSecondReached']}/s)"
+    )
+
+
+def table(out: dict[str, Any]) -> str:
+    """The one table: each strategy's column, the rows the README quotes."""
+    names = [s for s in SOURCES if s in out["strategies"]]
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("burst N=1: first upload -> all in store, s", lambda r: _time_in_store(r["burst1"])),
+        ("burst N=4: first upload -> all in store, s", lambda r: _time_in_store(r["burst4"])),
+        ("burst: import operations", lambda r: _shown(r["burst1"]["importOperationsStarted"])),
+        ("burst: 429s met on import", lambda r: _shown(r["burst1"]["import429"])),
+        (
+            "burst: Storage calls per file (A / B)",
+            lambda r: (
+                f"{r['contended']['marginal']['classAPerFile']:.2f} / "
+                f"{r['contended']['marginal']['classBPerFile']:.2f}"
+            ),
+        ),
+        (
+            "burst: Healthcare calls per file",
+            lambda r: f"{r['contended']['marginal']['healthcareCallsPerFileTotal']:.3f}",
+        ),
+        (
+            "burst: invocations per file",
+            lambda r: _shown(r["contended"]["marginal"]["invocationsPerFile"]),
+        ),
+        ("steady: ingest CPU ms per event", lambda r: _shown(r["steady"]["ingestCpuMsPerFile"])),
+        (
+            "steady: upload -> store p50 / p99, s",
+            lambda r: (
+                f"{_shown(r['steady']['latencySeconds']['p50'])} / "
+                f"{_shown(r['steady']['latencySeconds']['p99'])}"
+            ),
+        ),
+        (
+            "steady: ingest request p50 / p99, ms",
+            lambda r: (
+                f"{_ms(r['steady']['ingestRequestSeconds']['p50'])} / "
+                f"{_ms(r['steady']['ingestRequestSeconds']['p99'])}"
+            ),
+        ),
+        (
+            "steady: lag beyond configured parts, s",
+            lambda r: _shown(r["steady"]["lagBeyondConfiguredSeconds"]),
+        ),
+    ]
+    for mb in cost.FILE_SIZES_MB:
+        for case in ("contended", "uncontended"):
+            rows.append(
+                (
+                    f"USD per million files, {case}, {mb:g} MB",
+                    lambda r, c=case, m=mb: _shown(r[c]["usd"][f"{m:g}"]["total"]),
+                )
+            )
+    width = 44
+    header = f"{'':{width}}" + "".join(f"{LABELS[s]:>26}" for s in names)
+    lines = [header]
+    for label, cell in rows:
+        values = []
+        for s in names:
+            try:
+                values.append(cell(out["strategies"][s]))
+            except (KeyError, TypeError):
+                values.append("-")
+        lines.append(f"{label:{width}}" + "".join(f"{v:>26}" for v in values))
+    return "\n".join(lines)
+
+
+def chart(out: dict[str, Any], path: Path) -> None:
+    """Instances in the store over time in the burst with one ingest process."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for result in results:
-        xs = [t for t, _ in result["timeline"]]
-        ys = [c for _, c in result["timeline"]]
-        label = "dicomflow (batched)" if result["strategy"] == "dicomflow" else "per-file import"
-        ax.plot(xs, ys, label=label, linewidth=2)
-        ax.axvline(result["uploadSeconds"], linestyle=":", color="grey")
-    ax.set_xlabel("seconds since the first upload (dotted: uploads finished)")
+    for strategy, entry in out["strategies"].items():
+        run = entry.get("burst1")
+        if run:
+            xs = [t for t, _ in run["timeline"]]
+            ys = [c for _, c in run["timeline"]]
+            ax.plot(xs, ys, label=LABELS[strategy], linewidth=2)
+    ax.set_xlabel("seconds since the first upload")
     ax.set_ylabel("instances in the DICOM store")
-    ax.set_title(title)
+    emulator = out["emulator"]
+    ax.set_title(
+        f"{out['instances']} uploads, {emulator['operationLatencySeconds']:g} s op latency, "
+        f"{emulator['maxConcurrentOps']} concurrent ops, 1 ingest process"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -360,8 +601,14 @@ def chart(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a and b else None
+def _prices() -> dict[str, Any]:
+    return {
+        k: {"usd": v[0], "unit": v[1], "source": v[2], "note": v[3]} for k, v in cost.PRICES.items()
+    }
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
 def main() -> int:
@@ -372,145 +619,144 @@ def main() -> int:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=900.0,
-        help="seconds dicomflow may take until its ledger is final",
+        default=1800.0,
+        help="seconds a strategy's burst may take; if it does not finish, how far it got "
+        "and the rate it reached are reported",
     )
+    parser.add_argument("--rate", type=float, default=1.5, help="steady uploads per second")
+    parser.add_argument("--steady-seconds", type=float, default=40.0, help="steady load length")
     parser.add_argument(
-        "--baseline-timeout",
-        type=float,
-        default=900.0,
-        help="seconds the baseline may take; if it does not finish, how far it got is "
-        "reported and its time is a lower bound",
-    )
-    parser.add_argument(
-        "--idle",
-        type=float,
-        default=20.0,
-        help="seconds of idle ticks counted after dicomflow settles (its fixed cost)",
+        "--idle", type=float, default=20.0, help="seconds of dicomflow's idle ticks counted"
     )
     parser.add_argument(
         "--setting",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a dicomflow setting for this run, over the scaled-down defaults above "
-        "(e.g. DICOMFLOW_BATCH_WINDOW_SECONDS=60)",
+        help="a dicomflow setting for this run, over the scaled-down defaults",
     )
     parser.add_argument(
-        "--only",
-        choices=("dicomflow", "baseline"),
-        help="run one strategy (no ratios; results in ingest_burst_<N>_<strategy>.json)",
+        "--only", action="append", choices=tuple(SOURCES), help="run these strategies only"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        action="append",
+        help="ingest processes in the burst (LOCALCLOUD_INGEST_WORKERS); default 1 and 4",
+    )
+    parser.add_argument("--no-steady", action="store_true", help="skip the steady load")
+    parser.add_argument(
+        "--recost",
+        type=Path,
+        metavar="RESULT",
+        help="derive the costs and the table again from a result's measurements (after a "
+        "change of prices or of the cost model), without running anything",
     )
     args = parser.parse_args()
+    if args.recost:
+        out = json.loads(args.recost.read_text())
+        out["prices"] = _prices()
+        for strategy, entry in out["strategies"].items():
+            idle = entry.get("burst1", {}).get("idle")
+            for case, run in (
+                ("contended", entry.get("burst1")),
+                ("uncontended", entry.get("steady")),
+            ):
+                if run:
+                    entry[case] = costs(strategy, run, idle)
+            if idle:
+                fixed = marginal(entry["burst1"], idle)["fixedPerTick"]
+                entry["fixedPerMonthUsd"] = cost.fixed_per_month(fixed, fixed["billedSeconds"])
+        args.recost.write_text(json.dumps(out, indent=2) + "\n")
+        print(table(out))
+        print(f"\nwrote {args.recost}")
+        return 0
     for pair in args.setting:
         name, _, value = pair.partition("=")
         DICOMFLOW_ENV[name.strip()] = value.strip()
+    strategies = args.only or list(SOURCES)
+    workers = args.workers or [1, 4]
 
     files = corpus(args.instances)
-    # The local platform's delivery retries (the baseline's 429s) log to a file, not the screen.
+    steady_files = corpus(max(1, round(args.rate * args.steady_seconds)), tag="steady")
     log_stream = (Path(tempfile.mkdtemp(prefix="bench-burst-logs-")) / "bench.log").open("a")
     log.configure(stream=log_stream)
     print(
-        f"{len(files)} instances, {sum(len(d) for _, d in files) / len(files):.0f} B each; "
-        f"emulator: {args.latency:g} s start latency, {args.quota} concurrent operations"
+        f"{len(files)} instances, {sum(len(f.data) for f in files) / len(files):.0f} B each; "
+        f"emulator: {args.latency:g} s start latency, {args.quota} concurrent operations; "
+        f"redelivery {EVENTARC_RETRY[0]:g} s doubling to {EVENTARC_RETRY[1]:g} s; "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
     )
-    if args.only:
-        alone = run(
-            args.only,
-            files,
-            args.latency,
-            args.quota,
-            args.timeout if args.only == "dicomflow" else args.baseline_timeout,
-            outcomes_final(len(files)) if args.only == "dicomflow" else None,
-            args.idle if args.only == "dicomflow" else 0.0,
-        )
-        alone["marginal"] = marginal(alone)
-        alone["costPerMillionFilesUsd"] = cost_per_million(alone)
-        alone["settings"] = dict(DICOMFLOW_ENV) if args.only == "dicomflow" else {}
-        print(json.dumps({k: v for k, v in alone.items() if k != "timeline"}, indent=2))
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"ingest_burst_{len(files)}_{args.only}.json"
-        path.write_text(json.dumps(alone, indent=2) + "\n")
-        print(f"wrote {path}")
-        return 0 if alone["complete"] else 1
-    ours = run(
-        "dicomflow",
-        files,
-        args.latency,
-        args.quota,
-        args.timeout,
-        outcomes_final(len(files)),
-        args.idle,
-    )
-    print(f"dicomflow done in {ours['secondsUntilAllInStore']} s")
-    theirs = run("baseline", files, args.latency, args.quota, args.baseline_timeout, None)
-    print(f"baseline done in {theirs['secondsUntilAllInStore']} s")
-    results = [ours, theirs]
-    for result in results:
-        result["marginal"] = marginal(result)
-        result["costPerMillionFilesUsd"] = cost_per_million(result)
-        result["marginalStorageCallsPerFile"] = round(
-            sum(result["marginal"]["storageCallsPerFile"].values()), 2
-        )
-
-    rows = [
-        ("upload time alone, s", "uploadSeconds"),
-        ("first upload -> all in store, s", "secondsUntilAllInStore"),
-        ("import operations started", "importOperationsStarted"),
-        ("429s met on import", "import429"),
-        ("Storage calls per file, all", "storageCallsPerFile"),
-        ("  without the fixed tick cost", "marginalStorageCallsPerFile"),
-        ("Healthcare calls per file", "healthcareCallsPerFile"),
-        ("function invocations", "functionInvocations"),
-        ("ingest CPU ms per file", "ingestCpuMsPerFile"),
-        ("ingest peak RSS, MiB", "ingestRssPeakMiB"),
-    ]
-    print(f"\n{'':34} {'dicomflow':>12} {'per-file':>12} {'per-file/dicomflow':>20}")
-    ratios: dict[str, float | None] = {}
-    for label, key in rows:
-        a, b = ours[key], theirs[key]
-        ratios[key] = ratio(b, a)
-        shown_ratio = str(ratios[key])
-        if key == "secondsUntilAllInStore" and b is None:
-            # The baseline did not finish: show how far it got and a lower bound of the ratio.
-            b = f">{theirs['secondsMeasured']} ({theirs['inStoreAtEnd']}/{theirs['files']})"
-            shown_ratio = f">{ratio(theirs['secondsMeasured'], a)}"
-        print(f"{label:34} {a!s:>12} {b!s:>12} {shown_ratio:>20}")
-    print(f"\ncost per million files (USD, list prices of {PRICES_DATE}):")
-    for key in ("storageOperations", "functionInvocations", "healthcareRequests", "total"):
-        a, b = ours["costPerMillionFilesUsd"][key], theirs["costPerMillionFilesUsd"][key]
-        print(f"  {key:32} {a:>12} {b:>12} {ratio(b, a)!s:>20}")
-    fixed = ours["marginal"]["fixedPerTick"]
-    print(
-        f"  dicomflow's fixed cost, one tick a minute: "
-        f"{ours['costPerMillionFilesUsd']['fixedPerMonthUsd']} USD a month "
-        f"({sum(fixed['storageCalls'].values()):.1f} Storage calls per tick)"
-    )
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {
+    out: dict[str, Any] = {
         "date": datetime.now(UTC).date().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "loadAverageAtStart": round(os.getloadavg()[0], 2),
         "instances": len(files),
-        "instanceBytes": round(sum(len(d) for _, d in files) / len(files)),
+        "instanceBytes": round(sum(len(f.data) for f in files) / len(files)),
         "emulator": {"operationLatencySeconds": args.latency, "maxConcurrentOps": args.quota},
+        "timeScale": TIME_SCALE,
+        "eventRetry": dict(
+            zip(("firstSeconds", "largestSeconds", "jitter"), EVENTARC_RETRY, strict=True)
+        ),
         "dicomflowSettings": {**DICOMFLOW_ENV, "tickSeconds": TICK_SECONDS},
-        "prices": {"date": PRICES_DATE, **PRICES},
-        "dicomflow": ours,
-        "baseline": theirs,
-        "ratiosBaselineOverDicomflow": ratios,
+        "steadyLoad": {"filesPerSecond": args.rate, "files": len(steady_files)},
+        "prices": _prices(),
+        "strategies": {},
     }
-    # The full size keeps its own files; `make bench` writes ingest_burst.json and .png.
-    stem = "ingest_burst_5000" if len(files) >= 5000 else "ingest_burst"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
-    chart(
-        results,
-        RESULTS / f"{stem}.png",
-        f"{len(files)} uploads, {args.latency:g} s op latency, {args.quota} concurrent ops",
+    for strategy in strategies:
+        entry: dict[str, Any] = {}
+        for n in workers:
+            entry[f"burst{n}"] = run = burst(strategy, files, args, n)
+            print(
+                f"{LABELS[strategy]}, burst, {n} ingest process(es): {_time_in_store(run)} s "
+                f"(load {run['loadAverage']:.2f})",
+                flush=True,
+            )
+        idle = entry.get("burst1", {}).get("idle")
+        if "burst1" in entry:
+            entry["contended"] = costs(strategy, entry["burst1"], idle)
+        if not args.no_steady:
+            entry["steady"] = run = steady(strategy, steady_files, args)
+            entry["uncontended"] = costs(strategy, run, idle)
+            print(
+                f"{LABELS[strategy]}, steady {args.rate:g}/s: "
+                f"p50 {run['latencySeconds']['p50']} s, p99 {run['latencySeconds']['p99']} s "
+                f"(load {run['loadAverage']:.2f})",
+                flush=True,
+            )
+        if idle:
+            fixed = marginal(entry["burst1"], idle)["fixedPerTick"]
+            entry["fixedPerMonthUsd"] = cost.fixed_per_month(fixed, fixed["billedSeconds"])
+        out["strategies"][strategy] = entry
+
+    print()
+    print(table(out))
+    for strategy, entry in out["strategies"].items():
+        if "fixedPerMonthUsd" in entry:
+            print(
+                f"{LABELS[strategy]}'s fixed cost, one tick a minute: "
+                f"{entry['fixedPerMonthUsd']} USD a month"
+            )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.only and len(args.only) < len(SOURCES):
+        path = RESULTS / f"ingest_burst_{len(files)}_{'_'.join(strategies)}.json"
+    else:
+        # ``make bench``'s size keeps the plain name; larger runs are named by their size.
+        stem = "ingest_burst" if len(files) <= 500 else f"ingest_burst_{len(files)}"
+        path = RESULTS / f"{stem}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    chart(out, path.with_suffix(".png"))
+    print(f"\nwrote {path} and {path.with_suffix('.png').name}")
+    finished = all(
+        e[k]["complete"]
+        for s, e in out["strategies"].items()
+        if s == "dicomflow"
+        for k in e
+        if k.startswith("burst")
     )
-    print(f"\nwrote {RESULTS / stem}.json and {stem}.png")
-    # The baseline running out of time is a finding (it does not keep pace), not a failure.
-    return 0 if ours["complete"] else 1
+    # A baseline running out of time is a finding (the rate it reached), not a failure.
+    return 0 if finished else 1
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 ``Deliverer`` owns a small pool of worker threads. Each event is POSTed until
 the target answers 2xx; 5xx, 429, timeouts, connection errors and any other
-exception of the send are retried with capped exponential backoff, so no event
-can stop a worker. An event is only given up after ``max_age`` seconds, and
+exception of the send are retried with capped exponential backoff (from
+``min_backoff`` doubling up to ``max_backoff``; ``jitter`` takes up to that
+fraction off each delay at random, as Pub/Sub's push retry policy does), so no
+event can stop a worker. An event is only given up after ``max_age`` seconds, and
 then it is kept as a dead letter (as an Eventarc trigger with a dead-letter
 topic keeps it) and logged as an error, never dropped silently.
 
@@ -14,6 +16,10 @@ The stack also publishes each one to a dead-letter topic (``on_dead_letter``,
 ``pubsub_dead_letters``), where ``dicomflow status`` counts them as it would on
 Google Cloud. The file and the messages hold object names, like the messages
 of a dead-letter topic; logs never do.
+
+``routes`` maps one target URL to several instances of a function (N Cloud
+Run instances behind one URL): each attempt goes to the instance with the fewest
+requests in flight.
 
 Header values go out percent-encoded as the CloudEvents HTTP binding requires
 (section 3.1.3.2): an object name may hold any Unicode character, and HTTP
@@ -26,10 +32,11 @@ import base64
 import json
 import logging
 import queue
+import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,12 +183,24 @@ class Deliverer:
         max_age: float = 24 * 3600.0,
         max_backoff: float = 30.0,
         dead_letter: Path | None = None,
+        min_backoff: float = 0.2,
+        jitter: float = 0.0,
+        routes: Mapping[str, Sequence[str]] | None = None,
         on_dead_letter: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError(f"jitter={jitter}: a fraction, 0 to 1")
         self._queue: queue.Queue[Event | None] = queue.Queue()
         self._timeout = timeout
         self._max_age = max_age
+        self._min_backoff = min_backoff
         self._max_backoff = max_backoff
+        self._jitter = jitter
+        self._random = random.Random()
+        self._routes = {target: tuple(urls) for target, urls in (routes or {}).items() if urls}
+        self._in_flight: dict[str, int] = {}
+        # Seconds each attempt took, by target URL: what Cloud Run bills an instance for.
+        self.attempt_seconds: dict[str, list[float]] = {}
         self._dead_letter = dead_letter
         self._on_dead_letter = on_dead_letter
         self._stop = threading.Event()
@@ -271,11 +290,33 @@ class Deliverer:
         except Exception:
             self._give_up(event, f"worker error {kind}", log.fields())
 
+    def backoff(self, attempt: int) -> float:
+        """The pause before retrying after failed attempt number ``attempt`` (1-based)."""
+        delay: float = min(self._max_backoff, self._min_backoff * 2.0 ** (attempt - 1))
+        return delay * (1.0 - self._jitter * self._random.random())
+
+    def _instance(self, target: str) -> str:
+        """The URL this attempt goes to: ``target``, or its least busy instance."""
+        urls = self._routes.get(target)
+        if not urls:
+            return target
+        with self._lock:
+            url = min(urls, key=lambda u: self._in_flight.get(u, 0))
+            self._in_flight[url] = self._in_flight.get(url, 0) + 1
+        return url
+
+    def _release(self, url: str) -> None:
+        with self._lock:
+            if url in self._in_flight:
+                self._in_flight[url] -= 1
+
     def _attempt(self, session: requests.Session, event: Event) -> None:
         event.attempts += 1
+        url = self._instance(event.target)
+        began = time.monotonic()
         try:
             response = session.post(
-                event.target, data=event.body, headers=event.headers, timeout=self._timeout
+                url, data=event.body, headers=event.headers, timeout=self._timeout
             )
             status: int | str = response.status_code
             ok = 200 <= response.status_code < 300
@@ -284,6 +325,10 @@ class Deliverer:
             # UnicodeEncodeError, for one. Each is a failed attempt, retried like a 5xx.
             # Its text may quote a header (an object name), so only its type is logged.
             status, ok = type(exc).__name__, False
+        finally:
+            self._release(url)
+            with self._lock:
+                self.attempt_seconds.setdefault(event.target, []).append(time.monotonic() - began)
         if ok:
             with self._lock:
                 self.delivered += 1
@@ -309,7 +354,7 @@ class Deliverer:
             )
             self._give_up(event, why, fields)
             return
-        delay = min(self._max_backoff, 0.2 * 2 ** (event.attempts - 1))
+        delay = self.backoff(event.attempts)
         logger.warning("delivery failed; retrying in %.1f s", delay, extra=fields)
         timer = threading.Timer(delay, self._requeue, args=(event,))
         timer.daemon = True

@@ -132,9 +132,9 @@ def _wait_settled(
 
 
 def _export(stack: Stack, gcs: storage.Client) -> tuple[str, int, dict[str, Any] | None]:
-    assert stack.deliverer is not None
+    assert stack.tick_deliverer is not None
     now = datetime.now(UTC)
-    fire(stack.deliverer, stack.schedules["export"], now)
+    fire(stack.tick_deliverer, stack.schedules["export"], now)
     settings = load_settings(stack.env())
     folder = dated_folder(settings, export_day(now))
     backups = gcs.bucket(stack.config.backup_bucket)

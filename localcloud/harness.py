@@ -50,6 +50,8 @@ class MeasuredStack:
         operation_latency: float = 0.0,
         max_concurrent_ops: int = 0,
         seed: int | None = None,
+        ingest_workers: int = 1,
+        event_retry: tuple[float, float, float] | None = None,
     ) -> MeasuredStack:
         storage_port, healthcare_port = free_port(), free_port()
         storage_proxy = FaultProxy(
@@ -74,7 +76,10 @@ class MeasuredStack:
                 "--max-concurrent-ops",
                 str(max_concurrent_ops),
             ),
+            ingest_workers=ingest_workers,
         )
+        if event_retry is not None:
+            config = replace(config, event_retry=event_retry)
         if functions_source is not None:
             config = replace(config, functions_source=functions_source)
         stack = Stack(config)
@@ -101,6 +106,14 @@ class MeasuredStack:
 
     def alerts(self) -> list[dict[str, Any]]:
         return self.stack.drain_alerts()
+
+    def invocations(self) -> int:
+        """Function invocations so far (every delivery attempt, upload events and ticks)."""
+        return sum(
+            d.delivered + d.failed_attempts
+            for d in (self.stack.deliverer, self.stack.tick_deliverer)
+            if d is not None
+        )
 
 
 def _connect(index: Path) -> sqlite3.Connection:

@@ -8,6 +8,12 @@ them answer, it writes ``state.json`` in the home folder; ``python -m
 localcloud env|status|tick|down`` read that file.
 
 Every name a user or a test needs is in ``Stack.env()`` (see ``ENV_NAMES``).
+
+Upload events and scheduler ticks travel on two delivery queues, as they come
+through two Eventarc triggers: a tick never waits behind a burst of uploads.
+``LOCALCLOUD_INGEST_WORKERS=N`` (default 1) starts N ingest processes behind the
+one ingest URL, like N Cloud Run instances of the function; each event goes to
+the instance with the fewest requests in flight (``localcloud.delivery``).
 """
 
 from __future__ import annotations
@@ -69,6 +75,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         ) from None
 
 
+def _workers(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name, "").strip() or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= 16:
+        raise LocalCloudError(f"{name}={raw!r}; set it to a whole number of processes, 1-16")
+    return int(raw)
+
+
 def _port(env: Mapping[str, str], name: str) -> int:
     raw = env.get(name, "").strip() or "0"
     if not raw.isdigit() or int(raw) > 65535:
@@ -101,6 +114,9 @@ class StackConfig:
     healthcare_args: tuple[str, ...] = ()
     # The backups bucket's retention period, enforced by the storage front (0: none).
     backup_retention_seconds: int = 0
+    ingest_workers: int = 1
+    # Upload event redelivery: (first delay, largest delay, jitter fraction), seconds.
+    event_retry: tuple[float, float, float] = (0.2, 30.0, 0.0)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
@@ -140,6 +156,7 @@ class StackConfig:
             backup_retention_seconds=int(_float(env, "LOCALCLOUD_BACKUP_RETENTION_SECONDS", 0)),
             functions_source=source.resolve(),
             ports=ports,
+            ingest_workers=_workers(env, "LOCALCLOUD_INGEST_WORKERS"),
         )
 
     @property
@@ -210,6 +227,8 @@ class Stack:
         self._storage: StorageServer | None = None
         self._pubsub: Any = None
         self.deliverer: Deliverer | None = None
+        self.tick_deliverer: Deliverer | None = None
+        self.ingest_urls: list[str] = []
         self.watcher: BucketWatcher | None = None
         self._watch_client: storage.Client | None = None
         self.scheduler: Scheduler | None = None
@@ -326,12 +345,35 @@ class Stack:
                 env={**env, "K_SERVICE": function},
             )
             self.urls[function] = f"http://{HOST}:{port}/"
-        for function in FUNCTIONS:
-            self._wait(function, self.urls[function])
+        self.ingest_urls = [self.urls["ingest"]]
+        for replica in range(2, cfg.ingest_workers + 1):
+            # Further instances of ingest: same command and settings, any free port.
+            name = f"ingest-{replica}"
+            port = pick_port(0, f"ingest instance {replica}", "LOCALCLOUD_INGEST_WORKERS")
+            args = list(self._commands["ingest"][0])
+            args[args.index("--port") + 1] = str(port)
+            self._spawn(name, args, env={**env, "K_SERVICE": "ingest"})
+            self.urls[name] = f"http://{HOST}:{port}/"
+            self.ingest_urls.append(self.urls[name])
+        for name in (*FUNCTIONS, *(f"ingest-{r}" for r in range(2, cfg.ingest_workers + 1))):
+            self._wait(name, self.urls[name])
 
+        routes = {self.urls["ingest"]: self.ingest_urls}
+        first, largest, jitter = cfg.event_retry
+        dead_letters = pubsub_dead_letters(self.urls["pubsub"], self.dead_letter_topic)
         self.deliverer = Deliverer(
             dead_letter=cfg.dead_letter_path,
-            on_dead_letter=pubsub_dead_letters(self.urls["pubsub"], self.dead_letter_topic),
+            on_dead_letter=dead_letters,
+            min_backoff=first,
+            max_backoff=largest,
+            jitter=jitter,
+            routes=routes,
+        )
+        self.tick_deliverer = Deliverer(
+            workers=2,
+            dead_letter=cfg.dead_letter_path,
+            on_dead_letter=dead_letters,
+            routes=routes,
         )
         self._watch_client = self._storage.client()
         self.watcher = BucketWatcher(
@@ -357,7 +399,7 @@ class Stack:
                 (("export", self.urls["export"]),),
             ),
         }
-        self.scheduler = Scheduler(self.deliverer, list(self.schedules.values()))
+        self.scheduler = Scheduler(self.tick_deliverer, list(self.schedules.values()))
         self.scheduler.start()
 
     def _wait(self, name: str, url: str) -> None:
@@ -492,11 +534,14 @@ class Stack:
         return path
 
     def process_ids(self, name: str) -> list[int]:
-        """Pids of the process ``name`` (e.g. ``ingest``) and its children, for measurements."""
-        process = self._processes.get(name)
-        if process is None or process.poll() is not None:
-            return []
-        found, todo = [process.pid], [process.pid]
+        """Pids of the process ``name`` (e.g. ``ingest``), its further instances
+        (``ingest-2`` ...) and their children, for measurements."""
+        roots = [
+            process.pid
+            for key, process in self._processes.items()
+            if (key == name or key.startswith(f"{name}-")) and process.poll() is None
+        ]
+        found, todo = list(roots), list(roots)
         while todo:
             children = Path(f"/proc/{todo.pop()}/task")
             for task in children.glob("*/children") if children.exists() else ():
@@ -542,8 +587,9 @@ class Stack:
         for part in (self.scheduler, self.watcher):
             if part is not None:
                 part.stop()
-        if self.deliverer is not None:
-            self.deliverer.stop()
+        for deliverer in (self.deliverer, self.tick_deliverer):
+            if deliverer is not None:
+                deliverer.stop()
         if self._watch_client is not None:
             self._watch_client.close()
             self._watch_client = None

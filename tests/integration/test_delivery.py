@@ -21,6 +21,7 @@ from werkzeug.serving import make_server
 from dicomflow.events import decode_attributes
 from localcloud import __main__ as localcloud_cli
 from localcloud.delivery import Deliverer, Event, count_dead_letters, pubsub_event, storage_event
+from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
 from localcloud.scheduler import Schedule, fire
 from localcloud.stack import StackConfig
@@ -30,7 +31,7 @@ from localcloud.storage import StorageServer
 class Recorder:
     """An HTTP target that records requests and fails the first ``fail_first`` of them."""
 
-    def __init__(self, fail_first: int = 0, status: int = 503) -> None:
+    def __init__(self, fail_first: int = 0, status: int = 503, delay: float = 0.0) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.fail_first = fail_first
         self.status = status
@@ -43,6 +44,7 @@ class Recorder:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                time.sleep(delay)
                 with lock:
                     recorder.seen += 1
                     fail = recorder.seen <= recorder.fail_first
@@ -321,3 +323,50 @@ def test_an_unexpected_error_counts_as_a_failed_attempt_and_no_worker_dies(
     assert deliverer.delivered == 20 and deliverer.dead == 0
     assert deliverer.failed_attempts == 40
     assert len(recorder.requests) == 20 and count_dead_letters(dead) == 0
+
+
+def test_backoff_follows_the_schedule_with_jitter_below_it() -> None:
+    """Eventarc's schedule: from the first delay, doubling, capped; jitter only shortens."""
+    exact = Deliverer(workers=1, min_backoff=10.0, max_backoff=600.0)
+    jittered = Deliverer(workers=1, min_backoff=10.0, max_backoff=600.0, jitter=0.5)
+    try:
+        assert [exact.backoff(n) for n in (1, 2, 3, 7, 20)] == [10.0, 20.0, 40.0, 600.0, 600.0]
+        for attempt in range(1, 12):
+            delays = {jittered.backoff(attempt) for _ in range(50)}
+            assert all(0.5 * exact.backoff(attempt) <= d <= exact.backoff(attempt) for d in delays)
+            assert len(delays) > 1
+    finally:
+        exact.stop()
+        jittered.stop()
+    with pytest.raises(ValueError, match="jitter"):
+        Deliverer(workers=1, jitter=1.5)
+
+
+def test_routes_spread_events_over_the_instances_behind_one_url() -> None:
+    """N instances behind one target: each attempt goes to the least busy one."""
+    first, second = Recorder(delay=0.2), Recorder(delay=0.2)
+    target = "http://127.0.0.1:9/ingest"  # never contacted: a route name
+    deliverer = Deliverer(workers=4, routes={target: [first.url, second.url]})
+    try:
+        for i in range(8):
+            deliverer.submit(
+                storage_event(target, {"bucket": "bkt", "name": f"{i}.dcm", "generation": 1})
+            )
+        assert deliverer.wait_idle(20)
+    finally:
+        deliverer.stop()
+        first.close()
+        second.close()
+    assert deliverer.delivered == 8 and deliverer.failed_attempts == 0
+    assert len(first.requests) + len(second.requests) == 8
+    assert len(first.requests) >= 2 and len(second.requests) >= 2
+    assert len(deliverer.attempt_seconds[target]) == 8
+    assert min(deliverer.attempt_seconds[target]) >= 0.2
+
+
+def test_ingest_workers_setting() -> None:
+    assert StackConfig.from_env({}).ingest_workers == 1
+    assert StackConfig.from_env({"LOCALCLOUD_INGEST_WORKERS": "4"}).ingest_workers == 4
+    for bad in ("0", "x", "17", "-1"):
+        with pytest.raises(LocalCloudError, match="LOCALCLOUD_INGEST_WORKERS"):
+            StackConfig.from_env({"LOCALCLOUD_INGEST_WORKERS": bad})
