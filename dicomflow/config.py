@@ -88,7 +88,7 @@ class Settings:
     staging_copy_retention_days: int = 7
     landing_delete_after_days: int = 0
     batch_window_seconds: int = 60
-    batch_max_files: int = 5_000
+    batch_max_files: int = 20_000
     batch_max_bytes: int = 20 * 1024**3
     seal_grace_seconds: int = 20
     late_window_seconds: int = 600
@@ -210,7 +210,7 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "DICOMFLOW_BATCH_MAX_FILES",
-        "5000",
+        "20000",
         "a window with more files is imported in parts (halves, quarters ...) of at most this",
     ),
     ("DICOMFLOW_BATCH_MAX_BYTES", "21474836480", "... and of at most this many bytes (20 GiB)"),
