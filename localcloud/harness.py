@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_area, storage_operation
-from localcloud.ports import free_port
+from localcloud.ports import free_port, start_on_free_port
 from localcloud.stack import Stack, StackConfig
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,7 +53,42 @@ class MeasuredStack:
         ingest_workers: int = 1,
         event_retry: tuple[float, float, float] | None = None,
     ) -> MeasuredStack:
-        storage_port, healthcare_port = free_port(), free_port()
+        """Start the proxies and the stack behind them.
+
+        The proxies must know the services' ports before the stack starts, so the
+        ports are picked here; when another process takes one before its service
+        binds it, everything is started again on newly picked ports.
+        """
+
+        def start_on(storage_port: int) -> MeasuredStack:
+            return cls._start_on(
+                storage_port,
+                free_port(),
+                home=home,
+                function_env=function_env,
+                functions_source=functions_source,
+                minute_interval=minute_interval,
+                operation_latency=operation_latency,
+                max_concurrent_ops=max_concurrent_ops,
+                seed=seed,
+            )
+
+        return start_on_free_port(start_on)
+
+    @classmethod
+    def _start_on(
+        cls,
+        storage_port: int,
+        healthcare_port: int,
+        *,
+        home: Path,
+        function_env: Mapping[str, str] | None,
+        functions_source: Path | None,
+        minute_interval: float,
+        operation_latency: float,
+        max_concurrent_ops: int,
+        seed: int | None,
+    ) -> MeasuredStack:
         storage_proxy = FaultProxy(
             f"http://127.0.0.1:{storage_port}", storage_operation, storage_area, seed=seed
         ).start()
