@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import requests
 
 from localcloud import ports
 from localcloud.errors import LocalCloudError
+from localcloud.harness import MeasuredStack
 from localcloud.ports import HOST
 from localcloud.pubsub import emulator_missing_reason, start_pubsub
 from localcloud.storage import start_storage
@@ -75,3 +77,19 @@ def test_the_pubsub_emulator_starts_when_its_picked_port_is_taken(
         assert requests.put(api, json={}, timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def test_the_measured_stack_starts_again_when_a_port_it_picked_is_taken(
+    tmp_path: Path, taken_port: int, picks_taken_first: Callable[[], list[int]]
+) -> None:
+    measured = MeasuredStack.start(tmp_path)
+    try:
+        assert picks_taken_first()[0] == taken_port
+        assert measured.stack.urls["storage"] != f"http://{HOST}:{taken_port}"
+        assert measured.storage_proxy.upstream_url == measured.stack.urls["storage"]
+        listed = requests.get(
+            f"{measured.storage_proxy.url}/storage/v1/b?project=local", timeout=10
+        )
+        assert listed.status_code == 200
+    finally:
+        measured.stop()
