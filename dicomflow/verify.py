@@ -234,8 +234,9 @@ def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
     """The stored instance as it was imported (WADO-RS with ``transfer-syntax=*``).
 
     dicomweb-client's ``retrieve_instance`` parses into a pydicom Dataset, which
-    re-encodes on save; a single-part ``application/dicom`` request on the
-    client's session gives the bytes as stored.
+    re-encodes on save. A single-part ``application/dicom`` request (which the
+    Healthcare API's RetrieveInstance accepts) on the client's session gives the
+    bytes as stored.
     """
     session = ctx.dicomweb_session()
     url = f"{ctx.dicomweb_url()}/studies/{study}/series/{series}/instances/{sop}"
