@@ -61,70 +61,45 @@ class MeasuredStack:
         """
 
         def start_on(storage_port: int) -> MeasuredStack:
-            return cls._start_on(
-                storage_port,
-                free_port(),
+            healthcare_port = free_port()
+            storage_proxy = FaultProxy(
+                f"http://127.0.0.1:{storage_port}", storage_operation, storage_area, seed=seed
+            ).start()
+            healthcare_proxy = FaultProxy(
+                f"http://127.0.0.1:{healthcare_port}", healthcare_operation, seed=seed
+            ).start()
+            env = {
+                **(function_env or {}),
+                "STORAGE_EMULATOR_HOST": storage_proxy.url,
+                "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_proxy.url,
+            }
+            config = StackConfig(
                 home=home,
-                function_env=function_env,
-                functions_source=functions_source,
                 minute_interval=minute_interval,
-                operation_latency=operation_latency,
-                max_concurrent_ops=max_concurrent_ops,
-                seed=seed,
+                ports={"storage": storage_port, "healthcare": healthcare_port},
+                function_env=env,
+                healthcare_args=(
+                    "--operation-latency",
+                    str(operation_latency),
+                    "--max-concurrent-ops",
+                    str(max_concurrent_ops),
+                ),
+                ingest_workers=ingest_workers,
             )
+            if event_retry is not None:
+                config = replace(config, event_retry=event_retry)
+            if functions_source is not None:
+                config = replace(config, functions_source=functions_source)
+            stack = Stack(config)
+            try:
+                stack.start()
+            except BaseException:
+                storage_proxy.stop()
+                healthcare_proxy.stop()
+                raise
+            return cls(stack, storage_proxy, healthcare_proxy)
 
         return start_on_free_port(start_on)
-
-    @classmethod
-    def _start_on(
-        cls,
-        storage_port: int,
-        healthcare_port: int,
-        *,
-        home: Path,
-        function_env: Mapping[str, str] | None,
-        functions_source: Path | None,
-        minute_interval: float,
-        operation_latency: float,
-        max_concurrent_ops: int,
-        seed: int | None,
-    ) -> MeasuredStack:
-        storage_proxy = FaultProxy(
-            f"http://127.0.0.1:{storage_port}", storage_operation, storage_area, seed=seed
-        ).start()
-        healthcare_proxy = FaultProxy(
-            f"http://127.0.0.1:{healthcare_port}", healthcare_operation, seed=seed
-        ).start()
-        env = {
-            **(function_env or {}),
-            "STORAGE_EMULATOR_HOST": storage_proxy.url,
-            "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_proxy.url,
-        }
-        config = StackConfig(
-            home=home,
-            minute_interval=minute_interval,
-            ports={"storage": storage_port, "healthcare": healthcare_port},
-            function_env=env,
-            healthcare_args=(
-                "--operation-latency",
-                str(operation_latency),
-                "--max-concurrent-ops",
-                str(max_concurrent_ops),
-            ),
-            ingest_workers=ingest_workers,
-        )
-        if event_retry is not None:
-            config = replace(config, event_retry=event_retry)
-        if functions_source is not None:
-            config = replace(config, functions_source=functions_source)
-        stack = Stack(config)
-        try:
-            stack.start()
-        except BaseException:
-            storage_proxy.stop()
-            healthcare_proxy.stop()
-            raise
-        return cls(stack, storage_proxy, healthcare_proxy)
 
     def stop(self) -> None:
         self.stack.stop()
