@@ -28,6 +28,10 @@ test: lint infra-check
 	$(PY) -m tests.tfvalidate.run --prepare
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The unit tests alone (tests/unit): no emulators.
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
 # checkov has its own venv: its dependencies clash with the pins above. It runs offline
 # (no API key, no policy download, no update check).
 CHECKOV_VERSION := 3.3.30

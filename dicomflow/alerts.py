@@ -1,4 +1,4 @@
-"""Alerts: one versioned JSON message per subject on the alerts topic (DESIGN invariant 7).
+"""Alerts: one versioned JSON message per subject on the alerts topic, never carrying PHI.
 
 An alert is built by the pure ``build_alert`` and sent by ``publish_once``.
 

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import requests
 import requests.adapters
 from cloudevents.http import CloudEvent
 from google.auth.credentials import AnonymousCredentials, Credentials
@@ -29,6 +30,9 @@ from dicomflow import keys, log
 from dicomflow.config import Settings, load_settings
 from dicomflow.errors import ConfigError, PermanentError
 from dicomflow.events import decode_attributes
+
+if TYPE_CHECKING:
+    from dicomweb_client.api import DICOMwebClient
 
 logger = logging.getLogger(__name__)
 
@@ -88,27 +92,38 @@ class Context:
             if client is not None:
                 client.close()
                 delattr(self._local, name)
-        dicomweb = getattr(self._local, "dicomweb", None)
-        if dicomweb is not None:
-            dicomweb._session.close()
-            delattr(self._local, "dicomweb")
+        session = getattr(self._local, "dicomweb_session", None)
+        if session is not None:
+            session.close()
+            del self._local.dicomweb_session
+            del self._local.dicomweb
 
-    def dicomweb(self) -> Any:
-        """A dicomweb-client for the store, for this thread."""
-        client = getattr(self._local, "dicomweb", None)
+    def dicomweb_url(self) -> str:
+        """The store's DICOMweb root: ``.../dicomStores/STORE/dicomWeb``."""
+        return f"{self.settings.healthcare_api_root}v1/{self.settings.dicom_store.dicomweb_path}"
+
+    def dicomweb_session(self) -> requests.Session:
+        """The requests session of this thread's DICOMweb client (for raw requests)."""
+        self.dicomweb()
+        session: requests.Session = self._local.dicomweb_session
+        return session
+
+    def dicomweb(self) -> DICOMwebClient:
+        """A dicomweb-client for the store, for this thread, on a session this Context owns."""
+        client: DICOMwebClient | None = getattr(self._local, "dicomweb", None)
         if client is None:
             from dicomweb_client.api import DICOMwebClient
 
-            url = f"{self.settings.healthcare_api_root}v1/{self.settings.dicom_store.dicomweb_path}"
             if self.settings.healthcare_endpoint:
-                client = DICOMwebClient(url=url)
+                session = requests.Session()
             else:
                 from dicomweb_client.ext.gcp.session_utils import (
                     create_session_from_gcp_credentials,
                 )
 
                 session = create_session_from_gcp_credentials(self.credentials)
-                client = DICOMwebClient(url=url, session=session)
+            client = DICOMwebClient(url=self.dicomweb_url(), session=session)
+            self._local.dicomweb_session = session
             self._local.dicomweb = client
         return client
 

@@ -20,7 +20,7 @@ dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sou
     drills/<date>.json                   restore drills (``dicomflow.drill``), the latest few
     tombstones/                          erased studies (``dicomflow.tombstones``): a count
 
-File totals cover all time (invariant 1: they add up to the files ingested); each
+File totals cover all time (they add up to the files ingested); each
 file counts once, a re-driven one by its retry's outcome. Everything else is limited
 to the window ``[since, now]``.
 

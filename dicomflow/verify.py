@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 THREADS = 16
 # DICOMweb calls at once (QIDO per study or per SOP, WADO): a few, not to crowd the store.
 DICOMWEB_THREADS = 4
+# WADO-RS of one instance, as stored: single-part, no transcoding.
+RETRIEVE_ACCEPT = "application/dicom; transfer-syntax=*"
+# Seconds per connect and per read, as dicomweb-client's own requests.
+RETRIEVE_TIMEOUT = 20
 SERIES_TAG = "0020000E"
 STUDY_TAG = "0020000D"
 SOP_TAG = "00080018"
@@ -230,22 +234,20 @@ def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
     """The stored instance as it was imported (WADO-RS with ``transfer-syntax=*``).
 
     dicomweb-client's ``retrieve_instance`` parses into a pydicom Dataset, which
-    re-encodes on save; its request and multipart helpers give the bytes as sent.
+    re-encodes on save. A single-part ``application/dicom`` request (which the
+    Healthcare API's RetrieveInstance accepts) on the client's session gives the
+    bytes as stored.
     """
-    from dicomweb_client.web import _Transaction
-
-    client = ctx.dicomweb()
-    url = client._get_instances_url(_Transaction.RETRIEVE, study, series, sop)
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    session = ctx.dicomweb_session()
+    url = f"{ctx.dicomweb_url()}/studies/{study}/series/{series}/instances/{sop}"
 
     def fetch() -> bytes:
-        response = client._http_get(url, headers={"Accept": accept})
-        if response.headers.get("Content-Type", "").startswith("application/dicom"):
-            return bytes(response.content)
-        parts = list(client._decode_multipart_message(response, stream=False))
-        if len(parts) != 1:
-            raise ValueError(f"WADO-RS of one instance returned {len(parts)} parts")
-        return bytes(parts[0])
+        response = session.get(url, headers={"Accept": RETRIEVE_ACCEPT}, timeout=RETRIEVE_TIMEOUT)
+        response.raise_for_status()
+        content_type = response.headers.get("Content-Type", "")
+        if not content_type.startswith("application/dicom"):
+            raise ValueError(f"WADO-RS of one instance answered {content_type or 'no type'}")
+        return bytes(response.content)
 
     data: bytes = retry.call(fetch, predicate=transient)
     return data
@@ -269,13 +271,13 @@ def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]
     items = list(items)
     if len(items) <= 1:
         return [fn(i) for i in items]
-    made: dict[int, Any] = {}
+    made: dict[int, requests.Session] = {}
     lock = threading.Lock()
 
     def run(item: T) -> R:
-        client = ctx.dicomweb()
+        session = ctx.dicomweb_session()
         with lock:
-            made[id(client)] = client
+            made[id(session)] = session
         return fn(item)
 
     try:
@@ -284,10 +286,8 @@ def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]
         ) as pool:
             return list(pool.map(run, items))
     finally:
-        for client in made.values():
-            session = getattr(client, "_session", None)
-            if session is not None:
-                session.close()
+        for session in made.values():
+            session.close()
 
 
 def _stored(ctx: Any, records: Iterable[FileRecord]) -> dict[str, tuple[str, str]]:

@@ -38,7 +38,7 @@ locals {
     DICOMFLOW_BACKUP_BUCKET  = google_storage_bucket.backups.name
     DICOMFLOW_ALERTS_TOPIC   = google_pubsub_topic.alerts.id
     DICOMFLOW_BACKUP_PREFIX  = var.backup_prefix
-    # The design seals a batch only after a grace longer than the ingest timeout.
+    # A batch is sealed only after a grace longer than the ingest timeout.
     DICOMFLOW_SEAL_GRACE_SECONDS = tostring(var.ingest_timeout_seconds + 10)
     DICOMFLOW_KEY_SECRET         = "${google_secret_manager_secret.deployment_key.id}/versions/latest"
     DICOMFLOW_ALERT_UIDS         = var.alert_uids

@@ -15,7 +15,7 @@ resource "google_pubsub_topic" "export_schedule" {
   depends_on   = [google_kms_crypto_key_iam_member.agents]
 }
 
-# Alerts carry UIDs, counts and hashed object names, never PHI (DESIGN.md invariant 7).
+# Alerts carry UIDs, counts and hashed object names, never PHI.
 resource "google_pubsub_topic" "alerts" {
   name                       = "${var.name_prefix}-alerts"
   labels                     = local.labels

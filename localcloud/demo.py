@@ -194,9 +194,12 @@ def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
 
 
 def _store_instances(stack: Stack) -> set[str]:
+    import requests
     from dicomweb_client.api import DICOMwebClient
 
-    client = DICOMwebClient(f"{stack.urls['healthcare']}/v1/{stack.config.store_name}/dicomWeb")
+    session = requests.Session()
+    url = f"{stack.urls['healthcare']}/v1/{stack.config.store_name}/dicomWeb"
+    client = DICOMwebClient(url=url, session=session)
     found: set[str] = set()
     offset = 0
     try:
@@ -207,7 +210,7 @@ def _store_instances(stack: Stack) -> set[str]:
                 return found
             offset += len(page)
     finally:
-        client._session.close()
+        session.close()
 
 
 def demo_config(home: Path) -> StackConfig:

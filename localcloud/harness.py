@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_area, storage_operation
-from localcloud.ports import free_port
+from localcloud.ports import free_port, start_on_free_port
 from localcloud.stack import Stack, StackConfig
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,43 +53,53 @@ class MeasuredStack:
         ingest_workers: int = 1,
         event_retry: tuple[float, float, float] | None = None,
     ) -> MeasuredStack:
-        storage_port, healthcare_port = free_port(), free_port()
-        storage_proxy = FaultProxy(
-            f"http://127.0.0.1:{storage_port}", storage_operation, storage_area, seed=seed
-        ).start()
-        healthcare_proxy = FaultProxy(
-            f"http://127.0.0.1:{healthcare_port}", healthcare_operation, seed=seed
-        ).start()
-        env = {
-            **(function_env or {}),
-            "STORAGE_EMULATOR_HOST": storage_proxy.url,
-            "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_proxy.url,
-        }
-        config = StackConfig(
-            home=home,
-            minute_interval=minute_interval,
-            ports={"storage": storage_port, "healthcare": healthcare_port},
-            function_env=env,
-            healthcare_args=(
-                "--operation-latency",
-                str(operation_latency),
-                "--max-concurrent-ops",
-                str(max_concurrent_ops),
-            ),
-            ingest_workers=ingest_workers,
-        )
-        if event_retry is not None:
-            config = replace(config, event_retry=event_retry)
-        if functions_source is not None:
-            config = replace(config, functions_source=functions_source)
-        stack = Stack(config)
-        try:
-            stack.start()
-        except BaseException:
-            storage_proxy.stop()
-            healthcare_proxy.stop()
-            raise
-        return cls(stack, storage_proxy, healthcare_proxy)
+        """Start the proxies and the stack behind them.
+
+        The proxies must know the services' ports before the stack starts, so the
+        ports are picked here; when another process takes one before its service
+        binds it, everything is started again on newly picked ports.
+        """
+
+        def start_on(storage_port: int) -> MeasuredStack:
+            healthcare_port = free_port()
+            storage_proxy = FaultProxy(
+                f"http://127.0.0.1:{storage_port}", storage_operation, storage_area, seed=seed
+            ).start()
+            healthcare_proxy = FaultProxy(
+                f"http://127.0.0.1:{healthcare_port}", healthcare_operation, seed=seed
+            ).start()
+            env = {
+                **(function_env or {}),
+                "STORAGE_EMULATOR_HOST": storage_proxy.url,
+                "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_proxy.url,
+            }
+            config = StackConfig(
+                home=home,
+                minute_interval=minute_interval,
+                ports={"storage": storage_port, "healthcare": healthcare_port},
+                function_env=env,
+                healthcare_args=(
+                    "--operation-latency",
+                    str(operation_latency),
+                    "--max-concurrent-ops",
+                    str(max_concurrent_ops),
+                ),
+                ingest_workers=ingest_workers,
+            )
+            if event_retry is not None:
+                config = replace(config, event_retry=event_retry)
+            if functions_source is not None:
+                config = replace(config, functions_source=functions_source)
+            stack = Stack(config)
+            try:
+                stack.start()
+            except BaseException:
+                storage_proxy.stop()
+                healthcare_proxy.stop()
+                raise
+            return cls(stack, storage_proxy, healthcare_proxy)
+
+        return start_on_free_port(start_on)
 
     def stop(self) -> None:
         self.stack.stop()

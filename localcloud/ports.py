@@ -9,10 +9,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from typing import TypeVar
 
 from localcloud.errors import LocalCloudError
 
 HOST = "127.0.0.1"
+# Starts of a service that cannot bind port 0 itself, each on a newly picked port, before a
+# port another process took in the meantime is reported as an error.
+START_ATTEMPTS = 3
+
+T = TypeVar("T")
+
+
+class PortTaken(LocalCloudError):
+    """A service could not bind the port picked for it: another process took it first."""
 
 
 def free_port() -> int:
@@ -22,16 +33,60 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_free(port: int, what: str, setting: str) -> None:
-    """Raise a one-line LocalCloudError when ``port`` is taken."""
+def is_free(port: int) -> bool:
+    """True when ``port`` can be bound on loopback now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((HOST, port))
         except OSError:
-            raise LocalCloudError(
-                f"port {port} for {what} is taken; free it or set {setting} to another port "
-                "(0 picks a free one)"
-            ) from None
+            return False
+        return True
+
+
+def _taken(port: int, what: str, setting: str) -> PortTaken:
+    return PortTaken(
+        f"port {port} for {what} is taken; free it or set {setting} to another port "
+        "(0 picks a free one)"
+    )
+
+
+def ensure_free(port: int, what: str, setting: str) -> None:
+    """Raise a one-line LocalCloudError when ``port`` is taken."""
+    if not is_free(port):
+        raise _taken(port, what, setting)
+
+
+def listening_socket(port: int, what: str, setting: str) -> socket.socket:
+    """A loopback socket bound to ``port`` (0: any free one) and listening.
+
+    A service handed this socket serves on it without binding, so no other
+    process can take the port between choosing it and serving on it.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+    try:
+        sock.bind((HOST, port))
+    except OSError:
+        sock.close()
+        raise _taken(port, what, setting) from None
+    sock.listen(128)
+    return sock
+
+
+def start_on_free_port(start: Callable[[int], T], attempts: int = START_ATTEMPTS) -> T:
+    """``start(port)`` on a newly picked free port, again on another one after ``PortTaken``.
+
+    For services that take a port number and bind it themselves: the port can be
+    taken between the pick and their bind. The last ``PortTaken`` is raised after
+    ``attempts`` starts.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return start(free_port())
+        except PortTaken:
+            if attempt == attempts:
+                raise
+    raise ValueError(f"attempts must be at least 1, got {attempts}")
 
 
 def pick_port(requested: int, what: str, setting: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -164,13 +165,19 @@ class _Server(ThreadingHTTPServer):
 class LoopbackProxy:
     """A threaded loopback HTTP server that hands each request to ``handle``."""
 
-    def __init__(self, upstream: str, port: int = 0) -> None:
+    def __init__(self, upstream: str, port: int = 0, sock: socket.socket | None = None) -> None:
+        """Listen on ``port`` (0: any free one), or serve on ``sock``, bound and listening."""
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream must be http://HOST:PORT, got {upstream!r}")
         self.upstream_url = f"http://{parts.hostname}:{parts.port}"
         self._upstream_address = (parts.hostname, parts.port)
-        self._server = _Server((HOST, port), self._handler())
+        if sock is None:
+            self._server = _Server((HOST, port), self._handler())
+        else:
+            self._server = _Server(sock.getsockname(), self._handler(), bind_and_activate=False)
+            self._server.socket.close()
+            self._server.socket = sock
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

@@ -32,13 +32,23 @@ from pathlib import Path
 from typing import IO
 
 from localcloud.errors import LocalCloudError
-from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
+from localcloud.ports import (
+    HOST,
+    PortTaken,
+    die_with_parent,
+    ensure_free,
+    start_on_free_port,
+    wait_http,
+)
 from localcloud.pubsub_fallback import FallbackServer
 
 KINDS = ("auto", "emulator", "fallback")
 PORT_SETTING = "LOCALCLOUD_PUBSUB_PORT"
 # The JVM starts in about 1.5 s here; leave room for a slow CI machine.
 EMULATOR_START_TIMEOUT = 60.0
+# What the emulator prints once it serves, or when its port is taken (it then keeps running).
+EMULATOR_STARTED = b"Server started, listening on"
+EMULATOR_BIND_FAILED = b"java.net.BindException"
 
 
 def find_emulator() -> Path | None:
@@ -131,17 +141,56 @@ def start_pubsub(
         raise LocalCloudError(f"Pub/Sub kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
     if kind == "auto":
         kind = "emulator" if find_emulator() is not None else "fallback"
-    port = pick_port(port, f"Pub/Sub ({kind})", PORT_SETTING)
     if kind == "fallback":
         try:
-            fallback = FallbackServer(HOST, port, data_dir)
-        except OSError as exc:  # taken between the check and the bind
+            fallback = FallbackServer(HOST, port, data_dir)  # port 0: it binds any free port
+        except OSError as exc:
             raise LocalCloudError(
                 f"port {port} for Pub/Sub is taken ({exc.strerror}); free it or set "
                 f"{PORT_SETTING} to another port (0 picks a free one)"
             ) from None
         return PubSubServer(fallback.port, "fallback", fallback=fallback)
-    return _start_emulator(port, project, log)
+    if port:
+        ensure_free(port, f"Pub/Sub ({kind})", PORT_SETTING)
+        return _start_emulator(port, project, log)
+    # The emulator takes a port number only: it is started again on another port when
+    # another process took the picked one before the emulator bound it.
+    return start_on_free_port(lambda picked: _start_emulator(picked, project, log))
+
+
+class _EmulatorOutput:
+    """Copies the emulator's output to ``log`` and notes whether it could bind its port."""
+
+    def __init__(self, pipe: IO[bytes], log: IO[bytes] | None) -> None:
+        self.settled = threading.Event()
+        self.bind_failed = False
+        self._log = log
+        threading.Thread(
+            target=self._copy, args=(pipe,), daemon=True, name="pubsub-emulator-output"
+        ).start()
+
+    def _copy(self, pipe: IO[bytes]) -> None:
+        recent = b""
+        try:
+            while chunk := os.read(pipe.fileno(), 65536):
+                self._write(chunk)
+                if not self.settled.is_set():
+                    recent = recent[-100:] + chunk
+                    self.bind_failed = EMULATOR_BIND_FAILED in recent
+                    if self.bind_failed or EMULATOR_STARTED in recent:
+                        self.settled.set()
+        finally:
+            pipe.close()
+            self.settled.set()
+
+    def _write(self, chunk: bytes) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.write(chunk)
+            self._log.flush()
+        except (OSError, ValueError):  # the caller closed its log: drain without it
+            self._log = None
 
 
 def _start_emulator(port: int, project: str, log: IO[bytes] | None) -> PubSubServer:
@@ -152,13 +201,20 @@ def _start_emulator(port: int, project: str, log: IO[bytes] | None) -> PubSubSer
     process = subprocess.Popen(
         [str(launcher), f"--host={HOST}", f"--port={port}"],
         stdin=subprocess.DEVNULL,
-        stdout=log or subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so stop() can end the JVM tree
         preexec_fn=die_with_parent,
     )
+    assert process.stdout is not None
+    output = _EmulatorOutput(process.stdout, log)
     server = PubSubServer(port, "emulator", process=process)
     try:
+        # Whatever answers on the port may be another process: the emulator's own
+        # output says whether it bound the port.
+        output.settled.wait(EMULATOR_START_TIMEOUT)
+        if output.bind_failed:
+            raise PortTaken(f"port {port} for the Pub/Sub emulator was taken before it bound it")
         wait_http(
             f"{server.url}/v1/projects/{project}/topics",
             EMULATOR_START_TIMEOUT,

@@ -30,7 +30,15 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from localcloud.errors import LocalCloudError
-from localcloud.ports import HOST, die_with_parent, free_port, pick_port, wait_http
+from localcloud.ports import (
+    HOST,
+    PortTaken,
+    die_with_parent,
+    is_free,
+    listening_socket,
+    start_on_free_port,
+    wait_http,
+)
 
 
 def binary_path() -> Path:
@@ -94,14 +102,64 @@ class StorageServer:
         _stop(self.process)
 
 
-def _spawn(args: list[str], log: IO[bytes] | None) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: list[str], log: IO[bytes] | None, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         args,
         stdin=subprocess.DEVNULL,
         stdout=log or subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent,
+        pass_fds=pass_fds,
     )
+
+
+def _start_upstream(
+    port: int, front_port: int, data_dir: Path | None, log: IO[bytes] | None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """fake-gcs-server on ``port``, answering, and its port; ``PortTaken`` when it could not
+    bind the port."""
+    args = [
+        str(binary_path()),
+        "-scheme",
+        "http",
+        "-host",
+        HOST,
+        "-port",
+        str(port),
+        # Links and resumable sessions name the front, so clients stay behind it.
+        "-public-host",
+        f"{HOST}:{front_port}",
+        "-external-url",
+        f"http://{HOST}:{front_port}",
+        "-log-level",
+        "error",
+    ]
+    if data_dir is None:
+        args += ["-backend", "memory"]
+    else:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        args += ["-backend", "filesystem", "-filesystem-root", str(data_dir)]
+    process = _spawn(args, log)
+    try:
+        wait_http(
+            f"http://{HOST}:{port}/storage/v1/b",
+            20,
+            "fake-gcs-server",
+            lambda: process.poll() is None,
+        )
+    except LocalCloudError:
+        _stop(process)
+        if process.returncode is not None and not is_free(port):
+            raise PortTaken(
+                f"port {port} for fake-gcs-server was taken before it bound it"
+            ) from None
+        raise
+    except BaseException:
+        _stop(process)
+        raise
+    return process, port
 
 
 def start_storage(
@@ -114,7 +172,9 @@ def start_storage(
     """Start fake-gcs-server and its front on loopback and create ``buckets``.
 
     The front runs in a process of its own, so that it does not compete for the
-    interpreter lock with the code under test.
+    interpreter lock with the code under test. It serves on a socket bound here
+    and inherited; fake-gcs-server binds the port it is given, so it is started
+    again on another port when another process took that one first.
 
     Args:
         port: the front's port (the one clients use); 0 for any free port.
@@ -124,55 +184,32 @@ def start_storage(
         retention: bucket -> retention period in seconds, enforced by the front
             (a bucket's policy can also be set later, as on Cloud Storage, by a patch).
     """
-    port = pick_port(port, "Cloud Storage (fake-gcs-server)", "LOCALCLOUD_STORAGE_PORT")
-    upstream_port = free_port()
-    args = [
-        str(binary_path()),
-        "-scheme",
-        "http",
-        "-host",
-        HOST,
-        "-port",
-        str(upstream_port),
-        # Links and resumable sessions name the front, so clients stay behind it.
-        "-public-host",
-        f"{HOST}:{port}",
-        "-external-url",
-        f"http://{HOST}:{port}",
-        "-log-level",
-        "error",
-    ]
-    if data_dir is None:
-        args += ["-backend", "memory"]
-    else:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        args += ["-backend", "filesystem", "-filesystem-root", str(data_dir)]
-    process = _spawn(args, log)
-    try:
-        front = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "localcloud.storagefront",
-                "--upstream",
-                f"http://{HOST}:{upstream_port}",
-                "--port",
-                str(port),
-                *(f"--retention={b}={s}" for b, s in (retention or {}).items() if s > 0),
-            ],
-            log,
+    listener = listening_socket(port, "Cloud Storage (fake-gcs-server)", "LOCALCLOUD_STORAGE_PORT")
+    with listener:
+        port = int(listener.getsockname()[1])
+        process, upstream_port = start_on_free_port(
+            lambda upstream: _start_upstream(upstream, port, data_dir, log)
         )
-    except BaseException:
-        _stop(process)
-        raise
+        try:
+            front = _spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "localcloud.storagefront",
+                    "--upstream",
+                    f"http://{HOST}:{upstream_port}",
+                    "--fd",
+                    str(listener.fileno()),
+                    *(f"--retention={b}={s}" for b, s in (retention or {}).items() if s > 0),
+                ],
+                log,
+                pass_fds=(listener.fileno(),),
+            )
+        except BaseException:
+            _stop(process)
+            raise
     server = StorageServer(process, front, port, upstream_port, data_dir)
     try:
-        wait_http(
-            f"{server.upstream_url}/storage/v1/b",
-            20,
-            "fake-gcs-server",
-            lambda: process.poll() is None,
-        )
         wait_http(
             f"{server.url}/storage/v1/b",
             20,

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -250,9 +251,13 @@ class StorageFront(LoopbackProxy):
     """Forwards to fake-gcs-server and enforces Cloud Storage's preconditions on the way."""
 
     def __init__(
-        self, upstream: str, port: int = 0, retention: Mapping[str, int] | None = None
+        self,
+        upstream: str,
+        port: int = 0,
+        retention: Mapping[str, int] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
-        super().__init__(upstream, port)
+        super().__init__(upstream, port, sock)
         self._guard = threading.Lock()
         # bucket -> (retention period in seconds, when the policy took effect)
         now = datetime.now(UTC)
@@ -572,10 +577,13 @@ def _compose_parts(request: Request) -> list[tuple[ObjectKey, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m localcloud.storagefront --upstream URL --port N``: serve until killed."""
+    """``python -m localcloud.storagefront --upstream URL (--port N | --fd FD)``: serve until
+    killed; ``--fd`` serves on an inherited socket, bound and listening."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--upstream", required=True, help="fake-gcs-server, http://HOST:PORT")
-    parser.add_argument("--port", type=int, default=0, help="the port clients use")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port", type=int, default=0, help="the port clients use")
+    where.add_argument("--fd", type=int, default=None, help="a listening socket to serve on")
     parser.add_argument(
         "--retention",
         action="append",
@@ -590,7 +598,8 @@ def main(argv: list[str] | None = None) -> None:
         if not bucket or not seconds.isdigit():
             parser.error(f"--retention {item!r}: use BUCKET=SECONDS")
         retention[bucket] = int(seconds)
-    front = StorageFront(args.upstream, args.port, retention)
+    sock = None if args.fd is None else socket.socket(fileno=args.fd)
+    front = StorageFront(args.upstream, args.port, retention, sock)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         front.serve()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import requests
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
@@ -94,6 +95,14 @@ def _google_api(service: str, version: str, url: str) -> Any:
         client_options={"api_endpoint": url},
         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
     )
+
+
+@pytest.fixture
+def http_session() -> Iterator[requests.Session]:
+    """A requests session, closed after the test: hand it to a DICOMweb client and reuse it
+    for the raw requests the client has no method for."""
+    with requests.Session() as session:
+        yield session
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
@@ -26,8 +27,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _store_sops(run: DemoRun) -> list[str]:
+    session = requests.Session()
     client = DICOMwebClient(
-        f"{run.stack.urls['healthcare']}/v1/{run.stack.config.store_name}/dicomWeb"
+        f"{run.stack.urls['healthcare']}/v1/{run.stack.config.store_name}/dicomWeb",
+        session=session,
     )
     found: list[str] = []
     try:
@@ -37,7 +40,7 @@ def _store_sops(run: DemoRun) -> list[str]:
             if len(page) < 500:
                 return found
     finally:
-        client._session.close()
+        session.close()
 
 
 def _import_operations(run: DemoRun) -> int:

@@ -48,7 +48,9 @@ def make_instance(
 
 @pytest.fixture
 def web(
-    healthcare_client: Callable[..., Any], healthcare_server: HealthcareServer
+    healthcare_client: Callable[..., Any],
+    healthcare_server: HealthcareServer,
+    http_session: requests.Session,
 ) -> Iterator[tuple[DICOMwebClient, Any, str]]:
     api = healthcare_client(healthcare_server.url)
     dataset_id = f"ds-{uuid.uuid4().hex[:10]}"
@@ -58,17 +60,17 @@ def web(
     datasets.dicomStores().create(
         parent=f"{PARENT}/datasets/{dataset_id}", dicomStoreId="web", body={}
     ).execute()
-    session = requests.Session()
-    client = DICOMwebClient(f"{healthcare_server.url}/v1/{store}/dicomWeb", session=session)
+    client = DICOMwebClient(f"{healthcare_server.url}/v1/{store}/dicomWeb", session=http_session)
     yield client, api, store
-    session.close()
 
 
 def sop(item: dict[str, Any]) -> str:
     return str(item["00080018"]["Value"][0])
 
 
-def test_store_search_retrieve_delete(web: tuple[DICOMwebClient, Any, str]) -> None:
+def test_store_search_retrieve_delete(
+    web: tuple[DICOMwebClient, Any, str], http_session: requests.Session
+) -> None:
     client, _api, _store = web
     study_a, study_b = generate_uid(), generate_uid()
     series_a1, series_a2, series_b = generate_uid(), generate_uid(), generate_uid()
@@ -94,7 +96,7 @@ def test_store_search_retrieve_delete(web: tuple[DICOMwebClient, Any, str]) -> N
         + f"--{boundary}--\r\n".encode()
     )
     content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    mixed = client._session.post(
+    mixed = http_session.post(
         f"{client.base_url}/studies", data=body, headers={"Content-Type": content_type}, timeout=30
     )
     assert mixed.status_code == 202
@@ -177,17 +179,17 @@ def test_store_search_retrieve_delete(web: tuple[DICOMwebClient, Any, str]) -> N
 
     client.delete_instance(study_a, series_a1, instances[1].SOPInstanceUID)
     assert len(client.search_for_instances(study_a, series_a1)) == 1
-    series_delete = client._session.delete(
+    series_delete = http_session.delete(
         f"{client.base_url}/studies/{study_a}/series/{series_a2}", timeout=30
     )
     assert series_delete.json()["name"].split("/operations/")[0] in _store_dataset(web)
-    study_delete = client._session.delete(f"{client.base_url}/studies/{study_b}", timeout=30)
+    study_delete = http_session.delete(f"{client.base_url}/studies/{study_b}", timeout=30)
     assert "operations/" in study_delete.json()["name"]
     deadline = time.monotonic() + 10
     while len(client.search_for_studies()) != 1 or len(client.search_for_series(study_a)) != 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    missing = client._session.get(f"{client.base_url}/studies/{study_b}", timeout=30)
+    missing = http_session.get(f"{client.base_url}/studies/{study_b}", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
 
 

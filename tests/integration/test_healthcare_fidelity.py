@@ -75,7 +75,9 @@ def multipart(parts: list[bytes]) -> tuple[bytes, str]:
 
 @pytest.fixture
 def store(
-    healthcare_client: Callable[..., Any], healthcare_server: HealthcareServer
+    healthcare_client: Callable[..., Any],
+    healthcare_server: HealthcareServer,
+    http_session: requests.Session,
 ) -> Iterator[tuple[Any, str, DICOMwebClient]]:
     """(googleapiclient Healthcare API, store name, dicomweb-client) on a fresh store."""
     api = healthcare_client(healthcare_server.url)
@@ -85,14 +87,12 @@ def store(
     dataset = f"{PARENT}/datasets/{dataset_id}"
     datasets.dicomStores().create(parent=dataset, dicomStoreId="s", body={}).execute()
     name = f"{dataset}/dicomStores/s"
-    session = requests.Session()
-    client = DICOMwebClient(f"{healthcare_server.url}/v1/{name}/dicomWeb", session=session)
+    client = DICOMwebClient(f"{healthcare_server.url}/v1/{name}/dicomWeb", session=http_session)
     yield api, name, client
-    session.close()
 
 
 def test_an_empty_search_is_204_no_content_and_dicomweb_client_reads_it_as_empty(
-    store: tuple[Any, str, DICOMwebClient],
+    store: tuple[Any, str, DICOMwebClient], http_session: requests.Session
 ) -> None:
     # Google's DICOMweb samples and gcloud expect 204 for a search without results.
     _api, _name, client = store
@@ -104,7 +104,7 @@ def test_an_empty_search_is_204_no_content_and_dicomweb_client_reads_it_as_empty
         f"studies/{unknown}/series",
         "instances?SOPInstanceUID=1.2.3",
     ):
-        response = client._session.get(f"{client.base_url}/{path}", timeout=30)
+        response = http_session.get(f"{client.base_url}/{path}", timeout=30)
         assert response.status_code == 204, path
         assert response.content == b""
     assert client.search_for_studies(search_filters={"PatientName": "Nobody"}) == []
@@ -157,13 +157,15 @@ def test_iam_policies_of_datasets_and_stores_have_etags(
     assert not_found.value.status_code == 404
 
 
-def test_retrieve_instance_as_single_part_dicom(store: tuple[Any, str, DICOMwebClient]) -> None:
+def test_retrieve_instance_as_single_part_dicom(
+    store: tuple[Any, str, DICOMwebClient], http_session: requests.Session
+) -> None:
     # The conformance statement lists single-part application/dicom for RetrieveInstance.
     _api, _name, client = store
     data = dicom_bytes(syntax=ImplicitVRLittleEndian)
     stored = pydicom.dcmread(io.BytesIO(data))
     body, content_type = multipart([data])
-    response = client._session.post(
+    response = http_session.post(
         f"{client.base_url}/studies", data=body, headers={"Content-Type": content_type}
     )
     assert response.status_code == 200
@@ -171,7 +173,7 @@ def test_retrieve_instance_as_single_part_dicom(store: tuple[Any, str, DICOMwebC
         f"{client.base_url}/studies/{stored.StudyInstanceUID}/series/"
         f"{stored.SeriesInstanceUID}/instances/{stored.SOPInstanceUID}"
     )
-    single = client._session.get(
+    single = http_session.get(
         url, headers={"Accept": "application/dicom; transfer-syntax=*"}, timeout=30
     )
     assert single.status_code == 200
@@ -180,14 +182,14 @@ def test_retrieve_instance_as_single_part_dicom(store: tuple[Any, str, DICOMwebC
     )
     assert single.content == data  # the file as stored, not a MIME document
 
-    explicit = client._session.get(
+    explicit = http_session.get(
         url, headers={"Accept": f"application/dicom; transfer-syntax={EXPLICIT_LE}"}, timeout=30
     )
     assert explicit.headers["Content-Type"] == f"application/dicom; transfer-syntax={EXPLICIT_LE}"
     assert pydicom.dcmread(io.BytesIO(explicit.content)).file_meta.TransferSyntaxUID == EXPLICIT_LE
 
     # A whole series stays multipart, as the statement lists single part for instances only.
-    series = client._session.get(
+    series = http_session.get(
         url.rsplit("/instances/", 1)[0],
         headers={"Accept": "application/dicom; transfer-syntax=*"},
         timeout=30,
@@ -196,14 +198,14 @@ def test_retrieve_instance_as_single_part_dicom(store: tuple[Any, str, DICOMwebC
 
 
 def test_retrieve_defaults_to_explicit_vr_little_endian(
-    store: tuple[Any, str, DICOMwebClient],
+    store: tuple[Any, str, DICOMwebClient], http_session: requests.Session
 ) -> None:
     # The conformance statement marks 1.2.840.10008.1.2.1 as the default transfer syntax.
     _api, _name, client = store
     data = dicom_bytes(syntax=ImplicitVRLittleEndian)
     stored = pydicom.dcmread(io.BytesIO(data))
     body, content_type = multipart([data])
-    client._session.post(
+    http_session.post(
         f"{client.base_url}/studies", data=body, headers={"Content-Type": content_type}
     ).raise_for_status()
     uids = (stored.StudyInstanceUID, stored.SeriesInstanceUID, stored.SOPInstanceUID)
@@ -225,7 +227,7 @@ def test_retrieve_defaults_to_explicit_vr_little_endian(
 
 
 def test_datasets_patch_and_501_for_unserved_methods(
-    store: tuple[Any, str, DICOMwebClient],
+    store: tuple[Any, str, DICOMwebClient], http_session: requests.Session
 ) -> None:
     api, name, client = store
     dataset = name.rsplit("/dicomStores/", 1)[0]
@@ -264,15 +266,14 @@ def test_datasets_patch_and_501_for_unserved_methods(
             request.execute()
         assert unserved.value.status_code == 501, method
         assert f"{method} is not implemented" in str(unserved.value)
-    metrics = client._session.get(
+    metrics = http_session.get(
         f"{client.base_url}/studies/{generate_uid()}:getStudyMetrics", timeout=30
     )
     assert metrics.status_code == 501 and metrics.json()["error"]["status"] == "UNIMPLEMENTED"
 
 
 def test_store_and_import_reject_missing_and_malformed_uids(
-    store: tuple[Any, str, DICOMwebClient],
-    gcs_server: Any,
+    store: tuple[Any, str, DICOMwebClient], gcs_server: Any, http_session: requests.Session
 ) -> None:
     api, name, client = store
     hex_uid = "05fa52f0e599f17b8186ff18fcdf2b5570a52206a75c4d03afebf5c475dc8758"  # as in
@@ -284,7 +285,7 @@ def test_store_and_import_reject_missing_and_malformed_uids(
     }
     good = dicom_bytes()
     body, content_type = multipart([*bad.values(), good])
-    stowed = client._session.post(
+    stowed = http_session.post(
         f"{client.base_url}/studies", data=body, headers={"Content-Type": content_type}
     )
     assert stowed.status_code == 202
@@ -322,12 +323,12 @@ def test_store_and_import_reject_missing_and_malformed_uids(
 
 
 def test_bulkdata_uris_from_metadata_can_be_retrieved(
-    store: tuple[Any, str, DICOMwebClient],
+    store: tuple[Any, str, DICOMwebClient], http_session: requests.Session
 ) -> None:
     _api, _name, client = store
     made = generate_instance(generate_uid(), generate_uid(), 1, rows=64, columns=64)
     body, content_type = multipart([made.data])
-    client._session.post(
+    http_session.post(
         f"{client.base_url}/studies", data=body, headers={"Content-Type": content_type}
     ).raise_for_status()
     metadata = client.retrieve_instance_metadata(made.study_uid, made.series_uid, made.sop_uid)
