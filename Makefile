@@ -74,12 +74,13 @@ status: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/emulator_import.py
 	$(PY) bench/export.py
-	$(PY) bench/sweep.py
+	$(PY) bench/sweep.py --objects $(BENCH_SWEEP)
 	$(PY) bench/ingest_burst.py --instances $(BENCH_BURST) --timeout 300 --idle 10 --steady-seconds 20
 	$(PY) bench/chaos.py --files $(BENCH_CHAOS)
 
 BENCH_BURST ?= 100
 BENCH_CHAOS ?= 200
+BENCH_SWEEP ?= 2000
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) .cache/tfvalidate .localcloud .pytest_cache .mypy_cache .ruff_cache

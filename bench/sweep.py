@@ -8,7 +8,7 @@ the batch manifests and summaries). One has landing retention off, the other
 clock 2 days, 3 days and 4 days after the uploads (one sweep period apart); every
 Cloud Storage call of the pass goes through a counting proxy.
 
-Writes ``bench/results/sweep.json``.
+Writes ``bench/results/sweep.json`` at the default size (10,000), ``sweep_<N>.json`` at another.
 
 Usage: ``python bench/sweep.py [--objects N]``
 """
@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from google.cloud import storage
 
-from dicomflow import objects, runtime, sweep
+from dicomflow import keys, objects, runtime, sweep
 from dicomflow.config import load_settings
 from dicomflow.staging import (
     FileRecord,
@@ -50,7 +51,8 @@ from localcloud.pubsub import start_pubsub
 from localcloud.storage import client as storage_client
 from localcloud.storage import start_storage
 
-RESULTS = Path(__file__).resolve().parent / "results" / "sweep.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OBJECTS = 10_000
 MISSED = 10
 DAYS = (2, 3, 4)
 # Class A: writes and listings; Class B: reads; deletes are free (Cloud Storage pricing).
@@ -115,6 +117,8 @@ def run(storage_url: str, pubsub_url: str, count: int, delete_after: int) -> lis
     print(f"  populated {count + MISSED} uploads in {time.monotonic() - started:.0f} s")
     proxy = FaultProxy(storage_url).start()
     counted = storage_client(proxy.url)
+    key_file = Path(tempfile.mkdtemp(prefix="bench-sweep-")) / "deployment.key"
+    keys.write_key_file(str(key_file))  # the sweep's alert labels its objects with it
     settings = load_settings(
         {
             "DICOMFLOW_DICOM_STORE": "projects/p/locations/l/datasets/d/dicomStores/s",
@@ -124,6 +128,7 @@ def run(storage_url: str, pubsub_url: str, count: int, delete_after: int) -> lis
             "DICOMFLOW_ALERTS_TOPIC": "projects/local/topics/alerts",
             "DICOMFLOW_PUBSUB_ENDPOINT": pubsub_url,
             "DICOMFLOW_LANDING_DELETE_AFTER_DAYS": str(delete_after),
+            "DICOMFLOW_KEY_FILE": str(key_file),
         }
     )
     passes = []
@@ -163,7 +168,9 @@ def run(storage_url: str, pubsub_url: str, count: int, delete_after: int) -> lis
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objects", type=int, default=10_000, help="verified landing objects")
+    parser.add_argument(
+        "--objects", type=int, default=DEFAULT_OBJECTS, help="verified landing objects"
+    )
     args = parser.parse_args()
     logging.getLogger("dicomflow").setLevel(logging.ERROR)  # the table says it all
     gcs = start_storage()
@@ -193,8 +200,10 @@ def main() -> int:
                 f"{label:20} {p['day']:>4} {p['landingObjects']:>8} {p['total']:>7} "
                 f"{p['classA']:>6} {p['classB']:>6} {p['deletes']:>6} {p['missed']:>7}"
             )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    suffix = "" if args.objects == DEFAULT_OBJECTS else f"_{args.objects}"
+    out = RESULTS / f"sweep{suffix}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "date": datetime.now(UTC).date().isoformat(),
@@ -207,7 +216,7 @@ def main() -> int:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
     return 0
 
 
