@@ -38,15 +38,21 @@ def subscription_path(name: str, project_of_topic: str) -> str:
     return f"projects/{project_of_topic}/subscriptions/{name}"
 
 
+UNDECODABLE = "undecodable"
+
+
 def decode(received: dict[str, Any]) -> dict[str, Any]:
-    """One received message as ``{...alert body, "attributes": {...}, "messageId"}``."""
+    """One received message as ``{...alert body, "attributes": {...}, "messageId"}``.
+
+    A message whose data is not a JSON object gets the kind ``undecodable``, which no alert
+    has (``unreadable`` is an alert kind)."""
     message = received.get("message") or {}
     try:
         body = json.loads(base64.b64decode(message.get("data") or b""))
     except (binascii.Error, ValueError):
-        body = {"kind": "unreadable"}
+        body = {"kind": UNDECODABLE}
     if not isinstance(body, dict):
-        body = {"kind": "unreadable"}
+        body = {"kind": UNDECODABLE}
     body["attributes"] = dict(message.get("attributes") or {})
     body["messageId"] = message.get("messageId")
     return body

@@ -219,3 +219,12 @@ def test_operation_errors_in_alerts_name_objects_and_uids_by_label() -> None:
     label = alerts.object_label(settings, "landing", "Doe^John/ct.dcm")  # type: ignore[arg-type]
     uid = alerts.uid_label(settings, sop)  # type: ignore[arg-type]
     assert redacted == f"reading {label} (instance {uid}) failed"
+
+
+def test_a_message_that_is_no_alert_decodes_to_a_kind_no_alert_has() -> None:
+    from dicomflow import subscription
+
+    for data in (b"not base64!", base64.b64encode(b"[1, 2]")):
+        got = subscription.decode({"message": {"data": data, "messageId": "m1"}})
+        assert got["kind"] == subscription.UNDECODABLE
+        assert got["kind"] not in alerts.ALERT_KINDS
