@@ -120,21 +120,9 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     # starts after that tick's floor, however long ago that tick ran. The first tick of a
     # deployment has no earlier tick: it looks at every window, however old.
     start = min(cursor, floor) if stored is not None else ""
-    windows = [
-        w
-        for w in objects.folders(bucket, BATCHES_PREFIX, f"{BATCHES_PREFIX}{start}")
-        if w >= start and _is_window(w)
-    ]
-    sealed = {
-        n[len(SEALED_PREFIX) : -len(".done")]
-        for n in objects.names(bucket, SEALED_PREFIX, f"{SEALED_PREFIX}{start}")
-        if n.endswith(".done")
-    }
     made: list[str] = []
     waiting: list[str] = []
-    for window in windows:
-        if window in sealed:
-            continue
+    for window in unsealed(bucket, start):
         if now < seal_time(window, settings):
             waiting.append(window)
             continue
@@ -145,6 +133,21 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
             bucket, SEAL_CURSOR, objects.dumps({"window": target}), "application/json"
         )
     return made
+
+
+def unsealed(bucket: Any, start: str) -> list[str]:
+    """The windows under ``batches/`` from ``start`` (a cursor time; "" for all) whose seal
+    has not finished, in order (two listings)."""
+    sealed = {
+        n[len(SEALED_PREFIX) : -len(".done")]
+        for n in objects.names(bucket, SEALED_PREFIX, f"{SEALED_PREFIX}{start}")
+        if n.endswith(".done")
+    }
+    return [
+        w
+        for w in objects.folders(bucket, BATCHES_PREFIX, f"{BATCHES_PREFIX}{start}")
+        if w >= start and _is_window(w) and w not in sealed
+    ]
 
 
 def _is_window(text: str) -> bool:

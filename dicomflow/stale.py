@@ -31,9 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dicomflow import alerts, batches, export, log, objects
-from dicomflow.config import BATCHES_PREFIX
 from dicomflow.staging import (
-    SEALED_PREFIX,
     iso,
     open_name,
     parse_batch,
@@ -55,23 +53,7 @@ def unsealed_windows(ctx: Any) -> dict[str, datetime]:
     (one read, two listings)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     cursor = str((objects.read_json(bucket, batches.SEAL_CURSOR) or {}).get("window") or "")
-    start = cursor or None
-    sealed = {
-        n[len(SEALED_PREFIX) : -len(".done")]
-        for n in objects.names(bucket, SEALED_PREFIX, f"{SEALED_PREFIX}{cursor}" if start else None)
-        if n.endswith(".done")
-    }
-    found: dict[str, datetime] = {}
-    for window in objects.folders(
-        bucket, BATCHES_PREFIX, f"{BATCHES_PREFIX}{cursor}" if start else None
-    ):
-        if window < cursor or window in sealed:
-            continue
-        try:
-            found[window] = parse_window(window)
-        except ValueError:
-            continue
-    return found
+    return {window: parse_window(window) for window in batches.unsealed(bucket, cursor)}
 
 
 def open_batches(ctx: Any, batch_ids: Iterable[str], older_than: datetime) -> dict[str, datetime]:
