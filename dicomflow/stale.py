@@ -19,7 +19,7 @@ bound is the backstop behind the alerts that name a cause sooner (``backlog``,
 
 Left to others: running operations (``stalled``, from operations.list); a late claim
 whose copy never landed (a missed object: the sweep compares the landing bucket with
-``staging.has_record``); re-drives (``dicomflow status`` shows an interrupted one);
+the records, ``sweep.recorded_keys``); re-drives (``dicomflow status`` shows an interrupted one);
 alert markers and feed progress records, which each tick resumes.
 """
 
