@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import random
 import threading
 import time
-import urllib.request
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,91 +24,41 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import functions_framework
 import pydicom
 import pytest
 from google.cloud import storage
 from pydicom.uid import UID
 
 from dicomflow import alerts, batches, healthcare, ingest, objects, outcomes, report, runtime
-from dicomflow.config import Settings
 from dicomflow.events import StorageObject
 from dicomflow.staging import SLOTS_PREFIX, file_key, parse_batch, seal_time, window_id
 from dicomflow.verify import CONFLICT, SUCCESS
-from localcloud.healthcare import HealthcareServer, start_healthcare
-from localcloud.storage import StorageServer
 from tests.ingest_support import (
     Clock,
     StorageCalls,
     Uploaded,
-    counted_client,
     finalize_event,
     make_instance,
-    make_settings,
     post,
     tick_event,
-    unique,
     upload,
     value_cut_short,
 )
-
-MAIN = str(Path(__file__).resolve().parents[2] / "main.py")
-PARENT = "projects/local/locations/us-central1"
+from tests.integration.sites import PipelineFactory, Site
 
 
 class Crash(BaseException):
     """The process dies here (BaseException, so no code under test catches it)."""
 
 
-@pytest.fixture(scope="module")
-def hc(gcs_server: StorageServer) -> Iterator[HealthcareServer]:
-    """This module's own emulator, so that its knobs can change freely."""
-    server = start_healthcare(storage_endpoint=gcs_server.url)
-    yield server
-    server.stop()
+@dataclass(kw_only=True)
+class Pipeline(Site):
+    """A site whose functions' Storage requests are counted (``calls``); the URIs of the
+    import calls and the kinds of the alerts published are recorded (see ``make``)."""
 
-
-@pytest.fixture(scope="module")
-def apps() -> dict[str, Any]:
-    return {
-        name: functions_framework.create_app(name, MAIN, "cloudevent")
-        for name in ("ingest", "report")
-    }
-
-
-def set_knobs(server: HealthcareServer, **values: object) -> None:
-    request = urllib.request.Request(
-        f"{server.url}/_emulator/knobs",
-        data=json.dumps(values).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request) as response:
-        response.read()
-
-
-@dataclass
-class Pipeline:
-    gcs: storage.Client  # the test's own client, not counted
-    calls: StorageCalls  # the functions' client's requests
-    ctx: runtime.Context
-    clock: Clock
-    apps: dict[str, Any]
-    dataset: str
+    calls: StorageCalls
     imports: list[str] = field(default_factory=list)  # import URIs, in call order
     alerts: list[str] = field(default_factory=list)
-
-    @property
-    def settings(self) -> Settings:
-        return self.ctx.settings
-
-    @property
-    def landing(self) -> str:
-        return self.settings.landing_bucket
-
-    @property
-    def bucket(self) -> storage.Bucket:
-        return self.gcs.bucket(self.settings.staging_bucket)
 
     def upload(self, name: str, data: bytes) -> Uploaded:
         return upload(self.gcs, self.landing, name, data, self.clock())
@@ -174,42 +122,17 @@ class Pipeline:
         return file_key(obj.bucket, obj.name, obj.generation)
 
 
-_contexts: list[runtime.Context] = []
-
-
 @pytest.fixture
-def make(
-    gcs_server: StorageServer,
-    hc: HealthcareServer,
-    apps: dict[str, Any],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Callable[..., Pipeline]]:
-    """A factory of pipelines (own buckets, dataset and store); closes their clients after."""
+def make(pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Pipeline]:
+    """A factory of pipelines (own buckets, dataset and store) on the session's emulators."""
 
     def build(**extra: str) -> Pipeline:
-        client, calls = counted_client(gcs_server.url)
-        landing, staging_bucket = unique("landing"), unique("staging")
-        test_client = gcs_server.client()
-        test_client.create_bucket(landing)
-        test_client.create_bucket(staging_bucket)
-        dataset_id = unique("ds")
-        dataset = f"{PARENT}/datasets/{dataset_id}"
-        extra.setdefault("DICOMFLOW_SEAL_GRACE_SECONDS", "5")
-        settings = make_settings(
-            landing,
-            staging_bucket,
-            DICOMFLOW_DICOM_STORE=f"{dataset}/dicomStores/store",
-            DICOMFLOW_HEALTHCARE_ENDPOINT=hc.url,
-            **extra,
+        p = pipeline(
+            Pipeline,
+            clock=Clock(),
+            counted=True,
+            settings={"DICOMFLOW_SEAL_GRACE_SECONDS": "5", **extra},
         )
-        clock = Clock()
-        ctx = runtime.Context(settings=settings, storage=client, clock=clock)
-        datasets = ctx.healthcare().projects().locations().datasets()
-        datasets.create(parent=PARENT, datasetId=dataset_id, body={}).execute()
-        datasets.dicomStores().create(parent=dataset, dicomStoreId="store", body={}).execute()
-        runtime.set_context(ctx)
-        _contexts.append(ctx)
-        p = Pipeline(test_client, calls, ctx, clock, apps, dataset)
         start_import = healthcare.start_import
 
         def recording(c: runtime.Context, uri: str, *args: Any) -> dict[str, Any]:
@@ -222,13 +145,9 @@ def make(
 
         monkeypatch.setattr(healthcare, "start_import", recording)
         monkeypatch.setattr(alerts, "publish_once", published)
-        calls.reset()
         return p
 
-    yield build
-    runtime.set_context(None)
-    while _contexts:
-        _contexts.pop().close_clients()
+    return build
 
 
 # ---- an oracle for validity, independent of dicomflow.header --------------------------------
@@ -465,7 +384,7 @@ def _slots_held(p: Pipeline) -> int:
 
 
 def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
-    make: Callable[..., Pipeline], hc: HealthcareServer, monkeypatch: pytest.MonkeyPatch
+    make: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = make(DICOMFLOW_BATCH_MAX_FILES="2", DICOMFLOW_MAX_RUNNING_IMPORTS="2")
     uploads = p.upload_many({f"two/{i}.dcm": make_instance() for i in range(12)})
@@ -494,11 +413,11 @@ def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
             for future in [pool.submit(one), pool.submit(one)]:
                 future.result()
 
-    set_knobs(hc, operation_latency=0.2)
+    p.knobs(operation_latency=0.2)
     try:
         p.drain(max_ticks=80, tick=both_ticks)
     finally:
-        set_knobs(hc, operation_latency=0.0)
+        p.knobs(operation_latency=0.0)
     found = check_one_outcome_each(p, uploads)
     assert {o.status for o in found.values()} == {"imported"}
     batch_ids = sorted(s["batch"] for s in p.summaries())
@@ -511,19 +430,19 @@ def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
 
 
 def test_the_cap_absorbs_the_services_429_and_imports_every_batch(
-    make: Callable[..., Pipeline], hc: HealthcareServer
+    make: Callable[..., Pipeline],
 ) -> None:
     p = make(DICOMFLOW_BATCH_MAX_FILES="3", DICOMFLOW_MAX_RUNNING_IMPORTS="5")
     files = {f"cap/{i}.dcm": make_instance() for i in range(24)}
     uploads = p.upload_many(files)
     for obj in uploads:
         assert p.deliver(obj) == 200
-    set_knobs(hc, max_concurrent_ops=2, operation_latency=0.4)
+    p.knobs(max_concurrent_ops=2, operation_latency=0.4)
     try:
         results: list[dict[str, Any]] = []
         p.drain(max_ticks=200, tick=lambda: results.append(ingest.tick(p.ctx)))
     finally:
-        set_knobs(hc, max_concurrent_ops=0, operation_latency=0.0)
+        p.knobs(max_concurrent_ops=0, operation_latency=0.0)
     assert any(r["throttled"] for r in results)  # the 429s happened...
     assert max(r["running"] for r in results) <= 5
     started = [b for r in results for b in r["started"]]
@@ -536,19 +455,17 @@ def test_the_cap_absorbs_the_services_429_and_imports_every_batch(
     assert sorted(p.stored_sops()) == sorted(expected_sop(d) or "" for d in files.values())
 
 
-def test_transient_healthcare_errors_are_retried(
-    make: Callable[..., Pipeline], hc: HealthcareServer
-) -> None:
+def test_transient_healthcare_errors_are_retried(make: Callable[..., Pipeline]) -> None:
     p = make(DICOMFLOW_BATCH_MAX_FILES="4")
     files = {f"flaky/{i}.dcm": make_instance() for i in range(12)}
     uploads = p.upload_many(files)
     for obj in uploads:
         assert p.deliver(obj) == 200
-    set_knobs(hc, faults="import=0.5:503,operations.get=0.3:500")
+    p.knobs(faults="import=0.5:503,operations.get=0.3:500")
     try:
         p.drain(max_ticks=50)
     finally:
-        set_knobs(hc, faults="")
+        p.knobs(faults="")
     summaries = p.summaries()
     assert summaries and all(s["operation"]["error"] is None for s in summaries)
     found = check_one_outcome_each(p, uploads)
@@ -568,18 +485,18 @@ def _max_overlap(operations: list[dict[str, Any]]) -> int:
     return peak
 
 
-def test_at_most_k_imports_run_at_once(make: Callable[..., Pipeline], hc: HealthcareServer) -> None:
+def test_at_most_k_imports_run_at_once(make: Callable[..., Pipeline]) -> None:
     p = make(DICOMFLOW_BATCH_MAX_FILES="2", DICOMFLOW_MAX_RUNNING_IMPORTS="2")
     files = {f"k/{i}.dcm": make_instance() for i in range(14)}
     uploads = p.upload_many(files)
     for obj in uploads:
         assert p.deliver(obj) == 200
-    set_knobs(hc, operation_latency=0.3)
+    p.knobs(operation_latency=0.3)
     try:
         results: list[dict[str, Any]] = []
         p.drain(max_ticks=200, tick=lambda: results.append(ingest.tick(p.ctx)))
     finally:
-        set_knobs(hc, operation_latency=0.0)
+        p.knobs(operation_latency=0.0)
     assert max(r["running"] for r in results) <= 2
     assert not any(r["throttled"] for r in results)
     operations = p.import_operations()

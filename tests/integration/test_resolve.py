@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from dicomflow import cli, objects, redrive, resolve, verify
 from tests.ingest_support import make_instance
-from tests.integration.test_operator_commands import Pipeline, p, pubsub  # noqa: F401
+from tests.integration.test_operator_commands import Pipeline, p  # noqa: F401
 
 
 def run(p: Pipeline, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:

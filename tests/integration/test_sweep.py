@@ -18,9 +18,9 @@ from dicomflow.config import DROPPED_PREFIX
 from dicomflow.staging import file_key
 from dicomflow.verify import SUCCESS
 from tests.ingest_support import Uploaded, finalize_event, make_instance, post
-from tests.integration.test_ingest_pipeline import Pipeline, apps, hc, make
+from tests.integration.test_ingest_pipeline import Pipeline, make
 
-__all__ = ["apps", "hc", "make"]  # fixtures of the pipeline tests, used here
+__all__ = ["make"]  # the pipeline tests' fixture, used here
 
 EVENT_AGE = 1800
 SWEEP = {
