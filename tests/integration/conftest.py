@@ -7,7 +7,8 @@ emulator where it is installed and the built-in fallback elsewhere (``kind="auto
 cover both. ``pipeline`` builds what one test needs on them (``tests.integration.sites``):
 its own buckets, DICOM store, alerts topic and subscription, settings, a settable clock
 and a ``Context``, all closed after the test, so that tests share the servers and
-nothing else.
+nothing else. ``burst``, the one expensive scenario, runs once and is read by the
+ingest and the report tests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from localcloud.healthcare import HealthcareServer, start_healthcare
 from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer, start_storage
+from tests.integration.burst import Burst, run_burst
 from tests.integration.sites import PipelineFactory, PubSubServers
 
 MAIN = str(Path(__file__).resolve().parents[2] / "main.py")
@@ -90,3 +92,19 @@ def pipeline(
     factory = PipelineFactory(gcs_server, healthcare_server, pubsub_servers, apps)
     yield factory
     factory.close()
+
+
+@pytest.fixture(scope="session")
+def burst(
+    gcs_server: StorageServer,
+    healthcare_server: HealthcareServer,
+    pubsub_servers: PubSubServers,
+    apps: dict[str, Any],
+) -> Iterator[Burst]:
+    """The 2,000-file burst (``tests.integration.burst``), run on first use; its pipeline
+    stays up for the session, for the ingest and the report tests to read."""
+    factory = PipelineFactory(gcs_server, healthcare_server, pubsub_servers, apps)
+    try:
+        yield run_burst(factory)
+    finally:
+        factory.close()

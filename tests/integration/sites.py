@@ -3,16 +3,19 @@
 ``PubSubServers`` hands out the two Pub/Sub back-ends by kind. ``PipelineFactory``
 builds a ``Site``: one test's buckets, DICOM store, alerts topic and subscription,
 settings, settable clock and ``Context``. Test modules subclass ``Site`` for the
-helpers of their own flow.
+helpers of their own flow; ``Pipeline`` is the one driven by events through the
+functions, as Eventarc and Cloud Scheduler would.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import time
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -20,13 +23,23 @@ from typing import Any, TypeVar
 import pytest
 from google.cloud import storage
 
-from dicomflow import runtime
+from dicomflow import batches, outcomes, runtime
 from dicomflow.config import Settings, load_settings
+from dicomflow.staging import file_key
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, emulator_missing_reason, start_pubsub
 from localcloud.storage import StorageServer
 from tests.deployment_key import KEY_FILE
-from tests.ingest_support import Clock, StorageCalls, counted_client
+from tests.ingest_support import (
+    Clock,
+    StorageCalls,
+    Uploaded,
+    counted_client,
+    finalize_event,
+    post,
+    tick_event,
+    upload,
+)
 
 PARENT = "projects/local/locations/us-central1"
 
@@ -133,6 +146,78 @@ class Site:
         """Close this thread's API clients (their keep-alive sockets) and drop the context."""
         self.ctx.close_clients()
         runtime.set_context(None)
+
+
+@dataclass(kw_only=True)
+class Pipeline(Site):
+    """A site driven through the functions by events, whose functions' Storage requests
+    are counted (``calls``); a test may record the URIs of the import calls and the kinds
+    of the alerts published (``imports``, ``alerts``)."""
+
+    calls: StorageCalls
+    imports: list[str] = field(default_factory=list)  # import URIs, in call order
+    alerts: list[str] = field(default_factory=list)
+
+    def upload(self, name: str, data: bytes) -> Uploaded:
+        return upload(self.gcs, self.landing, name, data, self.clock())
+
+    def upload_many(self, files: dict[str, bytes]) -> list[Uploaded]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda item: self.upload(*item), files.items()))
+
+    def deliver(self, obj: Uploaded) -> int:
+        return post(self.apps["ingest"].test_client(), finalize_event(obj, self.clock()))
+
+    def tick(self) -> None:
+        assert post(self.apps["ingest"].test_client(), tick_event(self.clock())) == 200
+
+    def report_tick(self) -> None:
+        assert post(self.apps["report"].test_client(), tick_event(self.clock())) == 200
+
+    def outcomes(self) -> dict[str, outcomes.Outcome]:
+        return outcomes.read_all(self.bucket)
+
+    def drain(self, max_ticks: int = 60, tick: Callable[[], Any] | None = None) -> int:
+        """Tick ingest and report (a window later each time) until every file has a final
+        outcome and no batch is open; the number of rounds."""
+        for count in range(1, max_ticks + 1):
+            self.clock.advance(self.settings.batch_window_seconds + 1)
+            if tick is None:
+                self.tick()
+            else:
+                tick()
+            self.report_tick()
+            if not batches.open_batches(self.bucket) and all(
+                o.status in outcomes.FINAL for o in self.outcomes().values()
+            ):
+                return count
+            time.sleep(0.05)  # imports run in the emulator's threads
+        raise AssertionError(f"still open after {max_ticks} ticks: {self.open()}")
+
+    def open(self) -> list[str]:
+        return batches.open_batches(self.bucket)
+
+    def import_operations(self) -> list[dict[str, Any]]:
+        ops: list[dict[str, Any]] = []
+        api = self.ctx.healthcare().projects().locations().datasets().operations()
+        token = None
+        while True:
+            page = api.list(name=self.dataset, pageToken=token).execute()
+            ops += page.get("operations", [])
+            token = page.get("nextPageToken")
+            if not token:
+                break
+        return [o for o in ops if "Import" in o.get("metadata", {}).get("apiMethodName", "")]
+
+    def stored_sops(self) -> list[str]:
+        found = self.ctx.dicomweb().search_for_instances(limit=50000)
+        return [i["00080018"]["Value"][0] for i in found]
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return outcomes.summaries(self.bucket)
+
+    def key(self, obj: Uploaded) -> str:
+        return file_key(obj.bucket, obj.name, obj.generation)
 
 
 S = TypeVar("S", bound=Site)

@@ -1,125 +1,44 @@
 """Ingest end to end on the local cloud: fake-gcs-server plus the Healthcare API emulator.
 
-The burst, crash safety at each stage, overlapping ticks, the import cap against the
-emulator's concurrency quota, stragglers, and what an idle tick costs. Outcomes are
-read as operators read them (``dicomflow.outcomes``); the report function runs its
-ticks too, with alert publishing recorded instead of sent (report's own tests cover
-Pub/Sub).
+The burst (the session's, shared with the report tests: ``tests.integration.burst``),
+crash safety at each stage, overlapping ticks, the import cap against the emulator's
+concurrency quota, stragglers, and what an idle tick costs. Outcomes are read as
+operators read them (``dicomflow.outcomes``); the report function runs its ticks too,
+with alert publishing recorded instead of sent (report's own tests cover Pub/Sub).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import random
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 from google.cloud import storage
-from pydicom.uid import UID
 
 from dicomflow import alerts, batches, healthcare, ingest, objects, outcomes, report, runtime
 from dicomflow.events import StorageObject
-from dicomflow.staging import SLOTS_PREFIX, file_key, parse_batch, seal_time, window_id
+from dicomflow.staging import SLOTS_PREFIX, parse_batch, seal_time, window_id
 from dicomflow.verify import CONFLICT, SUCCESS
 from tests.ingest_support import (
     Clock,
-    StorageCalls,
     Uploaded,
     finalize_event,
     make_instance,
-    post,
-    tick_event,
-    upload,
-    value_cut_short,
 )
-from tests.integration.sites import PipelineFactory, Site
+from tests.integration.burst import Burst, check_one_outcome_each, expected_sop
+from tests.integration.sites import Pipeline, PipelineFactory
 
 
 class Crash(BaseException):
     """The process dies here (BaseException, so no code under test catches it)."""
-
-
-@dataclass(kw_only=True)
-class Pipeline(Site):
-    """A site whose functions' Storage requests are counted (``calls``); the URIs of the
-    import calls and the kinds of the alerts published are recorded (see ``make``)."""
-
-    calls: StorageCalls
-    imports: list[str] = field(default_factory=list)  # import URIs, in call order
-    alerts: list[str] = field(default_factory=list)
-
-    def upload(self, name: str, data: bytes) -> Uploaded:
-        return upload(self.gcs, self.landing, name, data, self.clock())
-
-    def upload_many(self, files: dict[str, bytes]) -> list[Uploaded]:
-        with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(lambda item: self.upload(*item), files.items()))
-
-    def deliver(self, obj: Uploaded) -> int:
-        return post(self.apps["ingest"].test_client(), finalize_event(obj, self.clock()))
-
-    def tick(self) -> None:
-        assert post(self.apps["ingest"].test_client(), tick_event(self.clock())) == 200
-
-    def report_tick(self) -> None:
-        assert post(self.apps["report"].test_client(), tick_event(self.clock())) == 200
-
-    def outcomes(self) -> dict[str, outcomes.Outcome]:
-        return outcomes.read_all(self.bucket)
-
-    def drain(self, max_ticks: int = 60, tick: Callable[[], Any] | None = None) -> int:
-        """Tick ingest and report (a window later each time) until every file has a final
-        outcome and no batch is open; the number of rounds."""
-        for count in range(1, max_ticks + 1):
-            self.clock.advance(self.settings.batch_window_seconds + 1)
-            if tick is None:
-                self.tick()
-            else:
-                tick()
-            self.report_tick()
-            if not batches.open_batches(self.bucket) and all(
-                o.status in outcomes.FINAL for o in self.outcomes().values()
-            ):
-                return count
-            time.sleep(0.05)  # imports run in the emulator's threads
-        raise AssertionError(f"still open after {max_ticks} ticks: {self.open()}")
-
-    def open(self) -> list[str]:
-        return batches.open_batches(self.bucket)
-
-    def import_operations(self) -> list[dict[str, Any]]:
-        ops: list[dict[str, Any]] = []
-        api = self.ctx.healthcare().projects().locations().datasets().operations()
-        token = None
-        while True:
-            page = api.list(name=self.dataset, pageToken=token).execute()
-            ops += page.get("operations", [])
-            token = page.get("nextPageToken")
-            if not token:
-                break
-        return [o for o in ops if "Import" in o.get("metadata", {}).get("apiMethodName", "")]
-
-    def stored_sops(self) -> list[str]:
-        found = self.ctx.dicomweb().search_for_instances(limit=50000)
-        return [i["00080018"]["Value"][0] for i in found]
-
-    def summaries(self) -> list[dict[str, Any]]:
-        return outcomes.summaries(self.bucket)
-
-    def key(self, obj: Uploaded) -> str:
-        return file_key(obj.bucket, obj.name, obj.generation)
 
 
 @pytest.fixture
@@ -150,120 +69,16 @@ def make(pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch) -> Callable
     return build
 
 
-# ---- an oracle for validity, independent of dicomflow.header --------------------------------
-
-
-def expected_sop(data: bytes) -> str | None:
-    """The SOP Instance UID if a full pydicom read finds an acceptable file, else None."""
-    if data[128:132] != b"DICM":
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(BytesIO(data))
-        except Exception:
-            return None
-        if value_cut_short(ds):
-            return None
-        if not str(ds.file_meta.get("TransferSyntaxUID", "") or ""):
-            return None
-        values = []
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            value = str(getattr(ds, keyword, "") or "").strip()
-            if not value or not UID(value).is_valid:
-                return None
-            values.append(value)
-        syntax = UID(str(ds.file_meta.TransferSyntaxUID))
-        photometric = str(getattr(ds, "PhotometricInterpretation", ""))
-        if "PixelData" in ds and not syntax.is_compressed and "422" not in photometric:
-            try:
-                frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            except ValueError:
-                frames = 1
-            expected = ds.Rows * ds.Columns * ds.SamplesPerPixel * frames * ds.BitsAllocated // 8
-            if len(ds.PixelData) < expected:
-                return None  # truncated
-    return values[2]
-
-
-def corpus() -> dict[str, bytes]:
-    """The real sample files shipped by pydicom and pydicom-data, with their own names."""
-    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
-    spec = importlib.util.find_spec("data_store")
-    if spec and spec.origin:
-        roots.append(Path(spec.origin).parent / "data")
-    files = {}
-    for root in roots:
-        for path in sorted(root.iterdir()):
-            if path.is_file():
-                files[f"corpus/{root.parent.name}/{path.name}"] = path.read_bytes()
-    return files
-
-
-def check_one_outcome_each(p: Pipeline, uploads: list[Uploaded]) -> dict[str, outcomes.Outcome]:
-    """Every upload has exactly one final outcome, and nothing else has one."""
-    found = p.outcomes()
-    assert sorted(found) == sorted({p.key(u) for u in uploads})
-    assert all(o.status in outcomes.FINAL for o in found.values())
-    listed: Counter[str] = Counter()
-    for summary in p.summaries():
-        window, bits = parse_batch(summary["batch"])
-        keys = [r.key for r in batches.read_files(p.bucket, window) or []]
-        listed.update(k for k in keys if k.startswith(bits))
-    assert max(listed.values(), default=1) == 1  # no file in two batches
-    return found
-
-
 # ---- the burst ------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_burst_of_2000_instances_and_the_sample_corpus_delivered_twice(
-    make: Callable[..., Pipeline],
-) -> None:
-    started = time.monotonic()
-    p = make(DICOMFLOW_BATCH_MAX_FILES="400")
-    files: dict[str, bytes] = {}
-    for study in range(20):
-        study_uid = pydicom.uid.generate_uid()
-        series_uid = pydicom.uid.generate_uid()
-        for i in range(100):
-            files[f"burst/{study:02d}/IM{i:04d}.dcm"] = make_instance(study_uid, series_uid)
-    for i in range(10):
-        files[f"broken/notdicom{i}.dcm"] = b"%PDF-1.4 not an image " * (i + 10)
-        files[f"broken/nouid{i}.dcm"] = make_instance(omit=("SOPInstanceUID",))
-        files[f"broken/cut{i}.dcm"] = make_instance()[: 140 + i]
-    files.update(corpus())
-    uploads = p.upload_many(files)
-    uploaded_at = time.monotonic()
-    eligible = [u for u in uploads if u.name.lower().endswith(".dcm")]
+def test_burst_of_2000_instances_and_the_sample_corpus_delivered_twice(burst: Burst) -> None:
+    p, files, deliveries = burst.p, burst.files, burst.deliveries
+    assert burst.statuses.count(200) == len(deliveries), sorted(set(burst.statuses))
+    eligible = [u for u in burst.uploads if u.name.lower().endswith(".dcm")]
     expected = {u.name: expected_sop(files[u.name]) for u in eligible}
     valid = {n for n, sop in expected.items() if sop}
-
-    # Every event twice: half of the repeats right behind the first (concurrent in the
-    # pool), half at the end; the clock moves on so that several windows are used.
-    rng = random.Random(4)
-    order = list(uploads)
-    rng.shuffle(order)
-    deliveries = [u for u in order for _ in range(2)]
-    deliveries = deliveries[::2] + deliveries[1::2][: len(order) // 2]
-    deliveries[len(order) :] = rng.sample(deliveries[len(order) :], len(deliveries) - len(order))
-    deliveries += order[len(order) // 2 :]
-
-    def deliver(index_obj: tuple[int, Uploaded]) -> int:
-        index, obj = index_obj
-        if index % 1500 == 1499:
-            p.clock.advance(30)
-        return p.deliver(obj)
-
-    p.calls.reset()
-    with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(deliver, enumerate(deliveries)))
-    assert statuses.count(200) == len(deliveries), sorted(set(statuses))
-    ingest_calls = p.calls.counts(p.calls.taken())
-    ingested_at = time.monotonic()
-    ticks = p.drain()
-    drained_at = time.monotonic()
 
     found = check_one_outcome_each(p, eligible)
     by_name = {o.record.name: o for o in found.values() if o.record}
@@ -291,15 +106,15 @@ def test_burst_of_2000_instances_and_the_sample_corpus_delivered_twice(
     assert len(p.import_operations()) == len(p.imports) == len(summaries)
     assert len(summaries) <= len(files) // 100
     assert sum(s["counts"]["total"] for s in summaries) == len(valid)
+    ingest_calls = burst.ingest_calls
     eligible_deliveries = sum(d.name.lower().endswith(".dcm") for d in deliveries)
     assert ingest_calls["objects.rewrite"] == eligible_deliveries  # one copy per delivery
     print(
         f"\nburst: {len(files)} files ({len(eligible)} eligible, {len(valid)} valid), "
         f"{len(deliveries)} deliveries, ingest calls {dict(ingest_calls)}, "
-        f"{len(summaries)} batches, {len(p.imports)} imports, {ticks} ticks, "
-        f"{len(stored)} instances stored, {totals}; upload {uploaded_at - started:.1f}s, "
-        f"ingest {ingested_at - uploaded_at:.1f}s, "
-        f"imports {drained_at - ingested_at:.1f}s, total {time.monotonic() - started:.1f}s"
+        f"{len(summaries)} batches, {len(p.imports)} imports, {burst.ticks} ticks, "
+        f"{len(stored)} instances stored, {totals}; healthy round "
+        f"{burst.seconds['healthy']:.1f}s, total {burst.seconds['total']:.1f}s"
     )
 
 

@@ -51,6 +51,7 @@ from tests.ingest_support import (
     tick_event,
     upload,
 )
+from tests.integration.burst import PER_SERIES, RESENT, SERIES, STUDIES, Burst
 from tests.integration.sites import PipelineFactory, Site
 
 
@@ -380,17 +381,23 @@ def healthy_burst(env: Env, studies: int, resend: int, redeliver: int) -> None:
 def test_healthy_burst_with_duplicate_deliveries_gives_zero_alerts(
     new_env: Callable[..., Env],
 ) -> None:
-    """400 instances in 3 batches (the 2,000 version below takes 2-3 minutes on 2 cores)."""
+    """400 instances in 3 batches (the session's 2,000-file burst is checked below)."""
     env = new_env(DICOMFLOW_BATCH_MAX_FILES="160")
     healthy_burst(env, studies=4, resend=20, redeliver=60)
 
 
 @pytest.mark.slow
-def test_healthy_burst_of_2000_gives_zero_alerts(
-    new_env: Callable[..., Env],
-) -> None:
-    env = new_env(DICOMFLOW_BATCH_MAX_FILES="1000")
-    healthy_burst(env, studies=20, resend=50, redeliver=300)
+def test_healthy_burst_of_2000_gives_zero_alerts(burst: Burst) -> None:
+    """The session's burst (``tests.integration.burst``): its healthy round, 2,000
+    instances and 50 of them again under new names, every event delivered twice."""
+    healthy = burst.healthy
+    instances = STUDIES * SERIES * PER_SERIES
+    assert set(healthy.statuses) == {200}, healthy.statuses
+    assert healthy.alerts == []
+    totals = healthy.totals
+    assert totals["imported"] == instances and totals["duplicate"] == RESENT, str(totals)
+    assert sum(totals.values()) == instances + RESENT == len(healthy.files)
+    assert healthy.stored == instances
 
 
 # --- crash safety ------------------------------------------------------------------------------
