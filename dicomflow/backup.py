@@ -35,9 +35,9 @@ from typing import Any
 
 from cloudevents.http import CloudEvent
 
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import EXPORT_MODES, Settings, parse_mime_type
 from dicomflow.errors import PermanentError
-from dicomflow.staging import iso, parse_time
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_MANIFEST.json"

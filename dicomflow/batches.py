@@ -53,6 +53,7 @@ from google.cloud import storage
 from googleapiclient.errors import HttpError
 
 from dicomflow import healthcare, log, objects
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.runtime import Context
@@ -66,12 +67,10 @@ from dicomflow.staging import (
     files_name,
     import_uri,
     intent_name,
-    iso,
     late_name,
     open_name,
     operation_name,
     parse_batch,
-    parse_time,
     parse_window,
     seal_time,
     sealed_done_name,

@@ -39,11 +39,11 @@ from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from dicomflow import alerts, backup, export, healthcare, log, objects, restore, retry, verify
+from dicomflow import alerts, backup, export, healthcare, log, objects, pool, restore, retry, verify
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import DRILLS_PREFIX, STATE_PREFIX
 from dicomflow.errors import DicomflowError, PermanentError
 from dicomflow.names import DicomStoreName
-from dicomflow.staging import iso, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ def _delete_all(ctx: Any, store: DicomStoreName, studies: list[str]) -> list[str
         finally:
             ctx.close_clients()
 
-    return [name for name in verify.pmap(one, studies) if name]
+    return [name for name in pool.pmap(one, studies) if name]
 
 
 def _deletes_done(ctx: Any, doc: Mapping[str, Any]) -> bool:

@@ -17,9 +17,9 @@ from typing import Any
 
 from cloudevents.http import CloudEvent
 
+from dicomflow.clock import parse_time
 from dicomflow.config import Settings
 from dicomflow.errors import PermanentError
-from dicomflow.staging import parse_time as parse_time
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"

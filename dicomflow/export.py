@@ -86,9 +86,9 @@ from dicomflow.backup import (
     series_counts,
     tick_time,
 )
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import STATE_PREFIX, Settings, parse_mime_type
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.staging import iso, parse_time
 
 logger = logging.getLogger(__name__)
 

@@ -60,9 +60,11 @@ from dicomflow.backup import (
     resource_path,
     tag_value,
 )
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
-from dicomflow.staging import iso, parse_batch, parse_time, success_name, window_id
-from dicomflow.verify import SUCCESS, pmap
+from dicomflow.pool import pmap
+from dicomflow.staging import parse_batch, success_name, window_id
+from dicomflow.verify import SUCCESS
 
 # Longer than a report tick can run (the function timeout, 540 s) plus clock skew: a batch
 # verified (``verifiedAt``, the report tick's start) gets its summary within this time.

@@ -39,9 +39,10 @@ from typing import Any
 
 from dicomflow import alerts, objects
 from dicomflow.batches import CURSOR_STEP_SECONDS
+from dicomflow.clock import iso
 from dicomflow.config import DROPPED_PREFIX, FAILED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
-from dicomflow.staging import FileRecord, iso, parse_window, window_id
-from dicomflow.verify import pmap
+from dicomflow.pool import pmap
+from dicomflow.staging import FileRecord, parse_window, window_id
 
 REPORT_PREFIX = f"{STATE_PREFIX}report/"
 # A window is reported this long after it ends (copies still landing in it first).

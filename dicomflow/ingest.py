@@ -69,6 +69,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import alerts, batches, header, log, objects, retry
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import Settings
 from dicomflow.errors import DicomflowError, PermanentError, TransientError
 from dicomflow.events import (
@@ -76,7 +77,6 @@ from dicomflow.events import (
     MESSAGE_PUBLISHED,
     StorageObject,
     is_too_old,
-    parse_time,
 )
 from dicomflow.runtime import Context
 from dicomflow.sniff import sniffed_skip_reason
@@ -85,7 +85,6 @@ from dicomflow.staging import (
     dropped_name,
     failed_name,
     file_key,
-    iso,
     late_home_window,
     late_name,
     late_window_id,

@@ -31,7 +31,8 @@ from typing import Any
 from google.cloud import storage
 
 from dicomflow import objects
-from dicomflow.staging import failure_name, iso, success_name, summary_name
+from dicomflow.clock import iso
+from dicomflow.staging import failure_name, success_name, summary_name
 from dicomflow.verify import SUCCESS, FileResult, counts
 
 SCHEMA_VERSION = 2

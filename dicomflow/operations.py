@@ -21,8 +21,8 @@ from datetime import datetime
 from typing import Any
 
 from dicomflow import objects, retry
+from dicomflow.clock import parse_time
 from dicomflow.config import STATE_PREFIX
-from dicomflow.staging import parse_time
 
 OURS_PREFIX = f"{STATE_PREFIX}ops/"
 PAGE_SIZE = 1000

@@ -72,17 +72,16 @@ from dicomflow import (
     stale,
     verify,
 )
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import TransientError
 from dicomflow.operations import OperationView
 from dicomflow.staging import (
     FileRecord,
     failure_name,
-    iso,
     open_name,
     operation_name,
     parse_batch,
-    parse_time,
     stuck_name,
 )
 from dicomflow.verify import CONFLICT, FAILED, FileResult

@@ -46,7 +46,18 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from dicomflow import backup, healthcare, keys, log, objects, operations, retry, tombstones, verify
+from dicomflow import (
+    backup,
+    healthcare,
+    keys,
+    log,
+    objects,
+    operations,
+    pool,
+    retry,
+    tombstones,
+    verify,
+)
 from dicomflow.config import RESTORES_PREFIX, parse_mime_type
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.names import DicomStoreName
@@ -256,7 +267,7 @@ def stage_source(
             if progress:
                 progress("copy", done, len(chosen))
 
-    verify.pmap(copy, chosen)
+    pool.pmap(copy, chosen)
     return f"gs://{ctx.settings.staging_bucket}/{prefix}**.dcm"
 
 
@@ -269,7 +280,7 @@ def clean_up(ctx: Any, rid: str) -> int:
     """Delete the copies of restore ``rid``; how many went."""
     staging = ctx.storage.bucket(ctx.settings.staging_bucket)
     names = objects.names(staging, copies_prefix(rid))
-    verify.pmap(lambda name: objects.delete(staging, name), names)
+    pool.pmap(lambda name: objects.delete(staging, name), names)
     return len(names)
 
 

@@ -30,10 +30,12 @@ from typing import Any
 from google.cloud import storage
 
 from dicomflow import log, manifests, objects
+from dicomflow.clock import parse_time
 from dicomflow.config import DAY_SECONDS, MANIFESTS_PREFIX, STATE_PREFIX
+from dicomflow.pool import pmap
 from dicomflow.runtime import Context
-from dicomflow.staging import parse_batch, parse_time, parse_window, success_name
-from dicomflow.verify import SUCCESS, pmap
+from dicomflow.staging import parse_batch, parse_window, success_name
+from dicomflow.verify import SUCCESS
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -27,6 +27,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import storage
 
 from dicomflow import keys, log
+from dicomflow.clock import utcnow
 from dicomflow.config import Settings, load_settings
 from dicomflow.errors import ConfigError, PermanentError
 from dicomflow.events import decode_attributes
@@ -50,11 +51,6 @@ HANDLERS = {
     "report": "dicomflow.report:handle_event",
     "export": "dicomflow.export:handle_event",
 }
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware (UTC)."""
-    return datetime.now(UTC)
 
 
 @dataclass

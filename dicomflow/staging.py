@@ -265,24 +265,6 @@ def import_uri(staging_bucket: str, batch: str) -> str:
     return f"gs://{staging_bucket}/{BATCHES_PREFIX}{window}/{bits}*.dcm"
 
 
-def iso(moment: datetime) -> str:
-    """A UTC time as written in records: ``2026-11-25T12:53:00.123456Z``."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An RFC 3339 time as an aware datetime, or None when absent or unreadable."""
-    if isinstance(value, datetime):
-        return value
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
-
-
 @dataclass(frozen=True)
 class FileRecord:
     """What is known of one object generation; carried as the staging copy's metadata.

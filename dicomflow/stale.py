@@ -31,11 +31,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dicomflow import alerts, batches, export, log, objects
+from dicomflow.clock import iso, parse_time
 from dicomflow.staging import (
-    iso,
     open_name,
     parse_batch,
-    parse_time,
     parse_window,
 )
 

@@ -46,6 +46,7 @@ from typing import Any
 from google.cloud import storage
 
 from dicomflow import alerts, log, objects, retention
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import (
     BATCHES_PREFIX,
     DAY_SECONDS,
@@ -57,10 +58,10 @@ from dicomflow.config import (
 )
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.events import StorageObject, skip_reason
+from dicomflow.pool import pmap
 from dicomflow.runtime import Context
 from dicomflow.sniff import has_dicom_magic, needs_sniff
-from dicomflow.staging import LATE_PREFIX, WINDOW_FORMAT, file_key, iso, parse_time, window_id
-from dicomflow.verify import pmap
+from dicomflow.staging import LATE_PREFIX, WINDOW_FORMAT, file_key, window_id
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,8 @@ import google_crc32c
 import requests
 
 from dicomflow import retry
-from dicomflow.staging import BATCH_STATE_PREFIX, FileRecord, iso, staged_name
+from dicomflow.clock import iso
+from dicomflow.staging import BATCH_STATE_PREFIX, FileRecord, staged_name
 
 logger = logging.getLogger(__name__)
 
@@ -251,15 +252,6 @@ def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
 
     data: bytes = retry.call(fetch, predicate=transient)
     return data
-
-
-def pmap(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``fn`` over ``items`` in a small thread pool, results in order."""
-    items = list(items)
-    if len(items) <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(min(THREADS, len(items)), thread_name_prefix="verify") as pool:
-        return list(pool.map(fn, items))
 
 
 def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:

@@ -19,7 +19,7 @@ faults and crashes.
 - kills the ingest or the report function with SIGKILL at random moments and
   starts it again.
 
-Then it waits until every upload has a final outcome (``dicomflow.outcomes``),
+Then it waits until every upload has a final outcome (``dicomflow.ops.outcomes``),
 turns the faults off, waits for the quarantine alerts, and ``check_invariants``
 confirms: every valid file is in the store exactly once and byte for byte; of each
 conflicting pair exactly one is ``imported`` (or ``duplicate``) and its bytes are
@@ -65,7 +65,7 @@ import pydicom
 from google.cloud import storage
 
 from dicomflow import alerts as alert_lib
-from dicomflow import objects, outcomes
+from dicomflow import objects
 from dicomflow.config import (
     BATCHES_PREFIX,
     DROPPED_PREFIX,
@@ -73,7 +73,9 @@ from dicomflow.config import (
     QUARANTINE_PREFIX,
     load_settings,
 )
-from dicomflow.outcomes import Outcome
+from dicomflow.ops import outcomes
+from dicomflow.ops.outcomes import Outcome
+from dicomflow.pool import pmap
 from dicomflow.staging import (
     BATCH_STATE_PREFIX,
     OPEN_PREFIX,
@@ -85,7 +87,7 @@ from dicomflow.staging import (
     staged_name,
     summary_name,
 )
-from dicomflow.verify import CONFLICT, FAILED, SUCCESS, pmap
+from dicomflow.verify import CONFLICT, FAILED, SUCCESS
 from localcloud import leaks
 from localcloud.corpus import generate_studies
 from localcloud.delivery import STORAGE_FINALIZED, Deliverer, Event
@@ -753,7 +755,7 @@ def check_invariants(
 ) -> list[str]:
     """Every broken invariant, one line each (empty: all hold).
 
-    ``found``: key -> outcome (``dicomflow.outcomes``); ``stored``: SOP Instance UID ->
+    ``found``: key -> outcome (``dicomflow.ops.outcomes``); ``stored``: SOP Instance UID ->
     SHA-256 of the stored bytes; ``staged_names``: the staging copies that exist;
     ``doubles``: keys with lines in several verified batches; ``label``: an upload's
     object label as alerts carry it.

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from dicomflow import log
-from dicomflow.outcomes import Outcome
+from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import staged_name
 from localcloud.chaos import chaos_corpus, check_invariants, run_chaos
 

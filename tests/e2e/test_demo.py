@@ -16,7 +16,8 @@ from dicomweb_client.api import DICOMwebClient
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import alerts, feeds, manifests, outcomes
+from dicomflow import alerts, feeds, manifests
+from dicomflow.ops import outcomes
 from dicomflow.staging import failure_name, file_key, quarantine_name
 from localcloud import leaks
 from localcloud.demo import AWKWARD_NAMES

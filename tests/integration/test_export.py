@@ -36,6 +36,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicomflow import (
     backup,
     batches,
+    clock,
     export,
     export_plan,
     healthcare,
@@ -46,11 +47,11 @@ from dicomflow import (
     restore,
     runtime,
     staging,
-    status,
     verify,
 )
 from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
+from dicomflow.ops import status
 from localcloud.corpus import sample_files
 from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_shape
 from localcloud.healthcare import HealthcareServer
@@ -483,7 +484,7 @@ def test_report_never_starts_an_export_the_next_export_tick_takes_the_dead_start
     assert len(env.export_operations()) == 2
     marker = env.settle()
     assert marker["state"] == export.COMPLETE and marker["takeovers"] == 1
-    assert marker["firstClaimedAt"] == staging.iso(claimed_at)
+    assert marker["firstClaimedAt"] == clock.iso(claimed_at)
     assert env.settle(DAY + timedelta(days=1))["state"] == export.COMPLETE
     assert env.alerts() == []
 
@@ -698,7 +699,7 @@ def test_incremental_reads_the_manifests_verified_since_the_last_export_and_no_f
     exported3 = {n: d for n, d in env.objects(day3.date()).items() if n != backup.MANIFEST_NAME}
     assert {sop_of(d) for d in exported3.values()} == sops_c | sops_d
     assert len(exported3) == 4
-    assert marker3["since"] == staging.iso(TICK)
+    assert marker3["since"] == clock.iso(TICK)
     assert per_file_requests(day3_requests) == []
     reads = object_reads(day3_requests, "manifests/")
     # b's summary is below day 2's floor: not even listed.
@@ -805,12 +806,12 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     details = alert["body"]["details"]
     assert details["date"] == "2026-11-25" and details["attempt"] == 1
     assert details["state"] == export.STARTING
-    assert details["firstClaimedAt"] == staging.iso(claimed_at)
+    assert details["firstClaimedAt"] == clock.iso(claimed_at)
     assert details["stuckSeconds"] > export.STALLED_START_SECONDS
     assert details["takeovers"] >= 2
     found = export.read_marker(env.ctx, DAY)
     assert found is not None and found[0]["state"] == export.STARTING
-    assert found[0]["firstClaimedAt"] == staging.iso(claimed_at)
+    assert found[0]["firstClaimedAt"] == clock.iso(claimed_at)
 
     # The store recovers: the next takeover starts the export; no further alert.
     monkeypatch.setattr(export_plan, "plan", original)
@@ -929,7 +930,7 @@ def test_missing_backup_bucket_fails_the_operation_and_alerts(make_env: Any) -> 
 def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
     make_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cli = pytest.importorskip("dicomflow.cli")
+    cli = pytest.importorskip("dicomflow.ops.cli")
     env = make_env()
     env.store_instances([image(4, 4) for _ in range(2)])
     argv = ["export", "--date", "2026-11-20", "--wait", "--json"]

@@ -2,7 +2,7 @@
 
 The burst, crash safety at each stage, overlapping ticks, the import cap against the
 emulator's concurrency quota, stragglers, and what an idle tick costs. Outcomes are
-read as operators read them (``dicomflow.outcomes``); the report function runs its
+read as operators read them (``dicomflow.ops.outcomes``); the report function runs its
 ticks too, with alert publishing recorded instead of sent (report's own tests cover
 Pub/Sub).
 """
@@ -32,9 +32,10 @@ import pytest
 from google.cloud import storage
 from pydicom.uid import UID
 
-from dicomflow import alerts, batches, healthcare, ingest, objects, outcomes, report, runtime
+from dicomflow import alerts, batches, healthcare, ingest, objects, report, runtime
 from dicomflow.config import Settings
 from dicomflow.events import StorageObject
+from dicomflow.ops import outcomes
 from dicomflow.staging import SLOTS_PREFIX, file_key, parse_batch, seal_time, window_id
 from dicomflow.verify import CONFLICT, SUCCESS
 from localcloud.healthcare import HealthcareServer, start_healthcare

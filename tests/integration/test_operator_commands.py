@@ -1,6 +1,6 @@
 """The operator commands on real emulators: ``retry`` (re-drive: a new record under a retry
 key, a fresh outcome that replaces the old one, no double) and ``status``, ``batches``,
-``batch`` (their JSON against ``dicomflow.outcomes``).
+``batch`` (their JSON against ``dicomflow.ops.outcomes``).
 
 Files go through the real ingest path, the Healthcare emulator imports them,
 and the report tick verifies them, all in this process with a settable clock.
@@ -26,10 +26,11 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import batches, cli, header, ingest, objects, outcomes, redrive, report, runtime
+from dicomflow import batches, header, ingest, objects, report, runtime
 from dicomflow.config import load_settings
 from dicomflow.events import StorageObject
-from dicomflow.outcomes import Outcome
+from dicomflow.ops import cli, outcomes, redrive
+from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import file_key, late_name, quarantine_name, staged_name
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub

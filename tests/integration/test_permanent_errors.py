@@ -18,19 +18,10 @@ from typing import Any
 
 import pytest
 
-from dicomflow import (
-    batches,
-    export,
-    log,
-    objects,
-    outcomes,
-    redrive,
-    report,
-    staging,
-    stale,
-    status,
-)
-from dicomflow.staging import iso, stuck_name
+from dicomflow import batches, export, log, objects, report, staging, stale
+from dicomflow.clock import iso
+from dicomflow.ops import outcomes, redrive, status
+from dicomflow.staging import stuck_name
 from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_shape
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer

@@ -40,7 +40,6 @@ from dicomflow import (
     log,
     manifests,
     objects,
-    outcomes,
     report,
     runtime,
     staging,
@@ -48,6 +47,7 @@ from dicomflow import (
 )
 from dicomflow.config import DROPPED_PREFIX, load_settings
 from dicomflow.errors import TransientError
+from dicomflow.ops import outcomes
 from localcloud.corpus import generate_studies, sample_files
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, start_pubsub

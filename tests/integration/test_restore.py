@@ -22,18 +22,9 @@ import pydicom
 import pytest
 from rich.console import Console
 
-from dicomflow import (
-    backup,
-    drill,
-    export,
-    healthcare,
-    report,
-    restore,
-    status,
-    status_page,
-    tables,
-)
+from dicomflow import backup, drill, export, healthcare, report, restore
 from dicomflow.names import DicomStoreName
+from dicomflow.ops import status, status_page, tables
 from localcloud.corpus import Generated, generate_studies
 from tests.integration.test_export import (  # noqa: F401  (fixtures)
     DAY,
@@ -81,7 +72,7 @@ def sops_in(env: Env, store: DicomStoreName) -> set[str]:
 
 
 def run_cli(env: Env, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
-    from dicomflow import cli
+    from dicomflow.ops import cli
 
     code = cli.main(["restore", *argv], make_ctx=lambda: env.ctx)
     out, err = capsys.readouterr()
@@ -253,8 +244,9 @@ def test_an_erased_study_never_comes_back_with_a_restore(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dicomflow import cli, erase, keys, tombstones
+    from dicomflow import keys, tombstones
     from dicomflow.errors import ConfigError
+    from dicomflow.ops import cli, erase
     from tests.deployment_key import KEY_FILE
 
     caplog.set_level(logging.INFO, logger="dicomflow")

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from dicomflow import alerts, ingest, outcomes
+from dicomflow import alerts, ingest
 from dicomflow.config import DROPPED_PREFIX
+from dicomflow.ops import outcomes
 from dicomflow.staging import file_key
 from dicomflow.verify import SUCCESS
 from tests.ingest_support import Uploaded, finalize_event, make_instance, post

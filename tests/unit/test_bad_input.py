@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from dicomflow import alerts, header, log, runtime, staging
+from dicomflow import alerts, clock, header, log, runtime, staging
 from dicomflow.errors import PermanentError
 from dicomflow.events import (
     FINALIZED,
@@ -358,7 +358,7 @@ def test_event_time_on_any_value(value: Any) -> None:
     assert moment is None or moment.tzinfo is not None
     assert isinstance(is_too_old(moment, NOW, 3600), bool)
     if moment is not None:
-        staging.iso(moment)
+        clock.iso(moment)
 
 
 class NoStorage:

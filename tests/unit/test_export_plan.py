@@ -9,9 +9,10 @@ import pytest
 from cloudevents.http import CloudEvent
 
 from dicomflow import backup, export, export_plan
+from dicomflow.clock import iso
 from dicomflow.config import ConfigError, Settings, load_settings
 from dicomflow.errors import PermanentError
-from dicomflow.staging import FileRecord, iso, parse_batch, parse_window
+from dicomflow.staging import FileRecord, parse_batch, parse_window
 
 STORE = "projects/p/locations/l/datasets/d/dicomStores/s"
 

@@ -17,8 +17,9 @@ from httplib2 import Response
 from pydicom.data import get_testdata_file
 
 from dicomflow import batches, header, ingest, retry, staging
+from dicomflow.clock import parse_time
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.events import StorageObject, is_too_old, matches_globs, parse_time, skip_reason
+from dicomflow.events import StorageObject, is_too_old, matches_globs, skip_reason
 from dicomflow.staging import FileRecord
 from tests.ingest_support import PATIENT_NAME, make_instance, make_settings
 

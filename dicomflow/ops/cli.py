@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import cli_restore, ingest, log, staging
+from dicomflow import ingest, log, staging
 from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
+from dicomflow.ops import cli_restore
 from dicomflow.runtime import Context, make_context
 from dicomflow.staging import file_key, window_id
 
@@ -263,7 +264,7 @@ def _window_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _since_time(text: str) -> Any:
-    from dicomflow.status import parse_time
+    from dicomflow.clock import parse_time
 
     moment = parse_time(text)
     if moment is None:
@@ -339,7 +340,8 @@ def cmd_status(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     """Gather the status dict once; print it as tables or JSON, and optionally as a page."""
     from pathlib import Path
 
-    from dicomflow import status, status_page, subscription, tables
+    from dicomflow import subscription
+    from dicomflow.ops import status, status_page, tables
 
     ctx = make_ctx()
     now, since = _window(ctx, args)
@@ -377,7 +379,7 @@ def add_batches(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_batches(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    from dicomflow import status, tables
+    from dicomflow.ops import status, tables
 
     ctx = make_ctx()
     now, since = _window(ctx, args)
@@ -407,7 +409,7 @@ def add_batch(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_batch(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    from dicomflow import status, tables
+    from dicomflow.ops import status, tables
 
     ctx = make_ctx()
     try:
@@ -426,7 +428,7 @@ def cmd_batch(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
 
 
 def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    from dicomflow.redrive import RETRYABLE
+    from dicomflow.ops.redrive import RETRYABLE
 
     parser = subparsers.add_parser(
         "retry",
@@ -457,7 +459,7 @@ def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from dicomflow import outcomes, redrive, tables
+    from dicomflow.ops import outcomes, redrive, tables
 
     ctx = make_ctx()
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -524,7 +526,8 @@ def add_alerts(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    from dicomflow import subscription, tables
+    from dicomflow import subscription
+    from dicomflow.ops import tables
 
     if not args.subscription:
         print(
@@ -595,7 +598,8 @@ def add_label(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_label(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     """Print what each label stands for; exit 1 when one is unknown, 2 when one is malformed."""
-    from dicomflow import keys, labels
+    from dicomflow import keys
+    from dicomflow.ops import labels
 
     ctx = make_ctx()
     key = keys.load(ctx.settings)

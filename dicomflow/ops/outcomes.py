@@ -35,8 +35,9 @@ from dicomflow.config import (
     MANIFESTS_PREFIX,
     QUARANTINE_PREFIX,
 )
+from dicomflow.pool import pmap
 from dicomflow.staging import FileRecord
-from dicomflow.verify import FAILED, OUTCOMES, pmap
+from dicomflow.verify import FAILED, OUTCOMES
 
 STAGED = "staged"
 QUARANTINED = "quarantined"

@@ -1,6 +1,6 @@
 """The restore side of the command line: ``restore``, ``erase`` and ``resolve``.
 
-Registered in ``dicomflow.cli.SUBCOMMANDS``; each handler takes the context factory
+Registered in ``dicomflow.ops.cli.SUBCOMMANDS``; each handler takes the context factory
 and the parsed arguments and returns the exit status (0 ok, 1 the work failed or was
 refused, 2 usage).
 """
@@ -25,14 +25,14 @@ ContextFactory = Callable[[], Context]
 
 
 def _stderr() -> Console:
-    from dicomflow import cli
+    from dicomflow.ops import cli
 
     console: Console = cli._stderr_console()
     return console
 
 
 def _print(renderable: RenderableType) -> None:
-    from dicomflow import cli
+    from dicomflow.ops import cli
 
     cli._print(renderable)
 
@@ -85,7 +85,7 @@ def add_restore(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "--into-live."
         ),
     )
-    from dicomflow.cli import _export_date
+    from dicomflow.ops.cli import _export_date
 
     parser.add_argument(
         "--date", type=_export_date, required=True, help="the backup's date, YYYY-MM-DD"
@@ -230,7 +230,7 @@ def add_resolve(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_resolve(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    from dicomflow import resolve
+    from dicomflow.ops import resolve
 
     ctx = make_ctx()
     action = resolve.REPLACE if args.replace else resolve.KEEP_STORED
@@ -290,7 +290,7 @@ def add_erase(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_erase(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    from dicomflow import erase
+    from dicomflow.ops import erase
 
     ctx = make_ctx()
     try:

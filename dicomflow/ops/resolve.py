@@ -4,7 +4,7 @@ An operator who knows which version is right picks one:
 
 - ``keep-stored``: the stored instance stays; the file is left out for good.
 - ``replace``: the stored instance is deleted (DICOMweb ``instances.delete``) and the
-  file is imported again: it is re-driven (``dicomflow.redrive``), so a later batch
+  file is imported again: it is re-driven (``dicomflow.ops.redrive``), so a later batch
   imports and verifies it, and its new outcome supersedes the conflict in the totals.
 
 Records (staging bucket)::
@@ -30,11 +30,12 @@ from typing import Any
 
 import requests
 
-from dicomflow import log, objects, outcomes, redrive, retry, verify
+from dicomflow import log, objects, pool, retry, verify
+from dicomflow.clock import iso
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
 from dicomflow.errors import PermanentError
-from dicomflow.outcomes import Outcome
-from dicomflow.staging import iso
+from dicomflow.ops import outcomes, redrive
+from dicomflow.ops.outcomes import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def resolved_counts(ctx: Any) -> dict[str, int]:
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     names = objects.names(bucket, RESOLVED_PREFIX)
     counts = dict.fromkeys(ACTIONS, 0)
-    for doc in verify.pmap(lambda n: objects.read_json(bucket, n), names):
+    for doc in pool.pmap(lambda n: objects.read_json(bucket, n), names):
         if doc is not None and doc.get("action") in counts:
             counts[str(doc["action"])] += 1
     return counts

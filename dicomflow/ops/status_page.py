@@ -1,6 +1,6 @@
 """``dicomflow status --html FILE``: the status dict as one self-contained HTML page.
 
-``render(status)`` is pure: it takes the dict from ``dicomflow.status.gather``
+``render(status)`` is pure: it takes the dict from ``dicomflow.ops.status.gather``
 and returns the page. Everything is inline (CSS and an SVG timeline, no
 script, no web font, no network), so the file can be mailed or attached to an
 incident. The timeline has four lanes over the window's busy span: files (a
@@ -15,7 +15,7 @@ import html
 from datetime import datetime, timedelta
 from typing import Any
 
-from dicomflow.status import parse_time
+from dicomflow.clock import parse_time
 
 STATUS_COLORS = {
     "imported": "#2f9e5f",
@@ -311,7 +311,7 @@ def _swatch(color: str) -> str:
 
 
 def render(status: dict[str, Any]) -> str:
-    """The page for a status dict from ``dicomflow.status.gather``."""
+    """The page for a status dict from ``dicomflow.ops.status.gather``."""
     now = parse_time(status["generatedAt"])
     assert now is not None
     led = status["files"]

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dicomflow import keys, outcomes
+from dicomflow import keys
+from dicomflow.ops import outcomes
 
 LABEL = re.compile(r"^h:([0-9a-f]{8}):[0-9a-f]{32}$")
 # What of a record a label can stand for, and how to label it.

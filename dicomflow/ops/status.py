@@ -3,13 +3,13 @@
 ``gather(ctx, now, since)`` reads what the functions leave in the staging bucket
 (``dicomflow.staging`` has the layout) and what the Healthcare API says, and returns
 a JSON-ready dict. The same dict is printed as tables by ``dicomflow status``,
-dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sources::
+dumped by ``--json`` and drawn by ``dicomflow.ops.status_page`` as an HTML page. Sources::
 
     manifests/<batch>/summary.json       verified batches: counts by outcome, times
     manifests/<batch>/failure.ndjson     reasons, read only for batches with failures
     quarantine/<window>/, state/dropped/ quarantined and dropped files (listings)
     failed/<window>/                     files ingest could not read or copy (a listing)
-    state/retries/<key>.json             re-driven files (``dicomflow.redrive``)
+    state/retries/<key>.json             re-driven files (``dicomflow.ops.redrive``)
     batches/<window>/ (not sealed)       files of open windows (listings, from the seal cursor)
     state/open/<batch>.json              sealed batches not verified yet, and their
     state/batch/<batch>/operation.json   import operations
@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from google.cloud import storage
@@ -52,12 +52,11 @@ from dicomflow import (
     manifests,
     objects,
     operations,
-    outcomes,
-    redrive,
-    staging,
     tombstones,
 )
+from dicomflow.clock import iso_seconds, parse_time
 from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX
+from dicomflow.ops import outcomes, redrive
 from dicomflow.staging import (
     SEALED_PREFIX,
     FileRecord,
@@ -99,16 +98,6 @@ GROUPS = {
     "in progress": (outcomes.STAGED,),
 }
 BATCH_STATES = ("open", "sealed", "importing", "verifying", "verified")
-
-
-def iso(moment: datetime) -> str:
-    """``2026-11-25T12:53:00Z`` (UTC, seconds)."""
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(text: Any) -> datetime | None:
-    """A time written by the pipeline, or None when absent or unreadable."""
-    return staging.parse_time(text)
 
 
 def reason_code(reason: str | None) -> str:
@@ -555,8 +544,8 @@ def operations_section(ctx: Any, now: datetime, since: datetime) -> dict[str, An
             "kind": op.kind,
             "done": op.done,
             "failed": op.failed,
-            "createTime": iso(op.created) if op.created else None,
-            "endTime": iso(op.ended) if op.ended else None,
+            "createTime": iso_seconds(op.created) if op.created else None,
+            "endTime": iso_seconds(op.ended) if op.ended else None,
             "counter": dict(op.counter),
         }
         if not op.done:
@@ -584,7 +573,7 @@ def alerts_section(
         at = parse_time(doc.get("publishedAt"))
         if at is not None and at >= since:
             published.append(
-                {"alertId": doc.get("alertId"), "kind": doc.get("kind"), "time": iso(at)}
+                {"alertId": doc.get("alertId"), "kind": doc.get("kind"), "time": iso_seconds(at)}
             )
     published.sort(key=lambda a: str(a["time"]))
     return {
@@ -647,7 +636,7 @@ def upload_bins(
         "binSeconds": width,
         "total": sum(n for _, _, n in inside),
         "bins": [
-            {"time": iso(start + timedelta(seconds=slot * width)), "counts": kept[slot]}
+            {"time": iso_seconds(start + timedelta(seconds=slot * width)), "counts": kept[slot]}
             for slot in sorted(kept)
             if kept[slot]
         ],
@@ -694,8 +683,8 @@ def timeline(
     pad = timedelta(seconds=max(1.0, (end - start).total_seconds() * 0.03))
     start, end = start - pad, end + pad
     return {
-        "start": iso(start),
-        "end": iso(end),
+        "start": iso_seconds(start),
+        "end": iso_seconds(end),
         "uploads": upload_bins(files, start, end),
         "seals": seals,
         "operations": bars,
@@ -720,8 +709,8 @@ def gather(
         by_state[b["state"]].append(b)
     return {
         "schemaVersion": SCHEMA_VERSION,
-        "generatedAt": iso(now),
-        "window": {"since": iso(since), "until": iso(now)},
+        "generatedAt": iso_seconds(now),
+        "window": {"since": iso_seconds(since), "until": iso_seconds(now)},
         "dicomStore": str(ctx.settings.dicom_store),
         "files": files,
         "batches": {

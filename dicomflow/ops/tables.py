@@ -10,7 +10,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from dicomflow.status_page import duration
+from dicomflow.ops.status_page import duration
 
 _STYLE = {
     "imported": "green",

@@ -29,7 +29,7 @@ that the old outcome is superseded::
 - Quarantined files go through the header check first; one still rejected is left
   as it is, and nothing is written.
 
-Readers (``dicomflow.status``, ``select``) list ``state/retries/``: a key with a marker
+Readers (``dicomflow.ops.status``, ``select``) list ``state/retries/``: a key with a marker
 counts as its retry, never twice.
 """
 
@@ -44,20 +44,22 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from dicomflow import header, ingest, log, objects, outcomes, retry
+from dicomflow import header, ingest, log, objects, retry
+from dicomflow.clock import iso
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import DicomflowError
 from dicomflow.events import StorageObject, skip_reason
-from dicomflow.outcomes import Outcome
+from dicomflow.ops import outcomes
+from dicomflow.ops.outcomes import Outcome
+from dicomflow.pool import pmap
 from dicomflow.staging import (
     FileRecord,
     file_key,
-    iso,
     parse_batch,
     quarantine_name,
     staged_name,
 )
-from dicomflow.verify import CONFLICT, FAILED, pmap
+from dicomflow.verify import CONFLICT, FAILED
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import time
 from typing import Any
 
 from dicomflow import healthcare, keys, log, restore, retry, tombstones, verify
+from dicomflow.clock import iso
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.staging import iso
 
 logger = logging.getLogger(__name__)
 
