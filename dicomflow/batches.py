@@ -33,7 +33,7 @@ and intent and leaves the batch queued. An intent without an operation record fo
 duplicates, which the store ignores. When the operation is done (whoever polls it
 first, ingest or report) the record says so and the slot is released.
 
-Stragglers (``restage_stragglers``, after the import). Request timeouts do not stop
+Stragglers (``ingest.restage_stragglers``, after the import). Request timeouts do not stop
 code, so a copy can land after its window was listed. Listing the batch's prefix
 again finds such keys; each is re-staged through the late path into the current
 window, never lost.
@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from google.api_core import exceptions as gexc
 from google.cloud import storage
 from googleapiclient.errors import HttpError
 
@@ -67,6 +66,7 @@ from dicomflow.staging import (
     files_name,
     import_uri,
     intent_name,
+    late_home_window,
     late_name,
     open_name,
     operation_name,
@@ -76,7 +76,6 @@ from dicomflow.staging import (
     sealed_done_name,
     sealed_name,
     slot_name,
-    staged_name,
     window_id,
 )
 
@@ -231,8 +230,6 @@ def listed_keys(ctx: Context, window: str, now: datetime) -> frozenset[str]:
 
 def _listed(ctx: Context, window: str, now: datetime) -> list[FileRecord]:
     """The records of ``window``'s staging copies, late doubles dropped."""
-    from dicomflow import ingest
-
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     prefix = f"{BATCHES_PREFIX}{window}/"
     kept: list[FileRecord] = []
@@ -247,7 +244,7 @@ def _listed(ctx: Context, window: str, now: datetime) -> list[FileRecord]:
         if record.home != window:
             if record.home not in homes:
                 homes[record.home] = listed_keys(ctx, record.home, now)
-            if window == ingest.late_home(record, ctx.settings):
+            if window == late_home_window(record.home, ctx.settings):
                 claim = {"window": window}  # where every late delivery copies; no claim
             else:
                 claim = objects.read_json(bucket, late_name(record.key)) or {}
@@ -512,40 +509,3 @@ def adopt_interrupted(ctx: Context, batch: str, intent: dict[str, Any]) -> list[
             "interrupted import adopted", extra=log.fields(batch=batch, count=len(adopted))
         )
     return adopted
-
-
-# ---- stragglers --------------------------------------------------------------------------------
-
-
-def restage_stragglers(ctx: Context, batch: str, listed: frozenset[str]) -> list[str]:
-    """Re-stage copies under ``batch``'s prefix that its window's file list lacks.
-
-    Each goes through the late path into the current window (``ingest.stage``),
-    copied from the straggler itself; the late claim keeps it to one record.
-    """
-    from dicomflow import ingest
-
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    window, bits = parse_batch(batch)
-    moved: list[str] = []
-    for blob in objects.blobs(bucket, f"{BATCHES_PREFIX}{window}/{bits}"):
-        record = FileRecord.from_blob(blob, window)
-        if record is None or record.key in listed or not blob.name.endswith(".dcm"):
-            continue
-        now = ctx.clock()
-        if record.home != window and record.key in listed_keys(ctx, record.home, now):
-            continue  # a late double whose home window holds the file
-        source = bucket.blob(staged_name(window, record.key), generation=blob.generation)
-        restaged = FileRecord(**{**record.line(), "size": record.size, "via": "restaged"})
-        try:
-            # The late path: a claim naming this window (sealed) or another sealed one
-            # that did not list the key moves to the current window; one naming a window
-            # still open, or one that listed the key, keeps the file there.
-            result = ingest.stage(ctx, source, restaged, now)
-        except gexc.NotFound:
-            continue
-        if result.get("repeat"):
-            continue
-        moved.append(record.key)
-        logger.warning("straggler re-staged", extra=log.fields(key=record.key, batch=batch))
-    return moved

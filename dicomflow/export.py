@@ -2,7 +2,7 @@
 
 Flow::
 
-    export(tick) --> handle_event --> start_export
+    export(tick) --> functions.export --> start_export
         state/exports-open/<date>.json  <- {attempt}        (what the report tick lists)
         claim  state/exports/<date>.json  (create-if-absent: one export per date)
         plan what to export and count it (dicomflow.export_plan)
@@ -31,7 +31,7 @@ an export: the report function's role has no ``dicomStores.export``. A crash
 between the claim and the export call leaves ``starting``; once its lease
 (``START_LEASE_SECONDS``) ran out, the export function takes it over, keeping the
 attempt and its ``firstClaimedAt``: the platform's retry of the event that claimed
-it (``handle_event`` asks for one while the lease runs), and every later export
+it (``functions.export`` asks for one while the lease runs), and every later export
 tick for any open date (``resume_starts``). A marker still ``starting`` more than
 ``STALLED_START_SECONDS`` after that first claim gets one ``stalled`` alert per
 date and attempt from the report tick: a start that dies at the function timeout
@@ -67,7 +67,6 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from cloudevents.http import CloudEvent
 from google.api_core import exceptions as gexc
 from googleapiclient.errors import HttpError
 
@@ -79,12 +78,10 @@ from dicomflow.backup import (
     build_manifest,
     check_mode,
     destination_uri,
-    export_day,
     export_request,
     found_counts,
     parse_day,
     series_counts,
-    tick_time,
 )
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import STATE_PREFIX, Settings, parse_mime_type
@@ -210,40 +207,7 @@ def _poll(ctx: Any, name: str) -> dict[str, Any] | None:
 # --- start ------------------------------------------------------------------------------------
 
 
-def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
-    """The export function: start the tick's export unless its date already has one, take
-    over other dates' dead starts, then start a restore drill when one is due.
-
-    Raises:
-        TransientError: this event's own earlier delivery claimed the date and its lease
-            still runs (it died, or still runs): the platform's retry takes it over later.
-    """
-    from dicomflow import drill  # drill builds on this module
-
-    scheduled = tick_time(event)
-    day = export_day(scheduled)
-    result = start_export(
-        ctx,
-        day,
-        mode=ctx.settings.export_mode,
-        mime_type=ctx.settings.export_mime_type,
-        tick=scheduled,
-        event_id=event["id"],
-    )
-    result["resumed"] = resume_starts(ctx, ctx.clock(), skip=day, event_id=event["id"])
-    # The restore drill of the latest complete backup, when one is due (``dicomflow.drill``).
-    result["drill"] = drill.on_export_tick(ctx, scheduled)
-    if result["status"] == "exists" and result["state"] == STARTING:
-        found = read_marker(ctx, day)
-        if found is not None and _claimed_by(found[0], event["id"], ctx.clock()):
-            raise TransientError(
-                f"the start of the export of {day} by this event is still leased; "
-                "a retry takes it over once the lease runs out"
-            )
-    return result
-
-
-def _claimed_by(doc: Mapping[str, Any], event_id: str, now: datetime) -> bool:
+def claimed_by(doc: Mapping[str, Any], event_id: str, now: datetime) -> bool:
     """Whether ``doc`` is a start claimed by ``event_id`` whose lease still runs."""
     return (
         doc.get("state") == STARTING

@@ -58,23 +58,19 @@ ingest writes can never feed back into it.
 from __future__ import annotations
 
 import logging
-import threading
 import traceback
 from datetime import datetime, timedelta
 from typing import Any
 
-from cloudevents.http import CloudEvent
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import alerts, batches, header, log, objects, retry
-from dicomflow.clock import iso, parse_time
-from dicomflow.config import Settings
+from dicomflow.clock import iso
+from dicomflow.config import BATCHES_PREFIX, Settings
 from dicomflow.errors import DicomflowError, PermanentError, TransientError
 from dicomflow.events import (
-    FINALIZED,
-    MESSAGE_PUBLISHED,
     StorageObject,
     is_too_old,
 )
@@ -88,6 +84,7 @@ from dicomflow.staging import (
     late_home_window,
     late_name,
     late_window_id,
+    parse_batch,
     quarantine_name,
     seal_time,
     staged_name,
@@ -108,52 +105,6 @@ SOURCE_UNREADABLE = "source-unreadable"
 FOREIGN_BUCKET = "foreign-bucket"
 # The ``via`` of a file the reconciliation sweep found without a record.
 SWEPT = "sweep"
-
-
-def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
-    """Route a finalize event or a tick; see the module docstring."""
-    kind = cloud_event["type"]
-    event_id = cloud_event["id"]
-    if kind == FINALIZED:
-        obj = StorageObject.from_data(cloud_event.data)
-        with log.naming(obj.bucket, obj.name):
-            return ingest_object(ctx, obj, event_id, parse_time(cloud_event.get("time")))
-    if kind == MESSAGE_PUBLISHED:
-        return tick(ctx, event_id)
-    logger.info("ignored event type", extra=log.fields(eventId=event_id, eventType=kind))
-    return {"status": "ignored", "reason": "event-type"}
-
-
-# One tick at a time per instance: a tick that meets a running one returns at once
-# instead of repeating its seals beside it (localcloud's server runs requests at once).
-_TICK_RUNNING = threading.Lock()
-
-
-def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
-    """Seal due windows, then poll running imports and start queued ones (at most K)."""
-    if not _TICK_RUNNING.acquire(blocking=False):
-        logger.info("tick skipped: a tick is running in this instance", extra=log.fields())
-        return {"status": "busy", "sealed": [], **batches.Queue().summary()}
-    try:
-        return run_tick(ctx, event_id)
-    finally:
-        _TICK_RUNNING.release()
-
-
-def run_tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
-    """One tick, without the per-instance lock (two instances tick at once like this)."""
-    from dicomflow import sweep
-
-    now = ctx.clock()
-    sealed = batches.seal_due(ctx, now)
-    queue = batches.run_imports(ctx, now)
-    result = {"status": "tick", "sealed": sealed, **queue.summary()}
-    # The daily pass (the reconciliation sweep, landing retention) rides on this tick.
-    swept = sweep.run_due(ctx, now)
-    if swept is not None:
-        result["daily"] = swept
-    logger.info("tick", extra=log.fields(eventId=event_id, sealed=len(sealed), **queue.counts()))
-    return result
 
 
 def copy_deadline(settings: Settings) -> float:
@@ -516,3 +467,35 @@ def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) ->
     name = failed_name(record.home, record.key)
     created = objects.create(bucket, name, doc, metadata=failed.metadata())
     return {"status": FAILED, "reason": failed.reason, "window": record.home, "repeat": not created}
+
+
+def restage_stragglers(ctx: Context, batch: str, listed: frozenset[str]) -> list[str]:
+    """Re-stage copies under ``batch``'s prefix that its window's file list lacks.
+
+    Each goes through the late path into the current window (``stage``),
+    copied from the straggler itself; the late claim keeps it to one record.
+    """
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    window, bits = parse_batch(batch)
+    moved: list[str] = []
+    for blob in objects.blobs(bucket, f"{BATCHES_PREFIX}{window}/{bits}"):
+        record = FileRecord.from_blob(blob, window)
+        if record is None or record.key in listed or not blob.name.endswith(".dcm"):
+            continue
+        now = ctx.clock()
+        if record.home != window and record.key in batches.listed_keys(ctx, record.home, now):
+            continue  # a late double whose home window holds the file
+        source = bucket.blob(staged_name(window, record.key), generation=blob.generation)
+        restaged = FileRecord(**{**record.line(), "size": record.size, "via": "restaged"})
+        try:
+            # The late path: a claim naming this window (sealed) or another sealed one
+            # that did not list the key moves to the current window; one naming a window
+            # still open, or one that listed the key, keeps the file there.
+            result = stage(ctx, source, restaged, now)
+        except gexc.NotFound:
+            continue
+        if result.get("repeat"):
+            continue
+        moved.append(record.key)
+        logger.warning("straggler re-staged", extra=log.fields(key=record.key, batch=batch))
+    return moved

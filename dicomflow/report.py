@@ -48,7 +48,6 @@ object labels (``alerts.object_label``, hashed by default) only.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -56,14 +55,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
-from cloudevents.http import CloudEvent
-
 from dicomflow import (
     alerts,
     batches,
     drill,
     export,
     feeds,
+    ingest,
     log,
     manifests,
     objects,
@@ -88,7 +86,6 @@ from dicomflow.verify import CONFLICT, FAILED, FileResult
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 BACKLOG_MARKER = f"{STATE_PREFIX}report/backlog.json"
 # Stop starting batch verifications after this long; the next tick goes on (timeout 540 s).
 TICK_BUDGET_SECONDS = 300.0
@@ -101,34 +98,9 @@ OUTSIDE_HORIZON_SECONDS = 86_400
 # repair delay without a record is not ours.
 RECORD_MARGIN_SECONDS = 60
 
-# One tick at a time per instance. The deployment serves one request per instance;
-# an instance that serves several at once (localcloud's threaded server) lets a tick
-# that finds one running return at once instead of piling ticks up.
-_TICK_RUNNING = threading.Lock()
-
 
 def crashpoint(step: str) -> None:
     """A named point between steps; tests replace it to crash the tick there."""
-
-
-def handle_event(ctx: Any, cloud_event: CloudEvent) -> dict[str, Any]:
-    """The report function: every event is a tick (Scheduler -> Pub/Sub)."""
-    event_id = cloud_event["id"]
-    if cloud_event["type"] != MESSAGE_PUBLISHED:
-        logger.info(
-            "ignored event type",
-            extra=log.fields(eventId=event_id, eventType=cloud_event["type"]),
-        )
-        return {"status": "ignored", "reason": "event-type"}
-    if not _TICK_RUNNING.acquire(blocking=False):
-        logger.info(
-            "tick skipped: a tick is running in this instance", extra=log.fields(eventId=event_id)
-        )
-        return {"status": "busy"}
-    try:
-        return run_tick(ctx, event_id)
-    finally:
-        _TICK_RUNNING.release()
 
 
 def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
@@ -263,7 +235,7 @@ def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) ->
         in_window = batches.read_files(bucket, window) or []
         records = [r for r in in_window if r.key.startswith(bits)]
         listed = frozenset(r.key for r in in_window)
-        restaged = batches.restage_stragglers(ctx, batch, listed)
+        restaged = ingest.restage_stragglers(ctx, batch, listed)
         crashpoint("restaged")
         note = objects.read_json(bucket, verify.note_name(batch))
         earlier = verify.earlier_copies(

@@ -1,7 +1,7 @@
 """Per-process state of the functions: settings, clients, and the retry decision.
 
-``handle(function, event)`` is what ``main.py`` calls. It builds the
-``Context`` once per process, routes the event to the function's module and
+``handle(name, handler, event)`` is what ``main.py`` calls with a handler of
+``dicomflow.functions``. It builds the ``Context`` once per process, runs the handler and
 turns errors into the platform's retry semantics:
 
 - ``PermanentError``: logged and returned; retrying cannot help, so don't raise.
@@ -10,7 +10,6 @@ turns errors into the platform's retry semantics:
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
@@ -31,6 +30,7 @@ from dicomflow.clock import utcnow
 from dicomflow.config import Settings, load_settings
 from dicomflow.errors import ConfigError, PermanentError
 from dicomflow.events import decode_attributes
+from dicomflow.json_types import JSON
 
 if TYPE_CHECKING:
     from dicomweb_client.api import DICOMwebClient
@@ -42,15 +42,8 @@ logger = logging.getLogger(__name__)
 # the bucket still exists: a buckets.get per absent read. dicomflow exports no such spans.
 os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
 
-# function name -> "module:callable"; each callable takes (Context, CloudEvent) -> dict.
 # Connections kept per host by the Cloud Storage client (see make_context).
 STORAGE_POOL_SIZE = 64
-
-HANDLERS = {
-    "ingest": "dicomflow.ingest:handle_event",
-    "report": "dicomflow.report:handle_event",
-    "export": "dicomflow.export:handle_event",
-}
 
 
 @dataclass
@@ -201,12 +194,12 @@ def set_context(ctx: Context | None) -> None:
         _context = ctx
 
 
-def handle(function: str, event: CloudEvent) -> dict[str, Any]:
-    """Route ``event`` to ``function`` and apply the retry rule."""
+def handle(
+    function: str, handler: Callable[[Context, CloudEvent], JSON], event: CloudEvent
+) -> JSON:
+    """Run ``handler`` (the function named ``function``) on ``event`` and apply the retry rule."""
     event = decode_attributes(event)
     ctx = context()
-    module_name, _, attr = HANDLERS[function].partition(":")
-    handler = getattr(importlib.import_module(module_name), attr)
     started = time.monotonic()
     event_id = event["id"]
     try:

@@ -45,7 +45,7 @@ from typing import Any
 
 from google.cloud import storage
 
-from dicomflow import alerts, log, objects, retention
+from dicomflow import alerts, ingest, log, objects, retention
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import (
     BATCHES_PREFIX,
@@ -250,8 +250,6 @@ def _passes(ctx: Context, obj: StorageObject) -> bool:
 
 
 def _ingest(ctx: Context, obj: StorageObject, period: str) -> str:
-    from dicomflow import ingest
-
     try:
         outcome = ingest.ingest_object(ctx, obj, f"sweep-{period}", None, via=ingest.SWEPT)
     except TransientError:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import ingest, log, staging
+from dicomflow import functions, ingest, log, staging
 from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
@@ -145,7 +145,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     if errors:
         result["errors"] = errors[:20]
     if args.tick:
-        result["tick"] = ingest.tick(ctx, "backfill")
+        result["tick"] = functions.ingest_tick(ctx, "backfill")
     lines = [f"{len(listed)} objects under gs://{bucket}/{prefix}"]
     lines += [f"  {status}: {n}" for status, n in sorted(counts.items())]
     lines += [f"  error: {e}" for e in errors[:20]]

@@ -39,6 +39,7 @@ from dicomflow import (
     clock,
     export,
     export_plan,
+    functions,
     healthcare,
     manifests,
     objects,
@@ -782,7 +783,7 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     def retry_dies() -> None:
         """The platform's retry of the tick takes the start over, and dies again."""
         with pytest.raises(Killed):
-            export.handle_event(env.ctx, export_tick(TICK, "msg-1"))
+            functions.export(env.ctx, export_tick(TICK, "msg-1"))
 
     # Every takeover dies at the timeout while counting (a slow store, a huge scan).
     monkeypatch.setattr(export_plan, "plan", dies)

@@ -32,7 +32,7 @@ import pytest
 from google.cloud import storage
 from pydicom.uid import UID
 
-from dicomflow import alerts, batches, healthcare, ingest, objects, report, runtime
+from dicomflow import alerts, batches, functions, healthcare, ingest, objects, report, runtime
 from dicomflow.config import Settings
 from dicomflow.events import StorageObject
 from dicomflow.ops import outcomes
@@ -487,7 +487,7 @@ def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
         def one() -> None:  # as two instances would: no per-instance lock between them
             barrier.wait()
             try:
-                ingest.run_tick(p.ctx)
+                functions.run_ingest_tick(p.ctx)
             finally:
                 p.ctx.close_clients()  # the API clients this pool thread made
 
@@ -522,7 +522,7 @@ def test_the_cap_absorbs_the_services_429_and_imports_every_batch(
     set_knobs(hc, max_concurrent_ops=2, operation_latency=0.4)
     try:
         results: list[dict[str, Any]] = []
-        p.drain(max_ticks=200, tick=lambda: results.append(ingest.tick(p.ctx)))
+        p.drain(max_ticks=200, tick=lambda: results.append(functions.ingest_tick(p.ctx)))
     finally:
         set_knobs(hc, max_concurrent_ops=0, operation_latency=0.0)
     assert any(r["throttled"] for r in results)  # the 429s happened...
@@ -578,7 +578,7 @@ def test_at_most_k_imports_run_at_once(make: Callable[..., Pipeline], hc: Health
     set_knobs(hc, operation_latency=0.3)
     try:
         results: list[dict[str, Any]] = []
-        p.drain(max_ticks=200, tick=lambda: results.append(ingest.tick(p.ctx)))
+        p.drain(max_ticks=200, tick=lambda: results.append(functions.ingest_tick(p.ctx)))
     finally:
         set_knobs(hc, operation_latency=0.0)
     assert max(r["running"] for r in results) <= 2

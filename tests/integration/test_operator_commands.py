@@ -26,7 +26,7 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import batches, header, ingest, objects, report, runtime
+from dicomflow import batches, functions, header, ingest, objects, report, runtime
 from dicomflow.config import load_settings
 from dicomflow.events import StorageObject
 from dicomflow.ops import cli, outcomes, redrive
@@ -88,7 +88,7 @@ class Pipeline:
         self.clock.advance(late + settings.seal_grace_seconds + 1)
         deadline = time.monotonic() + timeout
         while True:
-            done = ingest.tick(self.ctx)
+            done = functions.ingest_tick(self.ctx)
             if not done["running"] and not done["queued"]:
                 return
             assert time.monotonic() < deadline, "imports still running"

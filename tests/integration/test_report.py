@@ -35,6 +35,7 @@ from dicomflow import (
     batches,
     export,
     feeds,
+    functions,
     ingest,
     keys,
     log,
@@ -1010,7 +1011,7 @@ def idle_ticks(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], li
     with monkeypatch.context() as patch:
         storage_calls = CountingHttp(env.gcs, patch)
         healthcare_calls = CountingHealthcare(env, patch)
-        ingest.tick(env.ctx)
+        functions.ingest_tick(env.ctx)
         report.run_tick(env.ctx)
     return sorted(storage_calls.calls), sorted(healthcare_calls.calls)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dicomflow import alerts, ingest
+from dicomflow import alerts, functions
 from dicomflow.config import DROPPED_PREFIX
 from dicomflow.ops import outcomes
 from dicomflow.staging import file_key
@@ -52,7 +52,7 @@ def sweeping(
 def daily(p: Pipeline) -> dict[str, Any]:
     """Move to the next sweep period and tick; what the period's pass did."""
     p.clock.advance(3600)
-    result = ingest.tick(p.ctx)
+    result = functions.ingest_tick(p.ctx)
     assert "daily" in result, result
     daily_result: dict[str, Any] = result["daily"]
     return daily_result

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from dicomflow import alerts, clock, header, log, runtime, staging
+from dicomflow import alerts, clock, functions, header, log, runtime, staging
 from dicomflow.errors import PermanentError
 from dicomflow.events import (
     FINALIZED,
@@ -393,7 +393,7 @@ def test_ingest_classifies_any_finalize_event(
     stream.seek(0)
     stream.truncate()
     event = CloudEvent({"type": kind, "source": "//storage.googleapis.com/x", "id": "e1"}, data)
-    result = runtime.handle("ingest", event)
+    result = runtime.handle("ingest", functions.ingest, event)
     if kind != FINALIZED:
         assert result == {"status": "ignored", "reason": "event-type"}
     elif result["status"] == "permanent_error":

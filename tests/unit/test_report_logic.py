@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dicomflow import manifests, objects, operations, staging, verify
+from dicomflow import events, functions, manifests, objects, operations, staging, verify
 from dicomflow.verify import FileResult
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -166,19 +166,17 @@ def test_a_tick_meeting_a_running_tick_in_its_instance_returns_at_once(
     monkeypatch.setattr(report, "run_tick", slow_tick)
 
     def tick_event(event_id: str) -> CloudEvent:
-        attrs = {"type": report.MESSAGE_PUBLISHED, "source": "//pubsub/test", "id": event_id}
+        attrs = {"type": events.MESSAGE_PUBLISHED, "source": "//pubsub/test", "id": event_id}
         return CloudEvent(attrs, {"message": {"data": ""}})
 
     results: list[dict[str, object]] = []
-    first = threading.Thread(
-        target=lambda: results.append(report.handle_event(None, tick_event("1")))
-    )
+    first = threading.Thread(target=lambda: results.append(functions.report(None, tick_event("1"))))
     first.start()
     assert entered.wait(10)
-    assert report.handle_event(None, tick_event("2")) == {"status": "busy"}
+    assert functions.report(None, tick_event("2")) == {"status": "busy"}
     release.set()
     first.join(10)
     assert results == [{"status": "tick"}]
     # The lock is free again once the running tick returns.
-    assert report.handle_event(None, tick_event("3")) == {"status": "tick"}
+    assert functions.report(None, tick_event("3")) == {"status": "tick"}
     assert calls == ["1", "3"]
