@@ -2,9 +2,9 @@
 
 ``Stack.start()`` brings up, in order: Cloud Storage (fake-gcs-server), Pub/Sub
 (the SDK emulator or the built-in fallback), the Healthcare API emulator, the
-three functions (one functions-framework process each, as on Cloud Functions),
-the bucket watcher that stands in for Eventarc, and the scheduler. Once all of
-them answer, it writes ``state.json`` in the home folder; ``python -m
+three functions (one process each, as on Cloud Functions: functions-framework's
+app in gunicorn), the bucket watcher that stands in for Eventarc, and the
+scheduler. Once all of them answer, it writes ``state.json`` in the home folder; ``python -m
 localcloud env|status|tick|down`` read that file.
 
 Every name a user or a test needs is in ``Stack.env()`` (see ``ENV_NAMES``).
@@ -372,14 +372,14 @@ class Stack:
         env = {**os.environ, **self.env(), **cfg.function_env}
         # Cloud Run sets K_SERVICE; main.py then checks the settings at start-up.
         env.pop("PUBSUB_EMULATOR_HOST", None)
-        # (process, function, port setting): further instances of ingest run the same
-        # command with the same settings on any free port.
-        instances = [(f, f, f"LOCALCLOUD_{f.upper()}_PORT") for f in FUNCTIONS] + [
-            (f"ingest-{r}", "ingest", "") for r in range(2, cfg.ingest_workers + 1)
+        # (process, function): further instances of ingest run the same command with the
+        # same settings on any free port.
+        instances = [(f, f) for f in FUNCTIONS] + [
+            (f"ingest-{r}", "ingest") for r in range(2, cfg.ingest_workers + 1)
         ]
-        for name, function, setting in instances:
-            port = ports.get(name, 0) if setting else 0
-            sock = self._listen(name, port, f"the {name} function", setting)
+        for name, function in instances:
+            setting = f"LOCALCLOUD_{name.upper()}_PORT" if name in FUNCTIONS else ""
+            sock = self._listen(name, ports.get(name, 0), f"the {name} function", setting)
             self._spawn(
                 name,
                 _function_args(function, cfg.functions_source, sock.fileno()),
@@ -387,8 +387,8 @@ class Stack:
                 (sock.fileno(),),
             )
             self.urls[name] = f"http://{HOST}:{sock.getsockname()[1]}/"
-        self.ingest_urls = [self.urls[name] for name, f, _ in instances if f == "ingest"]
-        for name, _, _ in instances:
+        self.ingest_urls = [self.urls[name] for name, f in instances if f == "ingest"]
+        for name, _ in instances:
             self._wait(name, self.urls[name])
 
         routes = {self.urls["ingest"]: self.ingest_urls}

@@ -539,7 +539,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    allow_reuse_address = True
 
     def __init__(self, sock: socket.socket, api: HealthcareApi) -> None:
         self.api = api
