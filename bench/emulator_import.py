@@ -187,7 +187,7 @@ class Measured:
 def bench_emulator(storage: StorageServer, bucket: str, count: int, read_files: bool) -> Measured:
     """One import into a fresh emulator process; seconds from the call to the operation done."""
     with tempfile.TemporaryDirectory(prefix="bench-emulator-") as workdir:
-        listener = listening_socket(0, "the emulator", "nothing: the port is any free one")
+        listener = listening_socket(0, "the emulator")
         port = listener.getsockname()[1]
         command = [
             sys.executable,

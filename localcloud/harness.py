@@ -59,8 +59,8 @@ class MeasuredStack:
         services' listening sockets are bound here and handed to the stack.
         """
         listeners = {
-            "storage": listening_socket(0, "Cloud Storage", "the measured stack"),
-            "healthcare": listening_socket(0, "the Healthcare API emulator", "the measured stack"),
+            "storage": listening_socket(0, "Cloud Storage"),
+            "healthcare": listening_socket(0, "the Healthcare API emulator"),
         }
         upstreams = {name: f"http://{HOST}:{s.getsockname()[1]}" for name, s in listeners.items()}
         storage_proxy = FaultProxy(

@@ -46,6 +46,8 @@ def is_free(port: int) -> bool:
 
 
 def _taken(port: int, what: str, setting: str) -> PortTaken:
+    if not setting:
+        return PortTaken(f"port {port} for {what} is taken")
     return PortTaken(
         f"port {port} for {what} is taken; free it or set {setting} to another port "
         "(0 picks a free one)"
@@ -58,8 +60,11 @@ def ensure_free(port: int, what: str, setting: str) -> None:
         raise _taken(port, what, setting)
 
 
-def listening_socket(port: int, what: str, setting: str) -> socket.socket:
+def listening_socket(port: int, what: str, setting: str = "") -> socket.socket:
     """A loopback socket bound to ``port`` (0: any free one) and listening.
+
+    ``PortTaken`` when ``port`` is taken, naming ``setting``, the setting that
+    chose the port, when there is one.
 
     A service handed this socket serves on it without binding, so no other
     process can take the port between choosing it and serving on it.

@@ -56,6 +56,8 @@ def test_a_listening_socket_holds_its_port_against_other_binds() -> None:
         with socket.socket() as other, pytest.raises(OSError):
             other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             other.bind((HOST, port))
+        with pytest.raises(PortTaken, match=f"^port {port} for an instance is taken$"):
+            listening_socket(port, "an instance")  # no setting chose the port
         with pytest.raises(PortTaken) as info:
             listening_socket(port, "a service", "SERVICE_PORT")
     message = str(info.value)
