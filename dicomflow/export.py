@@ -278,7 +278,7 @@ def start_export(
                 claim["attempt"] = doc.get("attempt", 1)
                 claim["previous"] = doc.get("previous", [])
                 claim["tickTime"] = doc.get("tickTime", claim["tickTime"])
-                claim["firstClaimedAt"] = doc.get("firstClaimedAt") or doc.get("claimedAt")
+                claim["firstClaimedAt"] = doc.get("firstClaimedAt")
                 claim["takeovers"] = int(doc.get("takeovers") or 0) + 1
             else:
                 logger.info(
@@ -417,7 +417,7 @@ def settle_exports(
 
 def stuck_start_seconds(doc: Mapping[str, Any], now: datetime) -> float:
     """How long a ``starting`` marker has been starting: since its attempt's first claim."""
-    first = parse_time(doc.get("firstClaimedAt") or doc.get("claimedAt"))
+    first = parse_time(doc.get("firstClaimedAt"))
     return (now - first).total_seconds() if first else 0.0
 
 
@@ -431,7 +431,7 @@ def _alert_stuck_start(ctx: Any, doc: Mapping[str, Any], now: datetime) -> bool:
     details.update(
         state=STARTING,
         tickTime=doc.get("tickTime"),
-        firstClaimedAt=doc.get("firstClaimedAt") or doc.get("claimedAt"),
+        firstClaimedAt=doc.get("firstClaimedAt"),
         takeovers=int(doc.get("takeovers") or 0),
         stuckSeconds=int(stuck),
         thresholdSeconds=STALLED_START_SECONDS,

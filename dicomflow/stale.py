@@ -68,7 +68,7 @@ def open_exports(ctx: Any) -> dict[str, datetime]:
         marker = export.read_marker(ctx, day)
         if marker is None or export.is_final(marker[0]):
             continue
-        claimed = parse_time(marker[0].get("firstClaimedAt") or marker[0].get("claimedAt"))
+        claimed = parse_time(marker[0].get("firstClaimedAt"))
         if claimed is not None:
             found[day.isoformat()] = claimed
     return found
