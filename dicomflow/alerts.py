@@ -1,7 +1,7 @@
 """Alerts: one versioned JSON message per subject on the alerts topic, never carrying PHI.
 
 ``build_alert`` (pure) builds an alert of one of ``ALERT_KINDS``; ``publish_once`` sends
-it once per ``alertId`` (a hash of kind and subject), through a delivery marker
+it once per ``alertId`` (a hash of kind, subject and store), through a delivery marker
 ``state/alerts/<alertId>.json`` that works as a lease. ``object_label`` and ``uid_label``
 name objects and UIDs in details (keyed labels by default).
 
