@@ -74,7 +74,7 @@ def ingest_object(
 ) -> dict[str, Any]:
     """Take one object generation through filter, check and staging (or quarantine).
 
-    ``via`` is ``SWEPT`` for a file the sweep found (see the module docstring).
+    ``via`` is ``SWEPT`` for a file the sweep found (see docs/architecture.md#swept-files).
     """
     settings = ctx.settings
     label = alerts.object_label(settings, obj.bucket, obj.name)
@@ -213,7 +213,7 @@ def late_home(record: FileRecord, settings: Settings) -> str:
 
 
 def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> dict[str, Any]:
-    """Copy ``source`` into the window that will list it (see the module docstring).
+    """Copy ``source`` into the window that will list it (docs/architecture.md#which-window).
 
     ``source`` is the landing object (or, for a re-staged file, its earlier staging copy).
     """

@@ -48,7 +48,7 @@ META_PREFIX = "df-"
 
 
 def file_key(bucket: str, name: str, generation: int | str) -> str:
-    """The key of one object generation (see the module docstring)."""
+    """The key of one object generation (see docs/architecture.md#state-objects)."""
     digest = hashlib.sha256(f"{bucket}\n{name}\n{generation}".encode()).digest()
     bits = "".join(str((digest[0] >> (7 - i)) & 1) for i in range(BITS))
     return bits + digest.hex()[:40]

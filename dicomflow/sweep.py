@@ -93,7 +93,7 @@ def marker_name(period: str) -> str:
 
 
 def age_bounds(settings: Settings, now: datetime) -> tuple[datetime, datetime]:
-    """(oldest, newest) ``timeCreated`` the sweep looks at (see the module docstring)."""
+    """(oldest, newest) ``timeCreated`` of a pass; see docs/architecture.md#sweep-and-retention."""
     newest = now - timedelta(seconds=settings.max_event_age_seconds + settings.seal_grace_seconds)
     oldest = now - timedelta(seconds=(settings.staging_copy_retention_days - 1) * DAY_SECONDS)
     return oldest, newest
@@ -187,7 +187,7 @@ def _key_of(name: str) -> str:
 
 
 def sweep(ctx: Context, now: datetime, period: str) -> SweepResult:
-    """List, compare, alert once, ingest the missed uploads (see the module docstring)."""
+    """List, compare, alert once, ingest the missed uploads (see docs/architecture.md)."""
     settings = ctx.settings
     oldest, newest = age_bounds(settings, now)
     result = SweepResult(period)

@@ -314,7 +314,7 @@ def verify_batch(
     note: dict[str, Any] | None,
     earlier: set[tuple[str, str | None]] = frozenset(),  # type: ignore[assignment]
 ) -> list[FileResult]:
-    """Decide the outcome of every file of a finished batch (see the module docstring).
+    """Decide the outcome of every file of a finished batch (docs/architecture.md#verification).
 
     ``earlier``: ``earlier_copies`` of the batch."""
     results = [FileResult(r) for r in sorted(records, key=lambda r: r.key)]

@@ -83,7 +83,7 @@ def retry_name(key: str) -> str:
 
 
 def retry_key(record: FileRecord) -> str:
-    """The key a re-drive of ``record`` stages the file under (see the module docstring)."""
+    """The key a re-drive of ``record`` stages the file under (docs/architecture.md#re-drive)."""
     return file_key(record.bucket, record.name, f"{record.generation}/retry/{record.key}")
 
 

@@ -135,7 +135,7 @@ class Knobs:
             return self.latency.get(method, self.latency.get("*", 0.0))
 
     def update(self, values: Mapping[str, object]) -> None:
-        """Apply a JSON update (see the module docstring).
+        """Apply a JSON update (see docs/emulator.md#knobs).
 
         Raises:
             ValueError: an unknown key or a bad value; nothing is changed then.
