@@ -1,9 +1,9 @@
 """Per-file verification of a finished import batch against the store, order-free.
 
-``take_note`` records, before an import, which SOP Instance UIDs the store already
+``take_note`` reads, before an import, which SOP Instance UIDs the store already
 holds; ``verify_batch`` gives every file of a finished batch one outcome (``imported``,
 ``duplicate``, ``conflict`` or ``failed``) from QIDO per study, comparing bytes only
-where the operation's counters call for it.
+where the operation's counters, or their absence, call for it.
 
 See docs/architecture.md#verification
 """
