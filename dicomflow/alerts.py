@@ -1,76 +1,11 @@
 """Alerts: one versioned JSON message per subject on the alerts topic, never carrying PHI.
 
-An alert is built by the pure ``build_alert`` and sent by ``publish_once``.
+``build_alert`` (pure) builds an alert of one of ``ALERT_KINDS``; ``publish_once`` sends
+it once per ``alertId`` (a hash of kind, subject and store), through a delivery marker
+``state/alerts/<alertId>.json`` that works as a lease. ``object_label`` and ``uid_label``
+name objects and UIDs in details (keyed labels by default).
 
-Message (the Pub/Sub ``data``, JSON)::
-
-    {"schemaVersion": 2, "alertId": "...", "kind": "export_failed", "severity": "ERROR",
-     "dicomStore": "projects/.../dicomStores/S", "subject": "...", "time": "...Z",
-     "details": {...}}
-
-Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
-
-- ``import_failed`` (ERROR): files of a batch not in the store after its import.
-- ``conflict`` (WARNING): the same UIDs already stored with different bytes.
-- ``quarantined`` (WARNING): files that failed the header check, one per window.
-- ``dropped`` (WARNING): files ingest gave up on without importing them (reason
-  ``event-too-old``: the event came later than ``DICOMFLOW_MAX_EVENT_AGE_SECONDS``;
-  ``source-missing``: the object was gone; ``foreign-bucket``: the event named another
-  bucket), one per window, from ingest's drop
-  records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
-- ``permission_denied`` (ERROR): files ingest could not read or copy for want of
-  permission (401, 403); ``unreadable`` (ERROR): files whose read or copy met another
-  permanent answer (400, 416 ...). One per kind and window, from the failure records
-  ``failed/<window>/<key>.json``.
-- ``verification_stuck`` (ERROR): a finished import whose verification kept failing
-  for ``DICOMFLOW_VERIFY_STUCK_MINUTES``, once per batch.
-- ``stale_state`` (WARNING): an unsealed window, an open batch or an open export older
-  than ``DICOMFLOW_STALE_STATE_MINUTES``, once per episode of each (``dicomflow.stale``).
-- ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
-  outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
-- ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
-  ``restore_drill_overdue`` (WARNING): no drill finished within its period
-  (``dicomflow.drill``).
-- ``missed_event`` (WARNING): uploads whose finalize event never came, found and
-  ingested by the reconciliation sweep (``dicomflow.sweep``); one per sweep, with the
-  count and no names.
-
-Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
-``alertId`` and ``schemaVersion``.
-
-``alertId`` is a hash of (kind, subject) only, so every repeat of an alert for
-the same subject carries the same id and subscribers can drop repeats.
-
-Delivery. ``publish_once`` keeps a marker ``state/alerts/<alertId>.json`` in the
-staging bucket and works as a lease:
-
-1. Create the marker ``{"state": "publishing", "leaseUntil": ...}`` with
-   create-if-absent. If it exists and says ``published``, return False. If it
-   says ``publishing`` and the lease is live, another caller is publishing:
-   wait for it. If the lease ran out (that caller crashed), take the marker
-   over with a compare-and-swap on its generation.
-2. Publish.
-3. Rewrite the marker as ``published`` (compare-and-swap on our generation).
-
-So concurrent callers publish once, and a crash anywhere leads to a repeat
-with the same ``alertId`` at the next call (at-least-once), never to a loss.
-
-No PHI: details hold counts, object names through ``object_label`` and DICOM UIDs
-through ``uid_label``. ``build_alert`` rejects detail keys that are DICOM PHI
-attributes (patient module, person names, dates of care and the like) and
-values that are not plain JSON.
-
-Labels (schema version 2). By default an object is named by its label
-``h:<key id>:<32 hex>``, an HMAC-SHA256 of its ``gs://`` URI under the
-deployment key (``dicomflow.keys``), and so is a UID (``DICOMFLOW_ALERT_UIDS``).
-Labels are stable within a deployment (the same object or UID always gets the
-same label, across functions and restarts) and differ between deployments;
-they change when the key is rotated, and ``<key id>`` says which key made
-them. Without the key a label cannot be checked against a guessed path or UID.
-Operators who can read staging resolve one with ``dicomflow label LABEL``.
-``DICOMFLOW_ALERT_OBJECT_NAMES=plain`` and ``DICOMFLOW_ALERT_UIDS=plain`` put
-names and UIDs in clear instead. Version 1 labelled objects with an unkeyed
-``sha256:<16 hex>`` and carried UIDs in clear.
+See docs/architecture.md#alerts
 """
 
 from __future__ import annotations

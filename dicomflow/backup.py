@@ -1,28 +1,11 @@
 """What one backup is: its date, its folder, the export request, its counts and manifest. Pure.
 
-The date. A tick is Cloud Scheduler -> Pub/Sub -> Eventarc, a ``messagePublished``
-CloudEvent. Its date is taken from the message's ``scheduledTime`` attribute
-when present (localcloud sets it; a Scheduler job may be configured to), else
-from the message's ``publishTime``, else the CloudEvent ``time``. All three are
-fixed when the message is published, and a redelivery carries the same
-message, so a retry lands on the tick's date even after midnight. The wall
-clock is never used for the date of a tick (so the schedule should stay clear of
-midnight UTC). The folder is ``gs://BACKUP/PREFIX/<date in export_date_layout>/``.
+``export_day`` takes a tick's date from its message, never from the wall clock;
+``dated_folder`` and ``attempt_folder`` name where an attempt writes; ``expected_counts``,
+``found_counts`` and ``build_manifest`` decide whether a backup is complete;
+``pick_attempt`` chooses the latest complete attempt for a reader.
 
-Attempts. A forced rerun (attempt N > 1) writes into ``<folder>rerun-N/`` with a
-manifest of its own, never over the first run: under the backups bucket's retention
-policy no object can be overwritten or deleted until it ages out. The first run's
-counts leave the rerun sub-prefixes out (``relative_name``); a reader takes the
-latest complete attempt (``pick_attempt``).
-
-Expected counts. For ``application/dicom`` one object per instance is expected.
-For images (``image/png``, ``image/jpeg``, ``application/octet-stream``) only
-instances with pixel data (``Rows`` present) count, with one object per frame
-for multi-frame instances and one object otherwise. A backup is complete only
-when the operation succeeded, reported no failures, and the objects and
-distinct instances found under the folder match the expected counts (in full
-mode at least the expected counts, since ingest may add instances while the
-export runs). ``build_manifest`` writes that verdict into ``_MANIFEST.json``.
+See docs/architecture.md#export-and-backups
 """
 
 from __future__ import annotations

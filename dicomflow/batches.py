@@ -1,42 +1,10 @@
-"""Windows become batches: seal, split, import at most K at once, re-stage stragglers.
+"""Windows become batches: seal, split, import at most K at once.
 
-Seal (the ingest tick, ``seal_due``). A window is due ``seal_grace_seconds`` after it
-ends. Sealing is safe to repeat at any step::
+The ingest tick calls ``seal_due`` (seal marker, listing, file list, open batches) and
+``run_imports`` (slots, note, intent, import call, operation record); ``poll`` updates an
+import's record once the operation is done, whoever polls it first.
 
-    create state/sealed/<window>.json  ->  list batches/<window>/  ->  drop late doubles
-      ->  create batches/<window>/_files.ndjson (the ledger)  ->  state/open/<batch>.json
-
-The seal marker comes first, *then* the listing. The listing returns each copy's
-metadata, so the file list is built from it alone. A late copy (its home window is
-an earlier one) is dropped when its home window's file list holds its key, or when
-its late claim names another window; so is a copy whose record is unreadable. The
-home window is sealed first if it is not (it is due earlier), so that list is final.
-
-Split. A window over the batch caps is imported in parts by the leading key bits
-(``<window>/0*.dcm``, ``1*.dcm``, ``00*.dcm`` ...): the fewest equal-depth parts that
-each fit. Each part is a batch with its own ``state/open`` record.
-
-Which windows a tick looks at: the folders under ``batches/`` from a cursor, and the
-seal markers from the same point: two listings, however long the history. The cursor
-is the oldest window left unsealed, but never later than the last tick's floor (now
-minus the longest window, the grace and ``LOOKBACK_SECONDS``): a window gets its first
-copy at most that long after it starts, so none is passed over, however long ticks stop.
-
-Import (``run_imports``, the ingest tick). The open batches are the queue, in id
-(time) order. A batch starts when one of K slot markers (``state/slots/<n>.json``,
-create-if-absent) is free: write the import intent (create-if-absent, so two ticks
-never import one batch), note which of the batch's SOP Instance UIDs the store
-already holds (one QIDO per study: ``dicomflow.verify`` tells ``imported`` from
-``duplicate`` by it), call import, record the operation. A 429 releases the slot
-and intent and leaves the batch queued. An intent without an operation record for
-``import_restart_seconds`` is imported again: that can only store identical
-duplicates, which the store ignores. When the operation is done (whoever polls it
-first, ingest or report) the record says so and the slot is released.
-
-Stragglers (``ingest.restage_stragglers``, after the import). Request timeouts do not stop
-code, so a copy can land after its window was listed. Listing the batch's prefix
-again finds such keys; each is re-staged through the late path into the current
-window, never lost.
+See docs/architecture.md#batches-and-windows
 """
 
 from __future__ import annotations

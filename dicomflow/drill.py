@@ -1,33 +1,10 @@
 """The scheduled restore drill: a backup is only trusted once it has been restored.
 
-Every ``DICOMFLOW_RESTORE_DRILL_DAYS`` days (0: never) the daily export tick starts a
-drill of the latest complete backup; the report tick, which settles exports, moves
-it along. Nothing new is scheduled. Flow::
+``on_export_tick`` (the daily export tick) alerts an overdue drill and starts a due one;
+``settle_drills`` (the report tick) checks a finished import, empties the drill store
+and records the verdict in ``drills/<date>.json``; ``status_section`` feeds the status view.
 
-    export(tick) --> on_export_tick
-        overdue?  no drill finished for days + OVERDUE_GRACE_DAYS -> restore_drill_overdue
-        due?      no drill dated within the last ``days`` days
-        state/drills-open/<date>.json       (what the report tick lists)
-        claim drills/<date>.json            (create-if-absent: one drill per date)
-        start: the drill store must be empty (else: clearing, then start again);
-               sample DICOMFLOW_RESTORE_DRILL_STUDIES studies (0: all), leave out
-               tombstoned ones, copy them to restores/drill-<date>/, import into
-               the drill store (DICOMFLOW_DRILL_STORE)                 -> importing
-    report(tick) --> settle_drills
-        importing: operation done -> check as ``dicomflow restore`` does (QIDO per
-                   series, manifest counts, bytes of a sample) -> studies.delete of
-                   every study in the drill store                       -> emptying
-        emptying:  every delete done and the store empty -> copies deleted,
-                   passed | failed; restore_drill_failed when failed; open entry gone
-
-The record ``drills/<date>.json`` in the staging bucket keeps the counts, the
-duration, the verdict and its problems; ``dicomflow status`` and its page show the
-latest ones. The sampled study UIDs stay in the record (like the batch manifests,
-it lives in the staging bucket); alerts and logs carry dates and counts only.
-
-Every change of a record is a compare-and-swap on its generation, so two report
-instances never both move a drill on. A start that died is taken over once its
-lease (``START_LEASE_SECONDS``) ran out.
+See docs/architecture.md#the-restore-drill
 """
 
 from __future__ import annotations

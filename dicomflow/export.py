@@ -1,61 +1,11 @@
 """Scheduled backups of the DICOM store to a dated folder: the export function and its marker.
 
-Flow::
+``start_export`` (the export tick) claims ``state/exports/<date>.json``, plans and starts
+the export; ``resume_starts`` takes over dead starts; ``settle_exports`` (the report
+tick) checks a finished export, writes its manifest and alerts ``export_failed``;
+``run_command`` serves ``dicomflow export``.
 
-    export(tick) --> functions.export --> start_export
-        state/exports-open/<date>.json  <- {attempt}        (what the report tick lists)
-        claim  state/exports/<date>.json  (create-if-absent: one export per date)
-        plan what to export and count it (dicomflow.export_plan)
-        dicomStores.export(gs://BACKUP/PREFIX/<date>/[rerun-N/], mimeType[, filterConfig])
-        state/ops/<id>.json (ours), marker <- operation name (state "running")
-        resume_starts: take over other dates whose start died (lease over)
-    report(tick) --> settle_exports (lists state/exports-open/ only)
-        operation done? list the attempt's folder, compare with the expected counts,
-        create <folder>/_MANIFEST.json, alert export_failed unless complete,
-        marker <- "complete" | "failed", delete the open entry
-        a start stuck too long: one ``stalled`` alert (report never starts an export)
-
-``dicomflow.backup`` has the date, the folder, the counts and the manifest.
-
-The marker (``state/exports/<date>.json`` in the staging bucket, keyed by the ISO
-date whatever the folder layout) is created if absent: of two ticks for one date,
-concurrent or not, one creates it and starts the export, the other reports it.
-Each later change is a compare-and-swap (``dicomflow.objects``). States::
-
-    starting --> running --> complete | failed
-        |   `--> empty        (incremental, nothing settled since the last export)
-        `------> failed       (the export call failed after retries)
-
-Only the export function (and ``dicomflow export``, run by an operator) may start
-an export: the report function's role has no ``dicomStores.export``. A crash
-between the claim and the export call leaves ``starting``; once its lease
-(``START_LEASE_SECONDS``) ran out, the export function takes it over, keeping the
-attempt and its ``firstClaimedAt``: the platform's retry of the event that claimed
-it (``functions.export`` asks for one while the lease runs), and every later export
-tick for any open date (``resume_starts``). A marker still ``starting`` more than
-``STALLED_START_SECONDS`` after that first claim gets one ``stalled`` alert per
-date and attempt from the report tick: a start that dies at the function timeout
-on every try is still reported, and a final failure later raises its own
-``export_failed``. A crash between the export call and recording the operation can
-start a second export of the date; it writes the same objects.
-
-``force`` starts a new attempt N for a date whose marker is final. It writes into
-``<folder>rerun-N/`` with its own manifest (``backup.attempt_folder``): the backups
-bucket's retention policy refuses any overwrite or delete of the first run's objects,
-and readers take the latest complete attempt. Every write under the backups prefix
-is create-once: the manifest is created if absent, and a repeat keeps the first.
-
-The open entry (``state/exports-open/<date>.json``) is what keeps the report tick
-from listing history: the tick lists that prefix alone, so an idle tick is one
-listing whatever the number of past exports. A starter writes the entry, naming
-its attempt, before and after each claim of the marker; whoever makes the marker
-final deletes the entry, at the generation it read and only when the entry names
-that attempt or an earlier one. The tick also deletes entries whose marker is
-final, and those left by a starter that died before its claim (older than the
-lease), so no entry outlives its export and none goes missing while one runs.
-
-Retention is the backups bucket's lifecycle rule (``infra/storage.tf``): no backup
-is deleted here.
+See docs/architecture.md#export-and-backups
 """
 
 from __future__ import annotations
@@ -328,7 +278,7 @@ def start_export(
                 claim["attempt"] = doc.get("attempt", 1)
                 claim["previous"] = doc.get("previous", [])
                 claim["tickTime"] = doc.get("tickTime", claim["tickTime"])
-                claim["firstClaimedAt"] = doc.get("firstClaimedAt") or doc.get("claimedAt")
+                claim["firstClaimedAt"] = doc.get("firstClaimedAt")
                 claim["takeovers"] = int(doc.get("takeovers") or 0) + 1
             else:
                 logger.info(
@@ -467,7 +417,7 @@ def settle_exports(
 
 def stuck_start_seconds(doc: Mapping[str, Any], now: datetime) -> float:
     """How long a ``starting`` marker has been starting: since its attempt's first claim."""
-    first = parse_time(doc.get("firstClaimedAt") or doc.get("claimedAt"))
+    first = parse_time(doc.get("firstClaimedAt"))
     return (now - first).total_seconds() if first else 0.0
 
 
@@ -481,7 +431,7 @@ def _alert_stuck_start(ctx: Any, doc: Mapping[str, Any], now: datetime) -> bool:
     details.update(
         state=STARTING,
         tickTime=doc.get("tickTime"),
-        firstClaimedAt=doc.get("firstClaimedAt") or doc.get("claimedAt"),
+        firstClaimedAt=doc.get("firstClaimedAt"),
         takeovers=int(doc.get("takeovers") or 0),
         stuckSeconds=int(stuck),
         thresholdSeconds=STALLED_START_SECONDS,

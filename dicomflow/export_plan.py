@@ -1,44 +1,10 @@
 """What one export holds: the counts it should write, and for incremental exports which
 verified batches, read from their manifests, and the filter file that names them.
 
-``plan`` fills the marker's ``expected`` counts (``dicomflow.backup``): a full export
-counts the store's instances by QIDO at start; an incremental one collects the
-instances of the batches verified since the last complete export (below) and writes
-their ``/studies/S/series/R/instances/I`` paths to a ``filterConfig`` file,
-``state/exports/<date>.<attempt>.paths.txt``.
+``plan`` fills the marker's ``expected`` counts and ``scan``; ``select_batches`` (pure)
+chooses the batches an incremental export takes.
 
-Report verifies a batch and writes ``manifests/<batch>/success.ndjson`` (one file
-record per imported or duplicate file, with its study, series and SOP UIDs), then
-``summary.json`` last, with ``times.verifiedAt`` = the start of that report tick,
-then deletes ``state/open/<batch>.json``. A summary's presence means the batch is
-verified. No per-file object is read here: one listing of ``manifests/``, one GET
-per summary listed and one per success list chosen.
-
-With P the previous complete export (latest date first; tick T_P) and this
-export's tick T, a batch B (verified at v) is chosen when::
-
-    T_P - MARGIN < v <= T   and   B not in P.scan.recent      (no P: v <= T)
-
-- ``v <= T``: a batch verified after the tick belongs to the next export, even
-  when it is already visible now (a tick delivered or taken over late).
-- ``MARGIN`` (``MANIFEST_MARGIN``, 20 min) is longer than a report tick can run.
-  A summary stamped v <= T_P can be written after P listed ``manifests/`` (the
-  report tick began before T_P and wrote it later), so P missed it. It is
-  written by v + 540 s, so v > T_P - MARGIN and this export takes it.
-- ``scan.recent`` lists the batches P chose with v > T_P - MARGIN, so those
-  are not exported twice. A full P records none: what was verified before it
-  ran was in the store, so in P, and the margin's batches are exported again.
-- Where to list from. Batch ids (``YYYYMMDDTHHMMSSZ[-bits]``) sort by time, but a
-  batch can be verified long after its window (a backlog), so the id bound is not
-  a fixed lookback. Each export records ``scan.nextFrom``: the lowest of (a) the
-  batches not verified yet, read *before* ``manifests/`` is listed: the open
-  batches (``state/open/``, kept until the summary exists) and the seal cursor
-  (no window below it is unsealed, so every batch still to be sealed is at or
-  above it); (b) the batches it saw with v > T - MARGIN; (c) the window of
-  now - MARGIN. The next export lists from there (``start_offset``). A P without
-  ``scan``, or no P: ``manifests/`` is listed from its start, once.
-- Exporting an instance twice is harmless (same objects); missing one is not,
-  so every bound errs toward taking a batch again.
+See docs/architecture.md#what-an-incremental-export-holds
 """
 
 from __future__ import annotations

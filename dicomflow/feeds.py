@@ -1,31 +1,11 @@
 """Quarantined, dropped and failed files, alerted once per closed window (a burst is one
 alert).
 
-Ingest writes one object per such file, grouped by window:
+``report`` lists one feed's windows from its cursor and publishes what is new, keeping
+each window's progress in ``state/report/<root>/<window>.json``; ``failure_kind`` maps a
+failure record's reason to ``permission_denied`` or ``unreadable``.
 
-- ``quarantine/<window>/<key>.dcm``: the quarantine copy; its metadata is the file
-  record with the reason (``staging.FileRecord``), so the listing carries everything.
-- ``state/dropped/<window>/<key>.json``: a drop record (event too old, source gone,
-  foreign bucket).
-- ``failed/<window>/<key>.json``: a failure record (the source could not be read or
-  copied); its metadata is the file record with the reason, as for quarantine. The
-  alert kind follows the reason: ``permission_denied`` (401, 403) or ``unreadable``,
-  one alert per kind present, subject ``<subject>/<kind>``.
-
-Each window has a progress record ``state/report/<root>/<window>.json``:
-``{window, keys, alerts, pending}``, changed only by compare-and-swap. ``keys`` are
-the files already alerted. A tick lists the window; when it holds files not in
-``keys`` it first writes them as ``pending`` (with the alert's subject), then
-publishes, then folds ``pending`` into ``keys``. A crash after the publish repeats
-the same subject and files, and ``alerts.publish_once`` sends it once.
-
-- The first alert of a window has the subject ``<root>/<window>``; files that land
-  later (a retried delivery) get ``<root>/<window>/late/<digest>``, the digest over
-  the sorted keys of that follow-up.
-- A window is done for good (``state/report/<root>-done/<window>.json``) once it is
-  past the horizon with nothing left unalerted; until then every tick lists it.
-- Windows are listed from a cursor (``state/report/<root>-cursor.json``, never later
-  than now minus the horizon), so a tick does not list history.
+See docs/architecture.md#feeds-quarantined-dropped-and-failed-files
 """
 
 from __future__ import annotations

@@ -1,58 +1,11 @@
-"""The ingest function: a finalize event stages one file; the minute tick seals and imports.
+"""The ingest function's work on one object: filter, header check, one create-if-absent copy.
 
-One object generation, two Storage calls (``dicomflow.staging`` has the layout)::
+``ingest_object`` stages one object generation into its window (or quarantines, drops or
+records its failure); ``stage`` makes the copy into the window that will list it, taking
+a late claim when needed; ``restage_stragglers`` re-stages copies that landed after their
+window was listed.
 
-    filter -> ranged header read -> copy to batches/<window>/<key>.dcm, create-if-absent,
-                                    the file record as the copy's metadata
-    header check failed          -> copy to quarantine/<home>/<key>.dcm with the reason
-    source gone (404)            -> drop record state/dropped/<home>/<key>.json
-    event older than the maximum -> late claim, then a drop record in the current window
-    bucket not the landing one   -> drop record state/dropped/<home>/<key>.json (or, when
-                                    the event is too old, as above)
-    read or copy refused (4xx)   -> failure record failed/<home>/<key>.json
-
-The copy is the claim: ``if_generation_match=0`` lets one delivery of an object
-generation win, and a 412 means an earlier delivery has claimed it already, so the
-event is acknowledged. Nothing else is written per file.
-
-Which window. ``<home>`` is the window of the object's ``timeCreated``, the same for
-every delivery. The tick seals a window ``seal_grace_seconds`` after it ends and lists
-it then; a copy may take half the grace (``copy_deadline``), chosen just before it.
-
-- A delivery whose copy is sure to land before its home window's seal copies there.
-- A later one copies into the late window (``late_window_seconds`` long) that holds
-  the home window's seal (``late_home``). Every delivery computes the same one, so
-  this too is one create-if-absent copy, and a burst that ingest needs many minutes
-  to absorb still lands in one or two late windows: few imports.
-- A delivery after that late window's seal first checks that neither window lists the
-  file (then it has its record), then claims ``state/late/<key>`` (create-if-absent,
-  naming the current late window) and copies there. A delivery that finds a claim
-  copies into the window it names, or, when that window was sealed without the file,
-  moves the claim to the current one (compare-and-swap).
-
-The seal of a window drops a late copy whose home window listed the key, or whose
-claim names another window, so each generation keeps one record (``dicomflow.batches``).
-
-Swept files (``dicomflow.sweep``: uploads older than the maximum event age that have no
-record) come with ``via="sweep"`` and no event time. Any event of theirs still to come
-is too old, and a too-old event meets ``state/late/<key>`` first, so every record of a
-swept file goes under that claim: a good file takes the very-late path above; a bad
-one claims the current window and is quarantined there, where the report still alerts
-it; one gone since the listing is dropped like a too-old event.
-
-Errors. Object names can carry patient names, so logs and raised errors name the
-object by ``alerts.object_label`` (a hash by default) and its key, never by URI.
-A permanent answer to the header read or the copy (4xx other than 404, 408, 412 and
-429: no permission, a bad request or range) is the file's outcome: a failure record
-with the reason (``permission-denied`` for 401 and 403, ``source-unreadable`` for the
-rest), which the report alerts once per window (``dicomflow.feeds``), and the event
-is acknowledged. Other errors, except ``PermanentError``, are raised again as
-``TransientError`` without the original message, for the platform to retry the event.
-
-Events for objects of other buckets (a trigger on the wrong bucket) are recorded as
-dropped (``foreign-bucket``) without reading the object; the pipeline's own objects
-(``Settings.is_pipeline_object``) are skipped unrecorded before that, so records that
-ingest writes can never feed back into it.
+See docs/architecture.md#ingest-path
 """
 
 from __future__ import annotations
@@ -121,7 +74,7 @@ def ingest_object(
 ) -> dict[str, Any]:
     """Take one object generation through filter, check and staging (or quarantine).
 
-    ``via`` is ``SWEPT`` for a file the sweep found (see the module docstring).
+    ``via`` is ``SWEPT`` for a file the sweep found (see docs/architecture.md#swept-files).
     """
     settings = ctx.settings
     label = alerts.object_label(settings, obj.bucket, obj.name)
@@ -260,7 +213,7 @@ def late_home(record: FileRecord, settings: Settings) -> str:
 
 
 def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> dict[str, Any]:
-    """Copy ``source`` into the window that will list it (see the module docstring).
+    """Copy ``source`` into the window that will list it (docs/architecture.md#which-window).
 
     ``source`` is the landing object (or, for a re-staged file, its earlier staging copy).
     """

@@ -1,22 +1,10 @@
 """The deployment key: HMAC-SHA256 labels for object names and UIDs in alerts and logs.
 
-A label must not be reversible by whoever reads alerts or logs: landing paths and
-DICOM UIDs identify patients, and a plain hash of a guessed path is easy to
-compare. So every label is an HMAC under one secret key per deployment:
-the same text gives the same label within a deployment, other keys give other
-labels, and without the key no guess can be checked.
+``load(settings)`` reads the key once per process, from ``DICOMFLOW_KEY_SECRET`` (Secret
+Manager) or ``DICOMFLOW_KEY_FILE``; ``DeploymentKey.hash`` makes a label
+``h:<key id>:<32 hex>``; ``write_key_file`` creates a key file unless one exists.
 
-Where the key comes from (``load(settings)``, read once per process):
-
-- ``DICOMFLOW_KEY_SECRET``: a Secret Manager secret version,
-  ``projects/P/secrets/S/versions/V`` (Google Cloud). The library is imported
-  only on this path.
-- ``DICOMFLOW_KEY_FILE``: a file holding the key (localcloud writes one per home,
-  32 random bytes, mode 0600). It must not be readable by group or others.
-
-A label is ``h:<key id>:<32 hex>``: the key id (8 hex of SHA-256 of the key)
-tells which key made it, so labels from before a rotation are recognisable,
-without revealing the key.
+See docs/architecture.md#the-deployment-key
 """
 
 from __future__ import annotations

@@ -1,28 +1,11 @@
 """JSON-line logging in the shape Cloud Logging reads from a function's stdout.
 
-Each record is one line: ``{"severity": ..., "message": ..., <fields>}``.
-Correlation fields (event id, batch id, operation) are passed as ``extra``::
+``configure()`` is called once by the process (main.py, the CLI or localcloud); library
+modules only call ``logging.getLogger(__name__)`` and pass correlation fields as
+``extra`` (``fields``). The installed handler's ``Scrubber`` replaces DICOM UIDs and
+object names in every record with their keyed labels (``use_labels``).
 
-    log.info("staged", extra={"fields": {"eventId": eid, "batch": batch_id}})
-
-Library modules only call ``logging.getLogger(__name__)``; ``configure()`` is
-called once by the process (main.py, the CLI or localcloud).
-
-No UIDs or object names in clear: the handler ``configure()`` installs carries a
-``Scrubber``, which rewrites every record that reaches it, whichever logger made
-it (functions-framework's traceback of an unhandled error included): in the
-message, the correlation fields, the exception text and the stack,
-
-- DICOM UIDs (``UID_PATTERN``: dotted digit strings rooted at 0, 1 or 2) become
-  their keyed label (``dicomflow.keys``), the label the alerts carry;
-- object names become the keyed label of their ``gs://`` URI: ``gs://`` URIs,
-  the object part of Cloud Storage request URLs (``/b/B/o/NAME``, ``?name=``,
-  ``?prefix=``), and names the code is handling (``naming``), in clear or
-  percent-encoded. The pipeline's own objects (batches, quarantine, manifests,
-  state, backups) keep their names: those hold windows and keys only.
-
-Until ``use_labels`` gives the process its key, UIDs become ``<uid>`` and names
-``<object>``. Python warnings go through logging too (``captureWarnings``).
+See docs/architecture.md#logs
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Per-batch result manifests, in the manner of AWS HealthImaging's import manifests.
 
-Layout (staging bucket)::
+``write_lists`` writes ``manifests/<batch>/success.ndjson`` and ``failure.ndjson``;
+``write_summary`` creates ``summary.json`` once, last (its presence means the batch is
+verified); ``read_summary`` and ``read_lines`` read them back.
 
-    manifests/<batch>/success.ndjson   one line per file that reached the store
-                                       (status imported | duplicate)
-    manifests/<batch>/failure.ndjson   one line per file that did not
-                                       (status conflict | failed, with reason)
-    manifests/<batch>/summary.json     counts, the operation and its own counters,
-                                       times; written last: its presence means
-                                       the batch is verified
-
-A line is the file record (``staging.FileRecord``: key, source bucket, name and
-generation, size, checksums, study, series and SOP UIDs, windows) plus ``status``,
-``reason``, ``batch``, ``operation``, ``staged``, ``checksum`` and
-``storedChecksum`` when the store's bytes differ. Manifests live in the staging
-bucket, with its access, so they name the source objects in full; alerts and logs
-never do.
-
-The two NDJSON files are rewritten whole on a repeat (a crash before the summary);
-the summary is create-if-absent, so the first complete verification is the one on
-record. Status views read summaries, never one object per file.
+See docs/architecture.md#manifests
 """
 
 from __future__ import annotations

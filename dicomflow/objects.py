@@ -9,7 +9,7 @@ Every marker, seal, intent, slot, lease and manifest goes through these helpers:
   someone else's.
 - ``swap``: compare-and-swap on the generation read, with the same token check.
 - ``delete``: absent is fine; with a generation, only that version goes.
-- ``names`` / ``prefixes``: one listing, optionally from an offset (windows and
+- ``names`` / ``folders``: one listing, optionally from an offset (windows and
   cursors keep ticks from listing history).
 
 Conditional requests are idempotent, so the Storage client retries them itself

@@ -1,48 +1,10 @@
 """The report function: the minute tick that turns operations and files into outcomes and alerts.
 
-One tick (``run_tick``), each step safe to repeat after a crash at any line, and by
-two report instances at once::
+``run_tick`` verifies finished imports (``check_batch``, ``settle_batch``), alerts failed
+and stalled operations, settles exports and drills, alerts quarantined, dropped and failed
+files, a backlog and stale state. Every step is safe to repeat and to run twice at once.
 
-    1. open batches (state/open/): poll each import; each finished one is verified
-       (dicomflow.verify), in threads beside steps 2 to 5:
-         re-stage stragglers -> manifests success/failure.ndjson -> alerts import_failed
-         and conflict -> summary.json -> delete state/open/<batch>.json
-       A batch whose poll or verification fails with an answer of the services (403 on
-       QIDO, 5xx ...) notes when it first failed (state/batch/<batch>/stuck.json) and,
-       DICOMFLOW_VERIFY_STUCK_MINUTES later, raises verification_stuck once. A 4xx is
-       logged, not raised (the next tick tries again; a platform retry would not help).
-    2. the dataset's operations (operations.list): stalled, once each; failed
-       operations dicomflow did not start (no state/ops/<id>.json), once each
-    3. exports (dicomflow.export.settle_exports)
-    4. quarantined, dropped and failed files, one alert per closed window (and kind)
-       (dicomflow.feeds)
-    5. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
-       per episode (state/report/backlog.json names the episode); after step 1, whose
-       checks tell which batches wait
-    6. windows, batches and exports older than DICOMFLOW_STALE_STATE_MINUTES:
-       stale_state, once per episode (dicomflow.stale)
-
-Verdicts do not depend on which tick verifies a batch or in which order batches
-finish (see ``dicomflow.verify``), so there are no verification leases: two ticks
-that verify one batch reach the same verdicts, the summary is create-if-absent and
-each alert is published once (``alerts.publish_once``, keyed by kind and subject).
-Subjects::
-
-    import_failed   batch/<id>/import_failed        conflict   batch/<id>/conflict
-    verification_stuck  batch/<id>/verification_stuck
-    operation_failed  <operation name>               stalled    <operation name>/stalled
-    backlog         backlog/<first batch of episode> quarantined, dropped: dicomflow.feeds
-
-Staging copies are never deleted here: a copy is the claim of its object
-generation, so it must outlive the maximum event age; a lifecycle rule expires
-them. Conflicts and failures keep theirs for inspection and ``dicomflow retry``.
-
-Per-tick cost does not grow with history: the open batches, the operations the
-service retains (one page of 1,000), the failed ones that ended within
-``OUTSIDE_HORIZON_SECONDS``, and the feed windows from their cursors.
-
-No PHI: alerts and logs carry batch ids, operation names, counts, reasons, keys and
-object labels (``alerts.object_label``, hashed by default) only.
+See docs/architecture.md#report-tick
 """
 
 from __future__ import annotations

@@ -1,32 +1,10 @@
 """Restore a dated backup into a DICOM store, and check the result against the backup.
 
-Flow (``dicomflow restore`` and the scheduled drill, ``dicomflow.drill``)::
+``run`` serves ``dicomflow restore``; the drill uses the steps one by one: ``load_backup``,
+``sample_studies``, ``stage_source``, ``start_import``, ``check`` and ``clean_up``.
+Tombstoned studies are always left out.
 
-    load_backup       one listing of gs://BACKUP/PREFIX/<date>/, the manifests of the
-                      first run and of each rerun (rerun-N/); the latest complete
-                      attempt is restored.
-                      refused: no backup that date, an export still running, or a
-                      mimeType that is not DICOM (rendered images cannot be imported)
-    plan              the studies to restore: all, or a sample; tombstoned studies
-                      (``dicomflow.tombstones``) are always left out
-    stage_source      the attempt's folder itself when it is restored whole (and holds
-                      no rerun's sub-prefix); otherwise a
-                      server-side copy of the wanted objects to
-                      gs://STAGING/restores/<id>/, so that no left-out study (an erased
-                      one above all) ever reaches the target, not even for a moment
-    start_import      dicomStores.import into the target, recorded as ours
-    check             one QIDO per series: every SOP Instance UID of the backup present;
-                      per-series object counts against the manifest (objects lost from
-                      the folder since the export); byte identity of a random sample
-                      (WADO-RS ``transfer-syntax=*`` against the backup's object)
-    clean_up          the copies under restores/<id>/ are deleted
-
-The manifest's ``series`` map (``backup.series_counts``) is what the export wrote;
-the listing is what the folder holds now. Backups written before the manifest had
-that map are checked against the listing alone, and the result says so.
-
-No PHI in logs: restore ids, dates, counts and hashed object labels only; UIDs stay
-in the backup, the manifest and the result the operator asked for.
+See docs/architecture.md#restore
 """
 
 from __future__ import annotations
@@ -116,10 +94,9 @@ class Backup:
                 found.setdefault((o.study, o.series), set()).add(o.sop)
         return found
 
-    def manifest_series(self) -> dict[str, int] | None:
-        """``study/series`` -> objects the export wrote, or None for an older manifest."""
-        series = self.manifest.get("series")
-        return dict(series) if isinstance(series, dict) and series else None
+    def manifest_series(self) -> dict[str, int]:
+        """``study/series`` -> objects the export wrote (``backup.series_counts``)."""
+        return dict(self.manifest.get("series") or {})
 
 
 def load_backup(ctx: Any, day: date) -> Backup:
@@ -371,7 +348,6 @@ class Check:
     present: int = 0
     missing: list[str] = field(default_factory=list)
     lost_from_backup: int = 0
-    series_checked_against: str = "manifest"
     bytes_checked: int = 0
     bytes_different: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -384,7 +360,6 @@ class Check:
             "present": self.present,
             "missing": len(self.missing),
             "lostFromBackup": self.lost_from_backup,
-            "seriesCheckedAgainst": self.series_checked_against,
             "bytesChecked": self.bytes_checked,
             "bytesDifferent": len(self.bytes_different),
             "problems": list(self.problems),
@@ -415,16 +390,12 @@ def check(
     expected = source.by_series(studies)
     result.series = len(expected)
     result.instances = sum(len(s) for s in expected.values())
-    counted = source.manifest_series()
-    if counted is None:
-        result.series_checked_against = "listing"
-    else:
-        # Objects the export wrote that the folder no longer holds (any series, not
-        # only the restored ones: a sampled drill still notices a damaged backup).
-        listed = source.by_series()
-        for series_key, n in counted.items():
-            study, _, series = series_key.partition("/")
-            result.lost_from_backup += max(0, n - len(listed.get((study, series), ())))
+    # Objects the export wrote that the folder no longer holds (any series, not only the
+    # restored ones: a sampled drill still notices a damaged backup).
+    listed = source.by_series()
+    for series_key, n in source.manifest_series().items():
+        study, _, series = series_key.partition("/")
+        result.lost_from_backup += max(0, n - len(listed.get((study, series), ())))
     target_ctx = for_store(ctx, target)
     items = sorted(expected)
     done = 0

@@ -1,24 +1,10 @@
 """Landing retention: delete uploads some days after their file was verified in the store.
 
-With ``DICOMFLOW_LANDING_DELETE_AFTER_DAYS`` = N (default 0: off), the sweep's daily
-pass (``dicomflow.sweep``) deletes the landing object of every file a batch manifest
-records as ``imported`` or ``duplicate``, once N days have passed since the batch was
-verified (its summary's ``verifiedAt``). Conflicts, failures, quarantined and dropped
-files keep their uploads, for ``dicomflow retry`` and for inspection.
+``run`` (the sweep's daily pass) deletes, at the recorded generation, the landing object
+of every ``imported`` or ``duplicate`` file of batches verified
+``DICOMFLOW_LANDING_DELETE_AFTER_DAYS`` days ago, walking batches from a cursor.
 
-- Each delete names the generation the record holds (``ifGenerationMatch``), so an
-  upload made later under the same name is never deleted.
-- ``config`` refuses an N shorter than the maximum event age, the seal grace and one
-  sweep period together: a late event would find its upload gone (and record a
-  drop), and the sweep could not have looked at it.
-
-Batches are walked in id order (their window's time) from a cursor
-``state/retention/cursor.json``: ``{"after": <batch>, "done": [...]}``. ``after`` is
-the last batch before the first one not yet due (unverified, or verified less than N
-days ago); batches after it that were due are listed in ``done``. A pass reads the
-summary of each batch after the cursor whose window began N days ago or earlier, and
-one success manifest per due batch, and makes one delete call per file: the cost
-follows what was verified, never the history.
+See docs/architecture.md#landing-retention
 """
 
 from __future__ import annotations

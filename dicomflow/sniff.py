@@ -5,7 +5,7 @@ Modalities and gateways often write DICOM files without an extension
 DICOM Part 10 file holds ``DICM`` at bytes 128-131, after its preamble. With
 ``DICOMFLOW_SNIFF`` on, an object that fails the filter only because of its
 name gets one 4-byte ranged read of those bytes, and is ingested when they
-read ``DICM``; any other object is ignored silently, as before.
+read ``DICM``; any other object is ignored silently, as with sniffing off.
 
 Cost, per object no glob matches: one ranged GET (a Class B operation) when
 the object is at least 132 bytes and passes every other check, none otherwise

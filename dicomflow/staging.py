@@ -1,37 +1,11 @@
 """The staging bucket's layout: keys, windows, and the file record a staging copy carries.
 
-The staging copy is the claim and the batch's listing is the ledger, so every
-name here is derived from the object alone and every delivery of one object
-generation computes the same names::
+Every name of a file's state is derived from the object alone (``file_key``,
+``window_id``, ``late_window_id``, the ``*_name`` functions), so every delivery of one
+object generation computes the same names. ``FileRecord`` is the record a copy carries
+as its object metadata.
 
-    batches/<window>/<key>.dcm          staging copy; its object metadata is the file record
-    batches/<window>/_files.ndjson      the window's file list (written once, after its seal)
-    quarantine/<window>/<key>.dcm       quarantine copy; the record carries the reason
-    state/dropped/<window>/<key>.json   drop record (event too old, source gone, foreign bucket)
-    failed/<window>/<key>.json          failure record: the source could not be read or copied
-                                        (a permanent error: 400, 401, 403, 416 ...); the file
-                                        record with the reason is also its object metadata
-    state/late/<key>.json               claim of a very late delivery: {window} it copies into
-    state/sealed/<window>.json          seal marker, create-if-absent, before the listing
-    state/sealed/<window>.done          the seal's last step: file list and batches written
-    state/open/<batch>.json             a sealed batch not verified yet (what ticks list)
-    state/batch/<batch>/intent.json     import intent and the note of SOPs already stored
-    state/batch/<batch>/operation.json  the import operation's name
-    state/batch/<batch>/stuck.json      first failed verification of a finished import
-    state/slots/<n>.json                one of K import slots, held by a running import
-    manifests/<batch>/{success,failure}.ndjson, summary.json
-
-- ``<key>``: ``BITS`` characters ``0``/``1`` then 40 hex digits, all from a SHA-256 of
-  bucket, name and generation. Import wildcards have no character classes, so the
-  leading bits are what splits a window: ``<window>/0*.dcm`` and ``1*.dcm`` halve it.
-- ``<window>``: the UTC window of ``batch_window_seconds`` holding the object's
-  ``timeCreated`` (``20261125T125300Z``). A delivery that may miss that window's seal
-  copies into a *late* window instead (``20261125T125000L``, UTC windows of
-  ``late_window_seconds``, longer), so a burst that ingest absorbs over many minutes
-  still makes few imports (``dicomflow.ingest``).
-- ``<batch>``: a window, or ``<window>-<bits>`` for one part of a split window.
-
-No name holds a user-controlled character, so none can reach an import wildcard.
+See docs/architecture.md#state-objects
 """
 
 from __future__ import annotations
@@ -74,7 +48,7 @@ META_PREFIX = "df-"
 
 
 def file_key(bucket: str, name: str, generation: int | str) -> str:
-    """The key of one object generation (see the module docstring)."""
+    """The key of one object generation (see docs/architecture.md#state-objects)."""
     digest = hashlib.sha256(f"{bucket}\n{name}\n{generation}".encode()).digest()
     bits = "".join(str((digest[0] >> (7 - i)) & 1) for i in range(BITS))
     return bits + digest.hex()[:40]

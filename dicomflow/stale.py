@@ -1,26 +1,10 @@
 """Non-final states older than a bound: one ``stale_state`` alert per episode of each kind.
 
-Every state the pipeline passes through on the way to an outcome ends by itself within
-minutes; one that outlives ``DICOMFLOW_STALE_STATE_MINUTES`` means a step has stopped
-(a tick no longer runs, a permission was taken away, a bug). The report tick looks at
-the states it can list without reading history::
+``report`` (the report tick) looks at unsealed windows, open batches and open exports
+older than ``DICOMFLOW_STALE_STATE_MINUTES``; the subject ``stale/<kind>/<oldest id>``
+makes one alert per episode.
 
-    window   batches/<window>/ holding copies, not sealed  age from the window's start
-             (no state/sealed/<window>.done): the ingest tick does not seal
-    batch    state/open/<batch>.json: sealed and not        age from its seal (read only
-             verified (waiting, importing or verifying)     when its window is older)
-    export   state/exports-open/<date>.json whose marker    age from the first claim
-             is not final
-
-Each kind raises one alert per episode: the subject is ``stale/<kind>/<oldest id>``, so
-a state that stays stuck is reported once, and a new alert needs a new oldest one. The
-bound is the backstop behind the alerts that name a cause sooner (``backlog``,
-``stalled``, ``verification_stuck``), so its default (6 hours) lies well above theirs.
-
-Left to others: running operations (``stalled``, from operations.list); a late claim
-whose copy never landed (a missed object: the sweep compares the landing bucket with
-the records, ``sweep.recorded_keys``); re-drives (``dicomflow status`` shows an interrupted one);
-alert markers and feed progress records, which each tick resumes.
+See docs/architecture.md#stale-state
 """
 
 from __future__ import annotations
@@ -84,7 +68,7 @@ def open_exports(ctx: Any) -> dict[str, datetime]:
         marker = export.read_marker(ctx, day)
         if marker is None or export.is_final(marker[0]):
             continue
-        claimed = parse_time(marker[0].get("firstClaimedAt") or marker[0].get("claimedAt"))
+        claimed = parse_time(marker[0].get("firstClaimedAt"))
         if claimed is not None:
             found[day.isoformat()] = claimed
     return found

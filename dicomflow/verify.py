@@ -1,38 +1,11 @@
 """Per-file verification of a finished import batch against the store, order-free.
 
-The operation's counters are not trusted alone: every file of the batch's file list
-is looked up in the store, one QIDO search per study, and gets one outcome:
+``take_note`` reads, before an import, which SOP Instance UIDs the store already
+holds; ``verify_batch`` gives every file of a finished batch one outcome (``imported``,
+``duplicate``, ``conflict`` or ``failed``) from QIDO per study, comparing bytes only
+where the operation's counters, or their absence, call for it.
 
-- ``imported``: the store holds the instance with this file's bytes, and the note
-  taken before the import did not list its SOP Instance UID.
-- ``duplicate``: the same, but the store held the SOP Instance UID before the import
-  (an identical instance was already there), or an identical file earlier in this
-  batch (by key) carries the same UID.
-- ``conflict``: the SOP Instance UID is stored with other bytes (confirmed by
-  comparing bytes), or under another study or series.
-- ``failed``: the instance is not in the store (``not-in-store``).
-
-Why no order matters. The store keeps the first bytes stored under a SOP Instance
-UID and refuses other bytes with a per-file failure (Healthcare API import
-semantics). So whoever verifies a batch, in whatever order batches finish, the
-store's content and the batch's own operation decide. Each present file is this
-file's bytes unless the operation counted more failures than the files it did not
-store; only then are bytes compared (WADO-RS, ``transfer-syntax=*``): first for the
-suspects (SOP UIDs the note saw already stored, or that two files of the batch
-share), then for the rest until every counted failure is found. With no readable
-counters (the operation was lost or failed as a whole) every present suspect is
-compared, and every other present file too.
-
-Identical files in batches whose imports overlap: the note of each batch names the
-batches open when it was taken; the earliest batch (by id) that did not see the UID
-stored is the one that ``imported`` it, the others have a ``duplicate``
-(``earlier_copies``), whichever import stored the bytes first.
-Instances stored outside dicomflow with the same UIDs and bytes are ``duplicate``
-when they were there before the import, ``imported`` when they came in between.
-
-Healthcare calls: one QIDO per study for the note, one per study after the import,
-one QIDO by SOP UID for a file missing from a study that has other instances stored,
-and one WADO-RS per compared SOP UID (``summary.fetchedForChecksum``).
+See docs/architecture.md#verification
 """
 
 from __future__ import annotations
@@ -341,7 +314,7 @@ def verify_batch(
     note: dict[str, Any] | None,
     earlier: set[tuple[str, str | None]] = frozenset(),  # type: ignore[assignment]
 ) -> list[FileResult]:
-    """Decide the outcome of every file of a finished batch (see the module docstring).
+    """Decide the outcome of every file of a finished batch (docs/architecture.md#verification).
 
     ``earlier``: ``earlier_copies`` of the batch."""
     results = [FileResult(r) for r in sorted(records, key=lambda r: r.key)]

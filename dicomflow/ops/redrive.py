@@ -2,35 +2,10 @@
 
 (Not to be confused with ``dicomflow.retry``, the backoff policy for transient errors.)
 
-Outcomes are never rewritten: a manifest line and a quarantine copy stay as they are.
-A re-drive stages the file again as a new record under a new key, and a marker says
-that the old outcome is superseded::
+``select`` picks the outcomes to re-drive; ``redrive`` stages one file again under its
+retry key, behind the marker ``state/retries/<key>.json``. Outcomes are never rewritten.
 
-    state/retries/<key>.json            {key, retryKey, previous, batch, window, UIDs}:
-                                        create-if-absent, before the copy
-    batches/<window>/<retry key>.dcm    the new staging copy, in the current window
-
-- ``<retry key>``: ``staging.file_key(bucket, name, "<generation>/retry/<key>")``. It
-  depends on the old key alone, so every re-drive of one outcome (a repeat, a
-  concurrent one, a resume after a crash) copies to the same name; the copy is
-  create-if-absent, so the file gets one new record. If that record fails again, the
-  next re-drive starts from it (its own key), and the chain never repeats a key.
-- The copy goes through ``ingest.stage`` with ``via = "retry"``: like a very late
-  delivery it claims ``state/late/<retry key>`` for the current late window and copies
-  there, and the seal of that window lists it. A resume whose claim names a window
-  already sealed without the file moves the claim to the current one
-  (``ingest.late_window``), so a copy never lands after its seal. A re-drive always
-  claims: the operator's settings need not be the functions', so it must not rely on
-  computing their windows.
-- Source: the landing object's generation while it exists, else the copy the old
-  outcome kept (``batches/<window>/<key>.dcm`` or ``quarantine/<window>/<key>.dcm``).
-  Old copies are left to the lifecycle rule: a copy is the claim of its key, and a
-  late redelivery of the original event must still meet it.
-- Quarantined files go through the header check first; one still rejected is left
-  as it is, and nothing is written.
-
-Readers (``dicomflow.ops.status``, ``select``) list ``state/retries/``: a key with a marker
-counts as its retry, never twice.
+See docs/architecture.md#re-drive
 """
 
 from __future__ import annotations
@@ -108,7 +83,7 @@ def retry_name(key: str) -> str:
 
 
 def retry_key(record: FileRecord) -> str:
-    """The key a re-drive of ``record`` stages the file under (see the module docstring)."""
+    """The key a re-drive of ``record`` stages the file under (docs/architecture.md#re-drive)."""
     return file_key(record.bucket, record.name, f"{record.generation}/retry/{record.key}")
 
 

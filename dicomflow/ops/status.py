@@ -1,35 +1,10 @@
 """The pipeline's state at a glance, gathered into one plain dict.
 
-``gather(ctx, now, since)`` reads what the functions leave in the staging bucket
-(``dicomflow.staging`` has the layout) and what the Healthcare API says, and returns
-a JSON-ready dict. The same dict is printed as tables by ``dicomflow status``,
-dumped by ``--json`` and drawn by ``dicomflow.ops.status_page`` as an HTML page. Sources::
+``gather(ctx, now, since)`` reads what the functions leave in the staging bucket and
+what the Healthcare API says, and returns a JSON-ready dict, which ``dicomflow status``
+prints as tables, dumps as ``--json`` or draws as a page (``dicomflow.ops.status_page``).
 
-    manifests/<batch>/summary.json       verified batches: counts by outcome, times
-    manifests/<batch>/failure.ndjson     reasons, read only for batches with failures
-    quarantine/<window>/, state/dropped/ quarantined and dropped files (listings)
-    failed/<window>/                     files ingest could not read or copy (a listing)
-    state/retries/<key>.json             re-driven files (``dicomflow.ops.redrive``)
-    batches/<window>/ (not sealed)       files of open windows (listings, from the seal cursor)
-    state/open/<batch>.json              sealed batches not verified yet, and their
-    state/batch/<batch>/operation.json   import operations
-    state/batch/<batch>/stuck.json       verifications that keep failing (finished imports only)
-    operations.list                      running operations; imports and exports for the timeline
-    state/alerts/*.json                  alerts published (kind, time), from their delivery markers
-    state/exports/<date>.json            backups
-    drills/<date>.json                   restore drills (``dicomflow.drill``), the latest few
-    tombstones/                          erased studies (``dicomflow.tombstones``): a count
-
-File totals cover all time (they add up to the files ingested); each
-file counts once, a re-driven one by its retry's outcome. Everything else is limited
-to the window ``[since, now]``.
-
-Cost: one read per verified batch (its summary), per open batch and per alert marker,
-in a thread pool, plus listings; never one read per file. The timeline places files
-at their batch's or their quarantine copy's window.
-
-No PHI: object names are never copied out; the dict holds statuses, reason codes,
-counts, times, keys and batch ids only.
+See docs/architecture.md#status
 """
 
 from __future__ import annotations
