@@ -1,7 +1,7 @@
 """docs/architecture.md stays true to the code: its layer table names every module of
-``dicomflow`` once and agrees with the imports, module docstrings of ``dicomflow`` and
-``localcloud`` stay short, and every ``docs/<file>.md#anchor`` the code points at is a
-heading of that document."""
+``dicomflow`` once (tests/unit/test_layout.py checks the imports against it), module
+docstrings of ``dicomflow`` and ``localcloud`` stay short, and every
+``docs/<file>.md#anchor`` the code points at is a heading of that document."""
 
 from __future__ import annotations
 
@@ -55,39 +55,9 @@ def layers() -> dict[str, int]:
     return found
 
 
-def imports(path: Path, known: set[str]) -> set[str]:
-    """The package's modules that ``path`` imports, at module level or inside a function."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in names:
-            if name.startswith("dicomflow."):
-                inner = name.removeprefix("dicomflow.")
-                if inner in known:
-                    found.add(inner)
-    return found
-
-
 def test_the_layer_table_names_every_module_once() -> None:
     table = layers()
     assert sorted(table) == sorted(modules())
-
-
-def test_every_module_imports_only_its_own_layer_or_below() -> None:
-    table = layers()
-    everything = modules()
-    upward = [
-        f"{name} (layer {table[name]}) imports {other} (layer {table[other]})"
-        for name, path in everything.items()
-        for other in sorted(imports(path, set(everything)))
-        if table[other] > table[name]
-    ]
-    assert upward == []
 
 
 def test_module_docstrings_are_short_and_point_at_headings() -> None:

@@ -1,6 +1,6 @@
 """The layers of dicomflow/, checked on its import graph (read with ast; nothing is imported).
 
-A module imports only modules of its own layer or below (LAYERS, bottom to top, as in
+A module imports only modules of its own layer or below (LAYERS, bottom to top: the table in
 docs/architecture.md); nothing outside the operator tools imports them; no two modules import each
 other, directly or around a loop. Imports made only for the type checker (``if TYPE_CHECKING:``)
 count too: a reader follows them the same way.
@@ -13,57 +13,21 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
+from tests.unit.test_architecture_doc import layers as architecture_layers
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "dicomflow"
 
 BASE = 1
 FUNCTIONS = 5
 OPERATOR = 6
-# Module (its name inside dicomflow) -> layer. The operator tools (dicomflow/ops/ and the CLI
-# entry __main__.py) are layer OPERATOR without being listed.
-LAYERS: dict[str, int] = {
-    # 1. base: no dicomflow module above them.
-    "__init__": BASE,
-    "errors": BASE,
-    "names": BASE,
-    "clock": BASE,
-    "json_types": BASE,
-    "pool": BASE,
-    "config": BASE,
-    "keys": BASE,
-    "log": BASE,
-    "retry": BASE,
-    "objects": BASE,
-    "subscription": BASE,
-    # 2. the process and the services it calls.
-    "runtime": 2,
-    "events": 2,
-    "healthcare": 2,
-    # 3. state and records.
-    "staging": 3,
-    "header": 3,
-    "sniff": 3,
-    "operations": 3,
-    "backup": 3,
-    "tombstones": 3,
-    "alerts": 3,
-    "verify": 3,
-    "manifests": 3,
-    # 4. the paths: ingest (batches, ingest, retention, sweep), report (feeds, stale, report),
-    # export (export_plan, export, restore, drill).
-    "batches": 4,
-    "ingest": 4,
-    "retention": 4,
-    "sweep": 4,
-    "feeds": 4,
-    "stale": 4,
-    "report": 4,
-    "export_plan": 4,
-    "export": 4,
-    "restore": 4,
-    "drill": 4,
-    # 5. the three handlers main.py calls.
-    "functions": FUNCTIONS,
+# Module (its name inside dicomflow) -> layer, from the layer table of docs/architecture.md
+# (one table for the reader and the check). The operator tools (dicomflow/ops/ and the CLI
+# entry __main__.py) are layer OPERATOR.
+LAYERS: dict[str, int] = {"__init__": BASE} | {
+    name: number
+    for name, number in architecture_layers().items()
+    if not (name.startswith("ops.") or name == "__main__")
 }
 
 Graph = dict[str, set[str]]
