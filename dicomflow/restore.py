@@ -37,7 +37,7 @@ from dicomflow import (
     verify,
 )
 from dicomflow.config import RESTORES_PREFIX, parse_mime_type
-from dicomflow.errors import PermanentError, TransientError
+from dicomflow.errors import Refused, TransientError
 from dicomflow.names import DicomStoreName
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ DEFAULT_VERIFY_BYTES = 20
 Progress = Callable[[str, int, int | None], None]
 
 
-class RestoreRefused(PermanentError):
+class RestoreRefused(Refused):
     """The restore cannot run as asked (no such backup, not DICOM, the live store...)."""
 
 

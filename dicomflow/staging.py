@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -166,70 +166,44 @@ def parse_batch(batch: str) -> tuple[str, str]:
     return match.group(1), match.group(2) or ""
 
 
-def staged_name(window: str, key: str) -> str:
-    return f"{BATCHES_PREFIX}{window}/{key}.dcm"
+def _in_window(prefix: str, suffix: str) -> Callable[[str, str], str]:
+    """The namer of one key's object in a window: ``{prefix}{window}/{key}{suffix}``."""
+
+    def name(window: str, key: str) -> str:
+        return f"{prefix}{window}/{key}{suffix}"
+
+    return name
 
 
-def files_name(window: str) -> str:
-    return f"{BATCHES_PREFIX}{window}/{FILES}"
+def _of(prefix: str, suffix: str) -> Callable[[str], str]:
+    """The namer of the object of one window, batch or key: ``{prefix}{it}{suffix}``."""
+
+    def name(it: str) -> str:
+        return f"{prefix}{it}{suffix}"
+
+    return name
 
 
-def quarantine_name(window: str, key: str) -> str:
-    return f"{QUARANTINE_PREFIX}{window}/{key}.dcm"
-
-
-def dropped_name(window: str, key: str) -> str:
-    return f"{DROPPED_PREFIX}{window}/{key}.json"
-
-
-def failed_name(window: str, key: str) -> str:
-    return f"{FAILED_PREFIX}{window}/{key}.json"
-
-
-def late_name(key: str) -> str:
-    return f"{LATE_PREFIX}{key}.json"
-
-
-def sealed_name(window: str) -> str:
-    return f"{SEALED_PREFIX}{window}.json"
-
-
-def sealed_done_name(window: str) -> str:
-    """Created once every step of the seal is done (the seal marker is its first step)."""
-    return f"{SEALED_PREFIX}{window}.done"
-
-
-def open_name(batch: str) -> str:
-    return f"{OPEN_PREFIX}{batch}.json"
-
-
-def intent_name(batch: str) -> str:
-    return f"{BATCH_STATE_PREFIX}{batch}/intent.json"
-
-
-def operation_name(batch: str) -> str:
-    return f"{BATCH_STATE_PREFIX}{batch}/operation.json"
-
-
-def stuck_name(batch: str) -> str:
-    """When the verification of ``batch`` first failed (deleted once it is verified)."""
-    return f"{BATCH_STATE_PREFIX}{batch}/stuck.json"
+# The names of the module docstring's table, in its order.
+staged_name = _in_window(BATCHES_PREFIX, ".dcm")
+files_name = _of(BATCHES_PREFIX, f"/{FILES}")
+quarantine_name = _in_window(QUARANTINE_PREFIX, ".dcm")
+dropped_name = _in_window(DROPPED_PREFIX, ".json")
+failed_name = _in_window(FAILED_PREFIX, ".json")
+late_name = _of(LATE_PREFIX, ".json")
+sealed_name = _of(SEALED_PREFIX, ".json")
+sealed_done_name = _of(SEALED_PREFIX, ".done")
+open_name = _of(OPEN_PREFIX, ".json")
+intent_name = _of(BATCH_STATE_PREFIX, "/intent.json")
+operation_name = _of(BATCH_STATE_PREFIX, "/operation.json")
+stuck_name = _of(BATCH_STATE_PREFIX, "/stuck.json")  # deleted once the batch is verified
+success_name = _of(MANIFESTS_PREFIX, "/success.ndjson")
+failure_name = _of(MANIFESTS_PREFIX, "/failure.ndjson")
+summary_name = _of(MANIFESTS_PREFIX, "/summary.json")
 
 
 def slot_name(slot: int) -> str:
     return f"{SLOTS_PREFIX}{slot:03d}.json"
-
-
-def success_name(batch: str) -> str:
-    return f"{MANIFESTS_PREFIX}{batch}/success.ndjson"
-
-
-def failure_name(batch: str) -> str:
-    return f"{MANIFESTS_PREFIX}{batch}/failure.ndjson"
-
-
-def summary_name(batch: str) -> str:
-    return f"{MANIFESTS_PREFIX}{batch}/summary.json"
 
 
 def import_uri(staging_bucket: str, batch: str) -> str:

@@ -1,8 +1,9 @@
-"""The ``dicomflow`` command line: one function per subcommand, ``--json`` on each.
+"""The ``dicomflow`` command line: one handler per subcommand, ``--json`` on each.
 
-To add a subcommand, write ``cmd_<name>(ctx_factory, args) -> int`` and an
-``add_<name>(subparsers, common)`` that registers it, then list the adder in
-``SUBCOMMANDS``. Settings come from the environment, as for the functions.
+To add a subcommand, write ``cmd_<name>(make_ctx, args) -> int`` (its docstring is the
+help) and, if it takes arguments, ``<name>_arguments(parser)``, then list a
+``Command`` for it in ``COMMANDS``. Settings come from the environment, as for the
+functions.
 """
 
 from __future__ import annotations
@@ -10,34 +11,39 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from dicomflow import functions, ingest, log, staging
-from dicomflow.config import load_settings
-from dicomflow.errors import ConfigError, DicomflowError
+from dicomflow.config import EXPORT_MODES, load_settings
+from dicomflow.errors import ConfigError, DicomflowError, Refused
 from dicomflow.events import StorageObject, skip_reason
 from dicomflow.ops import cli_restore
+from dicomflow.ops.args import (
+    Bars,
+    Command,
+    ContextFactory,
+    UsageError,
+    day,
+    emit,
+    mime_type,
+    show,
+    stderr_console,
+    window,
+    window_arguments,
+)
 from dicomflow.runtime import Context, make_context
 from dicomflow.staging import file_key, window_id
 
 logger = logging.getLogger(__name__)
 
-ContextFactory = Callable[[], Context]
-
 
 def _default_context() -> Context:
     return make_context(load_settings())
-
-
-def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        print(text)
 
 
 # ---- backfill --------------------------------------------------------------------------------
@@ -57,49 +63,40 @@ def parse_gs_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "backfill",
-        parents=[common],
-        help="feed existing objects through ingest (safe to run twice)",
-        description=(
-            "Send every object under gs://BUCKET/PREFIX that the pipeline has no record of "
-            "through the ingest path, as if its finalize event had arrived: filtered, "
-            "checked, staged or quarantined. Objects with a record (a staging or quarantine "
-            "copy, a late claim, a drop or failure record) are counted and left as they are."
-        ),
-    )
+def backfill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("uri", help="gs://BUCKET/PREFIX")
     parser.add_argument("--workers", type=int, default=8, help="parallel objects (default 8)")
     parser.add_argument(
         "--tick", action="store_true", help="run one ingest tick afterwards (seal, import)"
     )
-    parser.set_defaults(handler=cmd_backfill)
 
 
 RECORDED = "recorded"
 
 
 def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    """List the objects, ingest those without a record with a progress bar, print the totals."""
+    """Feed existing objects through ingest (safe to run twice).
+
+    Send every object under gs://BUCKET/PREFIX that the pipeline has no record of
+    through the ingest path, as if its finalize event had arrived: filtered, checked,
+    staged or quarantined. Objects with a record (a staging or quarantine copy, a late
+    claim, a drop or failure record) are counted and left as they are.
+    """
     from rich.progress import Progress
 
     try:
         bucket, prefix = parse_gs_uri(args.uri)
     except ValueError as exc:
-        print(f"dicomflow backfill: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     ctx = make_ctx()
     settings = ctx.settings
     if bucket != settings.landing_bucket:
         # Ingest records objects of other buckets as dropped (foreign-bucket), unread.
-        print(
-            f"dicomflow backfill: gs://{bucket} is not the landing bucket "
+        raise UsageError(
+            f"gs://{bucket} is not the landing bucket "
             f"(DICOMFLOW_LANDING_BUCKET={settings.landing_bucket}); copy the objects there "
-            "instead: their uploads are ingested as they land",
-            file=sys.stderr,
+            "instead: their uploads are ingested as they land"
         )
-        return 2
     listed = [
         StorageObject.from_blob(b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
     ]
@@ -129,7 +126,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         return f"{status} (again)" if result.get("repeat") else status
 
     with (
-        Progress(console=None if not args.json else _stderr_console(), transient=args.json) as bar,
+        Progress(console=stderr_console() if args.json else None, transient=args.json) as bar,
         ThreadPoolExecutor(max(1, args.workers)) as pool,
     ):
         task = bar.add_task(f"backfill gs://{bucket}/{prefix}", total=len(todo))
@@ -149,55 +146,17 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     lines = [f"{len(listed)} objects under gs://{bucket}/{prefix}"]
     lines += [f"  {status}: {n}" for status, n in sorted(counts.items())]
     lines += [f"  error: {e}" for e in errors[:20]]
-    _emit(args, result, "\n".join(lines))
+    emit(args, result, "\n".join(lines))
     return 1 if errors else 0
-
-
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(file=sys.stderr)
 
 
 # ---- export ----------------------------------------------------------------------------------
 
 
-def _export_date(text: str) -> Any:
-    from dicomflow import backup
-
-    try:
-        return backup.parse_day(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _export_mime(text: str) -> str:
-    from dicomflow.config import parse_mime_type
-
-    try:
-        parse_mime_type(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def add_export(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    from dicomflow.config import EXPORT_MODES
-
-    parser = subparsers.add_parser(
-        "export",
-        parents=[common],
-        help="back up the store to its dated folder now (same path as the schedule)",
-        description=(
-            "Start the export of the DICOM store to gs://BACKUP_BUCKET/PREFIX/<date>/, "
-            "once per date: a date that already has an export reports it, unless --force."
-        ),
-    )
-    parser.add_argument("--date", type=_export_date, help="YYYY-MM-DD, UTC (default: today)")
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--date", type=day, help="YYYY-MM-DD, UTC (default: today)")
     parser.add_argument("--mode", choices=EXPORT_MODES, help="default: DICOMFLOW_EXPORT_MODE")
-    parser.add_argument(
-        "--mime-type", type=_export_mime, help="default: DICOMFLOW_EXPORT_MIME_TYPE"
-    )
+    parser.add_argument("--mime-type", type=mime_type, help="default: DICOMFLOW_EXPORT_MIME_TYPE")
     parser.add_argument(
         "--force", action="store_true", help="rerun a date whose export already finished"
     )
@@ -205,11 +164,14 @@ def add_export(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--wait", action="store_true", help="follow the operation, then write the manifest"
     )
     parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
-    parser.set_defaults(handler=cmd_export)
 
 
 def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    """Start (or find) the date's export; with --wait, show progress until it is settled."""
+    """Back up the store to its dated folder now (same path as the schedule).
+
+    Start the export of the DICOM store to gs://BACKUP_BUCKET/PREFIX/<date>/, once per
+    date: a date that already has an export reports it, unless --force.
+    """
     from rich.progress import Progress
 
     from dicomflow import export
@@ -223,24 +185,18 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         "wait": args.wait,
         "timeout": args.timeout,
     }
-    try:
-        if args.wait:
-            with Progress(
-                console=_stderr_console() if args.json else None, transient=args.json
-            ) as bar:
-                task = bar.add_task("export", total=None)
+    if args.wait:
+        with Progress(console=stderr_console() if args.json else None, transient=args.json) as bar:
+            task = bar.add_task("export", total=None)
 
-                def show(p: dict[str, Any]) -> None:
-                    done = p["counter"].get("success", 0) + p["counter"].get("failure", 0)
-                    total = p["expected"].get("instances")
-                    bar.update(task, completed=done, total=total, description=p["state"])
+            def progress(p: dict[str, Any]) -> None:
+                done = p["counter"].get("success", 0) + p["counter"].get("failure", 0)
+                total = p["expected"].get("instances")
+                bar.update(task, completed=done, total=total, description=p["state"])
 
-                result = export.run_command(ctx, on_progress=show, **options)
-        else:
-            result = export.run_command(ctx, **options)
-    except DicomflowError as exc:
-        print(f"dicomflow export: {exc}", file=sys.stderr)
-        return 1
+            result = export.run_command(ctx, on_progress=progress, **options)
+    else:
+        result = export.run_command(ctx, **options)
     lines = [
         f"export {result.get('date')} attempt {result.get('attempt')}: {result['status']}",
         f"  destination: {result.get('destination')}",
@@ -250,78 +206,15 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     if result.get("manifest"):
         lines.append(f"  manifest: {result['manifest']}")
     lines += [f"  problem: {p}" for p in result.get("problems") or []]
-    _emit(args, result, "\n".join(lines))
+    emit(args, result, "\n".join(lines))
     return 1 if result["status"] in ("failed", "timeout") else 0
 
 
 # ---- status, batches, batch, retry, alerts tail ---------------------------------------------
 
 
-def _window_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--since", type=_since_time, help="start of the window, ISO time (UTC)")
-    group.add_argument("--hours", type=float, default=24.0, help="window length (default 24)")
-
-
-def _since_time(text: str) -> Any:
-    from dicomflow.clock import parse_time
-
-    moment = parse_time(text)
-    if moment is None:
-        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}")
-    return moment
-
-
-def _window(ctx: Context, args: argparse.Namespace) -> tuple[Any, Any]:
-    from datetime import timedelta
-
-    now = ctx.clock()
-    return now, args.since or now - timedelta(hours=args.hours)
-
-
-def _print(renderable: Any) -> None:
-    from rich.console import Console
-
-    Console(width=max(120, Console().width)).print(renderable)
-
-
-class _Bar:
-    """A transient progress bar on stderr for the long reads (summaries, batches, alerts)."""
-
-    def __init__(self) -> None:
-        from rich.progress import Progress
-
-        self.progress = Progress(console=_stderr_console(), transient=True)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _Bar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def __call__(self, label: str, done: int, total: int | None) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(f"reading {label}", total=total)
-        self.progress.update(self.tasks[label], completed=done, total=total)
-
-
-def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "status",
-        parents=[common],
-        help="file totals, batches in flight, running operations, recent alerts",
-        description=(
-            "The pipeline at a glance: files by outcome (all time, from the batch summaries, "
-            "quarantine and drop records and the open windows); open, sealed and importing "
-            "batches with their ages; running operations; alerts and backups in the window. "
-            "--html FILE also writes a self-contained page with a timeline."
-        ),
-    )
-    import os
-
-    _window_args(parser)
+def status_arguments(parser: argparse.ArgumentParser) -> None:
+    window_arguments(parser)
     parser.add_argument("--html", metavar="FILE", help="write the status page (HTML) to FILE")
     # The CLI's own setting (the functions never read it), hence read here.
     parser.add_argument(
@@ -333,116 +226,83 @@ def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "are counted (default: DICOMFLOW_DEAD_LETTER_SUBSCRIPTION)"
         ),
     )
-    parser.set_defaults(handler=cmd_status)
 
 
 def cmd_status(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    """Gather the status dict once; print it as tables or JSON, and optionally as a page."""
+    """File totals, batches in flight, running operations, recent alerts.
+
+    The pipeline at a glance: files by outcome (all time, from the batch summaries,
+    quarantine and drop records and the open windows); open, sealed and importing
+    batches with their ages; running operations; alerts and backups in the window.
+    --html FILE also writes a self-contained page with a timeline.
+    """
     from pathlib import Path
 
     from dicomflow import subscription
     from dicomflow.ops import status, status_page, tables
 
     ctx = make_ctx()
-    now, since = _window(ctx, args)
-    try:
-        with _Bar() as bar:
-            result = status.gather(ctx, now, since, progress=bar)
-        result["deadLetters"] = None
-        if args.dead_letters:
-            path = subscription.subscription_path(
-                args.dead_letters, ctx.settings.alerts_topic.project
-            )
-            waiting = subscription.count_waiting(ctx, path)
-            result["deadLetters"] = {"subscription": path, "count": waiting}
-    finally:
-        ctx.close_clients()
+    now, since = window(ctx, args)
+    with Bars("reading ") as bars:
+        result = status.gather(ctx, now, since, progress=bars)
+    result["deadLetters"] = None
+    if args.dead_letters:
+        path = subscription.subscription_path(args.dead_letters, ctx.settings.alerts_topic.project)
+        waiting = subscription.count_waiting(ctx, path)
+        result["deadLetters"] = {"subscription": path, "count": waiting}
     if args.html:
         Path(args.html).write_text(status_page.render(result), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        _print(tables.status_tables(result))
+    emit(args, result, tables.status_tables(result))
     return 0
-
-
-def add_batches(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "batches",
-        parents=[common],
-        help="the batches of the window and their state",
-        description="Every batch whose window falls in the time window, oldest first.",
-    )
-    _window_args(parser)
-    parser.set_defaults(handler=cmd_batches)
 
 
 def cmd_batches(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """The batches of the window and their state.
+
+    Every batch whose window falls in the time window, oldest first.
+    """
     from dicomflow.ops import status, tables
 
     ctx = make_ctx()
-    now, since = _window(ctx, args)
-    with _Bar() as bar:
-        found = status.list_batches(ctx, now, since, progress=bar)
-    if args.json:
-        print(json.dumps({"batches": found}, sort_keys=True))
-    else:
-        _print(tables.batches_table(found))
+    now, since = window(ctx, args)
+    with Bars("reading ") as bars:
+        found = status.list_batches(ctx, now, since, progress=bars)
+    emit(args, {"batches": found}, tables.batches_table(found))
     return 0
 
 
-def add_batch(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "batch",
-        parents=[common],
-        help="one batch: seal, file list, operation, summary and manifest",
-        description="The details, the file list and the per-file manifest of one batch.",
-    )
+def batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "batch_id", metavar="ID", help="batch id, e.g. 20261125T125300Z or 20261125T125300Z-01"
     )
     parser.add_argument(
         "--files", action="store_true", help="list every file, not only the failures"
     )
-    parser.set_defaults(handler=cmd_batch)
 
 
 def cmd_batch(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """One batch: seal, file list, operation, summary and manifest.
+
+    The details, the file list and the per-file manifest of one batch.
+    """
     from dicomflow.ops import status, tables
 
     ctx = make_ctx()
     try:
         detail = status.batch_detail(ctx, args.batch_id)
     except ValueError as exc:
-        print(f"dicomflow batch: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     if detail is None:
         print(f"dicomflow batch: no batch {args.batch_id}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(detail, sort_keys=True))
-    else:
-        _print(tables.batch_tables(detail, args.files))
+    emit(args, detail, tables.batch_tables(detail, args.files))
     return 0
 
 
-def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def retry_arguments(parser: argparse.ArgumentParser) -> None:
     from dicomflow.ops.redrive import RETRYABLE
 
-    parser = subparsers.add_parser(
-        "retry",
-        parents=[common],
-        help="send failed or quarantined files through ingest again, after a fix",
-        description=(
-            "Re-drive files whose outcome is failed or quarantined (or conflict, if asked): "
-            "each is staged again into the current window under a retry key, from its "
-            "source generation or the copy its outcome kept, and a later batch gives it a "
-            "fresh outcome that replaces the old one in the totals. Quarantined files are "
-            "checked again first; those still rejected are left as they are. Safe to run "
-            "twice: a re-driven outcome is not selected again."
-        ),
-    )
     parser.add_argument(
         "--status",
         action="append",
@@ -453,17 +313,25 @@ def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", help="only files of this batch (failed and conflict)")
     parser.add_argument("--dry-run", action="store_true", help="list the files, change nothing")
     parser.add_argument("--workers", type=int, default=8, help="parallel files (default 8)")
-    parser.set_defaults(handler=cmd_retry)
 
 
 def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """Send failed or quarantined files through ingest again, after a fix.
+
+    Re-drive files whose outcome is failed or quarantined (or conflict, if asked): each
+    is staged again into the current window under a retry key, from its source
+    generation or the copy its outcome kept, and a later batch gives it a fresh outcome
+    that replaces the old one in the totals. Quarantined files are checked again first;
+    those still rejected are left as they are. Safe to run twice: a re-driven outcome
+    is not selected again.
+    """
     from rich.progress import Progress
 
     from dicomflow.ops import outcomes, redrive, tables
 
     ctx = make_ctx()
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    with _stderr_console().status("reading outcomes"):
+    with stderr_console().status("reading outcomes"):
         found = outcomes.read_all(bucket)
         retried = redrive.retried_keys(bucket)
     chosen = redrive.select(
@@ -477,7 +345,7 @@ def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
             for o in chosen
         ]
     else:
-        with Progress(console=_stderr_console(), transient=True) as progress:
+        with Progress(console=stderr_console(), transient=True) as progress:
             task = progress.add_task("re-drive", total=len(chosen))
             results, errors = redrive.redrive_all(
                 ctx, chosen, args.workers, lambda _: progress.advance(task)
@@ -490,63 +358,49 @@ def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         "files": files,
         "errors": errors,
     }
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        _print(tables.retry_tables(result))
+    emit(args, result, tables.retry_tables(result))
     return 1 if errors else 0
 
 
-def add_alerts(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    import os
-
-    parser = subparsers.add_parser("alerts", help="read alerts back from Pub/Sub")
-    sub = parser.add_subparsers(dest="alerts_command", required=True)
-    tail = sub.add_parser(
-        "tail",
-        parents=[common],
-        help="pull and print alerts from a subscription",
-        description=(
-            "Pull alerts from a pull subscription on the alerts topic, print them and "
-            "acknowledge them. The subscription defaults to DICOMFLOW_ALERTS_SUBSCRIPTION "
-            "(localcloud prints it with `python -m localcloud env`)."
-        ),
-    )
+def alerts_tail_arguments(parser: argparse.ArgumentParser) -> None:
     # The CLI's own setting (the functions never read it), hence read here.
-    tail.add_argument(
+    parser.add_argument(
         "--subscription",
         default=os.environ.get("DICOMFLOW_ALERTS_SUBSCRIPTION"),
         help="projects/P/subscriptions/S, or S in the alerts topic's project",
     )
-    tail.add_argument("--max", type=int, help="stop after this many alerts")
-    tail.add_argument("--follow", action="store_true", help="keep waiting for new alerts")
-    tail.add_argument("--timeout", type=float, help="with --follow, stop after this many seconds")
-    tail.add_argument("--no-ack", action="store_true", help="leave the alerts on the subscription")
-    tail.set_defaults(handler=cmd_alerts_tail)
+    parser.add_argument("--max", type=int, help="stop after this many alerts")
+    parser.add_argument("--follow", action="store_true", help="keep waiting for new alerts")
+    parser.add_argument("--timeout", type=float, help="with --follow, stop after this many seconds")
+    parser.add_argument(
+        "--no-ack", action="store_true", help="leave the alerts on the subscription"
+    )
 
 
 def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
+    """Pull and print alerts from a subscription.
+
+    Pull alerts from a pull subscription on the alerts topic, print them and acknowledge
+    them. The subscription defaults to DICOMFLOW_ALERTS_SUBSCRIPTION (localcloud prints
+    it with `python -m localcloud env`).
+    """
     from dicomflow import subscription
     from dicomflow.ops import tables
 
     if not args.subscription:
-        print(
-            "dicomflow alerts tail: no subscription; pass --subscription or set "
-            "DICOMFLOW_ALERTS_SUBSCRIPTION",
-            file=sys.stderr,
+        raise UsageError(
+            "no subscription; pass --subscription or set DICOMFLOW_ALERTS_SUBSCRIPTION"
         )
-        return 2
     ctx = make_ctx()
     try:
         path = subscription.subscription_path(args.subscription, ctx.settings.alerts_topic.project)
     except ValueError as exc:
-        print(f"dicomflow alerts tail: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
 
-    def show(alert: dict[str, Any]) -> None:
+    def on_alert(alert: dict[str, Any]) -> None:
         # --json: one document at the end, or one line per alert while following.
         if not args.json:
-            _print(tables.alert_row(alert))
+            show(tables.alert_row(alert))
         elif args.follow:
             print(json.dumps(alert, sort_keys=True), flush=True)
 
@@ -558,15 +412,13 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
             follow=args.follow,
             timeout=args.timeout,
             ack=not args.no_ack,
-            on_alert=show,
+            on_alert=on_alert,
         )
     except DicomflowError as exc:
         print(f"dicomflow alerts tail: {path}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
-    finally:
-        ctx.close_clients()
     if args.json and not args.follow:
         print(json.dumps({"subscription": path, "alerts": got}, sort_keys=True))
     elif not args.json:
@@ -577,27 +429,21 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
 # ---- label -----------------------------------------------------------------------------------
 
 
-def add_label(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "label",
-        parents=[common],
-        help="resolve labels from alerts or logs to their objects and UIDs",
-        description=(
-            "Alerts and logs name objects and DICOM UIDs by keyed labels "
-            "(h:<key id>:<32 hex>). This recomputes the labels of every file record in the "
-            "staging bucket with the deployment key (DICOMFLOW_KEY_SECRET or "
-            "DICOMFLOW_KEY_FILE) and prints the records that match: the gs:// URI or the "
-            "UID, with the file's key, outcome and batch. It needs read access to the "
-            "staging bucket and to the key, and reads every record, so it takes a while "
-            "on a large deployment."
-        ),
-    )
+def label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("labels", nargs="+", metavar="LABEL", help="h:<key id>:<32 hex>")
-    parser.set_defaults(handler=cmd_label)
 
 
 def cmd_label(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
-    """Print what each label stands for; exit 1 when one is unknown, 2 when one is malformed."""
+    """Resolve labels from alerts or logs to their objects and UIDs.
+
+    Alerts and logs name objects and DICOM UIDs by keyed labels (h:<key id>:<32 hex>).
+    This recomputes the labels of every file record in the staging bucket with the
+    deployment key (DICOMFLOW_KEY_SECRET or DICOMFLOW_KEY_FILE) and prints the records
+    that match: the gs:// URI or the UID, with the file's key, outcome and batch. It
+    needs read access to the staging bucket and to the key, and reads every record, so
+    it takes a while on a large deployment. Exit status 1 when a label is unknown, 2
+    when one is malformed.
+    """
     from dicomflow import keys
     from dicomflow.ops import labels
 
@@ -620,19 +466,22 @@ def cmd_label(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
 
 # ---- entry point -----------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
-    add_backfill,
-    add_export,
-    cli_restore.add_restore,
-    cli_restore.add_resolve,
-    cli_restore.add_erase,
-    add_status,
-    add_batches,
-    add_batch,
-    add_retry,
-    add_alerts,
-    add_label,
+COMMANDS: list[Command] = [
+    Command("backfill", cmd_backfill, backfill_arguments),
+    Command("export", cmd_export, export_arguments),
+    Command("restore", cli_restore.cmd_restore, cli_restore.restore_arguments),
+    Command("resolve", cli_restore.cmd_resolve, cli_restore.resolve_arguments),
+    Command("erase", cli_restore.cmd_erase, cli_restore.erase_arguments),
+    Command("status", cmd_status, status_arguments),
+    Command("batches", cmd_batches, window_arguments),
+    Command("batch", cmd_batch, batch_arguments),
+    Command("retry", cmd_retry, retry_arguments),
+    Command("alerts tail", cmd_alerts_tail, alerts_tail_arguments),
+    Command("label", cmd_label, label_arguments),
 ]
+
+# The help of each group of subcommands (``alerts tail``).
+GROUPS = {"alerts": "read alerts back from Pub/Sub"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,19 +490,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomflow", description="Cloud Storage to Cloud Healthcare API DICOM, batched."
     )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(subparsers, common)
+    top = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for command in COMMANDS:
+        group, _, name = command.name.rpartition(" ")
+        where = top
+        if group:
+            if group not in groups:
+                groups[group] = top.add_parser(group, help=GROUPS[group]).add_subparsers(
+                    dest=f"{group}_command", required=True
+                )
+            where = groups[group]
+        sub = where.add_parser(
+            name, parents=[common], help=command.help, description=command.description
+        )
+        command.arguments(sub)
+        sub.set_defaults(handler=command.handler, command_name=command.name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, make_ctx: ContextFactory | None = None) -> int:
-    """Run one subcommand; the exit status (0 ok, 1 some work failed, 2 usage or settings)."""
+    """Run one subcommand; the exit status (0 ok, 1 some work failed, 2 usage or settings).
+
+    Errors the handler raises are printed as ``dicomflow <command>: ...``; the contexts
+    it made have their clients closed.
+    """
     args = build_parser().parse_args(argv)
     log.configure(logging.WARNING, sys.stderr)
+    made: list[Context] = []
+
+    def make() -> Context:
+        ctx = (make_ctx or _default_context)()
+        made.append(ctx)
+        return ctx
+
     try:
-        code: int = args.handler(make_ctx or _default_context, args)
+        code: int = args.handler(make, args)
     except ConfigError as exc:
         print(f"dicomflow: {exc}", file=sys.stderr)
         return 2
+    except UsageError as exc:
+        print(f"dicomflow {args.command_name}: {exc}", file=sys.stderr)
+        return 2
+    except DicomflowError as exc:
+        refused = "refused: " if isinstance(exc, Refused) else ""
+        print(f"dicomflow {args.command_name}: {refused}{exc}", file=sys.stderr)
+        return 1
+    finally:
+        for ctx in made:
+            ctx.close_clients()
     return code

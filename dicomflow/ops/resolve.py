@@ -33,7 +33,7 @@ import requests
 from dicomflow import log, objects, pool, retry, verify
 from dicomflow.clock import iso
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
-from dicomflow.errors import PermanentError
+from dicomflow.errors import PermanentError, Refused
 from dicomflow.ops import outcomes, redrive
 from dicomflow.ops.outcomes import Outcome
 
@@ -44,7 +44,7 @@ KEEP_STORED, REPLACE = "keep-stored", "replace"
 ACTIONS = (KEEP_STORED, REPLACE)
 
 
-class ResolveRefused(PermanentError):
+class ResolveRefused(Refused):
     """The key has no conflict to settle, or it was settled another way."""
 
 

@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from localcloud.corpus import generate_instance
 from localcloud.healthcare import HealthcareServer
+from tests.healthcare_support import dicomweb_client, new_store
 
 PARENT = "projects/fidelity/locations/us-central1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -81,13 +82,8 @@ def store(
 ) -> Iterator[tuple[Any, str, DICOMwebClient]]:
     """(googleapiclient Healthcare API, store name, dicomweb-client) on a fresh store."""
     api = healthcare_client(healthcare_server.url)
-    dataset_id = f"fid-{uuid.uuid4().hex[:10]}"
-    datasets = api.projects().locations().datasets()
-    datasets.create(parent=PARENT, datasetId=dataset_id, body={}).execute()
-    dataset = f"{PARENT}/datasets/{dataset_id}"
-    datasets.dicomStores().create(parent=dataset, dicomStoreId="s", body={}).execute()
-    name = f"{dataset}/dicomStores/s"
-    client = DICOMwebClient(f"{healthcare_server.url}/v1/{name}/dicomWeb", session=http_session)
+    name = new_store(api, PARENT, prefix="fid", store_id="s")
+    client = dicomweb_client(healthcare_server.url, name, http_session)
     yield api, name, client
 
 
