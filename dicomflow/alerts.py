@@ -92,6 +92,8 @@ from googleapiclient.errors import HttpError
 from dicomflow import keys, log, objects
 from dicomflow.config import STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ def uid_label(settings: Settings, uid: str | None) -> str | None:
     return keys.load(settings).hash(keys.UID, uid)
 
 
-def samples(settings: Settings, objects: Iterable[tuple[str, str]]) -> dict[str, Any]:
+def samples(settings: Settings, objects: Iterable[tuple[str, str]]) -> JSON:
     """Detail fields listing at most ``settings.alert_sample_files`` objects, and the total."""
     labels = [object_label(settings, b, n) for b, n in objects]
     return {SAMPLES_KEY: labels[: settings.alert_sample_files], "sampleTotal": len(labels)}
@@ -241,9 +243,9 @@ class Alert:
     store: str
     subject: str
     time: datetime
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: JSON = field(default_factory=dict)
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> JSON:
         """The JSON message."""
         return {
             "schemaVersion": SCHEMA_VERSION,
@@ -266,7 +268,7 @@ class Alert:
             "schemaVersion": str(SCHEMA_VERSION),
         }
 
-    def pubsub_message(self) -> dict[str, Any]:
+    def pubsub_message(self) -> JSON:
         """The message for ``topics.publish``; googleapiclient does not encode ``data``."""
         data = json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
         return {"data": base64.b64encode(data).decode("ascii"), "attributes": self.attributes()}
@@ -279,7 +281,7 @@ def _iso(moment: datetime) -> str:
 def _check_details(value: Any, path: str) -> Any:
     """A plain-JSON copy of ``value``; raise ValueError on PHI keys or non-JSON values."""
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
+        out: JSON = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValueError(f"detail key {key!r} at {path or 'details'} is not a string")
@@ -303,7 +305,7 @@ def build_alert(
     subject: str,
     severity: str,
     store: str,
-    details: Mapping[str, Any],
+    details: JSON,
     now: datetime,
     *,
     max_samples: int | None = None,
@@ -331,7 +333,7 @@ def build_alert(
         raise ValueError("an alert needs a subject")
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    checked: dict[str, Any] = _check_details(details, "")
+    checked: JSON = _check_details(details, "")
     listed = checked.get(SAMPLES_KEY)
     if max_samples is not None and isinstance(listed, list) and len(listed) > max_samples:
         checked[SAMPLES_KEY] = listed[:max_samples]
@@ -344,7 +346,7 @@ def marker_name(alert_id_: str) -> str:
     return f"{ALERTS_PREFIX}{alert_id_}.json"
 
 
-def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool:
+def publish_once(ctx: Context, alert: Alert, *, lease_seconds: float = 60.0) -> bool:
     """Publish ``alert`` unless it was already published; True when this call published it.
 
     Args:
@@ -391,7 +393,7 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
     return True
 
 
-def _claim(ctx: Any, alert: Alert, bucket: Any, name: str, lease_seconds: float) -> int | None:
+def _claim(ctx: Context, alert: Alert, bucket: Any, name: str, lease_seconds: float) -> int | None:
     """Own the marker and return its generation, or None when the alert is already out.
 
     The marker is a lease: created if absent, or taken over (compare-and-swap) once the
@@ -426,7 +428,7 @@ def _claim(ctx: Any, alert: Alert, bucket: Any, name: str, lease_seconds: float)
         time.sleep(0.2)
 
 
-def _lease_until(doc: dict[str, Any]) -> datetime:
+def _lease_until(doc: JSON) -> datetime:
     """The marker's ``leaseUntil``; an unreadable one counts as expired."""
     try:
         moment = datetime.fromisoformat(str(doc.get("leaseUntil")).replace("Z", "+00:00"))
@@ -435,7 +437,7 @@ def _lease_until(doc: dict[str, Any]) -> datetime:
     return moment if moment.tzinfo is not None else datetime.min.replace(tzinfo=UTC)
 
 
-def _publish(ctx: Any, settings: Settings, alert: Alert) -> str:
+def _publish(ctx: Context, settings: Settings, alert: Alert) -> str:
     try:
         response = (
             ctx.pubsub()

@@ -55,6 +55,7 @@ from dicomflow import healthcare, log, objects
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
 from dicomflow.runtime import Context
 from dicomflow.staging import (
     BITS,
@@ -288,7 +289,7 @@ class Queue:
     queued: int = 0
     throttled: bool = False
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSON:
         return {
             "started": self.started,
             "finished": self.finished,
@@ -297,7 +298,7 @@ class Queue:
             "throttled": self.throttled,
         }
 
-    def counts(self) -> dict[str, Any]:
+    def counts(self) -> JSON:
         return {
             "started": len(self.started),
             "finished": len(self.finished),
@@ -307,7 +308,7 @@ class Queue:
         }
 
 
-def poll(ctx: Context, batch: str, record: dict[str, Any]) -> dict[str, Any]:
+def poll(ctx: Context, batch: str, record: JSON) -> JSON:
     """The batch's operation record, updated to ``done`` once the operation is.
 
     An operation the service cannot return (404: expired) counts as done with that
@@ -374,7 +375,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     report = Queue()
-    waiting: list[tuple[str, tuple[dict[str, Any], int] | None]] = []
+    waiting: list[tuple[str, tuple[JSON, int] | None]] = []
     live: set[str] = set()
     for batch in open_batches(bucket):
         record = objects.read_json(bucket, operation_name(batch))
@@ -422,9 +423,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     return report
 
 
-def start(
-    ctx: Context, batch: str, intent: tuple[dict[str, Any], int] | None, now: datetime
-) -> str:
+def start(ctx: Context, batch: str, intent: tuple[JSON, int] | None, now: datetime) -> str:
     """Import ``batch`` once: ``started``, ``elsewhere`` (another tick has it),
     ``throttled`` (429), ``failed`` (refused for good: recorded as done) or ``retry``."""
     from dicomflow import operations, verify
@@ -475,7 +474,7 @@ def start(
     return "started"
 
 
-def adopt_interrupted(ctx: Context, batch: str, intent: dict[str, Any]) -> list[str]:
+def adopt_interrupted(ctx: Context, batch: str, intent: JSON) -> list[str]:
     """Record as ours the imports an interrupted attempt may have started.
 
     A start killed between the import call and its record leaves an operation nobody

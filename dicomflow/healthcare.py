@@ -16,6 +16,7 @@ from googleapiclient.errors import HttpError
 
 from dicomflow import retry
 from dicomflow.errors import PermanentError
+from dicomflow.json_types import JSON
 from dicomflow.names import DicomStoreName
 from dicomflow.runtime import Context
 
@@ -33,9 +34,9 @@ def _execute(
     request: Any,
     deadline: float,
     predicate: Callable[[BaseException], bool] = retry.should_retry,
-) -> dict[str, Any]:
+) -> JSON:
     try:
-        result: dict[str, Any] = retry.call(
+        result: JSON = retry.call(
             lambda: request.execute(num_retries=0), deadline=deadline, predicate=predicate
         )
     except HttpError as exc:
@@ -47,7 +48,7 @@ def _execute(
 
 def start_import(
     ctx: Context, uri: str, deadline: float = 10.0, store: DicomStoreName | None = None
-) -> dict[str, Any]:
+) -> JSON:
     """Start ``dicomStores.import`` of ``uri`` into ``store`` (default: the configured store);
     return the Operation.
 
@@ -67,7 +68,7 @@ def start_import(
     return _execute(request, deadline, _not_quota)
 
 
-def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> dict[str, Any]:
+def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> JSON:
     """``operations.get``: the Operation named ``name``.
 
     Raises:
@@ -78,9 +79,7 @@ def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> dict[str, 
     return _execute(request, deadline)
 
 
-def delete_study(
-    ctx: Context, store: DicomStoreName, study: str, deadline: float = 10.0
-) -> dict[str, Any]:
+def delete_study(ctx: Context, store: DicomStoreName, study: str, deadline: float = 10.0) -> JSON:
     """Start ``studies.delete`` of ``study`` in ``store``; return the Operation.
 
     Raises:
@@ -92,7 +91,7 @@ def delete_study(
     return _execute(request, deadline)
 
 
-def get_store(ctx: Context, store: DicomStoreName, deadline: float = 10.0) -> dict[str, Any]:
+def get_store(ctx: Context, store: DicomStoreName, deadline: float = 10.0) -> JSON:
     """``dicomStores.get``: the store resource (a ``PermanentError`` caused by a 404 when
     the store does not exist)."""
     request = ctx.healthcare().projects().locations().datasets().dicomStores().get(name=str(store))

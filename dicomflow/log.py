@@ -40,6 +40,7 @@ from typing import IO, Any
 from urllib.parse import quote, unquote
 
 from dicomflow import keys
+from dicomflow.json_types import JSON
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -54,7 +55,7 @@ class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object with ``severity`` and ``message``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
+        entry: JSON = {
             "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
             "message": record.getMessage(),
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -241,6 +242,6 @@ def configure(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
 QUIET_LIBRARIES = ("dicomweb_client",)
 
 
-def fields(**values: Any) -> dict[str, Any]:
+def fields(**values: Any) -> JSON:
     """Build the ``extra`` argument carrying correlation fields."""
     return {"fields": {k: v for k, v in values.items() if v is not None}}

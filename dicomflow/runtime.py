@@ -203,7 +203,7 @@ def handle(
     started = time.monotonic()
     event_id = event["id"]
     try:
-        result: dict[str, Any] = handler(ctx, event)
+        result: JSON = handler(ctx, event)
     except PermanentError as exc:
         # Retrying cannot fix this, so don't raise: log it and let the event go.
         logger.error(

@@ -20,6 +20,7 @@ from dicomflow import functions, ingest, log, staging
 from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
+from dicomflow.json_types import JSON
 from dicomflow.ops import cli_restore
 from dicomflow.runtime import Context, make_context
 from dicomflow.staging import file_key, window_id
@@ -33,7 +34,7 @@ def _default_context() -> Context:
     return make_context(load_settings())
 
 
-def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+def _emit(args: argparse.Namespace, result: JSON, text: str) -> None:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -141,7 +142,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
                 counts["error"] += 1
                 errors.append(f"key {futures[future][1]}: {exc}")
             bar.advance(task)
-    result: dict[str, Any] = {"objects": len(listed), "outcomes": dict(sorted(counts.items()))}
+    result: JSON = {"objects": len(listed), "outcomes": dict(sorted(counts.items()))}
     if errors:
         result["errors"] = errors[:20]
     if args.tick:
@@ -215,7 +216,7 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     from dicomflow import export
 
     ctx = make_ctx()
-    options: dict[str, Any] = {
+    options: JSON = {
         "day": args.date,
         "mode": args.mode or ctx.settings.export_mode,
         "mime_type": args.mime_type or ctx.settings.export_mime_type,
@@ -230,7 +231,7 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
             ) as bar:
                 task = bar.add_task("export", total=None)
 
-                def show(p: dict[str, Any]) -> None:
+                def show(p: JSON) -> None:
                     done = p["counter"].get("success", 0) + p["counter"].get("failure", 0)
                     total = p["expected"].get("instances")
                     bar.update(task, completed=done, total=total, description=p["state"])
@@ -292,7 +293,7 @@ class _Bar:
         from rich.progress import Progress
 
         self.progress = Progress(console=_stderr_console(), transient=True)
-        self.tasks: dict[str, Any] = {}
+        self.tasks: JSON = {}
 
     def __enter__(self) -> _Bar:
         self.progress.start()
@@ -469,7 +470,7 @@ def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     chosen = redrive.select(
         found, retried, args.status or redrive.DEFAULT_STATUSES, args.prefix, args.batch
     )
-    files: list[dict[str, Any]]
+    files: list[JSON]
     errors: list[str] = []
     if args.dry_run:
         files = [
@@ -483,7 +484,7 @@ def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
                 ctx, chosen, args.workers, lambda _: progress.advance(task)
             )
         files = [r.as_dict() for r in results]
-    result: dict[str, Any] = {
+    result: JSON = {
         "selected": len(chosen),
         "dryRun": args.dry_run,
         "results": dict(sorted(Counter(str(f["result"]) for f in files).items())),
@@ -543,7 +544,7 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         print(f"dicomflow alerts tail: {exc}", file=sys.stderr)
         return 2
 
-    def show(alert: dict[str, Any]) -> None:
+    def show(alert: JSON) -> None:
         # --json: one document at the end, or one line per alert while following.
         if not args.json:
             _print(tables.alert_row(alert))

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dicomflow.errors import DicomflowError
+from dicomflow.json_types import JSON
 from dicomflow.names import DicomStoreName
 from dicomflow.runtime import Context
 
@@ -125,7 +126,7 @@ class _Bars:
 
     def __init__(self, progress: Any) -> None:
         self.progress = progress
-        self.tasks: dict[str, Any] = {}
+        self.tasks: JSON = {}
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self.tasks:
@@ -173,7 +174,7 @@ def cmd_restore(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 0 if result["status"] in ("restored", "started") else 1
 
 
-def restore_table(result: dict[str, Any]) -> RenderableType:
+def restore_table(result: JSON) -> RenderableType:
     """The summary of ``restore.run`` as a table."""
     table = Table(title=f"restore {result['restoreId']}", show_header=False, title_justify="left")
     table.add_row("backup", str(result["backup"]))

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from dicomflow import healthcare, keys, log, restore, retry, tombstones, verify
 from dicomflow.clock import iso
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,14 @@ QUOTA_WAIT_SECONDS = 600.0
 
 
 def erase(
-    ctx: Any,
+    ctx: Context,
     study: str,
     reason: str | None = None,
     *,
     wait: bool = True,
     poll_seconds: float = 2.0,
     timeout: float | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """Tombstone ``study`` and delete it from the live store (see the module docstring).
 
     Returns ``{status, label, keyId, operation, tombstone, ...}``; ``status`` is
@@ -72,7 +73,7 @@ def erase(
     found = tombstones.read(ctx, label)
     assert found is not None
     doc, generation = found
-    result: dict[str, Any] = {
+    result: JSON = {
         "label": label,
         "keyId": doc.get("keyId"),
         "store": str(live),
@@ -127,7 +128,7 @@ def erase(
     return {**result, "status": ERASED, "notInStore": bool(doc.get("notInStore"))}
 
 
-def _start_delete(ctx: Any, study: str) -> str | None:
+def _start_delete(ctx: Context, study: str) -> str | None:
     """Start ``studies.delete``; its operation, or None when the store has no such study.
 
     Errors are raised without the study's path (the service's message holds it).
