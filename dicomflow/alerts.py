@@ -84,9 +84,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.cloud import storage
 from googleapiclient.errors import HttpError
 
 from dicomflow import keys, log, objects
@@ -278,26 +278,30 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _check_details(value: Any, path: str) -> Any:
+def _check_details(value: object, path: str) -> object:
     """A plain-JSON copy of ``value``; raise ValueError on PHI keys or non-JSON values."""
     if isinstance(value, Mapping):
-        out: JSON = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"detail key {key!r} at {path or 'details'} is not a string")
-            if _is_phi_key(key):
-                raise ValueError(
-                    f"detail {path + key!r} is a PHI attribute; alerts carry UIDs, counts "
-                    "and object labels only"
-                )
-            out[key] = _check_details(item, f"{path}{key}.")
-        return out
+        return _check_mapping(value, path)
     if isinstance(value, list | tuple):
         return [_check_details(item, path) for item in value]
     if value is None or type(value) in (str, int, float, bool):
         return value
     # pydicom's PersonName, bytes, datasets...: never copied into an alert.
     raise ValueError(f"detail {path.rstrip('.') or 'details'!r} has type {type(value).__name__}")
+
+
+def _check_mapping(value: Mapping[str, object], path: str) -> JSON:
+    out: JSON = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"detail key {key!r} at {path or 'details'} is not a string")
+        if _is_phi_key(key):
+            raise ValueError(
+                f"detail {path + key!r} is a PHI attribute; alerts carry UIDs, counts "
+                "and object labels only"
+            )
+        out[key] = _check_details(item, f"{path}{key}.")
+    return out
 
 
 def build_alert(
@@ -333,7 +337,7 @@ def build_alert(
         raise ValueError("an alert needs a subject")
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    checked: JSON = _check_details(details, "")
+    checked = _check_mapping(details, "")
     listed = checked.get(SAMPLES_KEY)
     if max_samples is not None and isinstance(listed, list) and len(listed) > max_samples:
         checked[SAMPLES_KEY] = listed[:max_samples]
@@ -393,7 +397,9 @@ def publish_once(ctx: Context, alert: Alert, *, lease_seconds: float = 60.0) -> 
     return True
 
 
-def _claim(ctx: Context, alert: Alert, bucket: Any, name: str, lease_seconds: float) -> int | None:
+def _claim(
+    ctx: Context, alert: Alert, bucket: storage.Bucket, name: str, lease_seconds: float
+) -> int | None:
     """Own the marker and return its generation, or None when the alert is already out.
 
     The marker is a lease: created if absent, or taken over (compare-and-swap) once the

@@ -31,7 +31,6 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
 
 from cloudevents.http import CloudEvent
 
@@ -186,8 +185,8 @@ class Counts:
         return out
 
 
-def tag_value(instance: JSON, tag: str) -> Any:
-    """The first value of ``tag`` in one QIDO JSON instance, or None."""
+def tag_value(instance: JSON, tag: str) -> str | int | float | None:
+    """The first value of ``tag`` (a string or number tag) in one QIDO JSON instance, or None."""
     values = (instance.get(tag) or {}).get("Value") or []
     return values[0] if values else None
 

@@ -46,7 +46,6 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 from googleapiclient.errors import HttpError
@@ -134,7 +133,7 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     return made
 
 
-def unsealed(bucket: Any, start: str) -> list[str]:
+def unsealed(bucket: storage.Bucket, start: str) -> list[str]:
     """The windows under ``batches/`` from ``start`` (a cursor time; "" for all) whose seal
     has not finished, in order (two listings)."""
     sealed = {

@@ -36,7 +36,8 @@ import contextlib
 import logging
 import random
 from datetime import date, datetime, timedelta
-from typing import Any
+
+from google.cloud import storage
 
 from dicomflow import alerts, backup, export, healthcare, log, objects, pool, restore, retry, verify
 from dicomflow.clock import iso, parse_time
@@ -76,7 +77,7 @@ def _day_of(name: str, prefix: str) -> date | None:
     return None
 
 
-def _staging(ctx: Context) -> Any:
+def _staging(ctx: Context) -> storage.Bucket:
     return ctx.storage.bucket(ctx.settings.staging_bucket)
 
 

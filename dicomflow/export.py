@@ -65,9 +65,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.cloud import storage
 from googleapiclient.errors import HttpError
 
 from dicomflow import alerts, export_plan, healthcare, log, objects, operations, retry
@@ -135,7 +135,7 @@ def is_final(doc: JSON) -> bool:
 # --- state in Cloud Storage -------------------------------------------------------------------
 
 
-def _staging(ctx: Context) -> Any:
+def _staging(ctx: Context) -> storage.Bucket:
     return ctx.storage.bucket(ctx.settings.staging_bucket)
 
 
@@ -565,7 +565,7 @@ def _finish(
     return _summary(doc, str(doc["state"]))
 
 
-def _put_manifest(bucket: Any, name: str, manifest: JSON) -> JSON:
+def _put_manifest(bucket: storage.Bucket, name: str, manifest: JSON) -> JSON:
     """Create the attempt's manifest once (the bucket may refuse any overwrite: retention);
     a repeat keeps what the first writer wrote."""
     if objects.create(bucket, name, manifest) is not None:

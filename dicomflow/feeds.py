@@ -35,12 +35,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+
+from google.cloud import storage
 
 from dicomflow import alerts, objects
 from dicomflow.batches import CURSOR_STEP_SECONDS
 from dicomflow.clock import iso
-from dicomflow.config import DROPPED_PREFIX, FAILED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
+from dicomflow.config import (
+    DROPPED_PREFIX,
+    FAILED_PREFIX,
+    QUARANTINE_PREFIX,
+    STATE_PREFIX,
+    Settings,
+)
 from dicomflow.json_types import JSON
 from dicomflow.pool import pmap
 from dicomflow.runtime import Context
@@ -92,7 +99,7 @@ FAILED = Feed(
 )
 
 
-def horizon(settings: Any) -> timedelta:
+def horizon(settings: Settings) -> timedelta:
     """How long after its start a window can still receive a file.
 
     A file's window is fixed by its object's creation time, and ingest drops events
@@ -106,7 +113,7 @@ def horizon(settings: Any) -> timedelta:
     )
 
 
-def closes(settings: Any, start: datetime) -> datetime:
+def closes(settings: Settings, start: datetime) -> datetime:
     return start + timedelta(
         seconds=settings.batch_window_seconds + settings.seal_grace_seconds + GRACE_SECONDS
     )
@@ -197,7 +204,7 @@ def _settle(ctx: Context, feed: Feed, window: str, begins: datetime, now: dateti
     return sent
 
 
-def _record(ctx: Context, feed: Feed, window: str, key: str, blob: Any) -> JSON:
+def _record(ctx: Context, feed: Feed, window: str, key: str, blob: storage.Blob | None) -> JSON:
     """What the alert says of one file: its reason and object label, never its name."""
     if blob is None:
         return {"key": key, "reason": "record-missing", "object": None}
@@ -212,7 +219,7 @@ def _record(ctx: Context, feed: Feed, window: str, key: str, blob: Any) -> JSON:
     return {"key": key, "reason": doc.get("reason"), "object": doc.get("objectLabel")}
 
 
-def reason_code(reason: Any) -> str:
+def reason_code(reason: object) -> str:
     """The stable code of a header-check reason (``code: detail``), never a tag value."""
     return str(reason or "unknown").split(":", 1)[0].strip()[:80] or "unknown"
 

@@ -10,7 +10,7 @@ tick. Other HTTP errors surface as ``PermanentError``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from googleapiclient.errors import HttpError
 
@@ -19,6 +19,9 @@ from dicomflow.errors import PermanentError
 from dicomflow.json_types import JSON
 from dicomflow.names import DicomStoreName
 from dicomflow.runtime import Context
+
+if TYPE_CHECKING:
+    from googleapiclient.http import HttpRequest  # slow to import; requests come built
 
 
 class QuotaExceeded(Exception):
@@ -31,7 +34,7 @@ def _not_quota(exc: BaseException) -> bool:
 
 
 def _execute(
-    request: Any,
+    request: HttpRequest,
     deadline: float,
     predicate: Callable[[BaseException], bool] = retry.should_retry,
 ) -> JSON:

@@ -60,7 +60,6 @@ from __future__ import annotations
 import logging
 import traceback
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
@@ -346,7 +345,7 @@ def _swept_window(ctx: Context, key: str, now: datetime) -> str | None:
     return str(found["window"]) if found.get("swept") else None
 
 
-def _with(record: FileRecord, **changes: Any) -> FileRecord:
+def _with(record: FileRecord, **changes: str | None) -> FileRecord:
     return FileRecord(**{**record.line(), "size": record.size, **changes})
 
 

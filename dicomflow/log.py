@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote, unquote
 
 from dicomflow import keys
@@ -149,7 +149,7 @@ class Scrubber(logging.Filter):
             record.stack_info = self.scrub(record.stack_info)
         return True
 
-    def _scrub_value(self, value: Any) -> Any:
+    def _scrub_value(self, value: object) -> object:
         if isinstance(value, str):
             return self.scrub(value)
         if isinstance(value, dict):
@@ -242,6 +242,6 @@ def configure(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
 QUIET_LIBRARIES = ("dicomweb_client",)
 
 
-def fields(**values: Any) -> JSON:
+def fields(**values: object) -> JSON:
     """Build the ``extra`` argument carrying correlation fields."""
     return {"fields": {k: v for k, v in values.items() if v is not None}}

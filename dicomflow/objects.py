@@ -23,9 +23,9 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
@@ -39,8 +39,9 @@ DEADLINE = 60.0
 PAGE = 1000
 
 
-def _retry(deadline: float) -> Any:
-    return DEFAULT_RETRY.with_timeout(deadline)
+def _retry(deadline: float) -> Retry:
+    retry: Retry = DEFAULT_RETRY.with_timeout(deadline)
+    return retry
 
 
 def dumps(doc: JSON) -> str:

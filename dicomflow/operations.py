@@ -15,9 +15,9 @@ dataset is fixed by the settings, so the id alone names the marker.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from dicomflow import objects, retry
 from dicomflow.clock import parse_time
@@ -67,7 +67,7 @@ class OperationView:
         return (now - self.created).total_seconds()
 
 
-def _time(value: Any) -> datetime | None:
+def _time(value: object) -> datetime | None:
     if not value:
         return None
     return parse_time(str(value))
@@ -108,7 +108,7 @@ def view(operation: JSON) -> OperationView:
     )
 
 
-def redact(text: str, label: Any) -> str:
+def redact(text: str, label: Callable[[str], object]) -> str:
     """``text`` with every ``gs://`` URI replaced by ``label(uri)``, cut to 300 characters.
 
     Error messages can name objects, and object names can name patients.

@@ -41,7 +41,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud.storage.retry import DEFAULT_RETRY
@@ -336,7 +335,7 @@ def wait_operation(
         time.sleep(poll_seconds)
 
 
-def for_store(ctx: Context, store: DicomStoreName) -> Any:
+def for_store(ctx: Context, store: DicomStoreName) -> Context:
     """A context whose DICOMweb client talks to ``store`` (same clients otherwise)."""
     return replace(ctx, settings=replace(ctx.settings, dicom_store=store), _local=threading.local())
 

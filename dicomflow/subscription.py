@@ -15,13 +15,16 @@ import binascii
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from googleapiclient.errors import HttpError
 
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.json_types import JSON
 from dicomflow.runtime import Context
+
+if TYPE_CHECKING:
+    from googleapiclient.http import HttpRequest  # slow to import; requests come built
 
 _PAGE = 100
 EMPTY_POLLS = 3
@@ -60,7 +63,7 @@ def decode(received: JSON) -> JSON:
     return body
 
 
-def _call(request: Any) -> JSON:
+def _call(request: HttpRequest) -> JSON:
     try:
         result: JSON = request.execute(num_retries=3)
     except HttpError as exc:

@@ -8,13 +8,17 @@ To add a subcommand, write ``cmd_<name>(ctx_factory, args) -> int`` and an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any
+from datetime import date, datetime
+from typing import TYPE_CHECKING, TypeAlias
+
+from rich.console import Console, RenderableType
 
 from dicomflow import functions, ingest, log, staging
 from dicomflow.config import load_settings
@@ -25,9 +29,14 @@ from dicomflow.ops import cli_restore
 from dicomflow.runtime import Context, make_context
 from dicomflow.staging import file_key, window_id
 
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
 logger = logging.getLogger(__name__)
 
 ContextFactory = Callable[[], Context]
+# What add_subparsers() returns: typeshed names the type, argparse does not export it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _default_context() -> Context:
@@ -58,7 +67,7 @@ def parse_gs_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def add_backfill(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_backfill(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "backfill",
         parents=[common],
@@ -154,7 +163,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _stderr_console() -> Any:
+def _stderr_console() -> Console:
     from rich.console import Console
 
     return Console(file=sys.stderr)
@@ -163,7 +172,7 @@ def _stderr_console() -> Any:
 # ---- export ----------------------------------------------------------------------------------
 
 
-def _export_date(text: str) -> Any:
+def _export_date(text: str) -> date:
     from dicomflow import backup
 
     try:
@@ -182,7 +191,7 @@ def _export_mime(text: str) -> str:
     return text
 
 
-def add_export(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_export(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     from dicomflow.config import EXPORT_MODES
 
     parser = subparsers.add_parser(
@@ -216,14 +225,16 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     from dicomflow import export
 
     ctx = make_ctx()
-    options: JSON = {
-        "day": args.date,
-        "mode": args.mode or ctx.settings.export_mode,
-        "mime_type": args.mime_type or ctx.settings.export_mime_type,
-        "force": args.force,
-        "wait": args.wait,
-        "timeout": args.timeout,
-    }
+    run = functools.partial(
+        export.run_command,
+        ctx,
+        day=args.date,
+        mode=args.mode or ctx.settings.export_mode,
+        mime_type=args.mime_type or ctx.settings.export_mime_type,
+        force=args.force,
+        wait=args.wait,
+        timeout=args.timeout,
+    )
     try:
         if args.wait:
             with Progress(
@@ -236,9 +247,9 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
                     total = p["expected"].get("instances")
                     bar.update(task, completed=done, total=total, description=p["state"])
 
-                result = export.run_command(ctx, on_progress=show, **options)
+                result = run(on_progress=show)
         else:
-            result = export.run_command(ctx, **options)
+            result = run()
     except DicomflowError as exc:
         print(f"dicomflow export: {exc}", file=sys.stderr)
         return 1
@@ -264,7 +275,7 @@ def _window_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hours", type=float, default=24.0, help="window length (default 24)")
 
 
-def _since_time(text: str) -> Any:
+def _since_time(text: str) -> datetime:
     from dicomflow.clock import parse_time
 
     moment = parse_time(text)
@@ -273,14 +284,14 @@ def _since_time(text: str) -> Any:
     return moment
 
 
-def _window(ctx: Context, args: argparse.Namespace) -> tuple[Any, Any]:
+def _window(ctx: Context, args: argparse.Namespace) -> tuple[datetime, datetime]:
     from datetime import timedelta
 
     now = ctx.clock()
     return now, args.since or now - timedelta(hours=args.hours)
 
 
-def _print(renderable: Any) -> None:
+def _print(renderable: RenderableType) -> None:
     from rich.console import Console
 
     Console(width=max(120, Console().width)).print(renderable)
@@ -293,7 +304,7 @@ class _Bar:
         from rich.progress import Progress
 
         self.progress = Progress(console=_stderr_console(), transient=True)
-        self.tasks: JSON = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> _Bar:
         self.progress.start()
@@ -308,7 +319,7 @@ class _Bar:
         self.progress.update(self.tasks[label], completed=done, total=total)
 
 
-def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_status(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "status",
         parents=[common],
@@ -368,7 +379,7 @@ def cmd_status(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_batches(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_batches(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "batches",
         parents=[common],
@@ -393,7 +404,7 @@ def cmd_batches(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_batch(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_batch(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "batch",
         parents=[common],
@@ -428,7 +439,7 @@ def cmd_batch(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_retry(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_retry(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     from dicomflow.ops.redrive import RETRYABLE
 
     parser = subparsers.add_parser(
@@ -498,7 +509,7 @@ def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def add_alerts(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_alerts(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     import os
 
     parser = subparsers.add_parser("alerts", help="read alerts back from Pub/Sub")
@@ -578,7 +589,7 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
 # ---- label -----------------------------------------------------------------------------------
 
 
-def add_label(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_label(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "label",
         parents=[common],
@@ -621,7 +632,7 @@ def cmd_label(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
 
 # ---- entry point -----------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+SUBCOMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
     add_backfill,
     add_export,
     cli_restore.add_restore,

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
@@ -19,10 +19,16 @@ from rich.text import Text
 
 from dicomflow.errors import DicomflowError
 from dicomflow.json_types import JSON
+from dicomflow.keys import DeploymentKey
 from dicomflow.names import DicomStoreName
 from dicomflow.runtime import Context
 
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
 ContextFactory = Callable[[], Context]
+# What add_subparsers() returns: typeshed names the type, argparse does not export it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _stderr() -> Console:
@@ -38,7 +44,7 @@ def _print(renderable: RenderableType) -> None:
     cli._print(renderable)
 
 
-def _key_file(path: str) -> Any:
+def _key_file(path: str) -> DeploymentKey:
     """A deployment key from a file (``--previous-key-file``).
 
     Raises:
@@ -71,7 +77,7 @@ def target_store(text: str, live: DicomStoreName) -> DicomStoreName:
 # ---- restore ---------------------------------------------------------------------------------
 
 
-def add_restore(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_restore(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     from dicomflow.restore import DEFAULT_VERIFY_BYTES
 
     parser = subparsers.add_parser(
@@ -124,9 +130,9 @@ def add_restore(subparsers: Any, common: argparse.ArgumentParser) -> None:
 class _Bars:
     """One progress bar per stage (copy, import, check, bytes)."""
 
-    def __init__(self, progress: Any) -> None:
+    def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.tasks: JSON = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self.tasks:
@@ -210,7 +216,7 @@ def restore_table(result: JSON) -> RenderableType:
 # ---- resolve ---------------------------------------------------------------------------------
 
 
-def add_resolve(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_resolve(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "resolve",
         parents=[common],
@@ -269,7 +275,7 @@ def cmd_resolve(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
 # ---- erase -----------------------------------------------------------------------------------
 
 
-def add_erase(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_erase(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "erase",
         parents=[common],

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from google.cloud import storage
 
@@ -55,7 +55,7 @@ from dicomflow import (
     tombstones,
 )
 from dicomflow.clock import iso_seconds, parse_time
-from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX
+from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX, Settings
 from dicomflow.json_types import JSON
 from dicomflow.ops import outcomes, redrive
 from dicomflow.runtime import Context
@@ -111,7 +111,7 @@ def age_seconds(since: datetime | None, now: datetime) -> int | None:
     return None if since is None else max(0, int((now - since).total_seconds()))
 
 
-def _window_start(window: Any) -> datetime | None:
+def _window_start(window: object) -> datetime | None:
     try:
         return parse_window(str(window))
     except ValueError:
@@ -291,7 +291,7 @@ def files_section(held: Holdings) -> tuple[JSON, list[tuple[datetime, str, int]]
     totals = dict.fromkeys(outcomes.STATUSES, 0)
     points: list[tuple[datetime, str, int]] = []
 
-    def add(window: Any, status: str, n: int) -> None:
+    def add(window: object, status: str, n: int) -> None:
         totals[status] += n
         start = _window_start(window)
         if start is not None and n:
@@ -505,7 +505,7 @@ def batch_detail(ctx: Context, batch: str) -> JSON | None:
     }
 
 
-def _safe_file(settings: Any, record: FileRecord) -> JSON:
+def _safe_file(settings: Settings, record: FileRecord) -> JSON:
     """A file-list entry with the source object named by its label, not its name."""
     out: JSON = {
         "key": record.key,
@@ -520,7 +520,7 @@ def _safe_file(settings: Any, record: FileRecord) -> JSON:
     return out
 
 
-def _safe_line(settings: Any, line: JSON) -> JSON:
+def _safe_line(settings: Settings, line: JSON) -> JSON:
     """A manifest line with the source object named by its label, not its name."""
     out = {k: v for k, v in line.items() if k not in ("bucket", "name")}
     if line.get("bucket") and line.get("name"):

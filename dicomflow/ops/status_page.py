@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 from datetime import datetime, timedelta
-from typing import Any
 
 from dicomflow.clock import parse_time
 from dicomflow.json_types import JSON
@@ -83,7 +82,7 @@ footer { color: var(--muted); font-size: 12px; }
 """
 
 
-def _e(value: Any) -> str:
+def _e(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -27,7 +26,7 @@ _STYLE = {
 _DRILL_STYLE = {"passed": "green", "failed": "red"}
 
 
-def _short(operation: Any) -> str:
+def _short(operation: object) -> str:
     return str(operation or "").rsplit("/", 1)[-1]
 
 
