@@ -50,7 +50,7 @@ from datetime import datetime, timedelta
 from google.cloud import storage
 from googleapiclient.errors import HttpError
 
-from dicomflow import healthcare, log, objects
+from dicomflow import log, objects, store
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
@@ -316,7 +316,7 @@ def poll(ctx: Context, batch: str, record: JSON) -> JSON:
     if record.get("done"):
         return record
     try:
-        operation = healthcare.get_operation(ctx, record["operation"])
+        operation = store.get_operation(ctx, record["operation"])
     except PermanentError as exc:
         operation = {"done": True, "error": {"code": 5, "message": str(exc)[:300]}}
     if not operation.get("done"):
@@ -446,8 +446,8 @@ def start(ctx: Context, batch: str, intent: tuple[JSON, int] | None, now: dateti
             return "elsewhere"
         adopt_interrupted(ctx, batch, intent[0])
     try:
-        operation = healthcare.start_import(ctx, uri)
-    except healthcare.QuotaExceeded:
+        operation = store.start_import(ctx, uri)
+    except store.QuotaExceeded:
         objects.delete(bucket, intent_name(batch))
         logger.info("import throttled (429)", extra=log.fields(batch=batch))
         return "throttled"

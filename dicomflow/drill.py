@@ -39,7 +39,7 @@ from datetime import date, datetime, timedelta
 
 from google.cloud import storage
 
-from dicomflow import alerts, backup, export, healthcare, log, objects, pool, restore, retry, verify
+from dicomflow import alerts, backup, export, log, objects, pool, restore, retry, store, verify
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import DRILLS_PREFIX, STATE_PREFIX
 from dicomflow.errors import DicomflowError, PermanentError
@@ -218,9 +218,9 @@ def _start(ctx: Context, today: date, doc: JSON, generation: int) -> JSON:
     target = DicomStoreName.from_string(doc["drillStore"])
     where = {"date": doc["date"], "backupDate": doc["backupDate"]}
     try:
-        healthcare.get_store(ctx, target)
+        store.get_store(ctx, target)
     except PermanentError as exc:
-        if not healthcare.is_not_found(exc):
+        if not store.is_not_found(exc):
             raise
         return _fail(ctx, today, doc, generation, [f"drill store {target} not found"])
     leftover = store_studies(ctx, target)
@@ -322,7 +322,7 @@ def settle_one(ctx: Context, day: date, now: datetime) -> JSON:
         new = _swap(ctx, day, doc, generation)
         return _start(ctx, day, doc, new) if new is not None else {"status": "raced"}
     if state == IMPORTING:
-        op = healthcare.get_operation(ctx, doc["operation"])
+        op = store.get_operation(ctx, doc["operation"])
         if not op.get("done"):
             return {"status": IMPORTING, "date": doc["date"]}
         return _check(ctx, day, doc, generation, op, target)
@@ -457,14 +457,14 @@ def store_studies(ctx: Context, store: DicomStoreName) -> list[str]:
         target.close_clients()
 
 
-def _delete_all(ctx: Context, store: DicomStoreName, studies: list[str]) -> list[str]:
-    """Start ``studies.delete`` for each study; the operations' names."""
+def _delete_all(ctx: Context, target: DicomStoreName, studies: list[str]) -> list[str]:
+    """Start ``studies.delete`` for each study of ``target``; the operations' names."""
 
     def one(study: str) -> str | None:
         try:
-            return str(healthcare.delete_study(ctx, store, study)["name"])
+            return str(store.delete_study(ctx, target, study)["name"])
         except PermanentError as exc:
-            if healthcare.is_not_found(exc):
+            if store.is_not_found(exc):
                 return None  # gone already
             raise
         finally:
@@ -476,10 +476,10 @@ def _delete_all(ctx: Context, store: DicomStoreName, studies: list[str]) -> list
 def _deletes_done(ctx: Context, doc: JSON) -> bool:
     for name in doc.get("deletes") or []:
         try:
-            if not healthcare.get_operation(ctx, name).get("done"):
+            if not store.get_operation(ctx, name).get("done"):
                 return False
         except PermanentError as exc:
-            if not healthcare.is_not_found(exc):
+            if not store.is_not_found(exc):
                 raise
     return True
 

@@ -70,7 +70,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 from googleapiclient.errors import HttpError
 
-from dicomflow import alerts, export_plan, healthcare, log, objects, operations, retry
+from dicomflow import alerts, export_plan, log, objects, operations, retry, store
 from dicomflow.backup import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -199,7 +199,7 @@ def _start_operation(ctx: Context, body: JSON) -> str:
 def _poll(ctx: Context, name: str) -> JSON | None:
     """The operation, or None when the service no longer has it (404)."""
     try:
-        return healthcare.get_operation(ctx, name)
+        return store.get_operation(ctx, name)
     except PermanentError as exc:
         if isinstance(exc.__cause__, HttpError) and retry.status_of(exc.__cause__) == 404:
             return None

@@ -47,13 +47,13 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import (
     backup,
-    healthcare,
     keys,
     log,
     objects,
     operations,
     pool,
     retry,
+    store,
     tombstones,
     verify,
 )
@@ -301,9 +301,9 @@ def start_import(
     deadline = time.monotonic() + quota_wait
     while True:
         try:
-            operation = healthcare.start_import(ctx, uri, store=target, deadline=60.0)
+            operation = store.start_import(ctx, uri, store=target, deadline=60.0)
             break
-        except healthcare.QuotaExceeded as exc:
+        except store.QuotaExceeded as exc:
             if time.monotonic() > deadline:
                 raise TransientError(str(exc)) from exc
             time.sleep(5.0)
@@ -325,7 +325,7 @@ def wait_operation(
     """Poll ``name`` until done (or ``timeout``: the last reading, not done)."""
     end = None if timeout is None else time.monotonic() + timeout
     while True:
-        op = healthcare.get_operation(ctx, name)
+        op = store.get_operation(ctx, name)
         counter = (op.get("metadata") or {}).get("counter") or {}
         if progress:
             done = int(counter.get("success") or 0) + int(counter.get("failure") or 0)

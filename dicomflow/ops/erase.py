@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
-from dicomflow import healthcare, keys, log, restore, retry, tombstones, verify
+from dicomflow import keys, log, restore, retry, store, tombstones, verify
 from dicomflow.clock import iso
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.json_types import JSON
@@ -136,13 +136,13 @@ def _start_delete(ctx: Context, study: str) -> str | None:
     deadline = time.monotonic() + QUOTA_WAIT_SECONDS
     while True:
         try:
-            return str(healthcare.delete_study(ctx, ctx.settings.dicom_store, study)["name"])
-        except healthcare.QuotaExceeded:
+            return str(store.delete_study(ctx, ctx.settings.dicom_store, study)["name"])
+        except store.QuotaExceeded:
             if time.monotonic() > deadline:
                 raise TransientError("studies.delete: 429 for too long") from None
             time.sleep(5.0)
         except PermanentError as exc:
-            if healthcare.is_not_found(exc):
+            if store.is_not_found(exc):
                 return None
             status = retry.status_of(exc.__cause__) if exc.__cause__ else None
             raise PermanentError(f"studies.delete refused: HTTP {status or '?'}") from None

@@ -40,7 +40,6 @@ from dicomflow import (
     export,
     export_plan,
     functions,
-    healthcare,
     manifests,
     objects,
     operations,
@@ -48,6 +47,7 @@ from dicomflow import (
     restore,
     runtime,
     staging,
+    store,
     verify,
 )
 from dicomflow.config import load_settings
@@ -317,7 +317,7 @@ def stored_sops(env: Env) -> set[str]:
 def wait_operation(env: Env, name: str, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        op = healthcare.get_operation(env.ctx, name)
+        op = store.get_operation(env.ctx, name)
         if op.get("done"):
             return op
         assert time.monotonic() < deadline

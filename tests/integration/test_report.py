@@ -36,7 +36,6 @@ from dicomflow import (
     export,
     feeds,
     functions,
-    healthcare,
     ingest,
     keys,
     log,
@@ -46,6 +45,7 @@ from dicomflow import (
     report,
     runtime,
     staging,
+    store,
     verify,
 )
 from dicomflow.config import DROPPED_PREFIX, load_settings
@@ -994,7 +994,7 @@ class CountingHealthcare:
     def __init__(self, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []
         real = operations.list_operations
-        real_get = healthcare.get_operation
+        real_get = store.get_operation
 
         def list_operations(ctx: Any) -> Any:
             self.calls.append("operations.list")
@@ -1005,7 +1005,7 @@ class CountingHealthcare:
             return real_get(ctx, name)
 
         monkeypatch.setattr(operations, "list_operations", list_operations)
-        monkeypatch.setattr(healthcare, "get_operation", get_operation)
+        monkeypatch.setattr(store, "get_operation", get_operation)
 
 
 def idle_ticks(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:

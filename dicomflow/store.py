@@ -1,4 +1,5 @@
-"""Calls to the Cloud Healthcare API: start an import, read an operation, delete a study.
+"""Calls to the DICOM store through the Cloud Healthcare API: start an import, read an
+operation, delete a study.
 
 Both go through ``retry.call``: 5xx and timeouts are retried with backoff
 until a short deadline, then surface as ``TransientError``. A 429 on import
