@@ -19,14 +19,16 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.cloud import storage
 from googleapiclient.errors import HttpError
 
 from dicomflow import keys, log, objects
 from dicomflow.config import STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def uid_label(settings: Settings, uid: str | None) -> str | None:
     return keys.load(settings).hash(keys.UID, uid)
 
 
-def samples(settings: Settings, objects: Iterable[tuple[str, str]]) -> dict[str, Any]:
+def samples(settings: Settings, objects: Iterable[tuple[str, str]]) -> JSON:
     """Detail fields listing at most ``settings.alert_sample_files`` objects, and the total."""
     labels = [object_label(settings, b, n) for b, n in objects]
     return {SAMPLES_KEY: labels[: settings.alert_sample_files], "sampleTotal": len(labels)}
@@ -176,9 +178,9 @@ class Alert:
     store: str
     subject: str
     time: datetime
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: JSON = field(default_factory=dict)
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> JSON:
         """The JSON message."""
         return {
             "schemaVersion": SCHEMA_VERSION,
@@ -201,7 +203,7 @@ class Alert:
             "schemaVersion": str(SCHEMA_VERSION),
         }
 
-    def pubsub_message(self) -> dict[str, Any]:
+    def pubsub_message(self) -> JSON:
         """The message for ``topics.publish``; googleapiclient does not encode ``data``."""
         data = json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
         return {"data": base64.b64encode(data).decode("ascii"), "attributes": self.attributes()}
@@ -211,20 +213,10 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _check_details(value: Any, path: str) -> Any:
+def _check_details(value: object, path: str) -> object:
     """A plain-JSON copy of ``value``; raise ValueError on PHI keys or non-JSON values."""
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"detail key {key!r} at {path or 'details'} is not a string")
-            if _is_phi_key(key):
-                raise ValueError(
-                    f"detail {path + key!r} is a PHI attribute; alerts carry UIDs, counts "
-                    "and object labels only"
-                )
-            out[key] = _check_details(item, f"{path}{key}.")
-        return out
+        return _check_mapping(value, path)
     if isinstance(value, list | tuple):
         return [_check_details(item, path) for item in value]
     if value is None or type(value) in (str, int, float, bool):
@@ -233,12 +225,26 @@ def _check_details(value: Any, path: str) -> Any:
     raise ValueError(f"detail {path.rstrip('.') or 'details'!r} has type {type(value).__name__}")
 
 
+def _check_mapping(value: Mapping[str, object], path: str) -> JSON:
+    out: JSON = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"detail key {key!r} at {path or 'details'} is not a string")
+        if _is_phi_key(key):
+            raise ValueError(
+                f"detail {path + key!r} is a PHI attribute; alerts carry UIDs, counts "
+                "and object labels only"
+            )
+        out[key] = _check_details(item, f"{path}{key}.")
+    return out
+
+
 def build_alert(
     kind: str,
     subject: str,
     severity: str,
     store: str,
-    details: Mapping[str, Any],
+    details: JSON,
     now: datetime,
     *,
     max_samples: int | None = None,
@@ -266,7 +272,7 @@ def build_alert(
         raise ValueError("an alert needs a subject")
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    checked: dict[str, Any] = _check_details(details, "")
+    checked = _check_mapping(details, "")
     listed = checked.get(SAMPLES_KEY)
     if max_samples is not None and isinstance(listed, list) and len(listed) > max_samples:
         checked[SAMPLES_KEY] = listed[:max_samples]
@@ -279,7 +285,7 @@ def marker_name(alert_id_: str) -> str:
     return f"{ALERTS_PREFIX}{alert_id_}.json"
 
 
-def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool:
+def publish_once(ctx: Context, alert: Alert, *, lease_seconds: float = 60.0) -> bool:
     """Publish ``alert`` unless it was already published; True when this call published it.
 
     Args:
@@ -326,7 +332,9 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
     return True
 
 
-def _claim(ctx: Any, alert: Alert, bucket: Any, name: str, lease_seconds: float) -> int | None:
+def _claim(
+    ctx: Context, alert: Alert, bucket: storage.Bucket, name: str, lease_seconds: float
+) -> int | None:
     """Own the marker and return its generation, or None when the alert is already out.
 
     The marker is a lease: created if absent, or taken over (compare-and-swap) once the
@@ -361,7 +369,7 @@ def _claim(ctx: Any, alert: Alert, bucket: Any, name: str, lease_seconds: float)
         time.sleep(0.2)
 
 
-def _lease_until(doc: dict[str, Any]) -> datetime:
+def _lease_until(doc: JSON) -> datetime:
     """The marker's ``leaseUntil``; an unreadable one counts as expired."""
     try:
         moment = datetime.fromisoformat(str(doc.get("leaseUntil")).replace("Z", "+00:00"))
@@ -370,7 +378,7 @@ def _lease_until(doc: dict[str, Any]) -> datetime:
     return moment if moment.tzinfo is not None else datetime.min.replace(tzinfo=UTC)
 
 
-def _publish(ctx: Any, settings: Settings, alert: Alert) -> str:
+def _publish(ctx: Context, settings: Settings, alert: Alert) -> str:
     try:
         response = (
             ctx.pubsub()

@@ -14,15 +14,15 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 from googleapiclient.errors import HttpError
 
-from dicomflow import healthcare, log, objects
+from dicomflow import log, objects, store
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
 from dicomflow.runtime import Context
 from dicomflow.staging import (
     BITS,
@@ -101,7 +101,7 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     return made
 
 
-def unsealed(bucket: Any, start: str) -> list[str]:
+def unsealed(bucket: storage.Bucket, start: str) -> list[str]:
     """The windows under ``batches/`` from ``start`` (a cursor time; "" for all) whose seal
     has not finished, in order (two listings)."""
     sealed = {
@@ -256,7 +256,7 @@ class Queue:
     queued: int = 0
     throttled: bool = False
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSON:
         return {
             "started": self.started,
             "finished": self.finished,
@@ -265,7 +265,7 @@ class Queue:
             "throttled": self.throttled,
         }
 
-    def counts(self) -> dict[str, Any]:
+    def counts(self) -> JSON:
         return {
             "started": len(self.started),
             "finished": len(self.finished),
@@ -275,7 +275,7 @@ class Queue:
         }
 
 
-def poll(ctx: Context, batch: str, record: dict[str, Any]) -> dict[str, Any]:
+def poll(ctx: Context, batch: str, record: JSON) -> JSON:
     """The batch's operation record, updated to ``done`` once the operation is.
 
     An operation the service cannot return (404: expired) counts as done with that
@@ -284,7 +284,7 @@ def poll(ctx: Context, batch: str, record: dict[str, Any]) -> dict[str, Any]:
     if record.get("done"):
         return record
     try:
-        operation = healthcare.get_operation(ctx, record["operation"])
+        operation = store.get_operation(ctx, record["operation"])
     except PermanentError as exc:
         operation = {"done": True, "error": {"code": 5, "message": str(exc)[:300]}}
     if not operation.get("done"):
@@ -342,7 +342,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     report = Queue()
-    waiting: list[tuple[str, tuple[dict[str, Any], int] | None]] = []
+    waiting: list[tuple[str, tuple[JSON, int] | None]] = []
     live: set[str] = set()
     for batch in open_batches(bucket):
         record = objects.read_json(bucket, operation_name(batch))
@@ -390,9 +390,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     return report
 
 
-def start(
-    ctx: Context, batch: str, intent: tuple[dict[str, Any], int] | None, now: datetime
-) -> str:
+def start(ctx: Context, batch: str, intent: tuple[JSON, int] | None, now: datetime) -> str:
     """Import ``batch`` once: ``started``, ``elsewhere`` (another tick has it),
     ``throttled`` (429), ``failed`` (refused for good: recorded as done) or ``retry``."""
     from dicomflow import operations, verify
@@ -416,8 +414,8 @@ def start(
             return "elsewhere"
         adopt_interrupted(ctx, batch, intent[0])
     try:
-        operation = healthcare.start_import(ctx, uri)
-    except healthcare.QuotaExceeded:
+        operation = store.start_import(ctx, uri)
+    except store.QuotaExceeded:
         objects.delete(bucket, intent_name(batch))
         logger.info("import throttled (429)", extra=log.fields(batch=batch))
         return "throttled"
@@ -443,7 +441,7 @@ def start(
     return "started"
 
 
-def adopt_interrupted(ctx: Context, batch: str, intent: dict[str, Any]) -> list[str]:
+def adopt_interrupted(ctx: Context, batch: str, intent: JSON) -> list[str]:
     """Record as ours the imports an interrupted attempt may have started.
 
     A start killed between the import call and its record leaves an operation nobody

@@ -10,10 +10,9 @@ See docs/architecture.md#what-an-incremental-export-holds
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
@@ -28,7 +27,9 @@ from dicomflow.backup import (
 )
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
+from dicomflow.json_types import JSON
 from dicomflow.pool import pmap
+from dicomflow.runtime import Context
 from dicomflow.staging import parse_batch, success_name, window_id
 from dicomflow.verify import SUCCESS
 
@@ -105,7 +106,7 @@ def scan_floor(
     return min([floor, *pending, *late])
 
 
-def success_paths(lines: Iterable[Mapping[str, Any]]) -> list[Uids]:
+def success_paths(lines: Iterable[JSON]) -> list[Uids]:
     """UIDs (study, series, sop) of ``success.ndjson`` lines, deduplicated and sorted."""
     found: dict[Uids, None] = {}
     for line in lines:
@@ -161,8 +162,8 @@ def verified_batches(staging: storage.Bucket, start: str | None) -> list[Verifie
 
 def settled_since(
     staging: storage.Bucket,
-    previous: Mapping[str, Any] | None,
-    doc: dict[str, Any],
+    previous: JSON | None,
+    doc: JSON,
     now: datetime,
     window_seconds: int,
 ) -> list[Uids]:
@@ -196,13 +197,13 @@ def paths_file_name(day: date, attempt: int) -> str:
     return f"{STATE_PREFIX}exports/{day.isoformat()}.{attempt}.paths.txt"
 
 
-def qido_instances(ctx: Any, fields: list[str], study: str | None = None) -> list[dict[str, Any]]:
+def qido_instances(ctx: Context, fields: list[str], study: str | None = None) -> list[JSON]:
     """Every instance of the store (or of ``study``) as QIDO JSON, paged."""
     client = ctx.dicomweb()
-    found: list[dict[str, Any]] = []
+    found: list[JSON] = []
     offset = 0
     while True:
-        page: list[dict[str, Any]] = retry.call(
+        page: list[JSON] = retry.call(
             lambda start=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study, fields=fields, limit=QIDO_PAGE, offset=start
             ),
@@ -223,7 +224,7 @@ class Plan:
     empty: bool = False
 
 
-def plan(ctx: Any, day: date, doc: dict[str, Any], previous: Mapping[str, Any] | None) -> Plan:
+def plan(ctx: Context, day: date, doc: JSON, previous: JSON | None) -> Plan:
     """Fill ``doc``'s ``expected`` and ``scan``; write the filter file of an incremental
     export. ``previous``: the last complete export's marker (incremental only)."""
     settings = ctx.settings
@@ -246,7 +247,7 @@ def plan(ctx: Any, day: date, doc: dict[str, Any], previous: Mapping[str, Any] |
     counts = Counts(len(uids), len(uids))
     if is_image_mime(mime_type):
         wanted = set(uids)
-        listed: list[dict[str, Any]] = []
+        listed: list[JSON] = []
         for study in sorted({s for s, _, _ in uids}):
             listed.extend(
                 i

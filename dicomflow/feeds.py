@@ -15,13 +15,22 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+
+from google.cloud import storage
 
 from dicomflow import alerts, objects
 from dicomflow.batches import CURSOR_STEP_SECONDS
 from dicomflow.clock import iso
-from dicomflow.config import DROPPED_PREFIX, FAILED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
+from dicomflow.config import (
+    DROPPED_PREFIX,
+    FAILED_PREFIX,
+    QUARANTINE_PREFIX,
+    STATE_PREFIX,
+    Settings,
+)
+from dicomflow.json_types import JSON
 from dicomflow.pool import pmap
+from dicomflow.runtime import Context
 from dicomflow.staging import FileRecord, parse_window, window_id
 
 REPORT_PREFIX = f"{STATE_PREFIX}report/"
@@ -70,7 +79,7 @@ FAILED = Feed(
 )
 
 
-def horizon(settings: Any) -> timedelta:
+def horizon(settings: Settings) -> timedelta:
     """How long after its start a window can still receive a file.
 
     A file's window is fixed by its object's creation time, and ingest drops events
@@ -84,13 +93,13 @@ def horizon(settings: Any) -> timedelta:
     )
 
 
-def closes(settings: Any, start: datetime) -> datetime:
+def closes(settings: Settings, start: datetime) -> datetime:
     return start + timedelta(
         seconds=settings.batch_window_seconds + settings.seal_grace_seconds + GRACE_SECONDS
     )
 
 
-def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
+def report(ctx: Context, feed: Feed, now: datetime) -> list[str]:
     """Alert what is new in every closed window of ``feed``; the windows alerted."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
@@ -123,7 +132,7 @@ def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
     return reported
 
 
-def _files(ctx: Any, feed: Feed, window: str) -> dict[str, Any]:
+def _files(ctx: Context, feed: Feed, window: str) -> JSON:
     """Key -> the blob of each file in ``window``."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     prefix = f"{feed.prefix}{window}/"
@@ -134,14 +143,14 @@ def _files(ctx: Any, feed: Feed, window: str) -> dict[str, Any]:
     }
 
 
-def _settle(ctx: Any, feed: Feed, window: str, begins: datetime, now: datetime) -> bool:
+def _settle(ctx: Context, feed: Feed, window: str, begins: datetime, now: datetime) -> bool:
     """Alert what is new in ``window``; True when this call published an alert."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     name = f"{feed.markers}{window}.json"
     sent = False
     for _ in range(10):
         found = objects.read(bucket, name)
-        doc: dict[str, Any] = found[0] if found is not None else {"window": window}
+        doc: JSON = found[0] if found is not None else {"window": window}
         generation = found[1] if found is not None else 0
         pending = doc.get("pending")
         if pending:
@@ -175,7 +184,7 @@ def _settle(ctx: Any, feed: Feed, window: str, begins: datetime, now: datetime) 
     return sent
 
 
-def _record(ctx: Any, feed: Feed, window: str, key: str, blob: Any) -> dict[str, Any]:
+def _record(ctx: Context, feed: Feed, window: str, key: str, blob: storage.Blob | None) -> JSON:
     """What the alert says of one file: its reason and object label, never its name."""
     if blob is None:
         return {"key": key, "reason": "record-missing", "object": None}
@@ -190,18 +199,20 @@ def _record(ctx: Any, feed: Feed, window: str, key: str, blob: Any) -> dict[str,
     return {"key": key, "reason": doc.get("reason"), "object": doc.get("objectLabel")}
 
 
-def reason_code(reason: Any) -> str:
+def reason_code(reason: object) -> str:
     """The stable code of a header-check reason (``code: detail``), never a tag value."""
     return str(reason or "unknown").split(":", 1)[0].strip()[:80] or "unknown"
 
 
-def _alert(ctx: Any, feed: Feed, window: str, subject: str, keys: list[str], now: datetime) -> None:
+def _alert(
+    ctx: Context, feed: Feed, window: str, subject: str, keys: list[str], now: datetime
+) -> None:
     files = _files(ctx, feed, window)
     records = pmap(lambda k: _record(ctx, feed, window, k, files.get(k)), keys)
     if feed.kind_of is None:
         _publish(ctx, feed, feed.kind, window, subject, subject, records, now)
         return
-    kinds: dict[str, list[dict[str, Any]]] = {}
+    kinds: dict[str, list[JSON]] = {}
     for record in records:
         kinds.setdefault(feed.kind_of(reason_code(record["reason"])), []).append(record)
     for kind, chosen in sorted(kinds.items()):
@@ -209,18 +220,18 @@ def _alert(ctx: Any, feed: Feed, window: str, subject: str, keys: list[str], now
 
 
 def _publish(
-    ctx: Any,
+    ctx: Context,
     feed: Feed,
     kind: str,
     window: str,
     subject: str,
     alert_subject: str,
-    records: list[dict[str, Any]],
+    records: list[JSON],
     now: datetime,
 ) -> None:
     settings = ctx.settings
     labels = [r["object"] for r in records if r["object"]]
-    details: dict[str, Any] = {
+    details: JSON = {
         "window": window,
         "files": len(records),
         "reasons": dict(sorted(Counter(reason_code(r["reason"]) for r in records).items())),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import traceback
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
@@ -27,6 +26,7 @@ from dicomflow.events import (
     StorageObject,
     is_too_old,
 )
+from dicomflow.json_types import JSON
 from dicomflow.runtime import Context
 from dicomflow.sniff import sniffed_skip_reason
 from dicomflow.staging import (
@@ -71,7 +71,7 @@ def ingest_object(
     event_id: str,
     event_time: datetime | None,
     via: str | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """Take one object generation through filter, check and staging (or quarantine).
 
     ``via`` is ``SWEPT`` for a file the sweep found (see docs/architecture.md#swept-files).
@@ -129,7 +129,7 @@ def _skip_reason(ctx: Context, obj: StorageObject) -> str | None:
         return None
 
 
-def redacted(exc: BaseException) -> dict[str, Any]:
+def redacted(exc: BaseException) -> JSON:
     """What can be logged of ``exc`` without PHI: its type, HTTP status and where it arose.
 
     The messages of our own errors are kept (they never hold object names); other
@@ -173,7 +173,7 @@ def _ingest(
     event_id: str,
     event_time: datetime | None,
     via: str | None,
-) -> dict[str, Any]:
+) -> JSON:
     settings = ctx.settings
     now = ctx.clock()
     created = obj.time_created or event_time
@@ -212,7 +212,7 @@ def late_home(record: FileRecord, settings: Settings) -> str:
     return late_home_window(record.home, settings)
 
 
-def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> dict[str, Any]:
+def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> JSON:
     """Copy ``source`` into the window that will list it (docs/architecture.md#which-window).
 
     ``source`` is the landing object (or, for a re-staged file, its earlier staging copy).
@@ -298,7 +298,7 @@ def _swept_window(ctx: Context, key: str, now: datetime) -> str | None:
     return str(found["window"]) if found.get("swept") else None
 
 
-def _with(record: FileRecord, **changes: Any) -> FileRecord:
+def _with(record: FileRecord, **changes: str | None) -> FileRecord:
     return FileRecord(**{**record.line(), "size": record.size, **changes})
 
 
@@ -355,7 +355,7 @@ def _copied(
     record: FileRecord,
     status: str,
     reason: str | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     try:
         created = copy_object(ctx, source, target, record)
     except gexc.NotFound:
@@ -373,7 +373,7 @@ def _copied(
     }
 
 
-def _drop_late(ctx: Context, record: FileRecord, reason: str, now: datetime) -> dict[str, Any]:
+def _drop_late(ctx: Context, record: FileRecord, reason: str, now: datetime) -> JSON:
     """Drop a file whose home window may be long reported: its record goes in the current
     window, under a late claim so every delivery picks the same one."""
     window = window_id(now, ctx.settings.batch_window_seconds)
@@ -387,9 +387,7 @@ def _drop_late(ctx: Context, record: FileRecord, reason: str, now: datetime) -> 
     return _drop(ctx, record, window, reason, now)
 
 
-def _drop(
-    ctx: Context, record: FileRecord, window: str, reason: str, now: datetime
-) -> dict[str, Any]:
+def _drop(ctx: Context, record: FileRecord, window: str, reason: str, now: datetime) -> JSON:
     """Write the drop record of ``record`` in ``window`` (create-if-absent)."""
     doc = {
         **_with(record, window=window, reason=reason).line(),
@@ -401,7 +399,7 @@ def _drop(
     return {"status": DROPPED, "reason": reason, "window": window, "repeat": not created}
 
 
-def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) -> dict[str, Any]:
+def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) -> JSON:
     """Write the failure record of ``record`` in its home window (create-if-absent): the
     ``step`` (header read, copy) met a permanent answer. Its object metadata is the file
     record with the reason, so listings (status, the report's feed) need no reads.

@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from dicomflow.config import Settings
 from dicomflow.errors import ConfigError
@@ -34,6 +34,21 @@ _NEITHER = (
     "set DICOMFLOW_KEY_SECRET=projects/P/secrets/S/versions/latest (Google Cloud) "
     "or DICOMFLOW_KEY_FILE=<path of a file of 32 random bytes> (localcloud writes one per home)",
 )
+
+
+class SecretPayload(Protocol):
+    data: bytes
+    data_crc32c: int | None
+
+
+class SecretVersion(Protocol):
+    payload: SecretPayload
+
+
+class SecretClient(Protocol):
+    """The one call dicomflow makes of a Secret Manager client."""
+
+    def access_secret_version(self, *, name: str) -> SecretVersion: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,7 @@ _cache: dict[tuple[str | None, str | None], DeploymentKey] = {}
 _lock = threading.Lock()
 
 
-def load(settings: Settings, *, secret_client: Any = None) -> DeploymentKey:
+def load(settings: Settings, *, secret_client: SecretClient | None = None) -> DeploymentKey:
     """The deployment key named by ``settings``, read once per process.
 
     Args:
@@ -123,7 +138,7 @@ def _from_file(path: str) -> bytes:
     return _checked(secret, "DICOMFLOW_KEY_FILE")
 
 
-def _from_secret_manager(name: str, client: Any) -> bytes:
+def _from_secret_manager(name: str, client: SecretClient | None) -> bytes:
     if client is None:
         # Imported by name: mypy following this typed package would hide the untyped
         # google.cloud.storage beside it.

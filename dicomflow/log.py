@@ -19,10 +19,11 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote, unquote
 
 from dicomflow import keys
+from dicomflow.json_types import JSON
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -37,7 +38,7 @@ class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object with ``severity`` and ``message``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
+        entry: JSON = {
             "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
             "message": record.getMessage(),
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -131,7 +132,7 @@ class Scrubber(logging.Filter):
             record.stack_info = self.scrub(record.stack_info)
         return True
 
-    def _scrub_value(self, value: Any) -> Any:
+    def _scrub_value(self, value: object) -> object:
         if isinstance(value, str):
             return self.scrub(value)
         if isinstance(value, dict):
@@ -224,6 +225,6 @@ def configure(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
 QUIET_LIBRARIES = ("dicomweb_client",)
 
 
-def fields(**values: Any) -> dict[str, Any]:
+def fields(**values: object) -> JSON:
     """Build the ``extra`` argument carrying correlation fields."""
     return {"fields": {k: v for k, v in values.items() if v is not None}}

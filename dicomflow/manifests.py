@@ -9,14 +9,13 @@ See docs/architecture.md#manifests
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 
 from google.cloud import storage
 
 from dicomflow import objects
 from dicomflow.clock import iso
+from dicomflow.json_types import JSON
 from dicomflow.staging import failure_name, success_name, summary_name
 from dicomflow.verify import SUCCESS, FileResult, counts
 
@@ -25,12 +24,12 @@ SCHEMA_VERSION = 2
 
 def build_summary(
     batch: str,
-    queued: Mapping[str, Any],
-    operation: Mapping[str, Any] | None,
+    queued: JSON,
+    operation: JSON | None,
     results: list[FileResult],
     restaged: int,
     now: datetime,
-) -> dict[str, Any]:
+) -> JSON:
     """The ``summary.json`` of a verified batch. Pure."""
     by_status = counts(results)
     success = sum(by_status[s] for s in SUCCESS)
@@ -74,17 +73,17 @@ def write_lists(
         objects.write_text(bucket, name, objects.ndjson(lines), "application/x-ndjson")
 
 
-def write_summary(bucket: storage.Bucket, summary: dict[str, Any]) -> dict[str, Any]:
+def write_summary(bucket: storage.Bucket, summary: JSON) -> JSON:
     """Create the summary once; a repeat returns the one on record."""
     name = summary_name(summary["batch"])
     objects.create(bucket, name, summary)
     return objects.read_json(bucket, name) or summary
 
 
-def read_summary(bucket: storage.Bucket, batch: str) -> dict[str, Any] | None:
+def read_summary(bucket: storage.Bucket, batch: str) -> JSON | None:
     return objects.read_json(bucket, summary_name(batch))
 
 
-def read_lines(bucket: storage.Bucket, name: str) -> list[dict[str, Any]]:
+def read_lines(bucket: storage.Bucket, name: str) -> list[JSON]:
     """The lines of an NDJSON manifest ([] when absent)."""
     return objects.read_ndjson(bucket, name) or []

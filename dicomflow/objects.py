@@ -23,13 +23,14 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow.errors import TransientError
+from dicomflow.json_types import JSON
 
 TOKEN = "_token"
 DEADLINE = 60.0
@@ -38,11 +39,12 @@ DEADLINE = 60.0
 PAGE = 1000
 
 
-def _retry(deadline: float) -> Any:
-    return DEFAULT_RETRY.with_timeout(deadline)
+def _retry(deadline: float) -> Retry:
+    retry: Retry = DEFAULT_RETRY.with_timeout(deadline)
+    return retry
 
 
-def dumps(doc: Mapping[str, Any]) -> str:
+def dumps(doc: JSON) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
@@ -50,9 +52,7 @@ def _transient(exc: gexc.GoogleAPICallError) -> TransientError:
     return TransientError(f"Cloud Storage: {type(exc).__name__} (HTTP {exc.code})")
 
 
-def read(
-    bucket: storage.Bucket, name: str, deadline: float = DEADLINE
-) -> tuple[dict[str, Any], int] | None:
+def read(bucket: storage.Bucket, name: str, deadline: float = DEADLINE) -> tuple[JSON, int] | None:
     """The JSON object ``name`` and its generation, or None when absent."""
     blob = bucket.blob(name)
     try:
@@ -61,11 +61,11 @@ def read(
         return None
     except (gexc.TooManyRequests, gexc.ServerError) as exc:
         raise _transient(exc) from exc
-    doc: dict[str, Any] = json.loads(raw)
+    doc: JSON = json.loads(raw)
     return doc, int(blob.generation or 0)
 
 
-def read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
+def read_json(bucket: storage.Bucket, name: str) -> JSON | None:
     """The JSON object ``name``, or None when absent."""
     found = read(bucket, name)
     return found[0] if found is not None else None
@@ -98,7 +98,7 @@ def _upload(
 def create(
     bucket: storage.Bucket,
     name: str,
-    doc: Mapping[str, Any],
+    doc: JSON,
     metadata: Mapping[str, str] | None = None,
 ) -> int | None:
     """Create ``name`` holding ``doc`` if absent; the generation written when the stored
@@ -116,7 +116,7 @@ def create(
         return found[1] if found is not None and found[0].get(TOKEN) == token else None
 
 
-def swap(bucket: storage.Bucket, name: str, doc: Mapping[str, Any], generation: int) -> int | None:
+def swap(bucket: storage.Bucket, name: str, doc: JSON, generation: int) -> int | None:
     """Write ``doc`` if ``name`` is still at ``generation`` (0: absent).
 
     Returns the new generation, or None when someone else changed the object first.
@@ -153,12 +153,12 @@ def read_text(bucket: storage.Bucket, name: str) -> str | None:
         raise _transient(exc) from exc
 
 
-def ndjson(lines: Iterable[Mapping[str, Any]]) -> str:
+def ndjson(lines: Iterable[JSON]) -> str:
     """One compact JSON object per line."""
     return "".join(dumps(line) + "\n" for line in lines)
 
 
-def read_ndjson(bucket: storage.Bucket, name: str) -> list[dict[str, Any]] | None:
+def read_ndjson(bucket: storage.Bucket, name: str) -> list[JSON] | None:
     """The lines of an NDJSON object, or None when absent."""
     text = read_text(bucket, name)
     if text is None:

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any
 
 from dicomflow import (
     alerts,
@@ -35,7 +34,9 @@ from dicomflow import (
 from dicomflow.clock import iso, parse_time
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import TransientError
+from dicomflow.json_types import JSON
 from dicomflow.operations import OperationView
+from dicomflow.runtime import Context
 from dicomflow.staging import (
     FileRecord,
     failure_name,
@@ -65,7 +66,7 @@ def crashpoint(step: str) -> None:
     """A named point between steps; tests replace it to crash the tick there."""
 
 
-def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
+def run_tick(ctx: Context, event_id: str | None = None) -> JSON:
     """One report tick; see the module docstring. Returns what it did, for tests and logs."""
     now = ctx.clock()
     started = time.monotonic()
@@ -77,8 +78,8 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     pending = batches.open_batches(bucket)
     lap("open")
-    verified: list[dict[str, Any]] = []
-    waiting: dict[str, dict[str, Any]] = {}
+    verified: list[JSON] = []
+    waiting: dict[str, JSON] = {}
 
     def settle_one(batch: str) -> None:
         try:
@@ -168,7 +169,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
 # --- 1. open batches --------------------------------------------------------------------------
 
 
-def check_batch(ctx: Any, batch: str, now: datetime) -> dict[str, Any] | None:
+def check_batch(ctx: Context, batch: str, now: datetime) -> JSON | None:
     """Verify ``batch`` if its import is done. Returns what was verified, or the batch's
     queue record while it waits to import (for the backlog), or None while it runs."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -185,7 +186,7 @@ def check_batch(ctx: Any, batch: str, now: datetime) -> dict[str, Any] | None:
     return settle_batch(ctx, batch, record, now)
 
 
-def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) -> dict[str, Any]:
+def settle_batch(ctx: Context, batch: str, record: JSON, now: datetime) -> JSON:
     """Verify a finished batch, record and alert its outcomes, then close it. Idempotent."""
     began = time.monotonic()
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -241,7 +242,7 @@ def _service_status(exc: BaseException) -> int | None:
     return None
 
 
-def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool:
+def stuck_batch(ctx: Context, batch: str, exc: BaseException, now: datetime) -> bool:
     """Note that checking ``batch`` failed with ``exc``; alert ``verification_stuck`` once
     when it first failed ``verify_stuck_minutes`` ago. True when the caller need not
     raise ``exc``: a permanent answer (4xx), which a platform retry of the tick cannot
@@ -288,15 +289,15 @@ def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool
 
 
 def _file_alert_details(
-    ctx: Any, batch: str, record: dict[str, Any], chosen: list[FileResult], manifest: str
-) -> dict[str, Any]:
+    ctx: Context, batch: str, record: JSON, chosen: list[FileResult], manifest: str
+) -> JSON:
     settings = ctx.settings
     limit = settings.alert_sample_files
 
     def label(rec: FileRecord) -> str:
         return alerts.object_label(settings, rec.bucket, rec.name)
 
-    details: dict[str, Any] = {
+    details: JSON = {
         "batch": batch,
         "operation": record.get("operation"),
         "files": len(chosen),
@@ -323,7 +324,7 @@ def _file_alert_details(
     return details
 
 
-def _redact(ctx: Any, text: str) -> str:
+def _redact(ctx: Context, text: str) -> str:
     """An operation's error message with objects and UIDs as the alert settings name them."""
 
     def label(uri: str) -> str:
@@ -335,7 +336,7 @@ def _redact(ctx: Any, text: str) -> str:
 
 
 def _alert_batch(
-    ctx: Any, batch: str, record: dict[str, Any], results: list[FileResult], now: datetime
+    ctx: Context, batch: str, record: JSON, results: list[FileResult], now: datetime
 ) -> None:
     settings = ctx.settings
     manifest = f"gs://{settings.staging_bucket}/{failure_name(batch)}"
@@ -361,7 +362,7 @@ def _alert_batch(
 # --- 2. operations ---------------------------------------------------------------------------
 
 
-def _report_outside(ctx: Any, listed: list[OperationView], now: datetime) -> list[str]:
+def _report_outside(ctx: Context, listed: list[OperationView], now: datetime) -> list[str]:
     """Alert ``operation_failed`` once for each failed import or export that dicomflow did
     not start, among those that ended within ``OUTSIDE_HORIZON_SECONDS``.
 
@@ -390,7 +391,7 @@ def _report_outside(ctx: Any, listed: list[OperationView], now: datetime) -> lis
     return reported
 
 
-def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
+def _alert_outside(ctx: Context, op: OperationView, now: datetime) -> None:
     details = {
         "operation": op.name,
         "operationKind": op.kind,
@@ -410,7 +411,7 @@ def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
     alerts.publish_once(ctx, alert)
 
 
-def _report_stalled(ctx: Any, listed: Iterable[OperationView], now: datetime) -> list[str]:
+def _report_stalled(ctx: Context, listed: Iterable[OperationView], now: datetime) -> list[str]:
     """Alert ``stalled`` once for each operation running longer than the threshold."""
     limit = ctx.settings.stalled_seconds
     found: list[str] = []
@@ -437,7 +438,7 @@ def _report_stalled(ctx: Any, listed: Iterable[OperationView], now: datetime) ->
 # --- 4. backlog -------------------------------------------------------------------------------
 
 
-def _report_backlog(ctx: Any, waiting: dict[str, dict[str, Any]], now: datetime) -> str | None:
+def _report_backlog(ctx: Context, waiting: dict[str, JSON], now: datetime) -> str | None:
     """One ``backlog`` alert per episode of sealed batches waiting longer than the threshold."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     limit = timedelta(seconds=ctx.settings.backlog_seconds)

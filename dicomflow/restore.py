@@ -16,29 +16,30 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import (
     backup,
-    healthcare,
     keys,
     log,
     objects,
     operations,
     pool,
     retry,
+    store,
     tombstones,
     verify,
 )
 from dicomflow.config import RESTORES_PREFIX, parse_mime_type
 from dicomflow.errors import Refused, TransientError
+from dicomflow.json_types import JSON
 from dicomflow.names import DicomStoreName
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Backup:
     day: date
     bucket: str
     folder: str
-    manifest: dict[str, Any]
+    manifest: JSON
     objects: list[BackupObject]
     # The folder also holds reruns' sub-prefixes, so it cannot be imported as a whole.
     nested: bool = False
@@ -99,7 +100,7 @@ class Backup:
         return dict(self.manifest.get("series") or {})
 
 
-def load_backup(ctx: Any, day: date) -> Backup:
+def load_backup(ctx: Context, day: date) -> Backup:
     """The backup dated ``day``: its latest complete attempt (``backup.pick_attempt``), with
     its manifest and the objects its folder holds, from one listing of the dated folder.
 
@@ -113,7 +114,7 @@ def load_backup(ctx: Any, day: date) -> Backup:
     uri = f"gs://{settings.backup_bucket}/{dated}"
     try:
         blobs = list(objects.blobs(bucket, dated))
-        manifests: dict[int, dict[str, Any]] = {}
+        manifests: dict[int, JSON] = {}
         for blob in blobs:
             number = backup.attempt_of(blob.name[len(dated) :])
             doc = objects.read_json(bucket, blob.name) if number is not None else None
@@ -158,7 +159,7 @@ def load_backup(ctx: Any, day: date) -> Backup:
 
 
 def erased_studies(
-    ctx: Any, studies: list[str], previous_keys: Iterable[keys.DeploymentKey] = ()
+    ctx: Context, studies: list[str], previous_keys: Iterable[keys.DeploymentKey] = ()
 ) -> set[str]:
     """The studies among ``studies`` that were erased and must never come back.
 
@@ -171,7 +172,7 @@ def erased_studies(
         raise RestoreRefused(str(exc)) from None
 
 
-def check_target(ctx: Any, target: DicomStoreName, into_live: bool) -> None:
+def check_target(ctx: Context, target: DicomStoreName, into_live: bool) -> None:
     """Refuse the live store unless ``into_live``.
 
     Raises:
@@ -202,7 +203,7 @@ def copies_prefix(rid: str) -> str:
 
 
 def stage_source(
-    ctx: Any,
+    ctx: Context,
     source: Backup,
     studies: list[str],
     rid: str,
@@ -248,12 +249,12 @@ def stage_source(
     return f"gs://{ctx.settings.staging_bucket}/{prefix}**.dcm"
 
 
-def is_copy(ctx: Any, uri: str) -> bool:
+def is_copy(ctx: Context, uri: str) -> bool:
     """Whether an import URI of ``stage_source`` points at copies (not the dated folder)."""
     return uri.startswith(f"gs://{ctx.settings.staging_bucket}/{RESTORES_PREFIX}")
 
 
-def clean_up(ctx: Any, rid: str) -> int:
+def clean_up(ctx: Context, rid: str) -> int:
     """Delete the copies of restore ``rid``; how many went."""
     staging = ctx.storage.bucket(ctx.settings.staging_bucket)
     names = objects.names(staging, copies_prefix(rid))
@@ -262,7 +263,7 @@ def clean_up(ctx: Any, rid: str) -> int:
 
 
 def start_import(
-    ctx: Any,
+    ctx: Context,
     target: DicomStoreName,
     uri: str,
     subject: str,
@@ -277,9 +278,9 @@ def start_import(
     deadline = time.monotonic() + quota_wait
     while True:
         try:
-            operation = healthcare.start_import(ctx, uri, store=target, deadline=60.0)
+            operation = store.start_import(ctx, uri, store=target, deadline=60.0)
             break
-        except healthcare.QuotaExceeded as exc:
+        except store.QuotaExceeded as exc:
             if time.monotonic() > deadline:
                 raise TransientError(str(exc)) from exc
             time.sleep(5.0)
@@ -290,18 +291,18 @@ def start_import(
 
 
 def wait_operation(
-    ctx: Any,
+    ctx: Context,
     name: str,
     *,
     poll_seconds: float = 2.0,
     timeout: float | None = None,
     progress: Progress | None = None,
     expected: int | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """Poll ``name`` until done (or ``timeout``: the last reading, not done)."""
     end = None if timeout is None else time.monotonic() + timeout
     while True:
-        op = healthcare.get_operation(ctx, name)
+        op = store.get_operation(ctx, name)
         counter = (op.get("metadata") or {}).get("counter") or {}
         if progress:
             done = int(counter.get("success") or 0) + int(counter.get("failure") or 0)
@@ -311,18 +312,18 @@ def wait_operation(
         time.sleep(poll_seconds)
 
 
-def for_store(ctx: Any, store: DicomStoreName) -> Any:
+def for_store(ctx: Context, store: DicomStoreName) -> Context:
     """A context whose DICOMweb client talks to ``store`` (same clients otherwise)."""
     return replace(ctx, settings=replace(ctx.settings, dicom_store=store), _local=threading.local())
 
 
-def series_sops(ctx: Any, study: str, series: str) -> set[str]:
+def series_sops(ctx: Context, study: str, series: str) -> set[str]:
     """SOP Instance UIDs of one series in ``ctx``'s store: one QIDO per 5,000."""
     client = ctx.dicomweb()
     found: set[str] = set()
     offset = 0
     while True:
-        page: list[dict[str, Any]] = retry.call(
+        page: list[JSON] = retry.call(
             lambda start=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study,
                 series_instance_uid=series,
@@ -352,8 +353,8 @@ class Check:
     bytes_different: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
-    def as_dict(self, with_uids: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def as_dict(self, with_uids: bool) -> JSON:
+        out: JSON = {
             "studies": self.studies,
             "series": self.series,
             "instances": self.instances,
@@ -375,7 +376,7 @@ def _sha256(data: bytes) -> str:
 
 
 def check(
-    ctx: Any,
+    ctx: Context,
     source: Backup,
     target: DicomStoreName,
     studies: list[str],
@@ -458,7 +459,7 @@ def check(
     return result
 
 
-def operation_problems(op: Mapping[str, Any]) -> list[str]:
+def operation_problems(op: JSON) -> list[str]:
     """What the import operation itself reports as wrong."""
     problems = []
     if not op.get("done"):
@@ -473,7 +474,7 @@ def operation_problems(op: Mapping[str, Any]) -> list[str]:
 
 
 def run(
-    ctx: Any,
+    ctx: Context,
     day: date,
     target: DicomStoreName,
     *,
@@ -484,7 +485,7 @@ def run(
     progress: Progress | None = None,
     poll_seconds: float = 2.0,
     timeout: float | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """``dicomflow restore``: import the backup dated ``day`` into ``target`` and check it.
 
     Tombstoned studies (``erased_studies``) are left out; ``previous_keys`` are keys
@@ -503,7 +504,7 @@ def run(
     skipped = erased_studies(ctx, every, previous_keys)
     studies = [s for s in every if s not in skipped]
     rid = restore_id(day)
-    result: dict[str, Any] = {
+    result: JSON = {
         "restoreId": rid,
         "date": day.isoformat(),
         "backup": source.uri,

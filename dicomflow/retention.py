@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
 from dicomflow import log, manifests, objects
 from dicomflow.clock import parse_time
 from dicomflow.config import DAY_SECONDS, MANIFESTS_PREFIX, STATE_PREFIX
+from dicomflow.json_types import JSON
 from dicomflow.pool import pmap
 from dicomflow.runtime import Context
 from dicomflow.staging import parse_batch, parse_window, success_name
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 CURSOR_NAME = f"{STATE_PREFIX}retention/cursor.json"
 
 
-def due(summary: dict[str, Any] | None, now: datetime, days: int) -> bool:
+def due(summary: JSON | None, now: datetime, days: int) -> bool:
     """True when the batch of ``summary`` was verified ``days`` or more ago."""
     if summary is None:
         return False
@@ -89,7 +89,7 @@ def _delete_uploads(ctx: Context, batch: str) -> int:
     return sum(pmap(lambda line: _delete(landing, line), lines))
 
 
-def _delete(landing: storage.Bucket, line: dict[str, Any]) -> int:
+def _delete(landing: storage.Bucket, line: JSON) -> int:
     """Delete this generation of the upload only (a new upload under the name stays);
     1 when this call deleted it."""
     return int(objects.delete(landing, line["name"], int(line["generation"])))

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import requests
 import requests.adapters
@@ -33,7 +33,9 @@ from dicomflow.events import decode_attributes
 from dicomflow.json_types import JSON
 
 if TYPE_CHECKING:
+    # Imported where first used: both are slow to import, and not every function needs them.
     from dicomweb_client.api import DICOMwebClient
+    from googleapiclient.discovery import Resource
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Context:
     clock: Callable[[], datetime] = utcnow
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
-    def healthcare(self) -> Any:
+    def healthcare(self) -> Resource:
         """A Healthcare v1 client for this thread (googleapiclient is not thread-safe)."""
         svc = getattr(self._local, "healthcare", None)
         if svc is None:
@@ -65,7 +67,7 @@ class Context:
             )
         return svc
 
-    def pubsub(self) -> Any:
+    def pubsub(self) -> Resource:
         """A Pub/Sub v1 REST client for this thread."""
         svc = getattr(self._local, "pubsub", None)
         if svc is None:
@@ -117,7 +119,7 @@ class Context:
         return client
 
 
-def _discovery(api: str, endpoint: str | None, credentials: Credentials | None) -> Any:
+def _discovery(api: str, endpoint: str | None, credentials: Credentials | None) -> Resource:
     from googleapiclient.discovery import build
 
     options = {"api_endpoint": endpoint.rstrip("/") + "/"} if endpoint else None
@@ -203,7 +205,7 @@ def handle(
     started = time.monotonic()
     event_id = event["id"]
     try:
-        result: dict[str, Any] = handler(ctx, event)
+        result: JSON = handler(ctx, event)
     except PermanentError as exc:
         # Retrying cannot fix this, so don't raise: log it and let the event go.
         logger.error(

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
@@ -30,6 +29,7 @@ from dicomflow.config import (
     STATE_PREFIX,
     Settings,
 )
+from dicomflow.json_types import JSON
 
 BITS = 6
 WINDOW_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -257,12 +257,12 @@ class FileRecord:
             if v not in (None, "") and k != "window"
         }
 
-    def line(self) -> dict[str, Any]:
+    def line(self) -> JSON:
         """The record as a file-list or manifest line."""
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
     @classmethod
-    def from_line(cls, line: dict[str, Any]) -> FileRecord:
+    def from_line(cls, line: JSON) -> FileRecord:
         fields = cls.__dataclass_fields__
         known = {k: v for k, v in line.items() if k in fields}
         known["size"] = int(known.get("size") or 0)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
 
 from dicomflow import alerts, batches, export, log, objects
 from dicomflow.clock import iso, parse_time
+from dicomflow.runtime import Context
 from dicomflow.staging import (
     open_name,
     parse_batch,
@@ -31,7 +31,7 @@ def _age_minutes(since: datetime, now: datetime) -> int:
     return int((now - since).total_seconds() // 60)
 
 
-def unsealed_windows(ctx: Any) -> dict[str, datetime]:
+def unsealed_windows(ctx: Context) -> dict[str, datetime]:
     """Window -> start of each window holding copies but not sealed, from the seal cursor
     (one read, two listings)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -39,7 +39,9 @@ def unsealed_windows(ctx: Any) -> dict[str, datetime]:
     return {window: parse_window(window) for window in batches.unsealed(bucket, cursor)}
 
 
-def open_batches(ctx: Any, batch_ids: Iterable[str], older_than: datetime) -> dict[str, datetime]:
+def open_batches(
+    ctx: Context, batch_ids: Iterable[str], older_than: datetime
+) -> dict[str, datetime]:
     """Batch -> when it was sealed, for each open batch sealed before ``older_than``.
 
     A batch is sealed after its window ends, so only batches whose window started
@@ -61,7 +63,7 @@ def open_batches(ctx: Any, batch_ids: Iterable[str], older_than: datetime) -> di
     return found
 
 
-def open_exports(ctx: Any) -> dict[str, datetime]:
+def open_exports(ctx: Context) -> dict[str, datetime]:
     """Date -> first claim of each export that is not final (one listing, one read each)."""
     found: dict[str, datetime] = {}
     for day in export.open_days(ctx):
@@ -74,7 +76,7 @@ def open_exports(ctx: Any) -> dict[str, datetime]:
     return found
 
 
-def report(ctx: Any, now: datetime, open_batch_ids: Iterable[str]) -> list[str]:
+def report(ctx: Context, now: datetime, open_batch_ids: Iterable[str]) -> list[str]:
     """Alert each kind of state whose oldest item is older than the bound; the subjects."""
     bound = timedelta(minutes=ctx.settings.stale_state_minutes)
     states = {

@@ -13,7 +13,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
@@ -30,6 +29,7 @@ from dicomflow.config import (
 )
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.events import StorageObject, skip_reason
+from dicomflow.json_types import JSON
 from dicomflow.pool import pmap
 from dicomflow.runtime import Context
 from dicomflow.sniff import has_dicom_magic, needs_sniff
@@ -64,7 +64,7 @@ class SweepResult:
     failed: int = 0  # ingests that raised (transient): the pass is repeated
     alerted: bool = False
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSON:
         return {
             "period": self.period,
             "landing": self.landing,
@@ -99,7 +99,7 @@ def age_bounds(settings: Settings, now: datetime) -> tuple[datetime, datetime]:
     return oldest, newest
 
 
-def run_due(ctx: Context, now: datetime) -> dict[str, Any] | None:
+def run_due(ctx: Context, now: datetime) -> JSON | None:
     """Run the period's pass unless it ran (or runs) already; its summary, or None.
 
     Raises:
@@ -118,7 +118,7 @@ def run_due(ctx: Context, now: datetime) -> dict[str, Any] | None:
     if claimed is None:
         return None
     generation, attempt = claimed
-    result: dict[str, Any] = {"period": period, "attempt": attempt}
+    result: JSON = {"period": period, "attempt": attempt}
     complete = True
     if ctx.settings.sweep_hours:
         swept = sweep(ctx, now, period)

@@ -18,13 +18,15 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import google_crc32c
 import requests
 
 from dicomflow import retry
 from dicomflow.clock import iso
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 from dicomflow.staging import BATCH_STATE_PREFIX, FileRecord, staged_name
 
 logger = logging.getLogger(__name__)
@@ -67,9 +69,9 @@ class FileResult:
     def key(self) -> str:
         return self.record.key
 
-    def line(self, batch: str, operation: str | None) -> dict[str, Any]:
+    def line(self, batch: str, operation: str | None) -> JSON:
         """The manifest line (``success.ndjson`` or ``failure.ndjson``)."""
-        out: dict[str, Any] = {
+        out: JSON = {
             **self.record.line(),
             "status": self.status,
             "batch": batch,
@@ -103,7 +105,7 @@ def checksum_of(data: bytes, scheme: str) -> str:
     return f"{scheme}:{base64.b64encode(digest).decode('ascii')}"
 
 
-def failures_counted(operation: dict[str, Any] | None) -> int | None:
+def failures_counted(operation: JSON | None) -> int | None:
     """The operation's ``counter.failure``, or None when there is none to rely on (no
     operation, or no counters: it was lost or failed as a whole). An import with
     per-file failures ends with an error and its counters; the counters count."""
@@ -162,18 +164,18 @@ def transient(exc: BaseException) -> bool:
     return retry.should_retry(exc)
 
 
-def _value(item: dict[str, Any], tag: str) -> str | None:
+def _value(item: JSON, tag: str) -> str | None:
     values = (item.get(tag) or {}).get("Value") or []
     return str(values[0]) if values else None
 
 
-def search_study(ctx: Any, study: str) -> dict[str, tuple[str, str]]:
+def search_study(ctx: Context, study: str) -> dict[str, tuple[str, str]]:
     """SOP UID -> (study, series) of every instance of ``study`` in the store."""
     client = ctx.dicomweb()
     found: dict[str, tuple[str, str]] = {}
     offset = 0
     while True:
-        page: list[dict[str, Any]] = retry.call(
+        page: list[JSON] = retry.call(
             lambda offset=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study, fields=[SERIES_TAG], offset=offset, limit=5000
             ),
@@ -188,10 +190,10 @@ def search_study(ctx: Any, study: str) -> dict[str, tuple[str, str]]:
         offset += len(page)
 
 
-def search_sop(ctx: Any, sop: str) -> tuple[str, str] | None:
+def search_sop(ctx: Context, sop: str) -> tuple[str, str] | None:
     """(study, series) of ``sop`` anywhere in the store, or None."""
     client = ctx.dicomweb()
-    items: list[dict[str, Any]] = retry.call(
+    items: list[JSON] = retry.call(
         lambda: client.search_for_instances(
             fields=[STUDY_TAG, SERIES_TAG], search_filters={"SOPInstanceUID": sop}, limit=10
         ),
@@ -204,7 +206,7 @@ def search_sop(ctx: Any, sop: str) -> tuple[str, str] | None:
     return None
 
 
-def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
+def retrieve_bytes(ctx: Context, study: str, series: str, sop: str) -> bytes:
     """The stored instance as it was imported (WADO-RS with ``transfer-syntax=*``).
 
     dicomweb-client's ``retrieve_instance`` parses into a pydicom Dataset, which
@@ -227,7 +229,7 @@ def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
     return data
 
 
-def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+def dicomweb_pmap(ctx: Context, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``fn`` over ``items`` in a pool of ``DICOMWEB_THREADS``, for DICOMweb calls.
 
     ``ctx.dicomweb()`` is per thread; the clients the pool threads made are closed
@@ -255,7 +257,7 @@ def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]
             session.close()
 
 
-def _stored(ctx: Any, records: Iterable[FileRecord]) -> dict[str, tuple[str, str]]:
+def _stored(ctx: Context, records: Iterable[FileRecord]) -> dict[str, tuple[str, str]]:
     studies = sorted({r.study for r in records if r.study})
     found: dict[str, tuple[str, str]] = {}
     for part in dicomweb_pmap(ctx, lambda study: search_study(ctx, study), studies):
@@ -263,7 +265,7 @@ def _stored(ctx: Any, records: Iterable[FileRecord]) -> dict[str, tuple[str, str
     return found
 
 
-def take_note(ctx: Any, records: list[FileRecord], others: list[str]) -> dict[str, Any]:
+def take_note(ctx: Context, records: list[FileRecord], others: list[str]) -> JSON:
     """Which of ``records``' SOP Instance UIDs the store holds now (before the import), and
     the other batches not verified yet (``others``), whose imports may overlap this one."""
     mine = {r.sop for r in records if r.sop}
@@ -278,9 +280,9 @@ def take_note(ctx: Any, records: list[FileRecord], others: list[str]) -> dict[st
 
 def earlier_copies(
     read_records: Callable[[str], list[FileRecord]],
-    read_note: Callable[[str], dict[str, Any] | None],
+    read_note: Callable[[str], JSON | None],
     batch: str,
-    note: dict[str, Any] | None,
+    note: JSON | None,
 ) -> set[tuple[str, str | None]]:
     """(SOP UID, checksum) of files that an earlier batch, open when ``batch`` took its note,
     counts as ``imported``: the earliest of several imports of identical bytes is the one
@@ -308,10 +310,10 @@ def earlier_copies(
 
 
 def verify_batch(
-    ctx: Any,
+    ctx: Context,
     records: list[FileRecord],
-    operation: dict[str, Any] | None,
-    note: dict[str, Any] | None,
+    operation: JSON | None,
+    note: JSON | None,
     earlier: set[tuple[str, str | None]] = frozenset(),  # type: ignore[assignment]
 ) -> list[FileResult]:
     """Decide the outcome of every file of a finished batch (docs/architecture.md#verification).
@@ -358,7 +360,7 @@ def verify_batch(
 
 
 def _compare(
-    ctx: Any, present: list[FileResult], before: set[str], unexplained: int | None
+    ctx: Context, present: list[FileResult], before: set[str], unexplained: int | None
 ) -> None:
     """Compare stored bytes with each file's, suspects first, until ``unexplained``
     conflicts are found (all of them when None)."""

@@ -367,5 +367,5 @@ class Deliverer:
 
     def _requeue(self, event: Event) -> None:
         with self._lock:
-            self._retry_timers.discard(threading.current_thread())  # type: ignore[arg-type]
+            self._retry_timers.discard(threading.current_thread())
         self._queue.put(event)

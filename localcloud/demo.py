@@ -171,7 +171,7 @@ def _restore(stack: Stack, manifest: dict[str, Any] | None) -> dict[str, Any]:
         return restore.run(ctx, day, target, wait=True, poll_seconds=0.5, timeout=SETTLE_TIMEOUT)
     finally:
         ctx.close_clients()
-        ctx.storage.close()  # type: ignore[no-untyped-call]
+        ctx.storage.close()
 
 
 def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
@@ -259,7 +259,7 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
             1 for n in objects.names(staging, BATCH_STATE_PREFIX) if n.endswith("/operation.json")
         )
     finally:
-        gcs.close()  # type: ignore[no-untyped-call]
+        gcs.close()
     markers = leaks.corpus_markers(corpus)
     leaked = leaks.scan_run(stack.config.home, alerts, markers)
     totals = outcomes.totals(found.values())

@@ -9,6 +9,7 @@ functions.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -16,12 +17,12 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any
 
 from dicomflow import functions, ingest, log, staging
 from dicomflow.config import EXPORT_MODES, load_settings
 from dicomflow.errors import ConfigError, DicomflowError, Refused
 from dicomflow.events import StorageObject, skip_reason
+from dicomflow.json_types import JSON
 from dicomflow.ops import cli_restore
 from dicomflow.ops.args import (
     Bars,
@@ -138,7 +139,7 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
                 counts["error"] += 1
                 errors.append(f"key {futures[future][1]}: {exc}")
             bar.advance(task)
-    result: dict[str, Any] = {"objects": len(listed), "outcomes": dict(sorted(counts.items()))}
+    result: JSON = {"objects": len(listed), "outcomes": dict(sorted(counts.items()))}
     if errors:
         result["errors"] = errors[:20]
     if args.tick:
@@ -177,26 +178,28 @@ def cmd_export(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     from dicomflow import export
 
     ctx = make_ctx()
-    options: dict[str, Any] = {
-        "day": args.date,
-        "mode": args.mode or ctx.settings.export_mode,
-        "mime_type": args.mime_type or ctx.settings.export_mime_type,
-        "force": args.force,
-        "wait": args.wait,
-        "timeout": args.timeout,
-    }
+    run = functools.partial(
+        export.run_command,
+        ctx,
+        day=args.date,
+        mode=args.mode or ctx.settings.export_mode,
+        mime_type=args.mime_type or ctx.settings.export_mime_type,
+        force=args.force,
+        wait=args.wait,
+        timeout=args.timeout,
+    )
     if args.wait:
         with Progress(console=stderr_console() if args.json else None, transient=args.json) as bar:
             task = bar.add_task("export", total=None)
 
-            def progress(p: dict[str, Any]) -> None:
+            def progress(p: JSON) -> None:
                 done = p["counter"].get("success", 0) + p["counter"].get("failure", 0)
                 total = p["expected"].get("instances")
                 bar.update(task, completed=done, total=total, description=p["state"])
 
-            result = export.run_command(ctx, on_progress=progress, **options)
+            result = run(on_progress=progress)
     else:
-        result = export.run_command(ctx, **options)
+        result = run()
     lines = [
         f"export {result.get('date')} attempt {result.get('attempt')}: {result['status']}",
         f"  destination: {result.get('destination')}",
@@ -337,7 +340,7 @@ def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     chosen = redrive.select(
         found, retried, args.status or redrive.DEFAULT_STATUSES, args.prefix, args.batch
     )
-    files: list[dict[str, Any]]
+    files: list[JSON]
     errors: list[str] = []
     if args.dry_run:
         files = [
@@ -351,7 +354,7 @@ def cmd_retry(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
                 ctx, chosen, args.workers, lambda _: progress.advance(task)
             )
         files = [r.as_dict() for r in results]
-    result: dict[str, Any] = {
+    result: JSON = {
         "selected": len(chosen),
         "dryRun": args.dry_run,
         "results": dict(sorted(Counter(str(f["result"]) for f in files).items())),
@@ -397,7 +400,7 @@ def cmd_alerts_tail(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
-    def on_alert(alert: dict[str, Any]) -> None:
+    def on_alert(alert: JSON) -> None:
         # --json: one document at the end, or one line per alert while following.
         if not args.json:
             show(tables.alert_row(alert))

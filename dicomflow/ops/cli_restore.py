@@ -8,17 +8,18 @@ refused, 2 usage).
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from dicomflow.json_types import JSON
+from dicomflow.keys import DeploymentKey
 from dicomflow.names import DicomStoreName
 from dicomflow.ops.args import Bars, ContextFactory, UsageError, day, emit, stderr_console
 
 
-def _key_file(path: str) -> Any:
+def _key_file(path: str) -> DeploymentKey:
     """A deployment key from a file (``--previous-key-file``).
 
     Raises:
@@ -128,7 +129,7 @@ CHECK_ROWS = (
 )
 
 
-def restore_table(result: dict[str, Any]) -> RenderableType:
+def restore_table(result: JSON) -> RenderableType:
     """The summary of ``restore.run`` as a table."""
     rows = [
         ("backup", str(result["backup"])),

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
@@ -24,9 +23,11 @@ from dicomflow.clock import iso
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import DicomflowError
 from dicomflow.events import StorageObject, skip_reason
+from dicomflow.json_types import JSON
 from dicomflow.ops import outcomes
 from dicomflow.ops.outcomes import Outcome
 from dicomflow.pool import pmap
+from dicomflow.runtime import Context
 from dicomflow.staging import (
     FileRecord,
     file_key,
@@ -65,7 +66,7 @@ class Result:
     window: str | None = None
     reason: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         out = {
             "key": self.key,
             "previous": self.previous,
@@ -96,7 +97,7 @@ def retried_keys(bucket: storage.Bucket) -> set[str]:
     }
 
 
-def markers(bucket: storage.Bucket) -> list[dict[str, Any]]:
+def markers(bucket: storage.Bucket) -> list[JSON]:
     """Every re-drive marker (one listing, one read each: re-drives are few)."""
     names = sorted(retry_name(k) for k in retried_keys(bucket))
     return [m for m in pmap(lambda n: objects.read_json(bucket, n), names) if m is not None]
@@ -167,7 +168,7 @@ def _exists(blob: storage.Blob) -> bool:
         return False
 
 
-def source_of(ctx: Any, outcome: Outcome) -> storage.Blob | None:
+def source_of(ctx: Context, outcome: Outcome) -> storage.Blob | None:
     """The landing object's generation if it exists, else the copy the outcome kept."""
     record = outcome.record
     assert record is not None
@@ -191,7 +192,7 @@ def _old_window(outcome: Outcome) -> str | None:
     return outcome.window
 
 
-def redrive(ctx: Any, outcome: Outcome) -> Result:
+def redrive(ctx: Context, outcome: Outcome) -> Result:
     """Re-drive ``outcome`` (see the module docstring). Safe to repeat and to race."""
     settings = ctx.settings
     staging = ctx.storage.bucket(settings.staging_bucket)
@@ -244,10 +245,10 @@ def redrive(ctx: Any, outcome: Outcome) -> Result:
 
 
 def _stage(
-    ctx: Any,
+    ctx: Context,
     outcome: Outcome,
     record: FileRecord,
-    marker: Mapping[str, Any],
+    marker: JSON,
     source: storage.Blob,
     label: str,
 ) -> Result:
@@ -288,7 +289,7 @@ def _stage(
 
 
 def redrive_all(
-    ctx: Any,
+    ctx: Context,
     chosen: list[Outcome],
     workers: int = 8,
     on_done: Callable[[Result | None], None] | None = None,

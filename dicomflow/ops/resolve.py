@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import requests
 
@@ -34,8 +33,10 @@ from dicomflow import log, objects, pool, retry, verify
 from dicomflow.clock import iso
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
 from dicomflow.errors import PermanentError, Refused
+from dicomflow.json_types import JSON
 from dicomflow.ops import outcomes, redrive
 from dicomflow.ops.outcomes import Outcome
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,9 @@ class Resolution:
     action: str
     batch: str
     result: str  # "resolved", "resumed" (cut short before) or "already" (done before)
-    record: dict[str, Any]
+    record: JSON
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         return {
             "key": self.key,
             "action": self.action,
@@ -76,7 +77,7 @@ class Resolution:
         }
 
 
-def find_conflict(ctx: Any, key: str, batch: str | None = None) -> Outcome:
+def find_conflict(ctx: Context, key: str, batch: str | None = None) -> Outcome:
     """The conflict outcome of ``key`` (read from ``batch``'s manifest when given).
 
     Raises:
@@ -99,7 +100,7 @@ def find_conflict(ctx: Any, key: str, batch: str | None = None) -> Outcome:
     return outcome
 
 
-def resolve(ctx: Any, key: str, action: str, batch: str | None = None) -> Resolution:
+def resolve(ctx: Context, key: str, action: str, batch: str | None = None) -> Resolution:
     """Settle the conflict of ``key`` with ``action`` (see the module docstring).
 
     Raises:
@@ -130,7 +131,7 @@ def resolve(ctx: Any, key: str, action: str, batch: str | None = None) -> Resolu
             raise ResolveRefused(f"the conflict of {key} was settled with --{claim['action']}")
     record = outcome.record
     line = outcome.line
-    entry: dict[str, Any] = {
+    entry: JSON = {
         "key": key,
         "action": action,
         "batch": outcome.batch,
@@ -176,7 +177,7 @@ def resolve(ctx: Any, key: str, action: str, batch: str | None = None) -> Resolu
     return Resolution(key, action, outcome.batch, label, stored)
 
 
-def _delete_stored(ctx: Any, sop: str | None, checksum: str | None) -> str:
+def _delete_stored(ctx: Context, sop: str | None, checksum: str | None) -> str:
     """Delete the stored instance with ``sop`` wherever the store keeps it: ``deleted``;
     ``absent`` when it is gone already, ``replaced`` when it holds the file's bytes
     already (a resumed resolution whose re-import went through: never deleted again)."""
@@ -202,7 +203,7 @@ def _delete_stored(ctx: Any, sop: str | None, checksum: str | None) -> str:
     return "deleted"
 
 
-def resolved_counts(ctx: Any) -> dict[str, int]:
+def resolved_counts(ctx: Context) -> dict[str, int]:
     """Settled conflicts by action (one listing, one read each: they are few)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     names = objects.names(bucket, RESOLVED_PREFIX)

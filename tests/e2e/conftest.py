@@ -43,6 +43,6 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         try:
             yield DemoRun(stack, summary, out.getvalue(), gcs)
         finally:
-            gcs.close()  # type: ignore[no-untyped-call]
+            gcs.close()
     finally:
         stack.stop()

@@ -195,7 +195,7 @@ def test_alerts_tail_pulls_prints_and_acknowledges(
         _tail_test(ctx, capsys)
     finally:
         ctx.close_clients()
-        ctx.storage.close()  # type: ignore[no-untyped-call]
+        ctx.storage.close()
 
 
 def _tail_test(ctx: runtime.Context, capsys: pytest.CaptureFixture[str]) -> None:
@@ -263,7 +263,7 @@ def test_retry_leaves_rejected_files_and_gives_redriven_ones_a_fresh_outcome(
     try:
         _retry_test(demo_run, ctx, capsys)
     finally:
-        ctx.storage.close()  # type: ignore[no-untyped-call]
+        ctx.storage.close()
 
 
 def _retry_test(

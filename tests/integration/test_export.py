@@ -31,7 +31,7 @@ import pytest
 from cloudevents.http import CloudEvent
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicomflow import (
     backup,
@@ -40,7 +40,6 @@ from dicomflow import (
     export,
     export_plan,
     functions,
-    healthcare,
     manifests,
     objects,
     operations,
@@ -48,6 +47,7 @@ from dicomflow import (
     restore,
     runtime,
     staging,
+    store,
     verify,
 )
 from dicomflow.config import load_settings
@@ -278,7 +278,7 @@ def make_env(
 def image(rows: int, columns: int, frames: int = 1, study: str | None = None) -> bytes:
     """A small 8-bit MONOCHROME2 secondary capture with a patient name to look for."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -317,7 +317,7 @@ def stored_sops(env: Env) -> set[str]:
 def wait_operation(env: Env, name: str, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        op = healthcare.get_operation(env.ctx, name)
+        op = store.get_operation(env.ctx, name)
         if op.get("done"):
             return op
         assert time.monotonic() < deadline
@@ -393,7 +393,7 @@ def test_retried_and_concurrent_ticks_start_one_export(make_env: Any) -> None:
 
     def concurrent(n: int) -> int:
         try:
-            return env.tick(TICK + timedelta(seconds=n), f"msg-c{n}")
+            return int(env.tick(TICK + timedelta(seconds=n), f"msg-c{n}"))
         finally:
             env.ctx.close_clients()
 

@@ -15,7 +15,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from localcloud.healthcare import HealthcareServer
 from tests.healthcare_support import dicomweb_client, new_store
@@ -29,7 +29,7 @@ def make_instance(
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     dataset.SOPInstanceUID = generate_uid()
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"

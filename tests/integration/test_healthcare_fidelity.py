@@ -19,7 +19,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from googleapiclient.errors import HttpError
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from localcloud.corpus import generate_instance
 from localcloud.healthcare import HealthcareServer
@@ -38,7 +38,7 @@ def dicom_bytes(
     """A small valid instance; pass UIDs to override (an empty string leaves one out)."""
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.file_meta.TransferSyntaxUID = UID(syntax)
     dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     values = {
@@ -51,7 +51,7 @@ def dicom_bytes(
         for keyword, value in values.items():
             if value:
                 setattr(dataset, keyword, value)
-        dataset.file_meta.MediaStorageSOPInstanceUID = values["SOPInstanceUID"] or "1.2.3"
+        dataset.file_meta.MediaStorageSOPInstanceUID = UID(values["SOPInstanceUID"] or "1.2.3")
         dataset.PatientName, dataset.PatientID, dataset.Modality = "Fidelity^Test", "FID", "OT"
         dataset.Rows = dataset.Columns = 4
         dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"

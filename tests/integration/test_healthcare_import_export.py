@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,9 @@ def run_export(
 
 
 @pytest.fixture(scope="module")
-def corpus_import(healthcare_server: HealthcareServer, gcs_server: StorageServer) -> dict[str, Any]:
+def corpus_import(
+    healthcare_server: HealthcareServer, gcs_server: StorageServer
+) -> Iterator[dict[str, Any]]:
     """Every sample file imported into one store with one operation (shared by the tests)."""
     from google.auth.credentials import AnonymousCredentials
     from googleapiclient.discovery import build
@@ -142,7 +144,7 @@ def corpus_import(healthcare_server: HealthcareServer, gcs_server: StorageServer
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": healthcare_server.url},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
     files = {
         f"corpus/{i:03d}_{p.parent.name}_{p.name}": p.read_bytes()

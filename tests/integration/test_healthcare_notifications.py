@@ -52,7 +52,7 @@ def pubsub_api(pubsub: PubSubServer) -> Iterator[Any]:
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": pubsub.url + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
     yield api
     api.close()

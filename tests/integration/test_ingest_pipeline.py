@@ -32,7 +32,7 @@ import pytest
 from google.cloud import storage
 from pydicom.uid import UID
 
-from dicomflow import alerts, batches, functions, healthcare, ingest, objects, report, runtime
+from dicomflow import alerts, batches, functions, ingest, objects, report, runtime, store
 from dicomflow.config import Settings
 from dicomflow.events import StorageObject
 from dicomflow.ops import outcomes
@@ -211,7 +211,7 @@ def make(
         runtime.set_context(ctx)
         _contexts.append(ctx)
         p = Pipeline(test_client, calls, ctx, clock, apps, dataset)
-        start_import = healthcare.start_import
+        start_import = store.start_import
 
         def recording(c: runtime.Context, uri: str, *args: Any) -> dict[str, Any]:
             p.imports.append(uri)
@@ -221,7 +221,7 @@ def make(
             p.alerts.append(alert.kind)
             return True
 
-        monkeypatch.setattr(healthcare, "start_import", recording)
+        monkeypatch.setattr(store, "start_import", recording)
         monkeypatch.setattr(alerts, "publish_once", published)
         calls.reset()
         return p
@@ -411,7 +411,7 @@ STAGES: dict[str, tuple[Any, str, Callable[..., bool]]] = {
     "file-list": (objects, "create_text", _named("/_files.ndjson")),
     "queued": (objects, "create", _named("state/open/")),
     "intent": (objects, "create", _named("/intent.json")),
-    "import-call": (healthcare, "start_import", lambda *a, **k: True),
+    "import-call": (store, "start_import", lambda *a, **k: True),
     "manifests": (report, "crashpoint", lambda step: step == "manifests"),
 }
 
@@ -473,13 +473,13 @@ def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
     for obj in uploads:
         assert p.deliver(obj) == 200
     held: list[int] = []
-    start_import = healthcare.start_import
+    start_import = store.start_import
 
     def counting(c: runtime.Context, uri: str, *args: Any) -> dict[str, Any]:
         held.append(_slots_held(p))
         return start_import(c, uri, *args)
 
-    monkeypatch.setattr(healthcare, "start_import", counting)
+    monkeypatch.setattr(store, "start_import", counting)
 
     def both_ticks() -> None:
         barrier = threading.Barrier(2)
@@ -629,7 +629,9 @@ def test_a_copy_that_lands_after_its_seal_listing_is_restaged_and_ends_once(
     assert late.record is not None and late.record.via == "restaged"
     first = next(s for s in p.summaries() if s["batch"] == window)
     assert first["restaged"] == 1
-    assert straggler.name not in [o.record.name for o in found.values() if o.batch == window]
+    assert straggler.name not in [
+        o.record.name for o in found.values() if o.batch == window and o.record
+    ]
 
 
 def stage_as_delivered(p: Pipeline, obj: Uploaded, began: datetime) -> dict[str, Any]:

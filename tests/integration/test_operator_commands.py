@@ -125,7 +125,7 @@ def p(
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": healthcare_server.url + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
     datasets = api.projects().locations().datasets()
     datasets.create(parent=PARENT, datasetId=f"ds-{suffix}", body={}).execute()

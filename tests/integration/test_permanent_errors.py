@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dicomflow import batches, export, log, objects, report, staging, stale
+from dicomflow import batches, export, feeds, log, objects, staging, stale
 from dicomflow.clock import iso
 from dicomflow.ops import outcomes, redrive, status
 from dicomflow.staging import stuck_name
@@ -249,7 +249,7 @@ def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
     env.clock.advance(quarantine_close(env) + 60)
     assert env.report_tick() == 200
     assert [m["body"]["kind"] for m in env.pull()] == ["unreadable"]
-    assert report.feeds.failure_kind("permission-denied") == "permission_denied"
+    assert feeds.failure_kind("permission-denied") == "permission_denied"
 
 
 # --- writes that took effect but whose answer was lost ------------------------------------------

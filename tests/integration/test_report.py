@@ -41,9 +41,11 @@ from dicomflow import (
     log,
     manifests,
     objects,
+    operations,
     report,
     runtime,
     staging,
+    store,
     verify,
 )
 from dicomflow.config import DROPPED_PREFIX, load_settings
@@ -209,7 +211,7 @@ def healthcare_api(url: str) -> Any:
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": url + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
     _apis.append(api)
     return api
@@ -300,7 +302,7 @@ def stored_sops(env: Env) -> set[str]:
 
 def manifest_lines(env: Env, batch: str, which: str) -> list[dict[str, Any]]:
     bucket = env.gcs.bucket(env.staging)
-    name = manifests.success_name(batch) if which == "success" else manifests.failure_name(batch)
+    name = staging.success_name(batch) if which == "success" else staging.failure_name(batch)
     return manifests.read_lines(bucket, name)
 
 
@@ -991,8 +993,8 @@ class CountingHealthcare:
 
     def __init__(self, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []
-        real = report.operations.list_operations
-        real_get = batches.healthcare.get_operation
+        real = operations.list_operations
+        real_get = store.get_operation
 
         def list_operations(ctx: Any) -> Any:
             self.calls.append("operations.list")
@@ -1002,8 +1004,8 @@ class CountingHealthcare:
             self.calls.append("operations.get")
             return real_get(ctx, name)
 
-        monkeypatch.setattr(report.operations, "list_operations", list_operations)
-        monkeypatch.setattr(batches.healthcare, "get_operation", get_operation)
+        monkeypatch.setattr(operations, "list_operations", list_operations)
+        monkeypatch.setattr(store, "get_operation", get_operation)
 
 
 def idle_ticks(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
@@ -1099,7 +1101,7 @@ def test_dropped_alert_survives_crashes_in_ingest_and_report_with_one_alert_id(
     env.gcs.bucket(env.landing).blob(gone.name).delete()
     real_create = objects.create
 
-    def no_record(bucket: Any, name: str, data: dict[str, Any]) -> bool:
+    def no_record(bucket: Any, name: str, data: dict[str, Any]) -> int | None:
         if name.startswith(DROPPED_PREFIX):
             raise TransientError("simulated: crash before the drop record")
         return real_create(bucket, name, data)

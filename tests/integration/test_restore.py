@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from rich.console import Console
 
-from dicomflow import backup, drill, export, healthcare, report, restore
+from dicomflow import backup, drill, export, report, restore, store
 from dicomflow.names import DicomStoreName
 from dicomflow.ops import status, status_page, tables
 from localcloud.corpus import Generated, generate_studies
@@ -266,7 +266,7 @@ def test_an_erased_study_never_comes_back_with_a_restore(
     live = env.ctx.settings.dicom_store
     assert sops_in(env, live) == kept
     # studies.delete is a long-running operation of the store's dataset, followed to the end.
-    op = healthcare.get_operation(env.ctx, erased["operation"])
+    op = store.get_operation(env.ctx, erased["operation"])
     assert op["name"].startswith(env.dataset + "/operations/") and op["done"]
     assert op["metadata"]["apiMethodName"].endswith("DeleteStudy") and "error" not in op
     # The tombstone: the label, the key id, the time and the reason; never the UID.

@@ -34,7 +34,7 @@ NINE_MIB = 9 * 1024 * 1024
 def gcs(gcs_server: StorageServer) -> Iterator[storage.Client]:
     made = gcs_server.client()
     yield made
-    made.close()  # type: ignore[no-untyped-call]
+    made.close()
 
 
 @pytest.fixture
@@ -223,7 +223,7 @@ def test_twenty_racing_create_if_absent_writes_have_exactly_one_winner(
         outcomes = _race(20, attempt)
     finally:
         for made in clients:
-            made.close()  # type: ignore[no-untyped-call]
+            made.close()
     assert sorted(outcomes) == ["412"] * 19 + ["won"]
 
 
@@ -242,7 +242,7 @@ def test_an_after_fault_loses_the_response_of_a_write_that_took_effect(
                 b"mine", if_generation_match=0
             )
     finally:
-        faulty.close()  # type: ignore[no-untyped-call]
+        faulty.close()
         proxy.stop()
     assert bucket.blob("lost-answer").download_as_bytes() == b"it is there"
     assert bucket.blob("retried").download_as_bytes() == b"mine"
@@ -264,7 +264,7 @@ def test_a_resumable_upload_through_the_fault_proxy_stays_behind_it(
             io.BytesIO(b"\x03" * 600_000)
         )
     finally:
-        counted.close()  # type: ignore[no-untyped-call]
+        counted.close()
         proxy.stop()
     # The session start and all three chunks went through the proxy, none around it.
     assert proxy.snapshot()["counts"]["objects.insert"] == 4
@@ -291,7 +291,7 @@ def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
             finally:
                 proxy.after_fault_rate = 0.0
 
-        objects._upload = once  # type: ignore[assignment]
+        objects._upload = once
         try:
             created = objects.create(target, "mine.json", {"v": 1})
             assert created is not None  # ours, not "someone else's"
@@ -299,12 +299,12 @@ def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
             swapped = objects.swap(target, "mine.json", {"v": 2}, created)
             assert swapped is not None and swapped != created
         finally:
-            objects._upload = original  # type: ignore[assignment]
+            objects._upload = original
         # Someone else's object is still told apart.
         assert objects.create(target, "mine.json", {"v": 3}) is None
         assert objects.swap(target, "mine.json", {"v": 4}, created) is None
     finally:
-        faulty.close()  # type: ignore[no-untyped-call]
+        faulty.close()
         proxy.stop()
     assert objects.read_json(bucket, "mine.json") == {
         "v": 2,
@@ -360,7 +360,7 @@ def test_a_front_given_a_retention_period_at_start_enforces_it_and_shows_it(
             retained.blob("young").delete()
         assert retained.blob("young").download_as_bytes() == b"kept"
     finally:
-        made.close()  # type: ignore[no-untyped-call]
+        made.close()
         front.stop()
 
 

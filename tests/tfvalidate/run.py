@@ -55,7 +55,7 @@ class Result:
     def summary(self) -> str:
         lines = [f"google {self.major}.x: {'valid' if self.ok else 'INVALID'}"]
         for d in self.diagnostics:
-            where = d.get("range") or {}
+            where: Any = d.get("range") or {}
             at = (
                 f"{where.get('filename')}:{(where.get('start') or {}).get('line')}" if where else ""
             )

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -256,7 +256,7 @@ def pins(path: Path) -> dict[str, str]:
 
 
 @cache
-def _top_level() -> dict[str, list[str]]:
+def _top_level() -> Mapping[str, list[str]]:
     return metadata.packages_distributions()
 
 

@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from dicomflow import alerts, clock, functions, header, log, runtime, staging
+from dicomflow.clock import parse_time
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.events import (
     FINALIZED,
     StorageObject,
     is_too_old,
     matches_globs,
-    parse_time,
     skip_reason,
 )
 from localcloud.healthcare.wildcards import parse_gcs_source

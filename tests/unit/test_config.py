@@ -126,7 +126,9 @@ def test_every_documented_setting_is_read() -> None:
         (TopicName, "projects/p/topics/t"),
     ],
 )
-def test_names_round_trip(cls: type, text: str) -> None:
+def test_names_round_trip(
+    cls: type[DatasetName | DicomStoreName | OperationName | TopicName], text: str
+) -> None:
     assert str(cls.from_string(text)) == text
 
 

@@ -10,8 +10,8 @@ from cloudevents.http import CloudEvent
 
 from dicomflow import backup, export, export_plan
 from dicomflow.clock import iso
-from dicomflow.config import ConfigError, Settings, load_settings
-from dicomflow.errors import PermanentError
+from dicomflow.config import Settings, load_settings
+from dicomflow.errors import ConfigError, PermanentError
 from dicomflow.staging import FileRecord, parse_batch, parse_window
 
 STORE = "projects/p/locations/l/datasets/d/dicomStores/s"

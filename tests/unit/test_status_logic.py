@@ -128,7 +128,7 @@ def test_upload_bins_cover_the_span_and_count_by_status() -> None:
 
 def test_timeline_zooms_to_the_busy_span_of_the_window() -> None:
     points = [(T0, "imported", 10)]
-    op = {
+    op: dict[str, object] = {
         "id": "1",
         "kind": "import",
         "createTime": clock.iso_seconds(T0 + timedelta(seconds=20)),
