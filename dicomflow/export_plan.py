@@ -51,7 +51,7 @@ from typing import Any
 
 from google.cloud import storage
 
-from dicomflow import batches, manifests, objects, retry, verify
+from dicomflow import batches, manifests, objects, retry
 from dicomflow.backup import (
     Counts,
     expected_counts,
@@ -240,7 +240,6 @@ def qido_instances(ctx: Any, fields: list[str], study: str | None = None) -> lis
             lambda start=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study, fields=fields, limit=QIDO_PAGE, offset=start
             ),
-            predicate=verify.transient,
         )
         found.extend(page)
         if len(page) < QIDO_PAGE:

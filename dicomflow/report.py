@@ -274,7 +274,7 @@ def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) ->
 def _service_status(exc: BaseException) -> int | None:
     """The HTTP status of a service's answer behind ``exc`` (DICOMweb, the APIs)."""
     for err in (exc, exc.__cause__):
-        if err is not None and (status := verify.http_status(err)) is not None:
+        if err is not None and (status := retry.status_of(err)) is not None:
             return status
     return None
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from dicomflow import functions, ingest, log, staging
+from dicomflow import functions, ingest, log, retry, staging
 from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import StorageObject, skip_reason
@@ -101,7 +101,8 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
         )
         return 2
     listed = [
-        StorageObject.from_blob(b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
+        StorageObject.from_blob(b)
+        for b in ctx.storage.list_blobs(bucket, prefix=prefix or None, retry=retry.storage())
     ]
     counts: Counter[str] = Counter()
     wanted: list[tuple[StorageObject, str]] = []

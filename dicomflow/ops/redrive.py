@@ -186,10 +186,7 @@ def select(
 
 
 def _exists(blob: storage.Blob) -> bool:
-    try:
-        return bool(retry.call(lambda: blob.exists()))
-    except gexc.NotFound:
-        return False
+    return bool(blob.exists(retry=retry.storage(), timeout=retry.DEADLINE))
 
 
 def source_of(ctx: Any, outcome: Outcome) -> storage.Blob | None:
