@@ -32,7 +32,6 @@ from google.cloud import storage
 from dicomflow import retry
 
 TOKEN = "_token"
-DEADLINE = retry.DEADLINE  # seconds of retries, and each request's timeout
 # Objects per listing call: Cloud Storage's default and most. Asked for explicitly so that
 # fake-gcs-server, which otherwise answers a listing in one page, pages as the service does.
 PAGE = 1000
@@ -43,7 +42,7 @@ def dumps(doc: Mapping[str, Any]) -> str:
 
 
 def read(
-    bucket: storage.Bucket, name: str, deadline: float = DEADLINE
+    bucket: storage.Bucket, name: str, deadline: float = retry.DEADLINE
 ) -> tuple[dict[str, Any], int] | None:
     """The JSON object ``name`` and its generation, or None when absent."""
     blob = bucket.blob(name)
@@ -77,7 +76,7 @@ def _upload(
         content_type=content_type,
         if_generation_match=generation,
         retry=retry.storage(),
-        timeout=DEADLINE,
+        timeout=retry.DEADLINE,
     )
     return int(blob.generation or 0)
 
@@ -126,14 +125,14 @@ def write_text(bucket: storage.Bucket, name: str, text: str, content_type: str) 
     """
     blob = bucket.blob(name)
     blob.upload_from_string(
-        text, content_type=content_type, retry=retry.storage(), timeout=DEADLINE
+        text, content_type=content_type, retry=retry.storage(), timeout=retry.DEADLINE
     )
 
 
 def read_text(bucket: storage.Bucket, name: str) -> str | None:
     blob = bucket.blob(name)
     try:
-        text: str = blob.download_as_text(retry=retry.storage(), timeout=DEADLINE)
+        text: str = blob.download_as_text(retry=retry.storage(), timeout=retry.DEADLINE)
         return text
     except gexc.NotFound:
         return None
@@ -172,13 +171,13 @@ def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> 
     """
     blob = bucket.blob(name)
     with contextlib.suppress(gexc.NotFound, gexc.PreconditionFailed):
-        blob.delete(if_generation_match=generation, retry=retry.storage(), timeout=DEADLINE)
+        blob.delete(if_generation_match=generation, retry=retry.storage(), timeout=retry.DEADLINE)
         return True
     return False
 
 
 def exists(bucket: storage.Bucket, name: str) -> bool:
-    return bool(bucket.blob(name).exists(retry=retry.storage(), timeout=DEADLINE))
+    return bool(bucket.blob(name).exists(retry=retry.storage(), timeout=retry.DEADLINE))
 
 
 def blobs(
@@ -197,7 +196,7 @@ def blobs(
             end_offset=end_offset,
             page_size=PAGE,
             retry=retry.storage(),
-            timeout=DEADLINE,
+            timeout=retry.DEADLINE,
         )
     )
 
@@ -217,7 +216,7 @@ def folders(bucket: storage.Bucket, prefix: str, start_offset: str | None = None
         start_offset=start_offset,
         page_size=PAGE,
         retry=retry.storage(),
-        timeout=DEADLINE,
+        timeout=retry.DEADLINE,
     )
     for _ in found:
         pass

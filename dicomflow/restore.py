@@ -246,7 +246,7 @@ def stage_source(
         progress("copy", 0, len(chosen))
 
     # Unconditional, and retried: a repeat copies the same source generation again.
-    policy = retry.storage(objects.DEADLINE)
+    policy = retry.storage()
 
     def copy(item: BackupObject) -> None:
         nonlocal done
@@ -255,7 +255,7 @@ def stage_source(
         # A rewrite may need several calls (another location or storage class).
         while True:
             token, _, _ = target.rewrite(
-                backups.blob(item.name), token=token, retry=policy, timeout=objects.DEADLINE
+                backups.blob(item.name), token=token, retry=policy, timeout=retry.DEADLINE
             )
             if token is None:
                 break
@@ -461,7 +461,7 @@ def check(
     def same(item: BackupObject) -> bool:
         nonlocal checked
         original = backups.blob(item.name).download_as_bytes(
-            retry=retry.storage(), timeout=objects.DEADLINE
+            retry=retry.storage(), timeout=retry.DEADLINE
         )
         restored = verify.retrieve_bytes(target_ctx, item.study, item.series, item.sop)
         with lock:

@@ -50,6 +50,8 @@ from dicomflow.errors import TransientError
 T = TypeVar("T")
 P = ParamSpec("P")
 
+# Seconds: how long one call is retried (and, for Storage, each request's timeout); the
+# first backoff delay and the most any delay grows to.
 DEADLINE = 30.0
 INITIAL = 0.2
 MAXIMUM = 5.0
