@@ -9,8 +9,9 @@ Each call is retried in one place, never twice:
 
 - Cloud Storage calls pass ``retry=storage()``, an api_core ``Retry`` on this
   predicate with jittered exponential backoff; the client library runs it.
-- Google API (googleapiclient: Healthcare, Pub/Sub) and DICOMweb (requests) calls,
-  which have no such hook, go through ``call(fn)``, the same loop in plain Python.
+- Healthcare API (googleapiclient, ``execute(num_retries=0)``) and DICOMweb
+  (requests) calls, which have no such hook, go through ``call(fn)``, the same
+  loop in plain Python. (Pub/Sub requests use googleapiclient's ``num_retries``.)
 
 Both give up at their deadline (30 s unless the caller says otherwise) with
 ``TransientError``, so that the caller (or the platform, on a function) can
