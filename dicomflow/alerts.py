@@ -300,29 +300,26 @@ def publish_once(ctx: Context, alert: Alert, *, lease_seconds: float = 60.0) -> 
     settings: Settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     name = marker_name(alert.alert_id)
+    generation = _claim(ctx, alert, bucket, name, lease_seconds)
+    if generation is None:
+        return False
     try:
-        generation = _claim(ctx, alert, bucket, name, lease_seconds)
-        if generation is None:
-            return False
-        try:
-            message_id = _publish(ctx, settings, alert)
-        except BaseException:
-            # Let the next caller publish at once instead of waiting out the lease.
-            with contextlib.suppress(gexc.GoogleAPIError, TransientError):
-                objects.delete(bucket, name, generation)
-            raise
-        done = {
-            "state": "published",
-            "alertId": alert.alert_id,
-            "kind": alert.kind,
-            "messageId": message_id,
-            "publishedAt": _iso(ctx.clock()),
-            "leaseUntil": _iso(ctx.clock()),
-        }
-        # None: our lease ran out and another caller took over; it publishes the same id.
-        objects.swap(bucket, name, done, generation)
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise TransientError(f"alert marker {alert.alert_id}: {exc}") from exc
+        message_id = _publish(ctx, settings, alert)
+    except BaseException:
+        # Let the next caller publish at once instead of waiting out the lease.
+        with contextlib.suppress(gexc.GoogleAPIError, TransientError):
+            objects.delete(bucket, name, generation)
+        raise
+    done = {
+        "state": "published",
+        "alertId": alert.alert_id,
+        "kind": alert.kind,
+        "messageId": message_id,
+        "publishedAt": _iso(ctx.clock()),
+        "leaseUntil": _iso(ctx.clock()),
+    }
+    # None: our lease ran out and another caller took over; it publishes the same id.
+    objects.swap(bucket, name, done, generation)
     logger.info(
         "alert published",
         extra=log.fields(

@@ -252,7 +252,7 @@ def _describe(exc: BaseException) -> str:
     status only (a DICOMweb error's text holds the request's URL, and so UIDs)."""
     if isinstance(exc, DicomflowError):
         return str(exc)
-    status = verify.http_status(exc)
+    status = retry.status_of(exc)
     return type(exc).__name__ + (f" (HTTP {status})" if status else "")
 
 
@@ -424,7 +424,6 @@ def store_studies(ctx: Context, store: DicomStoreName) -> list[str]:
                 lambda start=offset: client.search_for_studies(  # type: ignore[misc]
                     fields=[verify.STUDY_TAG], offset=start, limit=STUDIES_PAGE
                 ),
-                predicate=verify.transient,
             )
             found += [s for item in page if (s := verify._value(item, verify.STUDY_TAG))]
             if len(page) < STUDIES_PAGE:

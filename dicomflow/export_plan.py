@@ -16,7 +16,7 @@ from datetime import date, datetime, timedelta
 
 from google.cloud import storage
 
-from dicomflow import batches, manifests, objects, retry, verify
+from dicomflow import batches, manifests, objects, retry
 from dicomflow.backup import (
     Counts,
     expected_counts,
@@ -207,7 +207,6 @@ def qido_instances(ctx: Context, fields: list[str], study: str | None = None) ->
             lambda start=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study, fields=fields, limit=QIDO_PAGE, offset=start
             ),
-            predicate=verify.transient,
         )
         found.extend(page)
         if len(page) < QIDO_PAGE:

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
-from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import alerts, batches, header, log, objects, retry
 from dicomflow.clock import iso
@@ -308,8 +307,8 @@ def _source_blob(ctx: Context, obj: StorageObject) -> storage.Blob:
 
 def range_reader(blob: storage.Blob) -> header.RangeReader:
     def read(start: int, end: int) -> bytes:
-        data: bytes = retry.call(
-            lambda: blob.download_as_bytes(start=start, end=end, checksum=None)
+        data: bytes = blob.download_as_bytes(
+            start=start, end=end, checksum=None, retry=retry.storage(), timeout=retry.DEADLINE
         )
         return data
 
@@ -326,12 +325,13 @@ def copy_object(ctx: Context, source: storage.Blob, target_name: str, record: Fi
 
     Raises:
         google.api_core.exceptions.NotFound: the source generation is gone.
+        TransientError: Cloud Storage kept failing with 429, 5xx or timeouts.
     """
     deadline = copy_deadline(ctx.settings)
     target = ctx.storage.bucket(ctx.settings.staging_bucket).blob(target_name)
     target.metadata = record.metadata()
     target.content_type = "application/dicom"
-    policy = DEFAULT_RETRY.with_timeout(deadline)
+    policy = retry.storage(deadline)
     token: str | None = None
     try:
         while True:
@@ -342,10 +342,6 @@ def copy_object(ctx: Context, source: storage.Blob, target_name: str, record: Fi
                 return True
     except gexc.PreconditionFailed:
         return False
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise TransientError(f"copy failed: HTTP {exc.code}") from exc
-    except gexc.RetryError as exc:
-        raise TransientError(f"copy still failing after {deadline:.1f}s") from exc
 
 
 def _copied(

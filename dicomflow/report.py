@@ -237,7 +237,7 @@ def settle_batch(ctx: Context, batch: str, record: JSON, now: datetime) -> JSON:
 def _service_status(exc: BaseException) -> int | None:
     """The HTTP status of a service's answer behind ``exc`` (DICOMweb, the APIs)."""
     for err in (exc, exc.__cause__):
-        if err is not None and (status := verify.http_status(err)) is not None:
+        if err is not None and (status := retry.status_of(err)) is not None:
             return status
     return None
 

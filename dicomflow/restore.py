@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from datetime import date
 
 from google.api_core import exceptions as gexc
-from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import (
     backup,
@@ -224,22 +223,20 @@ def stage_source(
     if progress:
         progress("copy", 0, len(chosen))
 
-    policy = DEFAULT_RETRY.with_timeout(objects.DEADLINE)
+    # Unconditional, and retried: a repeat copies the same source generation again.
+    policy = retry.storage()
 
     def copy(item: BackupObject) -> None:
         nonlocal done
         target = staging.blob(prefix + item.name[len(source.folder) :])
         token: str | None = None
-        try:
-            # A rewrite may need several calls (another location or storage class).
-            while True:
-                token, _, _ = target.rewrite(
-                    backups.blob(item.name), token=token, retry=policy, timeout=objects.DEADLINE
-                )
-                if token is None:
-                    break
-        except (gexc.TooManyRequests, gexc.ServerError) as exc:
-            raise TransientError(f"copy for restore failed: HTTP {exc.code}") from exc
+        # A rewrite may need several calls (another location or storage class).
+        while True:
+            token, _, _ = target.rewrite(
+                backups.blob(item.name), token=token, retry=policy, timeout=retry.DEADLINE
+            )
+            if token is None:
+                break
         with lock:
             done += 1
             if progress:
@@ -331,7 +328,6 @@ def series_sops(ctx: Context, study: str, series: str) -> set[str]:
                 offset=start,
                 limit=QIDO_PAGE,
             ),
-            predicate=verify.transient,
         )
         found.update(s for item in page if (s := verify._value(item, verify.SOP_TAG)))
         if len(page) < QIDO_PAGE:
@@ -437,7 +433,7 @@ def check(
     def same(item: BackupObject) -> bool:
         nonlocal checked
         original = backups.blob(item.name).download_as_bytes(
-            retry=DEFAULT_RETRY.with_timeout(objects.DEADLINE), timeout=objects.DEADLINE
+            retry=retry.storage(), timeout=retry.DEADLINE
         )
         restored = verify.retrieve_bytes(target_ctx, item.study, item.series, item.sop)
         with lock:

@@ -53,8 +53,12 @@ def has_dicom_magic(client: storage.Client, obj: StorageObject) -> bool:
     """
     blob = client.bucket(obj.bucket).blob(obj.name, generation=int(obj.generation))
     try:
-        head: bytes = retry.call(
-            lambda: blob.download_as_bytes(start=MAGIC_START, end=MAGIC_END, checksum=None)
+        head: bytes = blob.download_as_bytes(
+            start=MAGIC_START,
+            end=MAGIC_END,
+            checksum=None,
+            retry=retry.storage(),
+            timeout=retry.DEADLINE,
         )
     except (api_exceptions.NotFound, api_exceptions.RequestRangeNotSatisfiable):
         return False

@@ -149,21 +149,6 @@ def name_successes(
 # --- store access -----------------------------------------------------------------------------
 
 
-def http_status(exc: BaseException) -> int | None:
-    """The HTTP status of a DICOMweb (requests) or API error, if any."""
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        return int(exc.response.status_code)
-    return retry.status_of(exc)
-
-
-def transient(exc: BaseException) -> bool:
-    """429, 5xx and connection errors from DICOMweb or the APIs."""
-    status = http_status(exc)
-    if status is not None:
-        return status in (408, 429) or status >= 500
-    return retry.should_retry(exc)
-
-
 def _value(item: JSON, tag: str) -> str | None:
     values = (item.get(tag) or {}).get("Value") or []
     return str(values[0]) if values else None
@@ -179,7 +164,6 @@ def search_study(ctx: Context, study: str) -> dict[str, tuple[str, str]]:
             lambda offset=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study, fields=[SERIES_TAG], offset=offset, limit=5000
             ),
-            predicate=transient,
         )
         for item in page:
             sop, series = _value(item, SOP_TAG), _value(item, SERIES_TAG)
@@ -197,7 +181,6 @@ def search_sop(ctx: Context, sop: str) -> tuple[str, str] | None:
         lambda: client.search_for_instances(
             fields=[STUDY_TAG, SERIES_TAG], search_filters={"SOPInstanceUID": sop}, limit=10
         ),
-        predicate=transient,
     )
     for item in items:
         study, series = _value(item, STUDY_TAG), _value(item, SERIES_TAG)
@@ -225,7 +208,7 @@ def retrieve_bytes(ctx: Context, study: str, series: str, sop: str) -> bytes:
             raise ValueError(f"WADO-RS of one instance answered {content_type or 'no type'}")
         return bytes(response.content)
 
-    data: bytes = retry.call(fetch, predicate=transient)
+    data: bytes = retry.call(fetch)
     return data
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from dicomflow import functions, ingest, log, staging
+from dicomflow import functions, ingest, log, retry, staging
 from dicomflow.config import EXPORT_MODES, load_settings
 from dicomflow.errors import ConfigError, DicomflowError, Refused
 from dicomflow.events import StorageObject, skip_reason
@@ -99,7 +99,8 @@ def cmd_backfill(make_ctx: ContextFactory, args: argparse.Namespace) -> int:
             "instead: their uploads are ingested as they land"
         )
     listed = [
-        StorageObject.from_blob(b) for b in ctx.storage.list_blobs(bucket, prefix=prefix or None)
+        StorageObject.from_blob(b)
+        for b in ctx.storage.list_blobs(bucket, prefix=prefix or None, retry=retry.storage())
     ]
     counts: Counter[str] = Counter()
     wanted: list[tuple[StorageObject, str]] = []

@@ -162,10 +162,7 @@ def select(
 
 
 def _exists(blob: storage.Blob) -> bool:
-    try:
-        return bool(retry.call(lambda: blob.exists()))
-    except gexc.NotFound:
-        return False
+    return bool(blob.exists(retry=retry.storage(), timeout=retry.DEADLINE))
 
 
 def source_of(ctx: Context, outcome: Outcome) -> storage.Blob | None:

@@ -192,11 +192,9 @@ def _delete_stored(ctx: Context, sop: str | None, checksum: str | None) -> str:
             return "replaced"
     client = ctx.dicomweb()
     try:
-        retry.call(
-            lambda: client.delete_instance(where[0], where[1], sop), predicate=verify.transient
-        )
+        retry.call(lambda: client.delete_instance(where[0], where[1], sop))
     except requests.HTTPError as exc:
-        status = verify.http_status(exc)
+        status = retry.status_of(exc)
         if status == 404:
             return "absent"
         raise PermanentError(f"Healthcare API {status} deleting the stored instance") from exc
