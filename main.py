@@ -9,29 +9,28 @@ and on first use elsewhere (tests).
 
 from __future__ import annotations
 
-from typing import Any
-
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from dicomflow import runtime
+from dicomflow import functions, runtime
+from dicomflow.json_types import JSON
 
 runtime.startup()
 
 
 @functions_framework.cloud_event  # type: ignore[arg-type]  # returns a result for tests
-def ingest(cloud_event: CloudEvent) -> dict[str, Any]:
+def ingest(cloud_event: CloudEvent) -> JSON:
     """Storage finalize events and the minute tick."""
-    return runtime.handle("ingest", cloud_event)
+    return runtime.handle("ingest", functions.ingest, cloud_event)
 
 
 @functions_framework.cloud_event  # type: ignore[arg-type]  # returns a result for tests
-def report(cloud_event: CloudEvent) -> dict[str, Any]:
+def report(cloud_event: CloudEvent) -> JSON:
     """The minute tick: track operations, verify batches, publish alerts."""
-    return runtime.handle("report", cloud_event)
+    return runtime.handle("report", functions.report, cloud_event)
 
 
 @functions_framework.cloud_event  # type: ignore[arg-type]  # returns a result for tests
-def export(cloud_event: CloudEvent) -> dict[str, Any]:
+def export(cloud_event: CloudEvent) -> JSON:
     """The daily export tick."""
-    return runtime.handle("export", cloud_event)
+    return runtime.handle("export", functions.export, cloud_event)

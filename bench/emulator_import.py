@@ -54,7 +54,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from localcloud.ports import free_port, wait_http
+from localcloud.ports import listening_socket, start_on_free_port, wait_bound, wait_http
 from localcloud.storage import StorageServer, start_storage
 
 RESULTS = Path(__file__).parent / "results" / "emulator_import.json"
@@ -67,7 +67,7 @@ POLL_SECONDS = 0.05
 FILES, ORTHANC, API = "emulator", "orthanc", "emulator through the front"
 
 
-def orthanc_config(workdir: str, http_port: int, dicom_port: int) -> dict[str, object]:
+def orthanc_config(workdir: str, http_port: int) -> dict[str, object]:
     """Orthanc's configuration for the run, pinned rather than left to the package's defaults.
 
     Storage and index on the same temp file system as the emulator's data. No
@@ -88,7 +88,6 @@ def orthanc_config(workdir: str, http_port: int, dicom_port: int) -> dict[str, o
         "HttpThreadsCount": 50,
         "KeepAlive": True,
         "TcpNoDelay": True,
-        "DicomPort": dicom_port,
         "DicomServerEnabled": False,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
@@ -188,13 +187,14 @@ class Measured:
 def bench_emulator(storage: StorageServer, bucket: str, count: int, read_files: bool) -> Measured:
     """One import into a fresh emulator process; seconds from the call to the operation done."""
     with tempfile.TemporaryDirectory(prefix="bench-emulator-") as workdir:
-        port = free_port()
+        listener = listening_socket(0, "the emulator")
+        port = listener.getsockname()[1]
         command = [
             sys.executable,
             "-m",
             "localcloud.healthcare",
-            "--port",
-            str(port),
+            "--fd",
+            str(listener.fileno()),
             "--data-dir",
             f"{workdir}/data",
             "--storage-endpoint",
@@ -202,8 +202,14 @@ def bench_emulator(storage: StorageServer, bucket: str, count: int, read_files: 
         ]
         if read_files:
             command += ["--storage-root", str(storage.root)]
-        with open(Path(workdir) / "emulator.log", "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        with listener, open(Path(workdir) / "emulator.log", "wb") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                pass_fds=(listener.fileno(),),
+            )
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, process)
@@ -278,21 +284,27 @@ def orthanc_version(binary: str) -> str:
     return (output.stdout.splitlines() or ["unknown"])[0]
 
 
+def start_orthanc(binary: str, workdir: str, port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """Orthanc serving HTTP on ``port``, answering, and the port; ``PortTaken`` when another
+    process took the port before Orthanc bound it (Orthanc binds the port it is given)."""
+    config_path = Path(workdir) / "orthanc.json"
+    config_path.write_text(json.dumps(orthanc_config(workdir, port)))
+    with open(Path(workdir) / "orthanc.log", "ab") as log:
+        process = subprocess.Popen([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_bound(process, port, f"http://127.0.0.1:{port}/system", 60, "Orthanc")
+    except BaseException:
+        process.terminate()
+        process.wait(timeout=30)
+        raise
+    return process, port
+
+
 def bench_orthanc(binary: str, files: list[bytes], batch: int) -> Measured:
     """Seconds to STOW every file to a fresh Orthanc, ``batch`` files per request."""
     with tempfile.TemporaryDirectory(prefix="bench-orthanc-") as workdir:
-        port = free_port()
-        config = orthanc_config(workdir, port, free_port())
-        config_path = Path(workdir) / "orthanc.json"
-        config_path.write_text(json.dumps(config))
-        with open(Path(workdir) / "orthanc.log", "wb") as log:
-            process = subprocess.Popen(
-                [binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT
-            )
+        process, port = start_on_free_port(lambda picked: start_orthanc(binary, workdir, picked))
         try:
-            wait_http(
-                f"http://127.0.0.1:{port}/system", 60, "Orthanc", lambda: process.poll() is None
-            )
             url = f"http://127.0.0.1:{port}/dicom-web/studies"
             with requests.Session() as session:
                 before = cpu_seconds(process.pid)
@@ -410,7 +422,7 @@ def main() -> int:
         through_front = medians[ORTHANC] / medians[API]
         print(f"emulator / Orthanc throughput ratio (medians): {ratio:.2f}")
         print(f"the same, reading through the storage front: {through_front:.2f}")
-        config = orthanc_config("TMPDIR", 0, 0)
+        config = orthanc_config("TMPDIR", 0)
         print(f"Orthanc: {orthanc_version(binary)}, configuration: {json.dumps(config)}")
         result.update(
             {

@@ -70,7 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cost
 
-from dicomflow import log, outcomes
+from dicomflow import log
+from dicomflow.ops import outcomes
 from localcloud.corpus import generate_studies
 from localcloud.harness import MeasuredStack, process_usage
 

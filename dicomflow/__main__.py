@@ -1,5 +1,5 @@
-"""``python -m dicomflow``: the command-line interface (see ``dicomflow.cli``)."""
+"""``python -m dicomflow``: the command-line interface (see ``dicomflow.ops.cli``)."""
 
-from dicomflow.cli import main
+from dicomflow.ops.cli import main
 
 raise SystemExit(main())

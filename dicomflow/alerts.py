@@ -1,76 +1,11 @@
 """Alerts: one versioned JSON message per subject on the alerts topic, never carrying PHI.
 
-An alert is built by the pure ``build_alert`` and sent by ``publish_once``.
+``build_alert`` (pure) builds an alert of one of ``ALERT_KINDS``; ``publish_once`` sends
+it once per ``alertId`` (a hash of kind, subject and store), through a delivery marker
+``state/alerts/<alertId>.json`` that works as a lease. ``object_label`` and ``uid_label``
+name objects and UIDs in details (keyed labels by default).
 
-Message (the Pub/Sub ``data``, JSON)::
-
-    {"schemaVersion": 2, "alertId": "...", "kind": "export_failed", "severity": "ERROR",
-     "dicomStore": "projects/.../dicomStores/S", "subject": "...", "time": "...Z",
-     "details": {...}}
-
-Kinds (``ALERT_KINDS``), each with its subject (see ``dicomflow.report``):
-
-- ``import_failed`` (ERROR): files of a batch not in the store after its import.
-- ``conflict`` (WARNING): the same UIDs already stored with different bytes.
-- ``quarantined`` (WARNING): files that failed the header check, one per window.
-- ``dropped`` (WARNING): files ingest gave up on without importing them (reason
-  ``event-too-old``: the event came later than ``DICOMFLOW_MAX_EVENT_AGE_SECONDS``;
-  ``source-missing``: the object was gone; ``foreign-bucket``: the event named another
-  bucket), one per window, from ingest's drop
-  records ``state/dropped/<window>/<key>.json``; late records get follow-ups.
-- ``permission_denied`` (ERROR): files ingest could not read or copy for want of
-  permission (401, 403); ``unreadable`` (ERROR): files whose read or copy met another
-  permanent answer (400, 416 ...). One per kind and window, from the failure records
-  ``failed/<window>/<key>.json``.
-- ``verification_stuck`` (ERROR): a finished import whose verification kept failing
-  for ``DICOMFLOW_VERIFY_STUCK_MINUTES``, once per batch.
-- ``stale_state`` (WARNING): an unsealed window, an open batch or an open export older
-  than ``DICOMFLOW_STALE_STATE_MINUTES``, once per episode of each (``dicomflow.stale``).
-- ``export_failed`` (ERROR), ``operation_failed`` (ERROR, an operation started
-  outside dicomflow), ``stalled`` (WARNING), ``backlog`` (WARNING).
-- ``restore_drill_failed`` (ERROR): a restore drill did not bring the backup back whole;
-  ``restore_drill_overdue`` (WARNING): no drill finished within its period
-  (``dicomflow.drill``).
-- ``missed_event`` (WARNING): uploads whose finalize event never came, found and
-  ingested by the reconciliation sweep (``dicomflow.sweep``); one per sweep, with the
-  count and no names.
-
-Attributes, for routing without decoding: ``kind``, ``severity``, ``dicomStore``,
-``alertId`` and ``schemaVersion``.
-
-``alertId`` is a hash of (kind, subject) only, so every repeat of an alert for
-the same subject carries the same id and subscribers can drop repeats.
-
-Delivery. ``publish_once`` keeps a marker ``state/alerts/<alertId>.json`` in the
-staging bucket and works as a lease:
-
-1. Create the marker ``{"state": "publishing", "leaseUntil": ...}`` with
-   create-if-absent. If it exists and says ``published``, return False. If it
-   says ``publishing`` and the lease is live, another caller is publishing:
-   wait for it. If the lease ran out (that caller crashed), take the marker
-   over with a compare-and-swap on its generation.
-2. Publish.
-3. Rewrite the marker as ``published`` (compare-and-swap on our generation).
-
-So concurrent callers publish once, and a crash anywhere leads to a repeat
-with the same ``alertId`` at the next call (at-least-once), never to a loss.
-
-No PHI: details hold counts, object names through ``object_label`` and DICOM UIDs
-through ``uid_label``. ``build_alert`` rejects detail keys that are DICOM PHI
-attributes (patient module, person names, dates of care and the like) and
-values that are not plain JSON.
-
-Labels (schema version 2). By default an object is named by its label
-``h:<key id>:<32 hex>``, an HMAC-SHA256 of its ``gs://`` URI under the
-deployment key (``dicomflow.keys``), and so is a UID (``DICOMFLOW_ALERT_UIDS``).
-Labels are stable within a deployment (the same object or UID always gets the
-same label, across functions and restarts) and differ between deployments;
-they change when the key is rotated, and ``<key id>`` says which key made
-them. Without the key a label cannot be checked against a guessed path or UID.
-Operators who can read staging resolve one with ``dicomflow label LABEL``.
-``DICOMFLOW_ALERT_OBJECT_NAMES=plain`` and ``DICOMFLOW_ALERT_UIDS=plain`` put
-names and UIDs in clear instead. Version 1 labelled objects with an unkeyed
-``sha256:<16 hex>`` and carried UIDs in clear.
+See docs/architecture.md#alerts
 """
 
 from __future__ import annotations
@@ -84,14 +19,16 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.cloud import storage
 from googleapiclient.errors import HttpError
 
 from dicomflow import keys, log, objects
 from dicomflow.config import STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +162,7 @@ def uid_label(settings: Settings, uid: str | None) -> str | None:
     return keys.load(settings).hash(keys.UID, uid)
 
 
-def samples(settings: Settings, objects: Iterable[tuple[str, str]]) -> dict[str, Any]:
+def samples(settings: Settings, objects: Iterable[tuple[str, str]]) -> JSON:
     """Detail fields listing at most ``settings.alert_sample_files`` objects, and the total."""
     labels = [object_label(settings, b, n) for b, n in objects]
     return {SAMPLES_KEY: labels[: settings.alert_sample_files], "sampleTotal": len(labels)}
@@ -241,9 +178,9 @@ class Alert:
     store: str
     subject: str
     time: datetime
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: JSON = field(default_factory=dict)
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> JSON:
         """The JSON message."""
         return {
             "schemaVersion": SCHEMA_VERSION,
@@ -266,7 +203,7 @@ class Alert:
             "schemaVersion": str(SCHEMA_VERSION),
         }
 
-    def pubsub_message(self) -> dict[str, Any]:
+    def pubsub_message(self) -> JSON:
         """The message for ``topics.publish``; googleapiclient does not encode ``data``."""
         data = json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
         return {"data": base64.b64encode(data).decode("ascii"), "attributes": self.attributes()}
@@ -276,20 +213,10 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _check_details(value: Any, path: str) -> Any:
+def _check_details(value: object, path: str) -> object:
     """A plain-JSON copy of ``value``; raise ValueError on PHI keys or non-JSON values."""
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"detail key {key!r} at {path or 'details'} is not a string")
-            if _is_phi_key(key):
-                raise ValueError(
-                    f"detail {path + key!r} is a PHI attribute; alerts carry UIDs, counts "
-                    "and object labels only"
-                )
-            out[key] = _check_details(item, f"{path}{key}.")
-        return out
+        return _check_mapping(value, path)
     if isinstance(value, list | tuple):
         return [_check_details(item, path) for item in value]
     if value is None or type(value) in (str, int, float, bool):
@@ -298,12 +225,26 @@ def _check_details(value: Any, path: str) -> Any:
     raise ValueError(f"detail {path.rstrip('.') or 'details'!r} has type {type(value).__name__}")
 
 
+def _check_mapping(value: Mapping[str, object], path: str) -> JSON:
+    out: JSON = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"detail key {key!r} at {path or 'details'} is not a string")
+        if _is_phi_key(key):
+            raise ValueError(
+                f"detail {path + key!r} is a PHI attribute; alerts carry UIDs, counts "
+                "and object labels only"
+            )
+        out[key] = _check_details(item, f"{path}{key}.")
+    return out
+
+
 def build_alert(
     kind: str,
     subject: str,
     severity: str,
     store: str,
-    details: Mapping[str, Any],
+    details: JSON,
     now: datetime,
     *,
     max_samples: int | None = None,
@@ -331,7 +272,7 @@ def build_alert(
         raise ValueError("an alert needs a subject")
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    checked: dict[str, Any] = _check_details(details, "")
+    checked = _check_mapping(details, "")
     listed = checked.get(SAMPLES_KEY)
     if max_samples is not None and isinstance(listed, list) and len(listed) > max_samples:
         checked[SAMPLES_KEY] = listed[:max_samples]
@@ -344,7 +285,7 @@ def marker_name(alert_id_: str) -> str:
     return f"{ALERTS_PREFIX}{alert_id_}.json"
 
 
-def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool:
+def publish_once(ctx: Context, alert: Alert, *, lease_seconds: float = 60.0) -> bool:
     """Publish ``alert`` unless it was already published; True when this call published it.
 
     Args:
@@ -359,29 +300,26 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
     settings: Settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     name = marker_name(alert.alert_id)
+    generation = _claim(ctx, alert, bucket, name, lease_seconds)
+    if generation is None:
+        return False
     try:
-        generation = _claim(ctx, alert, bucket, name, lease_seconds)
-        if generation is None:
-            return False
-        try:
-            message_id = _publish(ctx, settings, alert)
-        except BaseException:
-            # Let the next caller publish at once instead of waiting out the lease.
-            with contextlib.suppress(gexc.GoogleAPIError, TransientError):
-                objects.delete(bucket, name, generation)
-            raise
-        done = {
-            "state": "published",
-            "alertId": alert.alert_id,
-            "kind": alert.kind,
-            "messageId": message_id,
-            "publishedAt": _iso(ctx.clock()),
-            "leaseUntil": _iso(ctx.clock()),
-        }
-        # None: our lease ran out and another caller took over; it publishes the same id.
-        objects.swap(bucket, name, done, generation)
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise TransientError(f"alert marker {alert.alert_id}: {exc}") from exc
+        message_id = _publish(ctx, settings, alert)
+    except BaseException:
+        # Let the next caller publish at once instead of waiting out the lease.
+        with contextlib.suppress(gexc.GoogleAPIError, TransientError):
+            objects.delete(bucket, name, generation)
+        raise
+    done = {
+        "state": "published",
+        "alertId": alert.alert_id,
+        "kind": alert.kind,
+        "messageId": message_id,
+        "publishedAt": _iso(ctx.clock()),
+        "leaseUntil": _iso(ctx.clock()),
+    }
+    # None: our lease ran out and another caller took over; it publishes the same id.
+    objects.swap(bucket, name, done, generation)
     logger.info(
         "alert published",
         extra=log.fields(
@@ -391,7 +329,9 @@ def publish_once(ctx: Any, alert: Alert, *, lease_seconds: float = 60.0) -> bool
     return True
 
 
-def _claim(ctx: Any, alert: Alert, bucket: Any, name: str, lease_seconds: float) -> int | None:
+def _claim(
+    ctx: Context, alert: Alert, bucket: storage.Bucket, name: str, lease_seconds: float
+) -> int | None:
     """Own the marker and return its generation, or None when the alert is already out.
 
     The marker is a lease: created if absent, or taken over (compare-and-swap) once the
@@ -426,7 +366,7 @@ def _claim(ctx: Any, alert: Alert, bucket: Any, name: str, lease_seconds: float)
         time.sleep(0.2)
 
 
-def _lease_until(doc: dict[str, Any]) -> datetime:
+def _lease_until(doc: JSON) -> datetime:
     """The marker's ``leaseUntil``; an unreadable one counts as expired."""
     try:
         moment = datetime.fromisoformat(str(doc.get("leaseUntil")).replace("Z", "+00:00"))
@@ -435,7 +375,7 @@ def _lease_until(doc: dict[str, Any]) -> datetime:
     return moment if moment.tzinfo is not None else datetime.min.replace(tzinfo=UTC)
 
 
-def _publish(ctx: Any, settings: Settings, alert: Alert) -> str:
+def _publish(ctx: Context, settings: Settings, alert: Alert) -> str:
     try:
         response = (
             ctx.pubsub()

@@ -1,28 +1,11 @@
 """What one backup is: its date, its folder, the export request, its counts and manifest. Pure.
 
-The date. A tick is Cloud Scheduler -> Pub/Sub -> Eventarc, a ``messagePublished``
-CloudEvent. Its date is taken from the message's ``scheduledTime`` attribute
-when present (localcloud sets it; a Scheduler job may be configured to), else
-from the message's ``publishTime``, else the CloudEvent ``time``. All three are
-fixed when the message is published, and a redelivery carries the same
-message, so a retry lands on the tick's date even after midnight. The wall
-clock is never used for the date of a tick (so the schedule should stay clear of
-midnight UTC). The folder is ``gs://BACKUP/PREFIX/<date in export_date_layout>/``.
+``export_day`` takes a tick's date from its message, never from the wall clock;
+``dated_folder`` and ``attempt_folder`` name where an attempt writes; ``expected_counts``,
+``found_counts`` and ``build_manifest`` decide whether a backup is complete;
+``pick_attempt`` chooses the latest complete attempt for a reader.
 
-Attempts. A forced rerun (attempt N > 1) writes into ``<folder>rerun-N/`` with a
-manifest of its own, never over the first run: under the backups bucket's retention
-policy no object can be overwritten or deleted until it ages out. The first run's
-counts leave the rerun sub-prefixes out (``relative_name``); a reader takes the
-latest complete attempt (``pick_attempt``).
-
-Expected counts. For ``application/dicom`` one object per instance is expected.
-For images (``image/png``, ``image/jpeg``, ``application/octet-stream``) only
-instances with pixel data (``Rows`` present) count, with one object per frame
-for multi-frame instances and one object otherwise. A backup is complete only
-when the operation succeeded, reported no failures, and the objects and
-distinct instances found under the folder match the expected counts (in full
-mode at least the expected counts, since ingest may add instances while the
-export runs). ``build_manifest`` writes that verdict into ``_MANIFEST.json``.
+See docs/architecture.md#export-and-backups
 """
 
 from __future__ import annotations
@@ -31,13 +14,13 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
 
 from cloudevents.http import CloudEvent
 
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import EXPORT_MODES, Settings, parse_mime_type
 from dicomflow.errors import PermanentError
-from dicomflow.staging import iso, parse_time
+from dicomflow.json_types import JSON
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_MANIFEST.json"
@@ -47,7 +30,7 @@ ROWS_TAG = "00280010"
 FRAMES_TAG = "00280008"
 
 
-def tick_time(event: CloudEvent | Mapping[str, Any]) -> datetime:
+def tick_time(event: CloudEvent | JSON) -> datetime:
     """The scheduled time of a tick: ``scheduledTime`` attribute, else ``publishTime``.
 
     Falls back to the CloudEvent's ``time`` attribute (Eventarc sets it to the
@@ -122,7 +105,7 @@ def relative_name(name: str, folder: str) -> str | None:
     return None if relative.startswith(RERUN_PREFIX) else relative
 
 
-def pick_attempt(manifests: Mapping[int, Mapping[str, Any]]) -> int | None:
+def pick_attempt(manifests: Mapping[int, JSON]) -> int | None:
     """The attempt a reader should use: the latest whose manifest is finished and
     complete, else the latest that has a manifest (whose state then says why not). Pure."""
     complete = [
@@ -153,11 +136,9 @@ def qido_fields(mime_type: str) -> list[str]:
     return [FRAMES_TAG, ROWS_TAG] if is_image_mime(mime_type) else []
 
 
-def export_request(destination: str, mime_type: str, paths_uri: str | None) -> dict[str, Any]:
+def export_request(destination: str, mime_type: str, paths_uri: str | None) -> JSON:
     """The body of ``dicomStores.export``."""
-    body: dict[str, Any] = {
-        "gcsDestination": {"uriPrefix": destination.rstrip("/"), "mimeType": mime_type}
-    }
+    body: JSON = {"gcsDestination": {"uriPrefix": destination.rstrip("/"), "mimeType": mime_type}}
     if paths_uri:
         body["filterConfig"] = {"resourcePathsGcsUri": paths_uri}
     return body
@@ -187,13 +168,13 @@ class Counts:
         return out
 
 
-def tag_value(instance: Mapping[str, Any], tag: str) -> Any:
-    """The first value of ``tag`` in one QIDO JSON instance, or None."""
+def tag_value(instance: JSON, tag: str) -> str | int | float | None:
+    """The first value of ``tag`` (a string or number tag) in one QIDO JSON instance, or None."""
     values = (instance.get(tag) or {}).get("Value") or []
     return values[0] if values else None
 
 
-def expected_counts(qido_instances: Iterable[Mapping[str, Any]], mime_type: str) -> Counts:
+def expected_counts(qido_instances: Iterable[JSON], mime_type: str) -> Counts:
     """What an export of these instances (QIDO JSON) should write under ``mime_type``."""
     items = list(qido_instances)
     if not is_image_mime(mime_type):
@@ -255,7 +236,7 @@ def series_counts(names: Iterable[str], folder: str) -> dict[str, int]:
     return dict(sorted(found.items()))
 
 
-def _counter(operation: Mapping[str, Any], name: str) -> int | None:
+def _counter(operation: JSON, name: str) -> int | None:
     raw = ((operation.get("metadata") or {}).get("counter") or {}).get(name)
     try:
         return int(raw) if raw is not None else None
@@ -263,7 +244,7 @@ def _counter(operation: Mapping[str, Any], name: str) -> int | None:
         return None
 
 
-def _operation_view(operation: Mapping[str, Any]) -> dict[str, Any]:
+def _operation_view(operation: JSON) -> JSON:
     meta = operation.get("metadata") or {}
     error = operation.get("error")
     return {
@@ -283,12 +264,12 @@ def _operation_view(operation: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_manifest(
-    marker: Mapping[str, Any],
-    operation: Mapping[str, Any] | None,
+    marker: JSON,
+    operation: JSON | None,
     found: Counts,
     now: datetime,
     series: Mapping[str, int] | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """The ``_MANIFEST.json`` of a finished export attempt.
 
     ``series`` (``series_counts``) is kept in the manifest, so that a restore can tell

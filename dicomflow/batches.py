@@ -1,42 +1,10 @@
-"""Windows become batches: seal, split, import at most K at once, re-stage stragglers.
+"""Windows become batches: seal, split, import at most K at once.
 
-Seal (the ingest tick, ``seal_due``). A window is due ``seal_grace_seconds`` after it
-ends. Sealing is safe to repeat at any step::
+The ingest tick calls ``seal_due`` (seal marker, listing, file list, open batches) and
+``run_imports`` (slots, note, intent, import call, operation record); ``poll`` updates an
+import's record once the operation is done, whoever polls it first.
 
-    create state/sealed/<window>.json  ->  list batches/<window>/  ->  drop late doubles
-      ->  create batches/<window>/_files.ndjson (the ledger)  ->  state/open/<batch>.json
-
-The seal marker comes first, *then* the listing. The listing returns each copy's
-metadata, so the file list is built from it alone. A late copy (its home window is
-an earlier one) is dropped when its home window's file list holds its key, or when
-its late claim names another window; so is a copy whose record is unreadable. The
-home window is sealed first if it is not (it is due earlier), so that list is final.
-
-Split. A window over the batch caps is imported in parts by the leading key bits
-(``<window>/0*.dcm``, ``1*.dcm``, ``00*.dcm`` ...): the fewest equal-depth parts that
-each fit. Each part is a batch with its own ``state/open`` record.
-
-Which windows a tick looks at: the folders under ``batches/`` from a cursor, and the
-seal markers from the same point: two listings, however long the history. The cursor
-is the oldest window left unsealed, but never later than the last tick's floor (now
-minus the longest window, the grace and ``LOOKBACK_SECONDS``): a window gets its first
-copy at most that long after it starts, so none is passed over, however long ticks stop.
-
-Import (``run_imports``, the ingest tick). The open batches are the queue, in id
-(time) order. A batch starts when one of K slot markers (``state/slots/<n>.json``,
-create-if-absent) is free: write the import intent (create-if-absent, so two ticks
-never import one batch), note which of the batch's SOP Instance UIDs the store
-already holds (one QIDO per study: ``dicomflow.verify`` tells ``imported`` from
-``duplicate`` by it), call import, record the operation. A 429 releases the slot
-and intent and leaves the batch queued. An intent without an operation record for
-``import_restart_seconds`` is imported again: that can only store identical
-duplicates, which the store ignores. When the operation is done (whoever polls it
-first, ingest or report) the record says so and the slot is released.
-
-Stragglers (``restage_stragglers``, after the import). Request timeouts do not stop
-code, so a copy can land after its window was listed. Listing the batch's prefix
-again finds such keys; each is re-staged through the late path into the current
-window, never lost.
+See docs/architecture.md#batches-and-windows
 """
 
 from __future__ import annotations
@@ -46,15 +14,15 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
-from google.api_core import exceptions as gexc
 from google.cloud import storage
 from googleapiclient.errors import HttpError
 
-from dicomflow import healthcare, log, objects
+from dicomflow import log, objects, store
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import BATCHES_PREFIX, STATE_PREFIX, Settings
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
 from dicomflow.runtime import Context
 from dicomflow.staging import (
     BITS,
@@ -66,18 +34,16 @@ from dicomflow.staging import (
     files_name,
     import_uri,
     intent_name,
-    iso,
+    late_home_window,
     late_name,
     open_name,
     operation_name,
     parse_batch,
-    parse_time,
     parse_window,
     seal_time,
     sealed_done_name,
     sealed_name,
     slot_name,
-    staged_name,
     window_id,
 )
 
@@ -135,7 +101,7 @@ def seal_due(ctx: Context, now: datetime) -> list[str]:
     return made
 
 
-def unsealed(bucket: Any, start: str) -> list[str]:
+def unsealed(bucket: storage.Bucket, start: str) -> list[str]:
     """The windows under ``batches/`` from ``start`` (a cursor time; "" for all) whose seal
     has not finished, in order (two listings)."""
     sealed = {
@@ -232,8 +198,6 @@ def listed_keys(ctx: Context, window: str, now: datetime) -> frozenset[str]:
 
 def _listed(ctx: Context, window: str, now: datetime) -> list[FileRecord]:
     """The records of ``window``'s staging copies, late doubles dropped."""
-    from dicomflow import ingest
-
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     prefix = f"{BATCHES_PREFIX}{window}/"
     kept: list[FileRecord] = []
@@ -248,7 +212,7 @@ def _listed(ctx: Context, window: str, now: datetime) -> list[FileRecord]:
         if record.home != window:
             if record.home not in homes:
                 homes[record.home] = listed_keys(ctx, record.home, now)
-            if window == ingest.late_home(record, ctx.settings):
+            if window == late_home_window(record.home, ctx.settings):
                 claim = {"window": window}  # where every late delivery copies; no claim
             else:
                 claim = objects.read_json(bucket, late_name(record.key)) or {}
@@ -292,7 +256,7 @@ class Queue:
     queued: int = 0
     throttled: bool = False
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSON:
         return {
             "started": self.started,
             "finished": self.finished,
@@ -301,7 +265,7 @@ class Queue:
             "throttled": self.throttled,
         }
 
-    def counts(self) -> dict[str, Any]:
+    def counts(self) -> JSON:
         return {
             "started": len(self.started),
             "finished": len(self.finished),
@@ -311,7 +275,7 @@ class Queue:
         }
 
 
-def poll(ctx: Context, batch: str, record: dict[str, Any]) -> dict[str, Any]:
+def poll(ctx: Context, batch: str, record: JSON) -> JSON:
     """The batch's operation record, updated to ``done`` once the operation is.
 
     An operation the service cannot return (404: expired) counts as done with that
@@ -320,7 +284,7 @@ def poll(ctx: Context, batch: str, record: dict[str, Any]) -> dict[str, Any]:
     if record.get("done"):
         return record
     try:
-        operation = healthcare.get_operation(ctx, record["operation"])
+        operation = store.get_operation(ctx, record["operation"])
     except PermanentError as exc:
         operation = {"done": True, "error": {"code": 5, "message": str(exc)[:300]}}
     if not operation.get("done"):
@@ -378,7 +342,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
     report = Queue()
-    waiting: list[tuple[str, tuple[dict[str, Any], int] | None]] = []
+    waiting: list[tuple[str, tuple[JSON, int] | None]] = []
     live: set[str] = set()
     for batch in open_batches(bucket):
         record = objects.read_json(bucket, operation_name(batch))
@@ -426,9 +390,7 @@ def run_imports(ctx: Context, now: datetime) -> Queue:
     return report
 
 
-def start(
-    ctx: Context, batch: str, intent: tuple[dict[str, Any], int] | None, now: datetime
-) -> str:
+def start(ctx: Context, batch: str, intent: tuple[JSON, int] | None, now: datetime) -> str:
     """Import ``batch`` once: ``started``, ``elsewhere`` (another tick has it),
     ``throttled`` (429), ``failed`` (refused for good: recorded as done) or ``retry``."""
     from dicomflow import operations, verify
@@ -452,8 +414,8 @@ def start(
             return "elsewhere"
         adopt_interrupted(ctx, batch, intent[0])
     try:
-        operation = healthcare.start_import(ctx, uri)
-    except healthcare.QuotaExceeded:
+        operation = store.start_import(ctx, uri)
+    except store.QuotaExceeded:
         objects.delete(bucket, intent_name(batch))
         logger.info("import throttled (429)", extra=log.fields(batch=batch))
         return "throttled"
@@ -479,7 +441,7 @@ def start(
     return "started"
 
 
-def adopt_interrupted(ctx: Context, batch: str, intent: dict[str, Any]) -> list[str]:
+def adopt_interrupted(ctx: Context, batch: str, intent: JSON) -> list[str]:
     """Record as ours the imports an interrupted attempt may have started.
 
     A start killed between the import call and its record leaves an operation nobody
@@ -513,40 +475,3 @@ def adopt_interrupted(ctx: Context, batch: str, intent: dict[str, Any]) -> list[
             "interrupted import adopted", extra=log.fields(batch=batch, count=len(adopted))
         )
     return adopted
-
-
-# ---- stragglers --------------------------------------------------------------------------------
-
-
-def restage_stragglers(ctx: Context, batch: str, listed: frozenset[str]) -> list[str]:
-    """Re-stage copies under ``batch``'s prefix that its window's file list lacks.
-
-    Each goes through the late path into the current window (``ingest.stage``),
-    copied from the straggler itself; the late claim keeps it to one record.
-    """
-    from dicomflow import ingest
-
-    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
-    window, bits = parse_batch(batch)
-    moved: list[str] = []
-    for blob in objects.blobs(bucket, f"{BATCHES_PREFIX}{window}/{bits}"):
-        record = FileRecord.from_blob(blob, window)
-        if record is None or record.key in listed or not blob.name.endswith(".dcm"):
-            continue
-        now = ctx.clock()
-        if record.home != window and record.key in listed_keys(ctx, record.home, now):
-            continue  # a late double whose home window holds the file
-        source = bucket.blob(staged_name(window, record.key), generation=blob.generation)
-        restaged = FileRecord(**{**record.line(), "size": record.size, "via": "restaged"})
-        try:
-            # The late path: a claim naming this window (sealed) or another sealed one
-            # that did not list the key moves to the current window; one naming a window
-            # still open, or one that listed the key, keeps the file there.
-            result = ingest.stage(ctx, source, restaged, now)
-        except gexc.NotFound:
-            continue
-        if result.get("repeat"):
-            continue
-        moved.append(record.key)
-        logger.warning("straggler re-staged", extra=log.fields(key=record.key, batch=batch))
-    return moved

@@ -1,33 +1,10 @@
 """The scheduled restore drill: a backup is only trusted once it has been restored.
 
-Every ``DICOMFLOW_RESTORE_DRILL_DAYS`` days (0: never) the daily export tick starts a
-drill of the latest complete backup; the report tick, which settles exports, moves
-it along. Nothing new is scheduled. Flow::
+``on_export_tick`` (the daily export tick) alerts an overdue drill and starts a due one;
+``settle_drills`` (the report tick) checks a finished import, empties the drill store
+and records the verdict in ``drills/<date>.json``; ``status_section`` feeds the status view.
 
-    export(tick) --> on_export_tick
-        overdue?  no drill finished for days + OVERDUE_GRACE_DAYS -> restore_drill_overdue
-        due?      no drill dated within the last ``days`` days
-        state/drills-open/<date>.json       (what the report tick lists)
-        claim drills/<date>.json            (create-if-absent: one drill per date)
-        start: the drill store must be empty (else: clearing, then start again);
-               sample DICOMFLOW_RESTORE_DRILL_STUDIES studies (0: all), leave out
-               tombstoned ones, copy them to restores/drill-<date>/, import into
-               the drill store (DICOMFLOW_DRILL_STORE)                 -> importing
-    report(tick) --> settle_drills
-        importing: operation done -> check as ``dicomflow restore`` does (QIDO per
-                   series, manifest counts, bytes of a sample) -> studies.delete of
-                   every study in the drill store                       -> emptying
-        emptying:  every delete done and the store empty -> copies deleted,
-                   passed | failed; restore_drill_failed when failed; open entry gone
-
-The record ``drills/<date>.json`` in the staging bucket keeps the counts, the
-duration, the verdict and its problems; ``dicomflow status`` and its page show the
-latest ones. The sampled study UIDs stay in the record (like the batch manifests,
-it lives in the staging bucket); alerts and logs carry dates and counts only.
-
-Every change of a record is a compare-and-swap on its generation, so two report
-instances never both move a drill on. A start that died is taken over once its
-lease (``START_LEASE_SECONDS``) ran out.
+See docs/architecture.md#the-restore-drill
 """
 
 from __future__ import annotations
@@ -35,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Mapping
 from datetime import date, datetime, timedelta
-from typing import Any
 
-from dicomflow import alerts, backup, export, healthcare, log, objects, restore, retry, verify
+from google.cloud import storage
+
+from dicomflow import alerts, backup, export, log, objects, pool, restore, retry, store, verify
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import DRILLS_PREFIX, STATE_PREFIX
 from dicomflow.errors import DicomflowError, PermanentError
+from dicomflow.json_types import JSON
 from dicomflow.names import DicomStoreName
-from dicomflow.staging import iso, parse_time
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +54,11 @@ def _day_of(name: str, prefix: str) -> date | None:
     return None
 
 
-def _staging(ctx: Any) -> Any:
+def _staging(ctx: Context) -> storage.Bucket:
     return ctx.storage.bucket(ctx.settings.staging_bucket)
 
 
-def _drill_store(ctx: Any) -> DicomStoreName:
+def _drill_store(ctx: Context) -> DicomStoreName:
     store: DicomStoreName | None = ctx.settings.drill_store
     if store is None:
         live: DicomStoreName = ctx.settings.dicom_store
@@ -87,17 +66,17 @@ def _drill_store(ctx: Any) -> DicomStoreName:
     return store
 
 
-def read_record(ctx: Any, day: date) -> tuple[dict[str, Any], int] | None:
+def read_record(ctx: Context, day: date) -> tuple[JSON, int] | None:
     return objects.read(_staging(ctx), record_name(day))
 
 
-def recent_days(ctx: Any, since: date) -> list[date]:
+def recent_days(ctx: Context, since: date) -> list[date]:
     """Dates of the drill records from ``since`` on (one listing from an offset)."""
     names = objects.names(_staging(ctx), DRILLS_PREFIX, start_offset=record_name(since))
     return sorted(d for n in names if (d := _day_of(n, DRILLS_PREFIX)) is not None)
 
 
-def all_days(ctx: Any) -> list[date]:
+def all_days(ctx: Context) -> list[date]:
     """Every drill date (lists them all: for status and the overdue alert, not per tick)."""
     names = objects.names(_staging(ctx), DRILLS_PREFIX)
     return sorted(d for n in names if (d := _day_of(n, DRILLS_PREFIX)) is not None)
@@ -106,7 +85,7 @@ def all_days(ctx: Any) -> list[date]:
 # --- the export tick: overdue, due, start ----------------------------------------------------
 
 
-def on_export_tick(ctx: Any, tick: datetime) -> dict[str, Any]:
+def on_export_tick(ctx: Context, tick: datetime) -> JSON:
     """Alert an overdue drill; start one when due. A summary with ``status``.
 
     Errors are logged, never raised: a drill must not hold back the day's export.
@@ -129,7 +108,7 @@ def on_export_tick(ctx: Any, tick: datetime) -> dict[str, Any]:
         return {"status": "error", "error": error}
 
 
-def latest_complete_backup(ctx: Any, today: date) -> date | None:
+def latest_complete_backup(ctx: Context, today: date) -> date | None:
     """The latest date up to ``today`` whose export is complete (one listing, then reads
     from the newest)."""
     for day in reversed(export.list_markers(ctx)):
@@ -141,7 +120,7 @@ def latest_complete_backup(ctx: Any, today: date) -> date | None:
     return None
 
 
-def check_overdue(ctx: Any, now: datetime) -> bool:
+def check_overdue(ctx: Context, now: datetime) -> bool:
     """Publish ``restore_drill_overdue`` once per overdue spell; True when overdue.
 
     Overdue: no drill finished within ``days + OVERDUE_GRACE_DAYS`` days, counted from
@@ -180,7 +159,7 @@ def check_overdue(ctx: Any, now: datetime) -> bool:
     return True
 
 
-def _last_finished(ctx: Any) -> tuple[date, datetime] | None:
+def _last_finished(ctx: Context) -> tuple[date, datetime] | None:
     for day in reversed(all_days(ctx)):
         doc = (read_record(ctx, day) or ({}, 0))[0]
         finished = parse_time(doc.get("finishedAt"))
@@ -189,7 +168,7 @@ def _last_finished(ctx: Any) -> tuple[date, datetime] | None:
     return None
 
 
-def start(ctx: Any, today: date, backup_day: date) -> dict[str, Any]:
+def start(ctx: Context, today: date, backup_day: date) -> JSON:
     """Claim the drill of ``today`` (of the backup dated ``backup_day``) and start it."""
     now = ctx.clock()
     bucket = _staging(ctx)
@@ -211,14 +190,14 @@ def start(ctx: Any, today: date, backup_day: date) -> dict[str, Any]:
     return _start(ctx, today, doc, generation)
 
 
-def _start(ctx: Any, today: date, doc: dict[str, Any], generation: int) -> dict[str, Any]:
+def _start(ctx: Context, today: date, doc: JSON, generation: int) -> JSON:
     """Prepare and start the import of a claimed drill; or clear the drill store first."""
     target = DicomStoreName.from_string(doc["drillStore"])
     where = {"date": doc["date"], "backupDate": doc["backupDate"]}
     try:
-        healthcare.get_store(ctx, target)
+        store.get_store(ctx, target)
     except PermanentError as exc:
-        if not healthcare.is_not_found(exc):
+        if not store.is_not_found(exc):
             raise
         return _fail(ctx, today, doc, generation, [f"drill store {target} not found"])
     leftover = store_studies(ctx, target)
@@ -264,7 +243,7 @@ def _start(ctx: Any, today: date, doc: dict[str, Any], generation: int) -> dict[
     return {"status": IMPORTING, "date": doc["date"], "operation": operation}
 
 
-def _swap(ctx: Any, day: date, doc: dict[str, Any], generation: int) -> int | None:
+def _swap(ctx: Context, day: date, doc: JSON, generation: int) -> int | None:
     return objects.swap(_staging(ctx), record_name(day), doc, generation)
 
 
@@ -273,16 +252,16 @@ def _describe(exc: BaseException) -> str:
     status only (a DICOMweb error's text holds the request's URL, and so UIDs)."""
     if isinstance(exc, DicomflowError):
         return str(exc)
-    status = verify.http_status(exc)
+    status = retry.status_of(exc)
     return type(exc).__name__ + (f" (HTTP {status})" if status else "")
 
 
 # --- the report tick: settle -----------------------------------------------------------------
 
 
-def settle_drills(ctx: Any, now: datetime) -> list[dict[str, Any]]:
+def settle_drills(ctx: Context, now: datetime) -> list[JSON]:
     """Move every open drill along (one listing when none is open)."""
-    results: list[dict[str, Any]] = []
+    results: list[JSON] = []
     bucket = _staging(ctx)
     for name in objects.names(bucket, OPEN_PREFIX):
         day = _day_of(name, OPEN_PREFIX)
@@ -297,7 +276,7 @@ def settle_drills(ctx: Any, now: datetime) -> list[dict[str, Any]]:
     return results
 
 
-def settle_one(ctx: Any, day: date, now: datetime) -> dict[str, Any]:
+def settle_one(ctx: Context, day: date, now: datetime) -> JSON:
     """One step of the drill dated ``day``; a summary with ``status``."""
     found = read_record(ctx, day)
     if found is None or found[0].get("state") in FINAL:
@@ -320,7 +299,7 @@ def settle_one(ctx: Any, day: date, now: datetime) -> dict[str, Any]:
         new = _swap(ctx, day, doc, generation)
         return _start(ctx, day, doc, new) if new is not None else {"status": "raced"}
     if state == IMPORTING:
-        op = healthcare.get_operation(ctx, doc["operation"])
+        op = store.get_operation(ctx, doc["operation"])
         if not op.get("done"):
             return {"status": IMPORTING, "date": doc["date"]}
         return _check(ctx, day, doc, generation, op, target)
@@ -337,13 +316,13 @@ def settle_one(ctx: Any, day: date, now: datetime) -> dict[str, Any]:
 
 
 def _check(
-    ctx: Any,
+    ctx: Context,
     day: date,
-    doc: dict[str, Any],
+    doc: JSON,
     generation: int,
-    op: Mapping[str, Any],
+    op: JSON,
     target: DicomStoreName,
-) -> dict[str, Any]:
+) -> JSON:
     """Check the restored studies, record the verdict's grounds, start emptying the store."""
     problems = restore.operation_problems(op)
     try:
@@ -367,18 +346,14 @@ def _check(
     return {"status": EMPTYING, "date": doc["date"], "problems": problems}
 
 
-def _fail(
-    ctx: Any, day: date, doc: dict[str, Any], generation: int | None, problems: list[str]
-) -> dict[str, Any]:
+def _fail(ctx: Context, day: date, doc: JSON, generation: int | None, problems: list[str]) -> JSON:
     if generation is None:
         return {"status": "raced", "date": doc["date"]}
     doc["problems"] = [*doc.get("problems", []), *problems]
     return _finish(ctx, day, doc, generation, [])
 
 
-def _finish(
-    ctx: Any, day: date, doc: dict[str, Any], generation: int, extra: list[str]
-) -> dict[str, Any]:
+def _finish(ctx: Context, day: date, doc: JSON, generation: int, extra: list[str]) -> JSON:
     """Make the record final (passed unless problems), alert once when failed, tidy up."""
     problems = [*doc.get("problems", []), *extra]
     now = ctx.clock()
@@ -411,7 +386,7 @@ def _finish(
     return {"status": doc["state"], "date": doc["date"], "problems": problems}
 
 
-def _alert_failed(ctx: Any, doc: Mapping[str, Any], now: datetime) -> None:
+def _alert_failed(ctx: Context, doc: JSON, now: datetime) -> None:
     store = str(ctx.settings.dicom_store)
     checked = doc.get("check") or {}
     details = {
@@ -437,7 +412,7 @@ def _alert_failed(ctx: Any, doc: Mapping[str, Any], now: datetime) -> None:
 # --- the drill store -------------------------------------------------------------------------
 
 
-def store_studies(ctx: Any, store: DicomStoreName) -> list[str]:
+def store_studies(ctx: Context, store: DicomStoreName) -> list[str]:
     """Study Instance UIDs in ``store`` (QIDO, paged)."""
     target = restore.for_store(ctx, store)
     client = target.dicomweb()
@@ -445,11 +420,10 @@ def store_studies(ctx: Any, store: DicomStoreName) -> list[str]:
     offset = 0
     try:
         while True:
-            page: list[dict[str, Any]] = retry.call(
+            page: list[JSON] = retry.call(
                 lambda start=offset: client.search_for_studies(  # type: ignore[misc]
                     fields=[verify.STUDY_TAG], offset=start, limit=STUDIES_PAGE
                 ),
-                predicate=verify.transient,
             )
             found += [s for item in page if (s := verify._value(item, verify.STUDY_TAG))]
             if len(page) < STUDIES_PAGE:
@@ -459,29 +433,29 @@ def store_studies(ctx: Any, store: DicomStoreName) -> list[str]:
         target.close_clients()
 
 
-def _delete_all(ctx: Any, store: DicomStoreName, studies: list[str]) -> list[str]:
-    """Start ``studies.delete`` for each study; the operations' names."""
+def _delete_all(ctx: Context, target: DicomStoreName, studies: list[str]) -> list[str]:
+    """Start ``studies.delete`` for each study of ``target``; the operations' names."""
 
     def one(study: str) -> str | None:
         try:
-            return str(healthcare.delete_study(ctx, store, study)["name"])
+            return str(store.delete_study(ctx, target, study)["name"])
         except PermanentError as exc:
-            if healthcare.is_not_found(exc):
+            if store.is_not_found(exc):
                 return None  # gone already
             raise
         finally:
             ctx.close_clients()
 
-    return [name for name in verify.pmap(one, studies) if name]
+    return [name for name in pool.pmap(one, studies) if name]
 
 
-def _deletes_done(ctx: Any, doc: Mapping[str, Any]) -> bool:
+def _deletes_done(ctx: Context, doc: JSON) -> bool:
     for name in doc.get("deletes") or []:
         try:
-            if not healthcare.get_operation(ctx, name).get("done"):
+            if not store.get_operation(ctx, name).get("done"):
                 return False
         except PermanentError as exc:
-            if not healthcare.is_not_found(exc):
+            if not store.is_not_found(exc):
                 raise
     return True
 
@@ -489,7 +463,7 @@ def _deletes_done(ctx: Any, doc: Mapping[str, Any]) -> bool:
 # --- status ----------------------------------------------------------------------------------
 
 
-def status_section(ctx: Any, limit: int = 5) -> dict[str, Any]:
+def status_section(ctx: Context, limit: int = 5) -> JSON:
     """The latest drills for ``dicomflow status``: dates, verdicts, counts, no UIDs."""
     days = ctx.settings.restore_drill_days
     recent = []

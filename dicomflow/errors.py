@@ -5,7 +5,8 @@ Every error is a ``DicomflowError``; callers decide on retries by class::
     DicomflowError
      +-- ConfigError        bad settings; fails start-up, names the setting and the fix
      +-- PermanentError     retrying cannot help: log it, record it, do not raise to the platform
-     |    `-- NotDicomError header check failed; the file goes to quarantine
+     |    +-- NotDicomError header check failed; the file goes to quarantine
+     |    `-- Refused       an operator command cannot act as asked; nothing was changed
      `-- TransientError     429, 5xx, timeouts: retry with backoff, then let the platform retry
 """
 
@@ -30,6 +31,10 @@ class PermanentError(DicomflowError):
 
 class NotDicomError(PermanentError):
     """The object failed the DICOM header check."""
+
+
+class Refused(PermanentError):
+    """An operator command (restore, resolve) cannot act as asked; nothing was changed."""
 
 
 class TransientError(DicomflowError):

@@ -13,13 +13,13 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from cloudevents.http import CloudEvent
+from google.cloud import storage
 
+from dicomflow.clock import parse_time
 from dicomflow.config import Settings
 from dicomflow.errors import PermanentError
-from dicomflow.staging import parse_time as parse_time
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -39,7 +39,7 @@ class StorageObject:
     time_created: datetime | None = None
 
     @classmethod
-    def from_blob(cls, blob: Any) -> StorageObject:
+    def from_blob(cls, blob: storage.Blob) -> StorageObject:
         """The payload fields of a listed ``storage.Blob`` (what its event would carry)."""
         return cls(
             bucket=blob.bucket.name,
@@ -53,7 +53,7 @@ class StorageObject:
         )
 
     @classmethod
-    def from_data(cls, data: Any) -> StorageObject:
+    def from_data(cls, data: object) -> StorageObject:
         """Decode a StorageObjectData dict (numbers travel as strings).
 
         Raises:
@@ -109,7 +109,7 @@ def decode_attributes(event: CloudEvent) -> CloudEvent:
 _DIGITS = re.compile(r"[0-9]{1,20}")
 
 
-def _count(value: Any, key: str, minimum: int = 0) -> int:
+def _count(value: object, key: str, minimum: int = 0) -> int:
     """An integer field, sent as a string of digits (or as a JSON integer)."""
     if isinstance(value, str) and _DIGITS.fullmatch(value):
         value = int(value)

@@ -1,61 +1,11 @@
 """Scheduled backups of the DICOM store to a dated folder: the export function and its marker.
 
-Flow::
+``start_export`` (the export tick) claims ``state/exports/<date>.json``, plans and starts
+the export; ``resume_starts`` takes over dead starts; ``settle_exports`` (the report
+tick) checks a finished export, writes its manifest and alerts ``export_failed``;
+``run_command`` serves ``dicomflow export``.
 
-    export(tick) --> handle_event --> start_export
-        state/exports-open/<date>.json  <- {attempt}        (what the report tick lists)
-        claim  state/exports/<date>.json  (create-if-absent: one export per date)
-        plan what to export and count it (dicomflow.export_plan)
-        dicomStores.export(gs://BACKUP/PREFIX/<date>/[rerun-N/], mimeType[, filterConfig])
-        state/ops/<id>.json (ours), marker <- operation name (state "running")
-        resume_starts: take over other dates whose start died (lease over)
-    report(tick) --> settle_exports (lists state/exports-open/ only)
-        operation done? list the attempt's folder, compare with the expected counts,
-        create <folder>/_MANIFEST.json, alert export_failed unless complete,
-        marker <- "complete" | "failed", delete the open entry
-        a start stuck too long: one ``stalled`` alert (report never starts an export)
-
-``dicomflow.backup`` has the date, the folder, the counts and the manifest.
-
-The marker (``state/exports/<date>.json`` in the staging bucket, keyed by the ISO
-date whatever the folder layout) is created if absent: of two ticks for one date,
-concurrent or not, one creates it and starts the export, the other reports it.
-Each later change is a compare-and-swap (``dicomflow.objects``). States::
-
-    starting --> running --> complete | failed
-        |   `--> empty        (incremental, nothing settled since the last export)
-        `------> failed       (the export call failed after retries)
-
-Only the export function (and ``dicomflow export``, run by an operator) may start
-an export: the report function's role has no ``dicomStores.export``. A crash
-between the claim and the export call leaves ``starting``; once its lease
-(``START_LEASE_SECONDS``) ran out, the export function takes it over, keeping the
-attempt and its ``firstClaimedAt``: the platform's retry of the event that claimed
-it (``handle_event`` asks for one while the lease runs), and every later export
-tick for any open date (``resume_starts``). A marker still ``starting`` more than
-``STALLED_START_SECONDS`` after that first claim gets one ``stalled`` alert per
-date and attempt from the report tick: a start that dies at the function timeout
-on every try is still reported, and a final failure later raises its own
-``export_failed``. A crash between the export call and recording the operation can
-start a second export of the date; it writes the same objects.
-
-``force`` starts a new attempt N for a date whose marker is final. It writes into
-``<folder>rerun-N/`` with its own manifest (``backup.attempt_folder``): the backups
-bucket's retention policy refuses any overwrite or delete of the first run's objects,
-and readers take the latest complete attempt. Every write under the backups prefix
-is create-once: the manifest is created if absent, and a repeat keeps the first.
-
-The open entry (``state/exports-open/<date>.json``) is what keeps the report tick
-from listing history: the tick lists that prefix alone, so an idle tick is one
-listing whatever the number of past exports. A starter writes the entry, naming
-its attempt, before and after each claim of the marker; whoever makes the marker
-final deletes the entry, at the generation it read and only when the entry names
-that attempt or an earlier one. The tick also deletes entries whose marker is
-final, and those left by a starter that died before its claim (older than the
-lease), so no entry outlives its export and none goes missing while one runs.
-
-Retention is the backups bucket's lifecycle rule (``infra/storage.tf``): no backup
-is deleted here.
+See docs/architecture.md#export-and-backups
 """
 
 from __future__ import annotations
@@ -63,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 
-from cloudevents.http import CloudEvent
 from google.api_core import exceptions as gexc
+from google.cloud import storage
 from googleapiclient.errors import HttpError
 
-from dicomflow import alerts, export_plan, healthcare, log, objects, operations, retry
+from dicomflow import alerts, export_plan, log, objects, operations, retry, store
 from dicomflow.backup import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -79,16 +28,16 @@ from dicomflow.backup import (
     build_manifest,
     check_mode,
     destination_uri,
-    export_day,
     export_request,
     found_counts,
     parse_day,
     series_counts,
-    tick_time,
 )
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import STATE_PREFIX, Settings, parse_mime_type
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.staging import iso, parse_time
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +76,7 @@ def _day_of(name: str, prefix: str) -> date | None:
         return None
 
 
-def is_final(doc: Mapping[str, Any]) -> bool:
+def is_final(doc: JSON) -> bool:
     """True when the marker's export is over (complete, empty, or failed and finished)."""
     state = doc.get("state")
     return state in (EMPTY, COMPLETE) or (state == FAILED and "finishedAt" in doc)
@@ -136,36 +85,36 @@ def is_final(doc: Mapping[str, Any]) -> bool:
 # --- state in Cloud Storage -------------------------------------------------------------------
 
 
-def _staging(ctx: Any) -> Any:
+def _staging(ctx: Context) -> storage.Bucket:
     return ctx.storage.bucket(ctx.settings.staging_bucket)
 
 
-def read_marker(ctx: Any, day: date) -> tuple[dict[str, Any], int] | None:
+def read_marker(ctx: Context, day: date) -> tuple[JSON, int] | None:
     """The date's marker and its generation, or None."""
     return objects.read(_staging(ctx), marker_name(day))
 
 
-def _dates(ctx: Any, prefix: str) -> list[date]:
+def _dates(ctx: Context, prefix: str) -> list[date]:
     days = (_day_of(n, prefix) for n in objects.names(_staging(ctx), prefix))
     return sorted(d for d in days if d is not None)
 
 
-def list_markers(ctx: Any) -> list[date]:
+def list_markers(ctx: Context) -> list[date]:
     """Every date that has an export marker (lists them all: not for ticks)."""
     return _dates(ctx, EXPORTS_PREFIX)
 
 
-def open_days(ctx: Any) -> list[date]:
+def open_days(ctx: Context) -> list[date]:
     """The dates whose export is not final, or was final a moment ago (one listing)."""
     return _dates(ctx, OPEN_PREFIX)
 
 
-def _update(ctx: Any, day: date, doc: dict[str, Any], generation: int) -> int | None:
+def _update(ctx: Context, day: date, doc: JSON, generation: int) -> int | None:
     """Compare-and-swap the marker; None when someone else changed it first."""
     return objects.swap(_staging(ctx), marker_name(day), doc, generation)
 
 
-def _open(ctx: Any, day: date, attempt: int, now: datetime) -> None:
+def _open(ctx: Context, day: date, attempt: int, now: datetime) -> None:
     """Write the date's open entry (overwriting, so a racing delete of an older one fails)."""
     entry = {"date": day.isoformat(), "attempt": attempt, "openedAt": iso(now)}
     objects.write_text(
@@ -173,7 +122,7 @@ def _open(ctx: Any, day: date, attempt: int, now: datetime) -> None:
     )
 
 
-def _close(ctx: Any, day: date, attempt: int, now: datetime | None = None) -> None:
+def _close(ctx: Context, day: date, attempt: int, now: datetime | None = None) -> None:
     """Delete the open entry if it names ``attempt`` or earlier (or, given ``now``, if a
     starter that never claimed left it)."""
     found = objects.read(_staging(ctx), open_entry_name(day))
@@ -190,17 +139,17 @@ def _close(ctx: Any, day: date, attempt: int, now: datetime | None = None) -> No
 # --- the Healthcare API -----------------------------------------------------------------------
 
 
-def _start_operation(ctx: Any, body: dict[str, Any]) -> str:
+def _start_operation(ctx: Context, body: JSON) -> str:
     stores = ctx.healthcare().projects().locations().datasets().dicomStores()
     request = stores.export(name=str(ctx.settings.dicom_store), body=body)
     operation = retry.call(lambda: request.execute(num_retries=0), deadline=START_RETRY_SECONDS)
     return str(operation["name"])
 
 
-def _poll(ctx: Any, name: str) -> dict[str, Any] | None:
+def _poll(ctx: Context, name: str) -> JSON | None:
     """The operation, or None when the service no longer has it (404)."""
     try:
-        return healthcare.get_operation(ctx, name)
+        return store.get_operation(ctx, name)
     except PermanentError as exc:
         if isinstance(exc.__cause__, HttpError) and retry.status_of(exc.__cause__) == 404:
             return None
@@ -210,40 +159,7 @@ def _poll(ctx: Any, name: str) -> dict[str, Any] | None:
 # --- start ------------------------------------------------------------------------------------
 
 
-def handle_event(ctx: Any, event: CloudEvent) -> dict[str, Any]:
-    """The export function: start the tick's export unless its date already has one, take
-    over other dates' dead starts, then start a restore drill when one is due.
-
-    Raises:
-        TransientError: this event's own earlier delivery claimed the date and its lease
-            still runs (it died, or still runs): the platform's retry takes it over later.
-    """
-    from dicomflow import drill  # drill builds on this module
-
-    scheduled = tick_time(event)
-    day = export_day(scheduled)
-    result = start_export(
-        ctx,
-        day,
-        mode=ctx.settings.export_mode,
-        mime_type=ctx.settings.export_mime_type,
-        tick=scheduled,
-        event_id=event["id"],
-    )
-    result["resumed"] = resume_starts(ctx, ctx.clock(), skip=day, event_id=event["id"])
-    # The restore drill of the latest complete backup, when one is due (``dicomflow.drill``).
-    result["drill"] = drill.on_export_tick(ctx, scheduled)
-    if result["status"] == "exists" and result["state"] == STARTING:
-        found = read_marker(ctx, day)
-        if found is not None and _claimed_by(found[0], event["id"], ctx.clock()):
-            raise TransientError(
-                f"the start of the export of {day} by this event is still leased; "
-                "a retry takes it over once the lease runs out"
-            )
-    return result
-
-
-def _claimed_by(doc: Mapping[str, Any], event_id: str, now: datetime) -> bool:
+def claimed_by(doc: JSON, event_id: str, now: datetime) -> bool:
     """Whether ``doc`` is a start claimed by ``event_id`` whose lease still runs."""
     return (
         doc.get("state") == STARTING
@@ -253,14 +169,14 @@ def _claimed_by(doc: Mapping[str, Any], event_id: str, now: datetime) -> bool:
 
 
 def resume_starts(
-    ctx: Any, now: datetime, skip: date | None = None, event_id: str | None = None
-) -> list[dict[str, Any]]:
+    ctx: Context, now: datetime, skip: date | None = None, event_id: str | None = None
+) -> list[JSON]:
     """Take over every open date (but ``skip``) whose start died and whose lease ran out.
 
     One listing of the open entries. Errors are logged, not raised: an old date's
     trouble must not hold back the tick's own export (report alerts a stuck start).
     """
-    results: list[dict[str, Any]] = []
+    results: list[JSON] = []
     for day in open_days(ctx):
         if day == skip:
             continue
@@ -290,7 +206,7 @@ def resume_starts(
 
 def _new_marker(
     settings: Settings, day: date, mode: str, mime_type: str, tick: datetime, now: datetime
-) -> dict[str, Any]:
+) -> JSON:
     return {
         "schemaVersion": SCHEMA_VERSION,
         "date": day.isoformat(),
@@ -310,18 +226,18 @@ def _new_marker(
     }
 
 
-def _summary(doc: Mapping[str, Any], status: str) -> dict[str, Any]:
+def _summary(doc: JSON, status: str) -> JSON:
     keys = ("date", "attempt", "state", "operation", "destination", "expected", "manifest")
     return {"status": status, **{k: doc.get(k) for k in keys}}
 
 
-def _lease_over(doc: Mapping[str, Any], now: datetime) -> bool:
+def _lease_over(doc: JSON, now: datetime) -> bool:
     until = parse_time(doc.get("leaseUntil"))
     return doc.get("state") == STARTING and (until is None or until <= now)
 
 
 def start_export(
-    ctx: Any,
+    ctx: Context,
     day: date,
     *,
     mode: str,
@@ -329,7 +245,7 @@ def start_export(
     tick: datetime,
     force: bool = False,
     event_id: str | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """Start the export of ``day`` once; report the existing one on a repeat.
 
     Returns a summary whose ``status`` is ``started``, ``exists``, ``empty`` or ``failed``.
@@ -364,7 +280,7 @@ def start_export(
                 claim["attempt"] = doc.get("attempt", 1)
                 claim["previous"] = doc.get("previous", [])
                 claim["tickTime"] = doc.get("tickTime", claim["tickTime"])
-                claim["firstClaimedAt"] = doc.get("firstClaimedAt") or doc.get("claimedAt")
+                claim["firstClaimedAt"] = doc.get("firstClaimedAt")
                 claim["takeovers"] = int(doc.get("takeovers") or 0) + 1
             else:
                 logger.info(
@@ -387,7 +303,7 @@ def start_export(
             return _run_claimed(ctx, day, claim, generation, event_id)
 
 
-def complete_attempt(doc: Mapping[str, Any]) -> dict[str, Any] | None:
+def complete_attempt(doc: JSON) -> JSON | None:
     """The marker as of its latest complete attempt: itself when complete, else its latest
     complete earlier attempt (a forced rerun that failed keeps the first run's backup)."""
     if doc.get("state") == COMPLETE:
@@ -398,7 +314,7 @@ def complete_attempt(doc: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _last_complete(ctx: Any, before: date) -> dict[str, Any] | None:
+def _last_complete(ctx: Context, before: date) -> JSON | None:
     """The marker of the latest complete export dated before ``before``, newest date first
     (one listing of the markers, at export start only)."""
     for day in reversed(list_markers(ctx)):
@@ -411,9 +327,7 @@ def _last_complete(ctx: Any, before: date) -> dict[str, Any] | None:
     return None
 
 
-def _run_claimed(
-    ctx: Any, day: date, doc: dict[str, Any], generation: int, event_id: str | None
-) -> dict[str, Any]:
+def _run_claimed(ctx: Context, day: date, doc: JSON, generation: int, event_id: str | None) -> JSON:
     """Count, start the operation and record it. ``doc`` is our claimed marker."""
     where = {"date": day.isoformat(), "eventId": event_id}
     try:
@@ -462,9 +376,7 @@ def _run_claimed(
 # --- settle (called by report's tick) ---------------------------------------------------------
 
 
-def settle_exports(
-    ctx: Any, now: datetime, days: Iterable[date] | None = None
-) -> list[dict[str, Any]]:
+def settle_exports(ctx: Context, now: datetime, days: Iterable[date] | None = None) -> list[JSON]:
     """Move every export that is not final along; one summary per marker looked at.
 
     Looks at the open entries only (or ``days``). Finishes exports whose operation is
@@ -472,7 +384,7 @@ def settle_exports(
     and deletes the entries of final exports. Never starts an export: the report
     function may not, so a start whose claimer crashed waits for the export function.
     """
-    results: list[dict[str, Any]] = []
+    results: list[JSON] = []
     listed = days is None
     for day in open_days(ctx) if days is None else list(days):
         found = read_marker(ctx, day)
@@ -501,13 +413,13 @@ def settle_exports(
     return results
 
 
-def stuck_start_seconds(doc: Mapping[str, Any], now: datetime) -> float:
+def stuck_start_seconds(doc: JSON, now: datetime) -> float:
     """How long a ``starting`` marker has been starting: since its attempt's first claim."""
-    first = parse_time(doc.get("firstClaimedAt") or doc.get("claimedAt"))
+    first = parse_time(doc.get("firstClaimedAt"))
     return (now - first).total_seconds() if first else 0.0
 
 
-def _alert_stuck_start(ctx: Any, doc: Mapping[str, Any], now: datetime) -> bool:
+def _alert_stuck_start(ctx: Context, doc: JSON, now: datetime) -> bool:
     """One ``stalled`` alert per date and attempt once a start is stuck too long."""
     stuck = stuck_start_seconds(doc, now)
     if stuck <= STALLED_START_SECONDS:
@@ -517,7 +429,7 @@ def _alert_stuck_start(ctx: Any, doc: Mapping[str, Any], now: datetime) -> bool:
     details.update(
         state=STARTING,
         tickTime=doc.get("tickTime"),
-        firstClaimedAt=doc.get("firstClaimedAt") or doc.get("claimedAt"),
+        firstClaimedAt=doc.get("firstClaimedAt"),
         takeovers=int(doc.get("takeovers") or 0),
         stuckSeconds=int(stuck),
         thresholdSeconds=STALLED_START_SECONDS,
@@ -540,12 +452,12 @@ def _alert_stuck_start(ctx: Any, doc: Mapping[str, Any], now: datetime) -> bool:
 
 
 def _finish(
-    ctx: Any,
+    ctx: Context,
     day: date,
-    doc: dict[str, Any],
+    doc: JSON,
     generation: int,
-    operation: Mapping[str, Any] | None,
-) -> dict[str, Any]:
+    operation: JSON | None,
+) -> JSON:
     """Write the manifest, alert unless complete, make the marker final. Idempotent."""
     settings: Settings = ctx.settings
     folder = doc["folder"]
@@ -603,7 +515,7 @@ def _finish(
     return _summary(doc, str(doc["state"]))
 
 
-def _put_manifest(bucket: Any, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def _put_manifest(bucket: storage.Bucket, name: str, manifest: JSON) -> JSON:
     """Create the attempt's manifest once (the bucket may refuse any overwrite: retention);
     a repeat keeps what the first writer wrote."""
     if objects.create(bucket, name, manifest) is not None:
@@ -616,7 +528,7 @@ def _put_manifest(bucket: Any, name: str, manifest: dict[str, Any]) -> dict[str,
 
 
 def run_command(
-    ctx: Any,
+    ctx: Context,
     *,
     day: date | None,
     mode: str,
@@ -625,8 +537,8 @@ def run_command(
     wait: bool = False,
     timeout: float | None = None,
     poll_seconds: float = 2.0,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    on_progress: Callable[[JSON], None] | None = None,
+) -> JSON:
     """The same path as the schedule, run by hand; with ``wait``, settle it when done.
 
     The date defaults to today (UTC). A manual run's "tick" is now, which is

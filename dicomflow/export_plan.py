@@ -1,57 +1,22 @@
 """What one export holds: the counts it should write, and for incremental exports which
 verified batches, read from their manifests, and the filter file that names them.
 
-``plan`` fills the marker's ``expected`` counts (``dicomflow.backup``): a full export
-counts the store's instances by QIDO at start; an incremental one collects the
-instances of the batches verified since the last complete export (below) and writes
-their ``/studies/S/series/R/instances/I`` paths to a ``filterConfig`` file,
-``state/exports/<date>.<attempt>.paths.txt``.
+``plan`` fills the marker's ``expected`` counts and ``scan``; ``select_batches`` (pure)
+chooses the batches an incremental export takes.
 
-Report verifies a batch and writes ``manifests/<batch>/success.ndjson`` (one file
-record per imported or duplicate file, with its study, series and SOP UIDs), then
-``summary.json`` last, with ``times.verifiedAt`` = the start of that report tick,
-then deletes ``state/open/<batch>.json``. A summary's presence means the batch is
-verified. No per-file object is read here: one listing of ``manifests/``, one GET
-per summary listed and one per success list chosen.
-
-With P the previous complete export (latest date first; tick T_P) and this
-export's tick T, a batch B (verified at v) is chosen when::
-
-    T_P - MARGIN < v <= T   and   B not in P.scan.recent      (no P: v <= T)
-
-- ``v <= T``: a batch verified after the tick belongs to the next export, even
-  when it is already visible now (a tick delivered or taken over late).
-- ``MARGIN`` (``MANIFEST_MARGIN``, 20 min) is longer than a report tick can run.
-  A summary stamped v <= T_P can be written after P listed ``manifests/`` (the
-  report tick began before T_P and wrote it later), so P missed it. It is
-  written by v + 540 s, so v > T_P - MARGIN and this export takes it.
-- ``scan.recent`` lists the batches P chose with v > T_P - MARGIN, so those
-  are not exported twice. A full P records none: what was verified before it
-  ran was in the store, so in P, and the margin's batches are exported again.
-- Where to list from. Batch ids (``YYYYMMDDTHHMMSSZ[-bits]``) sort by time, but a
-  batch can be verified long after its window (a backlog), so the id bound is not
-  a fixed lookback. Each export records ``scan.nextFrom``: the lowest of (a) the
-  batches not verified yet, read *before* ``manifests/`` is listed: the open
-  batches (``state/open/``, kept until the summary exists) and the seal cursor
-  (no window below it is unsealed, so every batch still to be sealed is at or
-  above it); (b) the batches it saw with v > T - MARGIN; (c) the window of
-  now - MARGIN. The next export lists from there (``start_offset``). A P without
-  ``scan``, or no P: ``manifests/`` is listed from its start, once.
-- Exporting an instance twice is harmless (same objects); missing one is not,
-  so every bound errs toward taking a batch again.
+See docs/architecture.md#what-an-incremental-export-holds
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
-from dicomflow import batches, manifests, objects, retry, verify
+from dicomflow import batches, manifests, objects, retry
 from dicomflow.backup import (
     Counts,
     expected_counts,
@@ -60,9 +25,13 @@ from dicomflow.backup import (
     resource_path,
     tag_value,
 )
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
-from dicomflow.staging import iso, parse_batch, parse_time, success_name, window_id
-from dicomflow.verify import SUCCESS, pmap
+from dicomflow.json_types import JSON
+from dicomflow.pool import pmap
+from dicomflow.runtime import Context
+from dicomflow.staging import parse_batch, success_name, window_id
+from dicomflow.verify import SUCCESS
 
 # Longer than a report tick can run (the function timeout, 540 s) plus clock skew: a batch
 # verified (``verifiedAt``, the report tick's start) gets its summary within this time.
@@ -137,7 +106,7 @@ def scan_floor(
     return min([floor, *pending, *late])
 
 
-def success_paths(lines: Iterable[Mapping[str, Any]]) -> list[Uids]:
+def success_paths(lines: Iterable[JSON]) -> list[Uids]:
     """UIDs (study, series, sop) of ``success.ndjson`` lines, deduplicated and sorted."""
     found: dict[Uids, None] = {}
     for line in lines:
@@ -193,8 +162,8 @@ def verified_batches(staging: storage.Bucket, start: str | None) -> list[Verifie
 
 def settled_since(
     staging: storage.Bucket,
-    previous: Mapping[str, Any] | None,
-    doc: dict[str, Any],
+    previous: JSON | None,
+    doc: JSON,
     now: datetime,
     window_seconds: int,
 ) -> list[Uids]:
@@ -228,17 +197,16 @@ def paths_file_name(day: date, attempt: int) -> str:
     return f"{STATE_PREFIX}exports/{day.isoformat()}.{attempt}.paths.txt"
 
 
-def qido_instances(ctx: Any, fields: list[str], study: str | None = None) -> list[dict[str, Any]]:
+def qido_instances(ctx: Context, fields: list[str], study: str | None = None) -> list[JSON]:
     """Every instance of the store (or of ``study``) as QIDO JSON, paged."""
     client = ctx.dicomweb()
-    found: list[dict[str, Any]] = []
+    found: list[JSON] = []
     offset = 0
     while True:
-        page: list[dict[str, Any]] = retry.call(
+        page: list[JSON] = retry.call(
             lambda start=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study, fields=fields, limit=QIDO_PAGE, offset=start
             ),
-            predicate=verify.transient,
         )
         found.extend(page)
         if len(page) < QIDO_PAGE:
@@ -255,7 +223,7 @@ class Plan:
     empty: bool = False
 
 
-def plan(ctx: Any, day: date, doc: dict[str, Any], previous: Mapping[str, Any] | None) -> Plan:
+def plan(ctx: Context, day: date, doc: JSON, previous: JSON | None) -> Plan:
     """Fill ``doc``'s ``expected`` and ``scan``; write the filter file of an incremental
     export. ``previous``: the last complete export's marker (incremental only)."""
     settings = ctx.settings
@@ -278,7 +246,7 @@ def plan(ctx: Any, day: date, doc: dict[str, Any], previous: Mapping[str, Any] |
     counts = Counts(len(uids), len(uids))
     if is_image_mime(mime_type):
         wanted = set(uids)
-        listed: list[dict[str, Any]] = []
+        listed: list[JSON] = []
         for study in sorted({s for s, _, _ in uids}):
             listed.extend(
                 i

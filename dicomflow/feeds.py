@@ -1,31 +1,11 @@
 """Quarantined, dropped and failed files, alerted once per closed window (a burst is one
 alert).
 
-Ingest writes one object per such file, grouped by window:
+``report`` lists one feed's windows from its cursor and publishes what is new, keeping
+each window's progress in ``state/report/<root>/<window>.json``; ``failure_kind`` maps a
+failure record's reason to ``permission_denied`` or ``unreadable``.
 
-- ``quarantine/<window>/<key>.dcm``: the quarantine copy; its metadata is the file
-  record with the reason (``staging.FileRecord``), so the listing carries everything.
-- ``state/dropped/<window>/<key>.json``: a drop record (event too old, source gone,
-  foreign bucket).
-- ``failed/<window>/<key>.json``: a failure record (the source could not be read or
-  copied); its metadata is the file record with the reason, as for quarantine. The
-  alert kind follows the reason: ``permission_denied`` (401, 403) or ``unreadable``,
-  one alert per kind present, subject ``<subject>/<kind>``.
-
-Each window has a progress record ``state/report/<root>/<window>.json``:
-``{window, keys, alerts, pending}``, changed only by compare-and-swap. ``keys`` are
-the files already alerted. A tick lists the window; when it holds files not in
-``keys`` it first writes them as ``pending`` (with the alert's subject), then
-publishes, then folds ``pending`` into ``keys``. A crash after the publish repeats
-the same subject and files, and ``alerts.publish_once`` sends it once.
-
-- The first alert of a window has the subject ``<root>/<window>``; files that land
-  later (a retried delivery) get ``<root>/<window>/late/<digest>``, the digest over
-  the sorted keys of that follow-up.
-- A window is done for good (``state/report/<root>-done/<window>.json``) once it is
-  past the horizon with nothing left unalerted; until then every tick lists it.
-- Windows are listed from a cursor (``state/report/<root>-cursor.json``, never later
-  than now minus the horizon), so a tick does not list history.
+See docs/architecture.md#feeds-quarantined-dropped-and-failed-files
 """
 
 from __future__ import annotations
@@ -35,13 +15,23 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+
+from google.cloud import storage
 
 from dicomflow import alerts, objects
 from dicomflow.batches import CURSOR_STEP_SECONDS
-from dicomflow.config import DROPPED_PREFIX, FAILED_PREFIX, QUARANTINE_PREFIX, STATE_PREFIX
-from dicomflow.staging import FileRecord, iso, parse_window, window_id
-from dicomflow.verify import pmap
+from dicomflow.clock import iso
+from dicomflow.config import (
+    DROPPED_PREFIX,
+    FAILED_PREFIX,
+    QUARANTINE_PREFIX,
+    STATE_PREFIX,
+    Settings,
+)
+from dicomflow.json_types import JSON
+from dicomflow.pool import pmap
+from dicomflow.runtime import Context
+from dicomflow.staging import FileRecord, parse_window, window_id
 
 REPORT_PREFIX = f"{STATE_PREFIX}report/"
 # A window is reported this long after it ends (copies still landing in it first).
@@ -89,7 +79,7 @@ FAILED = Feed(
 )
 
 
-def horizon(settings: Any) -> timedelta:
+def horizon(settings: Settings) -> timedelta:
     """How long after its start a window can still receive a file.
 
     A file's window is fixed by its object's creation time, and ingest drops events
@@ -103,13 +93,13 @@ def horizon(settings: Any) -> timedelta:
     )
 
 
-def closes(settings: Any, start: datetime) -> datetime:
+def closes(settings: Settings, start: datetime) -> datetime:
     return start + timedelta(
         seconds=settings.batch_window_seconds + settings.seal_grace_seconds + GRACE_SECONDS
     )
 
 
-def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
+def report(ctx: Context, feed: Feed, now: datetime) -> list[str]:
     """Alert what is new in every closed window of ``feed``; the windows alerted."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
@@ -142,7 +132,7 @@ def report(ctx: Any, feed: Feed, now: datetime) -> list[str]:
     return reported
 
 
-def _files(ctx: Any, feed: Feed, window: str) -> dict[str, Any]:
+def _files(ctx: Context, feed: Feed, window: str) -> JSON:
     """Key -> the blob of each file in ``window``."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     prefix = f"{feed.prefix}{window}/"
@@ -153,14 +143,14 @@ def _files(ctx: Any, feed: Feed, window: str) -> dict[str, Any]:
     }
 
 
-def _settle(ctx: Any, feed: Feed, window: str, begins: datetime, now: datetime) -> bool:
+def _settle(ctx: Context, feed: Feed, window: str, begins: datetime, now: datetime) -> bool:
     """Alert what is new in ``window``; True when this call published an alert."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     name = f"{feed.markers}{window}.json"
     sent = False
     for _ in range(10):
         found = objects.read(bucket, name)
-        doc: dict[str, Any] = found[0] if found is not None else {"window": window}
+        doc: JSON = found[0] if found is not None else {"window": window}
         generation = found[1] if found is not None else 0
         pending = doc.get("pending")
         if pending:
@@ -194,7 +184,7 @@ def _settle(ctx: Any, feed: Feed, window: str, begins: datetime, now: datetime) 
     return sent
 
 
-def _record(ctx: Any, feed: Feed, window: str, key: str, blob: Any) -> dict[str, Any]:
+def _record(ctx: Context, feed: Feed, window: str, key: str, blob: storage.Blob | None) -> JSON:
     """What the alert says of one file: its reason and object label, never its name."""
     if blob is None:
         return {"key": key, "reason": "record-missing", "object": None}
@@ -209,18 +199,20 @@ def _record(ctx: Any, feed: Feed, window: str, key: str, blob: Any) -> dict[str,
     return {"key": key, "reason": doc.get("reason"), "object": doc.get("objectLabel")}
 
 
-def reason_code(reason: Any) -> str:
+def reason_code(reason: object) -> str:
     """The stable code of a header-check reason (``code: detail``), never a tag value."""
     return str(reason or "unknown").split(":", 1)[0].strip()[:80] or "unknown"
 
 
-def _alert(ctx: Any, feed: Feed, window: str, subject: str, keys: list[str], now: datetime) -> None:
+def _alert(
+    ctx: Context, feed: Feed, window: str, subject: str, keys: list[str], now: datetime
+) -> None:
     files = _files(ctx, feed, window)
     records = pmap(lambda k: _record(ctx, feed, window, k, files.get(k)), keys)
     if feed.kind_of is None:
         _publish(ctx, feed, feed.kind, window, subject, subject, records, now)
         return
-    kinds: dict[str, list[dict[str, Any]]] = {}
+    kinds: dict[str, list[JSON]] = {}
     for record in records:
         kinds.setdefault(feed.kind_of(reason_code(record["reason"])), []).append(record)
     for kind, chosen in sorted(kinds.items()):
@@ -228,18 +220,18 @@ def _alert(ctx: Any, feed: Feed, window: str, subject: str, keys: list[str], now
 
 
 def _publish(
-    ctx: Any,
+    ctx: Context,
     feed: Feed,
     kind: str,
     window: str,
     subject: str,
     alert_subject: str,
-    records: list[dict[str, Any]],
+    records: list[JSON],
     now: datetime,
 ) -> None:
     settings = ctx.settings
     labels = [r["object"] for r in records if r["object"]]
-    details: dict[str, Any] = {
+    details: JSON = {
         "window": window,
         "files": len(records),
         "reasons": dict(sorted(Counter(reason_code(r["reason"]) for r in records).items())),

@@ -1,83 +1,31 @@
-"""The ingest function: a finalize event stages one file; the minute tick seals and imports.
+"""The ingest function's work on one object: filter, header check, one create-if-absent copy.
 
-One object generation, two Storage calls (``dicomflow.staging`` has the layout)::
+``ingest_object`` stages one object generation into its window (or quarantines, drops or
+records its failure); ``stage`` makes the copy into the window that will list it, taking
+a late claim when needed; ``restage_stragglers`` re-stages copies that landed after their
+window was listed.
 
-    filter -> ranged header read -> copy to batches/<window>/<key>.dcm, create-if-absent,
-                                    the file record as the copy's metadata
-    header check failed          -> copy to quarantine/<home>/<key>.dcm with the reason
-    source gone (404)            -> drop record state/dropped/<home>/<key>.json
-    event older than the maximum -> late claim, then a drop record in the current window
-    bucket not the landing one   -> drop record state/dropped/<home>/<key>.json (or, when
-                                    the event is too old, as above)
-    read or copy refused (4xx)   -> failure record failed/<home>/<key>.json
-
-The copy is the claim: ``if_generation_match=0`` lets one delivery of an object
-generation win, and a 412 means an earlier delivery has claimed it already, so the
-event is acknowledged. Nothing else is written per file.
-
-Which window. ``<home>`` is the window of the object's ``timeCreated``, the same for
-every delivery. The tick seals a window ``seal_grace_seconds`` after it ends and lists
-it then; a copy may take half the grace (``copy_deadline``), chosen just before it.
-
-- A delivery whose copy is sure to land before its home window's seal copies there.
-- A later one copies into the late window (``late_window_seconds`` long) that holds
-  the home window's seal (``late_home``). Every delivery computes the same one, so
-  this too is one create-if-absent copy, and a burst that ingest needs many minutes
-  to absorb still lands in one or two late windows: few imports.
-- A delivery after that late window's seal first checks that neither window lists the
-  file (then it has its record), then claims ``state/late/<key>`` (create-if-absent,
-  naming the current late window) and copies there. A delivery that finds a claim
-  copies into the window it names, or, when that window was sealed without the file,
-  moves the claim to the current one (compare-and-swap).
-
-The seal of a window drops a late copy whose home window listed the key, or whose
-claim names another window, so each generation keeps one record (``dicomflow.batches``).
-
-Swept files (``dicomflow.sweep``: uploads older than the maximum event age that have no
-record) come with ``via="sweep"`` and no event time. Any event of theirs still to come
-is too old, and a too-old event meets ``state/late/<key>`` first, so every record of a
-swept file goes under that claim: a good file takes the very-late path above; a bad
-one claims the current window and is quarantined there, where the report still alerts
-it; one gone since the listing is dropped like a too-old event.
-
-Errors. Object names can carry patient names, so logs and raised errors name the
-object by ``alerts.object_label`` (a hash by default) and its key, never by URI.
-A permanent answer to the header read or the copy (4xx other than 404, 408, 412 and
-429: no permission, a bad request or range) is the file's outcome: a failure record
-with the reason (``permission-denied`` for 401 and 403, ``source-unreadable`` for the
-rest), which the report alerts once per window (``dicomflow.feeds``), and the event
-is acknowledged. Other errors, except ``PermanentError``, are raised again as
-``TransientError`` without the original message, for the platform to retry the event.
-
-Events for objects of other buckets (a trigger on the wrong bucket) are recorded as
-dropped (``foreign-bucket``) without reading the object; the pipeline's own objects
-(``Settings.is_pipeline_object``) are skipped unrecorded before that, so records that
-ingest writes can never feed back into it.
+See docs/architecture.md#ingest-path
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import traceback
 from datetime import datetime, timedelta
-from typing import Any
 
-from cloudevents.http import CloudEvent
 from google.api_core import exceptions as gexc
 from google.cloud import storage
-from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomflow import alerts, batches, header, log, objects, retry
-from dicomflow.config import Settings
+from dicomflow.clock import iso
+from dicomflow.config import BATCHES_PREFIX, Settings
 from dicomflow.errors import DicomflowError, PermanentError, TransientError
 from dicomflow.events import (
-    FINALIZED,
-    MESSAGE_PUBLISHED,
     StorageObject,
     is_too_old,
-    parse_time,
 )
+from dicomflow.json_types import JSON
 from dicomflow.runtime import Context
 from dicomflow.sniff import sniffed_skip_reason
 from dicomflow.staging import (
@@ -85,10 +33,10 @@ from dicomflow.staging import (
     dropped_name,
     failed_name,
     file_key,
-    iso,
     late_home_window,
     late_name,
     late_window_id,
+    parse_batch,
     quarantine_name,
     seal_time,
     staged_name,
@@ -111,52 +59,6 @@ FOREIGN_BUCKET = "foreign-bucket"
 SWEPT = "sweep"
 
 
-def handle_event(ctx: Context, cloud_event: CloudEvent) -> dict[str, Any]:
-    """Route a finalize event or a tick; see the module docstring."""
-    kind = cloud_event["type"]
-    event_id = cloud_event["id"]
-    if kind == FINALIZED:
-        obj = StorageObject.from_data(cloud_event.data)
-        with log.naming(obj.bucket, obj.name):
-            return ingest_object(ctx, obj, event_id, parse_time(cloud_event.get("time")))
-    if kind == MESSAGE_PUBLISHED:
-        return tick(ctx, event_id)
-    logger.info("ignored event type", extra=log.fields(eventId=event_id, eventType=kind))
-    return {"status": "ignored", "reason": "event-type"}
-
-
-# One tick at a time per instance: a tick that meets a running one returns at once
-# instead of repeating its seals beside it (localcloud's server runs requests at once).
-_TICK_RUNNING = threading.Lock()
-
-
-def tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
-    """Seal due windows, then poll running imports and start queued ones (at most K)."""
-    if not _TICK_RUNNING.acquire(blocking=False):
-        logger.info("tick skipped: a tick is running in this instance", extra=log.fields())
-        return {"status": "busy", "sealed": [], **batches.Queue().summary()}
-    try:
-        return run_tick(ctx, event_id)
-    finally:
-        _TICK_RUNNING.release()
-
-
-def run_tick(ctx: Context, event_id: str | None = None) -> dict[str, Any]:
-    """One tick, without the per-instance lock (two instances tick at once like this)."""
-    from dicomflow import sweep
-
-    now = ctx.clock()
-    sealed = batches.seal_due(ctx, now)
-    queue = batches.run_imports(ctx, now)
-    result = {"status": "tick", "sealed": sealed, **queue.summary()}
-    # The daily pass (the reconciliation sweep, landing retention) rides on this tick.
-    swept = sweep.run_due(ctx, now)
-    if swept is not None:
-        result["daily"] = swept
-    logger.info("tick", extra=log.fields(eventId=event_id, sealed=len(sealed), **queue.counts()))
-    return result
-
-
 def copy_deadline(settings: Settings) -> float:
     """How long one staging copy may take, retries included: half the seal grace."""
     return max(0.5, settings.seal_grace_seconds / 2)
@@ -168,10 +70,10 @@ def ingest_object(
     event_id: str,
     event_time: datetime | None,
     via: str | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """Take one object generation through filter, check and staging (or quarantine).
 
-    ``via`` is ``SWEPT`` for a file the sweep found (see the module docstring).
+    ``via`` is ``SWEPT`` for a file the sweep found (see docs/architecture.md#swept-files).
     """
     settings = ctx.settings
     label = alerts.object_label(settings, obj.bucket, obj.name)
@@ -226,7 +128,7 @@ def _skip_reason(ctx: Context, obj: StorageObject) -> str | None:
         return None
 
 
-def redacted(exc: BaseException) -> dict[str, Any]:
+def redacted(exc: BaseException) -> JSON:
     """What can be logged of ``exc`` without PHI: its type, HTTP status and where it arose.
 
     The messages of our own errors are kept (they never hold object names); other
@@ -270,7 +172,7 @@ def _ingest(
     event_id: str,
     event_time: datetime | None,
     via: str | None,
-) -> dict[str, Any]:
+) -> JSON:
     settings = ctx.settings
     now = ctx.clock()
     created = obj.time_created or event_time
@@ -309,8 +211,8 @@ def late_home(record: FileRecord, settings: Settings) -> str:
     return late_home_window(record.home, settings)
 
 
-def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> dict[str, Any]:
-    """Copy ``source`` into the window that will list it (see the module docstring).
+def stage(ctx: Context, source: storage.Blob, record: FileRecord, now: datetime) -> JSON:
+    """Copy ``source`` into the window that will list it (docs/architecture.md#which-window).
 
     ``source`` is the landing object (or, for a re-staged file, its earlier staging copy).
     """
@@ -395,7 +297,7 @@ def _swept_window(ctx: Context, key: str, now: datetime) -> str | None:
     return str(found["window"]) if found.get("swept") else None
 
 
-def _with(record: FileRecord, **changes: Any) -> FileRecord:
+def _with(record: FileRecord, **changes: str | None) -> FileRecord:
     return FileRecord(**{**record.line(), "size": record.size, **changes})
 
 
@@ -405,8 +307,8 @@ def _source_blob(ctx: Context, obj: StorageObject) -> storage.Blob:
 
 def range_reader(blob: storage.Blob) -> header.RangeReader:
     def read(start: int, end: int) -> bytes:
-        data: bytes = retry.call(
-            lambda: blob.download_as_bytes(start=start, end=end, checksum=None)
+        data: bytes = blob.download_as_bytes(
+            start=start, end=end, checksum=None, retry=retry.storage(), timeout=retry.DEADLINE
         )
         return data
 
@@ -423,12 +325,13 @@ def copy_object(ctx: Context, source: storage.Blob, target_name: str, record: Fi
 
     Raises:
         google.api_core.exceptions.NotFound: the source generation is gone.
+        TransientError: Cloud Storage kept failing with 429, 5xx or timeouts.
     """
     deadline = copy_deadline(ctx.settings)
     target = ctx.storage.bucket(ctx.settings.staging_bucket).blob(target_name)
     target.metadata = record.metadata()
     target.content_type = "application/dicom"
-    policy = DEFAULT_RETRY.with_timeout(deadline)
+    policy = retry.storage(deadline)
     token: str | None = None
     try:
         while True:
@@ -439,10 +342,6 @@ def copy_object(ctx: Context, source: storage.Blob, target_name: str, record: Fi
                 return True
     except gexc.PreconditionFailed:
         return False
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise TransientError(f"copy failed: HTTP {exc.code}") from exc
-    except gexc.RetryError as exc:
-        raise TransientError(f"copy still failing after {deadline:.1f}s") from exc
 
 
 def _copied(
@@ -452,7 +351,7 @@ def _copied(
     record: FileRecord,
     status: str,
     reason: str | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     try:
         created = copy_object(ctx, source, target, record)
     except gexc.NotFound:
@@ -470,7 +369,7 @@ def _copied(
     }
 
 
-def _drop_late(ctx: Context, record: FileRecord, reason: str, now: datetime) -> dict[str, Any]:
+def _drop_late(ctx: Context, record: FileRecord, reason: str, now: datetime) -> JSON:
     """Drop a file whose home window may be long reported: its record goes in the current
     window, under a late claim so every delivery picks the same one."""
     window = window_id(now, ctx.settings.batch_window_seconds)
@@ -484,9 +383,7 @@ def _drop_late(ctx: Context, record: FileRecord, reason: str, now: datetime) -> 
     return _drop(ctx, record, window, reason, now)
 
 
-def _drop(
-    ctx: Context, record: FileRecord, window: str, reason: str, now: datetime
-) -> dict[str, Any]:
+def _drop(ctx: Context, record: FileRecord, window: str, reason: str, now: datetime) -> JSON:
     """Write the drop record of ``record`` in ``window`` (create-if-absent)."""
     doc = {
         **_with(record, window=window, reason=reason).line(),
@@ -498,7 +395,7 @@ def _drop(
     return {"status": DROPPED, "reason": reason, "window": window, "repeat": not created}
 
 
-def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) -> dict[str, Any]:
+def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) -> JSON:
     """Write the failure record of ``record`` in its home window (create-if-absent): the
     ``step`` (header read, copy) met a permanent answer. Its object metadata is the file
     record with the reason, so listings (status, the report's feed) need no reads.
@@ -517,3 +414,35 @@ def _fail(ctx: Context, record: FileRecord, exc: gexc.ClientError, step: str) ->
     name = failed_name(record.home, record.key)
     created = objects.create(bucket, name, doc, metadata=failed.metadata())
     return {"status": FAILED, "reason": failed.reason, "window": record.home, "repeat": not created}
+
+
+def restage_stragglers(ctx: Context, batch: str, listed: frozenset[str]) -> list[str]:
+    """Re-stage copies under ``batch``'s prefix that its window's file list lacks.
+
+    Each goes through the late path into the current window (``stage``),
+    copied from the straggler itself; the late claim keeps it to one record.
+    """
+    bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
+    window, bits = parse_batch(batch)
+    moved: list[str] = []
+    for blob in objects.blobs(bucket, f"{BATCHES_PREFIX}{window}/{bits}"):
+        record = FileRecord.from_blob(blob, window)
+        if record is None or record.key in listed or not blob.name.endswith(".dcm"):
+            continue
+        now = ctx.clock()
+        if record.home != window and record.key in batches.listed_keys(ctx, record.home, now):
+            continue  # a late double whose home window holds the file
+        source = bucket.blob(staged_name(window, record.key), generation=blob.generation)
+        restaged = FileRecord(**{**record.line(), "size": record.size, "via": "restaged"})
+        try:
+            # The late path: a claim naming this window (sealed) or another sealed one
+            # that did not list the key moves to the current window; one naming a window
+            # still open, or one that listed the key, keeps the file there.
+            result = stage(ctx, source, restaged, now)
+        except gexc.NotFound:
+            continue
+        if result.get("repeat"):
+            continue
+        moved.append(record.key)
+        logger.warning("straggler re-staged", extra=log.fields(key=record.key, batch=batch))
+    return moved

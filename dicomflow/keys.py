@@ -1,22 +1,10 @@
 """The deployment key: HMAC-SHA256 labels for object names and UIDs in alerts and logs.
 
-A label must not be reversible by whoever reads alerts or logs: landing paths and
-DICOM UIDs identify patients, and a plain hash of a guessed path is easy to
-compare. So every label is an HMAC under one secret key per deployment:
-the same text gives the same label within a deployment, other keys give other
-labels, and without the key no guess can be checked.
+``load(settings)`` reads the key once per process, from ``DICOMFLOW_KEY_SECRET`` (Secret
+Manager) or ``DICOMFLOW_KEY_FILE``; ``DeploymentKey.hash`` makes a label
+``h:<key id>:<32 hex>``; ``write_key_file`` creates a key file unless one exists.
 
-Where the key comes from (``load(settings)``, read once per process):
-
-- ``DICOMFLOW_KEY_SECRET``: a Secret Manager secret version,
-  ``projects/P/secrets/S/versions/V`` (Google Cloud). The library is imported
-  only on this path.
-- ``DICOMFLOW_KEY_FILE``: a file holding the key (localcloud writes one per home,
-  32 random bytes, mode 0600). It must not be readable by group or others.
-
-A label is ``h:<key id>:<32 hex>``: the key id (8 hex of SHA-256 of the key)
-tells which key made it, so labels from before a rotation are recognisable,
-without revealing the key.
+See docs/architecture.md#the-deployment-key
 """
 
 from __future__ import annotations
@@ -28,7 +16,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from dicomflow.config import Settings
 from dicomflow.errors import ConfigError
@@ -46,6 +34,21 @@ _NEITHER = (
     "set DICOMFLOW_KEY_SECRET=projects/P/secrets/S/versions/latest (Google Cloud) "
     "or DICOMFLOW_KEY_FILE=<path of a file of 32 random bytes> (localcloud writes one per home)",
 )
+
+
+class SecretPayload(Protocol):
+    data: bytes
+    data_crc32c: int | None
+
+
+class SecretVersion(Protocol):
+    payload: SecretPayload
+
+
+class SecretClient(Protocol):
+    """The one call dicomflow makes of a Secret Manager client."""
+
+    def access_secret_version(self, *, name: str) -> SecretVersion: ...
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ _cache: dict[tuple[str | None, str | None], DeploymentKey] = {}
 _lock = threading.Lock()
 
 
-def load(settings: Settings, *, secret_client: Any = None) -> DeploymentKey:
+def load(settings: Settings, *, secret_client: SecretClient | None = None) -> DeploymentKey:
     """The deployment key named by ``settings``, read once per process.
 
     Args:
@@ -135,7 +138,7 @@ def _from_file(path: str) -> bytes:
     return _checked(secret, "DICOMFLOW_KEY_FILE")
 
 
-def _from_secret_manager(name: str, client: Any) -> bytes:
+def _from_secret_manager(name: str, client: SecretClient | None) -> bytes:
     if client is None:
         # Imported by name: mypy following this typed package would hide the untyped
         # google.cloud.storage beside it.

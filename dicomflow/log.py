@@ -1,28 +1,11 @@
 """JSON-line logging in the shape Cloud Logging reads from a function's stdout.
 
-Each record is one line: ``{"severity": ..., "message": ..., <fields>}``.
-Correlation fields (event id, batch id, operation) are passed as ``extra``::
+``configure()`` is called once by the process (main.py, the CLI or localcloud); library
+modules only call ``logging.getLogger(__name__)`` and pass correlation fields as
+``extra`` (``fields``). The installed handler's ``Scrubber`` replaces DICOM UIDs and
+object names in every record with their keyed labels (``use_labels``).
 
-    log.info("staged", extra={"fields": {"eventId": eid, "batch": batch_id}})
-
-Library modules only call ``logging.getLogger(__name__)``; ``configure()`` is
-called once by the process (main.py, the CLI or localcloud).
-
-No UIDs or object names in clear: the handler ``configure()`` installs carries a
-``Scrubber``, which rewrites every record that reaches it, whichever logger made
-it (functions-framework's traceback of an unhandled error included): in the
-message, the correlation fields, the exception text and the stack,
-
-- DICOM UIDs (``UID_PATTERN``: dotted digit strings rooted at 0, 1 or 2) become
-  their keyed label (``dicomflow.keys``), the label the alerts carry;
-- object names become the keyed label of their ``gs://`` URI: ``gs://`` URIs,
-  the object part of Cloud Storage request URLs (``/b/B/o/NAME``, ``?name=``,
-  ``?prefix=``), and names the code is handling (``naming``), in clear or
-  percent-encoded. The pipeline's own objects (batches, quarantine, manifests,
-  state, backups) keep their names: those hold windows and keys only.
-
-Until ``use_labels`` gives the process its key, UIDs become ``<uid>`` and names
-``<object>``. Python warnings go through logging too (``captureWarnings``).
+See docs/architecture.md#logs
 """
 
 from __future__ import annotations
@@ -36,10 +19,11 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote, unquote
 
 from dicomflow import keys
+from dicomflow.json_types import JSON
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -54,7 +38,7 @@ class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object with ``severity`` and ``message``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
+        entry: JSON = {
             "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
             "message": record.getMessage(),
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -148,7 +132,7 @@ class Scrubber(logging.Filter):
             record.stack_info = self.scrub(record.stack_info)
         return True
 
-    def _scrub_value(self, value: Any) -> Any:
+    def _scrub_value(self, value: object) -> object:
         if isinstance(value, str):
             return self.scrub(value)
         if isinstance(value, dict):
@@ -241,6 +225,6 @@ def configure(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
 QUIET_LIBRARIES = ("dicomweb_client",)
 
 
-def fields(**values: Any) -> dict[str, Any]:
+def fields(**values: object) -> JSON:
     """Build the ``extra`` argument carrying correlation fields."""
     return {"fields": {k: v for k, v in values.items() if v is not None}}

@@ -1,37 +1,22 @@
 """Per-batch result manifests, in the manner of AWS HealthImaging's import manifests.
 
-Layout (staging bucket)::
+``write_lists`` writes ``manifests/<batch>/success.ndjson`` and ``failure.ndjson``;
+``write_summary`` creates ``summary.json`` once, last (its presence means the batch is
+verified); ``read_summary`` and ``read_lines`` read them back.
 
-    manifests/<batch>/success.ndjson   one line per file that reached the store
-                                       (status imported | duplicate)
-    manifests/<batch>/failure.ndjson   one line per file that did not
-                                       (status conflict | failed, with reason)
-    manifests/<batch>/summary.json     counts, the operation and its own counters,
-                                       times; written last: its presence means
-                                       the batch is verified
-
-A line is the file record (``staging.FileRecord``: key, source bucket, name and
-generation, size, checksums, study, series and SOP UIDs, windows) plus ``status``,
-``reason``, ``batch``, ``operation``, ``staged``, ``checksum`` and
-``storedChecksum`` when the store's bytes differ. Manifests live in the staging
-bucket, with its access, so they name the source objects in full; alerts and logs
-never do.
-
-The two NDJSON files are rewritten whole on a repeat (a crash before the summary);
-the summary is create-if-absent, so the first complete verification is the one on
-record. Status views read summaries, never one object per file.
+See docs/architecture.md#manifests
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 
 from google.cloud import storage
 
 from dicomflow import objects
-from dicomflow.staging import failure_name, iso, success_name, summary_name
+from dicomflow.clock import iso
+from dicomflow.json_types import JSON
+from dicomflow.staging import failure_name, success_name, summary_name
 from dicomflow.verify import SUCCESS, FileResult, counts
 
 SCHEMA_VERSION = 2
@@ -39,12 +24,12 @@ SCHEMA_VERSION = 2
 
 def build_summary(
     batch: str,
-    queued: Mapping[str, Any],
-    operation: Mapping[str, Any] | None,
+    queued: JSON,
+    operation: JSON | None,
     results: list[FileResult],
     restaged: int,
     now: datetime,
-) -> dict[str, Any]:
+) -> JSON:
     """The ``summary.json`` of a verified batch. Pure."""
     by_status = counts(results)
     success = sum(by_status[s] for s in SUCCESS)
@@ -88,17 +73,17 @@ def write_lists(
         objects.write_text(bucket, name, objects.ndjson(lines), "application/x-ndjson")
 
 
-def write_summary(bucket: storage.Bucket, summary: dict[str, Any]) -> dict[str, Any]:
+def write_summary(bucket: storage.Bucket, summary: JSON) -> JSON:
     """Create the summary once; a repeat returns the one on record."""
     name = summary_name(summary["batch"])
     objects.create(bucket, name, summary)
     return objects.read_json(bucket, name) or summary
 
 
-def read_summary(bucket: storage.Bucket, batch: str) -> dict[str, Any] | None:
+def read_summary(bucket: storage.Bucket, batch: str) -> JSON | None:
     return objects.read_json(bucket, summary_name(batch))
 
 
-def read_lines(bucket: storage.Bucket, name: str) -> list[dict[str, Any]]:
+def read_lines(bucket: storage.Bucket, name: str) -> list[JSON]:
     """The lines of an NDJSON manifest ([] when absent)."""
     return objects.read_ndjson(bucket, name) or []

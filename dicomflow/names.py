@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar, Self
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
 
@@ -44,56 +45,63 @@ class DatasetName:
 
 
 @dataclass(frozen=True)
-class DicomStoreName:
-    """``projects/{p}/locations/{l}/datasets/{d}/dicomStores/{store}``."""
+class _InDataset:
+    """A resource of a dataset, ``{dataset}/{COLLECTION}/{id}``; subclasses set the
+    collection, the kind the error messages name, and the id's placeholder."""
+
+    COLLECTION: ClassVar[str]
+    KIND: ClassVar[str]
+    PLACEHOLDER: ClassVar[str]
 
     dataset: DatasetName
-    store: str
+    id: str
 
     def __post_init__(self) -> None:
-        _check_id("DICOM store", self.store)
+        _check_id(self.KIND, self.id)
 
     def __str__(self) -> str:
-        return f"{self.dataset}/dicomStores/{self.store}"
+        return f"{self.dataset}/{self.COLLECTION}/{self.id}"
+
+    @classmethod
+    def from_string(cls, name: str) -> Self:
+        parts = name.strip("/").split("/")
+        if len(parts) != 8 or parts[6] != cls.COLLECTION:
+            raise ValueError(
+                f"invalid {cls.KIND} name {name!r}: "
+                f"expected projects/P/locations/L/datasets/D/{cls.COLLECTION}/{cls.PLACEHOLDER}"
+            )
+        return cls(DatasetName.from_string("/".join(parts[:6])), parts[7])
+
+
+@dataclass(frozen=True)
+class DicomStoreName(_InDataset):
+    """``projects/{p}/locations/{l}/datasets/{d}/dicomStores/{store}``."""
+
+    COLLECTION = "dicomStores"
+    KIND = "DICOM store"
+    PLACEHOLDER = "S"
+
+    @property
+    def store(self) -> str:
+        return self.id
 
     @property
     def dicomweb_path(self) -> str:
         """The path of the store's DICOMweb root, relative to the API version."""
         return f"{self}/dicomWeb"
 
-    @classmethod
-    def from_string(cls, name: str) -> DicomStoreName:
-        parts = name.strip("/").split("/")
-        if len(parts) != 8 or parts[6] != "dicomStores":
-            raise ValueError(
-                f"invalid DICOM store name {name!r}: "
-                "expected projects/P/locations/L/datasets/D/dicomStores/S"
-            )
-        return cls(DatasetName.from_string("/".join(parts[:6])), parts[7])
-
 
 @dataclass(frozen=True)
-class OperationName:
+class OperationName(_InDataset):
     """``projects/{p}/locations/{l}/datasets/{d}/operations/{operation}``."""
 
-    dataset: DatasetName
-    operation: str
+    COLLECTION = "operations"
+    KIND = "operation"
+    PLACEHOLDER = "OP"
 
-    def __post_init__(self) -> None:
-        _check_id("operation", self.operation)
-
-    def __str__(self) -> str:
-        return f"{self.dataset}/operations/{self.operation}"
-
-    @classmethod
-    def from_string(cls, name: str) -> OperationName:
-        parts = name.strip("/").split("/")
-        if len(parts) != 8 or parts[6] != "operations":
-            raise ValueError(
-                f"invalid operation name {name!r}: "
-                "expected projects/P/locations/L/datasets/D/operations/OP"
-            )
-        return cls(DatasetName.from_string("/".join(parts[:6])), parts[7])
+    @property
+    def operation(self) -> str:
+        return self.id
 
 
 @dataclass(frozen=True)

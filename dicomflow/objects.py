@@ -9,12 +9,13 @@ Every marker, seal, intent, slot, lease and manifest goes through these helpers:
   someone else's.
 - ``swap``: compare-and-swap on the generation read, with the same token check.
 - ``delete``: absent is fine; with a generation, only that version goes.
-- ``names`` / ``prefixes``: one listing, optionally from an offset (windows and
+- ``names`` / ``folders``: one listing, optionally from an offset (windows and
   cursors keep ticks from listing history).
 
-Conditional requests are idempotent, so the Storage client retries them itself
-(429, 5xx, timeouts) within ``deadline``; these helpers add no retry loop of
-their own around them. Unconditional reads and listings are retried the same way.
+Every call passes ``retry.storage()``: the Storage client retries 429, 5xx and
+timeouts within the deadline, then ``TransientError`` surfaces. Conditional writes
+are safe to repeat; ``write_text`` is the one unconditional write, for whole
+objects whose writer would repeat them as is (``dicomflow.retry`` states the rule).
 """
 
 from __future__ import annotations
@@ -23,49 +24,37 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
-from google.cloud.storage.retry import DEFAULT_RETRY
 
-from dicomflow.errors import TransientError
+from dicomflow import retry
+from dicomflow.json_types import JSON
 
 TOKEN = "_token"
-DEADLINE = 60.0
 # Objects per listing call: Cloud Storage's default and most. Asked for explicitly so that
 # fake-gcs-server, which otherwise answers a listing in one page, pages as the service does.
 PAGE = 1000
 
 
-def _retry(deadline: float) -> Any:
-    return DEFAULT_RETRY.with_timeout(deadline)
-
-
-def dumps(doc: Mapping[str, Any]) -> str:
+def dumps(doc: JSON) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
-def _transient(exc: gexc.GoogleAPICallError) -> TransientError:
-    return TransientError(f"Cloud Storage: {type(exc).__name__} (HTTP {exc.code})")
-
-
 def read(
-    bucket: storage.Bucket, name: str, deadline: float = DEADLINE
-) -> tuple[dict[str, Any], int] | None:
+    bucket: storage.Bucket, name: str, deadline: float = retry.DEADLINE
+) -> tuple[JSON, int] | None:
     """The JSON object ``name`` and its generation, or None when absent."""
     blob = bucket.blob(name)
     try:
-        raw = blob.download_as_bytes(retry=_retry(deadline), timeout=deadline)
+        raw = blob.download_as_bytes(retry=retry.storage(deadline), timeout=deadline)
     except gexc.NotFound:
         return None
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise _transient(exc) from exc
-    doc: dict[str, Any] = json.loads(raw)
+    doc: JSON = json.loads(raw)
     return doc, int(blob.generation or 0)
 
 
-def read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
+def read_json(bucket: storage.Bucket, name: str) -> JSON | None:
     """The JSON object ``name``, or None when absent."""
     found = read(bucket, name)
     return found[0] if found is not None else None
@@ -82,23 +71,20 @@ def _upload(
     blob = bucket.blob(name)
     if metadata:
         blob.metadata = dict(metadata)
-    try:
-        blob.upload_from_string(
-            body,
-            content_type=content_type,
-            if_generation_match=generation,
-            retry=_retry(DEADLINE),
-            timeout=DEADLINE,
-        )
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise _transient(exc) from exc
+    blob.upload_from_string(
+        body,
+        content_type=content_type,
+        if_generation_match=generation,
+        retry=retry.storage(),
+        timeout=retry.DEADLINE,
+    )
     return int(blob.generation or 0)
 
 
 def create(
     bucket: storage.Bucket,
     name: str,
-    doc: Mapping[str, Any],
+    doc: JSON,
     metadata: Mapping[str, str] | None = None,
 ) -> int | None:
     """Create ``name`` holding ``doc`` if absent; the generation written when the stored
@@ -116,7 +102,7 @@ def create(
         return found[1] if found is not None and found[0].get(TOKEN) == token else None
 
 
-def swap(bucket: storage.Bucket, name: str, doc: Mapping[str, Any], generation: int) -> int | None:
+def swap(bucket: storage.Bucket, name: str, doc: JSON, generation: int) -> int | None:
     """Write ``doc`` if ``name`` is still at ``generation`` (0: absent).
 
     Returns the new generation, or None when someone else changed the object first.
@@ -132,33 +118,32 @@ def swap(bucket: storage.Bucket, name: str, doc: Mapping[str, Any], generation: 
 
 
 def write_text(bucket: storage.Bucket, name: str, text: str, content_type: str) -> None:
-    """Replace ``name`` with ``text`` whatever it held (manifests rewritten whole)."""
+    """Replace ``name`` with ``text`` whatever it held (manifests rewritten whole).
+
+    Unconditional, and still retried: only for text whose writer would write it again
+    as is, so that a repeat after a lost answer changes nothing (``dicomflow.retry``).
+    """
     blob = bucket.blob(name)
-    try:
-        blob.upload_from_string(
-            text, content_type=content_type, retry=_retry(DEADLINE), timeout=DEADLINE
-        )
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise _transient(exc) from exc
+    blob.upload_from_string(
+        text, content_type=content_type, retry=retry.storage(), timeout=retry.DEADLINE
+    )
 
 
 def read_text(bucket: storage.Bucket, name: str) -> str | None:
     blob = bucket.blob(name)
     try:
-        text: str = blob.download_as_text(retry=_retry(DEADLINE), timeout=DEADLINE)
+        text: str = blob.download_as_text(retry=retry.storage(), timeout=retry.DEADLINE)
         return text
     except gexc.NotFound:
         return None
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise _transient(exc) from exc
 
 
-def ndjson(lines: Iterable[Mapping[str, Any]]) -> str:
+def ndjson(lines: Iterable[JSON]) -> str:
     """One compact JSON object per line."""
     return "".join(dumps(line) + "\n" for line in lines)
 
 
-def read_ndjson(bucket: storage.Bucket, name: str) -> list[dict[str, Any]] | None:
+def read_ndjson(bucket: storage.Bucket, name: str) -> list[JSON] | None:
     """The lines of an NDJSON object, or None when absent."""
     text = read_text(bucket, name)
     if text is None:
@@ -186,19 +171,13 @@ def delete(bucket: storage.Bucket, name: str, generation: int | None = None) -> 
     """
     blob = bucket.blob(name)
     with contextlib.suppress(gexc.NotFound, gexc.PreconditionFailed):
-        try:
-            blob.delete(if_generation_match=generation, retry=_retry(DEADLINE), timeout=DEADLINE)
-        except (gexc.TooManyRequests, gexc.ServerError) as exc:
-            raise _transient(exc) from exc
+        blob.delete(if_generation_match=generation, retry=retry.storage(), timeout=retry.DEADLINE)
         return True
     return False
 
 
 def exists(bucket: storage.Bucket, name: str) -> bool:
-    try:
-        return bool(bucket.blob(name).exists(retry=_retry(DEADLINE), timeout=DEADLINE))
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise _transient(exc) from exc
+    return bool(bucket.blob(name).exists(retry=retry.storage(), timeout=retry.DEADLINE))
 
 
 def blobs(
@@ -209,20 +188,17 @@ def blobs(
 ) -> list[storage.Blob]:
     """Every object under ``prefix`` (from ``start_offset``, before ``end_offset``), with
     its metadata: one listing call per 1,000 objects."""
-    try:
-        return list(
-            bucket.client.list_blobs(
-                bucket,
-                prefix=prefix,
-                start_offset=start_offset,
-                end_offset=end_offset,
-                page_size=PAGE,
-                retry=_retry(DEADLINE),
-                timeout=DEADLINE,
-            )
+    return list(
+        bucket.client.list_blobs(
+            bucket,
+            prefix=prefix,
+            start_offset=start_offset,
+            end_offset=end_offset,
+            page_size=PAGE,
+            retry=retry.storage(),
+            timeout=retry.DEADLINE,
         )
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise _transient(exc) from exc
+    )
 
 
 def names(bucket: storage.Bucket, prefix: str, start_offset: str | None = None) -> list[str]:
@@ -233,18 +209,15 @@ def names(bucket: storage.Bucket, prefix: str, start_offset: str | None = None) 
 def folders(bucket: storage.Bucket, prefix: str, start_offset: str | None = None) -> list[str]:
     """The next path parts under ``prefix`` (``prefix/<part>/...``), in order: one
     delimited listing, which returns one entry per folder rather than per object."""
-    try:
-        found = bucket.client.list_blobs(
-            bucket,
-            prefix=prefix,
-            delimiter="/",
-            start_offset=start_offset,
-            page_size=PAGE,
-            retry=_retry(DEADLINE),
-            timeout=DEADLINE,
-        )
-        for _ in found:
-            pass
-        return sorted(p[len(prefix) :].strip("/") for p in found.prefixes)
-    except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise _transient(exc) from exc
+    found = bucket.client.list_blobs(
+        bucket,
+        prefix=prefix,
+        delimiter="/",
+        start_offset=start_offset,
+        page_size=PAGE,
+        retry=retry.storage(),
+        timeout=retry.DEADLINE,
+    )
+    for _ in found:
+        pass
+    return sorted(p[len(prefix) :].strip("/") for p in found.prefixes)

@@ -15,14 +15,15 @@ dataset is fixed by the settings, so the id alone names the marker.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from dicomflow import objects, retry
+from dicomflow.clock import parse_time
 from dicomflow.config import STATE_PREFIX
-from dicomflow.staging import parse_time
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 OURS_PREFIX = f"{STATE_PREFIX}ops/"
 PAGE_SIZE = 1000
@@ -66,19 +67,19 @@ class OperationView:
         return (now - self.created).total_seconds()
 
 
-def _time(value: Any) -> datetime | None:
+def _time(value: object) -> datetime | None:
     if not value:
         return None
     return parse_time(str(value))
 
 
-def kind_of(operation: Mapping[str, Any]) -> str | None:
+def kind_of(operation: JSON) -> str | None:
     """``import``, ``export``, or None for any other operation (dataset creation...)."""
     method = str((operation.get("metadata") or {}).get("apiMethodName") or "")
     return _METHODS.get(method.rsplit(".", 1)[-1])
 
 
-def view(operation: Mapping[str, Any]) -> OperationView:
+def view(operation: JSON) -> OperationView:
     """Read an Operation resource; counters travel as strings and may be missing."""
     meta = operation.get("metadata") or {}
     error = operation.get("error") if isinstance(operation.get("error"), dict) else None
@@ -107,7 +108,7 @@ def view(operation: Mapping[str, Any]) -> OperationView:
     )
 
 
-def redact(text: str, label: Any) -> str:
+def redact(text: str, label: Callable[[str], object]) -> str:
     """``text`` with every ``gs://`` URI replaced by ``label(uri)``, cut to 300 characters.
 
     Error messages can name objects, and object names can name patients.
@@ -115,14 +116,14 @@ def redact(text: str, label: Any) -> str:
     return _GS_URI.sub(lambda m: str(label(m.group(0))), text)[:300]
 
 
-def list_operations(ctx: Any) -> list[OperationView]:
+def list_operations(ctx: Context) -> list[OperationView]:
     """Every import and export operation of the store's dataset, all pages, with backoff."""
     dataset = str(ctx.settings.dicom_store.dataset)
     found: list[OperationView] = []
     token: str | None = None
     while True:
 
-        def page(token: str | None = token) -> dict[str, Any]:
+        def page(token: str | None = token) -> JSON:
             request = (
                 ctx.healthcare()
                 .projects()
@@ -131,7 +132,7 @@ def list_operations(ctx: Any) -> list[OperationView]:
                 .operations()
                 .list(name=dataset, pageSize=PAGE_SIZE, pageToken=token)
             )
-            result: dict[str, Any] = request.execute(num_retries=0)
+            result: JSON = request.execute(num_retries=0)
             return result
 
         body = retry.call(page)
@@ -147,7 +148,7 @@ def ours_name(operation: str) -> str:
     return f"{OURS_PREFIX}{operation.rsplit('/', 1)[-1]}.json"
 
 
-def record_ours(ctx: Any, operation: str, kind: str, subject: str) -> None:
+def record_ours(ctx: Context, operation: str, kind: str, subject: str) -> None:
     """Record that dicomflow started ``operation`` (create-if-absent), for the report to
     tell its own operations from those started outside dicomflow."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -156,7 +157,7 @@ def record_ours(ctx: Any, operation: str, kind: str, subject: str) -> None:
     )
 
 
-def is_ours(ctx: Any, operation: str) -> bool:
+def is_ours(ctx: Context, operation: str) -> bool:
     """Whether dicomflow started ``operation`` (one read of its marker)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     return objects.exists(bucket, ours_name(operation))

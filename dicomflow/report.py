@@ -1,62 +1,20 @@
 """The report function: the minute tick that turns operations and files into outcomes and alerts.
 
-One tick (``run_tick``), each step safe to repeat after a crash at any line, and by
-two report instances at once::
+``run_tick`` verifies finished imports (``check_batch``, ``settle_batch``), alerts failed
+and stalled operations, settles exports and drills, alerts quarantined, dropped and failed
+files, a backlog and stale state. Every step is safe to repeat and to run twice at once.
 
-    1. open batches (state/open/): poll each import; each finished one is verified
-       (dicomflow.verify), in threads beside steps 2 to 5:
-         re-stage stragglers -> manifests success/failure.ndjson -> alerts import_failed
-         and conflict -> summary.json -> delete state/open/<batch>.json
-       A batch whose poll or verification fails with an answer of the services (403 on
-       QIDO, 5xx ...) notes when it first failed (state/batch/<batch>/stuck.json) and,
-       DICOMFLOW_VERIFY_STUCK_MINUTES later, raises verification_stuck once. A 4xx is
-       logged, not raised (the next tick tries again; a platform retry would not help).
-    2. the dataset's operations (operations.list): stalled, once each; failed
-       operations dicomflow did not start (no state/ops/<id>.json), once each
-    3. exports (dicomflow.export.settle_exports)
-    4. quarantined, dropped and failed files, one alert per closed window (and kind)
-       (dicomflow.feeds)
-    5. batches sealed but not importing for DICOMFLOW_BACKLOG_SECONDS: backlog, once
-       per episode (state/report/backlog.json names the episode); after step 1, whose
-       checks tell which batches wait
-    6. windows, batches and exports older than DICOMFLOW_STALE_STATE_MINUTES:
-       stale_state, once per episode (dicomflow.stale)
-
-Verdicts do not depend on which tick verifies a batch or in which order batches
-finish (see ``dicomflow.verify``), so there are no verification leases: two ticks
-that verify one batch reach the same verdicts, the summary is create-if-absent and
-each alert is published once (``alerts.publish_once``, keyed by kind and subject).
-Subjects::
-
-    import_failed   batch/<id>/import_failed        conflict   batch/<id>/conflict
-    verification_stuck  batch/<id>/verification_stuck
-    operation_failed  <operation name>               stalled    <operation name>/stalled
-    backlog         backlog/<first batch of episode> quarantined, dropped: dicomflow.feeds
-
-Staging copies are never deleted here: a copy is the claim of its object
-generation, so it must outlive the maximum event age; a lifecycle rule expires
-them. Conflicts and failures keep theirs for inspection and ``dicomflow retry``.
-
-Per-tick cost does not grow with history: the open batches, the operations the
-service retains (one page of 1,000), the failed ones that ended within
-``OUTSIDE_HORIZON_SECONDS``, and the feed windows from their cursors.
-
-No PHI: alerts and logs carry batch ids, operation names, counts, reasons, keys and
-object labels (``alerts.object_label``, hashed by default) only.
+See docs/architecture.md#report-tick
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any
-
-from cloudevents.http import CloudEvent
 
 from dicomflow import (
     alerts,
@@ -64,6 +22,7 @@ from dicomflow import (
     drill,
     export,
     feeds,
+    ingest,
     log,
     manifests,
     objects,
@@ -72,24 +31,24 @@ from dicomflow import (
     stale,
     verify,
 )
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import TransientError
+from dicomflow.json_types import JSON
 from dicomflow.operations import OperationView
+from dicomflow.runtime import Context
 from dicomflow.staging import (
     FileRecord,
     failure_name,
-    iso,
     open_name,
     operation_name,
     parse_batch,
-    parse_time,
     stuck_name,
 )
 from dicomflow.verify import CONFLICT, FAILED, FileResult
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 BACKLOG_MARKER = f"{STATE_PREFIX}report/backlog.json"
 # Stop starting batch verifications after this long; the next tick goes on (timeout 540 s).
 TICK_BUDGET_SECONDS = 300.0
@@ -102,37 +61,12 @@ OUTSIDE_HORIZON_SECONDS = 86_400
 # repair delay without a record is not ours.
 RECORD_MARGIN_SECONDS = 60
 
-# One tick at a time per instance. The deployment serves one request per instance;
-# an instance that serves several at once (localcloud's threaded server) lets a tick
-# that finds one running return at once instead of piling ticks up.
-_TICK_RUNNING = threading.Lock()
-
 
 def crashpoint(step: str) -> None:
     """A named point between steps; tests replace it to crash the tick there."""
 
 
-def handle_event(ctx: Any, cloud_event: CloudEvent) -> dict[str, Any]:
-    """The report function: every event is a tick (Scheduler -> Pub/Sub)."""
-    event_id = cloud_event["id"]
-    if cloud_event["type"] != MESSAGE_PUBLISHED:
-        logger.info(
-            "ignored event type",
-            extra=log.fields(eventId=event_id, eventType=cloud_event["type"]),
-        )
-        return {"status": "ignored", "reason": "event-type"}
-    if not _TICK_RUNNING.acquire(blocking=False):
-        logger.info(
-            "tick skipped: a tick is running in this instance", extra=log.fields(eventId=event_id)
-        )
-        return {"status": "busy"}
-    try:
-        return run_tick(ctx, event_id)
-    finally:
-        _TICK_RUNNING.release()
-
-
-def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
+def run_tick(ctx: Context, event_id: str | None = None) -> JSON:
     """One report tick; see the module docstring. Returns what it did, for tests and logs."""
     now = ctx.clock()
     started = time.monotonic()
@@ -144,8 +78,8 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     pending = batches.open_batches(bucket)
     lap("open")
-    verified: list[dict[str, Any]] = []
-    waiting: dict[str, dict[str, Any]] = {}
+    verified: list[JSON] = []
+    waiting: dict[str, JSON] = {}
 
     def settle_one(batch: str) -> None:
         try:
@@ -235,7 +169,7 @@ def run_tick(ctx: Any, event_id: str | None = None) -> dict[str, Any]:
 # --- 1. open batches --------------------------------------------------------------------------
 
 
-def check_batch(ctx: Any, batch: str, now: datetime) -> dict[str, Any] | None:
+def check_batch(ctx: Context, batch: str, now: datetime) -> JSON | None:
     """Verify ``batch`` if its import is done. Returns what was verified, or the batch's
     queue record while it waits to import (for the backlog), or None while it runs."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -252,7 +186,7 @@ def check_batch(ctx: Any, batch: str, now: datetime) -> dict[str, Any] | None:
     return settle_batch(ctx, batch, record, now)
 
 
-def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) -> dict[str, Any]:
+def settle_batch(ctx: Context, batch: str, record: JSON, now: datetime) -> JSON:
     """Verify a finished batch, record and alert its outcomes, then close it. Idempotent."""
     began = time.monotonic()
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -264,7 +198,7 @@ def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) ->
         in_window = batches.read_files(bucket, window) or []
         records = [r for r in in_window if r.key.startswith(bits)]
         listed = frozenset(r.key for r in in_window)
-        restaged = batches.restage_stragglers(ctx, batch, listed)
+        restaged = ingest.restage_stragglers(ctx, batch, listed)
         crashpoint("restaged")
         note = objects.read_json(bucket, verify.note_name(batch))
         earlier = verify.earlier_copies(
@@ -303,12 +237,12 @@ def settle_batch(ctx: Any, batch: str, record: dict[str, Any], now: datetime) ->
 def _service_status(exc: BaseException) -> int | None:
     """The HTTP status of a service's answer behind ``exc`` (DICOMweb, the APIs)."""
     for err in (exc, exc.__cause__):
-        if err is not None and (status := verify.http_status(err)) is not None:
+        if err is not None and (status := retry.status_of(err)) is not None:
             return status
     return None
 
 
-def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool:
+def stuck_batch(ctx: Context, batch: str, exc: BaseException, now: datetime) -> bool:
     """Note that checking ``batch`` failed with ``exc``; alert ``verification_stuck`` once
     when it first failed ``verify_stuck_minutes`` ago. True when the caller need not
     raise ``exc``: a permanent answer (4xx), which a platform retry of the tick cannot
@@ -355,15 +289,15 @@ def stuck_batch(ctx: Any, batch: str, exc: BaseException, now: datetime) -> bool
 
 
 def _file_alert_details(
-    ctx: Any, batch: str, record: dict[str, Any], chosen: list[FileResult], manifest: str
-) -> dict[str, Any]:
+    ctx: Context, batch: str, record: JSON, chosen: list[FileResult], manifest: str
+) -> JSON:
     settings = ctx.settings
     limit = settings.alert_sample_files
 
     def label(rec: FileRecord) -> str:
         return alerts.object_label(settings, rec.bucket, rec.name)
 
-    details: dict[str, Any] = {
+    details: JSON = {
         "batch": batch,
         "operation": record.get("operation"),
         "files": len(chosen),
@@ -390,7 +324,7 @@ def _file_alert_details(
     return details
 
 
-def _redact(ctx: Any, text: str) -> str:
+def _redact(ctx: Context, text: str) -> str:
     """An operation's error message with objects and UIDs as the alert settings name them."""
 
     def label(uri: str) -> str:
@@ -402,7 +336,7 @@ def _redact(ctx: Any, text: str) -> str:
 
 
 def _alert_batch(
-    ctx: Any, batch: str, record: dict[str, Any], results: list[FileResult], now: datetime
+    ctx: Context, batch: str, record: JSON, results: list[FileResult], now: datetime
 ) -> None:
     settings = ctx.settings
     manifest = f"gs://{settings.staging_bucket}/{failure_name(batch)}"
@@ -428,7 +362,7 @@ def _alert_batch(
 # --- 2. operations ---------------------------------------------------------------------------
 
 
-def _report_outside(ctx: Any, listed: list[OperationView], now: datetime) -> list[str]:
+def _report_outside(ctx: Context, listed: list[OperationView], now: datetime) -> list[str]:
     """Alert ``operation_failed`` once for each failed import or export that dicomflow did
     not start, among those that ended within ``OUTSIDE_HORIZON_SECONDS``.
 
@@ -457,7 +391,7 @@ def _report_outside(ctx: Any, listed: list[OperationView], now: datetime) -> lis
     return reported
 
 
-def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
+def _alert_outside(ctx: Context, op: OperationView, now: datetime) -> None:
     details = {
         "operation": op.name,
         "operationKind": op.kind,
@@ -477,7 +411,7 @@ def _alert_outside(ctx: Any, op: OperationView, now: datetime) -> None:
     alerts.publish_once(ctx, alert)
 
 
-def _report_stalled(ctx: Any, listed: Iterable[OperationView], now: datetime) -> list[str]:
+def _report_stalled(ctx: Context, listed: Iterable[OperationView], now: datetime) -> list[str]:
     """Alert ``stalled`` once for each operation running longer than the threshold."""
     limit = ctx.settings.stalled_seconds
     found: list[str] = []
@@ -504,7 +438,7 @@ def _report_stalled(ctx: Any, listed: Iterable[OperationView], now: datetime) ->
 # --- 4. backlog -------------------------------------------------------------------------------
 
 
-def _report_backlog(ctx: Any, waiting: dict[str, dict[str, Any]], now: datetime) -> str | None:
+def _report_backlog(ctx: Context, waiting: dict[str, JSON], now: datetime) -> str | None:
     """One ``backlog`` alert per episode of sealed batches waiting longer than the threshold."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     limit = timedelta(seconds=ctx.settings.backlog_seconds)

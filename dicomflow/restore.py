@@ -1,32 +1,10 @@
 """Restore a dated backup into a DICOM store, and check the result against the backup.
 
-Flow (``dicomflow restore`` and the scheduled drill, ``dicomflow.drill``)::
+``run`` serves ``dicomflow restore``; the drill uses the steps one by one: ``load_backup``,
+``sample_studies``, ``stage_source``, ``start_import``, ``check`` and ``clean_up``.
+Tombstoned studies are always left out.
 
-    load_backup       one listing of gs://BACKUP/PREFIX/<date>/, the manifests of the
-                      first run and of each rerun (rerun-N/); the latest complete
-                      attempt is restored.
-                      refused: no backup that date, an export still running, or a
-                      mimeType that is not DICOM (rendered images cannot be imported)
-    plan              the studies to restore: all, or a sample; tombstoned studies
-                      (``dicomflow.tombstones``) are always left out
-    stage_source      the attempt's folder itself when it is restored whole (and holds
-                      no rerun's sub-prefix); otherwise a
-                      server-side copy of the wanted objects to
-                      gs://STAGING/restores/<id>/, so that no left-out study (an erased
-                      one above all) ever reaches the target, not even for a moment
-    start_import      dicomStores.import into the target, recorded as ours
-    check             one QIDO per series: every SOP Instance UID of the backup present;
-                      per-series object counts against the manifest (objects lost from
-                      the folder since the export); byte identity of a random sample
-                      (WADO-RS ``transfer-syntax=*`` against the backup's object)
-    clean_up          the copies under restores/<id>/ are deleted
-
-The manifest's ``series`` map (``backup.series_counts``) is what the export wrote;
-the listing is what the folder holds now. Backups written before the manifest had
-that map are checked against the listing alone, and the result says so.
-
-No PHI in logs: restore ids, dates, counts and hashed object labels only; UIDs stay
-in the backup, the manifest and the result the operator asked for.
+See docs/architecture.md#restore
 """
 
 from __future__ import annotations
@@ -38,18 +16,29 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date
-from typing import Any
 
 from google.api_core import exceptions as gexc
-from google.cloud.storage.retry import DEFAULT_RETRY
 
-from dicomflow import backup, healthcare, keys, log, objects, operations, retry, tombstones, verify
+from dicomflow import (
+    backup,
+    keys,
+    log,
+    objects,
+    operations,
+    pool,
+    retry,
+    store,
+    tombstones,
+    verify,
+)
 from dicomflow.config import RESTORES_PREFIX, parse_mime_type
-from dicomflow.errors import PermanentError, TransientError
+from dicomflow.errors import Refused, TransientError
+from dicomflow.json_types import JSON
 from dicomflow.names import DicomStoreName
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +52,7 @@ DEFAULT_VERIFY_BYTES = 20
 Progress = Callable[[str, int, int | None], None]
 
 
-class RestoreRefused(PermanentError):
+class RestoreRefused(Refused):
     """The restore cannot run as asked (no such backup, not DICOM, the live store...)."""
 
 
@@ -84,7 +73,7 @@ class Backup:
     day: date
     bucket: str
     folder: str
-    manifest: dict[str, Any]
+    manifest: JSON
     objects: list[BackupObject]
     # The folder also holds reruns' sub-prefixes, so it cannot be imported as a whole.
     nested: bool = False
@@ -105,13 +94,12 @@ class Backup:
                 found.setdefault((o.study, o.series), set()).add(o.sop)
         return found
 
-    def manifest_series(self) -> dict[str, int] | None:
-        """``study/series`` -> objects the export wrote, or None for an older manifest."""
-        series = self.manifest.get("series")
-        return dict(series) if isinstance(series, dict) and series else None
+    def manifest_series(self) -> dict[str, int]:
+        """``study/series`` -> objects the export wrote (``backup.series_counts``)."""
+        return dict(self.manifest.get("series") or {})
 
 
-def load_backup(ctx: Any, day: date) -> Backup:
+def load_backup(ctx: Context, day: date) -> Backup:
     """The backup dated ``day``: its latest complete attempt (``backup.pick_attempt``), with
     its manifest and the objects its folder holds, from one listing of the dated folder.
 
@@ -125,7 +113,7 @@ def load_backup(ctx: Any, day: date) -> Backup:
     uri = f"gs://{settings.backup_bucket}/{dated}"
     try:
         blobs = list(objects.blobs(bucket, dated))
-        manifests: dict[int, dict[str, Any]] = {}
+        manifests: dict[int, JSON] = {}
         for blob in blobs:
             number = backup.attempt_of(blob.name[len(dated) :])
             doc = objects.read_json(bucket, blob.name) if number is not None else None
@@ -170,7 +158,7 @@ def load_backup(ctx: Any, day: date) -> Backup:
 
 
 def erased_studies(
-    ctx: Any, studies: list[str], previous_keys: Iterable[keys.DeploymentKey] = ()
+    ctx: Context, studies: list[str], previous_keys: Iterable[keys.DeploymentKey] = ()
 ) -> set[str]:
     """The studies among ``studies`` that were erased and must never come back.
 
@@ -183,7 +171,7 @@ def erased_studies(
         raise RestoreRefused(str(exc)) from None
 
 
-def check_target(ctx: Any, target: DicomStoreName, into_live: bool) -> None:
+def check_target(ctx: Context, target: DicomStoreName, into_live: bool) -> None:
     """Refuse the live store unless ``into_live``.
 
     Raises:
@@ -214,7 +202,7 @@ def copies_prefix(rid: str) -> str:
 
 
 def stage_source(
-    ctx: Any,
+    ctx: Context,
     source: Backup,
     studies: list[str],
     rid: str,
@@ -235,46 +223,44 @@ def stage_source(
     if progress:
         progress("copy", 0, len(chosen))
 
-    policy = DEFAULT_RETRY.with_timeout(objects.DEADLINE)
+    # Unconditional, and retried: a repeat copies the same source generation again.
+    policy = retry.storage()
 
     def copy(item: BackupObject) -> None:
         nonlocal done
         target = staging.blob(prefix + item.name[len(source.folder) :])
         token: str | None = None
-        try:
-            # A rewrite may need several calls (another location or storage class).
-            while True:
-                token, _, _ = target.rewrite(
-                    backups.blob(item.name), token=token, retry=policy, timeout=objects.DEADLINE
-                )
-                if token is None:
-                    break
-        except (gexc.TooManyRequests, gexc.ServerError) as exc:
-            raise TransientError(f"copy for restore failed: HTTP {exc.code}") from exc
+        # A rewrite may need several calls (another location or storage class).
+        while True:
+            token, _, _ = target.rewrite(
+                backups.blob(item.name), token=token, retry=policy, timeout=retry.DEADLINE
+            )
+            if token is None:
+                break
         with lock:
             done += 1
             if progress:
                 progress("copy", done, len(chosen))
 
-    verify.pmap(copy, chosen)
+    pool.pmap(copy, chosen)
     return f"gs://{ctx.settings.staging_bucket}/{prefix}**.dcm"
 
 
-def is_copy(ctx: Any, uri: str) -> bool:
+def is_copy(ctx: Context, uri: str) -> bool:
     """Whether an import URI of ``stage_source`` points at copies (not the dated folder)."""
     return uri.startswith(f"gs://{ctx.settings.staging_bucket}/{RESTORES_PREFIX}")
 
 
-def clean_up(ctx: Any, rid: str) -> int:
+def clean_up(ctx: Context, rid: str) -> int:
     """Delete the copies of restore ``rid``; how many went."""
     staging = ctx.storage.bucket(ctx.settings.staging_bucket)
     names = objects.names(staging, copies_prefix(rid))
-    verify.pmap(lambda name: objects.delete(staging, name), names)
+    pool.pmap(lambda name: objects.delete(staging, name), names)
     return len(names)
 
 
 def start_import(
-    ctx: Any,
+    ctx: Context,
     target: DicomStoreName,
     uri: str,
     subject: str,
@@ -289,9 +275,9 @@ def start_import(
     deadline = time.monotonic() + quota_wait
     while True:
         try:
-            operation = healthcare.start_import(ctx, uri, store=target, deadline=60.0)
+            operation = store.start_import(ctx, uri, store=target, deadline=60.0)
             break
-        except healthcare.QuotaExceeded as exc:
+        except store.QuotaExceeded as exc:
             if time.monotonic() > deadline:
                 raise TransientError(str(exc)) from exc
             time.sleep(5.0)
@@ -302,18 +288,18 @@ def start_import(
 
 
 def wait_operation(
-    ctx: Any,
+    ctx: Context,
     name: str,
     *,
     poll_seconds: float = 2.0,
     timeout: float | None = None,
     progress: Progress | None = None,
     expected: int | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """Poll ``name`` until done (or ``timeout``: the last reading, not done)."""
     end = None if timeout is None else time.monotonic() + timeout
     while True:
-        op = healthcare.get_operation(ctx, name)
+        op = store.get_operation(ctx, name)
         counter = (op.get("metadata") or {}).get("counter") or {}
         if progress:
             done = int(counter.get("success") or 0) + int(counter.get("failure") or 0)
@@ -323,18 +309,18 @@ def wait_operation(
         time.sleep(poll_seconds)
 
 
-def for_store(ctx: Any, store: DicomStoreName) -> Any:
+def for_store(ctx: Context, store: DicomStoreName) -> Context:
     """A context whose DICOMweb client talks to ``store`` (same clients otherwise)."""
     return replace(ctx, settings=replace(ctx.settings, dicom_store=store), _local=threading.local())
 
 
-def series_sops(ctx: Any, study: str, series: str) -> set[str]:
+def series_sops(ctx: Context, study: str, series: str) -> set[str]:
     """SOP Instance UIDs of one series in ``ctx``'s store: one QIDO per 5,000."""
     client = ctx.dicomweb()
     found: set[str] = set()
     offset = 0
     while True:
-        page: list[dict[str, Any]] = retry.call(
+        page: list[JSON] = retry.call(
             lambda start=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study,
                 series_instance_uid=series,
@@ -342,7 +328,6 @@ def series_sops(ctx: Any, study: str, series: str) -> set[str]:
                 offset=start,
                 limit=QIDO_PAGE,
             ),
-            predicate=verify.transient,
         )
         found.update(s for item in page if (s := verify._value(item, verify.SOP_TAG)))
         if len(page) < QIDO_PAGE:
@@ -360,20 +345,18 @@ class Check:
     present: int = 0
     missing: list[str] = field(default_factory=list)
     lost_from_backup: int = 0
-    series_checked_against: str = "manifest"
     bytes_checked: int = 0
     bytes_different: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
-    def as_dict(self, with_uids: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def as_dict(self, with_uids: bool) -> JSON:
+        out: JSON = {
             "studies": self.studies,
             "series": self.series,
             "instances": self.instances,
             "present": self.present,
             "missing": len(self.missing),
             "lostFromBackup": self.lost_from_backup,
-            "seriesCheckedAgainst": self.series_checked_against,
             "bytesChecked": self.bytes_checked,
             "bytesDifferent": len(self.bytes_different),
             "problems": list(self.problems),
@@ -389,7 +372,7 @@ def _sha256(data: bytes) -> str:
 
 
 def check(
-    ctx: Any,
+    ctx: Context,
     source: Backup,
     target: DicomStoreName,
     studies: list[str],
@@ -404,16 +387,12 @@ def check(
     expected = source.by_series(studies)
     result.series = len(expected)
     result.instances = sum(len(s) for s in expected.values())
-    counted = source.manifest_series()
-    if counted is None:
-        result.series_checked_against = "listing"
-    else:
-        # Objects the export wrote that the folder no longer holds (any series, not
-        # only the restored ones: a sampled drill still notices a damaged backup).
-        listed = source.by_series()
-        for series_key, n in counted.items():
-            study, _, series = series_key.partition("/")
-            result.lost_from_backup += max(0, n - len(listed.get((study, series), ())))
+    # Objects the export wrote that the folder no longer holds (any series, not only the
+    # restored ones: a sampled drill still notices a damaged backup).
+    listed = source.by_series()
+    for series_key, n in source.manifest_series().items():
+        study, _, series = series_key.partition("/")
+        result.lost_from_backup += max(0, n - len(listed.get((study, series), ())))
     target_ctx = for_store(ctx, target)
     items = sorted(expected)
     done = 0
@@ -454,7 +433,7 @@ def check(
     def same(item: BackupObject) -> bool:
         nonlocal checked
         original = backups.blob(item.name).download_as_bytes(
-            retry=DEFAULT_RETRY.with_timeout(objects.DEADLINE), timeout=objects.DEADLINE
+            retry=retry.storage(), timeout=retry.DEADLINE
         )
         restored = verify.retrieve_bytes(target_ctx, item.study, item.series, item.sop)
         with lock:
@@ -476,7 +455,7 @@ def check(
     return result
 
 
-def operation_problems(op: Mapping[str, Any]) -> list[str]:
+def operation_problems(op: JSON) -> list[str]:
     """What the import operation itself reports as wrong."""
     problems = []
     if not op.get("done"):
@@ -491,7 +470,7 @@ def operation_problems(op: Mapping[str, Any]) -> list[str]:
 
 
 def run(
-    ctx: Any,
+    ctx: Context,
     day: date,
     target: DicomStoreName,
     *,
@@ -502,7 +481,7 @@ def run(
     progress: Progress | None = None,
     poll_seconds: float = 2.0,
     timeout: float | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """``dicomflow restore``: import the backup dated ``day`` into ``target`` and check it.
 
     Tombstoned studies (``erased_studies``) are left out; ``previous_keys`` are keys
@@ -521,7 +500,7 @@ def run(
     skipped = erased_studies(ctx, every, previous_keys)
     studies = [s for s in every if s not in skipped]
     rid = restore_id(day)
-    result: dict[str, Any] = {
+    result: JSON = {
         "restoreId": rid,
         "date": day.isoformat(),
         "backup": source.uri,

@@ -1,46 +1,34 @@
 """Landing retention: delete uploads some days after their file was verified in the store.
 
-With ``DICOMFLOW_LANDING_DELETE_AFTER_DAYS`` = N (default 0: off), the sweep's daily
-pass (``dicomflow.sweep``) deletes the landing object of every file a batch manifest
-records as ``imported`` or ``duplicate``, once N days have passed since the batch was
-verified (its summary's ``verifiedAt``). Conflicts, failures, quarantined and dropped
-files keep their uploads, for ``dicomflow retry`` and for inspection.
+``run`` (the sweep's daily pass) deletes, at the recorded generation, the landing object
+of every ``imported`` or ``duplicate`` file of batches verified
+``DICOMFLOW_LANDING_DELETE_AFTER_DAYS`` days ago, walking batches from a cursor.
 
-- Each delete names the generation the record holds (``ifGenerationMatch``), so an
-  upload made later under the same name is never deleted.
-- ``config`` refuses an N shorter than the maximum event age, the seal grace and one
-  sweep period together: a late event would find its upload gone (and record a
-  drop), and the sweep could not have looked at it.
-
-Batches are walked in id order (their window's time) from a cursor
-``state/retention/cursor.json``: ``{"after": <batch>, "done": [...]}``. ``after`` is
-the last batch before the first one not yet due (unverified, or verified less than N
-days ago); batches after it that were due are listed in ``done``. A pass reads the
-summary of each batch after the cursor whose window began N days ago or earlier, and
-one success manifest per due batch, and makes one delete call per file: the cost
-follows what was verified, never the history.
+See docs/architecture.md#landing-retention
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
 from dicomflow import log, manifests, objects
+from dicomflow.clock import parse_time
 from dicomflow.config import DAY_SECONDS, MANIFESTS_PREFIX, STATE_PREFIX
+from dicomflow.json_types import JSON
+from dicomflow.pool import pmap
 from dicomflow.runtime import Context
-from dicomflow.staging import parse_batch, parse_time, parse_window, success_name
-from dicomflow.verify import SUCCESS, pmap
+from dicomflow.staging import parse_batch, parse_window, success_name
+from dicomflow.verify import SUCCESS
 
 logger = logging.getLogger(__name__)
 
 CURSOR_NAME = f"{STATE_PREFIX}retention/cursor.json"
 
 
-def due(summary: dict[str, Any] | None, now: datetime, days: int) -> bool:
+def due(summary: JSON | None, now: datetime, days: int) -> bool:
     """True when the batch of ``summary`` was verified ``days`` or more ago."""
     if summary is None:
         return False
@@ -101,7 +89,7 @@ def _delete_uploads(ctx: Context, batch: str) -> int:
     return sum(pmap(lambda line: _delete(landing, line), lines))
 
 
-def _delete(landing: storage.Bucket, line: dict[str, Any]) -> int:
+def _delete(landing: storage.Bucket, line: JSON) -> int:
     """Delete this generation of the upload only (a new upload under the name stays);
     1 when this call deleted it."""
     return int(objects.delete(landing, line["name"], int(line["generation"])))

@@ -1,7 +1,7 @@
 """Per-process state of the functions: settings, clients, and the retry decision.
 
-``handle(function, event)`` is what ``main.py`` calls. It builds the
-``Context`` once per process, routes the event to the function's module and
+``handle(name, handler, event)`` is what ``main.py`` calls with a handler of
+``dicomflow.functions``. It builds the ``Context`` once per process, runs the handler and
 turns errors into the platform's retry semantics:
 
 - ``PermanentError``: logged and returned; retrying cannot help, so don't raise.
@@ -10,15 +10,14 @@ turns errors into the platform's retry semantics:
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 import requests
 import requests.adapters
@@ -27,12 +26,16 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import storage
 
 from dicomflow import keys, log
+from dicomflow.clock import utcnow
 from dicomflow.config import Settings, load_settings
 from dicomflow.errors import ConfigError, PermanentError
 from dicomflow.events import decode_attributes
+from dicomflow.json_types import JSON
 
 if TYPE_CHECKING:
+    # Imported where first used: both are slow to import, and not every function needs them.
     from dicomweb_client.api import DICOMwebClient
+    from googleapiclient.discovery import Resource
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +44,8 @@ logger = logging.getLogger(__name__)
 # the bucket still exists: a buckets.get per absent read. dicomflow exports no such spans.
 os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
 
-# function name -> "module:callable"; each callable takes (Context, CloudEvent) -> dict.
 # Connections kept per host by the Cloud Storage client (see make_context).
 STORAGE_POOL_SIZE = 64
-
-HANDLERS = {
-    "ingest": "dicomflow.ingest:handle_event",
-    "report": "dicomflow.report:handle_event",
-    "export": "dicomflow.export:handle_event",
-}
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware (UTC)."""
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -67,7 +58,7 @@ class Context:
     clock: Callable[[], datetime] = utcnow
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
-    def healthcare(self) -> Any:
+    def healthcare(self) -> Resource:
         """A Healthcare v1 client for this thread (googleapiclient is not thread-safe)."""
         svc = getattr(self._local, "healthcare", None)
         if svc is None:
@@ -76,7 +67,7 @@ class Context:
             )
         return svc
 
-    def pubsub(self) -> Any:
+    def pubsub(self) -> Resource:
         """A Pub/Sub v1 REST client for this thread."""
         svc = getattr(self._local, "pubsub", None)
         if svc is None:
@@ -128,7 +119,7 @@ class Context:
         return client
 
 
-def _discovery(api: str, endpoint: str | None, credentials: Credentials | None) -> Any:
+def _discovery(api: str, endpoint: str | None, credentials: Credentials | None) -> Resource:
     from googleapiclient.discovery import build
 
     options = {"api_endpoint": endpoint.rstrip("/") + "/"} if endpoint else None
@@ -205,16 +196,16 @@ def set_context(ctx: Context | None) -> None:
         _context = ctx
 
 
-def handle(function: str, event: CloudEvent) -> dict[str, Any]:
-    """Route ``event`` to ``function`` and apply the retry rule."""
+def handle(
+    function: str, handler: Callable[[Context, CloudEvent], JSON], event: CloudEvent
+) -> JSON:
+    """Run ``handler`` (the function named ``function``) on ``event`` and apply the retry rule."""
     event = decode_attributes(event)
     ctx = context()
-    module_name, _, attr = HANDLERS[function].partition(":")
-    handler = getattr(importlib.import_module(module_name), attr)
     started = time.monotonic()
     event_id = event["id"]
     try:
-        result: dict[str, Any] = handler(ctx, event)
+        result: JSON = handler(ctx, event)
     except PermanentError as exc:
         # Retrying cannot fix this, so don't raise: log it and let the event go.
         logger.error(

@@ -5,7 +5,7 @@ Modalities and gateways often write DICOM files without an extension
 DICOM Part 10 file holds ``DICM`` at bytes 128-131, after its preamble. With
 ``DICOMFLOW_SNIFF`` on, an object that fails the filter only because of its
 name gets one 4-byte ranged read of those bytes, and is ingested when they
-read ``DICM``; any other object is ignored silently, as before.
+read ``DICM``; any other object is ignored silently, as with sniffing off.
 
 Cost, per object no glob matches: one ranged GET (a Class B operation) when
 the object is at least 132 bytes and passes every other check, none otherwise
@@ -53,8 +53,12 @@ def has_dicom_magic(client: storage.Client, obj: StorageObject) -> bool:
     """
     blob = client.bucket(obj.bucket).blob(obj.name, generation=int(obj.generation))
     try:
-        head: bytes = retry.call(
-            lambda: blob.download_as_bytes(start=MAGIC_START, end=MAGIC_END, checksum=None)
+        head: bytes = blob.download_as_bytes(
+            start=MAGIC_START,
+            end=MAGIC_END,
+            checksum=None,
+            retry=retry.storage(),
+            timeout=retry.DEADLINE,
         )
     except (api_exceptions.NotFound, api_exceptions.RequestRangeNotSatisfiable):
         return False

@@ -1,48 +1,21 @@
 """The staging bucket's layout: keys, windows, and the file record a staging copy carries.
 
-The staging copy is the claim and the batch's listing is the ledger, so every
-name here is derived from the object alone and every delivery of one object
-generation computes the same names::
+Every name of a file's state is derived from the object alone (``file_key``,
+``window_id``, ``late_window_id``, the ``*_name`` functions), so every delivery of one
+object generation computes the same names. ``FileRecord`` is the record a copy carries
+as its object metadata.
 
-    batches/<window>/<key>.dcm          staging copy; its object metadata is the file record
-    batches/<window>/_files.ndjson      the window's file list (written once, after its seal)
-    quarantine/<window>/<key>.dcm       quarantine copy; the record carries the reason
-    state/dropped/<window>/<key>.json   drop record (event too old, source gone, foreign bucket)
-    failed/<window>/<key>.json          failure record: the source could not be read or copied
-                                        (a permanent error: 400, 401, 403, 416 ...); the file
-                                        record with the reason is also its object metadata
-    state/late/<key>.json               claim of a very late delivery: {window} it copies into
-    state/sealed/<window>.json          seal marker, create-if-absent, before the listing
-    state/sealed/<window>.done          the seal's last step: file list and batches written
-    state/open/<batch>.json             a sealed batch not verified yet (what ticks list)
-    state/batch/<batch>/intent.json     import intent and the note of SOPs already stored
-    state/batch/<batch>/operation.json  the import operation's name
-    state/batch/<batch>/stuck.json      first failed verification of a finished import
-    state/slots/<n>.json                one of K import slots, held by a running import
-    manifests/<batch>/{success,failure}.ndjson, summary.json
-
-- ``<key>``: ``BITS`` characters ``0``/``1`` then 40 hex digits, all from a SHA-256 of
-  bucket, name and generation. Import wildcards have no character classes, so the
-  leading bits are what splits a window: ``<window>/0*.dcm`` and ``1*.dcm`` halve it.
-- ``<window>``: the UTC window of ``batch_window_seconds`` holding the object's
-  ``timeCreated`` (``20261125T125300Z``). A delivery that may miss that window's seal
-  copies into a *late* window instead (``20261125T125000L``, UTC windows of
-  ``late_window_seconds``, longer), so a burst that ingest absorbs over many minutes
-  still makes few imports (``dicomflow.ingest``).
-- ``<batch>``: a window, or ``<window>-<bits>`` for one part of a split window.
-
-No name holds a user-controlled character, so none can reach an import wildcard.
+See docs/architecture.md#state-objects
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
@@ -56,6 +29,7 @@ from dicomflow.config import (
     STATE_PREFIX,
     Settings,
 )
+from dicomflow.json_types import JSON
 
 BITS = 6
 WINDOW_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -74,7 +48,7 @@ META_PREFIX = "df-"
 
 
 def file_key(bucket: str, name: str, generation: int | str) -> str:
-    """The key of one object generation (see the module docstring)."""
+    """The key of one object generation (see docs/architecture.md#state-objects)."""
     digest = hashlib.sha256(f"{bucket}\n{name}\n{generation}".encode()).digest()
     bits = "".join(str((digest[0] >> (7 - i)) & 1) for i in range(BITS))
     return bits + digest.hex()[:40]
@@ -192,70 +166,44 @@ def parse_batch(batch: str) -> tuple[str, str]:
     return match.group(1), match.group(2) or ""
 
 
-def staged_name(window: str, key: str) -> str:
-    return f"{BATCHES_PREFIX}{window}/{key}.dcm"
+def _in_window(prefix: str, suffix: str) -> Callable[[str, str], str]:
+    """The namer of one key's object in a window: ``{prefix}{window}/{key}{suffix}``."""
+
+    def name(window: str, key: str) -> str:
+        return f"{prefix}{window}/{key}{suffix}"
+
+    return name
 
 
-def files_name(window: str) -> str:
-    return f"{BATCHES_PREFIX}{window}/{FILES}"
+def _of(prefix: str, suffix: str) -> Callable[[str], str]:
+    """The namer of the object of one window, batch or key: ``{prefix}{it}{suffix}``."""
+
+    def name(it: str) -> str:
+        return f"{prefix}{it}{suffix}"
+
+    return name
 
 
-def quarantine_name(window: str, key: str) -> str:
-    return f"{QUARANTINE_PREFIX}{window}/{key}.dcm"
-
-
-def dropped_name(window: str, key: str) -> str:
-    return f"{DROPPED_PREFIX}{window}/{key}.json"
-
-
-def failed_name(window: str, key: str) -> str:
-    return f"{FAILED_PREFIX}{window}/{key}.json"
-
-
-def late_name(key: str) -> str:
-    return f"{LATE_PREFIX}{key}.json"
-
-
-def sealed_name(window: str) -> str:
-    return f"{SEALED_PREFIX}{window}.json"
-
-
-def sealed_done_name(window: str) -> str:
-    """Created once every step of the seal is done (the seal marker is its first step)."""
-    return f"{SEALED_PREFIX}{window}.done"
-
-
-def open_name(batch: str) -> str:
-    return f"{OPEN_PREFIX}{batch}.json"
-
-
-def intent_name(batch: str) -> str:
-    return f"{BATCH_STATE_PREFIX}{batch}/intent.json"
-
-
-def operation_name(batch: str) -> str:
-    return f"{BATCH_STATE_PREFIX}{batch}/operation.json"
-
-
-def stuck_name(batch: str) -> str:
-    """When the verification of ``batch`` first failed (deleted once it is verified)."""
-    return f"{BATCH_STATE_PREFIX}{batch}/stuck.json"
+# The names of the module docstring's table, in its order.
+staged_name = _in_window(BATCHES_PREFIX, ".dcm")
+files_name = _of(BATCHES_PREFIX, f"/{FILES}")
+quarantine_name = _in_window(QUARANTINE_PREFIX, ".dcm")
+dropped_name = _in_window(DROPPED_PREFIX, ".json")
+failed_name = _in_window(FAILED_PREFIX, ".json")
+late_name = _of(LATE_PREFIX, ".json")
+sealed_name = _of(SEALED_PREFIX, ".json")
+sealed_done_name = _of(SEALED_PREFIX, ".done")
+open_name = _of(OPEN_PREFIX, ".json")
+intent_name = _of(BATCH_STATE_PREFIX, "/intent.json")
+operation_name = _of(BATCH_STATE_PREFIX, "/operation.json")
+stuck_name = _of(BATCH_STATE_PREFIX, "/stuck.json")  # deleted once the batch is verified
+success_name = _of(MANIFESTS_PREFIX, "/success.ndjson")
+failure_name = _of(MANIFESTS_PREFIX, "/failure.ndjson")
+summary_name = _of(MANIFESTS_PREFIX, "/summary.json")
 
 
 def slot_name(slot: int) -> str:
     return f"{SLOTS_PREFIX}{slot:03d}.json"
-
-
-def success_name(batch: str) -> str:
-    return f"{MANIFESTS_PREFIX}{batch}/success.ndjson"
-
-
-def failure_name(batch: str) -> str:
-    return f"{MANIFESTS_PREFIX}{batch}/failure.ndjson"
-
-
-def summary_name(batch: str) -> str:
-    return f"{MANIFESTS_PREFIX}{batch}/summary.json"
 
 
 def import_uri(staging_bucket: str, batch: str) -> str:
@@ -263,24 +211,6 @@ def import_uri(staging_bucket: str, batch: str) -> str:
     the batch's bits (no other object under ``batches/`` ends in ``.dcm``)."""
     window, bits = parse_batch(batch)
     return f"gs://{staging_bucket}/{BATCHES_PREFIX}{window}/{bits}*.dcm"
-
-
-def iso(moment: datetime) -> str:
-    """A UTC time as written in records: ``2026-11-25T12:53:00.123456Z``."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An RFC 3339 time as an aware datetime, or None when absent or unreadable."""
-    if isinstance(value, datetime):
-        return value
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
 
 
 @dataclass(frozen=True)
@@ -327,12 +257,12 @@ class FileRecord:
             if v not in (None, "") and k != "window"
         }
 
-    def line(self) -> dict[str, Any]:
+    def line(self) -> JSON:
         """The record as a file-list or manifest line."""
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
     @classmethod
-    def from_line(cls, line: dict[str, Any]) -> FileRecord:
+    def from_line(cls, line: JSON) -> FileRecord:
         fields = cls.__dataclass_fields__
         known = {k: v for k, v in line.items() if k in fields}
         known["size"] = int(known.get("size") or 0)

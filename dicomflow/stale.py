@@ -1,26 +1,10 @@
 """Non-final states older than a bound: one ``stale_state`` alert per episode of each kind.
 
-Every state the pipeline passes through on the way to an outcome ends by itself within
-minutes; one that outlives ``DICOMFLOW_STALE_STATE_MINUTES`` means a step has stopped
-(a tick no longer runs, a permission was taken away, a bug). The report tick looks at
-the states it can list without reading history::
+``report`` (the report tick) looks at unsealed windows, open batches and open exports
+older than ``DICOMFLOW_STALE_STATE_MINUTES``; the subject ``stale/<kind>/<oldest id>``
+makes one alert per episode.
 
-    window   batches/<window>/ holding copies, not sealed  age from the window's start
-             (no state/sealed/<window>.done): the ingest tick does not seal
-    batch    state/open/<batch>.json: sealed and not        age from its seal (read only
-             verified (waiting, importing or verifying)     when its window is older)
-    export   state/exports-open/<date>.json whose marker    age from the first claim
-             is not final
-
-Each kind raises one alert per episode: the subject is ``stale/<kind>/<oldest id>``, so
-a state that stays stuck is reported once, and a new alert needs a new oldest one. The
-bound is the backstop behind the alerts that name a cause sooner (``backlog``,
-``stalled``, ``verification_stuck``), so its default (6 hours) lies well above theirs.
-
-Left to others: running operations (``stalled``, from operations.list); a late claim
-whose copy never landed (a missed object: the sweep compares the landing bucket with
-the records, ``sweep.recorded_keys``); re-drives (``dicomflow status`` shows an interrupted one);
-alert markers and feed progress records, which each tick resumes.
+See docs/architecture.md#stale-state
 """
 
 from __future__ import annotations
@@ -28,14 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
 
 from dicomflow import alerts, batches, export, log, objects
+from dicomflow.clock import iso, parse_time
+from dicomflow.runtime import Context
 from dicomflow.staging import (
-    iso,
     open_name,
     parse_batch,
-    parse_time,
     parse_window,
 )
 
@@ -48,7 +31,7 @@ def _age_minutes(since: datetime, now: datetime) -> int:
     return int((now - since).total_seconds() // 60)
 
 
-def unsealed_windows(ctx: Any) -> dict[str, datetime]:
+def unsealed_windows(ctx: Context) -> dict[str, datetime]:
     """Window -> start of each window holding copies but not sealed, from the seal cursor
     (one read, two listings)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
@@ -56,7 +39,9 @@ def unsealed_windows(ctx: Any) -> dict[str, datetime]:
     return {window: parse_window(window) for window in batches.unsealed(bucket, cursor)}
 
 
-def open_batches(ctx: Any, batch_ids: Iterable[str], older_than: datetime) -> dict[str, datetime]:
+def open_batches(
+    ctx: Context, batch_ids: Iterable[str], older_than: datetime
+) -> dict[str, datetime]:
     """Batch -> when it was sealed, for each open batch sealed before ``older_than``.
 
     A batch is sealed after its window ends, so only batches whose window started
@@ -78,20 +63,20 @@ def open_batches(ctx: Any, batch_ids: Iterable[str], older_than: datetime) -> di
     return found
 
 
-def open_exports(ctx: Any) -> dict[str, datetime]:
+def open_exports(ctx: Context) -> dict[str, datetime]:
     """Date -> first claim of each export that is not final (one listing, one read each)."""
     found: dict[str, datetime] = {}
     for day in export.open_days(ctx):
         marker = export.read_marker(ctx, day)
         if marker is None or export.is_final(marker[0]):
             continue
-        claimed = parse_time(marker[0].get("firstClaimedAt") or marker[0].get("claimedAt"))
+        claimed = parse_time(marker[0].get("firstClaimedAt"))
         if claimed is not None:
             found[day.isoformat()] = claimed
     return found
 
 
-def report(ctx: Any, now: datetime, open_batch_ids: Iterable[str]) -> list[str]:
+def report(ctx: Context, now: datetime, open_batch_ids: Iterable[str]) -> list[str]:
     """Alert each kind of state whose oldest item is older than the bound; the subjects."""
     bound = timedelta(minutes=ctx.settings.stale_state_minutes)
     states = {

@@ -15,11 +15,16 @@ import binascii
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from googleapiclient.errors import HttpError
 
 from dicomflow.errors import PermanentError, TransientError
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
+
+if TYPE_CHECKING:
+    from googleapiclient.http import HttpRequest  # slow to import; requests come built
 
 _PAGE = 100
 EMPTY_POLLS = 3
@@ -41,7 +46,7 @@ def subscription_path(name: str, project_of_topic: str) -> str:
 UNDECODABLE = "undecodable"
 
 
-def decode(received: dict[str, Any]) -> dict[str, Any]:
+def decode(received: JSON) -> JSON:
     """One received message as ``{...alert body, "attributes": {...}, "messageId"}``.
 
     A message whose data is not a JSON object gets the kind ``undecodable``, which no alert
@@ -58,9 +63,9 @@ def decode(received: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _call(request: Any) -> dict[str, Any]:
+def _call(request: HttpRequest) -> JSON:
     try:
-        result: dict[str, Any] = request.execute(num_retries=3)
+        result: JSON = request.execute(num_retries=3)
     except HttpError as exc:
         status = int(exc.resp.status)
         if status == 429 or status >= 500:
@@ -71,7 +76,7 @@ def _call(request: Any) -> dict[str, Any]:
     return result
 
 
-def count_waiting(ctx: Any, subscription: str) -> int:
+def count_waiting(ctx: Context, subscription: str) -> int:
     """How many messages wait on ``subscription`` (any messages, not only alerts); each
     is handed back at once, so the count consumes nothing.
 
@@ -106,15 +111,15 @@ def count_waiting(ctx: Any, subscription: str) -> int:
 
 
 def pull(
-    ctx: Any,
+    ctx: Context,
     subscription: str,
     *,
     max_messages: int | None = None,
     follow: bool = False,
     timeout: float | None = None,
     ack: bool = True,
-    on_alert: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
+    on_alert: Callable[[JSON], None] | None = None,
+) -> list[JSON]:
     """Pull alerts until the subscription is empty (or, with ``follow``, until stopped).
 
     Args:
@@ -130,7 +135,7 @@ def pull(
         TransientError: Pub/Sub answered 429/5xx or could not be reached.
     """
     subs = ctx.pubsub().projects().subscriptions()
-    got: list[dict[str, Any]] = []
+    got: list[JSON] = []
     seen: set[str] = set()
     empty = 0
     stop = None if timeout is None else time.monotonic() + timeout

@@ -1,38 +1,10 @@
 """The reconciliation sweep: ingest uploads whose finalize event never came.
 
-Eventarc retries an event for up to 24 h, then drops it (or dead-letters it); a
-trigger can be misconfigured or down. Without a sweep such an upload has no record,
-no outcome and no alert. Once per period (``DICOMFLOW_SWEEP_HOURS``, default 24) the
-ingest minute tick runs a pass (``run_due``):
+``run_due`` (the ingest tick) runs one pass per ``DICOMFLOW_SWEEP_HOURS``: list the
+landing bucket, compare with the records of the staging bucket (``recorded_keys``), alert
+``missed_event`` once, ingest each missed upload, then run landing retention.
 
-1. Claim the period: create ``state/sweep/<period>.json`` if absent. The marker is a
-   lease (``LEASE_SECONDS``); a pass that dies is taken over after it by a later tick,
-   at most ``ATTEMPTS`` times a period. A finished pass marks it ``done``.
-2. List the landing bucket (one call per 1,000 objects: Cloud Storage cannot list by
-   time) and keep the objects that pass ingest's filter and whose ``timeCreated`` is
-   - older than the maximum event age plus the seal grace: any event of theirs still
-     to come is too old, and every delivery that started in time has ended, so none
-     can race the sweep into a second record (``dicomflow.ingest`` takes the late
-     claim for swept files);
-   - younger than the staging copies' retention less a day: a staging or quarantine
-     copy is the record the sweep looks for, and the lifecycle rule deletes it after
-     ``DICOMFLOW_STAGING_COPY_RETENTION_DAYS``, so an older upload would look
-     unrecorded. ``config`` checks that every upload spends a whole period between
-     the two bounds.
-3. Build the set of keys with a record from five listings of the staging bucket, each
-   from the oldest window such an upload can have a record in: ``batches/``,
-   ``quarantine/``, ``state/dropped/``, ``failed/``, and ``state/late/`` (claims).
-4. A name no glob matches gets ingest's sniff (one 4-byte read) before it counts.
-5. One ``missed_event`` alert (subject ``sweep/<period>``: a pass taken over sends it
-   once) carries the count, never names; then each missed upload goes through
-   ``ingest.ingest_object`` with ``via="sweep"``.
-6. Landing retention (``dicomflow.retention``) runs in the same pass.
-
-Cost of a pass: one listing call per 1,000 landing objects, one per 1,000 records in
-the staging bucket's last ``DICOMFLOW_STAGING_COPY_RETENTION_DAYS`` days (five
-prefixes, so at least five), two marker writes, and, per missed upload, ingest's own
-calls plus a claim. An ignored upload without a matching name costs one read per pass
-while it is between the two bounds. ``bench/sweep.py`` measures it.
+See docs/architecture.md#the-reconciliation-sweep
 """
 
 from __future__ import annotations
@@ -41,11 +13,11 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from google.cloud import storage
 
-from dicomflow import alerts, log, objects, retention
+from dicomflow import alerts, ingest, log, objects, retention
+from dicomflow.clock import iso, parse_time
 from dicomflow.config import (
     BATCHES_PREFIX,
     DAY_SECONDS,
@@ -57,10 +29,11 @@ from dicomflow.config import (
 )
 from dicomflow.errors import PermanentError, TransientError
 from dicomflow.events import StorageObject, skip_reason
+from dicomflow.json_types import JSON
+from dicomflow.pool import pmap
 from dicomflow.runtime import Context
 from dicomflow.sniff import has_dicom_magic, needs_sniff
-from dicomflow.staging import LATE_PREFIX, WINDOW_FORMAT, file_key, iso, parse_time, window_id
-from dicomflow.verify import pmap
+from dicomflow.staging import LATE_PREFIX, WINDOW_FORMAT, file_key, window_id
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +64,7 @@ class SweepResult:
     failed: int = 0  # ingests that raised (transient): the pass is repeated
     alerted: bool = False
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSON:
         return {
             "period": self.period,
             "landing": self.landing,
@@ -120,13 +93,13 @@ def marker_name(period: str) -> str:
 
 
 def age_bounds(settings: Settings, now: datetime) -> tuple[datetime, datetime]:
-    """(oldest, newest) ``timeCreated`` the sweep looks at (see the module docstring)."""
+    """(oldest, newest) ``timeCreated`` of a pass; see docs/architecture.md#sweep-and-retention."""
     newest = now - timedelta(seconds=settings.max_event_age_seconds + settings.seal_grace_seconds)
     oldest = now - timedelta(seconds=(settings.staging_copy_retention_days - 1) * DAY_SECONDS)
     return oldest, newest
 
 
-def run_due(ctx: Context, now: datetime) -> dict[str, Any] | None:
+def run_due(ctx: Context, now: datetime) -> JSON | None:
     """Run the period's pass unless it ran (or runs) already; its summary, or None.
 
     Raises:
@@ -145,7 +118,7 @@ def run_due(ctx: Context, now: datetime) -> dict[str, Any] | None:
     if claimed is None:
         return None
     generation, attempt = claimed
-    result: dict[str, Any] = {"period": period, "attempt": attempt}
+    result: JSON = {"period": period, "attempt": attempt}
     complete = True
     if ctx.settings.sweep_hours:
         swept = sweep(ctx, now, period)
@@ -214,7 +187,7 @@ def _key_of(name: str) -> str:
 
 
 def sweep(ctx: Context, now: datetime, period: str) -> SweepResult:
-    """List, compare, alert once, ingest the missed uploads (see the module docstring)."""
+    """List, compare, alert once, ingest the missed uploads (see docs/architecture.md)."""
     settings = ctx.settings
     oldest, newest = age_bounds(settings, now)
     result = SweepResult(period)
@@ -249,8 +222,6 @@ def _passes(ctx: Context, obj: StorageObject) -> bool:
 
 
 def _ingest(ctx: Context, obj: StorageObject, period: str) -> str:
-    from dicomflow import ingest
-
     try:
         outcome = ingest.ingest_object(ctx, obj, f"sweep-{period}", None, via=ingest.SWEPT)
     except TransientError:

@@ -19,11 +19,12 @@ does not have, so a rotation can never let an erased study back in silently.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from dicomflow import keys, objects
 from dicomflow.config import TOMBSTONES_PREFIX
 from dicomflow.errors import PermanentError
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 SCHEMA_VERSION = 1
 # The label purpose of an erased study (keys.DeploymentKey.hash).
@@ -57,20 +58,20 @@ def label_from_name(name: str) -> str | None:
     return f"h:{key_id}:{digest}"
 
 
-def labels(ctx: Any) -> set[str]:
+def labels(ctx: Context) -> set[str]:
     """Every tombstone's label (one listing per 1,000 tombstones)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     found = (label_from_name(n) for n in objects.names(bucket, TOMBSTONES_PREFIX))
     return {label for label in found if label is not None}
 
 
-def count(ctx: Any) -> int:
+def count(ctx: Context) -> int:
     """How many studies were erased (one listing)."""
     return len(labels(ctx))
 
 
 def erased(
-    ctx: Any, studies: Iterable[str], previous: Iterable[keys.DeploymentKey] = ()
+    ctx: Context, studies: Iterable[str], previous: Iterable[keys.DeploymentKey] = ()
 ) -> set[str]:
     """The studies among ``studies`` that have a tombstone.
 
@@ -96,17 +97,17 @@ def erased(
     return {study for study in studies if any(label_of(k, study) in found for k in have)}
 
 
-def write(ctx: Any, label: str, doc: dict[str, Any]) -> int | None:
+def write(ctx: Context, label: str, doc: JSON) -> int | None:
     """Create the tombstone of ``label`` (create-if-absent); its generation when ours."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     return objects.create(bucket, name_of(label), {"schemaVersion": SCHEMA_VERSION, **doc})
 
 
-def read(ctx: Any, label: str) -> tuple[dict[str, Any], int] | None:
+def read(ctx: Context, label: str) -> tuple[JSON, int] | None:
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     return objects.read(bucket, name_of(label))
 
 
-def update(ctx: Any, label: str, doc: dict[str, Any], generation: int) -> int | None:
+def update(ctx: Context, label: str, doc: JSON, generation: int) -> int | None:
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     return objects.swap(bucket, name_of(label), doc, generation)

@@ -1,38 +1,11 @@
 """Per-file verification of a finished import batch against the store, order-free.
 
-The operation's counters are not trusted alone: every file of the batch's file list
-is looked up in the store, one QIDO search per study, and gets one outcome:
+``take_note`` reads, before an import, which SOP Instance UIDs the store already
+holds; ``verify_batch`` gives every file of a finished batch one outcome (``imported``,
+``duplicate``, ``conflict`` or ``failed``) from QIDO per study, comparing bytes only
+where the operation's counters, or their absence, call for it.
 
-- ``imported``: the store holds the instance with this file's bytes, and the note
-  taken before the import did not list its SOP Instance UID.
-- ``duplicate``: the same, but the store held the SOP Instance UID before the import
-  (an identical instance was already there), or an identical file earlier in this
-  batch (by key) carries the same UID.
-- ``conflict``: the SOP Instance UID is stored with other bytes (confirmed by
-  comparing bytes), or under another study or series.
-- ``failed``: the instance is not in the store (``not-in-store``).
-
-Why no order matters. The store keeps the first bytes stored under a SOP Instance
-UID and refuses other bytes with a per-file failure (Healthcare API import
-semantics). So whoever verifies a batch, in whatever order batches finish, the
-store's content and the batch's own operation decide. Each present file is this
-file's bytes unless the operation counted more failures than the files it did not
-store; only then are bytes compared (WADO-RS, ``transfer-syntax=*``): first for the
-suspects (SOP UIDs the note saw already stored, or that two files of the batch
-share), then for the rest until every counted failure is found. With no readable
-counters (the operation was lost or failed as a whole) every present suspect is
-compared, and every other present file too.
-
-Identical files in batches whose imports overlap: the note of each batch names the
-batches open when it was taken; the earliest batch (by id) that did not see the UID
-stored is the one that ``imported`` it, the others have a ``duplicate``
-(``earlier_copies``), whichever import stored the bytes first.
-Instances stored outside dicomflow with the same UIDs and bytes are ``duplicate``
-when they were there before the import, ``imported`` when they came in between.
-
-Healthcare calls: one QIDO per study for the note, one per study after the import,
-one QIDO by SOP UID for a file missing from a study that has other instances stored,
-and one WADO-RS per compared SOP UID (``summary.fetchedForChecksum``).
+See docs/architecture.md#verification
 """
 
 from __future__ import annotations
@@ -45,13 +18,16 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import google_crc32c
 import requests
 
 from dicomflow import retry
-from dicomflow.staging import BATCH_STATE_PREFIX, FileRecord, iso, staged_name
+from dicomflow.clock import iso
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
+from dicomflow.staging import BATCH_STATE_PREFIX, FileRecord, staged_name
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +69,9 @@ class FileResult:
     def key(self) -> str:
         return self.record.key
 
-    def line(self, batch: str, operation: str | None) -> dict[str, Any]:
+    def line(self, batch: str, operation: str | None) -> JSON:
         """The manifest line (``success.ndjson`` or ``failure.ndjson``)."""
-        out: dict[str, Any] = {
+        out: JSON = {
             **self.record.line(),
             "status": self.status,
             "batch": batch,
@@ -129,7 +105,7 @@ def checksum_of(data: bytes, scheme: str) -> str:
     return f"{scheme}:{base64.b64encode(digest).decode('ascii')}"
 
 
-def failures_counted(operation: dict[str, Any] | None) -> int | None:
+def failures_counted(operation: JSON | None) -> int | None:
     """The operation's ``counter.failure``, or None when there is none to rely on (no
     operation, or no counters: it was lost or failed as a whole). An import with
     per-file failures ends with an error and its counters; the counters count."""
@@ -173,37 +149,21 @@ def name_successes(
 # --- store access -----------------------------------------------------------------------------
 
 
-def http_status(exc: BaseException) -> int | None:
-    """The HTTP status of a DICOMweb (requests) or API error, if any."""
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        return int(exc.response.status_code)
-    return retry.status_of(exc)
-
-
-def transient(exc: BaseException) -> bool:
-    """429, 5xx and connection errors from DICOMweb or the APIs."""
-    status = http_status(exc)
-    if status is not None:
-        return status in (408, 429) or status >= 500
-    return retry.should_retry(exc)
-
-
-def _value(item: dict[str, Any], tag: str) -> str | None:
+def _value(item: JSON, tag: str) -> str | None:
     values = (item.get(tag) or {}).get("Value") or []
     return str(values[0]) if values else None
 
 
-def search_study(ctx: Any, study: str) -> dict[str, tuple[str, str]]:
+def search_study(ctx: Context, study: str) -> dict[str, tuple[str, str]]:
     """SOP UID -> (study, series) of every instance of ``study`` in the store."""
     client = ctx.dicomweb()
     found: dict[str, tuple[str, str]] = {}
     offset = 0
     while True:
-        page: list[dict[str, Any]] = retry.call(
+        page: list[JSON] = retry.call(
             lambda offset=offset: client.search_for_instances(  # type: ignore[misc]
                 study_instance_uid=study, fields=[SERIES_TAG], offset=offset, limit=5000
             ),
-            predicate=transient,
         )
         for item in page:
             sop, series = _value(item, SOP_TAG), _value(item, SERIES_TAG)
@@ -214,14 +174,13 @@ def search_study(ctx: Any, study: str) -> dict[str, tuple[str, str]]:
         offset += len(page)
 
 
-def search_sop(ctx: Any, sop: str) -> tuple[str, str] | None:
+def search_sop(ctx: Context, sop: str) -> tuple[str, str] | None:
     """(study, series) of ``sop`` anywhere in the store, or None."""
     client = ctx.dicomweb()
-    items: list[dict[str, Any]] = retry.call(
+    items: list[JSON] = retry.call(
         lambda: client.search_for_instances(
             fields=[STUDY_TAG, SERIES_TAG], search_filters={"SOPInstanceUID": sop}, limit=10
         ),
-        predicate=transient,
     )
     for item in items:
         study, series = _value(item, STUDY_TAG), _value(item, SERIES_TAG)
@@ -230,7 +189,7 @@ def search_sop(ctx: Any, sop: str) -> tuple[str, str] | None:
     return None
 
 
-def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
+def retrieve_bytes(ctx: Context, study: str, series: str, sop: str) -> bytes:
     """The stored instance as it was imported (WADO-RS with ``transfer-syntax=*``).
 
     dicomweb-client's ``retrieve_instance`` parses into a pydicom Dataset, which
@@ -249,20 +208,11 @@ def retrieve_bytes(ctx: Any, study: str, series: str, sop: str) -> bytes:
             raise ValueError(f"WADO-RS of one instance answered {content_type or 'no type'}")
         return bytes(response.content)
 
-    data: bytes = retry.call(fetch, predicate=transient)
+    data: bytes = retry.call(fetch)
     return data
 
 
-def pmap(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``fn`` over ``items`` in a small thread pool, results in order."""
-    items = list(items)
-    if len(items) <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(min(THREADS, len(items)), thread_name_prefix="verify") as pool:
-        return list(pool.map(fn, items))
-
-
-def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+def dicomweb_pmap(ctx: Context, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``fn`` over ``items`` in a pool of ``DICOMWEB_THREADS``, for DICOMweb calls.
 
     ``ctx.dicomweb()`` is per thread; the clients the pool threads made are closed
@@ -290,7 +240,7 @@ def dicomweb_pmap(ctx: Any, fn: Callable[[T], R], items: Iterable[T]) -> list[R]
             session.close()
 
 
-def _stored(ctx: Any, records: Iterable[FileRecord]) -> dict[str, tuple[str, str]]:
+def _stored(ctx: Context, records: Iterable[FileRecord]) -> dict[str, tuple[str, str]]:
     studies = sorted({r.study for r in records if r.study})
     found: dict[str, tuple[str, str]] = {}
     for part in dicomweb_pmap(ctx, lambda study: search_study(ctx, study), studies):
@@ -298,7 +248,7 @@ def _stored(ctx: Any, records: Iterable[FileRecord]) -> dict[str, tuple[str, str
     return found
 
 
-def take_note(ctx: Any, records: list[FileRecord], others: list[str]) -> dict[str, Any]:
+def take_note(ctx: Context, records: list[FileRecord], others: list[str]) -> JSON:
     """Which of ``records``' SOP Instance UIDs the store holds now (before the import), and
     the other batches not verified yet (``others``), whose imports may overlap this one."""
     mine = {r.sop for r in records if r.sop}
@@ -313,9 +263,9 @@ def take_note(ctx: Any, records: list[FileRecord], others: list[str]) -> dict[st
 
 def earlier_copies(
     read_records: Callable[[str], list[FileRecord]],
-    read_note: Callable[[str], dict[str, Any] | None],
+    read_note: Callable[[str], JSON | None],
     batch: str,
-    note: dict[str, Any] | None,
+    note: JSON | None,
 ) -> set[tuple[str, str | None]]:
     """(SOP UID, checksum) of files that an earlier batch, open when ``batch`` took its note,
     counts as ``imported``: the earliest of several imports of identical bytes is the one
@@ -343,13 +293,13 @@ def earlier_copies(
 
 
 def verify_batch(
-    ctx: Any,
+    ctx: Context,
     records: list[FileRecord],
-    operation: dict[str, Any] | None,
-    note: dict[str, Any] | None,
+    operation: JSON | None,
+    note: JSON | None,
     earlier: set[tuple[str, str | None]] = frozenset(),  # type: ignore[assignment]
 ) -> list[FileResult]:
-    """Decide the outcome of every file of a finished batch (see the module docstring).
+    """Decide the outcome of every file of a finished batch (docs/architecture.md#verification).
 
     ``earlier``: ``earlier_copies`` of the batch."""
     results = [FileResult(r) for r in sorted(records, key=lambda r: r.key)]
@@ -393,7 +343,7 @@ def verify_batch(
 
 
 def _compare(
-    ctx: Any, present: list[FileResult], before: set[str], unexplained: int | None
+    ctx: Context, present: list[FileResult], before: set[str], unexplained: int | None
 ) -> None:
     """Compare stored bytes with each file's, suspects first, until ``unexplained``
     conflicts are found (all of them when None)."""

@@ -1,14 +1,17 @@
 # The three Gen2 functions, built from one source archive named by its hash, so that a code change
-# redeploys. The archive holds main.py, requirements.txt and dicomflow/ only: an allow-list, so
-# tests/, localcloud/, bench/, infra/ and anything else in the repository never ship.
+# redeploys. The archive holds main.py, requirements.txt and the modules of dicomflow/ that the
+# functions run: an allow-list, so tests/, localcloud/, bench/, infra/ and anything else in the
+# repository never ship, and neither do the operator tools of dicomflow/ops/ nor the CLI entry
+# dicomflow/__main__.py (modules/source_files computes the list; tests/unit/test_archive.py runs it).
 
 locals {
   repo_root    = "${path.module}/.."
   package_root = "${path.module}/../dicomflow"
-  package_files = sort([
-    for f in fileset(local.package_root, "**") : f
-    if !strcontains(f, "__pycache__") && !endswith(f, ".pyc")
-  ])
+}
+
+module "source_files" {
+  source = "./modules/source_files"
+  root   = local.repo_root
 }
 
 data "archive_file" "source" {
@@ -26,7 +29,7 @@ data "archive_file" "source" {
   }
 
   dynamic "source" {
-    for_each = local.package_files
+    for_each = module.source_files.package_files
     content {
       filename = "dicomflow/${source.value}"
       content  = file("${local.package_root}/${source.value}")

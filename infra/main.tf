@@ -61,7 +61,7 @@ locals {
   # and create only (a manifest is created once per attempt; a forced rerun writes its own under
   # PREFIX/DATE/rerun-N/), so nothing in the pipeline can delete or overwrite backup data. Healthcare permissions are
   # custom roles granted on the DICOM store or the dataset only.
-  # Derived from the code: dicomflow/healthcare.py (import, operations.get), dicomflow/export.py
+  # Derived from the code: dicomflow/store.py (import, operations.get), dicomflow/export.py
   # (QIDO count, dicomStores.export, markers, _MANIFEST.json). Only export may start an export:
   # report's tick alerts a start whose claimer died, and the export function takes it over.
   # drill_store_permissions are granted on the scratch store <store>-drill, which exists only when

@@ -1,47 +1,12 @@
 """Chaos run: uploads with broken and conflicting files, repeated and reordered events,
 faults and crashes.
 
-``run_chaos(m)`` starts a ``MeasuredStack`` (see ``localcloud.harness``) and:
+``run_chaos(m)`` uploads the corpus (``chaos_corpus``) to a ``MeasuredStack``, repeats
+and holds back events (``ChaosDeliverer``), injects Storage and Healthcare faults, kills
+functions (``Killer``), waits for every outcome and then ``check_invariants`` says
+which invariant broke, if any.
 
-- uploads ``m`` files, all named ``*.dcm``: about 5 % broken (not DICOM, truncated,
-  or without a SOP Instance UID) and about 4 % in same-SOP-UID, different-bytes
-  pairs, the two of a pair at independent places in the shuffled upload order,
-  and the later one of two pairs in three uploaded a (late) window after the
-  rest, so that most pairs span windows and batches and some share one;
-- delivers about 10 % of the finalize events twice and holds back about 20 %
-  for up to 3 s, so they arrive out of order (``ChaosDeliverer``);
-- fails 10 % of the functions' Cloud Storage calls with 429 or 503 (the
-  fault proxy) and 10 % of their Healthcare calls (the emulator's knobs:
-  429 on import, 503 or 429 on the others);
-- lets 10 % of the functions' Cloud Storage writes take effect and then
-  answers them with 503 (``after_fault_rate``: the response is lost, so the
-  retry meets the function's own write);
-- kills the ingest or the report function with SIGKILL at random moments and
-  starts it again.
-
-Then it waits until every upload has a final outcome (``dicomflow.outcomes``),
-turns the faults off, waits for the quarantine alerts, and ``check_invariants``
-confirms: every valid file is in the store exactly once and byte for byte; of each
-conflicting pair exactly one is ``imported`` (or ``duplicate``) and its bytes are
-the stored ones, the other is a ``conflict`` whose staging copy is kept and which a
-``conflict`` alert names; every broken file is quarantined with its reason and a
-``quarantined`` alert names it; every upload has one final outcome and nothing
-else has one; no event was dead-lettered; no alert was raised that the corpus
-does not explain; and no function had to be revived after the kills. Last, it
-scans every line the three functions logged and every alert for the corpus's
-patient names, UIDs and object names (``localcloud.leaks``): a hit is a problem.
-
-Import faults are 429 only. A kill of ingest between the import intent and the
-operation record leaves the batch to dicomflow's crash repair, which imports it
-again after ``DICOMFLOW_IMPORT_RESTART_SECONDS`` (300 s). That delay is scaled
-down to ``IMPORT_RESTART_SECONDS`` (30 s) here, as the batch window is (60 s to
-5 s) and the late window (600 s to 10 s), through the functions' settings.
-
-Event redelivery backs off exponentially up to ``max_backoff`` (30 s, about
-Eventarc's pace; the suite's test uses 5 s so that its run stays short). When the
-outcomes do not settle in time, ``stats["stuck"]`` names the windows of the files
-still staged and which of their markers exist (seal, seal done, open batches,
-import intents, operation records, summaries).
+See docs/architecture.md#chaos-run
 """
 
 from __future__ import annotations
@@ -65,7 +30,7 @@ import pydicom
 from google.cloud import storage
 
 from dicomflow import alerts as alert_lib
-from dicomflow import objects, outcomes
+from dicomflow import objects
 from dicomflow.config import (
     BATCHES_PREFIX,
     DROPPED_PREFIX,
@@ -73,7 +38,9 @@ from dicomflow.config import (
     QUARANTINE_PREFIX,
     load_settings,
 )
-from dicomflow.outcomes import Outcome
+from dicomflow.ops import outcomes
+from dicomflow.ops.outcomes import Outcome
+from dicomflow.pool import pmap
 from dicomflow.staging import (
     BATCH_STATE_PREFIX,
     OPEN_PREFIX,
@@ -85,7 +52,7 @@ from dicomflow.staging import (
     staged_name,
     summary_name,
 )
-from dicomflow.verify import CONFLICT, FAILED, SUCCESS, pmap
+from dicomflow.verify import CONFLICT, FAILED, SUCCESS
 from localcloud import leaks
 from localcloud.corpus import generate_studies
 from localcloud.delivery import STORAGE_FINALIZED, Deliverer, Event
@@ -839,7 +806,7 @@ def check_invariants(
 ) -> list[str]:
     """Every broken invariant, one line each (empty: all hold).
 
-    ``found``: key -> outcome (``dicomflow.outcomes``); ``stored``: SOP Instance UID ->
+    ``found``: key -> outcome (``dicomflow.ops.outcomes``); ``stored``: SOP Instance UID ->
     SHA-256 of the stored bytes; ``staged_names``: the staging copies that exist;
     ``doubles``: keys with lines in several verified batches; ``label``: an upload's
     object label as alerts carry it.

@@ -1,29 +1,12 @@
 """At-least-once HTTP delivery of binary-mode CloudEvents, as Eventarc does.
 
-``Deliverer`` owns a small pool of worker threads. Each event is POSTed until
-the target answers 2xx; 5xx, 429, timeouts, connection errors and any other
-exception of the send are retried with capped exponential backoff (from
-``min_backoff`` doubling up to ``max_backoff``; ``jitter`` takes up to that
-fraction off each delay at random, as Pub/Sub's push retry policy does), so no
-event can stop a worker. An event is only given up after ``max_age`` seconds, and
-then it is kept as a dead letter (as an Eventarc trigger with a dead-letter
-topic keeps it) and logged as an error, never dropped silently.
+``Deliverer`` POSTs each event from a pool of worker threads until the target answers
+2xx, with capped exponential backoff, and keeps an event it gives up on after
+``max_age`` as a dead letter (``count_dead_letters``). ``storage_event`` and
+``pubsub_event`` build the events; header values are percent-encoded
+(``encode_header_value``).
 
-Dead letters are JSON lines ``{"headers": {...}, "body": "..."}`` appended to
-the ``dead_letter`` file (``<LOCALCLOUD_HOME>/dead-letter.ndjson`` in the
-stack); ``count_dead_letters(path)`` counts them for ``localcloud status``.
-The stack also publishes each one to a dead-letter topic (``on_dead_letter``,
-``pubsub_dead_letters``), where ``dicomflow status`` counts them as it would on
-Google Cloud. The file and the messages hold object names, like the messages
-of a dead-letter topic; logs never do.
-
-``routes`` maps one target URL to several instances of a function (N Cloud
-Run instances behind one URL): each attempt goes to the instance with the fewest
-requests in flight.
-
-Header values go out percent-encoded as the CloudEvents HTTP binding requires
-(section 3.1.3.2): an object name may hold any Unicode character, and HTTP
-headers carry Latin-1 at most.
+See docs/architecture.md#event-delivery
 """
 
 from __future__ import annotations
@@ -384,5 +367,5 @@ class Deliverer:
 
     def _requeue(self, event: Event) -> None:
         with self._lock:
-            self._retry_timers.discard(threading.current_thread())  # type: ignore[arg-type]
+            self._retry_timers.discard(threading.current_thread())
         self._queue.put(event)

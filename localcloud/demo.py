@@ -4,7 +4,7 @@ Stages, each timed: start the local cloud; upload pydicom's sample files, the
 ``pydicom-data`` files and a few generated multi-series studies (the sample
 files named ``*.dcm``, so the broken ones are checked and quarantined, not
 skipped; some generated ones under awkward names, two without an extension);
-wait until every upload has a final outcome (``dicomflow.outcomes``: ingest batches
+wait until every upload has a final outcome (``dicomflow.ops.outcomes``: ingest batches
 and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
 quarantine window, a minute after the window ends); restore the backup into a
@@ -32,10 +32,11 @@ from google.cloud import storage
 from rich.console import Console
 from rich.table import Table
 
-from dicomflow import feeds, log, objects, outcomes
+from dicomflow import feeds, log, objects
 from dicomflow.backup import dated_folder, export_day
 from dicomflow.config import QUARANTINE_PREFIX, load_settings
-from dicomflow.outcomes import Outcome
+from dicomflow.ops import outcomes
+from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import BATCH_STATE_PREFIX, OPEN_PREFIX
 from dicomflow.verify import DUPLICATE, IMPORTED
 from localcloud import leaks
@@ -170,7 +171,7 @@ def _restore(stack: Stack, manifest: dict[str, Any] | None) -> dict[str, Any]:
         return restore.run(ctx, day, target, wait=True, poll_seconds=0.5, timeout=SETTLE_TIMEOUT)
     finally:
         ctx.close_clients()
-        ctx.storage.close()  # type: ignore[no-untyped-call]
+        ctx.storage.close()
 
 
 def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
@@ -258,7 +259,7 @@ def run_flow(stack: Stack, console: Console, stages: Stages | None = None) -> di
             1 for n in objects.names(staging, BATCH_STATE_PREFIX) if n.endswith("/operation.json")
         )
     finally:
-        gcs.close()  # type: ignore[no-untyped-call]
+        gcs.close()
     markers = leaks.corpus_markers(corpus)
     leaked = leaks.scan_run(stack.config.home, alerts, markers)
     totals = outcomes.totals(found.values())

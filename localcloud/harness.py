@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from localcloud.faultproxy import FaultProxy, healthcare_operation, storage_area, storage_operation
-from localcloud.ports import free_port, start_on_free_port
+from localcloud.ports import HOST, listening_socket
 from localcloud.stack import Stack, StackConfig
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -55,51 +55,49 @@ class MeasuredStack:
     ) -> MeasuredStack:
         """Start the proxies and the stack behind them.
 
-        The proxies must know the services' ports before the stack starts, so the
-        ports are picked here; when another process takes one before its service
-        binds it, everything is started again on newly picked ports.
+        The proxies must know the services' ports before the stack starts: the
+        services' listening sockets are bound here and handed to the stack.
         """
-
-        def start_on(storage_port: int) -> MeasuredStack:
-            healthcare_port = free_port()
-            storage_proxy = FaultProxy(
-                f"http://127.0.0.1:{storage_port}", storage_operation, storage_area, seed=seed
-            ).start()
-            healthcare_proxy = FaultProxy(
-                f"http://127.0.0.1:{healthcare_port}", healthcare_operation, seed=seed
-            ).start()
-            env = {
-                **(function_env or {}),
-                "STORAGE_EMULATOR_HOST": storage_proxy.url,
-                "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_proxy.url,
-            }
-            config = StackConfig(
-                home=home,
-                minute_interval=minute_interval,
-                ports={"storage": storage_port, "healthcare": healthcare_port},
-                function_env=env,
-                healthcare_args=(
-                    "--operation-latency",
-                    str(operation_latency),
-                    "--max-concurrent-ops",
-                    str(max_concurrent_ops),
-                ),
-                ingest_workers=ingest_workers,
-            )
-            if event_retry is not None:
-                config = replace(config, event_retry=event_retry)
-            if functions_source is not None:
-                config = replace(config, functions_source=functions_source)
-            stack = Stack(config)
-            try:
-                stack.start()
-            except BaseException:
-                storage_proxy.stop()
-                healthcare_proxy.stop()
-                raise
-            return cls(stack, storage_proxy, healthcare_proxy)
-
-        return start_on_free_port(start_on)
+        listeners = {
+            "storage": listening_socket(0, "Cloud Storage"),
+            "healthcare": listening_socket(0, "the Healthcare API emulator"),
+        }
+        upstreams = {name: f"http://{HOST}:{s.getsockname()[1]}" for name, s in listeners.items()}
+        storage_proxy = FaultProxy(
+            upstreams["storage"], storage_operation, storage_area, seed=seed
+        ).start()
+        healthcare_proxy = FaultProxy(
+            upstreams["healthcare"], healthcare_operation, seed=seed
+        ).start()
+        env = {
+            **(function_env or {}),
+            "STORAGE_EMULATOR_HOST": storage_proxy.url,
+            "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_proxy.url,
+        }
+        config = StackConfig(
+            home=home,
+            minute_interval=minute_interval,
+            function_env=env,
+            healthcare_args=(
+                "--operation-latency",
+                str(operation_latency),
+                "--max-concurrent-ops",
+                str(max_concurrent_ops),
+            ),
+            ingest_workers=ingest_workers,
+        )
+        if event_retry is not None:
+            config = replace(config, event_retry=event_retry)
+        if functions_source is not None:
+            config = replace(config, functions_source=functions_source)
+        stack = Stack(config, listeners)
+        try:
+            stack.start()
+        except BaseException:
+            storage_proxy.stop()
+            healthcare_proxy.stop()
+            raise
+        return cls(stack, storage_proxy, healthcare_proxy)
 
     def stop(self) -> None:
         self.stack.stop()

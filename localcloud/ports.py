@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import signal
 import socket
+import socketserver
+import subprocess
 import sys
 import time
 import urllib.error
@@ -44,6 +46,8 @@ def is_free(port: int) -> bool:
 
 
 def _taken(port: int, what: str, setting: str) -> PortTaken:
+    if not setting:
+        return PortTaken(f"port {port} for {what} is taken")
     return PortTaken(
         f"port {port} for {what} is taken; free it or set {setting} to another port "
         "(0 picks a free one)"
@@ -56,8 +60,11 @@ def ensure_free(port: int, what: str, setting: str) -> None:
         raise _taken(port, what, setting)
 
 
-def listening_socket(port: int, what: str, setting: str) -> socket.socket:
+def listening_socket(port: int, what: str, setting: str = "") -> socket.socket:
     """A loopback socket bound to ``port`` (0: any free one) and listening.
+
+    ``PortTaken`` when ``port`` is taken, naming ``setting``, the setting that
+    chose the port, when there is one.
 
     A service handed this socket serves on it without binding, so no other
     process can take the port between choosing it and serving on it.
@@ -71,6 +78,17 @@ def listening_socket(port: int, what: str, setting: str) -> socket.socket:
         raise _taken(port, what, setting) from None
     sock.listen(128)
     return sock
+
+
+def serve_on(server: socketserver.TCPServer, sock: socket.socket) -> None:
+    """Make ``server``, made with ``bind_and_activate=False``, serve on ``sock``.
+
+    ``sock`` is bound and listening already (see ``listening_socket``); the
+    server owns it from now on and closes it with ``server_close``.
+    """
+    server.socket.close()
+    server.socket = sock
+    server.server_address = sock.getsockname()
 
 
 def start_on_free_port(start: Callable[[int], T], attempts: int = START_ATTEMPTS) -> T:
@@ -89,14 +107,6 @@ def start_on_free_port(start: Callable[[int], T], attempts: int = START_ATTEMPTS
     raise ValueError(f"attempts must be at least 1, got {attempts}")
 
 
-def pick_port(requested: int, what: str, setting: str) -> int:
-    """``requested`` when free (0 means any free port)."""
-    if requested == 0:
-        return free_port()
-    ensure_free(requested, what, setting)
-    return requested
-
-
 def wait_http(url: str, timeout: float, what: str, alive: object = None) -> None:
     """Poll ``url`` until it answers with any HTTP status, or raise after ``timeout`` s.
 
@@ -105,6 +115,8 @@ def wait_http(url: str, timeout: float, what: str, alive: object = None) -> None
     """
     deadline = time.monotonic() + timeout
     while True:
+        if callable(alive) and not alive():
+            raise LocalCloudError(f"{what} exited during start-up (see its log)")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -112,11 +124,26 @@ def wait_http(url: str, timeout: float, what: str, alive: object = None) -> None
             return
         except (urllib.error.URLError, OSError):
             pass
-        if callable(alive) and not alive():
-            raise LocalCloudError(f"{what} exited during start-up (see its log)")
         if time.monotonic() > deadline:
             raise LocalCloudError(f"{what} did not answer at {url} within {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def wait_bound(
+    process: subprocess.Popen[bytes], port: int, url: str, timeout: float, what: str
+) -> None:
+    """Wait until ``process``, started to bind ``port`` itself, answers at ``url``.
+
+    Raises ``PortTaken`` when it exited while the port is held by another process
+    (it lost the race for the port), else the ``LocalCloudError`` of ``wait_http``.
+    The process is left to the caller to stop.
+    """
+    try:
+        wait_http(url, timeout, what, lambda: process.poll() is None)
+    except LocalCloudError:
+        if process.poll() is not None and not is_free(port):
+            raise PortTaken(f"port {port} for {what} was taken before it bound it") from None
+        raise
 
 
 def die_with_parent() -> None:

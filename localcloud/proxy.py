@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from localcloud.ports import HOST
+from localcloud.ports import HOST, serve_on
 
 HOP_HEADERS = frozenset(
     {
@@ -175,9 +175,8 @@ class LoopbackProxy:
         if sock is None:
             self._server = _Server((HOST, port), self._handler())
         else:
-            self._server = _Server(sock.getsockname(), self._handler(), bind_and_activate=False)
-            self._server.socket.close()
-            self._server.socket = sock
+            self._server = _Server((HOST, 0), self._handler(), bind_and_activate=False)
+            serve_on(self._server, sock)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

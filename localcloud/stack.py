@@ -2,9 +2,9 @@
 
 ``Stack.start()`` brings up, in order: Cloud Storage (fake-gcs-server), Pub/Sub
 (the SDK emulator or the built-in fallback), the Healthcare API emulator, the
-three functions (one functions-framework process each, as on Cloud Functions),
-the bucket watcher that stands in for Eventarc, and the scheduler. Once all of
-them answer, it writes ``state.json`` in the home folder; ``python -m
+three functions (one process each, as on Cloud Functions: functions-framework's
+app in gunicorn), the bucket watcher that stands in for Eventarc, and the
+scheduler. Once all of them answer, it writes ``state.json`` in the home folder; ``python -m
 localcloud env|status|tick|down`` read that file.
 
 Every name a user or a test needs is in ``Stack.env()`` (see ``ENV_NAMES``).
@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ from dicomflow import keys
 from localcloud.delivery import Deliverer, pubsub_dead_letters
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
-from localcloud.ports import HOST, die_with_parent, pick_port, wait_http
+from localcloud.ports import HOST, die_with_parent, listening_socket, wait_http
 from localcloud.scheduler import Schedule, Scheduler
 from localcloud.storage import StorageServer, start_storage
 
@@ -188,6 +189,25 @@ def _bin(name: str) -> str:
     return found
 
 
+def _function_args(function: str, source: Path, fd: int) -> list[str]:
+    """gunicorn serving the function ``function`` of ``source`` on the inherited socket ``fd``.
+
+    The settings are the ones functions-framework's own command gives gunicorn:
+    one worker with four threads per core, no request timeout, no request-line
+    limit. Only the listening socket differs: bound by the stack, not by gunicorn.
+    """
+    app = (
+        f"functions_framework:create_app(target={function!r}, source={str(source)!r}, "
+        "signature_type='cloudevent')"
+    )
+    threads = (os.cpu_count() or 1) * 4
+    return [
+        *(_bin("gunicorn"), "--bind", f"fd://{fd}", "--workers", "1"),
+        *("--threads", str(threads), "--timeout", "0", "--limit-request-line", "0"),
+        *("--log-level", "error", app),
+    ]
+
+
 def _reason(log_file: Path) -> str:
     """The most telling line of a service's log: a CRITICAL JSON message, else the last line."""
     lines = log_file.read_text(errors="replace").strip().splitlines() if log_file.exists() else []
@@ -215,14 +235,26 @@ def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None
 
 
 class Stack:
-    """A running local cloud, owned by this process."""
+    """A running local cloud, owned by this process.
 
-    def __init__(self, config: StackConfig) -> None:
+    The stack binds the listening socket of every service it starts from its own
+    code (the storage front, the Healthcare emulator, each function instance) and
+    hands it to the process, so no other process can take a port between its
+    choice and its use, and a restarted process serves on the same socket.
+    ``listeners`` may bring such sockets, bound and listening, for "storage" and
+    "healthcare"; the stack owns them from then on.
+    """
+
+    def __init__(
+        self, config: StackConfig, listeners: Mapping[str, socket.socket] | None = None
+    ) -> None:
         self.config = config
+        self._given = dict(listeners or {})
+        self._sockets: dict[str, socket.socket] = {}
         self.urls: dict[str, str] = {}
         self.pubsub_kind = ""
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+        self._commands: dict[str, tuple[list[str], dict[str, str] | None, tuple[int, ...]]] = {}
         self._logs: list[IO[bytes]] = []
         self._storage: StorageServer | None = None
         self._pubsub: Any = None
@@ -249,8 +281,21 @@ class Stack:
         self._logs.append(handle)
         return handle
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        self._commands[name] = (args, env)
+    def _listen(self, name: str, port: int, what: str, setting: str) -> socket.socket:
+        """The listening socket of the process ``name``: given to the stack, else bound to
+        ``port`` (0: any free one). Held until ``stop``, for restarts to serve on."""
+        sock = self._given.pop(name, None) or listening_socket(port, what, setting)
+        self._sockets[name] = sock
+        return sock
+
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
+        self._commands[name] = (args, env, pass_fds)
         self._processes[name] = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -260,6 +305,7 @@ class Stack:
             cwd=ROOT,
             start_new_session=True,  # its own process group, so stop() reaches its children
             preexec_fn=die_with_parent,
+            pass_fds=pass_fds,
         )
 
     def _start(self) -> None:
@@ -270,6 +316,7 @@ class Stack:
 
         self._storage = start_storage(
             ports.get("storage", 0),
+            listener=self._given.pop("storage", None),
             data_dir=cfg.home / "storage",
             buckets=(cfg.landing_bucket, cfg.staging_bucket, cfg.backup_bucket),
             log=self._log("storage"),
@@ -289,8 +336,11 @@ class Stack:
         self.urls["pubsub"] = self._pubsub.url
         self.pubsub_kind = self._pubsub.kind
 
-        port = pick_port(
-            ports.get("healthcare", 0), "the Healthcare API emulator", "LOCALCLOUD_HEALTHCARE_PORT"
+        listener = self._listen(
+            "healthcare",
+            ports.get("healthcare", 0),
+            "the Healthcare API emulator",
+            "LOCALCLOUD_HEALTHCARE_PORT",
         )
         self._spawn(
             "healthcare",
@@ -298,8 +348,8 @@ class Stack:
                 sys.executable,
                 "-m",
                 "localcloud.healthcare",
-                "--port",
-                str(port),
+                "--fd",
+                str(listener.fileno()),
                 "--data-dir",
                 str(cfg.home / "healthcare"),
                 "--storage-endpoint",
@@ -310,8 +360,9 @@ class Stack:
                 self._pubsub.url,
                 *cfg.healthcare_args,
             ],
+            pass_fds=(listener.fileno(),),
         )
-        self.urls["healthcare"] = f"http://{HOST}:{port}"
+        self.urls["healthcare"] = f"http://{HOST}:{listener.getsockname()[1]}"
         self._wait(
             "healthcare",
             f"{self.urls['healthcare']}/v1/projects/{cfg.project}/locations/{cfg.location}/datasets",
@@ -321,41 +372,23 @@ class Stack:
         env = {**os.environ, **self.env(), **cfg.function_env}
         # Cloud Run sets K_SERVICE; main.py then checks the settings at start-up.
         env.pop("PUBSUB_EMULATOR_HOST", None)
-        for function in FUNCTIONS:
-            port = pick_port(
-                ports.get(function, 0),
-                f"the {function} function",
-                f"LOCALCLOUD_{function.upper()}_PORT",
-            )
+        # (process, function): further instances of ingest run the same command with the
+        # same settings on any free port.
+        instances = [(f, f) for f in FUNCTIONS] + [
+            (f"ingest-{r}", "ingest") for r in range(2, cfg.ingest_workers + 1)
+        ]
+        for name, function in instances:
+            setting = f"LOCALCLOUD_{name.upper()}_PORT" if name in FUNCTIONS else ""
+            sock = self._listen(name, ports.get(name, 0), f"the {name} function", setting)
             self._spawn(
-                function,
-                [
-                    _bin("functions-framework"),
-                    "--target",
-                    function,
-                    "--source",
-                    str(cfg.functions_source),
-                    "--signature-type",
-                    "cloudevent",
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(port),
-                ],
-                env={**env, "K_SERVICE": function},
+                name,
+                _function_args(function, cfg.functions_source, sock.fileno()),
+                {**env, "K_SERVICE": function},
+                (sock.fileno(),),
             )
-            self.urls[function] = f"http://{HOST}:{port}/"
-        self.ingest_urls = [self.urls["ingest"]]
-        for replica in range(2, cfg.ingest_workers + 1):
-            # Further instances of ingest: same command and settings, any free port.
-            name = f"ingest-{replica}"
-            port = pick_port(0, f"ingest instance {replica}", "LOCALCLOUD_INGEST_WORKERS")
-            args = list(self._commands["ingest"][0])
-            args[args.index("--port") + 1] = str(port)
-            self._spawn(name, args, env={**env, "K_SERVICE": "ingest"})
-            self.urls[name] = f"http://{HOST}:{port}/"
-            self.ingest_urls.append(self.urls[name])
-        for name in (*FUNCTIONS, *(f"ingest-{r}" for r in range(2, cfg.ingest_workers + 1))):
+            self.urls[name] = f"http://{HOST}:{sock.getsockname()[1]}/"
+        self.ingest_urls = [self.urls[name] for name, f in instances if f == "ingest"]
+        for name, _ in instances:
             self._wait(name, self.urls[name])
 
         routes = {self.urls["ingest"]: self.ingest_urls}
@@ -565,8 +598,8 @@ class Stack:
                 process.wait()
             else:
                 _stop_process(process)
-        args, env = self._commands[name]
-        self._spawn(name, args, env)
+        args, env, pass_fds = self._commands[name]
+        self._spawn(name, args, env, pass_fds)
         url = self.urls.get(name)
         if url:
             self._wait(name, url)
@@ -595,6 +628,10 @@ class Stack:
             self._watch_client = None
         for name in reversed(list(self._processes)):
             _stop_process(self._processes.pop(name))
+        for sock in [*self._sockets.values(), *self._given.values()]:
+            sock.close()
+        self._sockets.clear()
+        self._given.clear()
         if self._pubsub is not None:
             self._pubsub.stop()
             self._pubsub = None

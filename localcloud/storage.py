@@ -18,6 +18,7 @@ the client side).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -32,11 +33,10 @@ from google.cloud import storage
 from localcloud.errors import LocalCloudError
 from localcloud.ports import (
     HOST,
-    PortTaken,
     die_with_parent,
-    is_free,
     listening_socket,
     start_on_free_port,
+    wait_bound,
     wait_http,
 )
 
@@ -143,19 +143,7 @@ def _start_upstream(
         args += ["-backend", "filesystem", "-filesystem-root", str(data_dir)]
     process = _spawn(args, log)
     try:
-        wait_http(
-            f"http://{HOST}:{port}/storage/v1/b",
-            20,
-            "fake-gcs-server",
-            lambda: process.poll() is None,
-        )
-    except LocalCloudError:
-        _stop(process)
-        if process.returncode is not None and not is_free(port):
-            raise PortTaken(
-                f"port {port} for fake-gcs-server was taken before it bound it"
-            ) from None
-        raise
+        wait_bound(process, port, f"http://{HOST}:{port}/storage/v1/b", 20, "fake-gcs-server")
     except BaseException:
         _stop(process)
         raise
@@ -168,6 +156,7 @@ def start_storage(
     buckets: tuple[str, ...] = (),
     log: IO[bytes] | None = None,
     retention: Mapping[str, int] | None = None,
+    listener: socket.socket | None = None,
 ) -> StorageServer:
     """Start fake-gcs-server and its front on loopback and create ``buckets``.
 
@@ -183,8 +172,13 @@ def start_storage(
         log: where the servers' output goes (default: discarded).
         retention: bucket -> retention period in seconds, enforced by the front
             (a bucket's policy can also be set later, as on Cloud Storage, by a patch).
+        listener: a loopback socket bound and listening for the front, instead of
+            binding ``port``; closed here once the front has it.
     """
-    listener = listening_socket(port, "Cloud Storage (fake-gcs-server)", "LOCALCLOUD_STORAGE_PORT")
+    if listener is None:
+        listener = listening_socket(
+            port, "Cloud Storage (fake-gcs-server)", "LOCALCLOUD_STORAGE_PORT"
+        )
     with listener:
         port = int(listener.getsockname()[1])
         process, upstream_port = start_on_free_port(

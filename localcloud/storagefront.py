@@ -1,48 +1,12 @@
 """Cloud Storage's preconditions, enforced in front of fake-gcs-server.
 
-fake-gcs-server checks ``ifGenerationMatch`` only on uploads of 8 MB or less,
-and ignores every precondition on rewrite, copy, delete and metadata patch.
-The pipeline's claims rest on exactly those (create-if-absent on a rewrite,
-compare-and-swap on uploads), so every localcloud client talks to this front
-instead (``localcloud.storage.start_storage`` starts both).
+fake-gcs-server checks ``ifGenerationMatch`` only on small uploads and ignores every
+other precondition; the pipeline's claims rest on them. ``StorageFront`` checks each
+precondition under a lock per object and forwards the request without it, and also
+enforces bucket retention policies, refuses names with CR or LF and counts
+metagenerations. ``localcloud.storage.start_storage`` starts it.
 
-For each object request that carries a precondition, or that changes an
-object, the front takes a lock per (bucket, object name), reads the live
-generation and metageneration from fake-gcs-server, and either answers 412
-``conditionNotMet`` in Cloud Storage's JSON error shape (a failed
-``...NotMatch`` on a read answers 304) or forwards the request without its
-precondition parameters. Holding the lock from the check until the answer
-makes the check and the write one step, so of two concurrent
-create-if-absent requests exactly one succeeds.
-
-Covered: ``ifGenerationMatch``, ``ifGenerationNotMatch``,
-``ifMetagenerationMatch``, ``ifMetagenerationNotMatch`` (query parameters, and
-the ``x-goog-if-generation-match`` / ``x-goog-if-metageneration-match``
-headers) on simple, multipart and resumable uploads (given when the session
-starts, checked then and when the last chunk completes the upload), rewrite
-and copy (of the destination, plus ``ifSource...`` and ``sourceGeneration``
-of the source), compose (plus each source's ``objectPreconditions``), delete,
-metadata patch and update, and reads. A generation of 0 means "no live
-version". A delete or patch of a ``generation`` that is not the live one
-answers 404, as in a bucket without versioning (fake-gcs-server would
-delete the live version).
-
-Retention policies, which fake-gcs-server ignores: a bucket's
-``retentionPolicy.retentionPeriod`` (seconds), set when the bucket is created or
-patched (``bucket.retention_period = N; bucket.patch()``) or given to the front at
-start (``--retention BUCKET=SECONDS``), is kept by the front and shown in the
-bucket's resource. An upload, rewrite, copy or compose over a live object, or a
-delete of one, younger than the period answers 403 ``retentionPolicyNotMet`` as
-Cloud Storage does; a metadata change is allowed, as there.
-
-Object names holding a carriage return or a line feed are refused (400, as Cloud
-Storage words it) on every request that creates an object; fake-gcs-server would
-store them.
-
-fake-gcs-server leaves an object's metageneration at 1 when its metadata
-changes, so the front counts metadata changes itself, per object generation,
-and writes that count into every object resource it returns. The count lives
-in memory: a restarted front reports 1 again.
+See docs/architecture.md#storage-front
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def install() -> None:
 
     if getattr(alerts.build_alert, "__wrapped_by_alert_contract__", False):
         return
-    alerts.build_alert = _wrap_builder(alerts.build_alert)  # type: ignore[assignment]
+    alerts.build_alert = _wrap_builder(alerts.build_alert)
     decode = subscription.decode
 
     def checked_decode(received: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def install() -> None:
             )
         return body
 
-    subscription.decode = checked_decode  # type: ignore[assignment]
+    subscription.decode = checked_decode
     drain = Stack.drain_alerts
 
     def checked_drain(self: Stack) -> list[dict[str, Any]]:

@@ -73,7 +73,7 @@ def _google_api(service: str, version: str, url: str) -> Any:
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": url},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
 
 

@@ -15,12 +15,13 @@ operations), ``importer`` / ``exporter`` (the import and export operations),
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 from localcloud.healthcare.knobs import Knobs
 from localcloud.healthcare.server import HealthcareServer
-from localcloud.ports import pick_port
+from localcloud.ports import listening_socket
 
 __all__ = ["HealthcareServer", "start_healthcare"]
 
@@ -32,12 +33,13 @@ def start_healthcare(
     pubsub_endpoint: str | None = None,
     import_workers: int | None = None,
     storage_root: Path | None = None,
+    listener: socket.socket | None = None,
     **knobs: Any,
 ) -> HealthcareServer:
     """Start the emulator on loopback, serving from a background thread.
 
     Args:
-        port: 0 for any free port.
+        port: 0 for any free port; ignored when ``listener`` is given.
         data_dir: where the index and blobs live; None uses a temp dir removed on stop.
         storage_endpoint: the fake-gcs-server URL; None means real Cloud Storage.
         pubsub_endpoint: the Pub/Sub REST URL that store notifications go to; None
@@ -47,6 +49,8 @@ def start_healthcare(
         storage_root: the filesystem root of the fake-gcs-server at ``storage_endpoint``
             (``-backend filesystem``); imports then read its object files directly,
             checked against the listing's size and MD5 (see ``fetch``).
+        listener: a loopback socket bound and listening to serve on, e.g. one
+            inherited from the process that started this one; the server owns it.
         **knobs: operation_latency, max_concurrent_ops, faults, latency (see ``knobs``).
 
     Raises:
@@ -55,8 +59,20 @@ def start_healthcare(
     """
     settings = Knobs()
     settings.update(knobs)
-    if port:
-        pick_port(port, "Cloud Healthcare API emulator", "LOCALCLOUD_HEALTHCARE_PORT")
-    return HealthcareServer(
-        port, data_dir, storage_endpoint, settings, pubsub_endpoint, import_workers, storage_root
-    )
+    if listener is None:
+        listener = listening_socket(
+            port, "the Cloud Healthcare API emulator", "LOCALCLOUD_HEALTHCARE_PORT"
+        )
+    try:
+        return HealthcareServer(
+            listener,
+            data_dir,
+            storage_endpoint,
+            settings,
+            pubsub_endpoint,
+            import_workers,
+            storage_root,
+        )
+    except BaseException:
+        listener.close()
+        raise

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -24,7 +25,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m localcloud.healthcare", description="Cloud Healthcare API emulator"
     )
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    where.add_argument(
+        "--fd", type=int, default=None, help="an inherited loopback socket, bound and listening"
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--storage-endpoint", default=None, help="fake-gcs-server URL")
     parser.add_argument(
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             args.pubsub_endpoint,
             args.import_workers,
             args.storage_root,
+            listener=None if args.fd is None else socket.socket(fileno=args.fd),
             **knobs,
         )
     except (LocalCloudError, ValueError) as exc:

@@ -16,7 +16,7 @@ object, several times the parse. The bytes count only when their length and
 MD5 equal those the listing gave for the object; anything else (no such file,
 another layout, a write in between, an object without an MD5 or with a
 Content-Encoding: ``gcs.StorageAccess.list_objects``) reads through the
-endpoint as before, so both ways return what a read of the listed object does.
+endpoint instead, so both ways return what a read of the listed object does.
 
 A worker that dies is replaced; the chunk it held fails its import.
 """

@@ -1,34 +1,11 @@
 """Fidelity knobs: modelled latency, a concurrency quota and injected faults.
 
-All are off by default. They are set from the environment, from flags of
-``python -m localcloud.healthcare``, or at run time with
-``POST /_emulator/knobs`` (JSON with any of the keys below; ``GET`` shows them).
+All are off by default. ``knobs_from_env`` reads the ``LOCALCLOUD_HC_*`` variables,
+``python -m localcloud.healthcare`` takes them as flags, and ``POST /_emulator/knobs``
+changes them at run time (``Knobs``); ``parse_faults`` and ``parse_latency`` read the
+``METHOD=RATE:HTTP_STATUS`` and ``METHOD=SECONDS`` forms.
 
-=============================== ================= =====================================
-env                             flag              meaning
-=============================== ================= =====================================
-LOCALCLOUD_HC_OPERATION_LATENCY --operation-latency seconds before a long-running
-                                                  operation starts working (float)
-LOCALCLOUD_HC_MAX_CONCURRENT_OPS --max-concurrent-ops import/export operations running at
-                                                  once per dataset; more get 429
-                                                  RESOURCE_EXHAUSTED (0 = no limit)
-LOCALCLOUD_HC_FAULTS            --faults          ``METHOD=RATE:HTTP_STATUS,...``
-LOCALCLOUD_HC_LATENCY           --latency         ``METHOD=SECONDS,...``
-=============================== ================= =====================================
-
-Fault syntax: ``import=0.1:503,export=1.0:500,dicomWeb.search=0.05:429`` means
-10 % of import calls fail with 503 UNAVAILABLE, every export call fails with
-500 INTERNAL, 5 % of searches fail with 429. Latency syntax:
-``import=2.5,dicomWeb.retrieve=0.01`` adds that many seconds before answering.
-``*`` stands for every method. The JSON form of ``POST /_emulator/knobs``
-accepts these strings, or objects: ``{"faults": {"import": {"rate": 1.0,
-"status": 503}}, "latency": {"import": 0.5}, "operation_latency": 1.0,
-"max_concurrent_ops": 2}``; keys left out keep their value.
-
-Method names: ``datasets.create|get|list|patch|delete|getIamPolicy|setIamPolicy|
-testIamPermissions``, ``dicomStores.create|get|list|patch|delete|getIamPolicy|
-setIamPolicy|testIamPermissions``, ``import``, ``export``,
-``operations.get|list|cancel``, ``dicomWeb.search|retrieve|store|delete``.
+See docs/emulator.md#knobs
 """
 
 from __future__ import annotations
@@ -158,7 +135,7 @@ class Knobs:
             return self.latency.get(method, self.latency.get("*", 0.0))
 
     def update(self, values: Mapping[str, object]) -> None:
-        """Apply a JSON update (see the module docstring).
+        """Apply a JSON update (see docs/emulator.md#knobs).
 
         Raises:
             ValueError: an unknown key or a bad value; nothing is changed then.

@@ -15,11 +15,13 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from functools import partialmethod
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from localcloud.healthcare.operations import Operations, now_rfc3339
 from localcloud.healthcare.repository import Repository
 from localcloud.healthcare.status import ApiError, invalid, not_found, status_for_http
 from localcloud.healthcare.wildcards import parse_gcs_source
-from localcloud.ports import HOST
+from localcloud.ports import HOST, serve_on
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +255,68 @@ class HealthcareApi:
     def _store_name(self, ids: dict[str, str]) -> str:
         return f"{self._dataset_name(ids)}/dicomStores/{ids['s']}"
 
+    # methods datasets and DICOM stores share, by kind ("datasets" or "dicomStores")
+
+    def _resource(self, kind: str, ids: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        """The name and stored resource of the dataset or DICOM store in ``ids``."""
+        if kind == "datasets":
+            name = self._dataset_name(ids)
+            return name, self.repository.get_dataset(name)
+        name = self._store_name(ids)
+        return name, self.repository.get_store(name)
+
+    def _patch(self, kind: str, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        """Set the fields the update mask names; a field missing, null or empty is cleared."""
+        name, resource = self._resource(kind, ids)
+        patchable = _DATASET_PATCHABLE if kind == "datasets" else _PATCHABLE
+        mask = _update_mask(call)
+        body = call.json()
+        for path in mask:
+            if path not in patchable:
+                raise invalid(
+                    f"updateMask path {path!r} cannot be updated; use {sorted(patchable)}"
+                )
+        for path in mask:
+            if body.get(path) in (None, ""):
+                resource.pop(path, None)
+            else:
+                resource[path] = body[path]
+        if kind == "datasets":
+            self.repository.update_dataset(name, resource)
+        else:
+            self.repository.update_store(name, resource)
+        return resource
+
+    def _get_iam_policy(self, kind: str, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        name, _ = self._resource(kind, ids)
+        return iam.get_policy(self.repository, name, call.query)
+
+    def _set_iam_policy(self, kind: str, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        name, _ = self._resource(kind, ids)
+        return iam.set_policy(self.repository, name, call.json())
+
+    def _test_iam_permissions(self, kind: str, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        self._resource(kind, ids)
+        return iam.granted_permissions(call.json())
+
+    def _delete(self, kind: str, call: Call, ids: dict[str, str]) -> dict[str, Any]:
+        if kind == "datasets":
+            self.repository.delete_dataset(self._dataset_name(ids))
+        else:
+            self.repository.delete_store(self._store_name(ids))
+        return {}
+
+    _datasets_patch = partialmethod(_patch, "datasets")
+    _dicomStores_patch = partialmethod(_patch, "dicomStores")
+    _datasets_getIamPolicy = partialmethod(_get_iam_policy, "datasets")
+    _dicomStores_getIamPolicy = partialmethod(_get_iam_policy, "dicomStores")
+    _datasets_setIamPolicy = partialmethod(_set_iam_policy, "datasets")
+    _dicomStores_setIamPolicy = partialmethod(_set_iam_policy, "dicomStores")
+    _datasets_testIamPermissions = partialmethod(_test_iam_permissions, "datasets")
+    _dicomStores_testIamPermissions = partialmethod(_test_iam_permissions, "dicomStores")
+    _datasets_delete = partialmethod(_delete, "datasets")
+    _dicomStores_delete = partialmethod(_delete, "dicomStores")
+
     # datasets
 
     def _datasets_create(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
@@ -273,42 +337,6 @@ class HealthcareApi:
 
     def _datasets_get(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
         return self.repository.get_dataset(self._dataset_name(ids))
-
-    def _datasets_patch(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        name = self._dataset_name(ids)
-        resource = self.repository.get_dataset(name)
-        mask = _update_mask(call)
-        body = call.json()
-        for path in mask:
-            if path not in _DATASET_PATCHABLE:
-                raise invalid(
-                    f"updateMask path {path!r} cannot be updated; use {sorted(_DATASET_PATCHABLE)}"
-                )
-        for path in mask:
-            if body.get(path):
-                resource[path] = str(body[path])
-            else:
-                resource.pop(path, None)
-        self.repository.update_dataset(name, resource)
-        return resource
-
-    def _datasets_getIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        name = self._dataset_name(ids)
-        self.repository.get_dataset(name)
-        return iam.get_policy(self.repository, name, call.query)
-
-    def _datasets_setIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        name = self._dataset_name(ids)
-        self.repository.get_dataset(name)
-        return iam.set_policy(self.repository, name, call.json())
-
-    def _datasets_testIamPermissions(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        self.repository.get_dataset(self._dataset_name(ids))
-        return iam.granted_permissions(call.json())
-
-    def _datasets_delete(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        self.repository.delete_dataset(self._dataset_name(ids))
-        return {}
 
     # dicomStores
 
@@ -332,42 +360,6 @@ class HealthcareApi:
 
     def _dicomStores_get(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
         return self.repository.get_store(self._store_name(ids))
-
-    def _dicomStores_patch(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        name = self._store_name(ids)
-        resource = self.repository.get_store(name)
-        mask = _update_mask(call)
-        body = call.json()
-        for path in mask:
-            if path not in _PATCHABLE:
-                raise invalid(
-                    f"updateMask path {path!r} cannot be updated; use {sorted(_PATCHABLE)}"
-                )
-        for path in mask:
-            if path in body:
-                resource[path] = body[path]
-            else:
-                resource.pop(path, None)
-        self.repository.update_store(name, resource)
-        return resource
-
-    def _dicomStores_getIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        name = self._store_name(ids)
-        self.repository.get_store(name)
-        return iam.get_policy(self.repository, name, call.query)
-
-    def _dicomStores_setIamPolicy(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        name = self._store_name(ids)
-        self.repository.get_store(name)
-        return iam.set_policy(self.repository, name, call.json())
-
-    def _dicomStores_testIamPermissions(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        self.repository.get_store(self._store_name(ids))
-        return iam.granted_permissions(call.json())
-
-    def _dicomStores_delete(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
-        self.repository.delete_store(self._store_name(ids))
-        return {}
 
     def _import(self, call: Call, ids: dict[str, str]) -> dict[str, Any]:
         store = self._store_name(ids)
@@ -547,19 +539,23 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], api: HealthcareApi) -> None:
+    def __init__(self, sock: socket.socket, api: HealthcareApi) -> None:
         self.api = api
-        super().__init__(address, _Handler)
+        super().__init__((HOST, 0), _Handler, bind_and_activate=False)
+        serve_on(self, sock)
 
 
 class HealthcareServer:
-    """A running emulator: ``url`` (no trailing slash), ``port``, ``stop()``."""
+    """A running emulator: ``url`` (no trailing slash), ``port``, ``stop()``.
+
+    It serves on ``listener``, a loopback socket bound and listening (see
+    ``localcloud.ports.listening_socket``), and closes it on ``stop()``.
+    """
 
     def __init__(
         self,
-        port: int,
+        listener: socket.socket,
         data_dir: Path | None,
         storage_endpoint: str | None,
         knobs: Knobs,
@@ -582,12 +578,7 @@ class HealthcareServer:
             Notifier(pubsub_endpoint),
             FetchPool(workers),
         )
-        try:
-            self._httpd = _Server((HOST, port), self.api)
-        except BaseException:
-            self.api.fetch_pool.close()
-            self.repository.close()
-            raise
+        self._httpd = _Server(listener, self.api)
         self.port = int(self._httpd.server_address[1])
         self.url = f"http://{HOST}:{self.port}"
         self.api.base_url = self.url

@@ -27,8 +27,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     places = [i for i, item in enumerate(items) if here in item.path.parents]
     ours = [items[i] for i in places]
-    ordered = [t for t in ours if "demo_run" not in t.fixturenames] + [
-        t for t in ours if "demo_run" in t.fixturenames
+    reads = [isinstance(t, pytest.Function) and "demo_run" in t.fixturenames for t in ours]
+    ordered = [t for t, r in zip(ours, reads, strict=True) if not r] + [
+        t for t, r in zip(ours, reads, strict=True) if r
     ]
     for place, item in zip(places, ordered, strict=True):
         items[place] = item
@@ -61,6 +62,6 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         try:
             yield DemoRun(stack, summary, out.getvalue(), gcs)
         finally:
-            gcs.close()  # type: ignore[no-untyped-call]
+            gcs.close()
     finally:
         stack.stop()

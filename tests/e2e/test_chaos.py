@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from dicomflow import log
-from dicomflow.outcomes import Outcome
+from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import staged_name
 from localcloud.chaos import (
     BROKEN_KINDS,

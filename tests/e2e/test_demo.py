@@ -16,7 +16,8 @@ from dicomweb_client.api import DICOMwebClient
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from dicomflow import alerts, feeds, manifests, outcomes
+from dicomflow import alerts, feeds, manifests
+from dicomflow.ops import outcomes
 from dicomflow.staging import failure_name, file_key, quarantine_name
 from localcloud import leaks
 from localcloud.demo import AWKWARD_NAMES
@@ -50,7 +51,7 @@ def _import_operations(run: DemoRun) -> int:
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": run.stack.urls["healthcare"] + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
     try:
         dataset = run.stack.config.store_name.rsplit("/dicomStores/", 1)[0]
@@ -206,4 +207,4 @@ def test_the_backup_restores_into_a_second_store_whole_and_byte_identical(
             assert verify.retrieve_bytes(second, study, series, sop) == blob.download_as_bytes()
     finally:
         second.close_clients()
-        ctx.storage.close()  # type: ignore[no-untyped-call]
+        ctx.storage.close()

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -81,7 +82,7 @@ def cloud(
     assert not (tmp_path / "home" / "state.json").exists()
 
 
-def _events(record: Path) -> list[dict]:
+def _events(record: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
 
 
@@ -119,7 +120,7 @@ def test_uploads_reach_the_function_as_finalize_cloudevents(
         blob.upload_from_string(b"DICM" * (i + 1))
         uploaded[blob.name] = str(blob.generation)
     deadline = started + 10
-    got: dict[str, dict] = {}
+    got: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline and len(got) < 50:
         for event in _events(record):
             if event["function"] == "ingest":

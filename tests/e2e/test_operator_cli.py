@@ -1,5 +1,5 @@
 """The operator CLI against the demo's local cloud: status (and its page), batches, batch,
-retry and alerts tail, with ``--json`` parsed and checked against ``dicomflow.outcomes`` and
+retry and alerts tail, with ``--json`` parsed and checked against ``dicomflow.ops.outcomes`` and
 the store.
 
 ``status``, ``batches`` and ``batch`` run as the installed ``dicomflow`` console script,
@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from dicomflow import alerts, cli, outcomes, redrive, runtime
+from dicomflow import alerts, runtime
 from dicomflow.config import load_settings
-from dicomflow.outcomes import Outcome
+from dicomflow.ops import cli, outcomes, redrive
+from dicomflow.ops.outcomes import Outcome
 from tests import browser
 from tests.e2e.conftest import DemoRun
 
@@ -194,7 +195,7 @@ def test_alerts_tail_pulls_prints_and_acknowledges(
         _tail_test(ctx, capsys)
     finally:
         ctx.close_clients()
-        ctx.storage.close()  # type: ignore[no-untyped-call]
+        ctx.storage.close()
 
 
 def _tail_test(ctx: runtime.Context, capsys: pytest.CaptureFixture[str]) -> None:
@@ -262,7 +263,7 @@ def test_retry_leaves_rejected_files_and_gives_redriven_ones_a_fresh_outcome(
     try:
         _retry_test(demo_run, ctx, capsys)
     finally:
-        ctx.storage.close()  # type: ignore[no-untyped-call]
+        ctx.storage.close()
 
 
 def _retry_test(

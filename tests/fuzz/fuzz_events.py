@@ -22,8 +22,10 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-with atheris.instrument_imports(include=["dicomflow.events", "localcloud.healthcare.wildcards"]):
-    from dicomflow import alerts, events, staging
+with atheris.instrument_imports(
+    include=["dicomflow.events", "dicomflow.clock", "localcloud.healthcare.wildcards"]
+):
+    from dicomflow import alerts, clock, events, staging
     from dicomflow.config import load_settings
     from dicomflow.errors import PermanentError
     from localcloud.healthcare.wildcards import parse_gcs_source
@@ -83,7 +85,7 @@ def decode(data: Any) -> None:
         raise AssertionError("an unknown skip reason")
     alerts.object_label(SETTINGS, obj.bucket, obj.name)
     staging.file_key(obj.bucket, obj.name, obj.generation)
-    when = events.parse_time(data.get("time"))
+    when = clock.parse_time(data.get("time"))
     events.is_too_old(when, NOW, 3600)
 
 

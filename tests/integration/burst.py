@@ -32,7 +32,8 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from dicomflow import batches, healthcare, outcomes, runtime
+from dicomflow import batches, runtime, store
+from dicomflow.ops import outcomes
 from dicomflow.staging import parse_batch
 from tests.ingest_support import Clock, Uploaded, make_instance, value_cut_short
 from tests.integration.sites import Pipeline, PipelineFactory
@@ -220,7 +221,7 @@ def run_burst(factory: PipelineFactory) -> Burst:
             "DICOMFLOW_BATCH_MAX_FILES": BATCH_MAX_FILES,
         },
     )
-    start_import = healthcare.start_import
+    start_import = store.start_import
 
     def recording(c: runtime.Context, uri: str, *args: Any) -> dict[str, Any]:
         p.imports.append(uri)
@@ -232,7 +233,7 @@ def run_burst(factory: PipelineFactory) -> Burst:
     root.setLevel(logging.WARNING)  # thousands of INFO lines are noise here
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(healthcare, "start_import", recording)
+            patch.setattr(store, "start_import", recording)
             healthy = deliver_round(p, healthy_files(), seed=4)
             healthy.alerts = p.pull()
             healthy.totals = dict(outcomes.totals(p.outcomes().values()))

@@ -73,10 +73,7 @@ def pubsub_fallback(pubsub_servers: PubSubServers) -> PubSubServer:
 @pytest.fixture(scope="session")
 def apps() -> dict[str, Any]:
     """The functions of ``main.py`` under functions-framework, as Cloud Functions runs them."""
-    return {
-        name: functions_framework.create_app(name, MAIN, "cloudevent")  # type: ignore[no-untyped-call]
-        for name in FUNCTIONS
-    }
+    return {name: functions_framework.create_app(name, MAIN, "cloudevent") for name in FUNCTIONS}
 
 
 @pytest.fixture

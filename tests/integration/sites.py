@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 import pytest
 from google.cloud import storage
 
-from dicomflow import batches, outcomes, runtime
+from dicomflow import batches, runtime
 from dicomflow.config import Settings, load_settings
+from dicomflow.ops import outcomes
 from dicomflow.staging import file_key
 from localcloud.healthcare import HealthcareServer
 from localcloud.pubsub import PubSubServer, emulator_missing_reason, start_pubsub

@@ -245,7 +245,7 @@ def test_any_object_name_reaches_the_function_and_no_worker_dies(
             )
         for i in range(unsendable):
             good = storage_event(url, {"bucket": "land", "name": f"raw/{i}", "generation": 1})
-            # Headers sent unencoded, as before the binding's rule: the HTTP client raises.
+            # A header value sent without percent-encoding: the HTTP client raises.
             raw = {**good.headers, "ce-subject": f"objects/raw/名前 {i}"}
             deliverer.submit(Event(url, raw, good.body))
         assert deliverer.wait_idle(120)

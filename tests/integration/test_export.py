@@ -29,24 +29,26 @@ import pytest
 from cloudevents.http import CloudEvent
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicomflow import (
     backup,
     batches,
+    clock,
     export,
     export_plan,
-    healthcare,
+    functions,
     manifests,
     objects,
     operations,
     report,
     restore,
     staging,
-    status,
+    store,
     verify,
 )
 from dicomflow.events import MESSAGE_PUBLISHED
+from dicomflow.ops import status
 from localcloud.corpus import sample_files
 from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_shape
 from localcloud.storage import StorageServer
@@ -153,7 +155,7 @@ def make_env(pipeline: PipelineFactory) -> Callable[..., Env]:
 def image(rows: int, columns: int, frames: int = 1, study: str | None = None) -> bytes:
     """A small 8-bit MONOCHROME2 secondary capture with a patient name to look for."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -192,7 +194,7 @@ def stored_sops(env: Env) -> set[str]:
 def wait_operation(env: Env, name: str, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        op = healthcare.get_operation(env.ctx, name)
+        op = store.get_operation(env.ctx, name)
         if op.get("done"):
             return op
         assert time.monotonic() < deadline
@@ -268,7 +270,7 @@ def test_retried_and_concurrent_ticks_start_one_export(make_env: Any) -> None:
 
     def concurrent(n: int) -> int:
         try:
-            return env.tick(TICK + timedelta(seconds=n), f"msg-c{n}")
+            return int(env.tick(TICK + timedelta(seconds=n), f"msg-c{n}"))
         finally:
             env.ctx.close_clients()
 
@@ -360,7 +362,7 @@ def test_report_never_starts_an_export_the_next_export_tick_takes_the_dead_start
     assert len(env.export_operations()) == 2
     marker = env.settle()
     assert marker["state"] == export.COMPLETE and marker["takeovers"] == 1
-    assert marker["firstClaimedAt"] == staging.iso(claimed_at)
+    assert marker["firstClaimedAt"] == clock.iso(claimed_at)
     assert env.settle(DAY + timedelta(days=1))["state"] == export.COMPLETE
     assert env.alerts() == []
 
@@ -575,7 +577,7 @@ def test_incremental_reads_the_manifests_verified_since_the_last_export_and_no_f
     exported3 = {n: d for n, d in env.objects(day3.date()).items() if n != backup.MANIFEST_NAME}
     assert {sop_of(d) for d in exported3.values()} == sops_c | sops_d
     assert len(exported3) == 4
-    assert marker3["since"] == staging.iso(TICK)
+    assert marker3["since"] == clock.iso(TICK)
     assert per_file_requests(day3_requests) == []
     reads = object_reads(day3_requests, "manifests/")
     # b's summary is below day 2's floor: not even listed.
@@ -658,7 +660,7 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     def retry_dies() -> None:
         """The platform's retry of the tick takes the start over, and dies again."""
         with pytest.raises(Killed):
-            export.handle_event(env.ctx, export_tick(TICK, "msg-1"))
+            functions.export(env.ctx, export_tick(TICK, "msg-1"))
 
     # Every takeover dies at the timeout while counting (a slow store, a huge scan).
     monkeypatch.setattr(export_plan, "plan", dies)
@@ -682,12 +684,12 @@ def test_start_stuck_in_starting_raises_exactly_one_stalled_alert(
     details = alert["body"]["details"]
     assert details["date"] == "2026-11-25" and details["attempt"] == 1
     assert details["state"] == export.STARTING
-    assert details["firstClaimedAt"] == staging.iso(claimed_at)
+    assert details["firstClaimedAt"] == clock.iso(claimed_at)
     assert details["stuckSeconds"] > export.STALLED_START_SECONDS
     assert details["takeovers"] >= 2
     found = export.read_marker(env.ctx, DAY)
     assert found is not None and found[0]["state"] == export.STARTING
-    assert found[0]["firstClaimedAt"] == staging.iso(claimed_at)
+    assert found[0]["firstClaimedAt"] == clock.iso(claimed_at)
 
     # The store recovers: the next takeover starts the export; no further alert.
     monkeypatch.setattr(export_plan, "plan", original)
@@ -806,7 +808,7 @@ def test_missing_backup_bucket_fails_the_operation_and_alerts(make_env: Any) -> 
 def test_cli_runs_waits_refuses_a_repeat_and_forces_a_rerun(
     make_env: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cli = pytest.importorskip("dicomflow.cli")
+    cli = pytest.importorskip("dicomflow.ops.cli")
     env = make_env()
     env.store_instances([image(4, 4) for _ in range(2)])
     argv = ["export", "--date", "2026-11-20", "--wait", "--json"]

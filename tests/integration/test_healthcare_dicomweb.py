@@ -15,9 +15,10 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from localcloud.healthcare import HealthcareServer
+from tests.healthcare_support import dicomweb_client, new_store
 
 PARENT = "projects/test-project/locations/us-central1"
 
@@ -28,7 +29,7 @@ def make_instance(
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     dataset.SOPInstanceUID = generate_uid()
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
@@ -53,14 +54,8 @@ def web(
     http_session: requests.Session,
 ) -> Iterator[tuple[DICOMwebClient, Any, str]]:
     api = healthcare_client(healthcare_server.url)
-    dataset_id = f"ds-{uuid.uuid4().hex[:10]}"
-    datasets = api.projects().locations().datasets()
-    datasets.create(parent=PARENT, datasetId=dataset_id, body={}).execute()
-    store = f"{PARENT}/datasets/{dataset_id}/dicomStores/web"
-    datasets.dicomStores().create(
-        parent=f"{PARENT}/datasets/{dataset_id}", dicomStoreId="web", body={}
-    ).execute()
-    client = DICOMwebClient(f"{healthcare_server.url}/v1/{store}/dicomWeb", session=http_session)
+    store = new_store(api, PARENT, store_id="web")
+    client = dicomweb_client(healthcare_server.url, store, http_session)
     yield client, api, store
 
 

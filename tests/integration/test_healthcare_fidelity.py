@@ -19,10 +19,11 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from googleapiclient.errors import HttpError
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from localcloud.corpus import generate_instance
 from localcloud.healthcare import HealthcareServer
+from tests.healthcare_support import dicomweb_client, new_store
 
 PARENT = "projects/fidelity/locations/us-central1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -37,7 +38,7 @@ def dicom_bytes(
     """A small valid instance; pass UIDs to override (an empty string leaves one out)."""
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.file_meta.TransferSyntaxUID = UID(syntax)
     dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     values = {
@@ -50,7 +51,7 @@ def dicom_bytes(
         for keyword, value in values.items():
             if value:
                 setattr(dataset, keyword, value)
-        dataset.file_meta.MediaStorageSOPInstanceUID = values["SOPInstanceUID"] or "1.2.3"
+        dataset.file_meta.MediaStorageSOPInstanceUID = UID(values["SOPInstanceUID"] or "1.2.3")
         dataset.PatientName, dataset.PatientID, dataset.Modality = "Fidelity^Test", "FID", "OT"
         dataset.Rows = dataset.Columns = 4
         dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -81,13 +82,8 @@ def store(
 ) -> Iterator[tuple[Any, str, DICOMwebClient]]:
     """(googleapiclient Healthcare API, store name, dicomweb-client) on a fresh store."""
     api = healthcare_client(healthcare_server.url)
-    dataset_id = f"fid-{uuid.uuid4().hex[:10]}"
-    datasets = api.projects().locations().datasets()
-    datasets.create(parent=PARENT, datasetId=dataset_id, body={}).execute()
-    dataset = f"{PARENT}/datasets/{dataset_id}"
-    datasets.dicomStores().create(parent=dataset, dicomStoreId="s", body={}).execute()
-    name = f"{dataset}/dicomStores/s"
-    client = DICOMwebClient(f"{healthcare_server.url}/v1/{name}/dicomWeb", session=http_session)
+    name = new_store(api, PARENT, prefix="fid", store_id="s")
+    client = dicomweb_client(healthcare_server.url, name, http_session)
     yield api, name, client
 
 

@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from pydicom.uid import UID
 
 from localcloud.healthcare import HealthcareServer
 from localcloud.storage import StorageServer
+from tests.healthcare_support import new_store
 from tests.ingest_support import value_cut_short
 
 PARENT = "projects/test-project/locations/us-central1"
@@ -101,15 +102,6 @@ def download_all(gcs_server: StorageServer, bucket: str, prefix: str) -> dict[st
         gcs.close()
 
 
-def new_store(api: Any) -> str:
-    dataset_id = f"ds-{uuid.uuid4().hex[:10]}"
-    datasets = api.projects().locations().datasets()
-    datasets.create(parent=PARENT, datasetId=dataset_id, body={}).execute()
-    dataset = f"{PARENT}/datasets/{dataset_id}"
-    datasets.dicomStores().create(parent=dataset, dicomStoreId="store", body={}).execute()
-    return f"{dataset}/dicomStores/store"
-
-
 def run(
     api: Any, request: Any, timeout: float = 30.0
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -127,12 +119,21 @@ def run(
     return operation, snapshots
 
 
-def export_request(api: Any, store: str, body: dict[str, Any]) -> Any:
-    return api.projects().locations().datasets().dicomStores().export(name=store, body=body)
+def run_export(
+    api: Any, store: str, uri_prefix: str, mime_type: str, **body: Any
+) -> dict[str, Any]:
+    """Export ``store`` to ``uri_prefix`` as ``mime_type`` (more of the body in ``body``);
+    the finished operation."""
+    destination = {"gcsDestination": {"uriPrefix": uri_prefix, "mimeType": mime_type}}
+    request = api.projects().locations().datasets().dicomStores()
+    operation, _ = run(api, request.export(name=store, body={**destination, **body}))
+    return operation
 
 
 @pytest.fixture(scope="module")
-def corpus_import(healthcare_server: HealthcareServer, gcs_server: StorageServer) -> dict[str, Any]:
+def corpus_import(
+    healthcare_server: HealthcareServer, gcs_server: StorageServer
+) -> Iterator[dict[str, Any]]:
     """Every sample file imported into one store with one operation (shared by the tests)."""
     from google.auth.credentials import AnonymousCredentials
     from googleapiclient.discovery import build
@@ -143,7 +144,7 @@ def corpus_import(healthcare_server: HealthcareServer, gcs_server: StorageServer
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": healthcare_server.url},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
     files = {
         f"corpus/{i:03d}_{p.parent.name}_{p.name}": p.read_bytes()
@@ -153,7 +154,7 @@ def corpus_import(healthcare_server: HealthcareServer, gcs_server: StorageServer
     first_valid = next(n for n, d in files.items() if expected_uids(d))
     files["corpus/zzz_resend.dcm"] = files[first_valid]
     bucket = upload(gcs_server, files)
-    store = new_store(api)
+    store = new_store(api, PARENT)
     request = (
         api.projects()
         .locations()
@@ -234,18 +235,8 @@ def test_round_trip_export_is_byte_for_byte(
     api, store = corpus_import["api"], corpus_import["store"]
     valid = {d for d in corpus_import["files"].values() if expected_uids(d)}
     bucket = upload(gcs_server, {})
-    operation, _ = run(
-        api,
-        export_request(
-            api,
-            store,
-            {
-                "gcsDestination": {
-                    "uriPrefix": f"gs://{bucket}/backup",
-                    "mimeType": "application/dicom; transfer-syntax=*",
-                }
-            },
-        ),
+    operation = run_export(
+        api, store, f"gs://{bucket}/backup", "application/dicom; transfer-syntax=*"
     )
     assert "error" not in operation, operation
     assert operation["response"]["@type"].endswith("ExportDicomDataResponse")
@@ -271,7 +262,7 @@ def small_store(
     gcs_server: StorageServer,
 ) -> tuple[Any, str, dict[str, bytes]]:
     api = healthcare_client(healthcare_server.url)
-    store = new_store(api)
+    store = new_store(api, PARENT)
     files = {
         "in/ct.dcm": (SAMPLES / "CT_small.dcm").read_bytes(),
         "in/rgb2.dcm": (SAMPLES / "SC_rgb_rle_2frame.dcm").read_bytes(),
@@ -312,18 +303,8 @@ def test_export_transcodes(
 ) -> None:
     api, store, files = small_store
     bucket = upload(gcs_server, {})
-    operation, _ = run(
-        api,
-        export_request(
-            api,
-            store,
-            {
-                "gcsDestination": {
-                    "uriPrefix": f"gs://{bucket}/t",
-                    "mimeType": f"application/dicom; transfer-syntax={syntax}",
-                }
-            },
-        ),
+    operation = run_export(
+        api, store, f"gs://{bucket}/t", f"application/dicom; transfer-syntax={syntax}"
     )
     exported = download_all(gcs_server, bucket, "t/")
     ct_name = _uids(files["in/ct.dcm"]) + ".dcm"
@@ -342,18 +323,8 @@ def test_export_unproducible_syntax_fails_per_file(
 ) -> None:
     api, store, _files = small_store
     bucket = upload(gcs_server, {})
-    operation, _ = run(
-        api,
-        export_request(
-            api,
-            store,
-            {
-                "gcsDestination": {
-                    "uriPrefix": f"gs://{bucket}/x",
-                    "mimeType": "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50",
-                }
-            },
-        ),
+    operation = run_export(
+        api, store, f"gs://{bucket}/x", "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50"
     )
     assert operation["metadata"]["counter"] == {"failure": "3"}
     logs = http_get(operation["metadata"]["logsUrl"]).content
@@ -372,12 +343,7 @@ def test_export_images_one_per_frame(
 ) -> None:
     api, store, files = small_store
     bucket = upload(gcs_server, {})
-    operation, _ = run(
-        api,
-        export_request(
-            api, store, {"gcsDestination": {"uriPrefix": f"gs://{bucket}/img/", "mimeType": mime}}
-        ),
-    )
+    operation = run_export(api, store, f"gs://{bucket}/img/", mime)
     exported = download_all(gcs_server, bucket, "img/")
     ct, rgb = _uids(files["in/ct.dcm"]), _uids(files["in/rgb2.dcm"])
     assert set(exported) == {ct + ext, f"{rgb}/1{ext}", f"{rgb}/2{ext}"}
@@ -398,19 +364,12 @@ def test_export_raw_pixels_and_filter(
     ct = _uids(files["in/ct.dcm"])
     study, series, _sop = ct.split("/")
     bucket = upload(gcs_server, {"paths.txt": f"/studies/{study}/series/{series}\n".encode()})
-    operation, _ = run(
+    operation = run_export(
         api,
-        export_request(
-            api,
-            store,
-            {
-                "gcsDestination": {
-                    "uriPrefix": f"gs://{bucket}/raw",
-                    "mimeType": "application/octet-stream",
-                },
-                "filterConfig": {"resourcePathsGcsUri": f"gs://{bucket}/paths.txt"},
-            },
-        ),
+        store,
+        f"gs://{bucket}/raw",
+        "application/octet-stream",
+        filterConfig={"resourcePathsGcsUri": f"gs://{bucket}/paths.txt"},
     )
     exported = download_all(gcs_server, bucket, "raw/")
     assert set(exported) == {ct}

@@ -23,7 +23,8 @@ from localcloud.faultproxy import FaultProxy
 from localcloud.healthcare import HealthcareServer, start_healthcare
 from localcloud.healthcare.fetch import close_readers, fetch_chunk, local_object_path
 from localcloud.storage import StorageServer, start_storage
-from tests.integration.test_healthcare_import_export import new_store, run
+from tests.healthcare_support import new_store
+from tests.integration.test_healthcare_import_export import PARENT, run
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_an_import_reads_the_files_and_stores_the_listed_bytes(
     counted.reset()
 
     api = healthcare_client(emulator.url)
-    store = new_store(api)
+    store = new_store(api, PARENT)
     body = {"gcsSource": {"uri": f"gs://{bucket.name}/in/**.dcm"}}
     operation, _ = run(
         api, api.projects().locations().datasets().dicomStores().import_(name=store, body=body)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomflow import cli, objects, outcomes
+from dicomflow import objects
+from dicomflow.ops import cli, outcomes
 from dicomflow.staging import dropped_name, file_key, late_name, window_id
 from localcloud.storage import StorageServer
 from tests.ingest_support import make_instance, settings_env, unique, upload

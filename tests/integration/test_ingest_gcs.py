@@ -29,9 +29,10 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 from pydicom.uid import generate_uid
 
-from dicomflow import alerts, batches, ingest, log, objects, outcomes, runtime, staging
+from dicomflow import alerts, batches, ingest, log, objects, runtime, staging
 from dicomflow.config import Settings
 from dicomflow.events import StorageObject
+from dicomflow.ops import outcomes
 from dicomflow.staging import FileRecord, file_key, window_id
 from localcloud.storage import StorageServer
 from tests.ingest_support import (

@@ -3,7 +3,7 @@
 The burst (the session's, shared with the report tests: ``tests.integration.burst``),
 crash safety at each stage, overlapping ticks, the import cap against the emulator's
 concurrency quota, stragglers, and what an idle tick costs. Outcomes are read as
-operators read them (``dicomflow.outcomes``); the report function runs its ticks too,
+operators read them (``dicomflow.ops.outcomes``); the report function runs its ticks too,
 with alert publishing recorded instead of sent (report's own tests cover Pub/Sub).
 """
 
@@ -23,8 +23,9 @@ import pydicom
 import pytest
 from google.cloud import storage
 
-from dicomflow import alerts, batches, healthcare, ingest, objects, outcomes, report, runtime
+from dicomflow import alerts, batches, functions, ingest, objects, report, runtime, store
 from dicomflow.events import StorageObject
+from dicomflow.ops import outcomes
 from dicomflow.staging import SLOTS_PREFIX, parse_batch, seal_time, window_id
 from dicomflow.verify import CONFLICT, SUCCESS
 from tests.ingest_support import (
@@ -52,7 +53,7 @@ def make(pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch) -> Callable
             counted=True,
             settings={"DICOMFLOW_SEAL_GRACE_SECONDS": "5", **extra},
         )
-        start_import = healthcare.start_import
+        start_import = store.start_import
 
         def recording(c: runtime.Context, uri: str, *args: Any) -> dict[str, Any]:
             p.imports.append(uri)
@@ -62,7 +63,7 @@ def make(pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch) -> Callable
             p.alerts.append(alert.kind)
             return True
 
-        monkeypatch.setattr(healthcare, "start_import", recording)
+        monkeypatch.setattr(store, "start_import", recording)
         monkeypatch.setattr(alerts, "publish_once", published)
         return p
 
@@ -144,7 +145,7 @@ STAGES: dict[str, tuple[Any, str, Callable[..., bool]]] = {
     "file-list": (objects, "create_text", _named("/_files.ndjson")),
     "queued": (objects, "create", _named("state/open/")),
     "intent": (objects, "create", _named("/intent.json")),
-    "import-call": (healthcare, "start_import", lambda *a, **k: True),
+    "import-call": (store, "start_import", lambda *a, **k: True),
     "manifests": (report, "crashpoint", lambda step: step == "manifests"),
 }
 
@@ -206,13 +207,13 @@ def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
     for obj in uploads:
         assert p.deliver(obj) == 200
     held: list[int] = []
-    start_import = healthcare.start_import
+    start_import = store.start_import
 
     def counting(c: runtime.Context, uri: str, *args: Any) -> dict[str, Any]:
         held.append(_slots_held(p))
         return start_import(c, uri, *args)
 
-    monkeypatch.setattr(healthcare, "start_import", counting)
+    monkeypatch.setattr(store, "start_import", counting)
 
     def both_ticks() -> None:
         barrier = threading.Barrier(2)
@@ -220,7 +221,7 @@ def test_two_overlapping_ticks_start_one_import_per_batch_and_at_most_k(
         def one() -> None:  # as two instances would: no per-instance lock between them
             barrier.wait()
             try:
-                ingest.run_tick(p.ctx)
+                functions.run_ingest_tick(p.ctx)
             finally:
                 p.ctx.close_clients()  # the API clients this pool thread made
 
@@ -255,7 +256,7 @@ def test_the_cap_absorbs_the_services_429_and_imports_every_batch(
     p.knobs(max_concurrent_ops=2, operation_latency=0.4)
     try:
         results: list[dict[str, Any]] = []
-        p.drain(max_ticks=200, tick=lambda: results.append(ingest.tick(p.ctx)))
+        p.drain(max_ticks=200, tick=lambda: results.append(functions.ingest_tick(p.ctx)))
     finally:
         p.knobs(max_concurrent_ops=0, operation_latency=0.0)
     assert any(r["throttled"] for r in results)  # the 429s happened...
@@ -309,7 +310,7 @@ def test_at_most_k_imports_run_at_once(make: Callable[..., Pipeline]) -> None:
     p.knobs(operation_latency=0.3)
     try:
         results: list[dict[str, Any]] = []
-        p.drain(max_ticks=200, tick=lambda: results.append(ingest.tick(p.ctx)))
+        p.drain(max_ticks=200, tick=lambda: results.append(functions.ingest_tick(p.ctx)))
     finally:
         p.knobs(operation_latency=0.0)
     assert max(r["running"] for r in results) <= 2
@@ -360,7 +361,9 @@ def test_a_copy_that_lands_after_its_seal_listing_is_restaged_and_ends_once(
     assert late.record is not None and late.record.via == "restaged"
     first = next(s for s in p.summaries() if s["batch"] == window)
     assert first["restaged"] == 1
-    assert straggler.name not in [o.record.name for o in found.values() if o.batch == window]
+    assert straggler.name not in [
+        o.record.name for o in found.values() if o.batch == window and o.record
+    ]
 
 
 def stage_as_delivered(p: Pipeline, obj: Uploaded, began: datetime) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The operator commands on real emulators: ``retry`` (re-drive: a new record under a retry
 key, a fresh outcome that replaces the old one, no double) and ``status``, ``batches``,
-``batch`` (their JSON against ``dicomflow.outcomes``).
+``batch`` (their JSON against ``dicomflow.ops.outcomes``).
 
 Files go through the real ingest path, the Healthcare emulator imports them,
 and the report tick verifies them, all in this process with a settable clock.
@@ -21,9 +21,10 @@ from typing import Any
 import pydicom
 import pytest
 
-from dicomflow import batches, cli, header, ingest, objects, outcomes, redrive, report
+from dicomflow import batches, functions, header, ingest, objects, report
 from dicomflow.events import StorageObject
-from dicomflow.outcomes import Outcome
+from dicomflow.ops import cli, outcomes, redrive
+from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import file_key, late_name, quarantine_name, staged_name
 from localcloud.pubsub import PubSubServer
 from tests import browser
@@ -62,7 +63,7 @@ class Pipeline(Site):
         self.clock.advance(late + settings.seal_grace_seconds + 1)
         deadline = time.monotonic() + timeout
         while True:
-            done = ingest.tick(self.ctx)
+            done = functions.ingest_tick(self.ctx)
             if not done["running"] and not done["queued"]:
                 return
             assert time.monotonic() < deadline, "imports still running"

@@ -20,19 +20,10 @@ from typing import Any
 
 import pytest
 
-from dicomflow import (
-    batches,
-    export,
-    log,
-    objects,
-    outcomes,
-    redrive,
-    report,
-    staging,
-    stale,
-    status,
-)
-from dicomflow.staging import iso, stuck_name
+from dicomflow import batches, export, feeds, log, objects, staging, stale
+from dicomflow.clock import iso
+from dicomflow.ops import outcomes, redrive, status
+from dicomflow.staging import stuck_name
 from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_shape
 from localcloud.healthcare import HealthcareServer
 from localcloud.storage import StorageServer, client
@@ -241,7 +232,7 @@ def test_a_permanent_refusal_of_the_copy_is_a_failed_record(
     env.clock.advance(quarantine_close(env) + 60)
     assert env.report_tick() == 200
     assert [m["body"]["kind"] for m in env.pull()] == ["unreadable"]
-    assert report.feeds.failure_kind("permission-denied") == "permission_denied"
+    assert feeds.failure_kind("permission-denied") == "permission_denied"
 
 
 # --- writes that took effect but whose answer was lost ------------------------------------------

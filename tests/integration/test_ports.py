@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +21,8 @@ from localcloud.harness import MeasuredStack
 from localcloud.ports import HOST
 from localcloud.pubsub import emulator_missing_reason, start_pubsub
 from localcloud.storage import start_storage
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -79,17 +87,73 @@ def test_the_pubsub_emulator_starts_when_its_picked_port_is_taken(
         server.stop()
 
 
-def test_the_measured_stack_starts_again_when_a_port_it_picked_is_taken(
+def _bind_fails(port: int) -> bool:
+    """True when another socket cannot bind ``port`` on loopback (someone holds it)."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            other.bind((HOST, port))
+        except OSError:
+            return True
+        return False
+
+
+def test_the_healthcare_emulator_serves_on_a_socket_its_starter_bound() -> None:
+    listener = ports.listening_socket(0, "the emulator", "LOCALCLOUD_HEALTHCARE_PORT")
+    port = listener.getsockname()[1]
+    with listener:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "localcloud.healthcare"),
+                *("--fd", str(listener.fileno()), "--import-workers", "0"),
+            ],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            pass_fds=(listener.fileno(),),
+        )
+    try:
+        # From the bind on, no other process could take the port, nor can it now.
+        assert _bind_fails(port)
+        assert process.stdout is not None
+        assert process.stdout.readline().decode().strip() == f"ready http://{HOST}:{port}"
+        with urllib.request.urlopen(f"http://{HOST}:{port}/v1/projects/p/locations/l/datasets"):
+            pass
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_the_measured_stack_holds_every_service_port_from_start_to_stop(
     tmp_path: Path, taken_port: int, picks_taken_first: Callable[[], list[int]]
 ) -> None:
-    measured = MeasuredStack.start(tmp_path)
+    """fake-gcs-server, which binds the port it is given, gets the taken port first and
+    starts again on a new one; the storage front, the Healthcare emulator and every
+    function instance serve on sockets the stack bound, and keep them across a crash."""
+    measured = MeasuredStack.start(tmp_path, ingest_workers=2)
+    stack = measured.stack
     try:
         assert picks_taken_first()[0] == taken_port
-        assert measured.stack.urls["storage"] != f"http://{HOST}:{taken_port}"
-        assert measured.storage_proxy.upstream_url == measured.stack.urls["storage"]
+        assert stack.urls["storage"] != f"http://{HOST}:{taken_port}"
+        assert measured.storage_proxy.upstream_url == stack.urls["storage"]
+        assert measured.healthcare_proxy.upstream_url == stack.urls["healthcare"]
         listed = requests.get(
             f"{measured.storage_proxy.url}/storage/v1/b?project=local", timeout=10
         )
         assert listed.status_code == 200
+        served = ("storage", "healthcare", "ingest", "ingest-2", "report", "export")
+        held = {name: int(stack.urls[name].rstrip("/").rsplit(":", 1)[1]) for name in served}
+        assert all(_bind_fails(port) for port in held.values())
+        for name in ("ingest-2",):
+            os.killpg(stack.process_ids(name)[0], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while stack.process_ids(name) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not stack.process_ids(name)
+            assert _bind_fails(held[name])  # while its process is dead
+            assert stack.ensure_running(name)  # started again, and answering
+            assert stack.urls[name].rstrip("/").endswith(f":{held[name]}")
     finally:
         measured.stop()
+    assert not any(_bind_fails(port) for port in held.values())

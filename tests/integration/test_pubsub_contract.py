@@ -67,7 +67,7 @@ def client_for(url: str) -> Any:
         static_discovery=True,
         cache_discovery=False,
         client_options={"api_endpoint": url + "/"},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
     )
 
 

@@ -29,18 +29,21 @@ from dicomflow import (
     batches,
     export,
     feeds,
+    functions,
     ingest,
     keys,
     log,
     manifests,
     objects,
-    outcomes,
+    operations,
     report,
     staging,
+    store,
     verify,
 )
 from dicomflow.config import DROPPED_PREFIX
 from dicomflow.errors import TransientError
+from dicomflow.ops import outcomes
 from localcloud.corpus import generate_studies, sample_files
 from tests.ingest_support import (
     PATIENT_NAME,
@@ -148,7 +151,7 @@ def stored_sops(env: Env) -> set[str]:
 
 def manifest_lines(env: Env, batch: str, which: str) -> list[dict[str, Any]]:
     bucket = env.gcs.bucket(env.staging)
-    name = manifests.success_name(batch) if which == "success" else manifests.failure_name(batch)
+    name = staging.success_name(batch) if which == "success" else staging.failure_name(batch)
     return manifests.read_lines(bucket, name)
 
 
@@ -836,8 +839,8 @@ class CountingHealthcare:
 
     def __init__(self, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []
-        real = report.operations.list_operations
-        real_get = batches.healthcare.get_operation
+        real = operations.list_operations
+        real_get = store.get_operation
 
         def list_operations(ctx: Any) -> Any:
             self.calls.append("operations.list")
@@ -847,8 +850,8 @@ class CountingHealthcare:
             self.calls.append("operations.get")
             return real_get(ctx, name)
 
-        monkeypatch.setattr(report.operations, "list_operations", list_operations)
-        monkeypatch.setattr(batches.healthcare, "get_operation", get_operation)
+        monkeypatch.setattr(operations, "list_operations", list_operations)
+        monkeypatch.setattr(store, "get_operation", get_operation)
 
 
 def idle_ticks(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
@@ -856,7 +859,7 @@ def idle_ticks(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], li
     with monkeypatch.context() as patch:
         storage_calls = CountingHttp(env.gcs, patch)
         healthcare_calls = CountingHealthcare(env, patch)
-        ingest.tick(env.ctx)
+        functions.ingest_tick(env.ctx)
         report.run_tick(env.ctx)
     return sorted(storage_calls.calls), sorted(healthcare_calls.calls)
 
@@ -944,7 +947,7 @@ def test_dropped_alert_survives_crashes_in_ingest_and_report_with_one_alert_id(
     env.gcs.bucket(env.landing).blob(gone.name).delete()
     real_create = objects.create
 
-    def no_record(bucket: Any, name: str, data: dict[str, Any]) -> bool:
+    def no_record(bucket: Any, name: str, data: dict[str, Any]) -> int | None:
         if name.startswith(DROPPED_PREFIX):
             raise TransientError("simulated: crash before the drop record")
         return real_create(bucket, name, data)

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomflow import cli, objects, redrive, resolve, verify
+from dicomflow import objects, verify
+from dicomflow.ops import cli, redrive, resolve
 from tests.ingest_support import make_instance
 from tests.integration.test_operator_commands import Pipeline, p  # noqa: F401
 

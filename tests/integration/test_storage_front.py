@@ -23,6 +23,8 @@ from google.api_core.exceptions import (
 )
 from google.cloud import storage
 
+from dicomflow import objects, retry
+from dicomflow.errors import TransientError
 from localcloud.faultproxy import FaultProxy
 from localcloud.storage import StorageServer, client
 from localcloud.storagefront import StorageFront
@@ -34,7 +36,7 @@ NINE_MIB = 9 * 1024 * 1024
 def gcs(gcs_server: StorageServer) -> Iterator[storage.Client]:
     made = gcs_server.client()
     yield made
-    made.close()  # type: ignore[no-untyped-call]
+    made.close()
 
 
 @pytest.fixture
@@ -223,7 +225,7 @@ def test_twenty_racing_create_if_absent_writes_have_exactly_one_winner(
         outcomes = _race(20, attempt)
     finally:
         for made in clients:
-            made.close()  # type: ignore[no-untyped-call]
+            made.close()
     assert sorted(outcomes) == ["412"] * 19 + ["won"]
 
 
@@ -242,7 +244,7 @@ def test_an_after_fault_loses_the_response_of_a_write_that_took_effect(
                 b"mine", if_generation_match=0
             )
     finally:
-        faulty.close()  # type: ignore[no-untyped-call]
+        faulty.close()
         proxy.stop()
     assert bucket.blob("lost-answer").download_as_bytes() == b"it is there"
     assert bucket.blob("retried").download_as_bytes() == b"mine"
@@ -264,7 +266,7 @@ def test_a_resumable_upload_through_the_fault_proxy_stays_behind_it(
             io.BytesIO(b"\x03" * 600_000)
         )
     finally:
-        counted.close()  # type: ignore[no-untyped-call]
+        counted.close()
         proxy.stop()
     # The session start and all three chunks went through the proxy, none around it.
     assert proxy.snapshot()["counts"]["objects.insert"] == 4
@@ -291,7 +293,7 @@ def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
             finally:
                 proxy.after_fault_rate = 0.0
 
-        objects._upload = once  # type: ignore[assignment]
+        objects._upload = once
         try:
             created = objects.create(target, "mine.json", {"v": 1})
             assert created is not None  # ours, not "someone else's"
@@ -299,18 +301,112 @@ def test_dicomflow_recognises_its_own_write_whose_answer_was_lost(
             swapped = objects.swap(target, "mine.json", {"v": 2}, created)
             assert swapped is not None and swapped != created
         finally:
-            objects._upload = original  # type: ignore[assignment]
+            objects._upload = original
         # Someone else's object is still told apart.
         assert objects.create(target, "mine.json", {"v": 3}) is None
         assert objects.swap(target, "mine.json", {"v": 4}, created) is None
     finally:
-        faulty.close()  # type: ignore[no-untyped-call]
+        faulty.close()
         proxy.stop()
     assert objects.read_json(bucket, "mine.json") == {
         "v": 2,
         objects.TOKEN: objects.read_json(bucket, "mine.json")[objects.TOKEN],  # type: ignore[index]
     }
     assert proxy.snapshot()["after_faults"] == {"objects.insert": 2}
+
+
+# --- the project's retry (dicomflow.retry.storage) through the client ---------------------------
+
+NAME = "DOE^JOHN/x.json"  # a name that must not reach an error message
+
+
+@pytest.fixture
+def proxied(
+    gcs_server: StorageServer, bucket: storage.Bucket
+) -> Iterator[tuple[FaultProxy, storage.Bucket]]:
+    """The test's bucket as seen through a fault proxy (which counts every request)."""
+    proxy = FaultProxy(gcs_server.url).start()
+    faulty = client(proxy.url)
+    bucket.blob(NAME).upload_from_string(b'{"v": 1}')
+    try:
+        yield proxy, faulty.bucket(bucket.name)
+    finally:
+        faulty.close()
+        proxy.stop()
+
+
+def _copy(target: storage.Bucket) -> object:
+    # As ingest copies: create-if-absent, so a repeat meets 412 rather than a second copy.
+    return target.blob("DOE^JOHN/copy.dcm").rewrite(
+        target.blob(NAME), if_generation_match=0, retry=retry.storage()
+    )
+
+
+@pytest.mark.parametrize(
+    ("operation", "call"),
+    [
+        ("objects.download", lambda b: objects.read_json(b, NAME)),
+        ("objects.insert", lambda b: objects.create(b, "DOE^JOHN/new.json", {}) is not None),
+        ("objects.list", lambda b: objects.names(b, "DOE^JOHN/")),
+        ("objects.get", lambda b: objects.exists(b, NAME)),
+        ("objects.rewrite", _copy),
+        ("objects.delete", lambda b: objects.delete(b, NAME)),
+    ],
+)
+def test_the_projects_retry_takes_a_storage_call_past_one_503(
+    proxied: tuple[FaultProxy, storage.Bucket],
+    operation: str,
+    call: Callable[[storage.Bucket], object],
+) -> None:
+    proxy, target = proxied
+    refused: list[str] = []
+
+    def once(method: str, path: str, op: str) -> int | None:
+        if op != operation or refused:
+            return None
+        refused.append(op)
+        return 503
+
+    proxy.refuse = once
+    assert call(target)
+    statuses = proxy.snapshot()["statuses"]
+    assert {k: v for k, v in statuses.items() if k.startswith(operation)} == {
+        f"{operation} 503": 1,
+        f"{operation} 200": 1,
+    }
+
+
+def test_the_projects_retry_gives_up_at_its_deadline_with_a_transient_error(
+    proxied: tuple[FaultProxy, storage.Bucket],
+) -> None:
+    proxy, target = proxied
+    proxy.refuse = lambda method, path, op: 503
+    with pytest.raises(TransientError) as caught:
+        objects.read(target, NAME, deadline=1.0)
+    assert str(caught.value) == "gave up after 1s: InvalidResponse (HTTP 503)"
+    assert proxy.snapshot()["statuses"]["objects.download 503"] >= 2
+    with pytest.raises(
+        TransientError, match=r"^gave up after 1s: ServiceUnavailable \(HTTP 503\)$"
+    ):
+        target.blob(NAME).exists(retry=retry.storage(1.0))
+
+
+def test_the_projects_retry_answers_412_and_404_at_once(
+    proxied: tuple[FaultProxy, storage.Bucket],
+) -> None:
+    proxy, target = proxied
+    with pytest.raises(PreconditionFailed):
+        target.blob(NAME).upload_from_string(b"{}", if_generation_match=0, retry=retry.storage())
+    with pytest.raises(NotFound):
+        target.blob("absent.json").download_as_bytes(retry=retry.storage())
+    assert objects.create(target, NAME, {"v": 2}) is None  # someone else's: 412, read back
+    assert objects.read(target, "absent.json") is None
+    statuses = proxy.snapshot()["statuses"]
+    assert {k: v for k, v in statuses.items() if k.startswith("objects.")} == {
+        "objects.insert 412": 2,
+        "objects.download 404": 2,
+        "objects.download 200": 1,
+    }
 
 
 def test_a_retention_policy_refuses_overwrite_and_delete_of_a_young_object(
@@ -360,7 +456,7 @@ def test_a_front_given_a_retention_period_at_start_enforces_it_and_shows_it(
             retained.blob("young").delete()
         assert retained.blob("young").download_as_bytes() == b"kept"
     finally:
-        made.close()  # type: ignore[no-untyped-call]
+        made.close()
         front.stop()
 
 

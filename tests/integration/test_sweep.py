@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from dicomflow import alerts, ingest, outcomes
+from dicomflow import alerts, functions
 from dicomflow.config import DROPPED_PREFIX
+from dicomflow.ops import outcomes
 from dicomflow.staging import file_key
 from dicomflow.verify import SUCCESS
 from tests.ingest_support import Uploaded, finalize_event, make_instance, post
-from tests.integration.test_ingest_pipeline import Pipeline, make
+from tests.integration.sites import Pipeline
+from tests.integration.test_ingest_pipeline import make
 
 __all__ = ["make"]  # the pipeline tests' fixture, used here
 
@@ -51,7 +53,7 @@ def sweeping(
 def daily(p: Pipeline) -> dict[str, Any]:
     """Move to the next sweep period and tick; what the period's pass did."""
     p.clock.advance(3600)
-    result = ingest.tick(p.ctx)
+    result = functions.ingest_tick(p.ctx)
     assert "daily" in result, result
     daily_result: dict[str, Any] = result["daily"]
     return daily_result

@@ -55,7 +55,7 @@ class Result:
     def summary(self) -> str:
         lines = [f"google {self.major}.x: {'valid' if self.ok else 'INVALID'}"]
         for d in self.diagnostics:
-            where = d.get("range") or {}
+            where: Any = d.get("range") or {}
             at = (
                 f"{where.get('filename')}:{(where.get('start') or {}).get('line')}" if where else ""
             )
@@ -175,6 +175,16 @@ def prepare(major: str) -> Path:
         return mirror(major)
 
 
+def copy_config(infra: Path, work: Path) -> None:
+    """The .tf files of `infra` and of its local modules (infra/modules/...), without the state,
+    lock file, .terraform or built archives a local run leaves there."""
+    for tf in infra.rglob("*.tf"):
+        relative = tf.relative_to(infra)
+        if not any(part.startswith(".") for part in relative.parts):
+            (work / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tf, work / relative)
+
+
 def validate(infra: Path, major: str) -> Result:
     """terraform init + validate of a copy of `infra` (its siblings linked, as path.module/.. reads
     them) against google `major`.x."""
@@ -190,9 +200,7 @@ def validate(infra: Path, major: str) -> Result:
     env.pop("TF_DATA_DIR", None)
     with tempfile.TemporaryDirectory(prefix="tfvalidate-") as tmp:
         work = Path(tmp) / infra.name
-        work.mkdir()
-        for tf in infra.glob("*.tf"):
-            shutil.copy(tf, work / tf.name)
+        copy_config(infra, work)
         for sibling in infra.parent.iterdir():
             if sibling.name != infra.name and not sibling.name.startswith("."):
                 (Path(tmp) / sibling.name).symlink_to(sibling)

@@ -58,12 +58,13 @@ def _schema(spec: dict[str, Any] | None) -> Any:
 
 def compile_schema(schema: dict[str, Any]) -> bytes:
     """The GetProviderSchema answer for a schema in `terraform providers schema -json` shape."""
-    return pb.GetProviderSchema.Response(
+    answer: bytes = pb.GetProviderSchema.Response(
         provider=_schema(schema.get("provider")),
         provider_meta=_schema(None),
         resource_schemas={k: _schema(v) for k, v in schema["resource_schemas"].items()},
         data_source_schemas={k: _schema(v) for k, v in schema["data_source_schemas"].items()},
     ).SerializeToString()
+    return answer
 
 
 class SchemaServicer(tf.provider.ProviderServicer):  # type: ignore[misc]
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> None:
     with open(argv[1], "rb") as f:
         SchemaServicer.schema = pb.GetProviderSchema.Response.FromString(f.read())
     tf.provider.ProviderServicer = SchemaServicer
-    run_provider(_Named(argv[2]), argv[:1])  # type: ignore[arg-type]
+    run_provider(_Named(argv[2]), argv[:1])
 
 
 if __name__ == "__main__":

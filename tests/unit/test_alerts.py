@@ -215,7 +215,7 @@ def test_operation_errors_in_alerts_name_objects_and_uids_by_label() -> None:
     settings = _settings()
     sop = "1.2.826.0.1.3680043.8.498.1"
     text = f"reading gs://landing/Doe^John/ct.dcm (instance {sop}) failed"
-    redacted = report._redact(SimpleNamespace(settings=settings), text)
+    redacted = report._redact(SimpleNamespace(settings=settings), text)  # type: ignore[arg-type]
     label = alerts.object_label(settings, "landing", "Doe^John/ct.dcm")  # type: ignore[arg-type]
     uid = alerts.uid_label(settings, sop)  # type: ignore[arg-type]
     assert redacted == f"reading {label} (instance {uid}) failed"

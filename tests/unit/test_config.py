@@ -14,6 +14,7 @@ from dicomflow.errors import ConfigError
 from dicomflow.names import DatasetName, DicomStoreName, OperationName, TopicName
 
 STORE = "projects/p1/locations/us-central1/datasets/ds/dicomStores/st"
+STORE_FORM = "projects/P/locations/L/datasets/D/dicomStores/S"  # as error messages show it
 BASE = {
     "DICOMFLOW_DICOM_STORE": STORE,
     "DICOMFLOW_LANDING_BUCKET": "land-bkt",
@@ -32,25 +33,23 @@ def test_defaults() -> None:
     assert s.export_mime_type == "application/dicom; transfer-syntax=*"
 
 
-@pytest.mark.parametrize(
-    ("name", "value", "fix"),
-    [
-        ("DICOMFLOW_LANDING_BUCKET", "", "export DICOMFLOW_LANDING_BUCKET="),
-        ("DICOMFLOW_STAGING_BUCKET", "Bad_Bucket!", "lowercase"),
-        (
-            "DICOMFLOW_DICOM_STORE",
-            "projects/p/stores/x",
-            "projects/P/locations/L/datasets/D/dicomStores/S",
-        ),
-        ("DICOMFLOW_ALERTS_TOPIC", "alerts", "projects/P/topics/T"),
-        ("DICOMFLOW_BATCH_WINDOW_SECONDS", "soon", "whole number"),
-        ("DICOMFLOW_MAX_RUNNING_IMPORTS", "0", "1 or more"),
-        ("DICOMFLOW_EXPORT_MODE", "weekly", "full, incremental"),
-        ("DICOMFLOW_EXPORT_MIME_TYPE", "image/gif", "image/png"),
-        ("DICOMFLOW_EXPORT_DATE_LAYOUT", "%Y", "%Y/%m/%d"),
-    ],
-)
-def test_bad_setting_names_setting_and_fix(name: str, value: str, fix: str) -> None:
+# setting -> (a bad value, what its error message must say)
+BAD_SETTINGS = {
+    "DICOMFLOW_LANDING_BUCKET": ("", "export DICOMFLOW_LANDING_BUCKET="),
+    "DICOMFLOW_STAGING_BUCKET": ("Bad_Bucket!", "lowercase"),
+    "DICOMFLOW_DICOM_STORE": ("projects/p/stores/x", STORE_FORM),
+    "DICOMFLOW_ALERTS_TOPIC": ("alerts", "projects/P/topics/T"),
+    "DICOMFLOW_BATCH_WINDOW_SECONDS": ("soon", "whole number"),
+    "DICOMFLOW_MAX_RUNNING_IMPORTS": ("0", "1 or more"),
+    "DICOMFLOW_EXPORT_MODE": ("weekly", "full, incremental"),
+    "DICOMFLOW_EXPORT_MIME_TYPE": ("image/gif", "image/png"),
+    "DICOMFLOW_EXPORT_DATE_LAYOUT": ("%Y", "%Y/%m/%d"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_SETTINGS)
+def test_bad_setting_names_setting_and_fix(name: str) -> None:
+    value, fix = BAD_SETTINGS[name]
     with pytest.raises(ConfigError) as info:
         load_settings({**BASE, name: value})
     message = str(info.value)
@@ -127,7 +126,9 @@ def test_every_documented_setting_is_read() -> None:
         (TopicName, "projects/p/topics/t"),
     ],
 )
-def test_names_round_trip(cls: type, text: str) -> None:
+def test_names_round_trip(
+    cls: type[DatasetName | DicomStoreName | OperationName | TopicName], text: str
+) -> None:
     assert str(cls.from_string(text)) == text
 
 

@@ -338,7 +338,7 @@ def check_buckets(cfg: Config) -> list[str]:
     versioning = [str(v.get("enabled")) for v in _blocks(backups, "versioning")]
     if versioning != ["${!local.backup_retention_on}"]:
         problems.append("backups versioning must be on exactly when the retention policy is off")
-    policy = [d.get("retention_policy") for d in _blocks(backups, "dynamic")]
+    policy: list[Any] = [d.get("retention_policy") for d in _blocks(backups, "dynamic")]
     policy = [p for p in policy if p]
     content = _blocks(policy[0], "content")[0] if policy else {}
     if not policy or "var.backup_retention_lock" not in str(content.get("is_locked")):

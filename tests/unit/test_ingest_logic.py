@@ -17,8 +17,9 @@ from httplib2 import Response
 from pydicom.data import get_testdata_file
 
 from dicomflow import batches, header, ingest, retry, staging
+from dicomflow.clock import parse_time
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.events import StorageObject, is_too_old, matches_globs, parse_time, skip_reason
+from dicomflow.events import StorageObject, is_too_old, matches_globs, skip_reason
 from dicomflow.staging import FileRecord
 from tests.ingest_support import PATIENT_NAME, make_instance, make_settings
 
@@ -184,8 +185,14 @@ def test_header_rejects_pixel_data_cut_short() -> None:
         header.check(CountingReader(cut), len(cut))
 
 
+def _testdata(name: str) -> str:
+    path = get_testdata_file(name)
+    assert isinstance(path, str), f"pydicom has no test file {name}"
+    return path
+
+
 def test_header_walks_encapsulated_fragments_to_the_delimiter() -> None:
-    path = get_testdata_file("JPEG2000.dcm")
+    path = _testdata("JPEG2000.dcm")
     with open(path, "rb") as f:
         data = f.read()
     header.check(CountingReader(data), len(data))
@@ -214,7 +221,7 @@ def test_header_read_cap_for_files_without_identifiers() -> None:
 
 
 def _corpus() -> list[str]:
-    root = os.path.dirname(get_testdata_file("CT_small.dcm"))
+    root = os.path.dirname(_testdata("CT_small.dcm"))
     return sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.isfile(p))
 
 
@@ -242,11 +249,11 @@ def test_header_on_the_pydicom_corpus() -> None:
     assert accepted >= 40
     assert rejected >= 10
     # Known cases, read with the growing range from a 512-byte start.
-    ct = get_testdata_file("CT_small.dcm")
+    ct = _testdata("CT_small.dcm")
     with open(ct, "rb") as f:
         data = f.read()
     assert header.check(CountingReader(data), len(data), initial=512).sop.startswith("1.3.6")
-    no_syntax = get_testdata_file("meta_missing_tsyntax.dcm")
+    no_syntax = _testdata("meta_missing_tsyntax.dcm")
     with open(no_syntax, "rb") as f:
         data = f.read()
     with pytest.raises(header.Rejected, match="no-transfer-syntax"):

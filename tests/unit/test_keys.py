@@ -57,7 +57,7 @@ def test_no_label_is_reversible_without_the_key(tmp_path: Path) -> None:
     key = keys.load(load_settings({**BASE, "DICOMFLOW_KEY_FILE": _key_file(tmp_path)}))
     label = key.hash("object", GUESSED)
     hex_part = label.rsplit(":", 1)[1]
-    # The guess hashed as before (plain SHA-256) and as an HMAC under another key.
+    # The guess hashed without a key (plain SHA-256) and as an HMAC under another key.
     plain = hashlib.sha256(GUESSED.encode()).hexdigest()
     other = hmac.new(os.urandom(32), f"object\n{GUESSED}".encode(), hashlib.sha256).hexdigest()
     for attempt in (plain, other):

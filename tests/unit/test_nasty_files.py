@@ -162,7 +162,7 @@ def test_the_cuts_meet_every_class() -> None:
 
 
 def test_a_cut_inside_a_uid_is_not_taken_for_a_shorter_uid() -> None:
-    """The bug the cut corpus found: pydicom reads a cut value as a shorter, valid UID."""
+    """pydicom reads a cut value as a shorter, valid UID; the check calls it truncated."""
     data = real("generated")
     end = data.index(SERIES.encode()) + len(SERIES)
     for cut in range(end - len(SERIES) + 1, end):  # "1", "1.", "1.2", ...

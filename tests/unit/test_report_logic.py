@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from dicomflow import manifests, objects, operations, staging, verify
+from dicomflow import events, functions, manifests, objects, operations, staging, verify
 from dicomflow.verify import FileResult
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -113,7 +114,10 @@ def test_earlier_copies_come_from_earlier_open_batches_that_did_not_see_the_uid(
         "20261125T125300Z": [_result("c", "9.3", "x").record],
         "20261125T125500Z": [_result("d", "9.4", "x").record],
     }
-    notes = {"20261125T125200Z": {"sops": ["9.2"]}, "20261125T125500Z": {"sops": []}}
+    notes: dict[str, dict[str, Any]] = {
+        "20261125T125200Z": {"sops": ["9.2"]},
+        "20261125T125500Z": {"sops": []},
+    }
     note = {"open": sorted(files)}
     found = verify.earlier_copies(files.__getitem__, notes.get, "20261125T125400Z", note)
     # Not the one that saw 9.2 stored, not the one without a note yet, not the later one.
@@ -164,21 +168,22 @@ def test_a_tick_meeting_a_running_tick_in_its_instance_returns_at_once(
         return {"status": "tick"}
 
     monkeypatch.setattr(report, "run_tick", slow_tick)
+    no_ctx: Any = None  # slow_tick stands for the tick: no context is used
 
     def tick_event(event_id: str) -> CloudEvent:
-        attrs = {"type": report.MESSAGE_PUBLISHED, "source": "//pubsub/test", "id": event_id}
+        attrs = {"type": events.MESSAGE_PUBLISHED, "source": "//pubsub/test", "id": event_id}
         return CloudEvent(attrs, {"message": {"data": ""}})
 
     results: list[dict[str, object]] = []
     first = threading.Thread(
-        target=lambda: results.append(report.handle_event(None, tick_event("1")))
+        target=lambda: results.append(functions.report(no_ctx, tick_event("1")))
     )
     first.start()
     assert entered.wait(10)
-    assert report.handle_event(None, tick_event("2")) == {"status": "busy"}
+    assert functions.report(no_ctx, tick_event("2")) == {"status": "busy"}
     release.set()
     first.join(10)
     assert results == [{"status": "tick"}]
     # The lock is free again once the running tick returns.
-    assert report.handle_event(None, tick_event("3")) == {"status": "tick"}
+    assert functions.report(no_ctx, tick_event("3")) == {"status": "tick"}
     assert calls == ["1", "3"]

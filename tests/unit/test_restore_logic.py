@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import pytest
 
 from dicomflow import backup, keys, restore, tombstones
-from dicomflow.cli_restore import target_store
 from dicomflow.config import load_settings
 from dicomflow.errors import ConfigError
 from dicomflow.names import DicomStoreName
+from dicomflow.ops.cli_restore import target_store
 
 STORE = "projects/p/locations/l/datasets/d/dicomStores/s"
 

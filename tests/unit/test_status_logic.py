@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dicomflow import outcomes, redrive, status, status_page
-from dicomflow.outcomes import Outcome
+from dicomflow import clock
+from dicomflow.ops import outcomes, redrive, status, status_page
+from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import FileRecord, file_key, is_key
 
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
@@ -127,19 +128,21 @@ def test_upload_bins_cover_the_span_and_count_by_status() -> None:
 
 def test_timeline_zooms_to_the_busy_span_of_the_window() -> None:
     points = [(T0, "imported", 10)]
-    op = {
+    op: dict[str, object] = {
         "id": "1",
         "kind": "import",
-        "createTime": status.iso(T0 + timedelta(seconds=20)),
+        "createTime": clock.iso_seconds(T0 + timedelta(seconds=20)),
         "endTime": None,
         "failed": False,
         "done": False,
         "counter": {},
     }
-    seals = [{"batch": "20261125T120000Z-0", "sealedAt": status.iso(T0 + timedelta(seconds=15))}]
+    seals = [
+        {"batch": "20261125T120000Z-0", "sealedAt": clock.iso_seconds(T0 + timedelta(seconds=15))}
+    ]
     now = T0 + timedelta(seconds=40)
     tl = status.timeline(points, seals, [op], [], T0 - timedelta(hours=24), now)
-    start, end = status.parse_time(tl["start"]), status.parse_time(tl["end"])
+    start, end = clock.parse_time(tl["start"]), clock.parse_time(tl["end"])
     assert start is not None and end is not None
     # From the first window to now (the operation still runs), padded by 3 %.
     assert T0 - timedelta(seconds=3) <= start < T0
@@ -187,8 +190,11 @@ def test_retry_keys_are_keys_and_never_repeat_along_a_chain() -> None:
 def _status(**totals: int) -> dict[str, object]:
     section, _ = status.files_section(status.Holdings())
     return {
-        "generatedAt": status.iso(T0),
-        "window": {"since": status.iso(T0 - timedelta(hours=1)), "until": status.iso(T0)},
+        "generatedAt": clock.iso_seconds(T0),
+        "window": {
+            "since": clock.iso_seconds(T0 - timedelta(hours=1)),
+            "until": clock.iso_seconds(T0),
+        },
         "dicomStore": "projects/p/locations/l/datasets/d/dicomStores/<s>",
         "files": section | {"totals": dict.fromkeys(outcomes.STATUSES, 0) | totals},
         "batches": {

@@ -30,9 +30,7 @@ def test_infra_is_valid_against_the_provider_schema(major: str) -> None:
 def test_a_misspelled_attribute_fails(tmp_path: Path) -> None:
     """One misspelling at the top of a resource, one in a nested block, one in a reference."""
     copy = tmp_path / "infra"
-    copy.mkdir()
-    for tf in INFRA.glob("*.tf"):
-        shutil.copy(tf, copy / tf.name)
+    run.copy_config(INFRA, copy)
     for sibling in ("main.py", "requirements.txt", "dicomflow"):
         (tmp_path / sibling).symlink_to(INFRA.parent / sibling)
     storage = copy / "storage.tf"

@@ -1,6 +1,6 @@
 """``dicomflow status --html FILE``: the status dict as one self-contained HTML page.
 
-``render(status)`` is pure: it takes the dict from ``dicomflow.status.gather``
+``render(status)`` is pure: it takes the dict from ``dicomflow.ops.status.gather``
 and returns the page. Everything is inline (CSS and an SVG timeline, no
 script, no web font, no network), so the file can be mailed or attached to an
 incident. The timeline has four lanes over the window's busy span: files (a
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import html
 from datetime import datetime, timedelta
-from typing import Any
 
-from dicomflow.status import parse_time
+from dicomflow.clock import parse_time
+from dicomflow.json_types import JSON
 
 STATUS_COLORS = {
     "imported": "#2f9e5f",
@@ -82,7 +82,7 @@ footer { color: var(--muted); font-size: 12px; }
 """
 
 
-def _e(value: Any) -> str:
+def _e(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
@@ -127,7 +127,7 @@ class _Scale:
         return out
 
 
-def _lanes(bars: list[dict[str, Any]], scale: _Scale, end: datetime) -> list[int]:
+def _lanes(bars: list[JSON], scale: _Scale, end: datetime) -> list[int]:
     """A row for each operation bar so that overlapping bars do not cover each other."""
     rows_end: list[float] = []
     rows: list[int] = []
@@ -147,7 +147,7 @@ def _lanes(bars: list[dict[str, Any]], scale: _Scale, end: datetime) -> list[int
     return rows
 
 
-def timeline_svg(tl: dict[str, Any], now: datetime) -> str:
+def timeline_svg(tl: JSON, now: datetime) -> str:
     """The SVG timeline: uploads, seals, operations and alerts on one time axis."""
     start, end = parse_time(tl["start"]), parse_time(tl["end"])
     assert start is not None and end is not None
@@ -310,8 +310,8 @@ def _swatch(color: str) -> str:
     return f'<span class="swatch" style="background:{color}"></span>'
 
 
-def render(status: dict[str, Any]) -> str:
-    """The page for a status dict from ``dicomflow.status.gather``."""
+def render(status: JSON) -> str:
+    """The page for a status dict from ``dicomflow.ops.status.gather``."""
     now = parse_time(status["generatedAt"])
     assert now is not None
     led = status["files"]

@@ -4,7 +4,7 @@ An operator who knows which version is right picks one:
 
 - ``keep-stored``: the stored instance stays; the file is left out for good.
 - ``replace``: the stored instance is deleted (DICOMweb ``instances.delete``) and the
-  file is imported again: it is re-driven (``dicomflow.redrive``), so a later batch
+  file is imported again: it is re-driven (``dicomflow.ops.redrive``), so a later batch
   imports and verifies it, and its new outcome supersedes the conflict in the totals.
 
 Records (staging bucket)::
@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import requests
 
-from dicomflow import log, objects, outcomes, redrive, retry, verify
+from dicomflow import log, objects, pool, retry, verify
+from dicomflow.clock import iso
 from dicomflow.config import MANIFESTS_PREFIX, STATE_PREFIX
-from dicomflow.errors import PermanentError
-from dicomflow.outcomes import Outcome
-from dicomflow.staging import iso
+from dicomflow.errors import PermanentError, Refused
+from dicomflow.json_types import JSON
+from dicomflow.ops import outcomes, redrive
+from dicomflow.ops.outcomes import Outcome
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ KEEP_STORED, REPLACE = "keep-stored", "replace"
 ACTIONS = (KEEP_STORED, REPLACE)
 
 
-class ResolveRefused(PermanentError):
+class ResolveRefused(Refused):
     """The key has no conflict to settle, or it was settled another way."""
 
 
@@ -63,9 +65,9 @@ class Resolution:
     action: str
     batch: str
     result: str  # "resolved", "resumed" (cut short before) or "already" (done before)
-    record: dict[str, Any]
+    record: JSON
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         return {
             "key": self.key,
             "action": self.action,
@@ -75,7 +77,7 @@ class Resolution:
         }
 
 
-def find_conflict(ctx: Any, key: str, batch: str | None = None) -> Outcome:
+def find_conflict(ctx: Context, key: str, batch: str | None = None) -> Outcome:
     """The conflict outcome of ``key`` (read from ``batch``'s manifest when given).
 
     Raises:
@@ -98,7 +100,7 @@ def find_conflict(ctx: Any, key: str, batch: str | None = None) -> Outcome:
     return outcome
 
 
-def resolve(ctx: Any, key: str, action: str, batch: str | None = None) -> Resolution:
+def resolve(ctx: Context, key: str, action: str, batch: str | None = None) -> Resolution:
     """Settle the conflict of ``key`` with ``action`` (see the module docstring).
 
     Raises:
@@ -129,7 +131,7 @@ def resolve(ctx: Any, key: str, action: str, batch: str | None = None) -> Resolu
             raise ResolveRefused(f"the conflict of {key} was settled with --{claim['action']}")
     record = outcome.record
     line = outcome.line
-    entry: dict[str, Any] = {
+    entry: JSON = {
         "key": key,
         "action": action,
         "batch": outcome.batch,
@@ -175,7 +177,7 @@ def resolve(ctx: Any, key: str, action: str, batch: str | None = None) -> Resolu
     return Resolution(key, action, outcome.batch, label, stored)
 
 
-def _delete_stored(ctx: Any, sop: str | None, checksum: str | None) -> str:
+def _delete_stored(ctx: Context, sop: str | None, checksum: str | None) -> str:
     """Delete the stored instance with ``sop`` wherever the store keeps it: ``deleted``;
     ``absent`` when it is gone already, ``replaced`` when it holds the file's bytes
     already (a resumed resolution whose re-import went through: never deleted again)."""
@@ -190,23 +192,21 @@ def _delete_stored(ctx: Any, sop: str | None, checksum: str | None) -> str:
             return "replaced"
     client = ctx.dicomweb()
     try:
-        retry.call(
-            lambda: client.delete_instance(where[0], where[1], sop), predicate=verify.transient
-        )
+        retry.call(lambda: client.delete_instance(where[0], where[1], sop))
     except requests.HTTPError as exc:
-        status = verify.http_status(exc)
+        status = retry.status_of(exc)
         if status == 404:
             return "absent"
         raise PermanentError(f"Healthcare API {status} deleting the stored instance") from exc
     return "deleted"
 
 
-def resolved_counts(ctx: Any) -> dict[str, int]:
+def resolved_counts(ctx: Context) -> dict[str, int]:
     """Settled conflicts by action (one listing, one read each: they are few)."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     names = objects.names(bucket, RESOLVED_PREFIX)
     counts = dict.fromkeys(ACTIONS, 0)
-    for doc in verify.pmap(lambda n: objects.read_json(bucket, n), names):
+    for doc in pool.pmap(lambda n: objects.read_json(bucket, n), names):
         if doc is not None and doc.get("action") in counts:
             counts[str(doc["action"])] += 1
     return counts

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from google.cloud import storage
 
@@ -35,8 +34,10 @@ from dicomflow.config import (
     MANIFESTS_PREFIX,
     QUARANTINE_PREFIX,
 )
+from dicomflow.json_types import JSON
+from dicomflow.pool import pmap
 from dicomflow.staging import FileRecord
-from dicomflow.verify import FAILED, OUTCOMES, pmap
+from dicomflow.verify import FAILED, OUTCOMES
 
 STAGED = "staged"
 QUARANTINED = "quarantined"
@@ -56,10 +57,10 @@ class Outcome:
     batch: str | None = None
     window: str | None = None
     record: FileRecord | None = None
-    line: dict[str, Any] = field(default_factory=dict)
+    line: JSON = field(default_factory=dict)
 
     @classmethod
-    def of_manifest(cls, batch: str, line: dict[str, Any]) -> Outcome:
+    def of_manifest(cls, batch: str, line: JSON) -> Outcome:
         """The outcome a manifest line of ``batch`` records."""
         return cls(
             key=line["key"],
@@ -77,15 +78,15 @@ def batch_ids(bucket: storage.Bucket) -> list[str]:
     return objects.folders(bucket, MANIFESTS_PREFIX)
 
 
-def summaries(bucket: storage.Bucket, batches: Iterable[str] | None = None) -> list[dict[str, Any]]:
+def summaries(bucket: storage.Bucket, batches: Iterable[str] | None = None) -> list[JSON]:
     """The summaries of verified batches (one read each)."""
     ids = list(batches) if batches is not None else batch_ids(bucket)
     found = pmap(lambda b: objects.read_json(bucket, f"{MANIFESTS_PREFIX}{b}/summary.json"), ids)
     return [s for s in found if s is not None]
 
 
-def manifest_lines(bucket: storage.Bucket, batch: str) -> list[dict[str, Any]]:
-    lines: list[dict[str, Any]] = []
+def manifest_lines(bucket: storage.Bucket, batch: str) -> list[JSON]:
+    lines: list[JSON] = []
     for part in ("success", "failure"):
         lines += objects.read_ndjson(bucket, f"{MANIFESTS_PREFIX}{batch}/{part}.ndjson") or []
     return lines

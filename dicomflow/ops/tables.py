@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from dicomflow.status_page import duration
+from dicomflow.json_types import JSON
+from dicomflow.ops.status_page import duration
 
 _STYLE = {
     "imported": "green",
@@ -26,11 +26,11 @@ _STYLE = {
 _DRILL_STYLE = {"passed": "green", "failed": "red"}
 
 
-def _short(operation: Any) -> str:
+def _short(operation: object) -> str:
     return str(operation or "").rsplit("/", 1)[-1]
 
 
-def status_tables(status: dict[str, Any]) -> RenderableType:
+def status_tables(status: JSON) -> RenderableType:
     """File totals, batches in flight, running operations, alerts and backups."""
     led = status["files"]
     window = status["window"]
@@ -138,7 +138,7 @@ def status_tables(status: dict[str, Any]) -> RenderableType:
     return Group(*out)
 
 
-def batches_table(items: list[dict[str, Any]]) -> RenderableType:
+def batches_table(items: list[JSON]) -> RenderableType:
     table = Table(title=f"{len(items)} batches", title_justify="left")
     for column in ("batch", "state", "files", "sealed", "operation", "age", "outcomes"):
         table.add_column(column, justify="right" if column in ("files", "age") else "left")
@@ -156,7 +156,7 @@ def batches_table(items: list[dict[str, Any]]) -> RenderableType:
     return table
 
 
-def batch_tables(detail: dict[str, Any], files: bool) -> RenderableType:
+def batch_tables(detail: JSON, files: bool) -> RenderableType:
     records = detail["records"]
     head = Table(show_header=False, title=f"batch {detail['batch']}", title_justify="left")
     head.add_column(style="bold")
@@ -214,7 +214,7 @@ def batch_tables(detail: dict[str, Any], files: bool) -> RenderableType:
     return Group(*out)
 
 
-def retry_tables(result: dict[str, Any]) -> RenderableType:
+def retry_tables(result: JSON) -> RenderableType:
     table = Table(
         title=f"re-drive: {result['selected']} files selected"
         + (" (dry run)" if result.get("dryRun") else ""),
@@ -236,7 +236,7 @@ def retry_tables(result: dict[str, Any]) -> RenderableType:
     return Group(table, totals, *[Text(f"error: {e}", style="red") for e in result["errors"]])
 
 
-def alert_row(alert: dict[str, Any]) -> Table:
+def alert_row(alert: JSON) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     for _ in range(5):
         table.add_column()

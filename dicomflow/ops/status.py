@@ -1,35 +1,10 @@
 """The pipeline's state at a glance, gathered into one plain dict.
 
-``gather(ctx, now, since)`` reads what the functions leave in the staging bucket
-(``dicomflow.staging`` has the layout) and what the Healthcare API says, and returns
-a JSON-ready dict. The same dict is printed as tables by ``dicomflow status``,
-dumped by ``--json`` and drawn by ``dicomflow.status_page`` as an HTML page. Sources::
+``gather(ctx, now, since)`` reads what the functions leave in the staging bucket and
+what the Healthcare API says, and returns a JSON-ready dict, which ``dicomflow status``
+prints as tables, dumps as ``--json`` or draws as a page (``dicomflow.ops.status_page``).
 
-    manifests/<batch>/summary.json       verified batches: counts by outcome, times
-    manifests/<batch>/failure.ndjson     reasons, read only for batches with failures
-    quarantine/<window>/, state/dropped/ quarantined and dropped files (listings)
-    failed/<window>/                     files ingest could not read or copy (a listing)
-    state/retries/<key>.json             re-driven files (``dicomflow.redrive``)
-    batches/<window>/ (not sealed)       files of open windows (listings, from the seal cursor)
-    state/open/<batch>.json              sealed batches not verified yet, and their
-    state/batch/<batch>/operation.json   import operations
-    state/batch/<batch>/stuck.json       verifications that keep failing (finished imports only)
-    operations.list                      running operations; imports and exports for the timeline
-    state/alerts/*.json                  alerts published (kind, time), from their delivery markers
-    state/exports/<date>.json            backups
-    drills/<date>.json                   restore drills (``dicomflow.drill``), the latest few
-    tombstones/                          erased studies (``dicomflow.tombstones``): a count
-
-File totals cover all time (they add up to the files ingested); each
-file counts once, a re-driven one by its retry's outcome. Everything else is limited
-to the window ``[since, now]``.
-
-Cost: one read per verified batch (its summary), per open batch and per alert marker,
-in a thread pool, plus listings; never one read per file. The timeline places files
-at their batch's or their quarantine copy's window.
-
-No PHI: object names are never copied out; the dict holds statuses, reason codes,
-counts, times, keys and batch ids only.
+See docs/architecture.md#status
 """
 
 from __future__ import annotations
@@ -39,8 +14,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import datetime, timedelta
+from typing import TypeVar
 
 from google.cloud import storage
 
@@ -52,12 +27,13 @@ from dicomflow import (
     manifests,
     objects,
     operations,
-    outcomes,
-    redrive,
-    staging,
     tombstones,
 )
-from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX
+from dicomflow.clock import iso_seconds, parse_time
+from dicomflow.config import BATCHES_PREFIX, DROPPED_PREFIX, QUARANTINE_PREFIX, Settings
+from dicomflow.json_types import JSON
+from dicomflow.ops import outcomes, redrive
+from dicomflow.runtime import Context
 from dicomflow.staging import (
     SEALED_PREFIX,
     FileRecord,
@@ -101,16 +77,6 @@ GROUPS = {
 BATCH_STATES = ("open", "sealed", "importing", "verifying", "verified")
 
 
-def iso(moment: datetime) -> str:
-    """``2026-11-25T12:53:00Z`` (UTC, seconds)."""
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(text: Any) -> datetime | None:
-    """A time written by the pipeline, or None when absent or unreadable."""
-    return staging.parse_time(text)
-
-
 def reason_code(reason: str | None) -> str:
     """The stable code of a reason (``code: detail``); details are for the manifests."""
     return (reason or "unknown").split(":", 1)[0].strip()[:80] or "unknown"
@@ -120,7 +86,7 @@ def age_seconds(since: datetime | None, now: datetime) -> int | None:
     return None if since is None else max(0, int((now - since).total_seconds()))
 
 
-def _window_start(window: Any) -> datetime | None:
+def _window_start(window: object) -> datetime | None:
     try:
         return parse_window(str(window))
     except ValueError:
@@ -151,7 +117,7 @@ def _pmap(fn: Callable[[T], R], items: list[T], progress: Progress | None, label
     return results
 
 
-def _read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
+def _read_json(bucket: storage.Bucket, name: str) -> JSON | None:
     try:
         return objects.read_json(bucket, name)
     except json.JSONDecodeError:
@@ -165,22 +131,22 @@ def _read_json(bucket: storage.Bucket, name: str) -> dict[str, Any] | None:
 class Holdings:
     """Everything the file totals and the batch list are built from (see ``read_holdings``)."""
 
-    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summaries: dict[str, JSON] = field(default_factory=dict)
     quarantined: list[tuple[str, str, str | None]] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     # (key, window, reason) of the failure records ingest wrote.
     failed: list[tuple[str, str, str | None]] = field(default_factory=list)
     open_windows: dict[str, dict[str, int]] = field(default_factory=dict)
-    open_batches: dict[str, dict[str, Any]] = field(default_factory=dict)
-    markers: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    open_batches: dict[str, JSON] = field(default_factory=dict)
+    markers: list[JSON] = field(default_factory=list)
+    failures: list[JSON] = field(default_factory=list)
 
 
 def read_summaries(
     bucket: storage.Bucket,
     progress: Progress | None = None,
     floor: datetime | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, JSON]:
     """Batch -> summary of every verified batch (whose window starts at ``floor`` or later)."""
     ids = [
         b
@@ -213,7 +179,7 @@ def read_drops(bucket: storage.Bucket) -> list[tuple[str, str]]:
     return found
 
 
-def open_windows(ctx: Any, now: datetime) -> dict[str, dict[str, int]]:
+def open_windows(ctx: Context, now: datetime) -> dict[str, dict[str, int]]:
     """Window -> {files, bytes} of each window not sealed yet: the windows from the seal
     cursor (as the ingest tick lists them), each listed once."""
     settings = ctx.settings
@@ -247,13 +213,11 @@ def open_windows(ctx: Any, now: datetime) -> dict[str, dict[str, int]]:
     return found
 
 
-def read_open_batches(
-    bucket: storage.Bucket, progress: Progress | None = None
-) -> dict[str, dict[str, Any]]:
+def read_open_batches(bucket: storage.Bucket, progress: Progress | None = None) -> dict[str, JSON]:
     """Batch -> its queue record (``state/open``) with its operation record as ``_operation``."""
     ids = batches.open_batches(bucket)
 
-    def load(batch: str) -> dict[str, Any]:
+    def load(batch: str) -> JSON:
         doc = _read_json(bucket, open_name(batch)) or {"batch": batch}
         doc["_operation"] = _read_json(bucket, operation_name(batch))
         if doc["_operation"] is None:
@@ -265,16 +229,14 @@ def read_open_batches(
     return dict(zip(ids, _pmap(load, ids, progress, "open batches"), strict=True))
 
 
-def read_failures(
-    bucket: storage.Bucket, summaries: Mapping[str, Mapping[str, Any]]
-) -> list[dict[str, Any]]:
+def read_failures(bucket: storage.Bucket, summaries: Mapping[str, JSON]) -> list[JSON]:
     """The failure manifest lines of the batches whose summary counts failures."""
     ids = [b for b, s in summaries.items() if s.get("failure")]
     found = _pmap(lambda b: manifests.read_lines(bucket, failure_name(b)), ids, None, "")
     return [line for lines in found for line in lines]
 
 
-def read_holdings(ctx: Any, now: datetime, progress: Progress | None = None) -> Holdings:
+def read_holdings(ctx: Context, now: datetime, progress: Progress | None = None) -> Holdings:
     """Everything ``files_section`` and ``batch_list`` need, read once."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     summaries = read_summaries(bucket, progress)
@@ -294,7 +256,7 @@ def read_holdings(ctx: Any, now: datetime, progress: Progress | None = None) -> 
 # --- file totals ------------------------------------------------------------------------------
 
 
-def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, str, int]]]:
+def files_section(held: Holdings) -> tuple[JSON, list[tuple[datetime, str, int]]]:
     """Totals by status and by outcome group, reasons, re-drives; and the timeline's
     (window start, status, files) points. Pure.
 
@@ -304,7 +266,7 @@ def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, 
     totals = dict.fromkeys(outcomes.STATUSES, 0)
     points: list[tuple[datetime, str, int]] = []
 
-    def add(window: Any, status: str, n: int) -> None:
+    def add(window: object, status: str, n: int) -> None:
         totals[status] += n
         start = _window_start(window)
         if start is not None and n:
@@ -358,7 +320,7 @@ def files_section(held: Holdings) -> tuple[dict[str, Any], list[tuple[datetime, 
 
 def batch_list(
     held: Holdings, now: datetime, since: datetime | None, window_seconds: int
-) -> list[dict[str, Any]]:
+) -> list[JSON]:
     """Every batch whose window starts at or after ``since`` (all when None), oldest first.
     Pure.
 
@@ -369,12 +331,12 @@ def batch_list(
     (its window is not sealed yet), ``sealed`` (queued for import), ``importing``,
     ``verifying`` or ``verified``.
     """
-    found: list[dict[str, Any]] = []
+    found: list[JSON] = []
     for window, files in held.open_windows.items():
         found.append({"batch": window, "state": "open", **files, "since": window})
     for batch, doc in held.open_batches.items():
         op = doc.get("_operation")
-        item: dict[str, Any] = {
+        item: JSON = {
             "batch": batch,
             "state": "sealed",
             "files": doc.get("count"),
@@ -428,8 +390,8 @@ def batch_list(
 
 
 def list_batches(
-    ctx: Any, now: datetime, since: datetime | None, progress: Progress | None = None
-) -> list[dict[str, Any]]:
+    ctx: Context, now: datetime, since: datetime | None, progress: Progress | None = None
+) -> list[JSON]:
     """``batch_list`` of what the bucket holds now (summaries read from ``since`` only)."""
     settings = ctx.settings
     bucket = ctx.storage.bucket(settings.staging_bucket)
@@ -444,7 +406,7 @@ def list_batches(
     return batch_list(held, now, since, settings.batch_window_seconds)
 
 
-def batch_detail(ctx: Any, batch: str) -> dict[str, Any] | None:
+def batch_detail(ctx: Context, batch: str) -> JSON | None:
     """Everything about one batch: its records, its file list and its manifest lines.
 
     Files and manifest lines name their source object by ``alerts.object_label``
@@ -518,9 +480,9 @@ def batch_detail(ctx: Any, batch: str) -> dict[str, Any] | None:
     }
 
 
-def _safe_file(settings: Any, record: FileRecord) -> dict[str, Any]:
+def _safe_file(settings: Settings, record: FileRecord) -> JSON:
     """A file-list entry with the source object named by its label, not its name."""
-    out: dict[str, Any] = {
+    out: JSON = {
         "key": record.key,
         "size": record.size,
         "object": alerts.object_label(settings, record.bucket, record.name),
@@ -533,7 +495,7 @@ def _safe_file(settings: Any, record: FileRecord) -> dict[str, Any]:
     return out
 
 
-def _safe_line(settings: Any, line: dict[str, Any]) -> dict[str, Any]:
+def _safe_line(settings: Settings, line: JSON) -> JSON:
     """A manifest line with the source object named by its label, not its name."""
     out = {k: v for k, v in line.items() if k not in ("bucket", "name")}
     if line.get("bucket") and line.get("name"):
@@ -544,7 +506,7 @@ def _safe_line(settings: Any, line: dict[str, Any]) -> dict[str, Any]:
 # --- operations, alerts, exports --------------------------------------------------------------
 
 
-def operations_section(ctx: Any, now: datetime, since: datetime) -> dict[str, Any]:
+def operations_section(ctx: Context, now: datetime, since: datetime) -> JSON:
     """Running operations, and every import and export that overlaps the window."""
     listed = operations.list_operations(ctx)
     running, recent = [], []
@@ -555,8 +517,8 @@ def operations_section(ctx: Any, now: datetime, since: datetime) -> dict[str, An
             "kind": op.kind,
             "done": op.done,
             "failed": op.failed,
-            "createTime": iso(op.created) if op.created else None,
-            "endTime": iso(op.ended) if op.ended else None,
+            "createTime": iso_seconds(op.created) if op.created else None,
+            "endTime": iso_seconds(op.ended) if op.ended else None,
             "counter": dict(op.counter),
         }
         if not op.done:
@@ -568,8 +530,8 @@ def operations_section(ctx: Any, now: datetime, since: datetime) -> dict[str, An
 
 
 def alerts_section(
-    ctx: Any, since: datetime, progress: Progress | None = None, limit: int = 200
-) -> dict[str, Any]:
+    ctx: Context, since: datetime, progress: Progress | None = None, limit: int = 200
+) -> JSON:
     """Alerts published in the window, by kind, from their delivery markers."""
     bucket = ctx.storage.bucket(ctx.settings.staging_bucket)
     names = [n for n in objects.names(bucket, alerts.ALERTS_PREFIX) if n.endswith(".json")]
@@ -584,7 +546,7 @@ def alerts_section(
         at = parse_time(doc.get("publishedAt"))
         if at is not None and at >= since:
             published.append(
-                {"alertId": doc.get("alertId"), "kind": doc.get("kind"), "time": iso(at)}
+                {"alertId": doc.get("alertId"), "kind": doc.get("kind"), "time": iso_seconds(at)}
             )
     published.sort(key=lambda a: str(a["time"]))
     return {
@@ -595,7 +557,7 @@ def alerts_section(
     }
 
 
-def exports_section(ctx: Any, since: datetime) -> list[dict[str, Any]]:
+def exports_section(ctx: Context, since: datetime) -> list[JSON]:
     """Backups dated on or after ``since``'s date."""
     out = []
     for day in export.list_markers(ctx):
@@ -630,7 +592,7 @@ def upload_bins(
     start: datetime,
     end: datetime,
     bins: int = UPLOAD_BINS,
-) -> dict[str, Any]:
+) -> JSON:
     """(time, status, files) points as a histogram over ``[start, end]``. Pure.
 
     Returns ``{binSeconds, total, bins: [{time, counts: {status: n}}]}``, empty bins and
@@ -647,7 +609,7 @@ def upload_bins(
         "binSeconds": width,
         "total": sum(n for _, _, n in inside),
         "bins": [
-            {"time": iso(start + timedelta(seconds=slot * width)), "counts": kept[slot]}
+            {"time": iso_seconds(start + timedelta(seconds=slot * width)), "counts": kept[slot]}
             for slot in sorted(kept)
             if kept[slot]
         ],
@@ -656,12 +618,12 @@ def upload_bins(
 
 def timeline(
     points: Iterable[tuple[datetime, str, int]],
-    batch_items: list[dict[str, Any]],
-    ops: list[dict[str, Any]],
-    alert_list: list[dict[str, Any]],
+    batch_items: list[JSON],
+    ops: list[JSON],
+    alert_list: list[JSON],
     since: datetime,
     now: datetime,
-) -> dict[str, Any]:
+) -> JSON:
     """The events of the window to draw, over the span that holds them (padded). Pure.
 
     ``points`` are files by the start of their window and their status (``files_section``).
@@ -694,8 +656,8 @@ def timeline(
     pad = timedelta(seconds=max(1.0, (end - start).total_seconds() * 0.03))
     start, end = start - pad, end + pad
     return {
-        "start": iso(start),
-        "end": iso(end),
+        "start": iso_seconds(start),
+        "end": iso_seconds(end),
         "uploads": upload_bins(files, start, end),
         "seals": seals,
         "operations": bars,
@@ -706,22 +668,20 @@ def timeline(
 # --- all of it ----------------------------------------------------------------------------------
 
 
-def gather(
-    ctx: Any, now: datetime, since: datetime, progress: Progress | None = None
-) -> dict[str, Any]:
+def gather(ctx: Context, now: datetime, since: datetime, progress: Progress | None = None) -> JSON:
     """The whole status dict (see the module docstring)."""
     held = read_holdings(ctx, now, progress)
     files, points = files_section(held)
     items = batch_list(held, now, since, ctx.settings.batch_window_seconds)
     ops = operations_section(ctx, now, since)
     alert_info = alerts_section(ctx, since, progress)
-    by_state: dict[str, list[dict[str, Any]]] = {s: [] for s in BATCH_STATES}
+    by_state: dict[str, list[JSON]] = {s: [] for s in BATCH_STATES}
     for b in items:
         by_state[b["state"]].append(b)
     return {
         "schemaVersion": SCHEMA_VERSION,
-        "generatedAt": iso(now),
-        "window": {"since": iso(since), "until": iso(now)},
+        "generatedAt": iso_seconds(now),
+        "window": {"since": iso_seconds(since), "until": iso_seconds(now)},
         "dicomStore": str(ctx.settings.dicom_store),
         "files": files,
         "batches": {

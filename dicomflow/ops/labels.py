@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from dicomflow import keys, outcomes
+from dicomflow import keys
+from dicomflow.json_types import JSON
+from dicomflow.ops import outcomes
+from dicomflow.runtime import Context
 
 LABEL = re.compile(r"^h:([0-9a-f]{8}):[0-9a-f]{32}$")
 # What of a record a label can stand for, and how to label it.
@@ -32,7 +34,7 @@ class Match:
     status: str
     batch: str | None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         return {
             "label": self.label,
             "field": self.field,
@@ -53,7 +55,7 @@ def check(label: str, key: keys.DeploymentKey) -> str | None:
     return None
 
 
-def resolve(ctx: Any, wanted: Iterable[str]) -> list[Match]:
+def resolve(ctx: Context, wanted: Iterable[str]) -> list[Match]:
     """Every record whose object or UIDs carry one of the ``wanted`` labels."""
     key = keys.load(ctx.settings)
     wanted = set(wanted)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
-from dicomflow import healthcare, keys, log, restore, retry, tombstones, verify
+from dicomflow import keys, log, restore, retry, store, tombstones, verify
+from dicomflow.clock import iso
 from dicomflow.errors import PermanentError, TransientError
-from dicomflow.staging import iso
+from dicomflow.json_types import JSON
+from dicomflow.runtime import Context
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,14 @@ QUOTA_WAIT_SECONDS = 600.0
 
 
 def erase(
-    ctx: Any,
+    ctx: Context,
     study: str,
     reason: str | None = None,
     *,
     wait: bool = True,
     poll_seconds: float = 2.0,
     timeout: float | None = None,
-) -> dict[str, Any]:
+) -> JSON:
     """Tombstone ``study`` and delete it from the live store (see the module docstring).
 
     Returns ``{status, label, keyId, operation, tombstone, ...}``; ``status`` is
@@ -72,7 +73,7 @@ def erase(
     found = tombstones.read(ctx, label)
     assert found is not None
     doc, generation = found
-    result: dict[str, Any] = {
+    result: JSON = {
         "label": label,
         "keyId": doc.get("keyId"),
         "store": str(live),
@@ -127,7 +128,7 @@ def erase(
     return {**result, "status": ERASED, "notInStore": bool(doc.get("notInStore"))}
 
 
-def _start_delete(ctx: Any, study: str) -> str | None:
+def _start_delete(ctx: Context, study: str) -> str | None:
     """Start ``studies.delete``; its operation, or None when the store has no such study.
 
     Errors are raised without the study's path (the service's message holds it).
@@ -135,13 +136,13 @@ def _start_delete(ctx: Any, study: str) -> str | None:
     deadline = time.monotonic() + QUOTA_WAIT_SECONDS
     while True:
         try:
-            return str(healthcare.delete_study(ctx, ctx.settings.dicom_store, study)["name"])
-        except healthcare.QuotaExceeded:
+            return str(store.delete_study(ctx, ctx.settings.dicom_store, study)["name"])
+        except store.QuotaExceeded:
             if time.monotonic() > deadline:
                 raise TransientError("studies.delete: 429 for too long") from None
             time.sleep(5.0)
         except PermanentError as exc:
-            if healthcare.is_not_found(exc):
+            if store.is_not_found(exc):
                 return None
             status = retry.status_of(exc.__cause__) if exc.__cause__ else None
             raise PermanentError(f"studies.delete refused: HTTP {status or '?'}") from None

@@ -2,35 +2,10 @@
 
 (Not to be confused with ``dicomflow.retry``, the backoff policy for transient errors.)
 
-Outcomes are never rewritten: a manifest line and a quarantine copy stay as they are.
-A re-drive stages the file again as a new record under a new key, and a marker says
-that the old outcome is superseded::
+``select`` picks the outcomes to re-drive; ``redrive`` stages one file again under its
+retry key, behind the marker ``state/retries/<key>.json``. Outcomes are never rewritten.
 
-    state/retries/<key>.json            {key, retryKey, previous, batch, window, UIDs}:
-                                        create-if-absent, before the copy
-    batches/<window>/<retry key>.dcm    the new staging copy, in the current window
-
-- ``<retry key>``: ``staging.file_key(bucket, name, "<generation>/retry/<key>")``. It
-  depends on the old key alone, so every re-drive of one outcome (a repeat, a
-  concurrent one, a resume after a crash) copies to the same name; the copy is
-  create-if-absent, so the file gets one new record. If that record fails again, the
-  next re-drive starts from it (its own key), and the chain never repeats a key.
-- The copy goes through ``ingest.stage`` with ``via = "retry"``: like a very late
-  delivery it claims ``state/late/<retry key>`` for the current late window and copies
-  there, and the seal of that window lists it. A resume whose claim names a window
-  already sealed without the file moves the claim to the current one
-  (``ingest.late_window``), so a copy never lands after its seal. A re-drive always
-  claims: the operator's settings need not be the functions', so it must not rely on
-  computing their windows.
-- Source: the landing object's generation while it exists, else the copy the old
-  outcome kept (``batches/<window>/<key>.dcm`` or ``quarantine/<window>/<key>.dcm``).
-  Old copies are left to the lifecycle rule: a copy is the claim of its key, and a
-  late redelivery of the original event must still meet it.
-- Quarantined files go through the header check first; one still rejected is left
-  as it is, and nothing is written.
-
-Readers (``dicomflow.status``, ``select``) list ``state/retries/``: a key with a marker
-counts as its retry, never twice.
+See docs/architecture.md#re-drive
 """
 
 from __future__ import annotations
@@ -39,25 +14,28 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from dicomflow import header, ingest, log, objects, outcomes, retry
+from dicomflow import header, ingest, log, objects, retry
+from dicomflow.clock import iso
 from dicomflow.config import STATE_PREFIX
 from dicomflow.errors import DicomflowError
 from dicomflow.events import StorageObject, skip_reason
-from dicomflow.outcomes import Outcome
+from dicomflow.json_types import JSON
+from dicomflow.ops import outcomes
+from dicomflow.ops.outcomes import Outcome
+from dicomflow.pool import pmap
+from dicomflow.runtime import Context
 from dicomflow.staging import (
     FileRecord,
     file_key,
-    iso,
     parse_batch,
     quarantine_name,
     staged_name,
 )
-from dicomflow.verify import CONFLICT, FAILED, pmap
+from dicomflow.verify import CONFLICT, FAILED
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +66,7 @@ class Result:
     window: str | None = None
     reason: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         out = {
             "key": self.key,
             "previous": self.previous,
@@ -106,7 +84,7 @@ def retry_name(key: str) -> str:
 
 
 def retry_key(record: FileRecord) -> str:
-    """The key a re-drive of ``record`` stages the file under (see the module docstring)."""
+    """The key a re-drive of ``record`` stages the file under (docs/architecture.md#re-drive)."""
     return file_key(record.bucket, record.name, f"{record.generation}/retry/{record.key}")
 
 
@@ -119,7 +97,7 @@ def retried_keys(bucket: storage.Bucket) -> set[str]:
     }
 
 
-def markers(bucket: storage.Bucket) -> list[dict[str, Any]]:
+def markers(bucket: storage.Bucket) -> list[JSON]:
     """Every re-drive marker (one listing, one read each: re-drives are few)."""
     names = sorted(retry_name(k) for k in retried_keys(bucket))
     return [m for m in pmap(lambda n: objects.read_json(bucket, n), names) if m is not None]
@@ -184,13 +162,10 @@ def select(
 
 
 def _exists(blob: storage.Blob) -> bool:
-    try:
-        return bool(retry.call(lambda: blob.exists()))
-    except gexc.NotFound:
-        return False
+    return bool(blob.exists(retry=retry.storage(), timeout=retry.DEADLINE))
 
 
-def source_of(ctx: Any, outcome: Outcome) -> storage.Blob | None:
+def source_of(ctx: Context, outcome: Outcome) -> storage.Blob | None:
     """The landing object's generation if it exists, else the copy the outcome kept."""
     record = outcome.record
     assert record is not None
@@ -214,7 +189,7 @@ def _old_window(outcome: Outcome) -> str | None:
     return outcome.window
 
 
-def redrive(ctx: Any, outcome: Outcome) -> Result:
+def redrive(ctx: Context, outcome: Outcome) -> Result:
     """Re-drive ``outcome`` (see the module docstring). Safe to repeat and to race."""
     settings = ctx.settings
     staging = ctx.storage.bucket(settings.staging_bucket)
@@ -267,10 +242,10 @@ def redrive(ctx: Any, outcome: Outcome) -> Result:
 
 
 def _stage(
-    ctx: Any,
+    ctx: Context,
     outcome: Outcome,
     record: FileRecord,
-    marker: Mapping[str, Any],
+    marker: JSON,
     source: storage.Blob,
     label: str,
 ) -> Result:
@@ -311,7 +286,7 @@ def _stage(
 
 
 def redrive_all(
-    ctx: Any,
+    ctx: Context,
     chosen: list[Outcome],
     workers: int = 8,
     on_done: Callable[[Result | None], None] | None = None,

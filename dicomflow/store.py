@@ -1,4 +1,5 @@
-"""Calls to the Cloud Healthcare API: start an import, read an operation, delete a study.
+"""Calls to the DICOM store through the Cloud Healthcare API: start an import, read an
+operation, delete a study.
 
 Both go through ``retry.call``: 5xx and timeouts are retried with backoff
 until a short deadline, then surface as ``TransientError``. A 429 on import
@@ -10,14 +11,18 @@ tick. Other HTTP errors surface as ``PermanentError``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from googleapiclient.errors import HttpError
 
 from dicomflow import retry
 from dicomflow.errors import PermanentError
+from dicomflow.json_types import JSON
 from dicomflow.names import DicomStoreName
 from dicomflow.runtime import Context
+
+if TYPE_CHECKING:
+    from googleapiclient.http import HttpRequest  # slow to import; requests come built
 
 
 class QuotaExceeded(Exception):
@@ -30,12 +35,12 @@ def _not_quota(exc: BaseException) -> bool:
 
 
 def _execute(
-    request: Any,
+    request: HttpRequest,
     deadline: float,
     predicate: Callable[[BaseException], bool] = retry.should_retry,
-) -> dict[str, Any]:
+) -> JSON:
     try:
-        result: dict[str, Any] = retry.call(
+        result: JSON = retry.call(
             lambda: request.execute(num_retries=0), deadline=deadline, predicate=predicate
         )
     except HttpError as exc:
@@ -47,7 +52,7 @@ def _execute(
 
 def start_import(
     ctx: Context, uri: str, deadline: float = 10.0, store: DicomStoreName | None = None
-) -> dict[str, Any]:
+) -> JSON:
     """Start ``dicomStores.import`` of ``uri`` into ``store`` (default: the configured store);
     return the Operation.
 
@@ -67,7 +72,7 @@ def start_import(
     return _execute(request, deadline, _not_quota)
 
 
-def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> dict[str, Any]:
+def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> JSON:
     """``operations.get``: the Operation named ``name``.
 
     Raises:
@@ -78,9 +83,7 @@ def get_operation(ctx: Context, name: str, deadline: float = 10.0) -> dict[str, 
     return _execute(request, deadline)
 
 
-def delete_study(
-    ctx: Context, store: DicomStoreName, study: str, deadline: float = 10.0
-) -> dict[str, Any]:
+def delete_study(ctx: Context, store: DicomStoreName, study: str, deadline: float = 10.0) -> JSON:
     """Start ``studies.delete`` of ``study`` in ``store``; return the Operation.
 
     Raises:
@@ -92,7 +95,7 @@ def delete_study(
     return _execute(request, deadline)
 
 
-def get_store(ctx: Context, store: DicomStoreName, deadline: float = 10.0) -> dict[str, Any]:
+def get_store(ctx: Context, store: DicomStoreName, deadline: float = 10.0) -> JSON:
     """``dicomStores.get``: the store resource (a ``PermanentError`` caused by a 404 when
     the store does not exist)."""
     request = ctx.healthcare().projects().locations().datasets().dicomStores().get(name=str(store))
