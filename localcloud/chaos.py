@@ -401,6 +401,47 @@ class OutcomeReader:
         return found
 
 
+class _FirstFaults:
+    """Fails every call of each faulted Healthcare method until the Healthcare proxy has
+    seen one fail with the method's fault status, then a ``rate`` share of them."""
+
+    def __init__(self, stack: Stack, measured: MeasuredStack, rate: float) -> None:
+        self._stack = stack
+        self._measured = measured
+        self._rate = rate
+        self._pending = set(HEALTHCARE_FAULTS)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos-first-faults", daemon=True)
+
+    def start(self) -> None:
+        self._apply()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _apply(self) -> None:
+        faults = {
+            method: {**fault, "rate": 1.0 if method in self._pending else self._rate}
+            for method, fault in HEALTHCARE_FAULTS.items()
+        }
+        _set_knobs(self._stack, {"faults": faults})
+
+    def _run(self) -> None:
+        while self._pending and not self._stopped.wait(0.1):
+            statuses = self._measured.healthcare_proxy.snapshot()["statuses"]
+            fired = {
+                method
+                for method in self._pending
+                if statuses.get(f"{method} {HEALTHCARE_FAULTS[method]['status']}", 0)
+            }
+            if fired and not self._stopped.is_set():
+                self._pending -= fired
+                self._apply()
+
+
 def run_chaos(
     m: int,
     home: Path,
@@ -408,6 +449,7 @@ def run_chaos(
     seed: int = 1,
     fault_rate: float = 0.1,
     after_fault_rate: float = 0.1,
+    every_fault: bool = False,
     kill_interval: float = 6.0,
     operation_latency: float = 1.0,
     max_concurrent_ops: int = 5,
@@ -422,7 +464,10 @@ def run_chaos(
     ``max_backoff`` caps the event redelivery backoff (seconds); ``import_restart_seconds``
     scales dicomflow's crash-repair delay (the DICOMFLOW_IMPORT_RESTART_SECONDS setting;
     None: the default 300 s). ``after_fault_rate`` is the share of the functions' Storage
-    writes that take effect and are then answered with 503.
+    writes that take effect and are then answered with 503. With ``every_fault``, each
+    faulted Healthcare method fails every call until one has failed, and then a
+    ``fault_rate`` share as the others do: a small run makes only a few calls of some
+    methods (an import per batch), too few for a 10 % fault to be sure to happen.
     """
     uploads = chaos_corpus(m, seed=seed)
     env = dict(CHAOS_FUNCTION_ENV)
@@ -446,6 +491,7 @@ def run_chaos(
     killer = Killer(stack, ("ingest", "report"), kill_interval, seed=seed)
     stats: dict[str, Any] = {"m": m, "seed": seed}
     problems: list[str] = []
+    first_faults: _FirstFaults | None = None
     try:
         # Our own watcher, delivering through the chaos deliverer.
         assert stack.watcher is not None
@@ -457,7 +503,10 @@ def run_chaos(
         watcher.start()
         measured.storage_proxy.fault_rate = fault_rate
         measured.storage_proxy.after_fault_rate = after_fault_rate
-        if fault_rate:
+        if every_fault:
+            first_faults = _FirstFaults(stack, measured, fault_rate)
+            first_faults.start()
+        elif fault_rate:
             _set_knobs(
                 stack,
                 {"faults": {k: {**v, "rate": fault_rate} for k, v in HEALTHCARE_FAULTS.items()}},
@@ -504,6 +553,8 @@ def run_chaos(
             f"{stats['finalSeconds']} s; kills {dict(killer.kills)}; revived {stats['revived']}"
         )
         # Faults off; let the report tick publish what is due (quarantine windows close late).
+        if first_faults is not None:
+            first_faults.stop()
         measured.storage_proxy.fault_rate = 0.0
         measured.storage_proxy.after_fault_rate = 0.0
         _set_knobs(stack, {"faults": {}})
@@ -536,12 +587,14 @@ def run_chaos(
             storageFaults=sum(storage_counts["faults"].values()),
             storageAfterFaults=sum(storage_counts["after_faults"].values()),
             healthcareCalls=sum(healthcare["counts"].values()),
+            healthcareCallsByMethod=dict(healthcare["counts"]),
             healthcareFaultsOrQuota=sum(
                 v for k, v in healthcare["statuses"].items() if k.endswith((" 429", " 503"))
             ),
             killErrors=killer.errors,
             alerts=dict(Counter(str(a.get("kind")) for a in _unique(alerts))),
             harnessReads=reader.reads,
+            faultsFired=_faults_fired(storage_counts, healthcare, killer, deliverer),
         )
 
         def label(upload: Upload) -> str:
@@ -585,12 +638,45 @@ def run_chaos(
         stats["pairsAcrossBatches"] = sum(1 for b in batches_of.values() if len(b) > 1)
         stats["storedInstances"] = len(stored)
     finally:
+        if first_faults is not None:
+            first_faults.stop()
         killer.stop()
         deliverer.stop()
         measured.stop()
         killer.close()  # after the stop: see Killer
         client.close()
     return ChaosResult(m, sum(1 for u in uploads if u.broken), problems, stats)
+
+
+def _faults_fired(
+    storage_counts: dict[str, dict[str, int]],
+    healthcare: dict[str, dict[str, int]],
+    killer: Killer,
+    deliverer: ChaosDeliverer,
+) -> dict[str, int]:
+    """How often each kind of fault the run injects happened: Storage 429 and 503 (the
+    fault proxy's own answers: fake-gcs-server answers neither), Storage writes whose
+    answer was lost, each Healthcare method's fault status (an import's 429 may also be
+    the emulator's concurrency quota), each function's kills, repeated and delayed events.
+    """
+    lost = sum(storage_counts["after_faults"].values())
+
+    def storage(status: int) -> int:
+        return sum(n for k, n in storage_counts["statuses"].items() if k.endswith(f" {status}"))
+
+    fired = {
+        "storage 429": storage(429),
+        "storage 503": storage(503) - lost,
+        "storage lost answer": lost,
+    }
+    for method, fault in HEALTHCARE_FAULTS.items():
+        key = f"{method} {fault['status']}"
+        fired[f"healthcare {key}"] = healthcare["statuses"].get(key, 0)
+    for name in ("ingest", "report"):
+        fired[f"kill {name}"] = killer.kills[name]
+    fired["event repeated"] = deliverer.duplicated
+    fired["event delayed"] = deliverer.delayed
+    return fired
 
 
 def _revive(stack: Stack, names: tuple[str, ...]) -> list[str]:

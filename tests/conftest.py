@@ -1,4 +1,6 @@
-"""Fixtures for every tier: a clean environment and logging per test, emulators per session."""
+"""Fixtures for every tier: a clean environment and logging per test, API client factories.
+
+The integration tier's emulators are in ``tests/integration/conftest.py``."""
 
 from __future__ import annotations
 
@@ -12,8 +14,6 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from googleapiclient.discovery import build
 
-from localcloud.healthcare import HealthcareServer, start_healthcare
-from localcloud.storage import StorageServer, start_storage
 from tests import alert_contract
 from tests.http_recorder import Recorder
 
@@ -63,26 +63,6 @@ def _restore_env_and_logging() -> Iterator[None]:
     os.environ.update(env)
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-@pytest.fixture(scope="session")
-def gcs_server() -> Iterator[StorageServer]:
-    """One in-memory fake-gcs-server for the session, on a free loopback port."""
-    server = start_storage()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def healthcare_server(gcs_server: StorageServer) -> Iterator[HealthcareServer]:
-    """One in-process Cloud Healthcare API emulator for the session, reading gcs_server.
-
-    Tests create their own datasets and stores with unique ids. Knobs are off;
-    a test that turns one on via POST /_emulator/knobs must turn it off again.
-    """
-    server = start_healthcare(storage_endpoint=gcs_server.url)
-    yield server
-    server.stop()
 
 
 def _google_api(service: str, version: str, url: str) -> Any:

@@ -1,18 +1,22 @@
-"""The chaos scenario at a small size: faults, repeated and reordered events, killed functions.
+"""The chaos scenario at its smallest size: faults, repeated and reordered events, killed
+functions.
 
-The same run as ``bench/chaos.py`` (see ``localcloud.chaos``), with M = 160,
-so that it fits the suite's time budget. It fails on any broken invariant:
-a valid file not in the store exactly once, a conflicting pair without one
-imported file and one alerted conflict, a broken file not quarantined with its
-reason, an upload without a final outcome, a dead-lettered event, a false
-alert, a function revived after the kills.
+The same run as ``bench/chaos.py`` (see ``localcloud.chaos``), with M = 75: the
+smallest M whose corpus has two conflicting pairs beside a broken file of each kind,
+so that it fits the suite's time budget. Every kind of fault must happen at least once
+(``stats["faultsFired"]``): Storage 429, 503 and lost answers, each faulted Healthcare
+method (``every_fault``: a small run imports only a batch or two), kills of ingest and
+of report, repeated and delayed events. It fails on any broken invariant: a valid file
+not in the store exactly once, a conflicting pair without one imported file and one
+alerted conflict, a broken file not quarantined with its reason, an upload without a
+final outcome, a dead-lettered event, a false alert, a function revived after the kills.
 
-Sized for a loaded 2-core machine (about 70 s here): a kill every 10 s on
-average (each costs 2-3 s of downtime while the function restarts),
-redelivery backoff capped at 5 s, and the crash-repair delay of an import
-whose starter was killed scaled to 30 s (DICOMFLOW_IMPORT_RESTART_SECONDS):
-with the real 300 s, one kill between the import intent and the operation
-record leaves a whole batch ``staged`` past the settle timeout.
+Sized for a loaded 2-core machine: a kill every 10 s on average (each costs 2-3 s of
+downtime while the function restarts), with a seed whose first two kills hit ingest
+and report; redelivery backoff capped at 5 s, and the crash-repair delay of an import
+whose starter was killed scaled to 30 s (DICOMFLOW_IMPORT_RESTART_SECONDS): with the
+real 300 s, one kill between the import intent and the operation record leaves a whole
+batch ``staged`` past the settle timeout.
 """
 
 from __future__ import annotations
@@ -26,19 +30,32 @@ import pytest
 from dicomflow import log
 from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import staged_name
-from localcloud.chaos import chaos_corpus, check_invariants, run_chaos
+from localcloud.chaos import (
+    BROKEN_KINDS,
+    HEALTHCARE_FAULTS,
+    chaos_corpus,
+    check_invariants,
+    run_chaos,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+M = 75
+SEED = 39
+
 
 def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
+    corpus = chaos_corpus(M, seed=SEED)
+    assert {u.broken for u in corpus if u.broken} == set(BROKEN_KINDS)
+    assert len({u.pair for u in corpus if u.pair is not None}) == 2
     (tmp_path / "logs").mkdir()
     with (tmp_path / "logs" / "test.log").open("a") as stream:
         log.configure(stream=stream)
         result = run_chaos(
-            160,
+            M,
             tmp_path / "home",
-            seed=7,
+            seed=SEED,
+            every_fault=True,
             kill_interval=10.0,
             max_backoff=5.0,
             settle_timeout=120.0,
@@ -48,6 +65,9 @@ def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     # "stuck": for entries not final, their batches and which markers exist.
     assert result.ok, (result.problems, result.stats.get("stuck"))
     assert sum(result.stats["kills"].values()) >= 2, result.stats
+    fired = result.stats["faultsFired"]
+    assert len(fired) == 3 + len(HEALTHCARE_FAULTS) + 4
+    assert [kind for kind, times in fired.items() if times == 0] == [], fired
     assert result.stats["storageFaults"] > 0
     assert result.stats["storageAfterFaults"] > 0
     assert result.stats["eventsDuplicated"] > 0

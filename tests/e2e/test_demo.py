@@ -1,6 +1,6 @@
 """``make demo``'s flow, checked against the recorded outcomes, the store and the buckets.
 
-The session fixture ``demo_run`` (conftest) starts the local cloud as the demo
+The package fixture ``demo_run`` (conftest) starts the local cloud as the demo
 does, uploads the sample corpus and waits for every outcome, the export and
 the alerts. These tests recount everything from the sources and compare with
 the summary the demo printed.
@@ -23,7 +23,7 @@ from localcloud import leaks
 from localcloud.demo import AWKWARD_NAMES
 from tests.e2e.conftest import DemoRun
 
-# The session fixture runs the whole demo flow; on a loaded machine that takes minutes.
+# The package fixture runs the whole demo flow; on a loaded machine that takes minutes.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 

@@ -30,7 +30,7 @@ from dicomflow.ops.outcomes import Outcome
 from tests import browser
 from tests.e2e.conftest import DemoRun
 
-# The session fixture runs the whole demo flow; on a loaded machine that takes minutes.
+# The package fixture runs the whole demo flow; on a loaded machine that takes minutes.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]

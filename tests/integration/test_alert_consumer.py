@@ -26,7 +26,7 @@ from werkzeug.serving import make_server
 
 from dicomflow import alerts
 from localcloud.ports import HOST
-from localcloud.pubsub import start_pubsub
+from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer
 from tests import alert_contract
 from tests.http_recorder import Recorder
@@ -209,6 +209,7 @@ def test_concurrent_deliveries_forward_once(consumer: Callable[[list[int]], Cons
 
 def test_alerts_pushed_by_pubsub_after_dicomflow_published_them_twice(
     consumer: Callable[[list[int]], Consumer],
+    pubsub_fallback: PubSubServer,
     pubsub_client: Callable[[str], Any],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -217,10 +218,11 @@ def test_alerts_pushed_by_pubsub_after_dicomflow_published_them_twice(
     server = make_server(HOST, 0, c.app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    pubsub = start_pubsub(kind="fallback", project="local")
-    client = pubsub_client(pubsub.url)
+    client = pubsub_client(pubsub_fallback.url)
+    suffix = uuid.uuid4().hex[:10]
+    topic = f"projects/local/topics/alerts-{suffix}"
+    sub = f"projects/local/subscriptions/alerts-push-{suffix}"
     try:
-        topic, sub = "projects/local/topics/alerts", "projects/local/subscriptions/alerts-push"
         client.projects().topics().create(name=topic, body={}).execute()
         push = {"pushEndpoint": f"http://{HOST}:{server.server_port}/"}
         client.projects().subscriptions().create(
@@ -243,7 +245,7 @@ def test_alerts_pushed_by_pubsub_after_dicomflow_published_them_twice(
         (text,) = c.forwarded()
         assert f"`stalled` {alert.subject}" in text
     finally:
-        pubsub.stop()
+        client.projects().subscriptions().delete(subscription=sub).execute()
         server.shutdown()
         thread.join()
 

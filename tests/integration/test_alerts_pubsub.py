@@ -17,19 +17,12 @@ from google.cloud import storage
 from dicomflow import alerts, log, runtime
 from dicomflow.config import load_settings
 from dicomflow.errors import PermanentError
-from localcloud.pubsub import PubSubServer, start_pubsub
+from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer
 from tests.deployment_key import KEY_FILE
 
 STORE = "projects/local/locations/us/datasets/d/dicomStores/s"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pubsub() -> Iterator[PubSubServer]:
-    server = start_pubsub(kind="auto")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

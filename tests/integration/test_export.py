@@ -19,13 +19,11 @@ import urllib.parse
 import urllib.request
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import functions_framework
 import pydicom
 import pytest
 from cloudevents.http import CloudEvent
@@ -45,59 +43,25 @@ from dicomflow import (
     operations,
     report,
     restore,
-    runtime,
     staging,
     store,
     verify,
 )
-from dicomflow.config import load_settings
 from dicomflow.events import MESSAGE_PUBLISHED
 from dicomflow.ops import status
 from localcloud.corpus import sample_files
 from localcloud.faultproxy import FaultProxy, FirstOfEach, storage_shape
-from localcloud.healthcare import HealthcareServer
-from localcloud.pubsub import PubSubServer, start_pubsub
 from localcloud.storage import StorageServer
 from localcloud.storage import client as storage_client
-from tests.deployment_key import KEY_FILE
 from tests.ingest_support import PATIENT_NAME, Clock, make_instance, post
+from tests.integration.sites import PipelineFactory, Site
 
-PARENT = "projects/local/locations/us-central1"
 DAY = date(2026, 11, 25)
 TICK = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module")
-def pubsub() -> Iterator[PubSubServer]:
-    server = start_pubsub(kind="auto")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def apps() -> dict[str, Any]:
-    return {
-        name: functions_framework.create_app(name, "main.py", "cloudevent")
-        for name in ("export", "ingest", "report")
-    }
-
-
-@dataclass
-class Env:
-    ctx: runtime.Context
-    clock: Clock
-    apps: dict[str, Any]
-    landing: str
-    staging: str
-    backups: str
-    dataset: str
-    subscription: str
-    healthcare_url: str
-    alerts_seen: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def gcs(self) -> Any:
-        return self.ctx.storage
+class Env(Site):
+    """A site with the export function's tick, report's part of it, and the backup."""
 
     def tick(self, publish: datetime, message_id: str | None = None) -> int:
         """Deliver one export tick; the same ``message_id`` is a redelivery."""
@@ -139,28 +103,8 @@ class Env:
         return [o for o in ops if "Export" in o.get("metadata", {}).get("apiMethodName", "")]
 
     def alerts(self) -> list[dict[str, Any]]:
-        """New alerts on the topic, acknowledged; also kept in ``alerts_seen``."""
-        subs = self.ctx.pubsub().projects().subscriptions()
-        got: list[dict[str, Any]] = []
-        for _ in range(3):
-            resp = subs.pull(
-                subscription=self.subscription, body={"maxMessages": 100, "returnImmediately": True}
-            ).execute()
-            received = resp.get("receivedMessages", [])
-            if received:
-                subs.acknowledge(
-                    subscription=self.subscription,
-                    body={"ackIds": [m["ackId"] for m in received]},
-                ).execute()
-            got.extend(
-                {
-                    "body": json.loads(base64.b64decode(m["message"]["data"])),
-                    "attributes": m["message"].get("attributes", {}),
-                }
-                for m in received
-            )
-        self.alerts_seen.extend(got)
-        return got
+        """New alerts on the topic, acknowledged; also kept in ``received``."""
+        return self.pull(100)
 
     def store_instances(self, files: list[bytes]) -> None:
         client = self.ctx.dicomweb()
@@ -168,16 +112,6 @@ class Env:
             warnings.simplefilter("ignore")
             datasets = [pydicom.dcmread(io.BytesIO(f)) for f in files]
         client.store_instances(datasets=datasets)
-
-    def knobs(self, **values: Any) -> None:
-        request = urllib.request.Request(
-            f"{self.healthcare_url}/_emulator/knobs",
-            data=json.dumps(values).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 200
 
 
 def export_tick(publish: datetime, message_id: str | None = None) -> CloudEvent:
@@ -202,75 +136,18 @@ def export_tick(publish: datetime, message_id: str | None = None) -> CloudEvent:
     )
 
 
-_made: list[Env] = []
-
-
-@pytest.fixture(autouse=True)
-def _cleanup() -> Iterator[None]:
-    yield
-    while _made:
-        env = _made.pop()
-        env.ctx.close_clients()
-        env.gcs.close()
-    runtime.set_context(None)
-
-
 @pytest.fixture
-def make_env(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,
-    apps: dict[str, Any],
-) -> Any:
+def make_env(pipeline: PipelineFactory) -> Callable[..., Env]:
     def make(**extra: str) -> Env:
-        suffix = uuid.uuid4().hex[:10]
-        gcs = gcs_server.client()
-        landing, staging, backups = f"landing-{suffix}", f"staging-{suffix}", f"backups-{suffix}"
-        for name in (landing, staging, backups):
-            gcs.create_bucket(name)
-        settings = load_settings(
-            {
-                "DICOMFLOW_DICOM_STORE": f"{PARENT}/datasets/ds-{suffix}/dicomStores/store",
-                "DICOMFLOW_LANDING_BUCKET": landing,
-                "DICOMFLOW_STAGING_BUCKET": staging,
-                "DICOMFLOW_BACKUP_BUCKET": backups,
-                "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
-                "DICOMFLOW_KEY_FILE": KEY_FILE,
-                "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
-                "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
-                "STORAGE_EMULATOR_HOST": gcs_server.url,
+        return pipeline(
+            Env,
+            clock=Clock(TICK + timedelta(minutes=5)),
+            settings={
                 "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
                 "DICOMFLOW_RESTORE_DRILL_DAYS": "0",  # the drill tests turn it on
                 **extra,
-            }
+            },
         )
-        clock = Clock(TICK + timedelta(minutes=5))
-        ctx = runtime.Context(settings=settings, storage=gcs, clock=clock)
-        datasets = ctx.healthcare().projects().locations().datasets()
-        datasets.create(parent=PARENT, datasetId=f"ds-{suffix}", body={}).execute()
-        dataset = f"{PARENT}/datasets/ds-{suffix}"
-        datasets.dicomStores().create(parent=dataset, dicomStoreId="store", body={}).execute()
-        topic = str(settings.alerts_topic)
-        subscription = f"projects/local/subscriptions/alerts-{suffix}"
-        ps = ctx.pubsub().projects()
-        ps.topics().create(name=topic, body={}).execute()
-        ps.subscriptions().create(
-            name=subscription, body={"topic": topic, "ackDeadlineSeconds": 30}
-        ).execute()
-        runtime.set_context(ctx)
-        env = Env(
-            ctx,
-            clock,
-            apps,
-            landing,
-            staging,
-            backups,
-            dataset,
-            subscription,
-            healthcare_server.url,
-        )
-        _made.append(env)
-        return env
 
     return make
 

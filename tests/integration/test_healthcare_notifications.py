@@ -16,11 +16,9 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from google.auth.credentials import AnonymousCredentials
-from googleapiclient.discovery import build
 
 from localcloud.healthcare import HealthcareServer, start_healthcare
-from localcloud.pubsub import PubSubServer, start_pubsub
+from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer
 from tests.integration.test_healthcare_fidelity import dicom_bytes, multipart
 
@@ -29,33 +27,17 @@ DATASET = f"projects/{PROJECT}/locations/us-central1/datasets/d"
 
 
 @pytest.fixture(scope="module")
-def pubsub() -> Iterator[PubSubServer]:
-    server = start_pubsub(kind="fallback")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def notifying_healthcare(
-    gcs_server: StorageServer, pubsub: PubSubServer
+    gcs_server: StorageServer, pubsub_fallback: PubSubServer
 ) -> Iterator[HealthcareServer]:
-    server = start_healthcare(storage_endpoint=gcs_server.url, pubsub_endpoint=pubsub.url)
+    server = start_healthcare(storage_endpoint=gcs_server.url, pubsub_endpoint=pubsub_fallback.url)
     yield server
     server.stop()
 
 
 @pytest.fixture
-def pubsub_api(pubsub: PubSubServer) -> Iterator[Any]:
-    api = build(
-        "pubsub",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": pubsub.url + "/"},
-        credentials=AnonymousCredentials(),
-    )
-    yield api
-    api.close()
+def pubsub_api(pubsub_fallback: PubSubServer, pubsub_client: Callable[[str], Any]) -> Any:
+    return pubsub_client(pubsub_fallback.url)
 
 
 def _topic_with_subscription(api: Any, name: str) -> tuple[str, str]:

@@ -20,11 +20,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import functions_framework
 import pytest
 from cloudevents.http import CloudEvent
 from google.api_core import exceptions as api_exceptions
@@ -53,7 +51,6 @@ from tests.ingest_support import (
     upload,
 )
 
-MAIN = str(Path(__file__).resolve().parents[2] / "main.py")
 W0, W1, W2 = "20261125T125300Z", "20261125T125400Z", "20261125T125500Z"
 # Late windows, as long as the regular ones here (DICOMFLOW_LATE_WINDOW_SECONDS=60).
 L1 = "20261125T125400L"
@@ -63,9 +60,10 @@ class Crash(BaseException):
     """Stands for the process dying at a chosen line (not caught by the code under test)."""
 
 
-@pytest.fixture(scope="module")
-def app() -> Any:
-    return functions_framework.create_app("ingest", MAIN, "cloudevent")
+@pytest.fixture
+def app(apps: dict[str, Any]) -> Any:
+    """The session's ingest function (see ``apps``)."""
+    return apps["ingest"]
 
 
 @dataclass

@@ -14,51 +14,26 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from google.auth.credentials import AnonymousCredentials
-from googleapiclient.discovery import build
 
-from dicomflow import batches, functions, header, ingest, objects, report, runtime
-from dicomflow.config import load_settings
+from dicomflow import batches, functions, header, ingest, objects, report
 from dicomflow.events import StorageObject
 from dicomflow.ops import cli, outcomes, redrive
 from dicomflow.ops.outcomes import Outcome
 from dicomflow.staging import file_key, late_name, quarantine_name, staged_name
-from localcloud.healthcare import HealthcareServer
-from localcloud.pubsub import PubSubServer, start_pubsub
-from localcloud.storage import StorageServer
+from localcloud.pubsub import PubSubServer
 from tests import browser
-from tests.deployment_key import KEY_FILE
-from tests.ingest_support import Clock, Uploaded, make_instance, upload
-
-PARENT = "projects/local/locations/us-central1"
+from tests.ingest_support import Uploaded, make_instance, upload
+from tests.integration.sites import PipelineFactory, Site
 
 
-@pytest.fixture(scope="module")
-def pubsub() -> Iterator[PubSubServer]:
-    server = start_pubsub(kind="fallback")
-    yield server
-    server.stop()
-
-
-@dataclass
-class Pipeline:
-    ctx: runtime.Context
-    clock: Clock
-    landing: str
-    staging: str
-
-    @property
-    def bucket(self) -> Any:
-        return self.ctx.storage.bucket(self.staging)
+class Pipeline(Site):
+    """A site whose files go through ingest and report by direct calls (no events)."""
 
     def upload(self, name: str, data: bytes) -> Uploaded:
         return upload(self.ctx.storage, self.landing, name, data)
@@ -111,46 +86,10 @@ class Pipeline:
 
 
 @pytest.fixture
-def p(
-    gcs_server: StorageServer, healthcare_server: HealthcareServer, pubsub: PubSubServer
-) -> Iterator[Pipeline]:
-    suffix = uuid.uuid4().hex[:10]
-    gcs = gcs_server.client()
-    landing, staging, backups = f"landing-{suffix}", f"staging-{suffix}", f"backups-{suffix}"
-    for name in (landing, staging, backups):
-        gcs.create_bucket(name)
-    api = build(
-        "healthcare",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": healthcare_server.url + "/"},
-        credentials=AnonymousCredentials(),
-    )
-    datasets = api.projects().locations().datasets()
-    datasets.create(parent=PARENT, datasetId=f"ds-{suffix}", body={}).execute()
-    dataset = f"{PARENT}/datasets/ds-{suffix}"
-    datasets.dicomStores().create(parent=dataset, dicomStoreId="store", body={}).execute()
-    api.close()
-    settings = load_settings(
-        {
-            "DICOMFLOW_DICOM_STORE": f"{dataset}/dicomStores/store",
-            "DICOMFLOW_LANDING_BUCKET": landing,
-            "DICOMFLOW_STAGING_BUCKET": staging,
-            "DICOMFLOW_BACKUP_BUCKET": backups,
-            "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
-            "DICOMFLOW_KEY_FILE": KEY_FILE,
-            "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
-            "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
-            "STORAGE_EMULATOR_HOST": gcs_server.url,
-            "DICOMFLOW_SEAL_GRACE_SECONDS": "1",
-        }
-    )
-    clock = Clock(datetime.now(UTC))
-    ctx = runtime.Context(settings=settings, storage=gcs, clock=clock)
-    ctx.pubsub().projects().topics().create(name=str(settings.alerts_topic), body={}).execute()
-    yield Pipeline(ctx, clock, landing, staging)
-    ctx.close_clients()
+def p(pipeline: PipelineFactory) -> Pipeline:
+    """A site on the fallback Pub/Sub (the deployment tests use the emulator where there is
+    one), so that both back-ends carry the functions' alerts."""
+    return pipeline(Pipeline, pubsub="fallback", settings={"DICOMFLOW_SEAL_GRACE_SECONDS": "1"})
 
 
 def _lose_from_store(p: Pipeline, obj: Uploaded) -> None:
@@ -381,7 +320,7 @@ def test_status_batches_and_batch_json_follow_the_pipeline(
 
 
 def test_dead_letters_are_counted_in_both_status_views(
-    p: Pipeline, pubsub: PubSubServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    p: Pipeline, pubsub_fallback: PubSubServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Events delivery gives up on are kept in the file ``localcloud status`` counts and on
     the dead-letter topic whose subscription ``dicomflow status`` counts; neither view
@@ -419,7 +358,7 @@ def test_dead_letters_are_counted_in_both_status_views(
         max_age=0.3,
         max_backoff=0.05,
         dead_letter=config.dead_letter_path,
-        on_dead_letter=pubsub_dead_letters(pubsub.url, topic),
+        on_dead_letter=pubsub_dead_letters(pubsub_fallback.url, topic),
     )
     try:
         for i in range(3):

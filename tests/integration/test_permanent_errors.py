@@ -1,3 +1,5 @@
+# test_report's fixture new_env is imported by name, and test functions take it as an argument.
+# ruff: noqa: F811
 """Permanent errors and foreign events end in a recorded outcome and exactly one alert.
 
 The refusals are real HTTP answers: a fault proxy (``localcloud.faultproxy``) stands
@@ -24,15 +26,11 @@ from dicomflow.ops import outcomes, redrive, status
 from dicomflow.staging import stuck_name
 from localcloud.faultproxy import FaultProxy, FirstOfEach, healthcare_operation, storage_shape
 from localcloud.healthcare import HealthcareServer
-from localcloud.pubsub import PubSubServer
 from localcloud.storage import StorageServer, client
 from tests.ingest_support import PATIENT_NAME, finalize_event, make_instance, post, upload
-from tests.integration.test_report import (  # noqa: F401  (fixtures)
+from tests.integration.test_report import (  # noqa: F401  (fixture)
     Env,
-    _close_clients,
-    apps,
-    make_env,
-    pubsub,
+    new_env,
     quarantine_close,
 )
 
@@ -53,21 +51,6 @@ def healthcare_proxy(healthcare_server: HealthcareServer) -> Iterator[FaultProxy
     proxy = FaultProxy(healthcare_server.url, classify=healthcare_operation).start()
     yield proxy
     proxy.stop()
-
-
-@pytest.fixture
-def new_env(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,  # noqa: F811
-    apps: dict[str, Any],  # noqa: F811
-) -> Callable[..., Env]:
-    """``make_env`` of ``test_report`` with these servers; keyword arguments are settings."""
-
-    def make(**settings: str) -> Env:
-        return make_env(gcs_server, healthcare_server, pubsub, apps, **settings)
-
-    return make
 
 
 def alerts_after_close(env: Env, ticks: int = 3) -> list[dict[str, Any]]:

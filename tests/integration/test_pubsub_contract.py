@@ -38,6 +38,7 @@ from localcloud.pubsub import (
     start_pubsub,
 )
 from tests.http_recorder import Recorder
+from tests.integration.sites import PubSubServers
 
 PROJECT = "local"
 KINDS = ["emulator", "fallback"]
@@ -53,13 +54,9 @@ def _skip_without_emulator(kind: str) -> None:
 
 
 @pytest.fixture(scope="session", params=KINDS)
-def pubsub_server(request: pytest.FixtureRequest) -> Iterator[PubSubServer]:
-    """One server per kind for the whole session, so the JVM starts once."""
-    _skip_without_emulator(request.param)
-    server = start_pubsub(kind=request.param, project=PROJECT)
-    assert server.kind == request.param
-    yield server
-    server.stop()
+def pubsub_server(request: pytest.FixtureRequest, pubsub_servers: PubSubServers) -> PubSubServer:
+    """The session's server of each kind in turn (the one the other tests use too)."""
+    return pubsub_servers.get(request.param)
 
 
 def client_for(url: str) -> Any:

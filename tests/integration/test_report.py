@@ -8,27 +8,21 @@ Alerts are read back from a pull subscription on the alerts topic.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
 import re
 import threading
 import time
-import urllib.request
-import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-import functions_framework
 import pydicom
 import pytest
-from google.auth.credentials import AnonymousCredentials
-from googleapiclient.discovery import build
 
 from dicomflow import (
     alerts,
@@ -43,22 +37,16 @@ from dicomflow import (
     objects,
     operations,
     report,
-    runtime,
     staging,
     store,
     verify,
 )
-from dicomflow.config import DROPPED_PREFIX, load_settings
+from dicomflow.config import DROPPED_PREFIX
 from dicomflow.errors import TransientError
 from dicomflow.ops import outcomes
 from localcloud.corpus import generate_studies, sample_files
-from localcloud.healthcare import HealthcareServer
-from localcloud.pubsub import PubSubServer, start_pubsub
-from localcloud.storage import StorageServer
-from tests.deployment_key import KEY_FILE
 from tests.ingest_support import (
     PATIENT_NAME,
-    Clock,
     Uploaded,
     finalize_event,
     make_instance,
@@ -66,47 +54,16 @@ from tests.ingest_support import (
     tick_event,
     upload,
 )
-
-PARENT = "projects/local/locations/us-central1"
+from tests.integration.burst import PER_SERIES, RESENT, SERIES, STUDIES, Burst
+from tests.integration.sites import PipelineFactory, Site
 
 
 class Crash(Exception):
     """Injected crash: the function dies at this line (the platform sees a 500)."""
 
 
-@pytest.fixture(scope="module")
-def pubsub() -> Iterator[PubSubServer]:
-    server = start_pubsub(kind="auto")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def apps() -> dict[str, Any]:
-    return {
-        name: functions_framework.create_app(name, "main.py", "cloudevent")
-        for name in ("ingest", "report")
-    }
-
-
-@dataclass
-class Env:
-    ctx: runtime.Context
-    clock: Clock
-    apps: dict[str, Any]
-    landing: str
-    staging: str
-    subscription: str
-    healthcare_url: str
-    received: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def gcs(self) -> Any:
-        return self.ctx.storage
-
-    @property
-    def store(self) -> str:
-        return str(self.ctx.settings.dicom_store)
+class Env(Site):
+    """A site with the ingest and report functions' events and ticks, and outcomes."""
 
     def client(self, name: str) -> Any:
         return self.apps[name].test_client()
@@ -152,26 +109,6 @@ class Env:
             assert time.monotonic() < deadline, f"batches still pending: {pending}"
             time.sleep(0.3)
 
-    def pull(self) -> list[dict[str, Any]]:
-        """New alerts on the subscription (decoded body plus attributes), acknowledged."""
-        got: list[dict[str, Any]] = []
-        subs = self.ctx.pubsub().projects().subscriptions()
-        for _ in range(3):
-            resp = subs.pull(
-                subscription=self.subscription, body={"maxMessages": 500, "returnImmediately": True}
-            ).execute()
-            received = resp.get("receivedMessages", [])
-            if received:
-                subs.acknowledge(
-                    subscription=self.subscription,
-                    body={"ackIds": [m["ackId"] for m in received]},
-                ).execute()
-            for m in received:
-                body = json.loads(base64.b64decode(m["message"]["data"]))
-                got.append({"body": body, "attributes": m["message"].get("attributes", {})})
-        self.received.extend(got)
-        return got
-
     def label(self, obj: Uploaded) -> str:
         return alerts.object_label(self.ctx.settings, obj.bucket, obj.name)
 
@@ -184,108 +121,20 @@ class Env:
     def status(self, obj: Uploaded) -> str:
         return self.outcome(obj).status
 
-    def close(self) -> None:
-        """Close this thread's API clients (their keep-alive sockets) and drop the context."""
-        self.ctx.close_clients()
-        runtime.set_context(None)
 
-    def knobs(self, **values: Any) -> None:
-        request = urllib.request.Request(
-            f"{self.healthcare_url}/_emulator/knobs",
-            data=json.dumps(values).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 200
+@pytest.fixture
+def new_env(pipeline: PipelineFactory) -> Callable[..., Env]:
+    """A factory of sites for this module's tests; keyword arguments are settings."""
 
+    def make(**extra: str) -> Env:
+        return pipeline(Env, settings={"DICOMFLOW_SEAL_GRACE_SECONDS": "10", **extra})
 
-_apis: list[Any] = []
-
-
-def healthcare_api(url: str) -> Any:
-    """A Healthcare client, closed at the end of the test (see ``env``)."""
-    api = build(
-        "healthcare",
-        "v1",
-        static_discovery=True,
-        cache_discovery=False,
-        client_options={"api_endpoint": url + "/"},
-        credentials=AnonymousCredentials(),
-    )
-    _apis.append(api)
-    return api
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[list[Env]]:
-    made: list[Env] = []
-    _envs.append(made)
-    yield made
-    _envs.pop()
-    for env in made:
-        env.close()
-    while _apis:
-        _apis.pop().close()
-
-
-_envs: list[list[Env]] = []
-
-
-def make_env(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,
-    apps: dict[str, Any],
-    **extra: str,
-) -> Env:
-    suffix = uuid.uuid4().hex[:10]
-    gcs = gcs_server.client()
-    landing, staging, backups = f"landing-{suffix}", f"staging-{suffix}", f"backups-{suffix}"
-    for name in (landing, staging, backups):
-        gcs.create_bucket(name)
-    api = healthcare_api(healthcare_server.url)
-    datasets = api.projects().locations().datasets()
-    datasets.create(parent=PARENT, datasetId=f"ds-{suffix}", body={}).execute()
-    dataset = f"{PARENT}/datasets/ds-{suffix}"
-    datasets.dicomStores().create(parent=dataset, dicomStoreId="store", body={}).execute()
-    env = {
-        "DICOMFLOW_DICOM_STORE": f"{dataset}/dicomStores/store",
-        "DICOMFLOW_LANDING_BUCKET": landing,
-        "DICOMFLOW_STAGING_BUCKET": staging,
-        "DICOMFLOW_BACKUP_BUCKET": backups,
-        "DICOMFLOW_ALERTS_TOPIC": f"projects/local/topics/alerts-{suffix}",
-        "DICOMFLOW_KEY_FILE": KEY_FILE,
-        "DICOMFLOW_HEALTHCARE_ENDPOINT": healthcare_server.url,
-        "DICOMFLOW_PUBSUB_ENDPOINT": pubsub.url,
-        "STORAGE_EMULATOR_HOST": gcs_server.url,
-        "DICOMFLOW_SEAL_GRACE_SECONDS": "10",
-        **extra,
-    }
-    clock = Clock(datetime.now(UTC))
-    ctx = runtime.Context(settings=load_settings(env), storage=gcs, clock=clock)
-    topic = str(ctx.settings.alerts_topic)
-    subscription = f"projects/local/subscriptions/alerts-{suffix}"
-    ps = ctx.pubsub().projects()
-    ps.topics().create(name=topic, body={}).execute()
-    ps.subscriptions().create(
-        name=subscription, body={"topic": topic, "ackDeadlineSeconds": 30}
-    ).execute()
-    runtime.set_context(ctx)
-    made = Env(ctx, clock, apps, landing, staging, subscription, healthcare_server.url)
-    if _envs:
-        _envs[-1].append(made)
-    return made
+    return make
 
 
 @pytest.fixture
-def env(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,
-    apps: dict[str, Any],
-) -> Env:
-    return make_env(gcs_server, healthcare_server, pubsub, apps)
+def env(new_env: Callable[..., Env]) -> Env:
+    return new_env()
 
 
 def by_kind(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -416,7 +265,7 @@ def test_import_checks_alert_once_per_subject_and_manifests_match_the_store(env:
 
 
 def test_failing_import_started_outside_is_reported_once(env: Env) -> None:
-    api = healthcare_api(env.healthcare_url)
+    api = env.ctx.healthcare()
     env.upload("manual/not-dicom.dcm", b"this is not a DICOM file" * 10)
     env.upload("manual/good.dcm", make_instance())
     stores = api.projects().locations().datasets().dicomStores()
@@ -447,13 +296,10 @@ def test_failing_import_started_outside_is_reported_once(env: Env) -> None:
 
 
 def test_export_held_past_the_threshold_raises_one_stalled_alert(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,
-    apps: dict[str, Any],
+    new_env: Callable[..., Env],
 ) -> None:
-    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_STALLED_SECONDS="2")
-    api = healthcare_api(env.healthcare_url)
+    env = new_env(DICOMFLOW_STALLED_SECONDS="2")
+    api = env.ctx.healthcare()
     env.knobs(operation_latency=6.0)
     try:
         op = (
@@ -503,7 +349,7 @@ def test_a_dead_export_start_is_alerted_once_and_report_never_starts_an_export(e
     assert [m["body"]["kind"] for m in got] == ["stalled"]
     assert got[0]["body"]["subject"] == f"{env.store}/exports/{day}/attempt-1/starting"
     dataset = env.store.rsplit("/dicomStores/", 1)[0]
-    ops = healthcare_api(env.healthcare_url).projects().locations().datasets().operations()
+    ops = env.ctx.healthcare().projects().locations().datasets().operations()
     listed = ops.list(name=dataset, pageSize=100).execute().get("operations", [])
     assert [o for o in listed if "Export" in o["metadata"].get("apiMethodName", "")] == []
 
@@ -536,25 +382,25 @@ def healthy_burst(env: Env, studies: int, resend: int, redeliver: int) -> None:
 
 
 def test_healthy_burst_with_duplicate_deliveries_gives_zero_alerts(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,
-    apps: dict[str, Any],
+    new_env: Callable[..., Env],
 ) -> None:
-    """400 instances in 3 batches (the 2,000 version below takes 2-3 minutes on 2 cores)."""
-    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_BATCH_MAX_FILES="160")
+    """400 instances in 3 batches (the session's 2,000-file burst is checked below)."""
+    env = new_env(DICOMFLOW_BATCH_MAX_FILES="160")
     healthy_burst(env, studies=4, resend=20, redeliver=60)
 
 
 @pytest.mark.slow
-def test_healthy_burst_of_2000_gives_zero_alerts(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,
-    apps: dict[str, Any],
-) -> None:
-    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_BATCH_MAX_FILES="1000")
-    healthy_burst(env, studies=20, resend=50, redeliver=300)
+def test_healthy_burst_of_2000_gives_zero_alerts(burst: Burst) -> None:
+    """The session's burst (``tests.integration.burst``): its healthy round, 2,000
+    instances and 50 of them again under new names, every event delivered twice."""
+    healthy = burst.healthy
+    instances = STUDIES * SERIES * PER_SERIES
+    assert set(healthy.statuses) == {200}, healthy.statuses
+    assert healthy.alerts == []
+    totals = healthy.totals
+    assert totals["imported"] == instances and totals["duplicate"] == RESENT, str(totals)
+    assert sum(totals.values()) == instances + RESENT == len(healthy.files)
+    assert healthy.stored == instances
 
 
 # --- crash safety ------------------------------------------------------------------------------
@@ -615,7 +461,7 @@ def crash_scenario(env: Env) -> None:
     ]
     env.ingest(files)
     env.upload("manual/junk.dcm", b"junk" * 100)
-    api = healthcare_api(env.healthcare_url)
+    api = env.ctx.healthcare()
     api.projects().locations().datasets().dicomStores().import_(
         name=env.store, body={"gcsSource": {"uri": f"gs://{env.landing}/manual/**.dcm"}}
     ).execute()
@@ -914,7 +760,7 @@ def test_unreadable_operation_does_not_block_the_tick(env: Env) -> None:
     found = objects.read(bucket, staging.operation_name(batch))
     assert found is not None
     record = found[0]
-    operations_api = healthcare_api(env.healthcare_url).projects().locations().datasets()
+    operations_api = env.ctx.healthcare().projects().locations().datasets()
     deadline = time.monotonic() + 30
     while not operations_api.operations().get(name=record["operation"]).execute().get("done"):
         assert time.monotonic() < deadline
@@ -1286,13 +1132,10 @@ def test_conflict_found_when_two_report_processes_verify_at_once(env: Env) -> No
 
 
 def test_each_backlog_episode_raises_one_alert_with_its_own_id(
-    gcs_server: StorageServer,
-    healthcare_server: HealthcareServer,
-    pubsub: PubSubServer,
-    apps: dict[str, Any],
+    new_env: Callable[..., Env],
 ) -> None:
     """A backlog recurs: the second episode is a new incident, not a repeat of the first."""
-    env = make_env(gcs_server, healthcare_server, pubsub, apps, DICOMFLOW_BACKLOG_SECONDS="60")
+    env = new_env(DICOMFLOW_BACKLOG_SECONDS="60")
     settings = env.ctx.settings
 
     def sealed_waiting_batch(name: str) -> str:

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from dicomflow import objects, verify
 from dicomflow.ops import cli, redrive, resolve
 from tests.ingest_support import make_instance
-from tests.integration.test_operator_commands import Pipeline, p, pubsub  # noqa: F401
+from tests.integration.test_operator_commands import Pipeline, p  # noqa: F401
 
 
 def run(p: Pipeline, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:

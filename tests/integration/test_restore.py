@@ -26,15 +26,7 @@ from dicomflow import backup, drill, export, report, restore, store
 from dicomflow.names import DicomStoreName
 from dicomflow.ops import status, status_page, tables
 from localcloud.corpus import Generated, generate_studies
-from tests.integration.test_export import (  # noqa: F401  (fixtures)
-    DAY,
-    TICK,
-    Env,
-    _cleanup,
-    apps,
-    make_env,
-    pubsub,
-)
+from tests.integration.test_export import DAY, TICK, Env, make_env  # noqa: F401  (fixture)
 
 PATIENT = "Restore^Confidential"
 
@@ -228,7 +220,7 @@ def test_drill_healthy_then_corrupted_then_overdue(
     # (dicomweb-client's own request lines are quieted by ``log.configure``, as in production.)
     ours = [r for r in caplog.records if r.name.startswith("dicomflow")]
     assert any(r.getMessage() == "restore drill failed" for r in ours)
-    text = json.dumps(env.alerts_seen) + "\n".join(r.getMessage() for r in ours)
+    text = json.dumps(env.received) + "\n".join(r.getMessage() for r in ours)
     text += json.dumps([getattr(r, "fields", {}) for r in ours], default=str)
     assert PATIENT not in text
     for g in made:

@@ -19,9 +19,10 @@ from dicomflow.ops import outcomes
 from dicomflow.staging import file_key
 from dicomflow.verify import SUCCESS
 from tests.ingest_support import Uploaded, finalize_event, make_instance, post
-from tests.integration.test_ingest_pipeline import Pipeline, apps, hc, make
+from tests.integration.sites import Pipeline
+from tests.integration.test_ingest_pipeline import make
 
-__all__ = ["apps", "hc", "make"]  # fixtures of the pipeline tests, used here
+__all__ = ["make"]  # the pipeline tests' fixture, used here
 
 EVENT_AGE = 1800
 SWEEP = {
