@@ -92,6 +92,7 @@ class Settings:
     batch_max_bytes: int = 20 * 1024**3
     seal_grace_seconds: int = 20
     late_window_seconds: int = 600
+    feed_grace_seconds: int = 60
     max_running_imports: int = 5
     import_restart_seconds: int = 300
     backup_prefix: str = "backups"
@@ -223,6 +224,12 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "DICOMFLOW_LATE_WINDOW_SECONDS",
         "600",
         "files whose event comes after their window's seal are grouped in windows this long",
+    ),
+    (
+        "DICOMFLOW_FEED_GRACE_SECONDS",
+        "60",
+        "the report alerts a window's quarantined, dropped and failed files this long after "
+        "its seal grace ends (records still landing first)",
     ),
     ("DICOMFLOW_MAX_RUNNING_IMPORTS", "5", "import operations running at once (K)"),
     (
@@ -447,6 +454,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         late_window_seconds=_int(
             env, "DICOMFLOW_LATE_WINDOW_SECONDS", Settings.late_window_seconds, 1
         ),
+        feed_grace_seconds=_int(env, "DICOMFLOW_FEED_GRACE_SECONDS", Settings.feed_grace_seconds),
         max_running_imports=_int(
             env, "DICOMFLOW_MAX_RUNNING_IMPORTS", Settings.max_running_imports, 1
         ),

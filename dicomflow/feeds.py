@@ -34,8 +34,6 @@ from dicomflow.runtime import Context
 from dicomflow.staging import FileRecord, parse_window, window_id
 
 REPORT_PREFIX = f"{STATE_PREFIX}report/"
-# A window is reported this long after it ends (copies still landing in it first).
-GRACE_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -89,13 +87,15 @@ def horizon(settings: Settings) -> timedelta:
         seconds=settings.max_event_age_seconds
         + settings.batch_window_seconds
         + settings.seal_grace_seconds
-        + GRACE_SECONDS
+        + settings.feed_grace_seconds
     )
 
 
 def closes(settings: Settings, start: datetime) -> datetime:
     return start + timedelta(
-        seconds=settings.batch_window_seconds + settings.seal_grace_seconds + GRACE_SECONDS
+        seconds=settings.batch_window_seconds
+        + settings.seal_grace_seconds
+        + settings.feed_grace_seconds
     )
 
 

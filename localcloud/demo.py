@@ -7,10 +7,10 @@ skipped; some generated ones under awkward names, two without an extension);
 wait until every upload has a final outcome (``dicomflow.ops.outcomes``: ingest batches
 and imports them, report verifies them); fire the export tick and wait for the
 backup's manifest; wait for the quarantine alerts (the report sends one per
-quarantine window, a minute after the window ends); restore the backup into a
-second store and check it (every instance, a sample byte for byte); read the alerts;
-scan the functions' logs and the alerts for the corpus's names, IDs, birth dates, UIDs
-and object names (``localcloud.leaks``). Then print a summary and check the
+quarantine window, DICOMFLOW_FEED_GRACE_SECONDS after the window's seal grace); restore
+the backup into a second store and check it (every instance, a sample byte for byte);
+read the alerts; scan the functions' logs and the alerts for the corpus's names, IDs,
+birth dates, UIDs and object names (``localcloud.leaks``). Then print a summary and check the
 invariants (a leak is a broken one). The exit code is 1 when an invariant
 is broken, 2 when the local cloud cannot start.
 """
@@ -50,6 +50,8 @@ DEMO_FUNCTION_ENV = {
     "DICOMFLOW_SEAL_GRACE_SECONDS": "4",
     "DICOMFLOW_LATE_WINDOW_SECONDS": "15",
     "DICOMFLOW_BATCH_MAX_FILES": "100",
+    # Every upload is staged or quarantined seconds after it lands here.
+    "DICOMFLOW_FEED_GRACE_SECONDS": "10",
 }
 TICK_SECONDS = 2.0
 SETTLE_TIMEOUT = 150.0
@@ -175,8 +177,8 @@ def _restore(stack: Stack, manifest: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _wait_quarantine_alerts(stack: Stack, gcs: storage.Client) -> bool:
-    """Wait until the report has alerted on every quarantined file (a minute after its
-    window ends): each window's progress record holds all its keys."""
+    """Wait until the report has alerted on every quarantined file (the feed grace after
+    its window's seal grace): each window's progress record holds all its keys."""
     staging = gcs.bucket(stack.config.staging_bucket)
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while time.monotonic() < deadline:

@@ -28,7 +28,6 @@ from dicomflow import (
     alerts,
     batches,
     export,
-    feeds,
     functions,
     ingest,
     keys,
@@ -640,7 +639,7 @@ def test_verification_sees_an_instance_deleted_behind_its_back(env: Env) -> None
 def quarantine_close(env: Env) -> float:
     """Seconds from a window's start until the report treats it as closed."""
     s = env.ctx.settings
-    return s.batch_window_seconds + s.seal_grace_seconds + feeds.GRACE_SECONDS + 1
+    return s.batch_window_seconds + s.seal_grace_seconds + s.feed_grace_seconds + 1
 
 
 def test_quarantine_copy_landing_in_a_reported_window_gets_a_follow_up_alert(
