@@ -25,9 +25,14 @@ lint: $(STAMP)
 
 # The provider mirrors for terraform validate are built (downloads included) before pytest, so
 # the suite's time is the tests' own.
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist); tests/conftest.py sends each
+# module, and the modules sharing an expensive fixture together, to one process, so each fixture
+# is built once. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+
 test: lint infra-check
 	$(PY) -m tests.tfvalidate.run --prepare
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # The unit tests alone (tests/unit): no emulators.
 unit: $(STAMP)

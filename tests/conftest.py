@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from googleapiclient.discovery import build
 
 from tests import alert_contract
 from tests.http_recorder import Recorder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,6 +44,53 @@ def _fail_on_invalid_alerts() -> None:
     problems = alert_contract.CHECKER.take()
     if problems:
         pytest.fail("alerts not matching dicomflow/alert.schema.json:\n" + "\n".join(problems))
+
+
+# `make test` runs the suite in two processes (pytest-xdist, `--dist loadscope`). A unit of
+# work runs in one process: each test module is one, so its module fixtures are built once,
+# and the modules that use one of these expensive shared fixtures are one together, so the
+# fixture is built once too. The collection checks that the table is complete.
+SHARED_FIXTURES = {
+    "burst": ("tests/integration/test_ingest_pipeline.py", "tests/integration/test_report.py"),
+    "demo_run": ("tests/e2e/test_demo.py", "tests/e2e/test_operator_cli.py"),
+}
+UNIT_OF = {module: name for name, modules in SHARED_FIXTURES.items() for module in modules}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.relative_to(ROOT).as_posix()
+        for name in getattr(item, "fixturenames", ()):
+            if name in SHARED_FIXTURES and UNIT_OF.get(module) != name:
+                raise pytest.UsageError(
+                    f"{module} uses the fixture {name}: add it to SHARED_FIXTURES in "
+                    "tests/conftest.py, so that the fixture is built in one process"
+                )
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped here
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return UNIT_OF.get(module, module)
+
+    return ByModule(config, log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a worker process: hand the alert counts to the controlling process."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["alerts"] = [alert_contract.CHECKER.checked, dict(alert_contract.CHECKER.kinds)]
+
+
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """In the controlling process: add up the alert counts of a worker that finished."""
+    checked, kinds = getattr(node, "workeroutput", {}).get("alerts", (0, {}))
+    alert_contract.CHECKER.checked += checked
+    alert_contract.CHECKER.kinds.update(kinds)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -95,7 +95,8 @@ def test_neither_setting_names_both(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "mode", "problem"),
-    [(b"short", 0o600, "fewer than 16"), (os.urandom(32), 0o644, "group or others")],
+    [(b"short", 0o600, "fewer than 16"), (bytes(range(32)), 0o644, "group or others")],
+    ids=["short", "group-readable"],
 )
 def test_bad_key_files(tmp_path: Path, content: bytes, mode: int, problem: str) -> None:
     path = tmp_path / "k"
