@@ -57,6 +57,10 @@ SHARED_FIXTURES = {
 UNIT_OF = {module: name for name, modules in SHARED_FIXTURES.items() for module in modules}
 
 
+# Units handed out first, longest first, so that no process is left with a long one at the end.
+FIRST = (*SHARED_FIXTURES, "tests/e2e/test_chaos.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.relative_to(ROOT).as_posix()
@@ -66,6 +70,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                     f"{module} uses the fixture {name}: add it to SHARED_FIXTURES in "
                     "tests/conftest.py, so that the fixture is built in one process"
                 )
+
+    def rank(item: pytest.Item) -> int:
+        module = item.path.relative_to(ROOT).as_posix()
+        unit = UNIT_OF.get(module, module)
+        return FIRST.index(unit) if unit in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: each unit keeps its order
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
