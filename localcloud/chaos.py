@@ -14,11 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import random
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +57,7 @@ from localcloud.delivery import STORAGE_FINALIZED, Deliverer, Event
 from localcloud.errors import LocalCloudError
 from localcloud.eventarc import BucketWatcher
 from localcloud.harness import MeasuredStack
+from localcloud.healthcare import knobs
 from localcloud.ports import wait_http
 from localcloud.stack import Stack
 
@@ -279,14 +278,7 @@ class ChaosResult:
 
 
 def _set_knobs(stack: Stack, values: dict[str, Any]) -> None:
-    request = urllib.request.Request(
-        f"{stack.urls['healthcare']}/_emulator/knobs",
-        data=json.dumps(values).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        response.read()
+    knobs.post(stack.urls["healthcare"], values)
 
 
 def _upload(

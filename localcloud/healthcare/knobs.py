@@ -10,8 +10,10 @@ See docs/emulator.md#knobs
 
 from __future__ import annotations
 
+import json
 import random
 import threading
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -225,3 +227,16 @@ def knobs_from_env(env: Mapping[str, str]) -> dict[str, object]:
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
     return found
+
+
+def post(url: str, values: Mapping[str, object]) -> int:
+    """Set knobs of the running emulator at ``url`` (``POST /_emulator/knobs``); its status."""
+    request = urllib.request.Request(
+        f"{url}/_emulator/knobs",
+        data=json.dumps(values).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
+        return int(response.status)

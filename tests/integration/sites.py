@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from dicomflow import batches, runtime
 from dicomflow.config import Settings, load_settings
 from dicomflow.ops import outcomes
 from dicomflow.staging import file_key
-from localcloud.healthcare import HealthcareServer
+from localcloud.healthcare import HealthcareServer, knobs
 from localcloud.pubsub import PubSubServer, emulator_missing_reason, start_pubsub
 from localcloud.storage import StorageServer
 from tests.deployment_key import KEY_FILE
@@ -74,14 +73,7 @@ class PubSubServers:
 
 def set_knobs(url: str, **values: object) -> None:
     """Set the Healthcare emulator's knobs at ``url`` (see ``localcloud.healthcare.knobs``)."""
-    request = urllib.request.Request(
-        f"{url}/_emulator/knobs",
-        data=json.dumps(values).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
+    assert knobs.post(url, values) == 200
 
 
 @dataclass(kw_only=True)
